@@ -1,0 +1,32 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	mkdir -p out
+	$(PY) -m hmcompress compress sample_models/classifier/classifier.safetensors --tol 1e-2 -o out/classifier.hm.safetensors --force
+	$(PY) -m hmcompress report out/classifier.hm.safetensors
+	$(PY) -m hmcompress verify out/classifier.hm.safetensors --original sample_models/classifier/classifier.safetensors
+
+test: install
+	$(PY) -m pytest -q -n auto tests 2>/dev/null || $(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m benchmarks
+
+lint: install
+	$(PY) -m compileall -q hmcompress tests benchmarks
+
+clean:
+	rm -rf out .pytest_cache .hypothesis
