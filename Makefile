@@ -20,7 +20,7 @@ demo: install
 	$(PY) -m hmcompress verify out/classifier.hm.safetensors --original sample_models/classifier/classifier.safetensors
 
 test: install
-	$(PY) -m pytest -q -n auto tests 2>/dev/null || $(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests
 
 bench: install
 	$(PY) -m benchmarks
