@@ -1,0 +1,119 @@
+"""Standalone runtime for hmcompress files (format: docs/FORMAT.md).
+
+This module imports only torch, safetensors and the standard library, so it can be copied next to a
+compressed checkpoint (the writer does so, as ``hmruntime.py``) and used without hmcompress.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+FORMAT_NAME = "hmcompress"
+FORMAT_VERSION = 1
+
+# Codec ids are part of the file format: never renumber.
+CODECS: tuple[str, ...] = ("f64", "f32", "f16", "bf16", "i8", "i4")
+CODEC_ID = {name: i for i, name in enumerate(CODECS)}
+POOL_DTYPE = {
+    "f64": torch.float64,
+    "f32": torch.float32,
+    "f16": torch.float16,
+    "bf16": torch.bfloat16,
+    "i8": torch.int8,
+    "i4": torch.uint8,
+}
+INTEGER_CODECS = frozenset({"i8", "i4"})
+DENSE, LOWRANK = 0, 1
+BLOCK_COLUMNS = 5  # row0, col0, rows, cols, level
+SEGMENT_COLUMNS = 6  # block, kind, codec, rank, offset, scale_offset
+
+
+class FormatError(ValueError):
+    """A compressed file (or packed matrix) breaks the format; the message says where and how."""
+
+
+def stored_row_length(codec: str, length: int) -> int:
+    """Pool elements one stored row of ``length`` numbers occupies."""
+    return (length + 1) // 2 if codec == "i4" else length
+
+
+def decode_rows(codec: str, data: torch.Tensor, scales: torch.Tensor | None, length: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Turn ``k`` stored rows (flat pool slice) into a ``(k, length)`` tensor of ``dtype``."""
+    if codec == "i4":
+        packed = data.reshape(-1, stored_row_length(codec, length))
+        nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+        values = (nibbles[:, :length].to(torch.int16) - 8).to(dtype)
+    else:
+        values = data.reshape(-1, length).to(dtype)
+    if codec in INTEGER_CODECS:
+        values = values * scales.to(dtype).unsqueeze(1)
+    return values
+
+
+@dataclasses.dataclass
+class HMatrix:
+    """A hierarchical matrix in packed form: a block table, a segment table and codec pools.
+
+    This is both the in-memory type of the library and exactly what the file stores, so what the
+    library measures is what a user of the file gets.
+    """
+
+    shape: tuple[int, int]
+    dtype: torch.dtype  # the source matrix's dtype (dense reconstruction is cast back to it)
+    blocks: torch.Tensor  # int32 (B, 5)
+    segments: torch.Tensor  # int32 (S, 6)
+    pools: dict[str, torch.Tensor]
+    scales: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor this matrix occupies in a file."""
+        tensors = [self.blocks, self.segments, *self.pools.values(), *self.scales.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def segment_values(self):
+        """Yield ``(block_row0, block_col0, kind, codec, first, second)`` per segment, decoded.
+
+        For a dense segment ``first`` is the block and ``second`` is None; for a low-rank one they
+        are ``A`` (k x rows) and ``B`` (k x cols). Values are float64, exact for every codec.
+        """
+        blocks = self.blocks.tolist()
+        for block, kind, codec_id, rank, offset, scale_offset in self.segments.tolist():
+            row0, col0, rows, cols, _level = blocks[block]
+            codec = CODECS[codec_id]
+            pool = self.pools[codec]
+            scale = self.scales.get(codec)
+            if kind == DENSE:
+                count = rows * stored_row_length(codec, cols)
+                sc = scale[scale_offset:scale_offset + rows] if scale is not None else None
+                dense = decode_rows(codec, pool[offset:offset + count], sc, cols, torch.float64)
+                yield row0, col0, kind, codec, dense, None
+            else:
+                a_len = rank * stored_row_length(codec, rows)
+                b_len = rank * stored_row_length(codec, cols)
+                sa = sb = None
+                if scale is not None:
+                    sa = scale[scale_offset:scale_offset + rank]
+                    sb = scale[scale_offset + rank:scale_offset + 2 * rank]
+                a = decode_rows(codec, pool[offset:offset + a_len], sa, rows, torch.float64)
+                b = decode_rows(codec, pool[offset + a_len:offset + a_len + b_len], sb, cols,
+                                torch.float64)
+                yield row0, col0, kind, codec, a, b
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The stored matrix, computed in float64 and cast to ``dtype`` (default: source dtype)."""
+        out = torch.zeros(self.shape, dtype=torch.float64)
+        for row0, col0, kind, _codec, first, second in self.segment_values():
+            if kind == DENSE:
+                out[row0:row0 + first.shape[0], col0:col0 + first.shape[1]] = first
+            else:
+                out[row0:row0 + first.shape[1], col0:col0 + second.shape[1]] += first.T @ second
+        return out.to(self.dtype if dtype is None else dtype)
+
+
+def dense_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of a dense tensor of this shape and dtype."""
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
