@@ -1,0 +1,73 @@
+"""Error norms, condition numbers and the perturbation bounds we print (all rigorous).
+
+Singular values computed in floating point carry an error of at most p(n)·u·sigma_max (LAPACK's
+backward-stable SVD); we use p(n) = 4·max(m, n) and widen every upper bound and narrow every lower
+bound by that margin, so a printed bound holds for the exact quantities, not only the computed ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+
+from .codecs import UNIT_ROUNDOFF
+
+SPECTRAL_EXACT_MAX_SIDE = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """Everything the report says about one matrix's error and conditioning."""
+
+    fro_error: float  # ||W - H||_F (measured)
+    rel_fro_error: float  # ||W - H||_F / ||W||_F
+    spectral_error: float  # upper bound on ||W - H||_2
+    spectral_method: str  # "svd" (exact up to a rounding margin) or "frobenius" (upper bound)
+    sigma_max: float  # upper bound on sigma_max(W)
+    sigma_min: float  # lower bound on sigma_min(W) (the min(m, n)-th singular value), >= 0
+    kappa_w: float | None  # kappa(W) from the computed singular values; None: singular
+    kappa_h_bound: float | None  # Weyl: (sigma_max + e2) / (sigma_min - e2); None: unbounded
+    kappa_h_paper: float | None  # the paper's Theorem 1(c), for comparison (not a bound)
+
+
+def rounding_margin(shape: tuple[int, int], dtype: torch.dtype, scale: float) -> float:
+    """Absolute error allowance for singular values of magnitude <= ``scale`` computed in ``dtype``."""
+    unit = UNIT_ROUNDOFF["f64" if dtype == torch.float64 else "f32"]
+    return 4 * max(shape) * unit * scale
+
+
+def spectral_norm_bound(residual: torch.Tensor) -> tuple[float, str]:
+    """An upper bound on ||R||_2: the SVD's value widened by its rounding margin, or ||R||_F."""
+    fro = float(torch.linalg.matrix_norm(residual))
+    if max(residual.shape) > SPECTRAL_EXACT_MAX_SIDE or residual.numel() == 0 or fro == 0:
+        return fro, "frobenius"
+    work = residual.float() if fro < 1e30 and fro > 1e-30 else residual
+    top = float(torch.linalg.svdvals(work)[0])
+    unit = UNIT_ROUNDOFF["f32" if work.dtype == torch.float32 else "f64"]
+    p = 4 * max(residual.shape) * unit
+    bound = top / (1 - p) + unit * fro  # the SVD's error, plus rounding R to the working dtype
+    return min(bound, fro), "svd"
+
+
+def compute_bounds(original: torch.Tensor, stored: torch.Tensor, error: float,
+                   sigma: np.ndarray, sigma_dtype: torch.dtype) -> Bounds:
+    """Bounds for W (original) approximated by H (stored, float64); ``sigma`` = computed sigma(W)."""
+    w = original.double()
+    norm = float(torch.linalg.matrix_norm(w)) if w.numel() else 0.0
+    rel = error / norm if norm > 0 else (0.0 if error == 0 else math.inf)
+    e2, method = spectral_norm_bound(w - stored)
+    e2 = min(max(e2, 0.0), error) if method == "svd" else error
+    if len(sigma) == 0:
+        return Bounds(error, rel, e2, method, 0.0, 0.0, None, None, None)
+    margin = rounding_margin(tuple(w.shape), sigma_dtype, float(sigma[0]))
+    s_max = float(sigma[0]) + margin
+    s_min = max(float(sigma[-1]) - margin, 0.0)
+    kappa_w = float(sigma[0] / sigma[-1]) if sigma[-1] > 0 else None
+    if e2 < s_min:
+        kappa_h = (s_max + e2) / (s_min - e2)
+        paper = float(sigma[0]) / (float(sigma[-1]) - e2) if sigma[-1] > e2 else None
+    else:
+        kappa_h = paper = None
+    return Bounds(error, rel, e2, method, s_max, s_min, kappa_w, kappa_h, paper)
