@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import INTEGER_CODECS, POOL_DTYPE, decode_rows, stored_row_length
+from .runtime import CODE_BITS, INTEGER_CODECS, POOL_DTYPE, decode_rows, stored_row_length
 
 SCALE_BYTES = 4  # one float32 scale per stored row of an integer codec
-INTEGER_LEVELS = {"i8": 127, "i4": 7}
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6)
 CODEC_OF_DTYPE = {
     torch.float64: "f64",
     torch.float32: "f32",
@@ -30,7 +30,7 @@ def auto_codecs(dtype: torch.dtype) -> tuple[str, ...]:
     """Codecs `--precision auto` chooses from: the source dtype and everything cheaper."""
     source = source_codec(dtype)
     wider = ("f32",) if source == "f64" else ()
-    others = tuple(c for c in ("f16", "bf16", "i8", "i4") if c != source)
+    others = tuple(c for c in ("f16", "bf16", "i8", "i7", "i6", "i5", "i4") if c != source)
     return (source, *wider, *others)
 
 
@@ -49,19 +49,47 @@ def encode_rows(codec: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """
     if codec not in INTEGER_CODECS:
         return rows.to(POOL_DTYPE[codec]).reshape(-1), None
-    levels = INTEGER_LEVELS[codec]
+    bits = CODE_BITS[codec]
+    levels = (1 << (bits - 1)) - 1
     peak = rows.abs().amax(dim=1) if rows.shape[1] else rows.new_zeros(rows.shape[0])
-    scales = (peak / levels).to(torch.float32)
+    scales = _best_scales(rows, peak, levels)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales)).to(rows.dtype)
     codes = torch.round(rows / safe.unsqueeze(1)).clamp_(-levels, levels)
     codes = torch.where(scales.unsqueeze(1) > 0, codes, torch.zeros_like(codes))
-    if codec == "i8":
+    if bits == 8:
         return codes.to(torch.int8).reshape(-1), scales
-    nibbles = (codes + 8).to(torch.uint8)
-    if nibbles.shape[1] % 2:
-        nibbles = torch.nn.functional.pad(nibbles, (0, 1), value=8)
-    packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
-    return packed.reshape(-1), scales
+    return pack_codes(codes, bits).reshape(-1), scales
+
+
+def _best_scales(rows: torch.Tensor, peak: torch.Tensor, levels: int) -> torch.Tensor:
+    """Per-row float32 scale minimising the squared error over a few clipping ratios.
+
+    Clipping the largest values a little shrinks the step for all the others; for heavy-tailed rows
+    this beats the absmax scale, and absmax (ratio 1) is always among the choices.
+    """
+    best_scale = (peak / levels).to(torch.float32)
+    best_err = None
+    for ratio in CLIP_RATIOS:
+        scale = (peak * ratio / levels).to(torch.float32)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).to(rows.dtype).unsqueeze(1)
+        err = (torch.round(rows / safe).clamp_(-levels, levels) * safe - rows).square().sum(1)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_scale = torch.where(better, scale, best_scale)
+        best_err = torch.where(better, err, best_err)
+    return best_scale
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes (k, L) -> rows of a little-endian bit stream of offset codes, (k, bytes) uint8."""
+    offset = (codes + (1 << (bits - 1))).to(torch.int16)
+    digits = (offset.unsqueeze(-1) >> torch.arange(bits, dtype=torch.int16)) & 1
+    stream = digits.reshape(codes.shape[0], -1).to(torch.uint8)
+    stream = torch.nn.functional.pad(stream, (0, (-stream.shape[1]) % 8))
+    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.int16)
+    return (stream.reshape(codes.shape[0], -1, 8).to(torch.int16) * weights).sum(-1).to(torch.uint8)
 
 
 def roundtrip_rows(codec: str, rows: torch.Tensor) -> torch.Tensor:

@@ -14,17 +14,20 @@ FORMAT_NAME = "hmcompress"
 FORMAT_VERSION = 1
 
 # Codec ids are part of the file format: never renumber.
-CODECS: tuple[str, ...] = ("f64", "f32", "f16", "bf16", "i8", "i4")
+CODECS: tuple[str, ...] = ("f64", "f32", "f16", "bf16", "i8", "i4", "i7", "i6", "i5")
 CODEC_ID = {name: i for i, name in enumerate(CODECS)}
+# Integer codecs: bits per code. i8 stores int8 codes; narrower ones pack offset codes
+# (code + 2**(bits-1)) into a little-endian bit stream per row (i4: low nibble first).
+CODE_BITS = {"i8": 8, "i7": 7, "i6": 6, "i5": 5, "i4": 4}
 POOL_DTYPE = {
     "f64": torch.float64,
     "f32": torch.float32,
     "f16": torch.float16,
     "bf16": torch.bfloat16,
     "i8": torch.int8,
-    "i4": torch.uint8,
+    **{codec: torch.uint8 for codec, bits in CODE_BITS.items() if bits < 8},
 }
-INTEGER_CODECS = frozenset({"i8", "i4"})
+INTEGER_CODECS = frozenset(CODE_BITS)
 DENSE, LOWRANK = 0, 1
 BLOCK_COLUMNS = 5  # row0, col0, rows, cols, level
 SEGMENT_COLUMNS = 6  # block, kind, codec, rank, offset, scale_offset
@@ -36,16 +39,26 @@ class FormatError(ValueError):
 
 def stored_row_length(codec: str, length: int) -> int:
     """Pool elements one stored row of ``length`` numbers occupies."""
-    return (length + 1) // 2 if codec == "i4" else length
+    bits = CODE_BITS.get(codec, 8)
+    return (length * bits + 7) // 8 if bits < 8 else length
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    """Signed codes from rows of a little-endian bit stream: (k, bytes) uint8 -> (k, length) int16."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    stream = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(packed.shape[0], -1)
+    digits = stream[:, : length * bits].reshape(packed.shape[0], length, bits).to(torch.int16)
+    weights = torch.tensor([1 << j for j in range(bits)], dtype=torch.int16)
+    return (digits * weights).sum(-1, dtype=torch.int16) - (1 << (bits - 1))
 
 
 def decode_rows(codec: str, data: torch.Tensor, scales: torch.Tensor | None, length: int,
                 dtype: torch.dtype) -> torch.Tensor:
     """Turn ``k`` stored rows (flat pool slice) into a ``(k, length)`` tensor of ``dtype``."""
-    if codec == "i4":
+    bits = CODE_BITS.get(codec, 8)
+    if bits < 8:
         packed = data.reshape(-1, stored_row_length(codec, length))
-        nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
-        values = (nibbles[:, :length].to(torch.int16) - 8).to(dtype)
+        values = unpack_codes(packed, bits, length).to(dtype)
     else:
         values = data.reshape(-1, length).to(dtype)
     if codec in INTEGER_CODECS:
