@@ -15,8 +15,8 @@ import torch
 from .candidates import Candidates, analyse, build_tree, block_batches
 from .codecs import auto_codecs, encode_rows, source_codec
 from .errors import OptionError
-from .plans import DROP, Plan, optimal_plan, paper_plan, svd_plan
-from .runtime import CODEC_ID, DENSE, INTEGER_CODECS, LOWRANK, HMatrix
+from .plans import DENSE_LEAF, DROP, LOWRANK_LEAF, ROWS_LEAF, Plan, optimal_plan, paper_plan, svd_plan
+from .runtime import CODEC_ID, DENSE, INTEGER_CODECS, LOWRANK, ROWS, HMatrix, mask_bytes
 
 STRATEGIES = ("optimal", "paper")
 PRECISIONS = ("auto", "keep")
@@ -82,7 +82,7 @@ def compress_matrix(matrix: torch.Tensor, options: CompressionOptions) -> Compre
         error = measured_error(exact, dense, matrix.dtype)
         if error <= allowed:
             return Compressed(hm, dense, error, allowed, cands.root_sigma, plan.strategy, rebuild)
-        target *= min(0.5, 0.9 * (allowed / error) ** 2)
+        target *= 0.95 * (allowed / error) ** 2
     hm = _exact_hmatrix(matrix)
     return Compressed(hm, exact, 0.0, allowed, cands.root_sigma, "exact", MAX_REBUILDS)
 
@@ -125,6 +125,7 @@ class _Packer:
         self.lengths: dict[str, int] = {}
         self.scale_lengths: dict[str, int] = {}
         self.segments: list[list[int]] = []
+        self.row_masks: list[torch.Tensor] = []
 
     def add(self, block: int, kind: int, codec: str, rank: int, rows: list[torch.Tensor]) -> None:
         offset = self.lengths.get(codec, 0)
@@ -145,6 +146,7 @@ class _Packer:
             torch.tensor(self.segments, dtype=torch.int32).reshape(-1, 6),
             {c: torch.cat(parts) for c, parts in sorted(self.pools.items())},
             {c: torch.cat(parts) for c, parts in sorted(self.scales.items())},
+            torch.cat(self.row_masks) if self.row_masks else torch.zeros(0, dtype=torch.uint8),
         )
 
 
@@ -153,31 +155,53 @@ def assemble(matrix: torch.Tensor, c: Candidates, plan: Plan) -> HMatrix:
     tree = c.tree
     work = matrix if matrix.dtype == torch.float64 else matrix.float()
     order = np.lexsort((tree.col0[plan.leaves], tree.row0[plan.leaves]))
-    leaves, dense_codec = plan.leaves[order], plan.dense_codec[order]
-    starts = np.concatenate([[0], np.cumsum(np.bincount(c.trip_node, minlength=tree.size))])
-    lowrank = [int(n) for n, d in zip(leaves, dense_codec)
-               if d == DROP and (plan.trip_choice[starts[n]:starts[n + 1]] != DROP).any()]
+    leaves, kinds, dense_codec = plan.leaves[order], plan.kind[order], plan.dense_codec[order]
+    trip_starts, row_starts = c.triplets.starts(tree.size), c.rows.starts(tree.size)
+    factors = _factors(work, c, [int(n) for n, k in zip(leaves, kinds) if k == LOWRANK_LEAF])
+    packer = _Packer()
+    block_rows = []
+    for index, (node, kind, codec_index) in enumerate(zip(leaves.tolist(), kinds.tolist(),
+                                                          dense_codec.tolist())):
+        r0, c0, h, w = (int(tree.row0[node]), int(tree.col0[node]), int(tree.rows[node]),
+                        int(tree.cols[node]))
+        block_rows.append([r0, c0, h, w, int(tree.level[node])])
+        block = work[r0:r0 + h, c0:c0 + w]
+        if kind == DENSE_LEAF:
+            packer.add(index, DENSE, c.codecs[codec_index], 0, [block])
+        elif kind == ROWS_LEAF:
+            choice = plan.row_choice[row_starts[node]:row_starts[node + 1]]
+            for codec, keep in _by_codec(c, choice):
+                packer.add(index, ROWS, codec, len(keep), [block[keep]])
+                packer.row_masks.append(row_mask(keep, h))
+        else:
+            choice = plan.trip_choice[trip_starts[node]:trip_starts[node + 1]]
+            for codec, keep in _by_codec(c, choice):
+                a, b = factors[node]
+                packer.add(index, LOWRANK, codec, len(keep), [a[keep], b[keep]])
+    return packer.finish(tuple(matrix.shape), matrix.dtype, block_rows)
+
+
+def row_mask(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """Little-endian bitmap of ``count`` bits with the given rows set (format: ROWS segments)."""
+    bits = torch.zeros(mask_bytes(count) * 8, dtype=torch.int16)
+    bits[rows] = 1
+    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.int16)
+    return (bits.reshape(-1, 8) * weights).sum(1).to(torch.uint8)
+
+
+def _by_codec(c: Candidates, choice: np.ndarray):
+    """``(codec, item indices)`` for each codec chosen for some items, in codec-id order."""
+    used = sorted(set(choice[choice != DROP].tolist()), key=lambda k: CODEC_ID[c.codecs[k]])
+    for k in used:
+        yield c.codecs[k], torch.from_numpy(np.flatnonzero(choice == k))
+
+
+def _factors(work: torch.Tensor, c: Candidates, nodes: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Balanced factors (A = sqrt(s) Uᵀ, B = sqrt(s) Vᵀ) of the given blocks, batched by shape."""
     factors = {}
-    for ids, blocks in block_batches(work, tree, lowrank):
+    for ids, blocks in block_batches(work, c.tree, nodes):
         u, s, vh = torch.linalg.svd(blocks, full_matrices=False)
         root = s.sqrt()
         for j, node in enumerate(ids):
             factors[node] = ((u[j] * root[j]).T, vh[j] * root[j].unsqueeze(1))
-    packer = _Packer()
-    block_rows = []
-    for index, (node, codec_index) in enumerate(zip(leaves.tolist(), dense_codec.tolist())):
-        r0, c0, h, w = (int(tree.row0[node]), int(tree.col0[node]), int(tree.rows[node]),
-                        int(tree.cols[node]))
-        block_rows.append([r0, c0, h, w, int(tree.level[node])])
-        if codec_index != DROP:
-            packer.add(index, DENSE, c.codecs[codec_index], 0, [work[r0:r0 + h, c0:c0 + w]])
-            continue
-        if node not in factors:
-            continue  # a zero block: no segments
-        a, b = factors[node]
-        choice = plan.trip_choice[starts[node]:starts[node + 1]]
-        for codec_index_k in sorted(set(choice[choice != DROP].tolist()),
-                                    key=lambda k: CODEC_ID[c.codecs[k]]):
-            keep = torch.from_numpy(np.flatnonzero(choice == codec_index_k))
-            packer.add(index, LOWRANK, c.codecs[codec_index_k], len(keep), [a[keep], b[keep]])
-    return packer.finish(tuple(matrix.shape), matrix.dtype, block_rows)
+    return factors

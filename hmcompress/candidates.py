@@ -84,23 +84,54 @@ def build_tree(shape: tuple[int, int], leaf: int) -> Tree:
 
 
 @dataclasses.dataclass
+class Items:
+    """Independently stored pieces of candidate blocks: singular triplets, or rows of a block.
+
+    Item ``t`` belongs to node ``node[t]``; dropping it costs ``drop_err[t]`` (squared error) and
+    nothing in bytes; keeping it in codec ``p`` costs ``nbytes[p, t]`` bytes and ``err[p, t]``.
+    The items of a node are contiguous, in order (``index`` = position within the node).
+    """
+
+    node: np.ndarray
+    index: np.ndarray
+    drop_err: np.ndarray
+    nbytes: np.ndarray
+    err: np.ndarray
+
+    @classmethod
+    def from_parts(cls, n_nodes: int, drop: dict[int, torch.Tensor], err: dict[int, torch.Tensor],
+                   nbytes_per_node: np.ndarray) -> "Items":
+        """Flatten per-node tensors (drop (r,), err (P, r)); ``nbytes_per_node`` is (P, n_nodes)."""
+        counts = np.array([len(drop[n]) if n in drop else 0 for n in range(n_nodes)], dtype=np.int64)
+        node = np.repeat(np.arange(n_nodes), counts)
+        index = np.arange(len(node)) - np.repeat(np.cumsum(counts) - counts, counts)
+        present = [n for n in range(n_nodes) if n in drop]
+        n_codecs = nbytes_per_node.shape[0]
+        drop_err = torch.cat([drop[n] for n in present]).numpy() if present else np.zeros(0)
+        errs = (torch.cat([err[n] for n in present], dim=1).numpy() if present
+                else np.zeros((n_codecs, 0)))
+        return cls(node, index, drop_err, nbytes_per_node[:, node].astype(np.float64), errs)
+
+    def starts(self, n_nodes: int) -> np.ndarray:
+        """Start of each node's run of items (plus the end)."""
+        return np.concatenate([[0], np.cumsum(np.bincount(self.node, minlength=n_nodes))])
+
+
+@dataclasses.dataclass
 class Candidates:
     """Costs (bytes) and squared errors of every way to store every candidate block.
 
-    Dense options: ``dense_bytes[p, node]``, ``dense_err[p, node]`` for codec ``codecs[p]``.
-    Triplets (one per singular value of each node): ``trip_node[t]``, ``trip_sigma2[t]`` (the
-    error of dropping it), ``trip_bytes[p, t]`` and ``trip_err[p, t]`` (keeping it in codec p).
+    A leaf is stored densely in one codec (``dense_bytes[p, node]``, ``dense_err[p, node]``), or as
+    low-rank factors (``triplets``: drop each singular triplet or keep it in some codec), or as
+    rows (``rows``: drop each row or keep it in some codec; auto precision only).
     """
 
     tree: Tree
     codecs: tuple[str, ...]
     dense_bytes: np.ndarray
     dense_err: np.ndarray
-    trip_node: np.ndarray
-    trip_index: np.ndarray  # position of the triplet in its node's spectrum (0 = largest)
-    trip_sigma2: np.ndarray
-    trip_bytes: np.ndarray
-    trip_err: np.ndarray
+    triplets: Items
+    rows: Items
     root_sigma: np.ndarray  # singular values of the whole matrix, float64, descending
 
 
@@ -115,64 +146,68 @@ def block_batches(matrix: torch.Tensor, tree: Tree, nodes: range | list[int]):
         yield ids, stacked
 
 
+def _finite_or_inf(err: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(err), err.clamp_min(0), torch.full_like(err, np.inf))
+
+
 def triplet_errors(codec: str, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
-    """Exact squared error ||a~ b~ᵀ - a bᵀ||² of storing each triplet's factors in ``codec``.
+    """Exact squared error ||a~ b~ᵀ - a bᵀ||_F² of storing each triplet's factors in ``codec``.
 
     Factors are balanced, ``a = sqrt(s) u`` and ``b = sqrt(s) v``, as the builder stores them.
-    Shapes: u (k, h, r), s (k, r), vh (k, r, w); result (k, r) float64.
+    With a~ = a + da, b~ = b + db the difference is da bᵀ + a~ dbᵀ, whose norm needs no
+    cancellation-prone subtraction. Shapes: u (k, h, r), s (k, r), vh (k, r, w); result (k, r).
     """
     root = s.sqrt().unsqueeze(-1)
     a = (u.mT * root).reshape(-1, u.shape[1]).double()
     b = (vh * root).reshape(-1, vh.shape[2]).double()
     a_q = roundtrip_rows(codec, a)
     b_q = roundtrip_rows(codec, b)
-    cross = (a_q * a).sum(1) * (b_q * b).sum(1)
-    err = (a_q.square().sum(1) * b_q.square().sum(1) - 2 * cross
-           + a.square().sum(1) * b.square().sum(1))
-    err = torch.where(torch.isfinite(err), err.clamp_min(0), torch.full_like(err, np.inf))
-    return err.reshape(s.shape)
+    da, db = a_q - a, b_q - b
+    err = (da.square().sum(1) * b.square().sum(1) + a_q.square().sum(1) * db.square().sum(1)
+           + 2 * (da * a_q).sum(1) * (b * db).sum(1))
+    return _finite_or_inf(err).reshape(s.shape)
 
 
-def dense_errors(codec: str, blocks: torch.Tensor) -> torch.Tensor:
-    """Exact squared error of storing each block of a (k, h, w) stack densely in ``codec``."""
+def row_errors(codec: str, blocks: torch.Tensor) -> torch.Tensor:
+    """Exact squared error of storing each row of a (k, h, w) stack in ``codec``: (k, h)."""
     flat = blocks.reshape(-1, blocks.shape[2]).double()
-    diff = (roundtrip_rows(codec, flat) - flat).square().reshape(blocks.shape[0], -1).sum(1)
-    return torch.where(torch.isfinite(diff), diff, torch.full_like(diff, np.inf))
+    diff = (roundtrip_rows(codec, flat) - flat).square().sum(1)
+    return _finite_or_inf(diff).reshape(blocks.shape[:2])
 
 
 def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...]) -> Candidates:
     """Spectra and option costs of every candidate block.
 
     ``codecs[0]`` must hold the matrix exactly (its own dtype). With several codecs (`--precision
-    auto`) each triplet's error in each codec is measured on its singular vectors; with one (`keep`)
-    only singular values are computed and the rounding error of the factors is bounded by 2u²σ²
-    (|fl(x) - x| <= u|x| on both factors), which the final measurement then checks.
+    auto`) every error is measured: each triplet's on its singular vectors, each row's on the
+    row. With one (`keep`) only singular values are computed and the rounding error of the factors
+    is bounded by 2u²σ² (|fl(x) - x| <= u|x| on both factors), which the final measurement checks.
     """
     work = matrix if matrix.dtype == torch.float64 else matrix.float()
     measured = len(codecs) > 1
     dense_bytes = np.stack([SEGMENT_ROW_BYTES + tree.rows * _row_bytes(codec, tree.cols)
                             for codec in codecs]).astype(np.float64)
     dense_err = np.zeros((len(codecs), tree.size))
-    spectra: dict[int, torch.Tensor] = {}
-    factor_err: dict[int, torch.Tensor] = {}
+    spectra, factor_err, row_norms, row_err = {}, {}, {}, {}
     for level in range(tree.depth):
         for ids, blocks in block_batches(work, tree, tree.nodes_of_level(level)):
             sigma, errs = _spectrum_and_errors(blocks, codecs, measured, exact_sigma=level == 0)
             if measured:
-                for p, codec in enumerate(codecs[1:], start=1):
-                    dense_err[p, ids] = dense_errors(codec, blocks).numpy()
+                per_row = torch.stack([torch.zeros(blocks.shape[:2], dtype=torch.float64)]
+                                      + [row_errors(codec, blocks) for codec in codecs[1:]])
+                dense_err[:, ids] = per_row.sum(-1).numpy()
+                norms = blocks.double().square().sum(-1)
             for j, node in enumerate(ids):
-                spectra[node] = sigma[j]
+                spectra[node] = sigma[j].square()
                 factor_err[node] = errs[:, j]
-    counts = np.array([len(spectra[n]) for n in range(tree.size)])
-    trip_node = np.repeat(np.arange(tree.size), counts)
-    trip_index = np.arange(len(trip_node)) - np.repeat(np.cumsum(counts) - counts, counts)
-    trip_sigma2 = torch.cat([spectra[n] for n in range(tree.size)]).square().numpy()
-    trip_err = torch.cat([factor_err[n] for n in range(tree.size)], dim=1).numpy()
-    trip_bytes = np.stack([(_row_bytes(codec, tree.rows) + _row_bytes(codec, tree.cols))[trip_node]
-                           for codec in codecs]).astype(np.float64)
-    return Candidates(tree, codecs, dense_bytes, dense_err, trip_node, trip_index, trip_sigma2,
-                      trip_bytes, trip_err, spectra[0].numpy())
+                if measured:
+                    row_norms[node], row_err[node] = norms[j], per_row[:, j]
+    triplets = Items.from_parts(tree.size, spectra, factor_err, np.stack(
+        [_row_bytes(codec, tree.rows) + _row_bytes(codec, tree.cols) for codec in codecs]))
+    rows = Items.from_parts(tree.size, row_norms, row_err, np.stack(
+        [_row_bytes(codec, tree.cols) for codec in codecs]))
+    return Candidates(tree, codecs, dense_bytes, dense_err, triplets, rows,
+                      spectra[0].sqrt().numpy())
 
 
 def _spectrum_and_errors(blocks: torch.Tensor, codecs: tuple[str, ...], measured: bool,

@@ -19,80 +19,106 @@ import dataclasses
 
 import numpy as np
 
-from .candidates import BLOCK_ROW_BYTES, SEGMENT_ROW_BYTES, Candidates
+from .candidates import BLOCK_ROW_BYTES, SEGMENT_ROW_BYTES, Candidates, Items
 
-DROP = -1  # triplet choice: not stored
+DROP = -1  # item choice: not stored
+DENSE_LEAF, LOWRANK_LEAF, ROWS_LEAF = 0, 1, 2
 
 
 @dataclasses.dataclass
 class Plan:
-    """Leaves (node ids) and their storage; ``trip_choice`` is a codec index or DROP."""
+    """Leaves (node ids), how each is stored, and the codec (or DROP) of every item.
+
+    ``trip_choice`` covers all triplets and ``row_choice`` all rows of the candidates; only the
+    items of low-rank leaves (triplets) and of rows leaves (rows) are stored.
+    """
 
     leaves: np.ndarray
-    dense_codec: np.ndarray  # per leaf: codec index of a dense leaf, DROP for a low-rank leaf
-    trip_choice: np.ndarray  # per triplet of the candidates (only those of low-rank leaves count)
+    kind: np.ndarray  # per leaf: DENSE_LEAF, LOWRANK_LEAF or ROWS_LEAF
+    dense_codec: np.ndarray  # per leaf: codec index of a dense leaf, else DROP
+    trip_choice: np.ndarray
+    row_choice: np.ndarray
     strategy: str
 
-    def leaf_mask(self, c: Candidates) -> np.ndarray:
-        mask = np.zeros(c.tree.size, dtype=bool)
-        mask[self.leaves[self.dense_codec == DROP]] = True
-        return mask
+    def families(self, c: Candidates) -> list[tuple[Items, np.ndarray, np.ndarray]]:
+        """(items, choice, indices of the items that belong to leaves of the family's kind)."""
+        out = []
+        for items, choice, kind in ((c.triplets, self.trip_choice, LOWRANK_LEAF),
+                                    (c.rows, self.row_choice, ROWS_LEAF)):
+            mask = np.zeros(c.tree.size, dtype=bool)
+            mask[self.leaves[self.kind == kind]] = True
+            out.append((items, choice, np.flatnonzero(mask[items.node])))
+        return out
 
     def error(self, c: Candidates) -> float:
         """Estimated total squared error."""
-        dense = self.dense_codec != DROP
+        dense = self.kind == DENSE_LEAF
         err = float(c.dense_err[self.dense_codec[dense], self.leaves[dense]].sum())
-        active = self.leaf_mask(c)[c.trip_node]
-        choice = self.trip_choice[active]
-        kept = choice != DROP
-        idx = np.flatnonzero(active)
-        err += float(c.trip_sigma2[idx[~kept]].sum())
-        err += float(c.trip_err[choice[kept], idx[kept]].sum())
+        for items, choice, active in self.families(c):
+            chosen = choice[active]
+            kept = chosen != DROP
+            err += float(items.drop_err[active[~kept]].sum())
+            err += float(items.err[chosen[kept], active[kept]].sum())
         return err
 
     def nbytes(self, c: Candidates) -> int:
         """Exact bytes of the packed matrix this plan builds."""
-        dense = self.dense_codec != DROP
+        dense = self.kind == DENSE_LEAF
         total = BLOCK_ROW_BYTES * len(self.leaves)
         total += float(c.dense_bytes[self.dense_codec[dense], self.leaves[dense]].sum())
-        active = np.flatnonzero(self.leaf_mask(c)[c.trip_node])
-        choice = self.trip_choice[active]
-        kept = choice != DROP
-        total += float(c.trip_bytes[choice[kept], active[kept]].sum())
-        segments = np.unique(np.stack([c.trip_node[active[kept]], choice[kept]]), axis=1).shape[1]
-        return int(round(total)) + SEGMENT_ROW_BYTES * segments
+        for family, (items, choice, active) in enumerate(self.families(c)):
+            chosen = choice[active]
+            kept = chosen != DROP
+            total += float(items.nbytes[chosen[kept], active[kept]].sum())
+            nodes = np.unique(np.stack([items.node[active[kept]], chosen[kept]]), axis=1)[0]
+            total += SEGMENT_ROW_BYTES * len(nodes)
+            if family == 1:  # rows segments carry a bitmap of their rows
+                total += float(((c.tree.rows[nodes] + 7) // 8).sum())
+        return int(round(total))
 
 
-def _lagrangian(c: Candidates, mu: float, scale: float) -> Plan:
-    """The plan minimising bytes + mu * error / scale over all partitions and storage choices."""
-    tree = c.tree
-    keep_cost = c.trip_bytes + (mu / scale) * c.trip_err
-    best_codec = np.argmin(keep_cost, axis=0)
+def _family_cost(items: Items, mu: float, n_nodes: int,
+                 segment_bytes: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+    """Per node: the cheapest bytes + mu * error of storing its items (inf if it has none).
+
+    ``segment_bytes`` (per node) is what one stored segment costs besides its items.
+    """
+    keep_cost = items.nbytes + mu * items.err
+    best_codec = np.argmin(keep_cost, axis=0) if len(items.node) else np.zeros(0, dtype=np.int64)
     best_keep = keep_cost[best_codec, np.arange(keep_cost.shape[1])]
-    drop_cost = (mu / scale) * c.trip_sigma2
+    drop_cost = mu * items.drop_err
     keep = best_keep < drop_cost
-    trip_cost = np.where(keep, best_keep, drop_cost)
-    kept_any = np.bincount(c.trip_node, weights=keep, minlength=tree.size) > 0
-    lowrank = (BLOCK_ROW_BYTES + SEGMENT_ROW_BYTES * kept_any
-               + np.bincount(c.trip_node, weights=trip_cost, minlength=tree.size))
-    dense_cost_all = c.dense_bytes + (mu / scale) * c.dense_err
-    dense_codec = np.argmin(dense_cost_all, axis=0)
-    dense = BLOCK_ROW_BYTES + dense_cost_all[dense_codec, np.arange(tree.size)]
-    leaf_cost = np.minimum(lowrank, dense)
+    cost = np.bincount(items.node, weights=np.where(keep, best_keep, drop_cost),
+                       minlength=n_nodes).astype(np.float64)
+    cost += segment_bytes * (np.bincount(items.node, weights=keep, minlength=n_nodes) > 0)
+    cost[np.bincount(items.node, minlength=n_nodes) == 0] = np.inf
+    return cost, np.where(keep, best_codec, DROP)
+
+
+def _lagrangian(c: Candidates, mu: float) -> Plan:
+    """The plan minimising bytes + mu * error over all partitions and storage choices."""
+    tree = c.tree
+    lowrank, trip_choice = _family_cost(c.triplets, mu, tree.size, SEGMENT_ROW_BYTES)
+    rows, row_choice = _family_cost(c.rows, mu, tree.size, SEGMENT_ROW_BYTES + (tree.rows + 7) // 8)
+    dense_all = c.dense_bytes + mu * c.dense_err
+    dense_codec = np.argmin(dense_all, axis=0)
+    dense = dense_all[dense_codec, np.arange(tree.size)]
+    options = np.stack([dense, lowrank, rows])  # row i = leaf kind i
+    kind = np.argmin(options, axis=0)
+    leaf_cost = BLOCK_ROW_BYTES + options[kind, np.arange(tree.size)]
     best = leaf_cost.copy()
     is_leaf = np.ones(tree.size, dtype=bool)
     for level in range(tree.depth - 1, 0, -1):
-        nodes = tree.nodes_of_level(level)
-        child_sum = np.bincount(tree.parent[nodes.start:nodes.stop], weights=best[nodes.start:nodes.stop],
-                                minlength=tree.size)
-        parents = np.unique(tree.parent[nodes.start:nodes.stop])
+        nodes = slice(tree.level_start[level], tree.level_start[level + 1])
+        child_sum = np.bincount(tree.parent[nodes], weights=best[nodes], minlength=tree.size)
+        parents = np.unique(tree.parent[nodes])
         split = child_sum[parents] < leaf_cost[parents]
         best[parents[split]] = child_sum[parents[split]]
         is_leaf[parents[split]] = False
     leaves = _select(c, is_leaf)
-    is_dense = dense[leaves] <= lowrank[leaves]
-    choice = np.where(keep, best_codec, DROP)
-    return Plan(leaves, np.where(is_dense, dense_codec[leaves], DROP), choice, "optimal")
+    leaf_kind = kind[leaves]
+    codec = np.where(leaf_kind == DENSE_LEAF, dense_codec[leaves], DROP)
+    return Plan(leaves, leaf_kind, codec, trip_choice, row_choice, "optimal")
 
 
 def _select(c: Candidates, is_leaf: np.ndarray) -> np.ndarray:
@@ -107,96 +133,98 @@ def _select(c: Candidates, is_leaf: np.ndarray) -> np.ndarray:
     return np.flatnonzero(active & is_leaf)
 
 
+def _per_budget(c: Candidates, budget: float) -> Candidates:
+    """The candidates with every error expressed in units of the budget."""
+    def scaled(items: Items) -> Items:
+        return dataclasses.replace(items, err=items.err / budget, drop_err=items.drop_err / budget)
+    return dataclasses.replace(c, dense_err=c.dense_err / budget, triplets=scaled(c.triplets),
+                               rows=scaled(c.rows))
+
+
 def optimal_plan(c: Candidates, budget: float) -> Plan:
-    """Cheapest plan found within ``budget`` (squared error): Lagrangian bisection + greedy."""
-    scale = budget if budget > 0 else 1.0
-    total_dense = float(c.dense_bytes[0, 0])
+    """Cheapest plan found within ``budget`` (squared error): Lagrangian bisection + greedy.
+
+    Errors are measured in units of the budget, so mu is in bytes per budget.
+    """
     if budget <= 0:
-        return _spend(c, _lagrangian(c, 1e300, scale), budget)
-    lo, hi = np.log(1e-6), np.log(max(total_dense, 1.0) * 1e15)
-    plan = _lagrangian(c, np.exp(lo), scale)
-    if plan.error(c) <= budget:
-        return _spend(c, plan, budget)
-    best = _lagrangian(c, np.exp(hi), scale)
-    for _ in range(50):
-        mid = 0.5 * (lo + hi)
-        plan = _lagrangian(c, np.exp(mid), scale)
-        if plan.error(c) <= budget:
-            hi, best = mid, plan
-        else:
-            lo = mid
-        if hi - lo < 1e-4:
-            break
-    return _spend(c, best, budget)
+        return _lagrangian(c, 1e300)
+    unit = _per_budget(c, budget)
+    lo, hi = np.log(1e-6), np.log(max(float(c.dense_bytes[0, 0]), 1.0) * 1e15)
+    plan = _lagrangian(unit, np.exp(lo))
+    if plan.error(unit) > 1:
+        plan = _lagrangian(unit, np.exp(hi))
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            trial = _lagrangian(unit, np.exp(mid))
+            if trial.error(unit) <= 1:
+                hi, plan = mid, trial
+            else:
+                lo = mid
+            if hi - lo < 1e-3:
+                break
+    return _spend(unit, plan, 1.0)
 
 
 def _spend(c: Candidates, plan: Plan, budget: float, rounds: int = 4) -> Plan:
-    """Spend leftover budget greedily: cheaper storage for the triplets that lose least per byte."""
-    choice = plan.trip_choice.copy()
-    active = np.flatnonzero(plan.leaf_mask(c)[c.trip_node])
-    if len(active) == 0:
+    """Spend leftover budget greedily: cheaper storage for the items that lose least per byte."""
+    families = plan.families(c)
+    choices = [choice.copy() for _, choice, _ in families]
+    # options per active item: row 0 = drop, rows 1.. = codecs
+    opt_bytes = np.hstack([np.vstack([np.zeros(len(a)), it.nbytes[:, a]]) for it, _, a in families])
+    opt_err = np.hstack([np.vstack([it.drop_err[a], it.err[:, a]]) for it, _, a in families])
+    bounds = np.cumsum([0] + [len(a) for _, _, a in families])
+    if opt_bytes.shape[1] == 0:
         return plan
-    # options per active triplet: column 0 = drop, 1.. = codecs
-    opt_bytes = np.vstack([np.zeros(len(active)), c.trip_bytes[:, active]])
-    opt_err = np.vstack([c.trip_sigma2[active], c.trip_err[:, active]])
+    cols = np.arange(opt_bytes.shape[1])
     for _ in range(rounds):
-        slack = budget - Plan(plan.leaves, plan.dense_codec, choice, plan.strategy).error(c)
+        current_plan = dataclasses.replace(plan, trip_choice=choices[0], row_choice=choices[1])
+        slack = budget - current_plan.error(c)
         if slack <= 0:
             break
-        current = choice[active] + 1
-        cols = np.arange(len(active))
+        current = np.concatenate([ch[a] for ch, (_, _, a) in zip(choices, families)]) + 1
         saved = opt_bytes[current, cols] - opt_bytes
         added = opt_err - opt_err[current, cols]
-        valid = (saved > 0) & np.isfinite(added)
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(valid, saved / np.maximum(added, 1e-300), -np.inf)
+            ratio = np.where((saved > 0) & np.isfinite(added), saved / np.maximum(added, 1e-300), -np.inf)
         move = np.argmax(ratio, axis=0)
         gain = ratio[move, cols]
-        candidates = np.flatnonzero(np.isfinite(gain) & (gain > -np.inf))
-        if len(candidates) == 0:
-            break
-        order = candidates[np.argsort(-gain[candidates], kind="stable")]
-        cost = np.maximum(added[move[order], order], 0)
-        within = np.cumsum(cost) <= slack
+        movable = np.flatnonzero(gain > -np.inf)
+        order = movable[np.argsort(-gain[movable], kind="stable")]
+        within = np.cumsum(np.maximum(added[move[order], order], 0)) <= slack
         if not within.any():
             break
         chosen = order[within]
-        choice[active[chosen]] = move[chosen] - 1
-    return Plan(plan.leaves, plan.dense_codec, choice, plan.strategy)
+        for f, (_, _, active) in enumerate(families):
+            mine = chosen[(chosen >= bounds[f]) & (chosen < bounds[f + 1])]
+            choices[f][active[mine - bounds[f]]] = move[mine] - 1
+    return dataclasses.replace(plan, trip_choice=choices[0], row_choice=choices[1])
 
 
-def _node_triplets(c: Candidates) -> np.ndarray:
-    """Start of each node's run of triplets in the flat arrays (plus the end)."""
-    counts = np.bincount(c.trip_node, minlength=c.tree.size)
-    return np.concatenate([[0], np.cumsum(counts)])
-
-
-def _prefix_rank(c: Candidates, node: int, starts: np.ndarray, allowed: float) -> tuple[int, float]:
+def _prefix_rank(c: Candidates, node: int, starts: np.ndarray, allowed: float) -> int:
     """Smallest rank whose truncation (plus codec-0 rounding of what is kept) is within ``allowed``."""
     run = slice(starts[node], starts[node + 1])
-    sigma2 = c.trip_sigma2[run]
+    sigma2 = c.triplets.drop_err[run]
     tails = np.concatenate([np.cumsum(sigma2[::-1])[::-1], [0.0]])
-    kept = np.concatenate([[0.0], np.cumsum(c.trip_err[0, run])])
-    errors = tails + kept
-    fits = np.flatnonzero(errors <= allowed)
-    rank = int(fits[0]) if len(fits) else len(sigma2)
-    return rank, float(errors[rank])
+    kept = np.concatenate([[0.0], np.cumsum(c.triplets.err[0, run])])
+    fits = np.flatnonzero(tails + kept <= allowed)
+    return int(fits[0]) if len(fits) else len(sigma2)
 
 
 def _rank_plan(c: Candidates, leaves: list[int], ranks: dict[int, int], strategy: str) -> Plan:
     """A plan from low-rank leaves (given ranks, codec 0) and dense leaves (rank absent)."""
     leaves_arr = np.array(sorted(leaves), dtype=np.int64)
-    dense_codec = np.array([DROP if n in ranks else 0 for n in leaves_arr], dtype=np.int64)
-    choice = np.full(len(c.trip_node), DROP, dtype=np.int64)
-    starts = _node_triplets(c)
+    lowrank = np.array([n in ranks for n in leaves_arr], dtype=bool)
+    choice = np.full(len(c.triplets.node), DROP, dtype=np.int64)
+    starts = c.triplets.starts(c.tree.size)
     for node, rank in ranks.items():
         choice[starts[node]:starts[node] + rank] = 0
-    return Plan(leaves_arr, dense_codec, choice, strategy)
+    return Plan(leaves_arr, np.where(lowrank, LOWRANK_LEAF, DENSE_LEAF), np.where(lowrank, DROP, 0),
+                choice, np.full(len(c.rows.node), DROP, dtype=np.int64), strategy)
 
 
 def svd_plan(c: Candidates, budget: float) -> Plan:
     """One truncated SVD of the whole matrix, in the source dtype, at the smallest rank that fits."""
-    rank, _ = _prefix_rank(c, 0, _node_triplets(c), budget)
+    rank = _prefix_rank(c, 0, c.triplets.starts(c.tree.size), budget)
     return _rank_plan(c, [0], {0: rank}, "svd")
 
 
@@ -207,17 +235,17 @@ def paper_plan(c: Candidates, budget: float) -> Plan:
     whose low-rank approximation within tau saves no space is subdivided (or stored dense if it
     cannot be); repeat with the new block count until nothing changes.
     """
-    tree, starts = c.tree, _node_triplets(c)
+    tree, starts = c.tree, c.triplets.starts(c.tree.size)
     children: dict[int, list[int]] = {}
     for node in range(1, tree.size):
         children.setdefault(int(tree.parent[node]), []).append(node)
-    leaves, ranks = [0], {}
+    leaves = [0]
     while True:
         tau2 = budget / len(leaves)
         new_leaves, ranks, changed = [], {}, False
         for node in leaves:
-            rank, _ = _prefix_rank(c, node, starts, tau2)
-            lowrank_bytes = rank * c.trip_bytes[0, starts[node]] if rank else 0.0
+            rank = _prefix_rank(c, node, starts, tau2)
+            lowrank_bytes = rank * c.triplets.nbytes[0, starts[node]] if rank else 0.0
             if lowrank_bytes < c.dense_bytes[0, node]:
                 ranks[node] = rank
                 new_leaves.append(node)

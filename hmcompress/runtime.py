@@ -28,7 +28,7 @@ POOL_DTYPE = {
     **{codec: torch.uint8 for codec, bits in CODE_BITS.items() if bits < 8},
 }
 INTEGER_CODECS = frozenset(CODE_BITS)
-DENSE, LOWRANK = 0, 1
+DENSE, LOWRANK, ROWS = 0, 1, 2  # segment kinds
 BLOCK_COLUMNS = 5  # row0, col0, rows, cols, level
 SEGMENT_COLUMNS = 6  # block, kind, codec, rank, offset, scale_offset
 
@@ -50,6 +50,17 @@ def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     digits = stream[:, : length * bits].reshape(packed.shape[0], length, bits).to(torch.int16)
     weights = torch.tensor([1 << j for j in range(bits)], dtype=torch.int16)
     return (digits * weights).sum(-1, dtype=torch.int16) - (1 << (bits - 1))
+
+
+def mask_bytes(rows: int) -> int:
+    """Bytes of the bitmap naming which of a block's ``rows`` a ROWS segment stores."""
+    return (rows + 7) // 8
+
+
+def mask_rows(mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """Row numbers whose bit is set in a little-endian bitmap (bit i of byte i // 8 = row i)."""
+    bits = (mask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    return torch.nonzero(bits.reshape(-1)[:rows]).reshape(-1)
 
 
 def decode_rows(codec: str, data: torch.Tensor, scales: torch.Tensor | None, length: int,
@@ -80,41 +91,46 @@ class HMatrix:
     segments: torch.Tensor  # int32 (S, 6)
     pools: dict[str, torch.Tensor]
     scales: dict[str, torch.Tensor]
+    row_masks: torch.Tensor = dataclasses.field(  # uint8: one bitmap per ROWS segment, in order
+        default_factory=lambda: torch.zeros(0, dtype=torch.uint8))
 
     @property
     def nbytes(self) -> int:
         """Bytes of every tensor this matrix occupies in a file."""
-        tensors = [self.blocks, self.segments, *self.pools.values(), *self.scales.values()]
+        tensors = [self.blocks, self.segments, self.row_masks, *self.pools.values(),
+                   *self.scales.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def segment_values(self):
         """Yield ``(block_row0, block_col0, kind, codec, first, second)`` per segment, decoded.
 
-        For a dense segment ``first`` is the block and ``second`` is None; for a low-rank one they
-        are ``A`` (k x rows) and ``B`` (k x cols). Values are float64, exact for every codec.
+        Dense: ``first`` is the block, ``second`` None. Low rank: ``A`` (k x rows) and ``B``
+        (k x cols), the block being AᵀB. Rows: the k stored rows (k x cols) and their row numbers
+        within the block. Values are float64, exact for every codec.
         """
         blocks = self.blocks.tolist()
+        mask_cursor = 0
         for block, kind, codec_id, rank, offset, scale_offset in self.segments.tolist():
             row0, col0, rows, cols, _level = blocks[block]
             codec = CODECS[codec_id]
-            pool = self.pools[codec]
-            scale = self.scales.get(codec)
-            if kind == DENSE:
-                count = rows * stored_row_length(codec, cols)
-                sc = scale[scale_offset:scale_offset + rows] if scale is not None else None
-                dense = decode_rows(codec, pool[offset:offset + count], sc, cols, torch.float64)
-                yield row0, col0, kind, codec, dense, None
-            else:
-                a_len = rank * stored_row_length(codec, rows)
-                b_len = rank * stored_row_length(codec, cols)
-                sa = sb = None
-                if scale is not None:
-                    sa = scale[scale_offset:scale_offset + rank]
-                    sb = scale[scale_offset + rank:scale_offset + 2 * rank]
-                a = decode_rows(codec, pool[offset:offset + a_len], sa, rows, torch.float64)
-                b = decode_rows(codec, pool[offset + a_len:offset + a_len + b_len], sb, cols,
-                                torch.float64)
+
+            def run(first_row: int, count: int, length: int, start: int) -> torch.Tensor:
+                """``count`` stored rows of ``length`` from pool element ``start``."""
+                scale = self.scales.get(codec)
+                sc = scale[scale_offset + first_row:scale_offset + first_row + count] if scale is not None else None
+                size = count * stored_row_length(codec, length)
+                return decode_rows(codec, self.pools[codec][start:start + size], sc, length, torch.float64)
+
+            if kind == LOWRANK:
+                a = run(0, rank, rows, offset)
+                b = run(rank, rank, cols, offset + rank * stored_row_length(codec, rows))
                 yield row0, col0, kind, codec, a, b
+            elif kind == ROWS:
+                index = mask_rows(self.row_masks[mask_cursor:mask_cursor + mask_bytes(rows)], rows)
+                mask_cursor += mask_bytes(rows)
+                yield row0, col0, kind, codec, run(0, rank, cols, offset), index
+            else:
+                yield row0, col0, kind, codec, run(0, rows, cols, offset), None
 
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The stored matrix, computed in float64 and cast to ``dtype`` (default: source dtype)."""
@@ -122,6 +138,8 @@ class HMatrix:
         for row0, col0, kind, _codec, first, second in self.segment_values():
             if kind == DENSE:
                 out[row0:row0 + first.shape[0], col0:col0 + first.shape[1]] = first
+            elif kind == ROWS:
+                out[row0 + second, col0:col0 + first.shape[1]] = first
             else:
                 out[row0:row0 + first.shape[1], col0:col0 + second.shape[1]] += first.T @ second
         return out.to(self.dtype if dtype is None else dtype)

@@ -1,0 +1,186 @@
+"""The numerical core: every guarantee, on random, structured and adversarial matrices."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hmcompress.bounds import compute_bounds
+from hmcompress.build import CompressionOptions, compress_matrix, measured_error
+from hmcompress.candidates import analyse, build_tree
+from hmcompress.errors import OptionError
+from hmcompress.plans import optimal_plan, paper_plan, svd_plan
+
+
+def smooth_kernel(n: int, seed: int = 0) -> torch.Tensor:
+    """1/(1+100|x_i-y_j|) on sorted random points: the textbook H-matrix case."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.sort(torch.rand(n, generator=gen))[0]
+    y = torch.sort(torch.rand(n, generator=gen))[0]
+    return (1 / (1 + 100 * (x[:, None] - y[None, :]).abs())).float()
+
+
+def structured(kind: str, m: int, n: int, rank: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return torch.randn(m, n, generator=gen)
+    if kind == "lowrank":
+        return torch.randn(m, rank, generator=gen) @ torch.randn(rank, n, generator=gen)
+    if kind == "decay":
+        u, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=gen))
+        v, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=gen))
+        s = torch.logspace(0, -6, min(m, n))
+        return (u * s) @ v.T
+    if kind == "zero":
+        return torch.zeros(m, n)
+    if kind == "spiky":  # a few huge entries in noise: adversarial for low rank and for int codes
+        w = torch.randn(m, n, generator=gen) * 1e-3
+        idx = torch.randint(0, m * n, (3,), generator=gen)
+        w.view(-1)[idx] = 1e3
+        return w
+    if kind == "scaled":  # magnitudes far from 1
+        return torch.randn(m, n, generator=gen) * 1e-20
+    raise ValueError(kind)
+
+
+KINDS = ["random", "lowrank", "decay", "zero", "spiky", "scaled"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(KINDS), m=st.integers(1, 150), n=st.integers(1, 150),
+       rank=st.integers(1, 8), tol=st.sampled_from([0.0, 1e-6, 1e-3, 1e-2, 0.1, 0.5, 2.0]),
+       precision=st.sampled_from(["auto", "keep"]), strategy=st.sampled_from(["optimal", "paper"]),
+       leaf=st.sampled_from([4, 8, 16, 32]), seed=st.integers(0, 2**16))
+def test_measured_error_within_budget_and_stats_true(kind, m, n, rank, tol, precision, strategy, leaf, seed):
+    w = structured(kind, m, n, rank, seed)
+    options = CompressionOptions(tol=tol, precision=precision, strategy=strategy, leaf=leaf)
+    result = compress_matrix(w, options)
+    hm = result.hmatrix
+    # the stored form, re-measured independently, is within the budget
+    stored = hm.to_dense(torch.float64)
+    err = float(torch.linalg.matrix_norm(w.double() - stored))
+    assert err <= result.budget * (1 + 1e-12) + 1e-300
+    assert math.isclose(measured_error(w.double(), stored, w.dtype), result.error, rel_tol=1e-9, abs_tol=1e-300)
+    assert result.error <= result.budget
+    assert result.budget == pytest.approx(tol * float(torch.linalg.matrix_norm(w.double())))
+    # bytes as reported are the bytes of the tensors
+    tensors = [hm.blocks, hm.segments, hm.row_masks, *hm.pools.values(), *hm.scales.values()]
+    assert hm.nbytes == sum(t.numel() * t.element_size() for t in tensors)
+    # the round trip through the source dtype is what to_dense() gives
+    assert torch.equal(hm.to_dense(), stored.to(w.dtype))
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(["random", "decay", "lowrank", "spiky"]), m=st.integers(2, 40),
+       n=st.integers(2, 40), tol=st.sampled_from([1e-4, 1e-3, 1e-2, 0.05, 0.2]), seed=st.integers(0, 999))
+def test_kappa_bound_holds(kind, m, n, tol, seed):
+    w = structured(kind, m, n, 3, seed).double()
+    result = compress_matrix(w, CompressionOptions(tol=tol, leaf=4))
+    bounds = compute_bounds(w, result.dense, result.error, result.root_sigma, torch.float64)
+    residual_sv = torch.linalg.svdvals(w - result.dense)
+    assert float(residual_sv[0]) <= bounds.spectral_error * (1 + 1e-12) + 1e-300
+    s_h = torch.linalg.svdvals(result.dense)
+    s_w = torch.linalg.svdvals(w)
+    # Weyl: every singular value moves by at most e2
+    assert float((s_h - s_w).abs().max()) <= bounds.spectral_error * (1 + 1e-9) + 1e-12
+    if bounds.kappa_h_bound is not None:
+        kappa_h = float(s_h[0] / s_h[-1])
+        assert kappa_h <= bounds.kappa_h_bound * (1 + 1e-9)
+    else:
+        assert bounds.spectral_error >= bounds.sigma_min
+
+
+def test_abs_tolerance_is_absolute():
+    w = structured("decay", 100, 80, 0, 1)
+    result = compress_matrix(w, CompressionOptions(tol=1e-3, absolute=True))
+    assert result.budget == pytest.approx(1e-3)
+    assert result.error <= 1e-3
+
+
+def test_smooth_kernel_compresses_far_better_than_one_svd():
+    w = smooth_kernel(1024)
+    result = compress_matrix(w, CompressionOptions(tol=1e-2, precision="keep"))
+    dense_bytes = w.numel() * 4
+    assert result.hmatrix.nbytes < 0.10 * dense_bytes
+    c = analyse(w, build_tree(tuple(w.shape), 32), ("f32",))
+    budget = result.budget**2
+    assert svd_plan(c, budget).nbytes(c) > 0.5 * dense_bytes
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tol", [1e-3, 1e-2, 1e-1])
+def test_optimal_never_stores_more_than_svd_or_paper(kind, tol):
+    w = structured(kind, 96, 160, 5, 7) if kind != "decay" else structured(kind, 128, 128, 0, 7)
+    for precision in ("keep", "auto"):
+        opt = compress_matrix(w, CompressionOptions(tol=tol, precision=precision))
+        paper = compress_matrix(w, CompressionOptions(tol=tol, precision=precision, strategy="paper"))
+        c = analyse(w, build_tree(tuple(w.shape), 32), ("f32",))
+        svd_bytes = svd_plan(c, opt.budget**2).nbytes(c)
+        assert opt.hmatrix.nbytes <= svd_bytes
+        assert opt.hmatrix.nbytes <= paper.hmatrix.nbytes
+
+
+def test_planners_agree_with_their_estimates():
+    w = smooth_kernel(256)
+    c = analyse(w, build_tree(tuple(w.shape), 16), ("f32",))
+    budget = (1e-2 * float(torch.linalg.matrix_norm(w.double()))) ** 2
+    for plan in (optimal_plan(c, budget), paper_plan(c, budget), svd_plan(c, budget)):
+        assert plan.error(c) <= budget
+
+
+def test_auto_precision_beats_int8_on_trained_like_weights():
+    gen = torch.Generator().manual_seed(0)
+    # trained weights: a decaying spectrum plus noise
+    u, _ = torch.linalg.qr(torch.randn(256, 256, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(256, 256, generator=gen))
+    w = ((u * torch.linspace(1, 0.05, 256)) @ v.T).float()
+    result = compress_matrix(w, CompressionOptions(tol=1e-2, precision="auto"))
+    int8_bytes = w.numel() + 4 * w.shape[0]
+    assert result.hmatrix.nbytes < int8_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_dtypes(dtype):
+    w = structured("decay", 80, 70, 0, 3).to(dtype)
+    result = compress_matrix(w, CompressionOptions(tol=1e-2))
+    assert result.hmatrix.dtype == dtype
+    assert result.hmatrix.to_dense().dtype == dtype
+    assert result.error <= result.budget
+
+
+def test_zero_size_and_exact_cases():
+    empty = compress_matrix(torch.zeros(0, 5), CompressionOptions())
+    assert empty.hmatrix.blocks.shape == (0, 5) and empty.error == 0
+    zero = compress_matrix(torch.zeros(64, 64), CompressionOptions(tol=0.0))
+    assert zero.error == 0 and zero.hmatrix.nbytes < 64  # one empty block
+    exact = compress_matrix(structured("random", 64, 64, 0, 0), CompressionOptions(tol=0.0))
+    assert exact.error == 0
+
+
+def test_deterministic():
+    w = smooth_kernel(300)
+    a = compress_matrix(w, CompressionOptions(tol=1e-3)).hmatrix
+    b = compress_matrix(w, CompressionOptions(tol=1e-3)).hmatrix
+    assert torch.equal(a.blocks, b.blocks) and torch.equal(a.segments, b.segments)
+    for codec in a.pools:
+        assert torch.equal(a.pools[codec], b.pools[codec])
+
+
+@pytest.mark.parametrize("bad", [dict(tol=-1.0), dict(tol=float("nan")), dict(strategy="x"),
+                                 dict(precision="x"), dict(leaf=0)])
+def test_bad_options_are_user_errors(bad):
+    with pytest.raises(OptionError):
+        CompressionOptions(**bad)
+
+
+def test_tree_tiles_and_splits_oblong_blocks_along_long_side():
+    tree = build_tree((1024, 40), 32)
+    assert set(tree.cols.tolist()) == {40}
+    for level in range(tree.depth):
+        nodes = tree.nodes_of_level(level)
+        assert int((tree.rows[nodes.start:nodes.stop] * tree.cols[nodes.start:nodes.stop]).sum()) == 1024 * 40
+    assert np.all(tree.rows >= 32)
