@@ -18,7 +18,7 @@ from .errors import UserError
 from .runtime import FORMAT_VERSION, HMatrix, dense_nbytes, read_file
 from .writer import write_compressed, write_runtime_shim
 
-Progress = Callable[[str], None]
+Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 
 
 @dataclasses.dataclass
@@ -142,6 +142,7 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
     if write:
         _check_output(source, output, overwrite)
     matrices, passthrough, layers = {}, {}, []
+    eligible = sum(classify(e, selection) is None for e in ckpt.entries)
     for entry in ckpt.entries:
         reason = classify(entry, selection)
         tensor = entry.load()
@@ -151,7 +152,7 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
                                      entry.nbytes, entry.nbytes, False, reason))
             continue
         if progress:
-            progress(entry.name)
+            progress(len(matrices), eligible, entry.name)
         _require_finite(source, entry.name, tensor)
         result = compress_matrix(as_matrix(tensor), options)
         stats = layer_stats(entry.name, tensor, result.hmatrix, result.dense, result.error,

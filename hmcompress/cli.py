@@ -4,12 +4,14 @@ Exit codes: 0 ok, 1 a quality check failed (verify), 2 bad input or usage.
 """
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import sys
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import api, report
 from .build import CompressionOptions
@@ -28,16 +30,23 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
     _debug["on"] = debug
 
 
-def _fail(message: str, code: int = 2) -> None:
-    stderr.print(f"hmcompress: error: {message}", markup=False, highlight=False)
-    raise typer.Exit(code)
-
-
-def _progress(enabled: bool):
-    """A callback printing the tensor being compressed to stderr (plain when not a TTY)."""
+@contextlib.contextmanager
+def _progress(enabled: bool, label: str):
+    """A progress callback: a rich bar on a terminal, plain lines on stderr otherwise."""
     if not enabled:
-        return None
-    return lambda name: stderr.print(f"compressing {name}", markup=False, highlight=False)
+        yield None
+        return
+    if not stderr.is_terminal:
+        yield lambda done, total, name: stderr.print(f"[{done + 1}/{total}] {label}: {name}",
+                                                     markup=False, highlight=False)
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=stderr, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"{label}: {name}")
+        yield update
 
 
 @app.command()
@@ -60,14 +69,15 @@ def compress(
 ) -> None:
     """Compress every eligible weight matrix into an H-matrix within --tol."""
     if output and len(models) > 1:
-        _fail("-o/--output takes one input; use --out-dir for several")
+        raise UserError("-o/--output takes one input; use --out-dir for several")
     options = CompressionOptions(tol=tol, absolute=absolute, strategy=strategy, precision=precision, leaf=leaf)
     selection = Selection(min_size=min_size, include=tuple(include), exclude=tuple(exclude), conv=conv)
     results = []
     for model in models:
         target = output or (api.default_output(model, out_dir) if out_dir else None)
-        result = api.compress_checkpoint(model, target, options, selection, overwrite=force,
-                                         progress=_progress(not quiet))
+        with _progress(not quiet, str(model)) as progress:
+            result = api.compress_checkpoint(model, target, options, selection, overwrite=force,
+                                             progress=progress)
         results.append(result)
         if not json_out:
             report.print_table(result.layers, stdout, title=f"{model} -> {result.output}")
