@@ -6,9 +6,14 @@ compressed checkpoint (the writer does so, as ``hmruntime.py``) and used without
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import pathlib
+import struct
 
 import torch
+from torch import nn
 
 FORMAT_NAME = "hmcompress"
 FORMAT_VERSION = 1
@@ -94,6 +99,15 @@ class HMatrix:
     row_masks: torch.Tensor = dataclasses.field(  # uint8: one bitmap per ROWS segment, in order
         default_factory=lambda: torch.zeros(0, dtype=torch.uint8))
 
+    def validate(self, name: str = "matrix") -> None:
+        """Raise `FormatError` ("<name>: <problem>") unless this is a well-formed packed matrix.
+
+        Everything is checked with sorting and vector operations (no m*n arrays, no per-block
+        Python loops): tables' dtypes and shapes, blocks tiling the matrix exactly, each segment's
+        block, kind, codec, rank, pool and scale ranges, the segments of a block, and row bitmaps.
+        """
+        _validate(self, name)
+
     @property
     def nbytes(self) -> int:
         """Bytes of every tensor this matrix occupies in a file."""
@@ -148,3 +162,386 @@ class HMatrix:
 def dense_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     """Bytes of a dense tensor of this shape and dtype."""
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of packed matrices
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_KINDS = (DENSE, LOWRANK, ROWS)
+_KIND_NAMES = {DENSE: "dense", LOWRANK: "low-rank", ROWS: "rows"}
+
+
+def _first(mask: torch.Tensor) -> int:
+    """Index of the first True of a 1-D boolean tensor."""
+    return int(torch.nonzero(mask)[0, 0])
+
+
+def _check_table(table: object, columns: int, what: str, fail) -> None:
+    if not isinstance(table, torch.Tensor):
+        fail(f"{what} table is not a tensor")
+    if table.dtype != torch.int32 or table.ndim != 2 or table.shape[1] != columns:
+        fail(f"{what} table must be int32 of shape (N, {columns}), got {table.dtype} {tuple(table.shape)}")
+
+
+def _validate(hm: HMatrix, name: str) -> None:
+    def fail(problem: str):
+        raise FormatError(f"{name}: {problem}")
+
+    shape = tuple(hm.shape)
+    if len(shape) != 2 or not all(isinstance(d, int) and d >= 0 for d in shape):
+        fail(f"shape must be two non-negative integers, got {hm.shape!r}")
+    m, n = shape
+    if hm.dtype not in DTYPE_NAMES:
+        fail(f"unsupported dtype {hm.dtype}")
+    _check_table(hm.blocks, BLOCK_COLUMNS, "block", fail)
+    _check_table(hm.segments, SEGMENT_COLUMNS, "segment", fail)
+    for codec, pool in hm.pools.items():
+        if codec not in CODEC_ID:
+            fail(f"pool of unknown codec {codec!r}")
+        if not isinstance(pool, torch.Tensor) or pool.dtype != POOL_DTYPE[codec] or pool.ndim != 1:
+            fail(f"pool.{codec} must be a 1-D {POOL_DTYPE[codec]} tensor")
+    for codec, scale in hm.scales.items():
+        if codec not in CODEC_ID:
+            fail(f"scales of unknown codec {codec!r}")
+        if codec not in INTEGER_CODECS:
+            fail(f"scales for floating-point codec {codec!r}")
+        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.ndim != 1:
+            fail(f"scale.{codec} must be a 1-D float32 tensor")
+    masks = hm.row_masks
+    if not isinstance(masks, torch.Tensor) or masks.dtype != torch.uint8 or masks.ndim != 1:
+        fail("row bitmaps must be a 1-D uint8 tensor")
+
+    blocks = hm.blocks.to(torch.int64)
+    count = blocks.shape[0]
+    r0, c0, h, w, level = blocks.unbind(1)
+    if m * n == 0 and count:
+        fail(f"a zero-size {m}x{n} matrix has no blocks, found {count}")
+    if count:
+        bad = (r0 < 0) | (c0 < 0) | (h < 1) | (w < 1) | (r0 + h > m) | (c0 + w > n) | (level < 0)
+        if bool(bad.any()):
+            i = _first(bad)
+            fail(f"block {i} {tuple(blocks[i].tolist())} is empty or lies outside the {m}x{n} matrix")
+    area = int((h * w).sum()) if count else 0
+    if area != m * n:
+        problem = "overlap" if area > m * n else "a hole"
+        fail(f"blocks cover {area} elements, the {m}x{n} matrix has {m * n} ({problem})")
+    if count:
+        _check_tiling(r0, c0, h, w, m, n, fail)
+
+    _validate_segments(hm, blocks, fail)
+
+
+def _check_tiling(r0, c0, h, w, m: int, n: int, fail) -> None:
+    """Blocks inside the matrix with the right total area tile it iff every lattice point is
+    the corner of an even number of blocks, the matrix's four corners excepted (odd).
+
+    (The corner parities are the mixed second difference, mod 2, of the cover count; so the cover
+    count is odd, hence >= 1, on every element, and the area makes it exactly 1.) O(B log B).
+    """
+    r1, c1 = r0 + h, c0 + w
+    stride = n + 1
+    keys = torch.cat([r0 * stride + c0, r0 * stride + c1, r1 * stride + c0, r1 * stride + c1])
+    points, counts = torch.unique(keys, return_counts=True)
+    odd = points[counts % 2 == 1]
+    expected = torch.unique(torch.tensor([0, n, m * stride, m * stride + n], dtype=torch.int64))
+    if odd.shape != expected.shape or not bool((odd == expected).all()):
+        wrong = torch.cat([odd, expected])
+        values, times = torch.unique(wrong, return_counts=True)
+        key = int(values[times == 1][0])
+        fail(f"blocks do not tile the matrix: they overlap or leave a hole near ({key // stride}, "
+             f"{key % stride})")
+
+
+def _validate_segments(hm: HMatrix, blocks: torch.Tensor, fail) -> None:
+    seg = hm.segments.to(torch.int64)
+    count = seg.shape[0]
+    nblocks = blocks.shape[0]
+    masks = hm.row_masks
+    if count == 0:
+        if masks.numel():
+            fail(f"row bitmaps hold {masks.numel()} bytes, rows segments need 0")
+        return
+    blk, kind, cid, rank, offset, scale_offset = seg.unbind(1)
+
+    def check(bad: torch.Tensor, problem) -> None:
+        if bool(bad.any()):
+            i = _first(bad)
+            fail(f"segment {i} {tuple(seg[i].tolist())}: {problem(i)}")
+
+    check((blk < 0) | (blk >= nblocks), lambda i: f"block out of range (the matrix has {nblocks} blocks)")
+    check((kind < 0) | (kind > ROWS), lambda i: f"unknown kind {int(kind[i])}")
+    check((cid < 0) | (cid >= len(CODECS)), lambda i: f"unknown codec id {int(cid[i])}")
+    rows, cols = blocks[blk, 2], blocks[blk, 3]
+    check((kind == DENSE) & (rank != 0), lambda i: "a dense segment has rank 0")
+    check((kind == LOWRANK) & (rank < 1), lambda i: "a low-rank segment has rank >= 1")
+    check((kind == ROWS) & ((rank < 1) | (rank > rows)),
+          lambda i: f"a rows segment stores between 1 and {int(rows[i])} rows")
+
+    # The segments of one block: one dense alone, or low-rank ones, or rows ones; one per codec.
+    total = torch.bincount(blk, minlength=nblocks)
+    per_kind = {k: torch.bincount(blk[kind == k], minlength=nblocks) for k in _KINDS}
+    bad = (per_kind[DENSE] > 0) & (total != 1)
+    if bool(bad.any()):
+        fail(f"block {_first(bad)}: a dense segment must be the block's only segment")
+    bad = (per_kind[LOWRANK] > 0) & (per_kind[ROWS] > 0)
+    if bool(bad.any()):
+        fail(f"block {_first(bad)}: mixes low-rank and rows segments")
+    pairs, times = torch.unique(blk * len(CODECS) + cid, return_counts=True)
+    if bool((times > 1).any()):
+        pair = int(pairs[times > 1][0])
+        fail(f"block {pair // len(CODECS)}: two segments with codec {CODECS[pair % len(CODECS)]}")
+
+    # Pool and scale ranges.
+    bits = torch.tensor([CODE_BITS.get(c, 8) for c in CODECS], dtype=torch.int64)[cid]
+
+    def stored(length: torch.Tensor) -> torch.Tensor:
+        return torch.where(bits < 8, (length * bits + 7) // 8, length)
+
+    size = torch.where(kind == DENSE, rows * stored(cols),
+                       torch.where(kind == LOWRANK, rank * (stored(rows) + stored(cols)), rank * stored(cols)))
+    stored_rows = torch.where(kind == DENSE, rows, torch.where(kind == LOWRANK, 2 * rank, rank))
+    pool_len = torch.tensor([hm.pools[c].numel() if c in hm.pools else 0 for c in CODECS])[cid]
+    check((offset < 0) | (offset + size > pool_len),
+          lambda i: f"pool range [{int(offset[i])}, {int(offset[i] + size[i])}) outside "
+                    f"pool.{CODECS[int(cid[i])]} of {int(pool_len[i])} elements")
+    integer = torch.tensor([c in INTEGER_CODECS for c in CODECS])[cid]
+    check(~integer & (scale_offset != -1), lambda i: "scale offset must be -1 for a floating-point codec")
+    scale_len = torch.tensor([hm.scales[c].numel() if c in hm.scales else 0 for c in CODECS])[cid]
+    check(integer & ((scale_offset < 0) | (scale_offset + stored_rows > scale_len)),
+          lambda i: f"scale range [{int(scale_offset[i])}, {int(scale_offset[i] + stored_rows[i])}) "
+                    f"outside scale.{CODECS[int(cid[i])]} of {int(scale_len[i])} elements")
+
+    # Row bitmaps: consecutive, exactly `rank` bits among the block's rows, disjoint per block.
+    is_rows = kind == ROWS
+    sel = torch.nonzero(is_rows).reshape(-1)
+    nbytes = (rows[sel] + 7) // 8
+    need = int(nbytes.sum()) if sel.numel() else 0
+    if masks.numel() != need:
+        fail(f"row bitmaps hold {masks.numel()} bytes, rows segments need {need}")
+    if not sel.numel():
+        return
+    bit = ((masks.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1).to(torch.int64)
+    owner = torch.repeat_interleave(torch.arange(sel.numel()), nbytes * 8)
+    starts = torch.cumsum(nbytes * 8, 0) - nbytes * 8
+    position = torch.arange(bit.numel()) - starts[owner]
+    setbit = bit.bool()
+    outside = setbit & (position >= rows[sel][owner])
+    if bool(outside.any()):
+        i = int(sel[owner[_first(outside)]])
+        fail(f"segment {i} {tuple(seg[i].tolist())}: row bitmap sets bits beyond the block's rows")
+    counts = torch.zeros(sel.numel(), dtype=torch.int64).index_add_(0, owner, bit)
+    bad = counts != rank[sel]
+    if bool(bad.any()):
+        i = int(sel[_first(bad)])
+        j = _first(bad)
+        fail(f"segment {i} {tuple(seg[i].tolist())}: row bitmap has {int(counts[j])} bits set, not the rank")
+    keys = blk[sel][owner[setbit]] * (int(blocks[:, 2].max()) + 1) + position[setbit]
+    unique = torch.unique(keys)
+    if unique.numel() != keys.numel():
+        _, times = torch.unique(keys, return_counts=True)
+        key = int(unique[times > 1][0])
+        stride = int(blocks[:, 2].max()) + 1
+        fail(f"block {key // stride}: rows segments both store row {key % stride}")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # as safetensors itself
+ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int8: "I8", torch.uint8: "U8", torch.int32: "I32"}
+ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+               "C64": 8}
+
+
+@dataclasses.dataclass
+class CompressedFile:
+    """A compressed checkpoint: its metadata, packed matrices and passthrough tensors."""
+
+    path: pathlib.Path
+    metadata: dict  # the parsed `hmcompress` metadata (docs/FORMAT.md)
+    matrices: dict[str, HMatrix]
+    passthrough: dict[str, torch.Tensor]
+
+
+def _read_header(path: pathlib.Path) -> tuple[dict, int]:
+    """The safetensors header (parsed JSON) and the size of the data section, checked."""
+    def fail(problem: str):
+        raise FormatError(f"{path}: {problem}")
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                fail(f"{size} bytes is too short for a safetensors file")
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > MAX_HEADER_BYTES:
+                fail(f"header length {length} is absurd (limit {MAX_HEADER_BYTES} bytes)")
+            if length > size - 8:
+                fail(f"header length {length} runs past the end of the {size}-byte file")
+            raw = f.read(length)
+    except OSError as err:
+        raise FormatError(f"{path}: cannot read: {err.strerror or err}") from err
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        fail("header is not UTF-8 (not a safetensors file?)")
+    try:
+        header = json.loads(text)
+    except ValueError as err:
+        fail(f"header is not valid JSON ({err})")
+    if not isinstance(header, dict):
+        fail("header is not a JSON object")
+    return header, size - 8 - length
+
+
+def _tensor_entries(path: pathlib.Path, header: dict, data_size: int) -> dict[str, tuple[str, list[int]]]:
+    """name -> (safetensors dtype, shape) for every tensor of the header, each checked."""
+    entries = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+              and isinstance(entry.get("shape"), list)
+              and all(type(d) is int and d >= 0 for d in entry["shape"])
+              and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+              and all(type(d) is int for d in entry["data_offsets"]))
+        if not ok:
+            raise FormatError(f"{path}: tensor {name!r}: malformed header entry")
+        begin, end = entry["data_offsets"]
+        if not 0 <= begin <= end <= data_size:
+            raise FormatError(f"{path}: tensor {name!r}: data [{begin}, {end}) outside the "
+                              f"{data_size}-byte data section")
+        itemsize = ST_ITEMSIZE.get(entry["dtype"])
+        if itemsize is not None and end - begin != math.prod(entry["shape"]) * itemsize:
+            raise FormatError(f"{path}: tensor {name!r}: {end - begin} bytes for shape {entry['shape']} "
+                              f"{entry['dtype']}")
+        entries[name] = (entry["dtype"], entry["shape"])
+    return entries
+
+
+def parse_metadata(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[str, list[int]]]]:
+    """The `hmcompress` metadata of a file and its tensors (dtype, shape), checked, from the
+    header alone: nothing is allocated for the tensors."""
+    path = pathlib.Path(path)
+
+    def fail(problem: str):
+        raise FormatError(f"{path}: {problem}")
+
+    header, data_size = _read_header(path)
+    meta_strings = header.get("__metadata__")
+    if not isinstance(meta_strings, dict) or "hmcompress" not in meta_strings:
+        fail("no hmcompress metadata (not a file written by hmcompress?)")
+    try:
+        meta = json.loads(meta_strings["hmcompress"])
+    except (TypeError, ValueError) as err:
+        fail(f"hmcompress metadata is not valid JSON ({err})")
+    if not isinstance(meta, dict):
+        fail("hmcompress metadata is not a JSON object")
+    if meta.get("format") != FORMAT_NAME:
+        fail(f"metadata names format {meta.get('format')!r}, not {FORMAT_NAME!r}")
+    version = meta.get("version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        fail(f"format version {version!r} is not supported (this reader knows version {FORMAT_VERSION})")
+    entries = _tensor_entries(path, header, data_size)
+    matrices, passthrough = meta.get("matrices"), meta.get("passthrough")
+    if not isinstance(matrices, dict) or not isinstance(passthrough, dict):
+        fail("metadata lacks the 'matrices' and 'passthrough' tables")
+
+    claimed: dict[str, tuple[str, str]] = {}  # packed tensor name -> (matrix, part)
+    for name, info in matrices.items():
+        where = f"matrix {name!r}"
+        if not isinstance(info, dict):
+            fail(f"{where}: entry is not an object")
+        shape, orig, dtype, prefix = (info.get(k) for k in ("shape", "orig_shape", "dtype", "prefix"))
+        if not (isinstance(shape, list) and len(shape) == 2 and all(type(d) is int and d >= 0 for d in shape)):
+            fail(f"{where}: shape must be two non-negative integers, got {shape!r}")
+        if not (isinstance(orig, list) and all(type(d) is int and d >= 0 for d in orig)
+                and math.prod(orig) == shape[0] * shape[1]):
+            fail(f"{where}: orig_shape {orig!r} does not hold a {shape[0]}x{shape[1]} matrix")
+        if dtype not in DTYPES:
+            fail(f"{where}: unsupported dtype {dtype!r}")
+        if not isinstance(prefix, str) or not prefix:
+            fail(f"{where}: prefix must be a non-empty string")
+        parts = ["blocks", "segments", "rows", *(f"pool.{c}" for c in CODECS),
+                 *(f"scale.{c}" for c in sorted(INTEGER_CODECS))]
+        for part in parts:
+            other = claimed.setdefault(prefix + part, (name, part))
+            if other != (name, part):
+                fail(f"tensor {prefix + part!r} is claimed by matrices {other[0]!r} and {name!r}")
+    for name, reason in passthrough.items():
+        if not isinstance(reason, str):
+            fail(f"passthrough {name!r}: reason must be a string")
+        if name in claimed:
+            fail(f"tensor {name!r} is both passthrough and part of matrix {claimed[name][0]!r}")
+        if name not in entries:
+            fail(f"passthrough tensor {name!r} is missing")
+
+    found: dict[str, dict[str, str]] = {name: {} for name in matrices}
+    for tensor, (st_dtype, shape) in entries.items():
+        if tensor in passthrough:
+            continue
+        if tensor not in claimed:
+            fail(f"tensor {tensor!r} is not explained by the metadata")
+        matrix, part = claimed[tensor]
+        found[matrix][part] = tensor
+        if part in ("blocks", "segments"):
+            columns = BLOCK_COLUMNS if part == "blocks" else SEGMENT_COLUMNS
+            want, ok_shape = "I32", len(shape) == 2 and shape[1] == columns
+        else:
+            codec = part.partition(".")[2]
+            want = "U8" if part == "rows" else "F32" if part.startswith("scale.") else ST_DTYPES[POOL_DTYPE[codec]]
+            ok_shape = len(shape) == 1
+        if st_dtype != want or not ok_shape:
+            fail(f"tensor {tensor!r}: {st_dtype} {shape} where {want} of "
+                 f"{'shape (N, %d)' % columns if part in ('blocks', 'segments') else 'one dimension'} is expected")
+    for name, parts in found.items():
+        for part in ("blocks", "segments"):
+            if part not in parts:
+                fail(f"tensor {matrices[name]['prefix'] + part!r} of matrix {name!r} is missing")
+    return meta, entries
+
+
+def read_file(path: str | os.PathLike) -> CompressedFile:
+    """Read and validate a compressed file; every problem is a `FormatError` naming it."""
+    from safetensors import safe_open
+
+    path = pathlib.Path(path)
+    meta, entries = parse_metadata(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in entries}
+    except Exception as err:  # safetensors raises its own error types
+        raise FormatError(f"{path}: cannot load tensors: {err}") from err
+    matrices = {}
+    for name, info in meta["matrices"].items():
+        prefix = info["prefix"]
+        pools = {c: tensors[prefix + f"pool.{c}"] for c in CODECS if prefix + f"pool.{c}" in tensors}
+        scales = {c: tensors[prefix + f"scale.{c}"] for c in CODECS if prefix + f"scale.{c}" in tensors}
+        masks = tensors.get(prefix + "rows", torch.zeros(0, dtype=torch.uint8))
+        hm = HMatrix(tuple(info["shape"]), DTYPES[info["dtype"]], tensors[prefix + "blocks"],
+                     tensors[prefix + "segments"], pools, scales, masks)
+        hm.validate(f"{path}: {name}")
+        matrices[name] = hm
+    passthrough = {name: tensors[name] for name in meta["passthrough"]}
+    return CompressedFile(path, meta, matrices, passthrough)
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a compressed file, dense, under its original name, shape and dtype.
+
+    A drop-in for ``model.load_state_dict(...)``.
+    """
+    compressed = read_file(path)
+    state = {}
+    for name in sorted({*compressed.matrices, *compressed.passthrough}):
+        if name in compressed.matrices:
+            info = compressed.metadata["matrices"][name]
+            state[name] = compressed.matrices[name].to_dense().reshape(info["orig_shape"])
+        else:
+            state[name] = compressed.passthrough[name]
+    return state
