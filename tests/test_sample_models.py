@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +9,6 @@ import torch
 
 pytest.importorskip("sklearn")
 
-# Plain `pytest` only puts tests/ on sys.path; `sample_models` lives at the repo root.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
