@@ -545,3 +545,208 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state[name] = compressed.passthrough[name]
     return state
+
+
+# --------------------------------------------------------------------------------------------
+# Computing with H-matrices
+
+def rank_bucket(rank: int) -> int:
+    """Ranks are padded (with zero rows) up to a power of two so that few groups remain."""
+    return 1 << max(rank - 1, 0).bit_length()
+
+
+def _gather_rows(hm: HMatrix, codec: str, offsets: torch.Tensor, scale_offsets: torch.Tensor,
+                 count: int, length: int) -> torch.Tensor:
+    """Decode ``count`` stored rows of ``length`` starting at each offset: (g, count, length) float64."""
+    span = count * stored_row_length(codec, length)
+    index = offsets.unsqueeze(1) + torch.arange(span, dtype=torch.int64)
+    data = hm.pools[codec][index.reshape(-1)]
+    scales = None
+    if codec in INTEGER_CODECS:
+        scale_index = scale_offsets.unsqueeze(1) + torch.arange(count, dtype=torch.int64)
+        scales = hm.scales[codec][scale_index.reshape(-1)]
+    return decode_rows(codec, data, scales, length, torch.float64).reshape(offsets.numel(), count, length)
+
+
+@dataclasses.dataclass
+class SegmentGroup:
+    """Segments of one kind and one shape, decoded and stacked.
+
+    dense: ``first`` (g, rows, cols), ``out_index`` (g, rows). low rank: ``first`` = Aᵀ (g, rows, k),
+    ``second`` = B (g, k, cols). rows: ``first`` (g, k, cols), ``out_index`` (g, k) (the stored rows).
+    ``in_index`` (g, cols): the input columns of each block. Low ranks and row counts are padded
+    with zeros up to `rank_bucket`.
+    """
+
+    kind: int
+    out_index: torch.Tensor
+    in_index: torch.Tensor
+    first: torch.Tensor
+    second: torch.Tensor | None
+
+
+def segment_groups(hm: HMatrix, dtype: torch.dtype = torch.float64) -> list[SegmentGroup]:
+    """The matrix's segments, decoded (exactly, in float64, then cast to ``dtype``) in groups."""
+    blocks = hm.blocks.to(torch.int64)
+    seg = hm.segments.to(torch.int64)
+    if seg.shape[0] == 0:
+        return []
+    kinds = seg[:, 1]
+    # Where each rows segment's bitmap starts.
+    rows_of = blocks[seg[:, 0], 2]
+    mask_len = torch.where(kinds == ROWS, (rows_of + 7) // 8, torch.zeros_like(rows_of))
+    mask_start = torch.cumsum(mask_len, 0) - mask_len
+    buckets: dict[tuple, dict[str, list[int]]] = {}
+    for i, (block, kind, codec_id, rank, _offset, _scale) in enumerate(seg.tolist()):
+        rows, cols = int(rows_of[i]), int(blocks[block, 3])
+        key = (kind, rows, cols, 0 if kind == DENSE else rank_bucket(rank))
+        buckets.setdefault(key, {}).setdefault(CODECS[codec_id], []).append(i)
+    groups = []
+    for (kind, rows, cols, width), by_codec in sorted(buckets.items()):
+        outs, ins, firsts, seconds = [], [], [], []
+        for codec, members in sorted(by_codec.items(), key=lambda item: CODEC_ID[item[0]]):
+            members_t = torch.tensor(members, dtype=torch.int64)
+            # Segments of one bucket may have different ranks: decode per exact rank, then pad.
+            ranks = seg[members_t, 3]
+            for rank in sorted(set(ranks.tolist())):
+                idx = members_t[ranks == rank]
+                s = seg[idx]
+                row0, col0 = blocks[s[:, 0], 0], blocks[s[:, 0], 1]
+                count, pad = idx.numel(), width - rank
+                ins.append(col0.unsqueeze(1) + torch.arange(cols))
+                if kind == DENSE:
+                    firsts.append(_gather_rows(hm, codec, s[:, 4], s[:, 5], rows, cols))
+                    outs.append(row0.unsqueeze(1) + torch.arange(rows))
+                elif kind == LOWRANK:
+                    a = _gather_rows(hm, codec, s[:, 4], s[:, 5], rank, rows)
+                    start = s[:, 4] + rank * stored_row_length(codec, rows)
+                    b = _gather_rows(hm, codec, start, s[:, 5] + rank, rank, cols)
+                    firsts.append(torch.cat([a, a.new_zeros(count, pad, rows)], 1).transpose(1, 2))
+                    seconds.append(torch.cat([b, b.new_zeros(count, pad, cols)], 1))
+                    outs.append(row0.unsqueeze(1) + torch.arange(rows))
+                else:
+                    values = _gather_rows(hm, codec, s[:, 4], s[:, 5], rank, cols)
+                    firsts.append(torch.cat([values, values.new_zeros(count, pad, cols)], 1))
+                    byte_index = mask_start[idx].unsqueeze(1) + torch.arange((rows + 7) // 8)
+                    bits = (hm.row_masks[byte_index].unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
+                    local = torch.nonzero(bits.reshape(count, -1)[:, :rows])[:, 1].reshape(count, rank)
+                    local = torch.cat([local, local.new_zeros(count, pad)], 1)  # padded rows are zero
+                    outs.append(row0.unsqueeze(1) + local)
+        groups.append(SegmentGroup(
+            kind, torch.cat(outs), torch.cat(ins), torch.cat(firsts).to(dtype).contiguous(),
+            torch.cat(seconds).to(dtype).contiguous() if seconds else None))
+    return groups
+
+
+class HLinear(nn.Module):
+    """``y = x @ Hᵀ + bias`` for a packed H-matrix H, without forming H.
+
+    Segments of one kind and shape (low ranks padded to a power of two) are decoded once, stacked,
+    and multiplied together with one `bmm` per group; the results are scattered into the output
+    rows with `index_add_`. Python work per call scales with the number of groups, not blocks.
+    The decoded factors are (non-persistent) buffers, so ``.to()`` moves them.
+    """
+
+    def __init__(self, hmatrix: HMatrix, bias: torch.Tensor | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        dtype = dtype or torch.float32
+        self.out_features, self.in_features = hmatrix.shape
+        self.blocks = int(hmatrix.blocks.shape[0])
+        self.stored_bytes = hmatrix.nbytes
+        groups = segment_groups(hmatrix, dtype)
+        self._kinds = []
+        for i, group in enumerate(groups):
+            self._kinds.append(group.kind)
+            self.register_buffer(f"g{i}_out", group.out_index.reshape(-1).to(device), persistent=False)
+            self.register_buffer(f"g{i}_in", group.in_index.to(device), persistent=False)
+            self.register_buffer(f"g{i}_first", group.first.to(device), persistent=False)
+            if group.second is not None:
+                self.register_buffer(f"g{i}_second", group.second.to(device), persistent=False)
+        if bias is not None:
+            trainable = bias.requires_grad if isinstance(bias, nn.Parameter) else True
+            bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype).clone(),
+                                requires_grad=trainable)
+        self.bias = bias
+        self.register_buffer("_anchor", torch.zeros(0, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def groups(self) -> int:
+        return len(self._kinds)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"HLinear expects inputs with {self.in_features} features, got {tuple(x.shape)}")
+        dtype = self._anchor.dtype
+        lead = x.shape[:-1]
+        xt = x.reshape(math.prod(lead), self.in_features).to(dtype).T.contiguous()  # (n, N)
+        out = xt.new_zeros(self.out_features, xt.shape[1])
+        for i, kind in enumerate(self._kinds):
+            xb = xt[getattr(self, f"g{i}_in")]  # (g, cols, N)
+            first = getattr(self, f"g{i}_first")
+            if kind == LOWRANK:
+                y = torch.bmm(first, torch.bmm(getattr(self, f"g{i}_second"), xb))
+            else:
+                y = torch.bmm(first, xb)
+            out.index_add_(0, getattr(self, f"g{i}_out"), y.reshape(-1, y.shape[-1]))
+        y = out.T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"blocks={self.blocks}, groups={self.groups}, bytes={self.stored_bytes}, "
+                f"bias={self.bias is not None}, dtype={str(self._anchor.dtype).removeprefix('torch.')}")
+
+
+def patch(model: nn.Module, path: str | os.PathLike, mode: str = "hmatrix") -> list[str]:
+    """Load a compressed file into ``model``; with ``mode="hmatrix"`` replace each `nn.Linear`
+    whose weight is compressed by an `HLinear`. Keys are checked strictly, as by
+    ``model.load_state_dict``. Returns the names of the replaced modules."""
+    if mode not in ("hmatrix", "dense"):
+        raise ValueError(f"mode must be 'hmatrix' or 'dense', got {mode!r}")
+    if mode == "dense":
+        model.load_state_dict(load_state_dict(path))
+        return []
+    compressed = read_file(path)
+    file_keys = {*compressed.matrices, *compressed.passthrough}
+    model_keys = set(model.state_dict().keys())
+    replace = {}
+    for name, module in model.named_modules():
+        prefix = name + "." if name else ""
+        if isinstance(module, nn.Linear) and prefix + "weight" in compressed.matrices:
+            replace[name] = module
+    # Biases of replaced layers may be absent from the file (then the layer's own is kept).
+    optional = {(name + "." if name else "") + "bias" for name in replace}
+    missing = sorted(model_keys - file_keys - optional)
+    unexpected = sorted(file_keys - model_keys)
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: does not match the model: missing keys {missing}, "
+                           f"unexpected keys {unexpected}")
+    if "" in replace:
+        raise ValueError("cannot replace the model itself by an HLinear; patch a module containing it")
+    replaced_weights = {name + ".weight" for name in replace}
+    dense = {}
+    for name in sorted(file_keys - replaced_weights):
+        if name in compressed.matrices:
+            info = compressed.metadata["matrices"][name]
+            dense[name] = compressed.matrices[name].to_dense().reshape(info["orig_shape"])
+        else:
+            dense[name] = compressed.passthrough[name]
+    new_modules = {}
+    for name, module in replace.items():
+        hm = compressed.matrices[(name + "." if name else "") + "weight"]
+        if tuple(hm.shape) != (module.out_features, module.in_features):
+            raise RuntimeError(f"{path}: {name}.weight has shape {tuple(hm.shape)}, the model's "
+                               f"{(module.out_features, module.in_features)}")
+        new_modules[id(module)] = HLinear(hm, module.bias, dtype=module.weight.dtype,
+                                          device=module.weight.device)
+    for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(parent.named_children()):
+            if id(child) in new_modules:
+                setattr(parent, child_name, new_modules[id(child)])
+    result = model.load_state_dict(dense, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"{path}: unexpected keys {sorted(result.unexpected_keys)}")
+    return sorted(replace)

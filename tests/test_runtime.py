@@ -1,0 +1,360 @@
+"""The standalone runtime: validation, reading files, dense loading, HLinear and patch."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import pathlib
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import hmcompress.runtime as runtime
+from hmcompress.runtime import (CODEC_ID, FormatError, HLinear, HMatrix, load_state_dict, patch,
+                                read_file)
+from helpers import HEADER, compressed, mixed_matrix, pack, write_model_file
+from hmcompress.build import CompressionOptions, compress_matrix
+from hmcompress.writer import write_compressed
+
+
+def clone(hm: HMatrix, **changes) -> HMatrix:
+    fields = {f.name: getattr(hm, f.name) for f in dataclasses.fields(hm)}
+    fields = {k: (v.clone() if isinstance(v, torch.Tensor) else dict(v) if isinstance(v, dict) else v)
+              for k, v in fields.items()}
+    fields.update(changes)
+    return HMatrix(**fields)
+
+
+def rejects(hm: HMatrix, words: str) -> None:
+    with pytest.raises(FormatError, match=words) as info:
+        hm.validate("layer.weight")
+    assert str(info.value).startswith("layer.weight: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# validate
+
+
+def test_valid_matrices_pass():
+    mixed_matrix().validate()
+    compressed(40, 33).validate()
+    pack(torch.zeros(0, 5), []).validate()
+    pack(torch.ones(3, 4), [(0, 0, 3, 4, ("zero",))]).validate()
+
+
+def test_mixed_matrix_reconstructs():
+    hm = mixed_matrix(dtype=torch.float64)
+    dense = hm.to_dense(torch.float64)
+    assert dense.shape == (24, 20)
+    assert torch.all(dense[8:16, 12:] == 0)
+
+
+def test_rejects_overlap_hole_and_outside():
+    hm = mixed_matrix()
+    blocks = hm.blocks.clone()
+    blocks[1, 1] -= 1  # shifted left: overlaps block 0, leaves a hole at the right edge
+    rejects(clone(hm, blocks=blocks), "overlap or leave a hole")
+    blocks = hm.blocks.clone()
+    blocks[0, 3] -= 1  # narrower: a hole
+    rejects(clone(hm, blocks=blocks), "a hole")
+    blocks = hm.blocks.clone()
+    blocks[0, 2] += 1  # taller: overlaps the block below
+    rejects(clone(hm, blocks=blocks), "overlap")
+    blocks = hm.blocks.clone()
+    blocks[5, 0] += 1  # the last block sticks out
+    rejects(clone(hm, blocks=blocks), "outside")
+    blocks = hm.blocks.clone()
+    blocks[4, 3] = 0
+    rejects(clone(hm, blocks=blocks), "empty")
+    rejects(clone(hm, blocks=hm.blocks.long()), "int32")
+    rejects(clone(hm, blocks=hm.blocks[:, :4]), "shape")
+
+
+def test_rejects_equal_area_that_does_not_tile():
+    w = torch.ones(4, 4)
+    hm = pack(w, [(0, 0, 2, 4, ("zero",)), (2, 0, 2, 4, ("zero",))])
+    blocks = hm.blocks.clone()
+    blocks[1, 0] = 1  # same total area, overlapping rows 1, a hole at row 3
+    rejects(clone(hm, blocks=blocks), "overlap or leave a hole")
+    # A zero-size matrix has no blocks.
+    rejects(clone(pack(torch.zeros(0, 3), []), blocks=torch.tensor([[0, 0, 1, 1, 0]], dtype=torch.int32)),
+            "no blocks")
+
+
+def segment_with(hm: HMatrix, row: int, column: int, value: int) -> HMatrix:
+    segments = hm.segments.clone()
+    segments[row, column] = value
+    return clone(hm, segments=segments)
+
+
+def test_rejects_bad_segments():
+    hm = mixed_matrix()
+    seg = hm.segments
+    dense = int((seg[:, 1] == 0).nonzero()[0])
+    lowrank = int((seg[:, 1] == 1).nonzero()[0])
+    integer = int((seg[:, 2] == CODEC_ID["i8"]).nonzero()[0])
+    rejects(segment_with(hm, 0, 0, 99), "block out of range")
+    rejects(segment_with(hm, 0, 1, 3), "unknown kind")
+    rejects(segment_with(hm, 0, 2, 9), "unknown codec id 9")
+    rejects(segment_with(hm, 0, 2, -1), "unknown codec id")
+    rejects(segment_with(hm, dense, 3, 1), "dense segment has rank 0")
+    rejects(segment_with(hm, lowrank, 3, 0), "low-rank segment has rank >= 1")
+    rejects(segment_with(hm, lowrank, 4, 10**6), "outside pool")
+    rejects(segment_with(hm, lowrank, 4, -1), "outside pool")
+    rejects(segment_with(hm, integer, 5, 10**6), "scale range")
+    rejects(segment_with(hm, integer, 5, -1), "scale range")
+    rejects(segment_with(hm, lowrank, 5, 0), "must be -1")  # the first low-rank piece is f16
+    # A dense segment and a low-rank one in the same block.
+    rejects(segment_with(hm, lowrank, 0, int(seg[dense, 0])), "only segment")
+    # Two low-rank segments of one block with the same codec.
+    twin = int((seg[:, 0] == seg[lowrank, 0]).nonzero()[1])
+    rejects(segment_with(hm, twin, 2, int(seg[lowrank, 2])), "two segments with codec")
+    rejects(clone(hm, segments=hm.segments[:, :5]), "shape")
+
+
+def test_rejects_bad_pools_scales_and_bitmaps():
+    hm = mixed_matrix()
+    rejects(clone(hm, pools={**hm.pools, "f32": hm.pools["f32"].double()}), "pool.f32 must be")
+    rejects(clone(hm, pools={**hm.pools, "q3": torch.zeros(3)}), "unknown codec 'q3'")
+    rejects(clone(hm, scales={**hm.scales, "f16": torch.zeros(3)}), "floating-point codec")
+    rejects(clone(hm, scales={**hm.scales, "i8": hm.scales["i8"].half()}), "float32")
+    rejects(clone(hm, pools={k: v for k, v in hm.pools.items() if k != "f64"}), "outside pool.f64")
+    masks = hm.row_masks.clone()
+    rejects(clone(hm, row_masks=masks[:-1]), "row bitmaps hold")
+    masks[0] |= 2  # a third row in the first rows segment
+    rejects(clone(hm, row_masks=masks), "bits set")
+    masks = hm.row_masks.clone()
+    masks[1] = masks[0]  # the bf16 rows segment stores the i4 one's rows
+    rejects(clone(hm, row_masks=masks), "both store row")
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 16), nn.LayerNorm(16),
+                          nn.Linear(16, 8, bias=False))
+    path = tmp_path / "m.hm.safetensors"
+    hms = write_model_file(path, model, {"0.weight", "2.weight", "4.weight"})
+    return model, path, hms
+
+
+def test_read_file_round_trip(model_file):
+    model, path, hms = model_file
+    cf = read_file(path)
+    assert set(cf.matrices) == set(hms)
+    for name, hm in hms.items():
+        assert torch.equal(cf.matrices[name].to_dense(), hm.to_dense())
+        assert cf.matrices[name].dtype == torch.float32
+        assert cf.metadata["matrices"][name]["prefix"] == name + ".hm."
+    assert cf.metadata["format"] == "hmcompress" and cf.metadata["version"] == 1
+    assert cf.metadata["extra"] == {"epoch": 3}
+    assert set(cf.passthrough) == {"0.bias", "2.bias", "3.weight", "3.bias"}
+    assert cf.metadata["passthrough"]["3.weight"] == "not selected"
+
+
+def test_mixed_matrix_file_round_trip(tmp_path):
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        hm = mixed_matrix(dtype=dtype)
+        path = tmp_path / f"{dtype}.safetensors"
+        write_compressed(path, {"w": (hm, {"orig_shape": [24, 5, 4], "stats": {}})}, {}, HEADER)
+        back = read_file(path).matrices["w"]
+        assert back.dtype == dtype
+        assert torch.equal(back.to_dense(torch.float64), hm.to_dense(torch.float64))
+        state = load_state_dict(path)
+        assert state["w"].shape == (24, 5, 4) and state["w"].dtype == dtype
+        assert torch.equal(state["w"].reshape(24, 20), hm.to_dense())
+
+
+def test_load_state_dict_into_model(model_file):
+    model, path, hms = model_file
+    fresh = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 16), nn.LayerNorm(16),
+                          nn.Linear(16, 8, bias=False))
+    fresh.load_state_dict(load_state_dict(path))  # strict
+    assert torch.equal(fresh[0].weight, hms["0.weight"].to_dense())
+    assert torch.equal(fresh[3].weight, model[3].weight)
+    x = torch.randn(5, 24)
+    assert torch.allclose(fresh(x), model(x), atol=0.1)
+
+
+def raw_file(path: pathlib.Path, header: dict, data: bytes = b"") -> pathlib.Path:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+def rewrite_metadata(src: pathlib.Path, dst: pathlib.Path, change, extra_tensors=None) -> pathlib.Path:
+    """Copy a compressed file with its metadata changed (and optionally more tensors)."""
+    from safetensors import safe_open
+
+    with safe_open(str(src), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["hmcompress"])
+    change(meta)
+    tensors.update(extra_tensors or {})
+    save_file(tensors, str(dst), metadata={"hmcompress": json.dumps(meta)})
+    return dst
+
+
+def test_read_file_rejects_bad_headers(tmp_path, model_file):
+    _model, good, _hms = model_file
+
+    def fails(path, words):
+        with pytest.raises(FormatError, match=words) as info:
+            read_file(path)
+        assert str(path) in str(info.value)
+
+    fails(rewrite_metadata(good, tmp_path / "v.st", lambda m: m.update(version=2)), "version 2")
+    fails(rewrite_metadata(good, tmp_path / "f.st", lambda m: m.update(format="other")), "format")
+    save_file({"a": torch.ones(2)}, str(tmp_path / "plain.st"))
+    fails(tmp_path / "plain.st", "no hmcompress metadata")
+    fails(rewrite_metadata(good, tmp_path / "u.st", lambda m: None, {"stray": torch.ones(2)}),
+          "'stray' is not explained")
+    fails(rewrite_metadata(good, tmp_path / "missing.st", lambda m: m["passthrough"].update(ghost="x")),
+          "'ghost' is missing")
+    fails(rewrite_metadata(good, tmp_path / "shape.st",
+                           lambda m: m["matrices"]["0.weight"].update(orig_shape=[3, 3])), "orig_shape")
+    fails(rewrite_metadata(good, tmp_path / "dtype.st",
+                           lambda m: None, {"0.weight.hm.pool.i4": torch.zeros(4)}), "0.weight.hm.pool.i4")
+    data = good.read_bytes()
+    (tmp_path / "long.st").write_bytes(struct.pack("<Q", len(data)) + data[8:])
+    fails(tmp_path / "long.st", "runs past the end")
+    (tmp_path / "huge.st").write_bytes(struct.pack("<Q", 2**62) + data[8:])
+    fails(tmp_path / "huge.st", "absurd")
+    (tmp_path / "short.st").write_bytes(b"abc")
+    fails(tmp_path / "short.st", "too short")
+    (tmp_path / "latin.st").write_bytes(struct.pack("<Q", 4) + b"\xff\xfe{}")
+    fails(tmp_path / "latin.st", "not UTF-8")
+    fails(raw_file(tmp_path / "empty.st", {}), "no hmcompress metadata")
+    fails(raw_file(tmp_path / "badmeta.st", {"__metadata__": {"hmcompress": "{"}}), "not valid JSON")
+    (tmp_path / "garbage.st").write_bytes(struct.pack("<Q", 3) + b"{x]")
+    fails(tmp_path / "garbage.st", "header is not valid JSON")
+
+
+def test_read_file_names_the_broken_tensor(tmp_path):
+    hm = mixed_matrix()
+    blocks = hm.blocks.clone()
+    blocks[0, 3] -= 1
+    broken = clone(hm, blocks=blocks)
+    path = tmp_path / "b.st"
+    tensors = {"enc.w.hm.blocks": broken.blocks, "enc.w.hm.segments": broken.segments,
+               "enc.w.hm.rows": broken.row_masks,
+               **{f"enc.w.hm.pool.{c}": p for c, p in broken.pools.items()},
+               **{f"enc.w.hm.scale.{c}": s for c, s in broken.scales.items()}}
+    meta = {"format": "hmcompress", "version": 1, "passthrough": {},
+            "matrices": {"enc.w": {"shape": [24, 20], "orig_shape": [24, 20], "dtype": "float32",
+                                   "prefix": "enc.w.hm.", "stats": {}}}}
+    save_file(tensors, str(path), metadata={"hmcompress": json.dumps(meta)})
+    with pytest.raises(FormatError, match=r"b\.st: enc\.w: blocks cover"):
+        read_file(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# HLinear and patch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("make", [mixed_matrix, lambda: compressed(45, 37, tol=1e-3)])
+def test_hlinear_matches_dense(dtype, make):
+    hm = make()
+    m, n = hm.shape
+    bias = torch.randn(m)
+    layer = HLinear(hm, bias, dtype=dtype)
+    dense = hm.to_dense(torch.float64)
+    tol = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 0.1}[dtype]
+    for shape in [(5, n), (2, 3, n), (n,)]:
+        x = torch.randn(shape).to(dtype)
+        y = layer(x)
+        assert y.shape == (*shape[:-1], m) and y.dtype == dtype
+        ref = x.double() @ dense.T + bias.to(dtype).double()
+        scale = ref.abs().max().item() + 1
+        assert (y.double() - ref).abs().max().item() <= tol * scale
+    assert "blocks=" in repr(layer) and "bytes=" in repr(layer)
+    assert layer.groups < hm.segments.shape[0] or hm.segments.shape[0] <= 6
+
+
+def test_hlinear_gradients_and_to():
+    hm = compressed(30, 20, tol=1e-3)
+    layer = HLinear(hm, torch.randn(30))
+    x = torch.randn(4, 20, requires_grad=True)
+    layer(x).sum().backward()
+    expected = torch.ones(4, 30) @ hm.to_dense(torch.float32)
+    assert torch.allclose(x.grad, expected, atol=1e-4)
+    assert layer.bias.grad is not None
+    double = layer.to(torch.float64)
+    x64 = torch.randn(3, 20, dtype=torch.float64)
+    assert torch.allclose(double(x64), x64 @ hm.to_dense(torch.float64).T + double.bias, atol=1e-10)
+    assert layer.state_dict().keys() == {"bias"}
+
+
+def test_hlinear_zero_size_and_zero_blocks():
+    layer = HLinear(pack(torch.zeros(3, 0), []))
+    assert torch.equal(layer(torch.zeros(2, 0)), torch.zeros(2, 3))
+    layer = HLinear(pack(torch.ones(3, 4), [(0, 0, 3, 4, ("zero",))]), torch.ones(3))
+    assert torch.equal(layer(torch.randn(2, 4)), torch.ones(2, 3))
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 16), nn.LayerNorm(16),
+                         nn.Linear(16, 8, bias=False))
+
+
+def test_patch_replaces_linears(model_file):
+    _model, path, hms = model_file
+    model = make_model()
+    replaced = patch(model, path)
+    assert replaced == ["0", "2", "4"]
+    assert isinstance(model[0], HLinear) and isinstance(model[4], HLinear) and model[4].bias is None
+    reference = make_model()
+    reference.load_state_dict(load_state_dict(path))
+    x = torch.randn(2, 3, 24)
+    assert torch.allclose(model(x), reference(x), atol=1e-5)
+    dense_model = make_model()
+    assert patch(dense_model, path, mode="dense") == []
+    assert torch.allclose(dense_model(x), reference(x))
+
+
+def test_patch_checks_keys_and_keeps_missing_bias(tmp_path):
+    model = make_model()
+    state = model.state_dict()
+    del state["0.bias"]
+    path = tmp_path / "nobias.safetensors"
+    hm = compress_matrix(state["0.weight"], CompressionOptions(tol=1e-2, leaf=4)).hmatrix
+    write_compressed(path, {"0.weight": (hm, {"orig_shape": [40, 24], "stats": {}})},
+                     {k: (v, "kept") for k, v in state.items() if k != "0.weight"}, HEADER)
+    target = make_model()
+    with torch.no_grad():
+        target[0].bias.fill_(0.5)
+    assert patch(target, path) == ["0"]
+    assert torch.all(target[0].bias == 0.5)
+    with pytest.raises(RuntimeError, match="missing keys"):
+        patch(nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 16), nn.LayerNorm(16),
+                            nn.Linear(16, 8, bias=True)), path)
+    with pytest.raises(RuntimeError, match="unexpected keys"):
+        patch(nn.Sequential(nn.Linear(24, 40)), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# standalone
+
+
+def test_runtime_imports_only_torch_safetensors_and_stdlib():
+    import sys
+
+    tree = ast.parse(pathlib.Path(runtime.__file__).read_text())
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative import in runtime.py"
+            roots.add(node.module.split(".")[0])
+    allowed = {"torch", "safetensors"} | set(sys.stdlib_module_names)
+    assert roots <= allowed, roots - allowed
