@@ -194,6 +194,8 @@ def _validate(hm: HMatrix, name: str) -> None:
     if len(shape) != 2 or not all(isinstance(d, int) and d >= 0 for d in shape):
         fail(f"shape must be two non-negative integers, got {hm.shape!r}")
     m, n = shape
+    if m >= 2**31 or n >= 2**31:
+        fail(f"shape {m}x{n} does not fit the int32 block table")
     if hm.dtype not in DTYPE_NAMES:
         fail(f"unsupported dtype {hm.dtype}")
     _check_table(hm.blocks, BLOCK_COLUMNS, "block", fail)
@@ -224,7 +226,10 @@ def _validate(hm: HMatrix, name: str) -> None:
         if bool(bad.any()):
             i = _first(bad)
             fail(f"block {i} {tuple(blocks[i].tolist())} is empty or lies outside the {m}x{n} matrix")
-    area = int((h * w).sum()) if count else 0
+    areas = h * w
+    if count and float(areas.double().sum()) > 2.0**62:  # the int64 sum below could wrap
+        fail(f"blocks cover more than the {m}x{n} matrix (overlap)")
+    area = int(areas.sum()) if count else 0
     if area != m * n:
         problem = "overlap" if area > m * n else "a hole"
         fail(f"blocks cover {area} elements, the {m}x{n} matrix has {m * n} ({problem})")

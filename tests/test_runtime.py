@@ -9,6 +9,8 @@ import struct
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 
@@ -358,3 +360,47 @@ def test_runtime_imports_only_torch_safetensors_and_stdlib():
             roots.add(node.module.split(".")[0])
     allowed = {"torch", "safetensors"} | set(sys.stdlib_module_names)
     assert roots <= allowed, roots - allowed
+
+
+# ---------------------------------------------------------------------------------------------
+# properties
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(1, 40), n=st.integers(1, 40), tol=st.sampled_from([0.0, 1e-3, 0.05, 0.5]),
+       precision=st.sampled_from(["auto", "keep"]), leaf=st.sampled_from([2, 4, 8]), seed=st.integers(0, 99))
+def test_hlinear_and_validate_on_library_matrices(m, n, tol, precision, leaf, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, 3, generator=gen) @ torch.randn(3, n, generator=gen) + 0.01 * torch.randn(m, n, generator=gen)
+    hm = compress_matrix(w, CompressionOptions(tol=tol, precision=precision, leaf=leaf)).hmatrix
+    hm.validate()
+    layer = HLinear(hm, dtype=torch.float64)
+    x = torch.randn(3, n, dtype=torch.float64, generator=gen)
+    assert torch.allclose(layer(x), x @ hm.to_dense(torch.float64).T, atol=1e-9)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_corrupted_files_fail_cleanly(tmp_path_factory, data):
+    """Flipping bytes anywhere gives a FormatError or a file that still validates, nothing else."""
+    directory = tmp_path_factory.mktemp("corrupt")
+    good = directory / "good.st"
+    if not good.exists():
+        write_compressed(good, {"w": (mixed_matrix(), {"orig_shape": [24, 20], "stats": {}})},
+                         {"b": (torch.ones(3), "1-D")}, HEADER)
+    raw = bytearray(good.read_bytes())
+    header_end = 8 + struct.unpack("<Q", raw[:8])[0]
+    for _ in range(data.draw(st.integers(1, 4))):
+        where = data.draw(st.integers(0, len(raw) - 1) | st.integers(0, header_end - 1))
+        raw[where] = data.draw(st.integers(0, 255))
+    bad = directory / "bad.st"
+    bad.write_bytes(bytes(raw))
+    try:
+        cf = read_file(bad)
+    except FormatError as err:
+        assert str(bad) in str(err)
+    else:
+        for hm in cf.matrices.values():
+            hm.to_dense()
+            HLinear(hm)(torch.ones(hm.shape[1]))
