@@ -47,7 +47,7 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
 
 def compress_with_bounds(w: torch.Tensor, options: CompressionOptions) -> None:
     result = compress_matrix(w, options)
-    compute_bounds(w, result.dense, result.error, result.root_sigma, torch.float64)
+    compute_bounds(w, result.dense, result.error, result.root_sigma)
 
 
 def bench_compression_time(rows: list[list[str]], n: int, repeats: int) -> None:

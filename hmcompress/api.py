@@ -94,7 +94,7 @@ def totals(layers: list[LayerStats]) -> dict:
 def layer_stats(name: str, original: torch.Tensor, hm: HMatrix, stored: torch.Tensor, error: float,
                 budget: float, sigma, options: CompressionOptions, strategy: str) -> LayerStats:
     """Measure a compressed matrix: structure, bytes, errors and bounds."""
-    bounds = compute_bounds(as_matrix(original), stored, error, sigma, torch.float64)
+    bounds = compute_bounds(as_matrix(original), stored, error, sigma)
     segments = hm.segments.tolist()
     dense_blocks = {s[0] for s in segments if s[1] == 0}
     ranks: dict[int, int] = {}

@@ -32,9 +32,14 @@ class Bounds:
     kappa_h_paper: float | None  # the paper's Theorem 1(c), for comparison (not a bound)
 
 
+def working_unit(dtype: torch.dtype) -> float:
+    """Unit roundoff of the arithmetic used for a matrix of ``dtype`` (float64, else float32)."""
+    return UNIT_ROUNDOFF["f64" if dtype == torch.float64 else "f32"]
+
+
 def rounding_margin(shape: tuple[int, int], dtype: torch.dtype, scale: float) -> float:
-    """Absolute error allowance for singular values of magnitude <= ``scale`` computed in ``dtype``."""
-    unit = UNIT_ROUNDOFF["f64" if dtype == torch.float64 else "f32"]
+    """Absolute error allowance for singular values of magnitude <= ``scale`` computed for ``dtype``."""
+    unit = working_unit(dtype)
     return 4 * max(shape) * unit * scale
 
 
@@ -51,9 +56,12 @@ def spectral_norm_bound(residual: torch.Tensor) -> tuple[float, str]:
     return min(bound, fro), "svd"
 
 
-def compute_bounds(original: torch.Tensor, stored: torch.Tensor, error: float,
-                   sigma: np.ndarray, sigma_dtype: torch.dtype) -> Bounds:
-    """Bounds for W (original) approximated by H (stored, float64); ``sigma`` = computed sigma(W)."""
+def compute_bounds(original: torch.Tensor, stored: torch.Tensor, error: float, sigma: np.ndarray) -> Bounds:
+    """Bounds for W (original) approximated by H (stored, float64).
+
+    ``sigma`` are the singular values of W as the builder computed them, in the working precision
+    of W's dtype (float64 for float64, else float32).
+    """
     w = original.double()
     norm = float(torch.linalg.matrix_norm(w)) if w.numel() else 0.0
     rel = error / norm if norm > 0 else (0.0 if error == 0 else math.inf)
@@ -61,7 +69,7 @@ def compute_bounds(original: torch.Tensor, stored: torch.Tensor, error: float,
     e2 = min(max(e2, 0.0), error) if method == "svd" else error
     if len(sigma) == 0:
         return Bounds(error, rel, e2, method, 0.0, 0.0, None, None, None)
-    margin = rounding_margin(tuple(w.shape), sigma_dtype, float(sigma[0]))
+    margin = rounding_margin(tuple(w.shape), original.dtype, float(sigma[0]))
     s_max = float(sigma[0]) + margin
     s_min = max(float(sigma[-1]) - margin, 0.0)
     kappa_w = float(sigma[0] / sigma[-1]) if sigma[-1] > 0 else None

@@ -191,7 +191,7 @@ def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...]) -> Candid
     spectra, factor_err, row_norms, row_err = {}, {}, {}, {}
     for level in range(tree.depth):
         for ids, blocks in block_batches(work, tree, tree.nodes_of_level(level)):
-            sigma, errs = _spectrum_and_errors(blocks, codecs, measured, exact_sigma=level == 0)
+            sigma, errs = _spectrum_and_errors(blocks, codecs, measured)
             if measured:
                 per_row = torch.stack([torch.zeros(blocks.shape[:2], dtype=torch.float64)]
                                       + [row_errors(codec, blocks) for codec in codecs[1:]])
@@ -210,22 +210,15 @@ def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...]) -> Candid
                       spectra[0].sqrt().numpy())
 
 
-def _spectrum_and_errors(blocks: torch.Tensor, codecs: tuple[str, ...], measured: bool,
-                         exact_sigma: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Singular values (float64, descending) and per-codec factor errors (P, k, r) of a stack.
-
-    ``exact_sigma`` computes the singular values in float64 (the root's: they give sigma_min and
-    kappa, which must be accurate even for ill-conditioned matrices).
-    """
+def _spectrum_and_errors(blocks: torch.Tensor, codecs: tuple[str, ...],
+                         measured: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (as float64, descending) and per-codec factor errors (P, k, r) of a stack."""
     if measured:
         u, s, vh = torch.linalg.svd(blocks, full_matrices=False)
-        sigma = torch.linalg.svdvals(blocks.double()) if exact_sigma else s.double()
-        errs = torch.stack([triplet_errors(codec, u, s, vh) for codec in codecs])
-    else:
-        sigma = torch.linalg.svdvals(blocks.double() if exact_sigma else blocks).double()
-        bound = 2 * UNIT_ROUNDOFF[codecs[0]] ** 2 * sigma.square() * (1 + 1e-6)
-        errs = bound.unsqueeze(0)
-    return sigma, errs
+        return s.double(), torch.stack([triplet_errors(codec, u, s, vh) for codec in codecs])
+    sigma = torch.linalg.svdvals(blocks).double()
+    bound = 2 * UNIT_ROUNDOFF[codecs[0]] ** 2 * sigma.square() * (1 + 1e-6)
+    return sigma, bound.unsqueeze(0)
 
 
 def _row_bytes(codec: str, lengths: np.ndarray) -> np.ndarray:

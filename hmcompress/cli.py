@@ -72,9 +72,10 @@ def compress(
         raise UserError("-o/--output takes one input; use --out-dir for several")
     options = CompressionOptions(tol=tol, absolute=absolute, strategy=strategy, precision=precision, leaf=leaf)
     selection = Selection(min_size=min_size, include=tuple(include), exclude=tuple(exclude), conv=conv)
+    targets = [output or api.default_output(model, out_dir) for model in models]
+    _refuse_duplicate_outputs(models, targets)
     results = []
-    for model in models:
-        target = output or (api.default_output(model, out_dir) if out_dir else None)
+    for model, target in zip(models, targets):
         with _progress(not quiet, str(model)) as progress:
             result = api.compress_checkpoint(model, target, options, selection, overwrite=force,
                                              progress=progress)
@@ -85,6 +86,16 @@ def compress(
         payload = [{"ok": True, "source": str(r.source), "output": str(r.output), "options": r.options,
                     "layers": [s.to_json() for s in r.layers], "totals": r.totals()} for r in results]
         stdout.print_json(report.to_json(payload if len(payload) > 1 else payload[0]))
+
+
+def _refuse_duplicate_outputs(models: list[pathlib.Path], targets: list[pathlib.Path]) -> None:
+    """Two inputs may not write the same output (e.g. model.pt and model.safetensors)."""
+    seen: dict[pathlib.Path, pathlib.Path] = {}
+    for model, target in zip(models, targets):
+        key = target.resolve()
+        if key in seen:
+            raise UserError(f"{model}: would write {target}, as {seen[key]} does; compress them separately")
+        seen[key] = model
 
 
 @app.command("report")

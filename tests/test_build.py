@@ -80,7 +80,7 @@ def test_measured_error_within_budget_and_stats_true(kind, m, n, rank, tol, prec
 def test_kappa_bound_holds(kind, m, n, tol, seed):
     w = structured(kind, m, n, 3, seed).double()
     result = compress_matrix(w, CompressionOptions(tol=tol, leaf=4))
-    bounds = compute_bounds(w, result.dense, result.error, result.root_sigma, torch.float64)
+    bounds = compute_bounds(w, result.dense, result.error, result.root_sigma)
     residual_sv = torch.linalg.svdvals(w - result.dense)
     assert float(residual_sv[0]) <= bounds.spectral_error * (1 + 1e-12) + 1e-300
     s_h = torch.linalg.svdvals(result.dense)
