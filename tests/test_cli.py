@@ -1,0 +1,194 @@
+"""The command line as a user meets it: subprocesses, exit codes, stdout/stderr, files."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "checkpoints"
+
+
+def run(*args: str, cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hmcompress", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> pathlib.Path:
+    """A small two-layer model with weights of a realistic spectrum, plus non-compressible tensors."""
+    gen = torch.Generator().manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "mlp.pt"
+    u, _ = torch.linalg.qr(torch.randn(192, 128, generator=gen))
+    state = {
+        "model": {
+            "fc1.weight": (u * torch.logspace(0, -2, 128)) @ torch.randn(128, 128, generator=gen) / 10,
+            "fc1.bias": torch.randn(192, generator=gen),
+            "fc2.weight": torch.randn(96, 192, generator=gen) * 0.05,
+            "steps": torch.tensor(3),
+        },
+        "epoch": 7,
+    }
+    torch.save(state, path)
+    return path
+
+
+def test_compress_report_verify_decompress_round_trip(model, tmp_path):
+    out = tmp_path / "mlp.hm.safetensors"
+    done = run("compress", str(model), "--tol", "1e-2", "-o", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout)
+    assert payload["ok"] is True
+    layers = {layer["name"]: layer for layer in payload["layers"]}
+    assert layers["model.fc1.weight"]["compressed"] and layers["model.fc2.weight"]["compressed"]
+    assert not layers["model.fc1.bias"]["compressed"]
+    assert layers["model.steps"]["reason"] == "not floating point"
+    for name in ("model.fc1.weight", "model.fc2.weight"):
+        assert layers[name]["rel_error"] <= 1e-2
+    assert (tmp_path / "hmruntime.py").read_bytes() == (ROOT / "hmcompress" / "runtime.py").read_bytes()
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+    report = run("report", str(out), "--json")
+    assert report.returncode == 0, report.stderr
+    assert {l["name"] for l in json.loads(report.stdout)["layers"]} == set(layers)
+    table = run("report", str(out))
+    assert "model.fc1.weight" in table.stdout and "ratio" in table.stdout
+    md = run("report", str(out), "--markdown")
+    assert md.stdout.startswith("### ") and "| model.fc2.weight |" in md.stdout
+
+    verify = run("verify", str(out), "--original", str(model))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+    dense = tmp_path / "dense.safetensors"
+    assert run("decompress", str(out), "-o", str(dense)).returncode == 0
+    from safetensors.torch import load_file
+    restored = load_file(dense)
+    original = torch.load(model, weights_only=True)["model"]
+    for name in ("fc1.weight", "fc2.weight"):
+        w, h = original[name].double(), restored["model." + name].double()
+        assert float((w - h).norm() / w.norm()) <= 1e-2
+    assert torch.equal(restored["model.fc1.bias"], original["fc1.bias"])
+
+
+def test_runtime_shim_works_without_hmcompress(model, tmp_path):
+    out = tmp_path / "m.hm.safetensors"
+    assert run("compress", str(model), "-o", str(out), "--quiet").returncode == 0
+    script = (
+        "import sys; sys.modules['hmcompress'] = None\n"
+        "import torch, hmruntime\n"
+        "sd = hmruntime.load_state_dict('m.hm.safetensors')\n"
+        "orig = torch.load(sys.argv[1], weights_only=True)['model']\n"
+        "for n in ('fc1.weight', 'fc2.weight'):\n"
+        "    w = orig[n].double(); h = sd['model.' + n].double()\n"
+        "    assert float((w - h).norm() / w.norm()) <= 1e-2, n\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(model)], cwd=tmp_path, capture_output=True,
+                          text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_output_is_byte_identical_across_runs(model, tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for out in (a, b):
+        assert run("compress", str(model), "-o", str(out), "--quiet").returncode == 0
+    assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
+
+
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path):
+    missing = tmp_path / "nope.pt"
+    done = run("compress", str(missing), "-o", str(tmp_path / "x.safetensors"))
+    assert done.returncode == 2
+    assert str(missing) in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 5)
+    done = run("compress", str(garbage), "-o", str(tmp_path / "y.safetensors"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.safetensors"]
+
+
+def test_nan_weights_are_refused(tmp_path):
+    path = tmp_path / "nan.safetensors"
+    w = torch.randn(64, 64)
+    w[3, 4] = float("nan")
+    save_file({"layer.weight": w}, path)
+    done = run("compress", str(path))
+    assert done.returncode == 2 and "layer.weight" in done.stderr
+    assert not (tmp_path / "nan.hm.safetensors").exists()
+
+
+def test_refuses_to_overwrite_without_force(model, tmp_path):
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"keep me")
+    done = run("compress", str(model), "-o", str(out))
+    assert done.returncode == 2 and "--force" in done.stderr
+    assert out.read_bytes() == b"keep me"
+    assert run("compress", str(model), "-o", str(out), "--force", "--quiet").returncode == 0
+
+
+def test_verify_fails_with_exit_1_against_another_model(model, tmp_path):
+    out = tmp_path / "m.hm.safetensors"
+    assert run("compress", str(model), "-o", str(out), "--quiet").returncode == 0
+    state = torch.load(model, weights_only=True)
+    state["model"]["fc2.weight"] = state["model"]["fc2.weight"] + 0.1
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    done = run("verify", str(out), "--original", str(other), "--json")
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["ok"] is False
+
+
+def test_inspect_lists_what_would_be_compressed(model):
+    done = run("inspect", str(model), "--json")
+    assert done.returncode == 0, done.stderr
+    rows = {r["name"]: r for r in json.loads(done.stdout)["tensors"]}
+    assert rows["model.fc1.weight"]["compress"] and not rows["model.fc1.bias"]["compress"]
+
+
+def test_usage_errors_exit_2():
+    assert run("compress").returncode == 2
+    assert run("compress", "x.pt", "--strategy", "bogus").returncode == 2
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared checkpoints not present")
+def test_every_shared_checkpoint_compresses_within_tolerance(tmp_path):
+    files = sorted(p for p in SHARED.glob("*/*") if p.suffix in {".pt", ".pth", ".tar", ".safetensors", ".npz", ".jit"})
+    assert files
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for path in files:
+        out = out_dir / f"{path.parent.name}-{path.name}.hm.safetensors"
+        done = run("compress", str(path), "--tol", "1e-2", "-o", str(out), "--json", "--quiet")
+        assert done.returncode == 0, done.stderr
+        payload = json.loads(done.stdout)
+        for layer in payload["layers"]:
+            if layer["compressed"]:
+                assert layer["rel_error"] <= 1e-2, (path, layer["name"])
+    script = (
+        "import json, sys, torch, hmruntime\n"
+        "from safetensors import safe_open\n"
+        "for path in sys.argv[1:]:\n"
+        "    meta = hmruntime.read_file(path).metadata\n"
+        "    sd = hmruntime.load_state_dict(path)\n"
+        "    for name, info in meta['matrices'].items():\n"
+        "        assert sd[name].shape == tuple(info['orig_shape'])\n"
+        "print('ok')\n"
+    )
+    outputs = sorted(str(p) for p in out_dir.glob("*.hm.safetensors"))
+    assert len(outputs) == len(files)
+    check = subprocess.run([sys.executable, "-c", script, *outputs], cwd=out_dir, capture_output=True, text=True)
+    assert check.stdout.strip() == "ok", check.stderr
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
