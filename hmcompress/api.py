@@ -15,7 +15,7 @@ from .bounds import compute_bounds
 from .build import CompressionOptions, compress_matrix, measured_error
 from .checkpoint import Checkpoint, Selection, as_matrix, classify, open_checkpoint
 from .errors import UserError
-from .runtime import FORMAT_VERSION, HMatrix, dense_nbytes, read_file
+from .runtime import DENSE, FORMAT_VERSION, LOWRANK, ROWS, HMatrix, dense_nbytes, read_file
 from .writer import write_compressed, write_runtime_shim
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
@@ -32,7 +32,8 @@ class LayerStats:
     bytes_after: int
     compressed: bool
     reason: str = ""  # why it passed through
-    blocks_lowrank: int = 0
+    blocks_lowrank: int = 0  # low-rank leaves (zero blocks included)
+    blocks_rows: int = 0  # leaves stored row by row, each row in its own precision
     blocks_dense: int = 0
     max_rank: int = 0
     mean_rank: float = 0.0
@@ -96,23 +97,24 @@ def layer_stats(name: str, original: torch.Tensor, hm: HMatrix, stored: torch.Te
     """Measure a compressed matrix: structure, bytes, errors and bounds."""
     bounds = compute_bounds(as_matrix(original), stored, error, sigma)
     segments = hm.segments.tolist()
-    dense_blocks = {s[0] for s in segments if s[1] == 0}
+    dense_blocks = {s[0] for s in segments if s[1] == DENSE}
+    rows_blocks = {s[0] for s in segments if s[1] == ROWS}
+    lowrank_blocks = hm.blocks.shape[0] - len(dense_blocks) - len(rows_blocks)  # zero blocks too
     ranks: dict[int, int] = {}
     codec_bytes: dict[str, int] = {}
-    for block, kind, codec, rank, _off, _soff in segments:
-        if kind == 1:
+    for block, kind, _codec, rank, _off, _soff in segments:
+        if kind == LOWRANK:
             ranks[block] = ranks.get(block, 0) + rank
     for codec, pool in hm.pools.items():
         codec_bytes[codec] = pool.numel() * pool.element_size()
         if codec in hm.scales:
             codec_bytes[codec] += hm.scales[codec].numel() * 4
-    n_blocks = hm.blocks.shape[0]
     return LayerStats(
         name=name, shape=list(original.shape), dtype=str(original.dtype).removeprefix("torch."),
         bytes_before=dense_nbytes(tuple(original.shape), original.dtype), bytes_after=hm.nbytes,
-        compressed=True, blocks_lowrank=n_blocks - len(dense_blocks), blocks_dense=len(dense_blocks),
-        max_rank=max(ranks.values(), default=0),
-        mean_rank=round(sum(ranks.values()) / max(n_blocks - len(dense_blocks), 1), 3),
+        compressed=True, blocks_lowrank=lowrank_blocks, blocks_rows=len(rows_blocks),
+        blocks_dense=len(dense_blocks), max_rank=max(ranks.values(), default=0),
+        mean_rank=round(sum(ranks.values()) / max(lowrank_blocks, 1), 3),
         codecs=dict(sorted(codec_bytes.items())), tol=options.tol, budget=budget,
         fro_error=bounds.fro_error, rel_error=bounds.rel_fro_error,
         spectral_error=bounds.spectral_error, spectral_method=bounds.spectral_method,

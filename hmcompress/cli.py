@@ -20,7 +20,8 @@ from .errors import USER_ERRORS, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Error-bounded hierarchical-matrix compression of checkpoints.")
-stdout = Console()
+# Not on a terminal (pipes, CI logs) the table keeps its width instead of wrapping at 80 columns.
+stdout = Console(width=None if sys.stdout.isatty() else 240)
 stderr = Console(stderr=True)
 _debug = {"on": False}
 

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from .api import LayerStats, totals
 
-COLUMNS = ("layer", "shape", "blocks lr/dense", "rank max/mean", "codecs", "bytes before",
+COLUMNS = ("layer", "shape", "blocks lr/rows/dense", "rank max/mean", "codecs", "bytes before",
            "bytes after", "ratio", "rel err", "||W-H||_2", "kappa(W)", "kappa(H) <=")
 
 
@@ -30,21 +30,32 @@ def _bytes(n: int) -> str:
 
 
 def rows(layers: list[LayerStats]) -> list[list[str]]:
-    """One list of cells per layer, in COLUMNS order."""
+    """One list of cells per compressed layer, in COLUMNS order."""
     out = []
     for s in layers:
-        shape = "x".join(map(str, s.shape))
         if not s.compressed:
-            out.append([s.name, shape, "-", "-", f"passthrough: {s.reason}", _bytes(s.bytes_before),
-                        _bytes(s.bytes_after), "1", "-", "-", "-", "-"])
             continue
+        shape = "x".join(map(str, s.shape))
         spectral = _num(s.spectral_error) + ("" if s.spectral_method == "svd" else " (F)")
         out.append([
-            s.name, shape, f"{s.blocks_lowrank}/{s.blocks_dense}", f"{s.max_rank}/{s.mean_rank:.1f}",
+            s.name, shape, f"{s.blocks_lowrank}/{s.blocks_rows}/{s.blocks_dense}", f"{s.max_rank}/{s.mean_rank:.1f}",
             ",".join(s.codecs) or "-", _bytes(s.bytes_before), _bytes(s.bytes_after),
             _num(s.ratio), f"{s.rel_error:.2e}", spectral, _num(s.kappa_w), _num(s.kappa_h_bound),
         ])
     return out
+
+
+def passthrough_line(layers: list[LayerStats]) -> str:
+    """Tensors left as they were, counted by reason (the JSON lists each one)."""
+    reasons: dict[str, list[LayerStats]] = {}
+    for s in layers:
+        if not s.compressed:
+            reasons.setdefault(s.reason, []).append(s)
+    if not reasons:
+        return "passthrough: none"
+    parts = [f"{len(group)} {reason} ({_bytes(sum(s.bytes_before for s in group))})"
+             for reason, group in sorted(reasons.items())]
+    return "passthrough: " + "; ".join(parts)
 
 
 def total_line(layers: list[LayerStats]) -> str:
@@ -63,7 +74,8 @@ def print_table(layers: list[LayerStats], console: Console, title: str = "") -> 
     for cells in rows(layers):
         table.add_row(*cells)
     console.print(table)
-    console.print(total_line(layers))
+    console.print(passthrough_line(layers), markup=False, highlight=False)
+    console.print(total_line(layers), markup=False, highlight=False)
     console.print("||W-H||_2 is exact (SVD of the residual, rounding margin included); (F) marks "
                   "the Frobenius error used as an upper bound. kappa(H) <= (s_max+e2)/(s_min-e2) (Weyl).")
 
@@ -74,7 +86,7 @@ def markdown(layers: list[LayerStats], title: str = "") -> str:
     lines.append("|" + "---|" * len(COLUMNS))
     for cells in rows(layers):
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    lines += ["", total_line(layers), ""]
+    lines += ["", passthrough_line(layers), "", total_line(layers), ""]
     return "\n".join(lines)
 
 
