@@ -105,9 +105,16 @@ def report_cmd(
     original: Optional[pathlib.Path] = typer.Option(None, help="Also re-measure against the original."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table."),
+    html_out: Optional[pathlib.Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page "
+                                                    "(table and pictures)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing HTML page."),
 ) -> None:
     """Per-layer errors, bounds and compression ratios stored in a compressed file."""
+    if html_out:
+        _check_picture_outputs(None, html_out, force)
     meta, layers = api.stats_from_file(file)
+    if html_out:
+        _write_report_page(file, meta, layers, html_out, force)
     checks = api.verify(file, original) if original else []
     if json_out:
         payload = {"ok": all(c.ok for c in checks), "file": str(file), "options": meta.get("options", {}),
@@ -120,6 +127,16 @@ def report_cmd(
     else:
         report.print_table(layers, stdout, title=str(file))
     _print_checks(checks, json_out)
+
+
+def _write_report_page(file: pathlib.Path, meta: dict, layers: list, html_out: pathlib.Path, force: bool) -> None:
+    from .runtime import read_file
+
+    matrices = read_file(file).matrices
+    stats = {name: info["stats"] for name, info in meta["matrices"].items()}
+    relative = not meta.get("options", {}).get("absolute", False)
+    _write_pictures(None, html_out, force, lambda plots: plots.file_pictures(matrices, stats, relative),
+                    lambda pages, pictures: pages.file_page(file.name, meta.get("options", {}), layers, pictures))
 
 
 @app.command("verify")
@@ -145,6 +162,94 @@ def _print_checks(checks: list, quiet: bool) -> None:
     if failed:
         stderr.print(f"hmcompress: {len(failed)} matrices exceed their recorded error bound", markup=False)
         raise typer.Exit(1)
+
+
+@app.command("compare")
+def compare_cmd(
+    model: pathlib.Path = typer.Argument(..., help="A checkpoint file or sharded directory."),
+    tol: float = typer.Option(1e-2, "--tol", help="Relative Frobenius tolerance (the pictures use this one)."),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="More tolerances, comma-separated: 1e-1,1e-2,1e-3."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated subset of the methods "
+                                          "(default all; hm-auto, the reference, always runs)."),
+    leaf: int = typer.Option(32, help="Smallest block side of the H-matrix methods."),
+    min_size: int = typer.Option(64, help="Compare only matrices with both sides >= this."),
+    include: list[str] = typer.Option([], help="Glob on tensor names to compare (repeatable)."),
+    exclude: list[str] = typer.Option([], help="Glob on tensor names to leave out (repeatable)."),
+    conv: bool = typer.Option(False, help="Also compare conv kernels (as out x in*k*k)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout (docs/COMPARE.md)."),
+    plot: Optional[pathlib.Path] = typer.Option(None, "--plot", help="Write PNG pictures into this directory."),
+    html_out: Optional[pathlib.Path] = typer.Option(None, "--html", help="Write one self-contained HTML page."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing pictures and page."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+) -> None:
+    """hmcompress beside truncated SVD, pruning, int8/int4 quantization and the paper's algorithm:
+    bytes and measured error per layer at each tolerance, and errors at a matched size."""
+    from . import baselines, compare
+
+    tols = compare.tolerances(tol, sweep)
+    chosen = baselines.select(methods, leaf)
+    selection = Selection(min_size=min_size, include=tuple(include), exclude=tuple(exclude), conv=conv)
+    if plot or html_out:
+        _check_picture_outputs(plot, html_out, force)
+    with _progress(not quiet, f"compare {model}") as progress:
+        result = compare.compare_checkpoint(model, tols, chosen, selection, leaf, progress)
+    _write_pictures(plot, html_out, force, lambda plots: plots.comparison_pictures(result),
+                    lambda pages, pictures: pages.comparison_page(result, pictures))
+    if json_out:
+        stdout.print_json(report.to_json(result.to_json()))
+        return
+    for table in compare.tables(result):
+        _print_text_table(table)
+
+
+def _check_picture_outputs(plot: Optional[pathlib.Path], html_out: Optional[pathlib.Path], force: bool) -> None:
+    """Before any work: matplotlib is there, and the outputs can be written."""
+    from .plots import require_matplotlib
+
+    require_matplotlib()
+    if html_out and html_out.exists() and not force:
+        raise UserError(f"{html_out}: exists (use --force to overwrite)")
+    if plot and plot.exists() and not plot.is_dir():
+        raise UserError(f"{plot}: is not a directory")
+
+
+def _write_pictures(plot, html_out, force: bool, draw, page) -> None:
+    """Draw the pictures once; write them into ``plot`` and/or embed them in the ``html_out`` page.
+
+    Every file goes through a temporary file and a rename; existing pictures are refused before
+    any is written (unless ``force``).
+    """
+    from . import pages, plots
+    from .writer import atomic_write
+
+    if not (plot or html_out):
+        return
+    pictures = draw(plots)
+    if plot:
+        clash = [name for name in pictures if (plot / name).exists()]
+        if clash and not force:
+            raise UserError(f"{plot / clash[0]}: exists (use --force to overwrite)")
+        plot.mkdir(parents=True, exist_ok=True)
+        for name, png in pictures.items():
+            atomic_write(plot / name, lambda tmp, png=png: tmp.write_bytes(png), overwrite=force)
+        stderr.print(f"wrote {len(pictures)} pictures to {plot}", markup=False, highlight=False)
+    if html_out:
+        text = page(pages, pictures)
+        atomic_write(html_out, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=force)
+        stderr.print(f"wrote {html_out}", markup=False, highlight=False)
+
+
+def _print_text_table(text_table) -> None:
+    from rich.table import Table
+
+    table = Table(title=text_table.title)
+    for header in text_table.headers:
+        table.add_column(header, overflow="fold")
+    for row in text_table.rows:
+        table.add_row(*row)
+    stdout.print(table)
+    for note in text_table.notes:
+        stdout.print(note, markup=False, highlight=False)
 
 
 @app.command()
@@ -189,6 +294,35 @@ def inspect_cmd(
     stdout.print(table)
 
 
+@app.command("evaluate")
+def evaluate_cmd(
+    model_factory: str = typer.Argument(..., help="The model's factory, e.g. sample_models.classifier:build."),
+    checkpoint: pathlib.Path = typer.Argument(..., help="The original checkpoint."),
+    compressed: pathlib.Path = typer.Option(..., "--compressed", help="Its compressed .hm.safetensors file."),
+    samples: int = typer.Option(64, help="Sample inputs for the output error and error propagation."),
+    ntk_samples: int = typer.Option(32, help="Sample inputs for the NTK (fewer if J would pass 512 MiB)."),
+    sweep: bool = typer.Option(False, "--sweep", help="Also compress at tol 1e-1 .. 1e-3 and score each."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+) -> None:
+    """Task metric, output error, NTK and per-layer error propagation: compressed vs original
+    (and vs truncated SVD at the same tolerance); the compressed model runs through hmruntime."""
+    from . import analysis, evaluation_report
+
+    if samples < 1 or ntk_samples < 2:
+        raise UserError("--samples must be >= 1 and --ntk-samples >= 2")
+    if "" not in sys.path and str(pathlib.Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(pathlib.Path.cwd()))  # the user's model package, as `python -m` would
+    task = analysis.load_task(model_factory)
+    log = None if quiet else (lambda message: stderr.print(f"evaluate: {message}", markup=False, highlight=False))
+    result = analysis.evaluate_compressed(task, checkpoint, compressed, samples, ntk_samples,
+                                          analysis.SWEEP_TOLS if sweep else (), log)
+    if json_out:
+        stdout.print_json(report.to_json({"ok": True, **result.to_json()}))
+    else:
+        evaluation_report.print_evaluation(result, stdout)
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:
@@ -196,5 +330,5 @@ def main() -> None:
     except USER_ERRORS as exc:
         if _debug["on"]:
             raise
-        stderr.print(f"hmcompress: error: {exc}", markup=False, highlight=False)
+        stderr.print(f"hmcompress: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)

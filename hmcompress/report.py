@@ -82,9 +82,8 @@ def print_table(layers: list[LayerStats], console: Console, title: str = "") -> 
 
 def markdown(layers: list[LayerStats], title: str = "") -> str:
     lines = [f"### {title}", ""] if title else []
-    lines.append("| " + " | ".join(COLUMNS) + " |")
-    lines.append("|" + "---|" * len(COLUMNS))
-    for cells in rows(layers):
+    # "|" is escaped in every cell, the header too ("||W-H||_2" would split it into columns).
+    for cells in [list(COLUMNS), ["---"] * len(COLUMNS), *rows(layers)]:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines += ["", passthrough_line(layers), "", total_line(layers), ""]
     return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""`hmcompress compare` on every shared checkpoint and sample model: time and outcome.
+
+Per checkpoint: seconds of one `compress` at tol 1e-2 (auto, no file written; the baseline, run
+in the same process), of `compare` at tol 1e-2 and with the sweep 1e-1,1e-2,1e-3 (all methods,
+matched sizes included), of drawing its pictures, and on how many (layer or total, tolerance)
+rows hmcompress (auto) has the fewest bytes among the methods within the tolerance, naming
+the others. Usage: python -m benchmarks.compare [--no-pictures] [NAME_SUBSTRING ...]
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import time
+
+from benchmarks.checkpoints import checkpoint_files
+from hmcompress import baselines, compare
+from hmcompress.api import compress_checkpoint
+from hmcompress.build import CompressionOptions
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SWEEP = [1e-2, 1e-1, 1e-3]
+
+
+def sample_model_files() -> list[pathlib.Path]:
+    return sorted((ROOT / "sample_models").glob("*/*.safetensors"))
+
+
+def _seconds(run) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = run()
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--no-pictures", action="store_true", help="skip timing the pictures")
+    parser.add_argument("names", nargs="*", help="only checkpoints whose path contains one of these")
+    args = parser.parse_args()
+    methods = baselines.registry()
+    print("| checkpoint | matrices | compress 1e-2 | compare 1e-2 | compare sweep | / compress | pictures "
+          "| hm-auto smallest (rows) | not smallest |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for path in [*checkpoint_files(), *sample_model_files()]:
+        if args.names and not any(n in str(path) for n in args.names):
+            continue
+        label = f"{path.parent.name}/{path.name}"
+        base, _ = _seconds(lambda: compress_checkpoint(path, None, CompressionOptions(tol=1e-2), write=False))
+        single, _ = _seconds(lambda: compare.compare_checkpoint(path, SWEEP[:1], methods))
+        sweep, result = _seconds(lambda: compare.compare_checkpoint(path, SWEEP, methods))
+        drawn = "-"
+        if not args.no_pictures and result.layers:
+            from hmcompress import plots
+            drawn = f"{_seconds(lambda: plots.comparison_pictures(result))[0]:.1f}s"
+        beaten = result.not_smallest()
+        rows = (len(result.layers) + 1) * len(SWEEP) if result.layers else 0
+        others = "; ".join(f"{b['layer'] or 'total'} @{b['tol']:g}: {b['smallest']} {b['bytes']} B "
+                           f"< {b['reference_bytes']} B" for b in beaten) or "-"
+        print(f"| {label} | {len(result.layers)} | {base:.1f}s | {single:.1f}s | {sweep:.1f}s | "
+              f"{sweep / base:.1f}x | {drawn} | {rows - len(beaten)}/{rows} | {others} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
