@@ -21,6 +21,8 @@ from .runtime import CODEC_ID, DENSE, INTEGER_CODECS, LOWRANK, ROWS, HMatrix, ma
 STRATEGIES = ("optimal", "paper")
 PRECISIONS = ("auto", "keep")
 MAX_REBUILDS = 6
+# Share of the budget that items too small to be worth storing may hold together (candidates.analyse).
+NEGLIGIBLE_SHARE = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +75,8 @@ def compress_matrix(matrix: torch.Tensor, options: CompressionOptions) -> Compre
         hm = _exact_hmatrix(matrix)
         return Compressed(hm, exact, 0.0, allowed, np.zeros(0), "exact", 0)
     tree = build_tree(tuple(matrix.shape), options.leaf)
-    cands = analyse(matrix, tree, codecs)
     target = allowed * allowed
+    cands = analyse(matrix, tree, codecs, negligible=NEGLIGIBLE_SHARE * target / matrix.numel())
     for rebuild in range(MAX_REBUILDS):
         plan = _best_plan(cands, target, options.strategy)
         hm = assemble(matrix, cands, plan)

@@ -150,38 +150,53 @@ def _finite_or_inf(err: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(err), err.clamp_min(0), torch.full_like(err, np.inf))
 
 
-def triplet_errors(codec: str, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
-    """Exact squared error ||a~ b~ᵀ - a bᵀ||_F² of storing each triplet's factors in ``codec``.
+def triplet_errors(codecs: tuple[str, ...], u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
+                   wanted: torch.Tensor) -> torch.Tensor:
+    """Squared error ||a~ b~ᵀ - a bᵀ||_F² of storing each wanted triplet's factors in each codec.
 
     Factors are balanced, ``a = sqrt(s) u`` and ``b = sqrt(s) v``, as the builder stores them.
     With a~ = a + da, b~ = b + db the difference is da bᵀ + a~ dbᵀ, whose norm needs no
-    cancellation-prone subtraction. Shapes: u (k, h, r), s (k, r), vh (k, r, w); result (k, r).
+    cancellation-prone subtraction. Computed in the factors' precision with float64 sums: an
+    estimate for the planner, which the final measurement of the built matrix checks.
+    Shapes: u (k, h, r), s (k, r), vh (k, r, w), ``wanted`` (k, r) bool; result (P, k, r), inf
+    where not wanted (such a triplet can only be dropped).
     """
     root = s.sqrt().unsqueeze(-1)
-    a = (u.mT * root).reshape(-1, u.shape[1]).double()
-    b = (vh * root).reshape(-1, vh.shape[2]).double()
-    a_q = roundtrip_rows(codec, a)
-    b_q = roundtrip_rows(codec, b)
-    da, db = a_q - a, b_q - b
-    err = (da.square().sum(1) * b.square().sum(1) + a_q.square().sum(1) * db.square().sum(1)
-           + 2 * (da * a_q).sum(1) * (b * db).sum(1))
-    return _finite_or_inf(err).reshape(s.shape)
+    a, b = (u.mT * root)[wanted], (vh * root)[wanted]
+    b_norm2 = _norm2(b)
+    out = torch.full((len(codecs), *s.shape), np.inf, dtype=torch.float64)
+    for p, codec in enumerate(codecs):
+        a_q, b_q = roundtrip_rows(codec, a), roundtrip_rows(codec, b)
+        da, db = a_q - a, b_q - b
+        err = (_norm2(da) * b_norm2 + _norm2(a_q) * _norm2(db)
+               + 2 * (da * a_q).sum(1, dtype=torch.float64) * (b * db).sum(1, dtype=torch.float64))
+        out[p][wanted] = _finite_or_inf(err)
+    return out
 
 
 def row_errors(codec: str, blocks: torch.Tensor) -> torch.Tensor:
-    """Exact squared error of storing each row of a (k, h, w) stack in ``codec``: (k, h)."""
-    flat = blocks.reshape(-1, blocks.shape[2]).double()
-    diff = (roundtrip_rows(codec, flat) - flat).square().sum(1)
-    return _finite_or_inf(diff).reshape(blocks.shape[:2])
+    """Squared error of storing each row of a (k, h, w) stack in ``codec``: (k, h), float64 sums."""
+    flat = blocks.reshape(-1, blocks.shape[2])
+    return _finite_or_inf(_norm2(roundtrip_rows(codec, flat) - flat)).reshape(blocks.shape[:2])
 
 
-def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...]) -> Candidates:
+def _norm2(rows: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean norm of each row, accumulated in float64."""
+    return rows.square().sum(1, dtype=torch.float64)
+
+
+def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...], negligible: float = 0.0) -> Candidates:
     """Spectra and option costs of every candidate block.
 
     ``codecs[0]`` must hold the matrix exactly (its own dtype). With several codecs (`--precision
     auto`) every error is measured: each triplet's on its singular vectors, each row's on the
     row. With one (`keep`) only singular values are computed and the rounding error of the factors
     is bounded by 2u²σ² (|fl(x) - x| <= u|x| on both factors), which the final measurement checks.
+
+    ``negligible`` (squared error per matrix entry) saves work: a block's triplets whose tail
+    Σ_{j>=i} σ_j² is at most ``negligible`` times the block's area are offered only for dropping.
+    Over any tiling such triplets hold at most ``negligible·m·n``, so with ``negligible = δ·budget/(m·n)`` the plan is at least as small as the optimum for
+    (1-δ)·budget, and its error is still counted exactly.
     """
     work = matrix if matrix.dtype == torch.float64 else matrix.float()
     measured = len(codecs) > 1
@@ -191,7 +206,8 @@ def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...]) -> Candid
     spectra, factor_err, row_norms, row_err = {}, {}, {}, {}
     for level in range(tree.depth):
         for ids, blocks in block_batches(work, tree, tree.nodes_of_level(level)):
-            sigma, errs = _spectrum_and_errors(blocks, codecs, measured)
+            area = blocks.shape[1] * blocks.shape[2]
+            sigma, errs = _spectrum_and_errors(blocks, codecs, measured, negligible * area)
             if measured:
                 per_row = torch.stack([torch.zeros(blocks.shape[:2], dtype=torch.float64)]
                                       + [row_errors(codec, blocks) for codec in codecs[1:]])
@@ -210,17 +226,23 @@ def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...]) -> Candid
                       spectra[0].sqrt().numpy())
 
 
-def _spectrum_and_errors(blocks: torch.Tensor, codecs: tuple[str, ...],
-                         measured: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Singular values (as float64, descending) and per-codec factor errors (P, k, r) of a stack."""
+def _spectrum_and_errors(blocks: torch.Tensor, codecs: tuple[str, ...], measured: bool,
+                         floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (as float64, descending) and per-codec factor errors (P, k, r) of a stack.
+
+    Triplets whose tail of squared singular values is at most ``floor`` are not measured (inf).
+    """
     if measured:
         u, s, vh = torch.linalg.svd(blocks, full_matrices=False)
-        return s.double(), torch.stack([triplet_errors(codec, u, s, vh) for codec in codecs])
+        sigma = s.double()
+        tails = sigma.square().flip(-1).cumsum(-1).flip(-1)
+        wanted = tails > floor
+        return sigma, triplet_errors(codecs, u, s, vh, wanted)
     sigma = torch.linalg.svdvals(blocks).double()
     bound = 2 * UNIT_ROUNDOFF[codecs[0]] ** 2 * sigma.square() * (1 + 1e-6)
     return sigma, bound.unsqueeze(0)
 
 
 def _row_bytes(codec: str, lengths: np.ndarray) -> np.ndarray:
-    """Bytes of one stored row for each length."""
-    return np.array([row_bytes(codec, int(n)) for n in lengths], dtype=np.int64)
+    """Bytes of one stored row for each length (vectorised `codecs.row_bytes`)."""
+    return row_bytes(codec, np.asarray(lengths, dtype=np.int64))
