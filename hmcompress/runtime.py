@@ -158,6 +158,15 @@ class HMatrix:
                 out[row0:row0 + first.shape[1], col0:col0 + second.shape[1]] += first.T @ second
         return out.to(self.dtype if dtype is None else dtype)
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``H @ x`` for x of shape (n,) or (n, k), in float64, without forming H."""
+        if x.shape[0] != self.shape[1] or x.ndim not in (1, 2):
+            raise ValueError(f"cannot multiply a {self.shape} H-matrix by {tuple(x.shape)}")
+        product = apply_groups(segment_groups(self), x.double().reshape(self.shape[1], -1), self.shape[0])
+        return product.reshape(self.shape[0], *x.shape[1:])
+
+    __matmul__ = matmul
+
 
 def dense_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     """Bytes of a dense tensor of this shape and dtype."""
@@ -643,6 +652,19 @@ def segment_groups(hm: HMatrix, dtype: torch.dtype = torch.float64) -> list[Segm
     return groups
 
 
+def apply_groups(groups: list[SegmentGroup], xt: torch.Tensor, rows: int) -> torch.Tensor:
+    """``H @ xt`` for H given by its segment groups: (n, N) -> (rows, N), one `bmm` per group."""
+    out = xt.new_zeros(rows, xt.shape[1])
+    for group in groups:
+        xb = xt[group.in_index]  # (g, cols, N)
+        if group.kind == LOWRANK:
+            y = torch.bmm(group.first, torch.bmm(group.second, xb))
+        else:
+            y = torch.bmm(group.first, xb)
+        out.index_add_(0, group.out_index.reshape(-1), y.reshape(-1, y.shape[-1]))
+    return out
+
+
 class HLinear(nn.Module):
     """``y = x @ Hᵀ + bias`` for a packed H-matrix H, without forming H.
 
@@ -685,16 +707,10 @@ class HLinear(nn.Module):
         dtype = self._anchor.dtype
         lead = x.shape[:-1]
         xt = x.reshape(math.prod(lead), self.in_features).to(dtype).T.contiguous()  # (n, N)
-        out = xt.new_zeros(self.out_features, xt.shape[1])
-        for i, kind in enumerate(self._kinds):
-            xb = xt[getattr(self, f"g{i}_in")]  # (g, cols, N)
-            first = getattr(self, f"g{i}_first")
-            if kind == LOWRANK:
-                y = torch.bmm(first, torch.bmm(getattr(self, f"g{i}_second"), xb))
-            else:
-                y = torch.bmm(first, xb)
-            out.index_add_(0, getattr(self, f"g{i}_out"), y.reshape(-1, y.shape[-1]))
-        y = out.T
+        groups = [SegmentGroup(kind, getattr(self, f"g{i}_out"), getattr(self, f"g{i}_in"),
+                               getattr(self, f"g{i}_first"), getattr(self, f"g{i}_second", None))
+                  for i, kind in enumerate(self._kinds)]
+        y = apply_groups(groups, xt, self.out_features).T
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)

@@ -295,6 +295,12 @@ def test_hlinear_gradients_and_to():
     assert layer.state_dict().keys() == {"bias"}
 
 
+def test_matmul_refuses_wrong_shapes():
+    hm = mixed_matrix()
+    with pytest.raises(ValueError, match="cannot multiply"):
+        hm.matmul(torch.randn(hm.shape[1] + 1))
+
+
 def test_hlinear_zero_size_and_zero_blocks():
     layer = HLinear(pack(torch.zeros(3, 0), []))
     assert torch.equal(layer(torch.zeros(2, 0)), torch.zeros(2, 3))
@@ -376,7 +382,10 @@ def test_hlinear_and_validate_on_library_matrices(m, n, tol, precision, leaf, se
     hm.validate()
     layer = HLinear(hm, dtype=torch.float64)
     x = torch.randn(3, n, dtype=torch.float64, generator=gen)
-    assert torch.allclose(layer(x), x @ hm.to_dense(torch.float64).T, atol=1e-9)
+    dense = hm.to_dense(torch.float64)
+    assert torch.allclose(layer(x), x @ dense.T, atol=1e-9)
+    assert torch.allclose(hm @ x.T, dense @ x.T, atol=1e-9)
+    assert torch.allclose(hm.matmul(x[0]), dense @ x[0], atol=1e-9)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
