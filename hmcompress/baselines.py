@@ -44,6 +44,11 @@ class Outcome:
     norm: float  # ||W||_F, so that relative figures need no second pass
     detail: str  # how it was stored, e.g. "rank 12" or "5000 kept (8.1%), csr"
     hmatrix: HMatrix | None = dataclasses.field(default=None, compare=False, repr=False)
+    stored: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)  # Ŵ, W's dtype
+
+    def slim(self) -> "Outcome":
+        """The same figures without the stored matrices (what tables and JSON need)."""
+        return dataclasses.replace(self, hmatrix=None, stored=None)
 
     @property
     def rel_error(self) -> float:
@@ -85,7 +90,9 @@ class _Target:
 
     def outcome(self, nbytes: int, stored: torch.Tensor, detail: str) -> Outcome:
         """Measure a stored approximation (float64)."""
-        return Outcome(int(nbytes), measured_error(self.exact, stored, self.matrix.dtype), self.norm, detail)
+        dtype = self.matrix.dtype
+        return Outcome(int(nbytes), measured_error(self.exact, stored, dtype), self.norm, detail,
+                       stored=stored.to(dtype))
 
 
 def _first_within(start: int, stop: int, outcome_of: Callable[[int], Outcome], limit: float) -> Outcome:
@@ -335,7 +342,8 @@ class _HMatrixFit:
                 tol=tol, strategy=m.strategy, precision=m.precision, leaf=m.leaf))
             hm = result.hmatrix
             detail = f"{result.strategy}, {hm.blocks.shape[0]} leaves, {'+'.join(hm.pools) or 'zero'}"
-            self.built[tol] = Outcome(hm.nbytes, result.error, self.target.norm, detail, hm)
+            self.built[tol] = Outcome(hm.nbytes, result.error, self.target.norm, detail, hm,
+                                      result.dense.to(self.target.matrix.dtype))
         return self.built[tol]
 
     def at_bytes(self, budget: int) -> Outcome | None:

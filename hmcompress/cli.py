@@ -1,12 +1,15 @@
 """Command line: thin wiring from options to `hmcompress.api`, one clear line per user error.
 
-Exit codes: 0 ok, 1 a quality check failed (verify), 2 bad input or usage.
+Exit codes: 0 ok, 1 a quality check failed (verify, or a --max-error/--min-ratio gate),
+2 bad input or usage.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import pathlib
 import sys
+import warnings
 from typing import Optional
 
 import typer
@@ -17,6 +20,7 @@ from . import api, report
 from .build import CompressionOptions
 from .checkpoint import Selection
 from .errors import USER_ERRORS, UserError
+from .verdicts import Gates
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Error-bounded hierarchical-matrix compression of checkpoints.")
@@ -67,26 +71,41 @@ def compress(
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    max_error: Optional[float] = typer.Option(None, "--max-error", help="Gate: exit 1 (writing nothing) if the "
+                                              "largest relative Frobenius error of a compressed matrix exceeds this."),
+    min_ratio: Optional[float] = typer.Option(None, "--min-ratio", help="Gate: exit 1 (writing nothing) if the "
+                                              "whole checkpoint's bytes ratio (all tensors, before/after) is below this."),
+    keep_failed: bool = typer.Option(False, "--keep-failed", help="Write the output even when a gate fails."),
+    passthrough_nonfinite: bool = typer.Option(False, "--passthrough-nonfinite", help="Copy matrices holding "
+                                               "NaN/Inf unchanged instead of refusing the checkpoint."),
 ) -> None:
     """Compress every eligible weight matrix into an H-matrix within --tol."""
     if output and len(models) > 1:
         raise UserError("-o/--output takes one input; use --out-dir for several")
     options = CompressionOptions(tol=tol, absolute=absolute, strategy=strategy, precision=precision, leaf=leaf)
-    selection = Selection(min_size=min_size, include=tuple(include), exclude=tuple(exclude), conv=conv)
+    selection = Selection(min_size=min_size, include=tuple(include), exclude=tuple(exclude), conv=conv,
+                          passthrough_nonfinite=passthrough_nonfinite)
+    gates = Gates(max_error, min_ratio) if max_error is not None or min_ratio is not None else None
     targets = [output or api.default_output(model, out_dir) for model in models]
     _refuse_duplicate_outputs(models, targets)
     results = []
     for model, target in zip(models, targets):
         with _progress(not quiet, str(model)) as progress:
             result = api.compress_checkpoint(model, target, options, selection, overwrite=force,
-                                             progress=progress)
+                                             progress=progress, gates=gates, keep_failed=keep_failed)
         results.append(result)
         if not json_out:
-            report.print_table(result.layers, stdout, title=f"{model} -> {result.output}")
+            report.print_table(result.layers, stdout, title=f"{model} -> {result.output or 'nothing written'}")
+        for failure in result.failures:
+            stderr.print(f"hmcompress: {model}: quality gate failed: {failure}"
+                         f"{'' if result.output else '; nothing written'}", markup=False, highlight=False, soft_wrap=True)
     if json_out:
-        payload = [{"ok": True, "source": str(r.source), "output": str(r.output), "options": r.options,
+        payload = [{"ok": not r.failures, "source": str(r.source), "output": str(r.output) if r.output else None,
+                    "gate_failures": r.failures, "options": r.options,
                     "layers": [s.to_json() for s in r.layers], "totals": r.totals()} for r in results]
         stdout.print_json(report.to_json(payload if len(payload) > 1 else payload[0]))
+    if any(r.failures for r in results):
+        raise typer.Exit(1)
 
 
 def _refuse_duplicate_outputs(models: list[pathlib.Path], targets: list[pathlib.Path]) -> None:
@@ -154,13 +173,17 @@ def verify_cmd(
             status = "ok" if c.ok else "FAILED"
             stdout.print(f"{status:6} {c.name}: measured {c.measured_error:.6g} <= budget {c.budget:.6g} "
                          f"(recorded {c.recorded_error:.6g})", markup=False, highlight=False)
+            for problem in c.problems:
+                stdout.print(f"       {problem}", markup=False, highlight=False)
     _print_checks(checks, True)
 
 
 def _print_checks(checks: list, quiet: bool) -> None:
     failed = [c for c in checks if not c.ok]
     if failed:
-        stderr.print(f"hmcompress: {len(failed)} matrices exceed their recorded error bound", markup=False)
+        stderr.print(f"hmcompress: {len(failed)} matrices break a recorded bound: {failed[0].name}: "
+                     f"{failed[0].problems[0] if failed[0].problems else 'error above its bound'}",
+                     markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -180,6 +203,9 @@ def compare_cmd(
     plot: Optional[pathlib.Path] = typer.Option(None, "--plot", help="Write PNG pictures into this directory."),
     html_out: Optional[pathlib.Path] = typer.Option(None, "--html", help="Write one self-contained HTML page."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing pictures and page."),
+    model_factory: Optional[str] = typer.Option(None, "--model-factory", help="A model package's factory, "
+                                                "e.g. sample_models.classifier:build: also each method's "
+                                                "task metric at --tol."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
     """hmcompress beside truncated SVD, pruning, int8/int4 quantization and the paper's algorithm:
@@ -191,8 +217,15 @@ def compare_cmd(
     selection = Selection(min_size=min_size, include=tuple(include), exclude=tuple(exclude), conv=conv)
     if plot or html_out:
         _check_picture_outputs(plot, html_out, force)
+    task = None
+    if model_factory:
+        from . import analysis
+
+        if str(pathlib.Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(pathlib.Path.cwd()))  # the user's model package, as `python -m` finds it
+        task = analysis.load_task(model_factory)
     with _progress(not quiet, f"compare {model}") as progress:
-        result = compare.compare_checkpoint(model, tols, chosen, selection, leaf, progress)
+        result = compare.compare_checkpoint(model, tols, chosen, selection, leaf, progress, task)
     _write_pictures(plot, html_out, force, lambda plots: plots.comparison_pictures(result),
                     lambda pages, pictures: pages.comparison_page(result, pictures))
     if json_out:
@@ -262,6 +295,8 @@ def decompress(
     from .runtime import load_state_dict
     from .writer import write_dense
 
+    if api.is_input(output, file):
+        raise UserError(f"{output}: refusing to overwrite the input file")
     if output.exists() and not force:
         raise UserError(f"{output}: exists (use --force to overwrite)")
     state = load_state_dict(file)
@@ -324,11 +359,26 @@ def evaluate_cmd(
 
 
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point: user errors become one line on stderr and exit code 2 (with --json,
+    also ``{"ok": false, "error": ...}`` on stdout); each warning becomes one line on stderr."""
+    json_out = "--json" in sys.argv[1:]
+    warnings.showwarning = _warning_line
     try:
         app()
     except USER_ERRORS as exc:
         if _debug["on"]:
             raise
-        stderr.print(f"hmcompress: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        message = " ".join(str(exc).splitlines())
+        stderr.print(f"hmcompress: error: {message}", markup=False, highlight=False, soft_wrap=True)
+        if json_out:
+            sys.stdout.write(json.dumps({"ok": False, "error": message}) + "\n")
         sys.exit(2)
+    except SystemExit as exc:
+        if exc.code == 2 and json_out:  # a usage error, explained on stderr by typer
+            sys.stdout.write(json.dumps({"ok": False, "error": "invalid command line (see stderr)"}) + "\n")
+        raise
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    text = " ".join(str(message).splitlines())
+    stderr.print(f"hmcompress: warning: {text}", markup=False, highlight=False, soft_wrap=True)

@@ -53,9 +53,13 @@ def _fewest(outcomes: dict, size: Callable, eligible: Callable) -> str:
     return min(candidates)[2]
 
 
-def compare_matrix(name: str, matrix: torch.Tensor, tols: list[float],
-                   methods: dict[str, Method]) -> LayerComparison:
-    """Run every method at every tolerance, then at the reference's bytes for each tolerance."""
+def compare_matrix(name: str, matrix: torch.Tensor, tols: list[float], methods: dict[str, Method],
+                   keep_stored: bool = False) -> LayerComparison:
+    """Run every method at every tolerance, then at the reference's bytes for each tolerance.
+
+    Only the outcomes at the primary tolerance (``tols[0]``) keep their H-matrix (for pictures)
+    and, with ``keep_stored``, their stored matrix Ŵ (for the task metric); the rest keep figures.
+    """
     fits = {method_name: method(matrix) for method_name, method in methods.items()}
     at_tol = {tol: {n: fit.at_tol(tol) for n, fit in fits.items()} for tol in tols}
     matched = {}
@@ -63,6 +67,9 @@ def compare_matrix(name: str, matrix: torch.Tensor, tols: list[float],
         budget = at_tol[tol][REFERENCE].nbytes
         matched[tol] = {n: at_tol[tol][n] if n == REFERENCE else fit.at_bytes(budget)
                         for n, fit in fits.items()}
+    matched = {tol: {n: out and out.slim() for n, out in outs.items()} for tol, outs in matched.items()}
+    at_tol = {tol: {n: (out if keep_stored else dataclasses.replace(out, stored=None)) if tol == tols[0]
+                    else out.slim() for n, out in outs.items()} for tol, outs in at_tol.items()}
     sigma = torch.linalg.svdvals(matrix.double()).numpy()
     norm = at_tol[tols[0]][REFERENCE].norm
     return LayerComparison(name, tuple(matrix.shape), str(matrix.dtype).removeprefix("torch."), norm,
@@ -106,12 +113,28 @@ class Total:
 
 
 @dataclasses.dataclass
+class TaskMetrics:
+    """The model package's metrics with each method's matrices at one tolerance (analysis protocol)."""
+
+    factory: str
+    metric: str  # the headline key
+    higher_is_better: bool
+    tol: float
+    original: dict[str, float]
+    methods: dict[str, dict[str, float]]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
 class Comparison:
     source: str
     tolerances: list[float]  # the primary tolerance first, then the sweep, each once
     methods: dict[str, Method]
     layers: list[LayerComparison]
     leaf: int
+    task: TaskMetrics | None = None
 
     @property
     def primary(self) -> float:
@@ -158,6 +181,7 @@ class Comparison:
             "layers": [_layer_json(layer, self.tolerances) for layer in self.layers],
             "totals": [self._totals_json(tol) for tol in self.tolerances],
             "not_smallest": self.not_smallest(),
+            "task": self.task.to_json() if self.task else None,
         }
 
     def _totals_json(self, tol: float) -> dict:
@@ -209,8 +233,11 @@ def tolerances(tol: float, sweep: str | None) -> list[float]:
 
 def compare_checkpoint(source: str | pathlib.Path, tols: list[float], methods: dict[str, Method],
                        selection: Selection = Selection(), leaf: int = 32,
-                       progress: Progress | None = None) -> Comparison:
-    """Compare every method on every matrix of a checkpoint that `compress` would compress."""
+                       progress: Progress | None = None, task=None) -> Comparison:
+    """Compare every method on every matrix of a checkpoint that `compress` would compress.
+
+    ``task`` (an `analysis.ModelTask`): also the task metric of each method at ``tols[0]``.
+    """
     if REFERENCE not in methods:
         raise OptionError(f"the comparison needs {REFERENCE}, the reference of the matched size")
     ckpt = open_checkpoint(source)
@@ -222,8 +249,32 @@ def compare_checkpoint(source: str | pathlib.Path, tols: list[float], methods: d
         matrix = as_matrix(entry.load())
         if not bool(torch.isfinite(matrix).all()):
             raise UserError(f"{source}: tensor {entry.name!r} contains NaN or Inf values")
-        layers.append(compare_matrix(entry.name, matrix, tols, methods))
-    return Comparison(str(source), tols, methods, layers, leaf)
+        layers.append(compare_matrix(entry.name, matrix, tols, methods, keep_stored=task is not None))
+    metrics = task_metrics(task, source, layers, list(methods), tols[0]) if task is not None else None
+    for layer in layers:  # the stored matrices were kept for the task metric only
+        layer.at_tol[tols[0]] = {n: dataclasses.replace(o, stored=None) for n, o in layer.at_tol[tols[0]].items()}
+    return Comparison(str(source), tols, methods, layers, leaf, metrics)
+
+
+def task_metrics(task, source: str | pathlib.Path, layers: list[LayerComparison], methods: list[str],
+                 tol: float) -> TaskMetrics:
+    """Evaluate the model with the checkpoint's weights, then with each method's matrices in place."""
+    from .analysis import original_model  # checks the checkpoint fits the model, in one line if not
+
+    model = original_model(task, source)
+    state = model.state_dict()
+    original = task.evaluate(model)
+    scores = {}
+    for name in methods:
+        replaced = dict(state)
+        for layer in layers:
+            stored = layer.at_tol[tol][name].stored
+            replaced[layer.name] = stored.reshape(state[layer.name].shape).to(state[layer.name].dtype)
+        candidate = task.build()
+        candidate.load_state_dict(replaced)
+        scores[name] = task.evaluate(candidate.eval())
+    metric = task.metric or next(iter(original))
+    return TaskMetrics(task.spec, metric, task.higher_is_better, tol, original, scores)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,6 +353,24 @@ def matched_table(c: Comparison, tol: float) -> TextTable:
                      ["layer", "budget", *c.methods, "smallest error"], rows, notes)
 
 
+def task_table(t: TaskMetrics) -> TextTable:
+    """Every metric of the model package, original and with each method's matrices."""
+    keys = list(t.original)
+
+    def cell(value: object) -> str:
+        return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+    rows = [["original", *(cell(t.original[k]) for k in keys), ""]]
+    for name, scores in t.methods.items():
+        change = float(scores[t.metric]) - float(t.original[t.metric])
+        rows.append([name, *(cell(scores.get(k, "")) for k in keys), f"{change:+.4g}"])
+    better = "higher" if t.higher_is_better else "lower"
+    return TextTable(f"task metric ({t.factory}) at tol {t.tol:g}", ["method", *keys, f"change in {t.metric}"],
+                     rows, [f"{t.metric}: {better} is better. Each method's compared matrices replace the "
+                            "checkpoint's; every other tensor is the checkpoint's own."])
+
+
 def tables(c: Comparison) -> list[TextTable]:
-    """At every tolerance: the tolerance table, then the matched-size table."""
-    return [table for tol in c.tolerances for table in (tol_table(c, tol), matched_table(c, tol))]
+    """At every tolerance: the tolerance table, then the matched-size table; then the task metric."""
+    out = [table for tol in c.tolerances for table in (tol_table(c, tol), matched_table(c, tol))]
+    return out + ([task_table(c.task)] if c.task else [])

@@ -1,0 +1,378 @@
+"""`compare` and the report artifacts: the verdict says plainly where hmcompress is not smallest,
+the JSON follows its documented schema, pictures are real and deterministic PNGs, HTML pages are
+self-contained and render in headless Chromium (where installed)."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import pathlib
+import re
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hmcompress import baselines, compare, pages, plots
+from hmcompress.api import compress_checkpoint
+from hmcompress.baselines import Outcome
+from hmcompress.build import CompressionOptions
+from hmcompress.cli import main
+from hmcompress.errors import OptionError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CHROMIUM = pathlib.Path("/usr/bin/chromium")
+SCHEMA = json.loads((ROOT / "docs" / "compare.schema.json").read_text())
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process (end to end)."""
+    return subprocess.run([sys.executable, "-m", "hmcompress", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """The CLI's entry point in this process (no interpreter start-up): returns code, stdout, stderr."""
+    def invoke(*args: str) -> subprocess.CompletedProcess:
+        monkeypatch.setattr(sys, "argv", ["hmcompress", *args])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code or 0
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+    return invoke
+
+
+def kernel(m: int, n: int, seed: int) -> torch.Tensor:
+    """A smooth kernel plus noise: low-rank far from the diagonal, so H-matrices have structure."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.sort(torch.rand(m, generator=gen, dtype=torch.float64))[0]
+    y = torch.sort(torch.rand(n, generator=gen, dtype=torch.float64))[0]
+    w = 1 / (1 + 50 * (x[:, None] - y[None, :]).abs()) + 1e-3 * torch.randn(m, n, generator=gen, dtype=torch.float64)
+    return w.float()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> pathlib.Path:
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_file({"a.weight": kernel(96, 64, 0), "b.weight": kernel(64, 64, 1), "a.bias": torch.ones(96)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def compared(model, tmp_path_factory) -> dict:
+    """One CLI run with JSON, pictures and a page; a second identical run with --force."""
+    out = tmp_path_factory.mktemp("compare")
+    args = ["compare", str(model), "--tol", "1e-2", "--sweep", "1e-1", "--leaf", "16", "--json",
+            "--plot", str(out / "plots"), "--html", str(out / "page.html"), "-q"]
+    first = run(*args)
+    assert first.returncode == 0, first.stderr
+    files = {p.name: p.read_bytes() for p in sorted((out / "plots").iterdir())}
+    page = (out / "page.html").read_bytes()
+    second = run(*args, "--force")
+    assert second.returncode == 0, second.stderr
+    return {"dir": out, "args": args, "json": first.stdout, "files": files, "page": page, "second": second,
+            "payload": json.loads(first.stdout)}
+
+
+# ------------------------------------------------------------------------------------------------
+# The comparison itself
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tiny:
+    """A fake method that always stores one byte exactly: it must beat hmcompress, visibly."""
+
+    name: str = "tiny"
+    label: str = "one byte, no error"
+    bounded = True
+
+    def __call__(self, matrix):
+        outcome = Outcome(1, 0.0, float(matrix.double().norm()), "fake")
+        return type("Fit", (), {"at_tol": lambda self, tol: outcome, "at_bytes": lambda self, b: outcome})()
+
+
+def test_a_smaller_method_is_named_in_the_table_and_the_json():
+    methods = {**baselines.select("svd", leaf=16), "tiny": _Tiny()}
+    layer = compare.compare_matrix("w", kernel(48, 40, 2), [1e-2], methods)
+    result = compare.Comparison("model", [1e-2], methods, [layer], 16)
+    assert layer.smallest(1e-2) == "tiny"
+    assert [(r["layer"], r["smallest"]) for r in result.not_smallest()] == [("w", "tiny"), (None, "tiny")]
+    table = compare.tol_table(result, 1e-2)
+    ref_bytes = layer.at_tol[1e-2]["hm-auto"].nbytes
+    assert table.rows[0][-1] == f"NO: tiny 1 B < {ref_bytes} B"
+    assert "hm-auto is NOT the smallest on 2 of 2 rows at tol 0.01: w (tiny); total (tiny)." in table.notes[0]
+    payload = result.to_json()
+    assert payload["layers"][0]["tolerances"][0]["reference_smallest"] is False
+    assert payload["totals"][0]["smallest"] == "tiny"
+
+
+def test_hmcompress_is_smallest_where_no_method_within_tolerance_is_smaller():
+    methods = baselines.select(None, leaf=16)
+    layer = compare.compare_matrix("w", kernel(48, 40, 3), [1e-2], methods)
+    outs = layer.at_tol[1e-2]
+    smaller = [n for n, o in outs.items() if o.within(1e-2) and o.nbytes < outs["hm-auto"].nbytes]
+    assert (layer.smallest(1e-2) == "hm-auto") == (not smaller)
+    for name, out in layer.matched[1e-2].items():
+        assert out is None or out.nbytes <= outs["hm-auto"].nbytes, name
+    assert layer.matched[1e-2]["hm-auto"] == outs["hm-auto"]
+    assert outs["hm-auto"].hmatrix is not None and outs["svd"].stored is None  # kept: pictures only
+
+
+def test_tolerances_parse_the_sweep_once_each_primary_first():
+    assert compare.tolerances(1e-2, "1e-1, 1e-2,1e-3") == [1e-2, 1e-1, 1e-3]
+    with pytest.raises(OptionError, match="comma-separated numbers"):
+        compare.tolerances(1e-2, "1e-1;1e-3")
+    with pytest.raises(OptionError, match="strictly between 0 and 1"):
+        compare.tolerances(0.0, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_json_follows_the_documented_schema(compared):
+    import jsonschema
+
+    payload = compared["payload"]
+    jsonschema.validate(payload, SCHEMA)
+    assert payload["tolerances"] == [0.01, 0.1] and payload["reference"] == "hm-auto"
+    assert [layer["name"] for layer in payload["layers"]] == ["a.weight", "b.weight"]
+    listed = {(r["layer"], r["tol"]) for r in payload["not_smallest"]}
+    for layer in payload["layers"]:
+        for entry in layer["tolerances"]:
+            assert set(entry["methods"]) == set(baselines.registry())
+            assert entry["reference_smallest"] == ((layer["name"], entry["tol"]) not in listed)
+            for name, out in entry["methods"].items():
+                bounded = next(m["bounded"] for m in payload["methods"] if m["name"] == name)
+                assert out["within"] or not bounded, (layer["name"], name)
+                assert out["within"] == (out["rel_error"] <= entry["tol"] * (1 + 1e-12))
+    bad = json.loads(compared["json"])
+    bad["layers"][0]["tolerances"][0]["methods"]["svd"]["bytes"] = -1
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, SCHEMA)
+
+
+def test_same_input_same_json_and_pictures(compared):
+    assert compared["second"].stdout == compared["json"]
+    again = {p.name: p.read_bytes() for p in sorted((compared["dir"] / "plots").iterdir())}
+    assert again == compared["files"]
+    assert (compared["dir"] / "page.html").read_bytes() == compared["page"]
+
+
+def test_existing_outputs_are_refused_without_force(cli, compared):
+    done = cli(*[a for a in compared["args"] if a != "--json"])
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "exists (use --force to overwrite)" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bad_options_are_one_line_and_exit_2(cli, model):
+    for args, message in ((["--sweep", "1e-1,x"], "comma-separated numbers"),
+                          (["--methods", "svd,nope"], "unknown nope"),
+                          (["--tol", "2"], "strictly between 0 and 1")):
+        done = cli("compare", str(model), *args)
+        assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_without_matplotlib_the_cli_says_how_to_get_it(model, tmp_path):
+    blocker = tmp_path / "blocker" / "matplotlib"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    env = {"PYTHONPATH": f"{blocker.parent}{os.pathsep}{ROOT}"}
+    done = run("compare", str(model), "--plot", str(tmp_path / "plots"), env=env)
+    assert done.returncode == 2 and "pip install 'hmcompress[plot]'" in done.stderr
+    assert done.stderr.count("\n") == 1 and not (tmp_path / "plots").exists()
+    plain = run("compare", str(model), "--methods", "svd", "--leaf", "16", env=env)
+    assert plain.returncode == 0 and "hm-auto smallest?" in plain.stdout
+
+
+MODEL_PACKAGE = """
+import torch
+from torch import nn
+
+METRIC = "agreement"
+
+
+def build():
+    return nn.Sequential(nn.Linear(64, 96), nn.Tanh(), nn.Linear(64, 64, bias=False))
+
+
+def sample_inputs(n):
+    return torch.randn(n, 64, generator=torch.Generator().manual_seed(0))
+
+
+def evaluate(model):
+    x = sample_inputs(256)
+    with torch.no_grad():
+        hidden = model[1](model[0](x))[:, :64]
+        out = model[2](hidden)
+    return {"agreement": float((out.argmax(1) == REFERENCE).float().mean()), "norm": float(out.norm())}
+
+
+REFERENCE = torch.load(__file__.replace(".py", ".ref"), weights_only=True)
+"""
+
+
+def test_task_metric_of_each_method_from_a_model_package(cli, tmp_path, monkeypatch):
+    """A model package (hmcompress.analysis protocol) scores every method's matrices in the model."""
+    path = tmp_path / "tiny.safetensors"
+    state = {"0.weight": kernel(96, 64, 0), "0.bias": torch.zeros(96), "2.weight": kernel(64, 64, 1)}
+    save_file(state, path)
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+    reference = (torch.tanh(x @ state["0.weight"].T)[:, :64] @ state["2.weight"].T).argmax(1)
+    torch.save(reference, tmp_path / "tinypkg.ref")
+    (tmp_path / "tinypkg.py").write_text(MODEL_PACKAGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    done = cli("compare", str(path), "--methods", "svd,int4-g32", "--leaf", "16", "--json",
+               "--model-factory", "tinypkg:build", "-q")
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout)
+    import jsonschema
+
+    jsonschema.validate(payload, SCHEMA)
+    task = payload["task"]
+    assert task["metric"] == "agreement" and task["original"]["agreement"] == 1.0
+    assert set(task["methods"]) == {"hm-auto", "svd", "int4-g32"}
+    for scores in task["methods"].values():
+        assert 0.5 < scores["agreement"] <= 1.0 and scores["norm"] > 0
+    assert task["methods"]["int4-g32"]["norm"] != task["original"]["norm"]  # its matrices were used
+    wrong = cli("compare", str(path), "--methods", "svd", "--model-factory", "tinypkg:nothing", "-q")
+    assert wrong.returncode == 2 and "tinypkg:nothing" in wrong.stderr
+
+
+def test_terminal_table_states_the_verdict(cli, model):
+    done = cli("compare", str(model), "--methods", "svd,int8-row", "--leaf", "16", "-q")
+    assert done.returncode == 0, done.stderr
+    assert "hm-auto smallest?" in done.stdout and "matched size" in done.stdout
+    assert re.search(r"hm-auto (has the fewest bytes|is NOT the smallest)", done.stdout)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pictures and pages
+
+
+def png_chunks(data: bytes) -> list[bytes]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, at = [], 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at:at + 4])
+        chunks.append(data[at + 4:at + 8])
+        at += 12 + length
+    return chunks
+
+
+def assert_real_picture(data: bytes) -> None:
+    from PIL import Image
+
+    image = np.asarray(Image.open(io.BytesIO(data)).convert("L"), dtype=np.float64)
+    assert image.shape[0] >= 300 and image.shape[1] >= 600
+    assert image.std() > 10, "a blank picture"
+    assert b"tIME" not in png_chunks(data) and b"Software" not in data
+
+
+def test_pictures_decode_are_not_blank_and_carry_no_stamp(compared):
+    names = list(compared["files"])
+    assert names == sorted(["ratio_vs_tol.png", "layers.png", "layer_000_a.weight.png", "layer_001_b.weight.png"])
+    for data in compared["files"].values():
+        assert_real_picture(data)
+
+
+def test_block_picture_draws_every_leaf():
+    hm = compress_matrix_tiny()
+    leaves = plots.leaves(hm)
+    assert len(leaves) == hm.blocks.shape[0] > 4
+    assert sum(leaf.rows * leaf.cols for leaf in leaves) == hm.shape[0] * hm.shape[1]
+    assert {leaf.kind for leaf in leaves} <= {"lowrank", "rows", "dense", "zero"}
+    assert_real_picture(plots.blocks_png(hm, "tiny", size=(10.0, 4.0)))
+
+
+def compress_matrix_tiny():
+    from hmcompress.build import compress_matrix
+
+    return compress_matrix(kernel(128, 128, 4), CompressionOptions(tol=1e-3, leaf=16)).hmatrix
+
+
+def test_page_embeds_every_picture_and_table(compared):
+    page = compared["page"].decode()
+    assert "<script" not in page and "http" not in page.replace("http-equiv", "")
+    assert page.count("data:image/png;base64,") == len(compared["files"])
+    assert page.count("<table>") == 4  # two tolerances: tolerance table + matched-size table each
+
+
+def chromium_images(page: pathlib.Path, tmp_path: pathlib.Path) -> tuple[int, int]:
+    """(images, images loaded with naturalWidth > 0) of a page rendered by headless Chromium."""
+    probe = tmp_path / "probe.html"
+    script = ('<script>window.addEventListener("load", () => { const imgs = [...document.images]; '
+              'document.body.setAttribute("data-images", imgs.length + ":" + '
+              'imgs.filter(i => i.complete && i.naturalWidth > 0).length); });</script>')
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", script + "</body>"), encoding="utf-8")
+    done = subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    found = re.search(r'data-images="(\d+):(\d+)"', done.stdout)
+    assert found, done.stderr[-2000:]
+    return int(found.group(1)), int(found.group(2))
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed")
+def test_comparison_page_renders_in_chromium(compared, tmp_path):
+    total, loaded = chromium_images(compared["dir"] / "page.html", tmp_path)
+    assert total == len(compared["files"]) and loaded == total
+
+
+@pytest.fixture(scope="module")
+def compressed_file(model, tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("report") / "tiny.hm.safetensors"
+    compress_checkpoint(model, out, CompressionOptions(tol=1e-2, leaf=16))
+    return out
+
+
+def test_report_page_from_the_file_alone(cli, compressed_file, tmp_path):
+    page = tmp_path / "report.html"
+    done = cli("report", str(compressed_file), "--html", str(page))
+    assert done.returncode == 0, done.stderr
+    assert "a.weight" in done.stdout  # the table still goes to stdout
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == 3 and "<table>" in text and "a.weight" in text
+    if CHROMIUM.exists():
+        assert chromium_images(page, tmp_path) == (3, 3)
+
+
+def test_file_pictures_are_real(compressed_file):
+    from hmcompress.runtime import read_file
+
+    compressed = read_file(compressed_file)
+    stats = {n: info["stats"] for n, info in compressed.metadata["matrices"].items()}
+    pictures = plots.file_pictures(compressed.matrices, stats, relative=True)
+    assert list(pictures) == ["layers.png", "layer_000_a.weight.png", "layer_001_b.weight.png"]
+    for data in pictures.values():
+        assert_real_picture(data)
+    assert pages.file_page("x", {"tol": 0.01}, [], {}).startswith("<!DOCTYPE html>")
+
+
+def test_markdown_report_is_a_well_formed_table(cli, compressed_file):
+    """For $GITHUB_STEP_SUMMARY: every row has as many cells as the header ("|" escaped)."""
+    done = cli("report", str(compressed_file), "--markdown")
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("|")]
+    cells = [len(re.split(r"(?<!\\)\|", row)) for row in rows]
+    assert len(rows) == 4 and len(set(cells)) == 1, rows
+    assert done.stdout.startswith("### ") and done.stdout.endswith("\n")
+
+
+def test_html_escapes_names():
+    table = compare.TextTable("<t>", ["a&b"], [["<img src=x>"], ["NO: x"]], ["n<1"])
+    text = pages.table_html(table)
+    assert "<img src=x>" not in text and "&lt;img src=x&gt;" in text and 'class="flag"' in text
+
