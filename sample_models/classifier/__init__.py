@@ -18,6 +18,8 @@ N_CLASSES = 10
 HIDDEN = (512, 512, 256)
 SPLIT_SEED = 0
 TEST_SIZE = 0.2
+METRIC = "accuracy"  # the headline of `evaluate` (hmcompress.analysis protocol)
+HIGHER_IS_BETTER = True
 
 
 class DigitsMLP(nn.Module):
@@ -89,3 +91,8 @@ def evaluate(model: nn.Module) -> dict[str, float | int]:
     model.eval()
     correct = (model(x_test).argmax(dim=1) == y_test).sum().item()
     return {"accuracy": correct / len(y_test), "n_test": len(y_test)}
+
+
+def sample_inputs(n: int) -> torch.Tensor:
+    """The first ``n`` held-out images (raw pixels): fixed inputs for output and NTK comparisons."""
+    return load_data()[2][:n]

@@ -1,0 +1,405 @@
+"""Does a compressed model still do its job? Task metric, output error, NTK, error propagation.
+
+Weight error is a proxy; this module measures function. A *model package* (the module of a factory
+spec such as ``sample_models.classifier:build``) provides:
+
+- the factory itself: ``build() -> nn.Module`` (untrained architecture; the checkpoint fills it);
+- ``evaluate(model) -> dict[str, float]``: task metrics on the package's own data;
+- ``sample_inputs(n) -> Tensor``: ``n`` fixed inputs (one batch) for output and NTK comparisons;
+- optionally ``METRIC`` (the headline key of ``evaluate``; default its first key),
+  ``HIGHER_IS_BETTER`` (default True) and ``ntk_output(outputs, inputs) -> (n, k)``, the function
+  whose NTK is taken (default: each input's outputs, flattened).
+
+The compressed model is loaded with `hmcompress.runtime`, which is byte for byte the
+``hmruntime.py`` copied beside every compressed file, so what is measured is what a user runs.
+(The copy beside the file is not imported: evaluating a file must not execute code found next to
+it.) The task metric and output error use ``patch`` (H-matrix layers, no dense H formed); the NTK
+uses the dense weights from ``load_state_dict`` (θ_H = the reconstructed weights, DESIGN.md §2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import pathlib
+import tempfile
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from . import runtime
+from .api import compress_checkpoint
+from .build import CompressionOptions
+from .checkpoint import Selection, as_matrix, open_checkpoint
+from .errors import UserError
+
+SWEEP_TOLS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3)
+JACOBIAN_BYTES = 512 * 2**20  # the NTK uses fewer inputs rather than hold a larger Jacobian
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelTask:
+    """A model package resolved from its factory spec."""
+
+    spec: str
+    build: Callable[[], nn.Module]
+    evaluate: Callable[[nn.Module], dict]
+    sample_inputs: Callable[[int], torch.Tensor]
+    metric: str
+    higher_is_better: bool
+    ntk_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+
+
+def load_task(spec: str) -> ModelTask:
+    """Import ``module:factory`` and check that its module offers the evaluation hooks."""
+    module_name, _, factory_name = spec.partition(":")
+    if not module_name or not factory_name:
+        raise UserError(f"{spec}: model factory must look like 'package.module:build'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UserError(f"{spec}: cannot import {module_name!r}: {err}") from err
+    hooks = {name: getattr(module, name, None) for name in (factory_name, "evaluate", "sample_inputs")}
+    missing = [name for name, hook in hooks.items() if not callable(hook)]
+    if missing:
+        raise UserError(f"{spec}: module {module_name!r} has no callable {', '.join(missing)} "
+                        "(see hmcompress.analysis for the protocol)")
+    return ModelTask(spec, hooks[factory_name], module.evaluate, module.sample_inputs,
+                     getattr(module, "METRIC", ""), bool(getattr(module, "HIGHER_IS_BETTER", True)),
+                     getattr(module, "ntk_output", None))
+
+
+def _names(keys: Sequence[str], limit: int = 3) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _fill(task: ModelTask, model: nn.Module, state: dict[str, torch.Tensor], path: object) -> nn.Module:
+    """``model.load_state_dict(state)``, with a mismatch named in one line."""
+    expected = model.state_dict()
+    problems = []
+    if missing := expected.keys() - state.keys():
+        problems.append(f"missing {_names(missing)}")
+    if unexpected := state.keys() - expected.keys():
+        problems.append(f"unexpected {_names(unexpected)}")
+    if wrong := [k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape]:
+        problems.append(f"other shapes for {_names(wrong)}")
+    if problems:
+        raise UserError(f"{path}: does not fit {task.spec}: {'; '.join(problems)}")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def original_model(task: ModelTask, checkpoint: str | pathlib.Path) -> nn.Module:
+    """``build()`` filled from a checkpoint (any format `hmcompress` reads, never unpickling code)."""
+    state = {entry.name: entry.load() for entry in open_checkpoint(checkpoint).entries}
+    return _fill(task, task.build(), state, checkpoint)
+
+
+def compressed_model(task: ModelTask, compressed: str | pathlib.Path, mode: str = "hmatrix") -> nn.Module:
+    """``build()`` loaded from a compressed file through the runtime shim (``patch`` for H-matrix
+    layers, ``load_state_dict`` for dense reconstructed weights)."""
+    model = task.build()
+    if mode == "dense":
+        return _fill(task, model, runtime.load_state_dict(compressed), compressed)
+    try:
+        runtime.patch(model, compressed)
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"{compressed}: does not fit {task.spec}: {str(err).splitlines()[0]}") from err
+    return model.eval()
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """‖approx − exact‖_F / ‖exact‖_F in float64."""
+    exact = exact.double()
+    return float(torch.linalg.vector_norm(approx.double() - exact) / torch.linalg.vector_norm(exact))
+
+
+# ---------------------------------------------------------------------------------------------
+# Empirical neural tangent kernel
+
+def empirical_ntk(model: nn.Module, inputs: torch.Tensor,
+                  output_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                  chunk: int = 8) -> torch.Tensor:
+    """Θ = J Jᵀ (float64) with J = ∂f/∂θ over all parameters, for f(x) = ``output_fn(model(x), x)``
+    flattened per input (default: ``model(x)``); rows ordered (input, output component).
+
+    J is computed per input with ``vmap(jacrev)`` in chunks of inputs; the products are formed one
+    parameter tensor at a time in float64, so only J itself is held in float32.
+    """
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def per_input(theta: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        batch = x.unsqueeze(0)
+        out = functional_call(model, (theta, buffers), (batch,))
+        return (output_fn(out, batch) if output_fn else out).reshape(-1)
+
+    jacobian = vmap(jacrev(per_input), in_dims=(None, 0))
+    blocks: dict[str, list[torch.Tensor]] = {name: [] for name in params}
+    for part in inputs.split(chunk):
+        for name, block in jacobian(params, part).items():
+            blocks[name].append(block.reshape(block.shape[0] * block.shape[1], -1))
+    theta_ntk = None
+    for name in params:
+        j = torch.cat(blocks.pop(name)).double()
+        product = j @ j.T
+        theta_ntk = product if theta_ntk is None else theta_ntk + product
+    return theta_ntk
+
+
+def ntk_inputs(model: nn.Module, task: ModelTask, requested: int) -> torch.Tensor:
+    """Up to ``requested`` sample inputs, fewer where J would exceed JACOBIAN_BYTES."""
+    probe = task.sample_inputs(1)
+    with torch.no_grad():
+        out = model(probe)
+        outputs = (task.ntk_output(out, probe) if task.ntk_output else out).numel()
+    per_input = outputs * sum(p.numel() for p in model.parameters()) * 4
+    return task.sample_inputs(max(2, min(requested, JACOBIAN_BYTES // per_input)))
+
+
+@dataclasses.dataclass
+class NTKComparison:
+    """‖Θ_H − Θ‖_F / ‖Θ‖_F and the extreme eigenvalues of both kernels."""
+
+    inputs: int
+    size: int  # Θ is size x size (inputs x outputs per input)
+    rel_fro: float
+    eig_max: float
+    eig_max_compressed: float
+    eig_min: float
+    eig_min_compressed: float
+
+
+def compare_ntk(theta: torch.Tensor, theta_compressed: torch.Tensor, inputs: int) -> NTKComparison:
+    eig = torch.linalg.eigvalsh(theta)
+    eig_c = torch.linalg.eigvalsh(theta_compressed)
+    return NTKComparison(inputs, theta.shape[0], relative_error(theta_compressed, theta),
+                         float(eig[-1]), float(eig_c[-1]), float(eig[0]), float(eig_c[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Error propagation through the layers
+
+@torch.no_grad()
+def layer_outputs(model: nn.Module, inputs: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The output of each named submodule (forward hooks) and of the model (key ``"output"``),
+    in the order the modules ran."""
+    modules = dict(model.named_modules())
+    captured: dict[str, torch.Tensor] = {}
+    handles = [modules[name].register_forward_hook(
+        lambda _module, _args, out, name=name: captured.setdefault(name, out.detach()))
+        for name in names]
+    try:
+        captured["output"] = model(inputs).detach()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+@dataclasses.dataclass
+class LayerError:
+    """One layer of the error-propagation table: weight errors, then activation errors."""
+
+    name: str
+    shape: list[int]
+    weight_error: float  # ‖W − H‖_F / ‖W‖_F (measured, recorded in the file)
+    weight_error_svd: float
+    svd_rank: int | None  # None for the model output row
+    activation_error: float  # ‖a_H − a‖_F / ‖a‖_F over the sample inputs, after this layer
+    activation_error_svd: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncated SVD at the same tolerance (the paper's comparison)
+
+class SVDBaseline:
+    """Each compressed matrix replaced by its truncated SVD of the smallest rank whose relative
+    (or absolute) Frobenius error meets a tolerance. Factorisations are computed once."""
+
+    def __init__(self, state: dict[str, torch.Tensor], names: Sequence[str]) -> None:
+        self.state = state
+        self.factors = {}
+        for name in names:
+            u, s, vh = torch.linalg.svd(as_matrix(state[name]).double(), full_matrices=False)
+            self.factors[name] = (u, s, vh)
+
+    def rank(self, name: str, tol: float, absolute: bool = False) -> int:
+        """Smallest r with ‖W − W_r‖_F ≤ tol·‖W‖_F (tol itself if ``absolute``)."""
+        s = self.factors[name][1]
+        tail = torch.cat([s.flip(0).square().cumsum(0).flip(0), s.new_zeros(1)]).sqrt()  # tail[r]
+        allowed = tol if absolute else tol * float(tail[0])
+        return int(torch.nonzero(tail <= allowed)[0, 0])
+
+    def truncated(self, tol: float, absolute: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """A state dict with every factored matrix truncated, and the ranks used."""
+        state, ranks = dict(self.state), {}
+        for name, (u, s, vh) in self.factors.items():
+            r = ranks[name] = self.rank(name, tol, absolute)
+            original = self.state[name]
+            state[name] = ((u[:, :r] * s[:r]) @ vh[:r]).to(original.dtype).reshape(original.shape)
+        return state, ranks
+
+    def nbytes(self, ranks: dict[str, int]) -> int:
+        """Bytes of the factors (r·(m+n) numbers, or the dense matrix where that is smaller)."""
+        total = 0
+        for name, r in ranks.items():
+            m, n = as_matrix(self.state[name]).shape
+            total += min(r * (m + n), m * n) * self.state[name].element_size()
+        return total
+
+    def dense_nbytes(self) -> int:
+        return sum(self.state[name].numel() * self.state[name].element_size() for name in self.factors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything together
+
+@dataclasses.dataclass
+class SweepRow:
+    """One tolerance of the sweep: sizes and the task metric of H and of SVD at that tolerance."""
+
+    tol: float
+    ratio: float  # whole checkpoint, bytes before / after
+    matrix_ratio: float  # compressed matrices only
+    max_weight_error: float
+    metric: float
+    svd_matrix_ratio: float
+    svd_metric: float
+
+
+@dataclasses.dataclass
+class Evaluation:
+    model: str
+    checkpoint: str
+    compressed: str
+    tol: float
+    absolute: bool
+    metric: str
+    higher_is_better: bool
+    metrics: dict[str, float]  # original model
+    metrics_compressed: dict[str, float]
+    metrics_svd: dict[str, float]
+    samples: int
+    output_error: float
+    output_error_svd: float
+    matrix_bytes: int
+    matrix_bytes_compressed: int
+    matrix_bytes_svd: int
+    ntk: NTKComparison
+    ntk_svd: NTKComparison
+    layers: list[LayerError]
+    sweep: list[SweepRow]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _options_of(meta: dict) -> tuple[CompressionOptions, Selection]:
+    """The compression options and tensor selection recorded in a compressed file."""
+    opts = meta.get("options", {})
+    fields = {f.name for f in dataclasses.fields(CompressionOptions)}
+    options = CompressionOptions(**{k: v for k, v in opts.items() if k in fields})
+    selection = Selection(min_size=opts.get("min_size", 64), include=tuple(opts.get("include", ())),
+                          exclude=tuple(opts.get("exclude", ())), conv=bool(opts.get("conv", False)))
+    return options, selection
+
+
+def _metric(task: ModelTask, result: dict) -> float:
+    key = task.metric or next(iter(result))
+    if key not in result:
+        raise UserError(f"{task.spec}: evaluate() returned no {key!r} (METRIC)")
+    return float(result[key])
+
+
+def sweep(task: ModelTask, checkpoint: str | pathlib.Path, tols: Sequence[float],
+          options: CompressionOptions, selection: Selection, svd: SVDBaseline,
+          progress: Callable[[str], None] | None = None) -> list[SweepRow]:
+    """Compress ``checkpoint`` at each tolerance (other options as given) into a temporary
+    directory, load each file through the runtime shim and score it; SVD at the same tolerance."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="hmcompress-sweep-") as tmp:
+        for tol in tols:
+            if progress:
+                progress(f"sweep: tol {tol:g}")
+            opts = dataclasses.replace(options, tol=tol)
+            target = pathlib.Path(tmp) / f"tol{tol:g}.hm.safetensors"
+            result = compress_checkpoint(checkpoint, target, opts, selection, overwrite=True)
+            totals = result.totals()
+            metric = _metric(task, task.evaluate(compressed_model(task, target)))
+            state, ranks = svd.truncated(tol, options.absolute)
+            svd_metric = _metric(task, task.evaluate(_fill(task, task.build(), state, "svd")))
+            rows.append(SweepRow(tol, totals["ratio"], totals["matrix_ratio"], totals["max_rel_error"],
+                                 metric, svd.dense_nbytes() / svd.nbytes(ranks), svd_metric))
+    return rows
+
+
+def evaluate_compressed(task: ModelTask, checkpoint: str | pathlib.Path, compressed: str | pathlib.Path,
+                        samples: int = 64, ntk_samples: int = 32, sweep_tols: Sequence[float] = (),
+                        progress: Callable[[str], None] | None = None) -> Evaluation:
+    """Compare the original model with its compressed file (and with truncated SVD at the file's
+    tolerance): task metric, output error, NTK, per-layer error propagation, optional sweep."""
+    def say(message: str) -> None:
+        if progress:
+            progress(message)
+
+    file = runtime.read_file(compressed)
+    meta = file.metadata
+    options, selection = _options_of(meta)
+    names = sorted(meta["matrices"])
+    say("loading models")
+    original = original_model(task, checkpoint)
+    state = original.state_dict()
+    missing = [name for name in names if name not in state]
+    if missing:
+        raise UserError(f"{compressed}: matrices {missing} are not parameters of {task.spec}")
+    patched = compressed_model(task, compressed)
+    svd = SVDBaseline({k: v.detach() for k, v in state.items()}, names)
+    svd_state, ranks = svd.truncated(options.tol, options.absolute)
+    svd_model = _fill(task, task.build(), svd_state, "svd")
+
+    say("task metric")
+    metrics = task.evaluate(original)
+    metrics_h = task.evaluate(patched)
+    metrics_svd = task.evaluate(svd_model)
+
+    say("error propagation")
+    inputs = task.sample_inputs(samples)
+    modules = dict(original.named_modules())
+    hooked = [name.removesuffix(".weight") for name in names
+              if name.endswith(".weight") and name.removesuffix(".weight") in modules]
+    acts = layer_outputs(original, inputs, hooked)
+    acts_h = layer_outputs(patched, inputs, hooked)
+    acts_svd = layer_outputs(svd_model, inputs, hooked)
+    layers = []
+    for name in acts:  # execution order
+        weight = f"{name}.weight"
+        is_output = name == "output"
+        layers.append(LayerError(
+            name, list(acts[name].shape[1:]) if is_output else list(state[weight].shape),
+            math.nan if is_output else meta["matrices"][weight]["stats"]["rel_error"],
+            math.nan if is_output else relative_error(svd_state[weight], state[weight]),
+            None if is_output else ranks[weight],
+            relative_error(acts_h[name], acts[name]), relative_error(acts_svd[name], acts[name])))
+
+    say("neural tangent kernel")
+    dense_h = compressed_model(task, compressed, mode="dense")
+    x_ntk = ntk_inputs(original, task, ntk_samples)
+    theta = empirical_ntk(original, x_ntk, task.ntk_output)
+    ntk = compare_ntk(theta, empirical_ntk(dense_h, x_ntk, task.ntk_output), len(x_ntk))
+    ntk_svd = compare_ntk(theta, empirical_ntk(svd_model, x_ntk, task.ntk_output), len(x_ntk))
+
+    rows = sweep(task, checkpoint, sweep_tols, options, selection, svd, say) if sweep_tols else []
+    return Evaluation(
+        model=task.spec, checkpoint=str(checkpoint), compressed=str(compressed), tol=options.tol,
+        absolute=options.absolute, metric=task.metric or next(iter(metrics)),
+        higher_is_better=task.higher_is_better, metrics=metrics, metrics_compressed=metrics_h,
+        metrics_svd=metrics_svd, samples=len(inputs),
+        output_error=relative_error(acts_h["output"], acts["output"]),
+        output_error_svd=relative_error(acts_svd["output"], acts["output"]),
+        matrix_bytes=svd.dense_nbytes(),
+        matrix_bytes_compressed=sum(file.matrices[name].nbytes for name in names),
+        matrix_bytes_svd=svd.nbytes(ranks), ntk=ntk, ntk_svd=ntk_svd, layers=layers, sweep=rows)
