@@ -11,6 +11,8 @@ import math
 import os
 import pathlib
 import struct
+import time
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -115,57 +117,77 @@ class HMatrix:
                    *self.scales.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def segment_values(self):
-        """Yield ``(block_row0, block_col0, kind, codec, first, second)`` per segment, decoded.
-
-        Dense: ``first`` is the block, ``second`` None. Low rank: ``A`` (k x rows) and ``B``
-        (k x cols), the block being AᵀB. Rows: the k stored rows (k x cols) and their row numbers
-        within the block. Values are float64, exact for every codec.
-        """
+    def segment_values(self) -> Iterator["Segment"]:
+        """Every segment decoded: values in float64 (exact for every codec) and integer scales."""
         blocks = self.blocks.tolist()
         mask_cursor = 0
         for block, kind, codec_id, rank, offset, scale_offset in self.segments.tolist():
             row0, col0, rows, cols, _level = blocks[block]
             codec = CODECS[codec_id]
+            scale = self.scales.get(codec)
 
-            def run(first_row: int, count: int, length: int, start: int) -> torch.Tensor:
-                """``count`` stored rows of ``length`` from pool element ``start``."""
-                scale = self.scales.get(codec)
+            def run(first_row: int, count: int, length: int, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+                """``count`` stored rows of ``length`` from pool element ``start``, and their scales."""
                 sc = scale[scale_offset + first_row:scale_offset + first_row + count] if scale is not None else None
                 size = count * stored_row_length(codec, length)
-                return decode_rows(codec, self.pools[codec][start:start + size], sc, length, torch.float64)
+                return decode_rows(codec, self.pools[codec][start:start + size], sc, length, torch.float64), sc
 
             if kind == LOWRANK:
-                a = run(0, rank, rows, offset)
-                b = run(rank, rank, cols, offset + rank * stored_row_length(codec, rows))
-                yield row0, col0, kind, codec, a, b
+                a, a_scales = run(0, rank, rows, offset)
+                b, b_scales = run(rank, rank, cols, offset + rank * stored_row_length(codec, rows))
+                yield Segment(row0, col0, rows, cols, kind, codec, a, b, a_scales, b_scales)
             elif kind == ROWS:
                 index = mask_rows(self.row_masks[mask_cursor:mask_cursor + mask_bytes(rows)], rows)
                 mask_cursor += mask_bytes(rows)
-                yield row0, col0, kind, codec, run(0, rank, cols, offset), index
+                values, scales = run(0, rank, cols, offset)
+                yield Segment(row0, col0, rows, cols, kind, codec, values, index, scales, None)
             else:
-                yield row0, col0, kind, codec, run(0, rows, cols, offset), None
+                values, scales = run(0, rows, cols, offset)
+                yield Segment(row0, col0, rows, cols, kind, codec, values, None, scales, None)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The stored matrix, computed in float64 and cast to ``dtype`` (default: source dtype)."""
         out = torch.zeros(self.shape, dtype=torch.float64)
-        for row0, col0, kind, _codec, first, second in self.segment_values():
-            if kind == DENSE:
-                out[row0:row0 + first.shape[0], col0:col0 + first.shape[1]] = first
-            elif kind == ROWS:
-                out[row0 + second, col0:col0 + first.shape[1]] = first
+        for s in self.segment_values():
+            if s.kind == DENSE:
+                out[s.row0:s.row0 + s.rows, s.col0:s.col0 + s.cols] = s.first
+            elif s.kind == ROWS:
+                out[s.row0 + s.second, s.col0:s.col0 + s.cols] = s.first
             else:
-                out[row0:row0 + first.shape[1], col0:col0 + second.shape[1]] += first.T @ second
+                out[s.row0:s.row0 + s.rows, s.col0:s.col0 + s.cols] += s.first.T @ s.second
         return out.to(self.dtype if dtype is None else dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``H @ x`` for x of shape (n,) or (n, k), in float64, without forming H."""
         if x.shape[0] != self.shape[1] or x.ndim not in (1, 2):
             raise ValueError(f"cannot multiply a {self.shape} H-matrix by {tuple(x.shape)}")
-        product = apply_groups(segment_groups(self), x.double().reshape(self.shape[1], -1), self.shape[0])
-        return product.reshape(self.shape[0], *x.shape[1:])
+        plan = TilePlan.build(self)
+        product = tile_product(plan.tensors(), plan.ranks, x.double().reshape(self.shape[1], -1).T)
+        return product.T.reshape(self.shape[0], *x.shape[1:])
 
     __matmul__ = matmul
+
+
+@dataclasses.dataclass
+class Segment:
+    """One decoded segment of a block (``row0, col0, rows, cols``).
+
+    Dense: ``first`` is the block. Low rank: ``first`` = A (k x rows), ``second`` = B (k x cols),
+    the block being AᵀB. Rows: ``first`` holds the k stored rows (k x cols), ``second`` their row
+    numbers within the block. ``first_scales``/``second_scales``: the float32 scale of each row of
+    ``first``/``second`` for integer codecs, else None.
+    """
+
+    row0: int
+    col0: int
+    rows: int
+    cols: int
+    kind: int
+    codec: str
+    first: torch.Tensor
+    second: torch.Tensor | None
+    first_scales: torch.Tensor | None
+    second_scales: torch.Tensor | None
 
 
 def dense_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -563,133 +585,260 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------------------------
 # Computing with H-matrices
+#
+# Every segment is a term U·V on its block: low rank (U = Aᵀ, V = B), dense (U = I, V = the
+# block) or rows (U puts the k stored rows in place, V = the rows). H x = Σ U (V x[cols]) is
+# computed over *tiles*, partitions of the columns and of the rows that refine every block's range:
+#   1. each column tile multiplies the V rows of every term touching it, all tiles in one `bmm`;
+#      the partial products are summed per term with one `index_add_` into T (a row per rank);
+#   2. each row tile gathers the T rows of the terms touching it and multiplies their U columns,
+#      all tiles in one `bmm`.
+# A fixed handful of tensor operations per call, whatever the number of blocks.
 
-def rank_bucket(rank: int) -> int:
-    """Ranks are padded (with zero rows) up to a power of two so that few groups remain."""
-    return 1 << max(rank - 1, 0).bit_length()
-
-
-def _gather_rows(hm: HMatrix, codec: str, offsets: torch.Tensor, scale_offsets: torch.Tensor,
-                 count: int, length: int) -> torch.Tensor:
-    """Decode ``count`` stored rows of ``length`` starting at each offset: (g, count, length) float64."""
-    span = count * stored_row_length(codec, length)
-    index = offsets.unsqueeze(1) + torch.arange(span, dtype=torch.int64)
-    data = hm.pools[codec][index.reshape(-1)]
-    scales = None
-    if codec in INTEGER_CODECS:
-        scale_index = scale_offsets.unsqueeze(1) + torch.arange(count, dtype=torch.int64)
-        scales = hm.scales[codec][scale_index.reshape(-1)]
-    return decode_rows(codec, data, scales, length, torch.float64).reshape(offsets.numel(), count, length)
+FINE_TILE_SLACK = 1.25  # intervals up to this much longer than the shortest are not split
 
 
 @dataclasses.dataclass
-class SegmentGroup:
-    """Segments of one kind and one shape, decoded and stacked.
+class Term:
+    """One segment as ``U @ V`` with its top-left corner at ``(row0, col0)``: U (h, k), V (k, w).
 
-    dense: ``first`` (g, rows, cols), ``out_index`` (g, rows). low rank: ``first`` = Aᵀ (g, rows, k),
-    ``second`` = B (g, k, cols). rows: ``first`` (g, k, cols), ``out_index`` (g, k) (the stored rows).
-    ``in_index`` (g, cols): the input columns of each block. Low ranks and row counts are padded
-    with zeros up to `rank_bucket`.
+    ``u_scale``/``v_scale`` (k,): the scale of each column of U / row of V whose values are
+    integer codes times it (1 for the 0/1 entries of dense and rows terms); NaN where the piece
+    is stored in a floating codec.
     """
 
-    kind: int
-    out_index: torch.Tensor
-    in_index: torch.Tensor
-    first: torch.Tensor
-    second: torch.Tensor | None
+    row0: int
+    col0: int
+    u: torch.Tensor
+    v: torch.Tensor
+    u_scale: torch.Tensor
+    v_scale: torch.Tensor
 
 
-def segment_groups(hm: HMatrix, dtype: torch.dtype = torch.float64) -> list[SegmentGroup]:
-    """The matrix's segments, decoded (exactly, in float64, then cast to ``dtype``) in groups."""
-    blocks = hm.blocks.to(torch.int64)
-    seg = hm.segments.to(torch.int64)
-    if seg.shape[0] == 0:
-        return []
-    kinds = seg[:, 1]
-    # Where each rows segment's bitmap starts.
-    rows_of = blocks[seg[:, 0], 2]
-    mask_len = torch.where(kinds == ROWS, (rows_of + 7) // 8, torch.zeros_like(rows_of))
-    mask_start = torch.cumsum(mask_len, 0) - mask_len
-    buckets: dict[tuple, dict[str, list[int]]] = {}
-    for i, (block, kind, codec_id, rank, _offset, _scale) in enumerate(seg.tolist()):
-        rows, cols = int(rows_of[i]), int(blocks[block, 3])
-        key = (kind, rows, cols, 0 if kind == DENSE else rank_bucket(rank))
-        buckets.setdefault(key, {}).setdefault(CODECS[codec_id], []).append(i)
-    groups = []
-    for (kind, rows, cols, width), by_codec in sorted(buckets.items()):
-        outs, ins, firsts, seconds = [], [], [], []
-        for codec, members in sorted(by_codec.items(), key=lambda item: CODEC_ID[item[0]]):
-            members_t = torch.tensor(members, dtype=torch.int64)
-            # Segments of one bucket may have different ranks: decode per exact rank, then pad.
-            ranks = seg[members_t, 3]
-            for rank in sorted(set(ranks.tolist())):
-                idx = members_t[ranks == rank]
-                s = seg[idx]
-                row0, col0 = blocks[s[:, 0], 0], blocks[s[:, 0], 1]
-                count, pad = idx.numel(), width - rank
-                ins.append(col0.unsqueeze(1) + torch.arange(cols))
-                if kind == DENSE:
-                    firsts.append(_gather_rows(hm, codec, s[:, 4], s[:, 5], rows, cols))
-                    outs.append(row0.unsqueeze(1) + torch.arange(rows))
-                elif kind == LOWRANK:
-                    a = _gather_rows(hm, codec, s[:, 4], s[:, 5], rank, rows)
-                    start = s[:, 4] + rank * stored_row_length(codec, rows)
-                    b = _gather_rows(hm, codec, start, s[:, 5] + rank, rank, cols)
-                    firsts.append(torch.cat([a, a.new_zeros(count, pad, rows)], 1).transpose(1, 2))
-                    seconds.append(torch.cat([b, b.new_zeros(count, pad, cols)], 1))
-                    outs.append(row0.unsqueeze(1) + torch.arange(rows))
-                else:
-                    values = _gather_rows(hm, codec, s[:, 4], s[:, 5], rank, cols)
-                    firsts.append(torch.cat([values, values.new_zeros(count, pad, cols)], 1))
-                    byte_index = mask_start[idx].unsqueeze(1) + torch.arange((rows + 7) // 8)
-                    bits = (hm.row_masks[byte_index].unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
-                    local = torch.nonzero(bits.reshape(count, -1)[:, :rows])[:, 1].reshape(count, rank)
-                    local = torch.cat([local, local.new_zeros(count, pad)], 1)  # padded rows are zero
-                    outs.append(row0.unsqueeze(1) + local)
-        groups.append(SegmentGroup(
-            kind, torch.cat(outs), torch.cat(ins), torch.cat(firsts).to(dtype).contiguous(),
-            torch.cat(seconds).to(dtype).contiguous() if seconds else None))
-    return groups
-
-
-def apply_groups(groups: list[SegmentGroup], xt: torch.Tensor, rows: int) -> torch.Tensor:
-    """``H @ xt`` for H given by its segment groups: (n, N) -> (rows, N), one `bmm` per group."""
-    out = xt.new_zeros(rows, xt.shape[1])
-    for group in groups:
-        xb = xt[group.in_index]  # (g, cols, N)
-        if group.kind == LOWRANK:
-            y = torch.bmm(group.first, torch.bmm(group.second, xb))
+def terms(hm: HMatrix) -> list[Term]:
+    """The segments of ``hm`` as terms, decoded exactly (float64)."""
+    out = []
+    for s in hm.segment_values():
+        k = s.first.shape[0]
+        if s.kind == LOWRANK:
+            out.append(Term(s.row0, s.col0, s.first.T, s.second, _scales_or_nan(s.first_scales, k),
+                            _scales_or_nan(s.second_scales, k)))
+            continue
+        if s.kind == DENSE:
+            u = torch.eye(s.rows, dtype=torch.float64)
         else:
-            y = torch.bmm(group.first, xb)
-        out.index_add_(0, group.out_index.reshape(-1), y.reshape(-1, y.shape[-1]))
+            u = torch.zeros(s.rows, k, dtype=torch.float64)
+            u[s.second, torch.arange(k)] = 1.0
+        out.append(Term(s.row0, s.col0, u, s.first, torch.ones(u.shape[1], dtype=torch.float64),
+                        _scales_or_nan(s.first_scales, k)))
+    return out
+
+
+def _scales_or_nan(scales: torch.Tensor | None, count: int) -> torch.Tensor:
+    return torch.full((count,), math.nan, dtype=torch.float64) if scales is None else scales.double()
+
+
+def tiles(edges: set[int], size: int) -> list[tuple[int, int]]:
+    """``(start, length)`` tiles of ``range(size)`` with a boundary at every edge, of near-equal length.
+
+    Intervals between edges that are longer than the fine ones are split, so that padding every
+    tile to the longest wastes little.
+    """
+    points = sorted({0, size, *edges})
+    intervals = [(a, b - a) for a, b in zip(points, points[1:]) if b > a]
+    if not intervals:
+        return []
+    shortest = min(length for _, length in intervals)
+    cap = max(length for _, length in intervals if length <= FINE_TILE_SLACK * shortest)
+    out = []
+    for start, length in intervals:
+        parts = -(-length // cap)
+        for i in range(parts):
+            piece = length // parts + (1 if i < length % parts else 0)
+            out.append((start, piece))
+            start += piece
+    return out
+
+
+@dataclasses.dataclass
+class Stage:
+    """One stage of the tile product, laid out per tile.
+
+    ``factors`` (tiles, tile length, slots): the pieces of every term overlapping each tile, side
+    by side; ``scales`` (tiles, slots): each slot's scale (see `Term`; 0 for padding slots);
+    ``slot_rank`` (tiles, slots): the row of T each slot belongs to (padding: the spare last row);
+    ``index`` (tiles, tile length): the matrix row/column at each tile position (padding: ``size``).
+    """
+
+    factors: torch.Tensor
+    scales: torch.Tensor
+    slot_rank: torch.Tensor
+    index: torch.Tensor
+
+    @classmethod
+    def lay_out(cls, tile_list: list[tuple[int, int]], pieces: list[tuple[int, torch.Tensor, torch.Tensor]],
+                first_rank: list[int], size: int) -> "Stage":
+        """``pieces``: per term, (first row/column, factor (length, k), scales (k,))."""
+        starts = torch.tensor([start for start, _ in tile_list], dtype=torch.int64)
+        slots: list[list[tuple[int, int]]] = [[] for _ in tile_list]  # (term, offset in its factor)
+        for p, (start, factor, _scales) in enumerate(pieces):
+            j = int(torch.searchsorted(starts, start, right=True)) - 1
+            while j < len(tile_list) and tile_list[j][0] < start + factor.shape[0]:
+                slots[j].append((p, tile_list[j][0] - start))
+                j += 1
+        width = max((length for _, length in tile_list), default=0)
+        depth = max((sum(pieces[p][1].shape[1] for p, _ in s) for s in slots), default=0)
+        factors = torch.zeros(len(tile_list), width, depth, dtype=torch.float64)
+        scales = torch.zeros(len(tile_list), depth, dtype=torch.float64)
+        slot_rank = torch.full((len(tile_list), depth), first_rank[-1], dtype=torch.int64)
+        index = torch.full((len(tile_list), width), size, dtype=torch.int64)
+        for j, ((tile_start, tile_len), tile_slots) in enumerate(zip(tile_list, slots)):
+            index[j, :tile_len] = torch.arange(tile_start, tile_start + tile_len)
+            cursor = 0
+            for p, offset in tile_slots:
+                _start, factor, piece_scales = pieces[p]
+                k = factor.shape[1]
+                factors[j, :tile_len, cursor:cursor + k] = factor[offset:offset + tile_len]
+                scales[j, cursor:cursor + k] = piece_scales
+                slot_rank[j, cursor:cursor + k] = torch.arange(first_rank[p], first_rank[p] + k)
+                cursor += k
+        return cls(factors, scales, slot_rank, index)
+
+
+@dataclasses.dataclass
+class TilePlan:
+    """Both stages of the tile product of one H-matrix (see the comment above).
+
+    Stage 1: x gathered by ``col_index`` (padding: index n, a zero) times ``v`` (column tiles,
+    tile width, slots); slot results are summed into the columns ``v_slot`` of T (padding: the
+    last, zeroed after). Stage 2: T gathered by ``t_index`` times ``u`` (row tiles, slots, tile
+    height); output column r is column ``out_index[r]`` of the flattened result.
+    """
+
+    shape: tuple[int, int]
+    ranks: int  # rows of T, the padding row aside
+    columns: Stage
+    rows: Stage
+
+    @classmethod
+    def build(cls, hm: HMatrix) -> "TilePlan":
+        m, n = hm.shape
+        parts = terms(hm)
+        col_tiles = tiles({t.col0 for t in parts} | {t.col0 + t.v.shape[1] for t in parts}, n)
+        row_tiles = tiles({t.row0 for t in parts} | {t.row0 + t.u.shape[0] for t in parts}, m)
+        first_rank = [0]
+        for t in parts:
+            first_rank.append(first_rank[-1] + t.v.shape[0])
+        columns = Stage.lay_out(col_tiles, [(t.col0, t.v.T, t.v_scale) for t in parts], first_rank, n)
+        rows = Stage.lay_out(row_tiles, [(t.row0, t.u, t.u_scale) for t in parts], first_rank, m)
+        return cls((m, n), first_rank[-1], columns, rows)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The index tables and float64 factors `tile_product` takes."""
+        m = self.shape[0]
+        flat_rows = self.rows.index.reshape(-1)
+        real = flat_rows < m
+        out_index = torch.zeros(m, dtype=torch.int64)
+        out_index[flat_rows[real]] = torch.arange(flat_rows.numel())[real]
+        return {"col_index": self.columns.index, "v": self.columns.factors,
+                "v_slot": self.columns.slot_rank.reshape(-1), "t_index": self.rows.slot_rank,
+                "u": self.rows.factors.mT.contiguous(), "out_index": out_index}
+
+    def scales(self) -> dict[str, torch.Tensor]:
+        """Slot scales shaped to broadcast against ``v`` and ``u`` of `tensors`."""
+        return {"v": self.columns.scales.unsqueeze(1), "u": self.rows.scales.unsqueeze(2)}
+
+
+SMALL_BATCH = 16  # up to this many input rows the batch is the middle bmm dimension
+
+
+def tile_product(plan: dict[str, torch.Tensor], ranks: int, x: torch.Tensor) -> torch.Tensor:
+    """``x @ Hᵀ`` for x (N, n) with the tensors of a `TilePlan` (any dtype and device): (N, m).
+
+    Two layouts of the same computation: for small N the batch is the middle `bmm` dimension
+    (several times faster there); for large N features come first, so that every gather and
+    `index_add` moves contiguous rows of N numbers.
+    """
+    batch = x.shape[0]
+    if batch > SMALL_BATCH:
+        padded = torch.cat([x.T, x.new_zeros(1, batch)])  # row n: the zero that padding reads
+        partial = torch.bmm(plan["v"].mT, padded[plan["col_index"]])  # (tiles, slots, N)
+        t = x.new_zeros(ranks + 1, batch).index_add(0, plan["v_slot"], partial.reshape(-1, batch))
+        t = torch.cat([t[:ranks], t.new_zeros(1, batch)])  # padding slots may have met inf * 0
+        rows = torch.bmm(plan["u"].mT, t[plan["t_index"]])  # (row tiles, tile height, N)
+        return rows.reshape(-1, batch)[plan["out_index"]].T
+    padded = torch.cat([x, x.new_zeros(batch, 1)], 1)
+    partial = torch.bmm(padded[:, plan["col_index"]].transpose(0, 1), plan["v"])  # (tiles, N, slots)
+    t = x.new_zeros(batch, ranks + 1).index_add(1, plan["v_slot"], partial.transpose(0, 1).reshape(batch, -1))
+    t = torch.cat([t[:, :ranks], t.new_zeros(batch, 1)], 1)
+    rows = torch.bmm(t[:, plan["t_index"]].transpose(0, 1), plan["u"])  # (row tiles, N, tile height)
+    return rows.transpose(0, 1).reshape(batch, -1)[:, plan["out_index"]]
+
+
+def compact_planes(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Factors as int8 codes times float32 scales, plus a plane for floating-coded pieces.
+
+    The float plane takes the narrowest of float16, bfloat16 and ``dtype`` that holds its values
+    exactly; planes with nothing in them are left out. `decode_planes` inverts this.
+    """
+    integer = ~torch.isnan(scales)
+    safe = torch.where(integer & (scales != 0), scales, torch.ones_like(scales))
+    codes = torch.where(integer, torch.round(values / safe), torch.zeros_like(values))
+    floats = torch.where(integer, torch.zeros_like(values), values)
+    planes = {}
+    if bool(codes.any()):
+        planes["codes"] = codes.to(torch.int8)
+        planes["scale"] = torch.where(integer, scales, torch.zeros_like(scales)).to(torch.float32)
+    if bool(floats.any()):
+        narrow = [d for d in (torch.float16, torch.bfloat16) if torch.equal(floats.to(d).double(), floats)]
+        planes["float"] = floats.to(narrow[0] if narrow else dtype)
+    return planes
+
+
+def decode_planes(planes: dict[str, torch.Tensor], dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    """The factors in ``dtype`` from `compact_planes` (codes times scales rounded once, in float32
+    or float64, as decoding straight into ``dtype`` would)."""
+    out = torch.zeros(shape, dtype=dtype, device=planes["anchor"].device)
+    if "codes" in planes:
+        wide = torch.promote_types(dtype, torch.float32)
+        out = out + (planes["codes"].to(wide) * planes["scale"].to(wide)).to(dtype)
+    if "float" in planes:
+        out = out + planes["float"].to(dtype)
     return out
 
 
 class HLinear(nn.Module):
     """``y = x @ Hᵀ + bias`` for a packed H-matrix H, without forming H.
 
-    Segments of one kind and shape (low ranks padded to a power of two) are decoded once, stacked,
-    and multiplied together with one `bmm` per group; the results are scattered into the output
-    rows with `index_add_`. Python work per call scales with the number of groups, not blocks.
-    The decoded factors are (non-persistent) buffers, so ``.to()`` moves them.
+    The two-stage tile product (see `TilePlan`) costs a fixed handful of tensor operations per
+    call, whatever the number of blocks. Factors are decoded once into ``dtype``; with
+    ``keep_compact`` they stay as int8 codes with float32 scales (plus a float16, bfloat16 or
+    ``dtype`` plane for pieces stored in floating codecs) and are decoded on every call: less
+    memory, more time. All tensors are (non-persistent) buffers, so ``.to()`` moves them; ``bias``
+    stays a trainable parameter.
     """
 
     def __init__(self, hmatrix: HMatrix, bias: torch.Tensor | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 keep_compact: bool = False) -> None:
         super().__init__()
         dtype = dtype or torch.float32
         self.out_features, self.in_features = hmatrix.shape
         self.blocks = int(hmatrix.blocks.shape[0])
         self.stored_bytes = hmatrix.nbytes
-        groups = segment_groups(hmatrix, dtype)
-        self._kinds = []
-        for i, group in enumerate(groups):
-            self._kinds.append(group.kind)
-            self.register_buffer(f"g{i}_out", group.out_index.reshape(-1).to(device), persistent=False)
-            self.register_buffer(f"g{i}_in", group.in_index.to(device), persistent=False)
-            self.register_buffer(f"g{i}_first", group.first.to(device), persistent=False)
-            if group.second is not None:
-                self.register_buffer(f"g{i}_second", group.second.to(device), persistent=False)
+        self.keep_compact = keep_compact
+        plan = TilePlan.build(hmatrix)
+        self._ranks = plan.ranks
+        tensors, scales = plan.tensors(), plan.scales()
+        self._factor_shapes = {name: tensors[name].shape for name in ("u", "v")}
+        for name, tensor in tensors.items():
+            if name not in self._factor_shapes:
+                self.register_buffer(f"_{name}", tensor.to(device), persistent=False)
+            elif keep_compact:
+                for part, plane in compact_planes(tensor, scales[name], dtype).items():
+                    self.register_buffer(f"_{name}_{part}", plane.to(device), persistent=False)
+            else:
+                self.register_buffer(f"_{name}", tensor.to(device=device, dtype=dtype), persistent=False)
         if bias is not None:
             trainable = bias.requires_grad if isinstance(bias, nn.Parameter) else True
             bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype).clone(),
@@ -697,77 +846,146 @@ class HLinear(nn.Module):
         self.bias = bias
         self.register_buffer("_anchor", torch.zeros(0, dtype=dtype, device=device), persistent=False)
 
+    def _factor(self, name: str) -> torch.Tensor:
+        if not self.keep_compact:
+            return getattr(self, f"_{name}")
+        planes = {part: getattr(self, f"_{name}_{part}") for part in ("codes", "scale", "float")
+                  if hasattr(self, f"_{name}_{part}")}
+        return decode_planes({**planes, "anchor": self._anchor}, self._anchor.dtype, self._factor_shapes[name])
+
     @property
-    def groups(self) -> int:
-        return len(self._kinds)
+    def held_bytes(self) -> int:
+        """Bytes of the tensors held for the product (factors or their codes, scales, index tables)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"HLinear expects inputs with {self.in_features} features, got {tuple(x.shape)}")
-        dtype = self._anchor.dtype
         lead = x.shape[:-1]
-        xt = x.reshape(math.prod(lead), self.in_features).to(dtype).T.contiguous()  # (n, N)
-        groups = [SegmentGroup(kind, getattr(self, f"g{i}_out"), getattr(self, f"g{i}_in"),
-                               getattr(self, f"g{i}_first"), getattr(self, f"g{i}_second", None))
-                  for i, kind in enumerate(self._kinds)]
-        y = apply_groups(groups, xt, self.out_features).T
+        rows = x.reshape(math.prod(lead), self.in_features).to(self._anchor.dtype)
+        plan = {"col_index": self._col_index, "v": self._factor("v"), "v_slot": self._v_slot,
+                "t_index": self._t_index, "u": self._factor("u"), "out_index": self._out_index}
+        y = tile_product(plan, self._ranks, rows)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"blocks={self.blocks}, groups={self.groups}, bytes={self.stored_bytes}, "
-                f"bias={self.bias is not None}, dtype={str(self._anchor.dtype).removeprefix('torch.')}")
+                f"blocks={self.blocks}, bytes={self.stored_bytes}, held={self.held_bytes}, "
+                f"bias={self.bias is not None}, dtype={str(self._anchor.dtype).removeprefix('torch.')}"
+                f"{', compact' if self.keep_compact else ''}")
 
 
-def patch(model: nn.Module, path: str | os.PathLike, mode: str = "hmatrix") -> list[str]:
-    """Load a compressed file into ``model``; with ``mode="hmatrix"`` replace each `nn.Linear`
-    whose weight is compressed by an `HLinear`. Keys are checked strictly, as by
-    ``model.load_state_dict``. Returns the names of the replaced modules."""
-    if mode not in ("hmatrix", "dense"):
-        raise ValueError(f"mode must be 'hmatrix' or 'dense', got {mode!r}")
-    if mode == "dense":
-        model.load_state_dict(load_state_dict(path))
-        return []
+PATCH_MODES = ("hmatrix", "dense", "auto")
+
+
+@dataclasses.dataclass
+class LayerChoice:
+    """How `patch` runs one compressed `nn.Linear`, and the probe timings behind an "auto" choice."""
+
+    name: str
+    mode: str  # "hmatrix" or "dense"
+    hmatrix_seconds: float | None = None
+    dense_seconds: float | None = None
+
+
+class Patched(list):
+    """The names of the modules `patch` replaced by `HLinear` (a plain list of str), with every
+    compressed linear layer's `LayerChoice` in ``choices``."""
+
+    def __init__(self, choices: list[LayerChoice]) -> None:
+        super().__init__(sorted(c.name for c in choices if c.mode == "hmatrix"))
+        self.choices = sorted(choices, key=lambda c: c.name)
+
+
+def patch(model: nn.Module, path: str | os.PathLike, mode: str = "hmatrix", *,
+          keep_compact: bool = False, probe_batch: int = 16) -> Patched:
+    """Load a compressed file into ``model``, running compressed `nn.Linear` layers as `HLinear`.
+
+    ``mode="hmatrix"`` replaces every `nn.Linear` whose weight is compressed; ``"dense"`` loads
+    dense weights only; ``"auto"`` times both on a random probe of ``probe_batch`` rows and keeps
+    the faster per layer (see ``.choices`` of the result). ``keep_compact`` keeps integer-coded
+    factors compact (see `HLinear`). Keys are checked strictly, as by ``model.load_state_dict``.
+    """
+    if mode not in PATCH_MODES:
+        raise ValueError(f"mode must be one of {', '.join(PATCH_MODES)}, got {mode!r}")
     compressed = read_file(path)
     file_keys = {*compressed.matrices, *compressed.passthrough}
     model_keys = set(model.state_dict().keys())
-    replace = {}
-    for name, module in model.named_modules():
-        prefix = name + "." if name else ""
-        if isinstance(module, nn.Linear) and prefix + "weight" in compressed.matrices:
-            replace[name] = module
+    linears = {name: module for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and _key(name, "weight") in compressed.matrices}
     # Biases of replaced layers may be absent from the file (then the layer's own is kept).
-    optional = {(name + "." if name else "") + "bias" for name in replace}
+    optional = {_key(name, "bias") for name in linears} if mode != "dense" else set()
     missing = sorted(model_keys - file_keys - optional)
     unexpected = sorted(file_keys - model_keys)
     if missing or unexpected:
         raise RuntimeError(f"{path}: does not match the model: missing keys {missing}, "
                            f"unexpected keys {unexpected}")
-    if "" in replace:
+    if "" in linears and mode != "dense":
         raise ValueError("cannot replace the model itself by an HLinear; patch a module containing it")
-    replaced_weights = {name + ".weight" for name in replace}
+    choices, new_modules = [], {}
+    for name, module in linears.items():
+        hm = compressed.matrices[_key(name, "weight")]
+        if tuple(hm.shape) != (module.out_features, module.in_features):
+            raise RuntimeError(f"{path}: {name}.weight has shape {tuple(hm.shape)}, the model's "
+                               f"{(module.out_features, module.in_features)}")
+        if mode == "dense":
+            choices.append(LayerChoice(name, "dense"))
+            continue
+        layer = HLinear(hm, module.bias, dtype=module.weight.dtype, device=module.weight.device,
+                        keep_compact=keep_compact)
+        choice = LayerChoice(name, "hmatrix")
+        if mode == "auto":
+            choice = _faster(name, layer, hm, module, probe_batch)
+        choices.append(choice)
+        if choice.mode == "hmatrix":
+            new_modules[id(module)] = layer
+    replaced = {c.name for c in choices if c.mode == "hmatrix"}
     dense = {}
-    for name in sorted(file_keys - replaced_weights):
+    for name in sorted(file_keys - {_key(n, "weight") for n in replaced}):
         if name in compressed.matrices:
             info = compressed.metadata["matrices"][name]
             dense[name] = compressed.matrices[name].to_dense().reshape(info["orig_shape"])
         else:
             dense[name] = compressed.passthrough[name]
-    new_modules = {}
-    for name, module in replace.items():
-        hm = compressed.matrices[(name + "." if name else "") + "weight"]
-        if tuple(hm.shape) != (module.out_features, module.in_features):
-            raise RuntimeError(f"{path}: {name}.weight has shape {tuple(hm.shape)}, the model's "
-                               f"{(module.out_features, module.in_features)}")
-        new_modules[id(module)] = HLinear(hm, module.bias, dtype=module.weight.dtype,
-                                          device=module.weight.device)
-    for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
+    for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if id(child) in new_modules:
                 setattr(parent, child_name, new_modules[id(child)])
     result = model.load_state_dict(dense, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"{path}: unexpected keys {sorted(result.unexpected_keys)}")
-    return sorted(replace)
+    return Patched(choices)
+
+
+def _key(module_name: str, tensor: str) -> str:
+    return f"{module_name}.{tensor}" if module_name else tensor
+
+
+def _faster(name: str, layer: HLinear, hm: HMatrix, module: nn.Linear, probe_batch: int) -> LayerChoice:
+    """Time `layer` against a dense `nn.Linear` holding H on the same probe; the faster wins."""
+    weight = module.weight
+    dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(hm.to_dense(weight.dtype))
+        probe = torch.randn(probe_batch, module.in_features, generator=torch.Generator().manual_seed(0))
+        probe = probe.to(device=weight.device, dtype=weight.dtype)
+        h_time, d_time = _seconds(layer, probe), _seconds(dense, probe)
+    return LayerChoice(name, "hmatrix" if h_time <= d_time else "dense", h_time, d_time)
+
+
+def _seconds(fn: nn.Module, probe: torch.Tensor, budget: float = 0.02, most: int = 50) -> float:
+    """The best of several timed calls (after a warm-up), within about ``budget`` seconds."""
+    sync = torch.cuda.synchronize if probe.is_cuda else (lambda: None)
+    fn(probe)
+    sync()
+    best, spent, calls = math.inf, 0.0, 0
+    while calls < 3 or (spent < budget and calls < most):
+        start = time.perf_counter()
+        fn(probe)
+        sync()
+        elapsed = time.perf_counter() - start
+        best, spent, calls = min(best, elapsed), spent + elapsed, calls + 1
+    return best

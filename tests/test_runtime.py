@@ -261,16 +261,17 @@ def test_read_file_names_the_broken_tensor(tmp_path):
 # HLinear and patch
 
 
+@pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("make", [mixed_matrix, lambda: compressed(45, 37, tol=1e-3)])
-def test_hlinear_matches_dense(dtype, make):
+def test_hlinear_matches_dense(dtype, make, compact):
     hm = make()
     m, n = hm.shape
     bias = torch.randn(m)
-    layer = HLinear(hm, bias, dtype=dtype)
+    layer = HLinear(hm, bias, dtype=dtype, keep_compact=compact)
     dense = hm.to_dense(torch.float64)
     tol = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 0.1}[dtype]
-    for shape in [(5, n), (2, 3, n), (n,)]:
+    for shape in [(5, n), (2, 3, n), (n,), (runtime.SMALL_BATCH + 3, n)]:  # both layouts
         x = torch.randn(shape).to(dtype)
         y = layer(x)
         assert y.shape == (*shape[:-1], m) and y.dtype == dtype
@@ -278,7 +279,6 @@ def test_hlinear_matches_dense(dtype, make):
         scale = ref.abs().max().item() + 1
         assert (y.double() - ref).abs().max().item() <= tol * scale
     assert "blocks=" in repr(layer) and "bytes=" in repr(layer)
-    assert layer.groups < hm.segments.shape[0] or hm.segments.shape[0] <= 6
 
 
 def test_hlinear_gradients_and_to():
@@ -327,6 +327,44 @@ def test_patch_replaces_linears(model_file):
     dense_model = make_model()
     assert patch(dense_model, path, mode="dense") == []
     assert torch.allclose(dense_model(x), reference(x))
+
+
+def test_patch_auto_keeps_the_faster_per_layer_and_says_so(model_file):
+    _model, path, _hms = model_file
+    model = make_model()
+    patched = patch(model, path, mode="auto", probe_batch=4)
+    assert [c.name for c in patched.choices] == ["0", "2", "4"]
+    for choice in patched.choices:
+        assert choice.hmatrix_seconds > 0 and choice.dense_seconds > 0
+        faster = "hmatrix" if choice.hmatrix_seconds <= choice.dense_seconds else "dense"
+        assert choice.mode == faster
+        assert isinstance(model.get_submodule(choice.name), HLinear) == (faster == "hmatrix")
+    assert patched == [c.name for c in patched.choices if c.mode == "hmatrix"]
+    reference = make_model()
+    reference.load_state_dict(load_state_dict(path))
+    x = torch.randn(7, 24)
+    assert torch.allclose(model(x), reference(x), atol=1e-5)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        patch(make_model(), path, mode="fast")
+
+
+def test_compact_factors_hold_fewer_bytes_and_compute_the_same():
+    hm = compressed(96, 80, tol=3e-2)  # auto precision: integer codes
+    assert any(codec.startswith("i") for codec in hm.pools)
+    full, compact = HLinear(hm), HLinear(hm, keep_compact=True)
+    assert compact.held_bytes < 0.6 * full.held_bytes
+    x = torch.randn(5, 80)
+    assert torch.equal(compact(x), full(x))
+    assert "compact" in repr(compact)
+
+
+def test_hlinear_runs_under_torch_compile():
+    hm = compressed(64, 48, tol=1e-3)
+    layer = HLinear(hm, torch.randn(64))
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    for batch in (3, runtime.SMALL_BATCH + 5):
+        x = torch.randn(batch, 48)
+        assert torch.allclose(compiled(x), layer(x), atol=1e-6)
 
 
 def test_patch_checks_keys_and_keeps_missing_bias(tmp_path):
