@@ -4,7 +4,8 @@ Per checkpoint: seconds of one `compress` at tol 1e-2 (auto, no file written; th
 in the same process), of `compare` at tol 1e-2 and with the sweep 1e-1,1e-2,1e-3 (all methods,
 matched sizes included), of drawing its pictures, and on how many (layer or total, tolerance)
 rows hmcompress (auto) has the fewest bytes among the methods within the tolerance, naming
-the others. Usage: python -m benchmarks.compare [--no-pictures] [NAME_SUBSTRING ...]
+the others; and the total bytes ratio of hmcompress (auto) and of the best other method within the
+tolerance on every layer. Usage: python -m benchmarks.compare [--no-pictures] [NAME_SUBSTRING ...]
 """
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ def main() -> None:
     parser.add_argument("names", nargs="*", help="only checkpoints whose path contains one of these")
     args = parser.parse_args()
     methods = baselines.registry()
+    ratios = " | ".join(f"ratio @{tol:g}" for tol in SWEEP)
     print("| checkpoint | matrices | compress 1e-2 | compare 1e-2 | compare sweep | / compress | pictures "
-          "| hm-auto smallest (rows) | not smallest |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"| {ratios} | hm-auto smallest (rows) | not smallest |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for path in [*checkpoint_files(), *sample_model_files()]:
         if args.names and not any(n in str(path) for n in args.names):
             continue
@@ -56,7 +58,18 @@ def main() -> None:
         others = "; ".join(f"{b['layer'] or 'total'} @{b['tol']:g}: {b['smallest']} {b['bytes']} B "
                            f"< {b['reference_bytes']} B" for b in beaten) or "-"
         print(f"| {label} | {len(result.layers)} | {base:.1f}s | {single:.1f}s | {sweep:.1f}s | "
-              f"{sweep / base:.1f}x | {drawn} | {rows - len(beaten)}/{rows} | {others} |", flush=True)
+              f"{sweep / base:.1f}x | {drawn} | {' | '.join(_ratios(result, tol) for tol in SWEEP)} | "
+              f"{rows - len(beaten)}/{rows} | {others} |", flush=True)
+
+
+def _ratios(result: compare.Comparison, tol: float) -> str:
+    """Total bytes ratio of hm-auto and of the best other method within the tolerance on every layer."""
+    if not result.layers:
+        return "-"
+    totals = result.totals(tol)
+    others = {n: t for n, t in totals.items() if n != baselines.REFERENCE and t.layers_within == t.layers}
+    best = min(others, key=lambda n: others[n].nbytes)
+    return f"{totals[baselines.REFERENCE].ratio:.2f} ({best} {others[best].ratio:.2f})"
 
 
 if __name__ == "__main__":

@@ -287,13 +287,13 @@ def stored_layers_png(figure, names: list[str], ratios: list[float], errors: lis
                       tols: list[float] | None) -> None:
     """Per layer of a compressed file: bytes ratio and measured relative error (and tolerance)."""
     ax_ratio, ax_error = figure.subplots(2, 1, sharex=True)
-    x = np.arange(len(names))
-    ax_ratio.bar(x, ratios, color="C0")
+    x = np.arange(len(names))  # points, not bars: a log axis has no baseline for a bar to start from
+    ax_ratio.plot(x, ratios, "o", color="C0")
     _log_scale(ax_ratio)
     ax_ratio.set_ylabel("bytes ratio")
-    ax_error.bar(x, [e if e > 0 else np.nan for e in errors], color="C1", label="measured")
+    ax_error.plot(x, [e if e > 0 else np.nan for e in errors], "o", color="C1", label="measured")
     if tols is not None:
-        ax_error.scatter(x, tols, marker="_", s=200, color="black", label="tolerance", zorder=3)
+        ax_error.scatter(x, tols, marker="_", s=300, color="black", label="tolerance", zorder=3)
     _log_scale(ax_error)
     ax_error.set_ylabel("relative error")
     ax_error.set_xlabel("layer")
