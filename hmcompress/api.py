@@ -12,11 +12,12 @@ from collections.abc import Callable
 import torch
 
 from .bounds import compute_bounds
-from .build import CompressionOptions, compress_matrix, measured_error
+from .build import CompressionOptions, compress_matrix
 from .checkpoint import Checkpoint, Selection, as_matrix, classify, open_checkpoint
 from .errors import UserError
 from .runtime import DENSE, FORMAT_VERSION, LOWRANK, ROWS, HMatrix, dense_nbytes, read_file
-from .writer import write_compressed, write_runtime_shim
+from .verdicts import Gates, recorded_fields, recorded_problems
+from .writer import remove_stale_temporaries, write_compressed, write_runtime_shim
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 
@@ -67,6 +68,7 @@ class CompressionResult:
     output: pathlib.Path | None
     layers: list[LayerStats]
     options: dict
+    failures: list[str] = dataclasses.field(default_factory=list)  # quality gates missed
 
     def totals(self) -> dict:
         return totals(self.layers)
@@ -136,8 +138,13 @@ def default_output(source: pathlib.Path, out_dir: pathlib.Path | None = None) ->
 def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path | None,
                         options: CompressionOptions, selection: Selection = Selection(),
                         overwrite: bool = False, progress: Progress | None = None,
-                        write: bool = True) -> CompressionResult:
-    """Compress every eligible matrix of a checkpoint and write the compressed file + shim."""
+                        write: bool = True, gates: Gates | None = None,
+                        keep_failed: bool = False) -> CompressionResult:
+    """Compress every eligible matrix of a checkpoint and write the compressed file + shim.
+
+    With ``gates``, a result that misses one is not written (unless ``keep_failed``); its
+    ``failures`` say why and its ``output`` is None.
+    """
     source = pathlib.Path(source)
     ckpt = open_checkpoint(source)
     output = pathlib.Path(output) if output else default_output(source)
@@ -148,6 +155,8 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
     for entry in ckpt.entries:
         reason = classify(entry, selection)
         tensor = entry.load()
+        if reason is None and not bool(torch.isfinite(tensor).all()):
+            reason = _nonfinite(source, entry.name, selection)
         if reason is not None:
             passthrough[entry.name] = (tensor, reason)
             layers.append(LayerStats(entry.name, list(entry.shape), str(entry.dtype).removeprefix("torch."),
@@ -155,7 +164,6 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
             continue
         if progress:
             progress(len(matrices), eligible, entry.name)
-        _require_finite(source, entry.name, tensor)
         result = compress_matrix(as_matrix(tensor), options)
         stats = layer_stats(entry.name, tensor, result.hmatrix, result.dense, result.error,
                             result.budget, result.root_sigma, options, result.strategy)
@@ -164,30 +172,46 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
         layers.append(stats)
     header = {"options": options_json(options, selection), "source": {"file": source.name, "kind": ckpt.kind},
               "extra": ckpt.extra}
+    failures = gates.failures(layers, totals(layers)) if gates else []
+    write = write and (keep_failed or not failures)
     if write:
         write_compressed(output, matrices, passthrough, header, overwrite=overwrite)
         write_runtime_shim(output.parent)
-    return CompressionResult(source, output if write else None, layers, header["options"])
+    return CompressionResult(source, output if write else None, layers, header["options"], failures)
 
 
 def options_json(options: CompressionOptions, selection: Selection) -> dict:
     return {**dataclasses.asdict(options), "min_size": selection.min_size,
             "include": list(selection.include), "exclude": list(selection.exclude),
-            "conv": selection.conv, "format_version": FORMAT_VERSION}
+            "conv": selection.conv, "passthrough_nonfinite": selection.passthrough_nonfinite,
+            "format_version": FORMAT_VERSION}
 
 
 def _check_output(source: pathlib.Path, output: pathlib.Path, overwrite: bool) -> None:
-    if output.exists() and source.exists() and output.resolve() == source.resolve():
+    if is_input(output, source):
         raise UserError(f"{output}: refusing to overwrite the input checkpoint")
     if output.exists() and not overwrite:
         raise UserError(f"{output}: exists (use --force to overwrite)")
     if not output.parent.is_dir():
         raise UserError(f"{output.parent}: output directory does not exist")
+    remove_stale_temporaries(output)
 
 
-def _require_finite(source: pathlib.Path, name: str, tensor: torch.Tensor) -> None:
-    if not bool(torch.isfinite(tensor).all()):
-        raise UserError(f"{source}: tensor {name!r} contains NaN or Inf values")
+def is_input(output: pathlib.Path, source: pathlib.Path) -> bool:
+    """Whether writing ``output`` would replace ``source`` or a file inside a source directory."""
+    if not output.exists() or not source.exists():
+        return False
+    if source.is_dir():
+        return output.resolve().parent == source.resolve()
+    return output.samefile(source)
+
+
+def _nonfinite(source: pathlib.Path, name: str, selection: Selection) -> str:
+    """The passthrough reason of a tensor holding NaN or Inf, if the selection allows one."""
+    if not selection.passthrough_nonfinite:
+        raise UserError(f"{source}: tensor {name!r} contains NaN or Inf values "
+                        "(--passthrough-nonfinite copies such tensors unchanged)")
+    return "non-finite values (NaN/Inf)"
 
 
 def stats_from_file(path: str | pathlib.Path) -> tuple[dict, list[LayerStats]]:
@@ -195,10 +219,8 @@ def stats_from_file(path: str | pathlib.Path) -> tuple[dict, list[LayerStats]]:
     compressed = read_file(path)
     meta = compressed.metadata
     layers = []
-    fields = {f.name for f in dataclasses.fields(LayerStats)}
     for name, info in sorted(meta["matrices"].items()):
-        stats = {k: v for k, v in info["stats"].items() if k in fields}
-        layers.append(LayerStats(**stats))
+        layers.append(LayerStats(**recorded_fields(LayerStats, info.get("stats"), f"{path}: {name}")))
     for name, reason in sorted(meta["passthrough"].items()):
         tensor = compressed.passthrough[name]
         nbytes = tensor.numel() * tensor.element_size()
@@ -215,11 +237,15 @@ class Verification:
     measured_error: float
     budget: float
     ok: bool
+    problems: list[str] = dataclasses.field(default_factory=list)  # recorded figures that do not hold
 
 
 def verify(path: str | pathlib.Path, original: str | pathlib.Path) -> list[Verification]:
-    """Re-measure every compressed matrix against the original checkpoint."""
+    """Re-measure every compressed matrix against the original checkpoint and re-check every
+    figure its stats record (errors, budget, bytes, spectral error, sigma and kappa(H) bounds)."""
     compressed = read_file(path)
+    options = compressed.metadata.get("options")
+    absolute = isinstance(options, dict) and options.get("absolute") is True
     ckpt = open_checkpoint(original)
     by_name = {e.name: e for e in ckpt.entries}
     results = []
@@ -230,12 +256,9 @@ def verify(path: str | pathlib.Path, original: str | pathlib.Path) -> list[Verif
         hm = compressed.matrices[name]
         if tuple(w.shape) != tuple(hm.shape):
             raise UserError(f"{original}: tensor {name!r} has shape {tuple(w.shape)}, not {hm.shape}")
-        stored = hm.to_dense(torch.float64)
-        measured = measured_error(w, stored, hm.dtype)
-        stats = info["stats"]
-        budget = stats["budget"]
-        ok = measured <= budget * (1 + 1e-9) + 1e-300 and measured <= stats["fro_error"] * (1 + 1e-9) + 1e-300
-        results.append(Verification(name, stats["fro_error"], measured, budget, ok))
+        stats = recorded_fields(LayerStats, info.get("stats"), f"{path}: {name}")
+        measured, problems = recorded_problems(w, hm, stats, absolute, f"{path}: {name}")
+        results.append(Verification(name, stats["fro_error"], measured, stats["budget"], not problems, problems))
     return results
 
 

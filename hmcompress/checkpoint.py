@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import io
 import json
 import math
 import os
@@ -23,9 +24,13 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError
+from .picklescan import Global, persistent_ids
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_NESTING = 100  # containers inside containers in a pickled checkpoint
+MAX_NODES = 1_000_000  # objects visited while flattening one (shared containers count per path)
+DEFLATE_MAX_RATIO = 1032  # the most deflate can expand: bounds what a compressed .npz member may claim
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -67,20 +72,24 @@ class Selection:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     conv: bool = False
+    passthrough_nonfinite: bool = False  # copy matrices holding NaN/Inf unchanged instead of refusing
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Open a checkpoint file or directory; every problem is a one-line `CheckpointError`."""
     path = pathlib.Path(path)
-    if not path.exists():
-        raise CheckpointError(path, "no such file or directory")
-    if path.is_dir():
-        return _open_directory(path)
-    if path.stat().st_size == 0:
-        raise CheckpointError(path, "empty file")
-    kind = _sniff(path)
-    opener = {"safetensors": _open_safetensors, "torch": _open_torch, "npz": _open_npz}[kind]
-    ckpt = opener(path)
+    try:
+        if not path.exists():
+            raise CheckpointError(path, "no such file or directory")
+        if path.is_dir():
+            return _open_directory(path)
+        if path.stat().st_size == 0:
+            raise CheckpointError(path, "empty file")
+        kind = _sniff(path)
+        opener = {"safetensors": _open_safetensors, "torch": _open_torch, "npz": _open_npz}[kind]
+        ckpt = opener(path)
+    except OSError as exc:  # unreadable, vanished, a special file ...
+        raise CheckpointError(path, f"cannot read ({exc.strerror or exc.__class__.__name__})") from None
     ckpt.entries.sort(key=lambda e: e.name)
     return ckpt
 
@@ -114,15 +123,22 @@ def safetensors_header(path: pathlib.Path) -> dict:
             raise CheckpointError(path, f"safetensors header claims {length} bytes, file has {size - 8}")
         raw = fh.read(length)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(path, f"safetensors header is not valid UTF-8 JSON ({exc.__class__.__name__})") from None
+    except _DuplicateKey as exc:
+        raise CheckpointError(path, f"safetensors header names {exc.args[0]!r} twice") from None
     if not isinstance(header, dict):
         raise CheckpointError(path, "safetensors header is not a JSON object")
     data_size = size - 8 - length
     spans = []
     for name, info in header.items():
+        if not _is_unicode(name):
+            raise CheckpointError(path, f"tensor name {name!r} is not valid UTF-8 (a lone surrogate)")
         if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) and _is_unicode(k + v)
+                                                     for k, v in info.items()):
+                raise CheckpointError(path, "safetensors __metadata__ must map strings to strings")
             continue
         if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
             raise CheckpointError(path, f"tensor {name!r}: unknown or missing dtype")
@@ -141,6 +157,29 @@ def safetensors_header(path: pathlib.Path) -> dict:
         if begin < end:
             raise CheckpointError(path, f"tensors {first!r} and {second!r} overlap")
     return header
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object hook refusing a key given twice (json would silently keep the last)."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _is_unicode(text: str) -> bool:
+    """False for strings JSON escapes can make but UTF-8 cannot hold (lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _open_safetensors(path: pathlib.Path) -> Checkpoint:
@@ -177,36 +216,71 @@ def _warn_old_torch() -> None:
 
 
 def _open_torch(path: pathlib.Path) -> Checkpoint:
-    if zipfile.is_zipfile(path) and _is_torchscript(path):
+    if _is_torchscript(path):
         return _open_torchscript(path)
     _warn_old_torch()
     obj = _torch_load(path)
-    entries, extra, dropped = _flatten(obj)
+    entries, extra, dropped = _flatten(path, obj)
     return Checkpoint(path, "torch", entries, extra, dropped)
 
 
 def _torch_load(path: pathlib.Path) -> object:
-    zipped = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+        if zipfile.is_zipfile(path):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        data = path.read_bytes()  # the legacy format: read from memory, so no read asks for more
+        _check_legacy_claims(path, data)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = str(exc).strip().splitlines()
         detail = next((line for line in reason if "Unsupported global" in line or "GLOBAL" in line), "")
+        if not detail:
+            raise CheckpointError(path, f"cannot read as a PyTorch checkpoint (corrupt pickle: "
+                                        f"{reason[0] if reason else 'unreadable'})") from None
         raise CheckpointError(path, "refusing to unpickle: the file contains Python objects other than "
-                                    f"tensors and containers ({detail.strip() or 'not weights_only-safe'}); "
+                                    f"tensors and containers ({detail.strip()}); "
                                     "only weights_only-safe checkpoints are read") from None
+    except CheckpointError:
+        raise
     except Exception as exc:  # corrupt or truncated archives raise many different errors
         raise CheckpointError(path, f"cannot read as a PyTorch checkpoint ({exc.__class__.__name__}: "
                                     f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'})") from None
 
 
-def _flatten(obj: object) -> tuple[list[TensorEntry], dict[str, object], list[str]]:
+def _check_legacy_claims(path: pathlib.Path, data: bytes) -> None:
+    """Refuse a legacy (non-zip) file whose pickle claims a storage larger than the file: torch
+    would allocate it before finding the data missing. An unparsable pickle is refused too."""
+    stream = io.BytesIO(data)
+    try:
+        for _ in range(3):  # magic number, protocol version, system info
+            for _ in persistent_ids(stream):
+                raise CheckpointError(path, "persistent record in a legacy PyTorch file's preamble")
+        for pid in persistent_ids(stream):
+            if not (isinstance(pid, tuple) and pid and pid[0] in ("storage", b"storage")):
+                continue  # torch refuses any other record itself
+            itemsize = _LEGACY_ITEMSIZE.get(pid[1] if len(pid) > 1 else None)
+            if len(pid) < 5 or itemsize is None or type(pid[4]) is not int or pid[4] < 0:
+                raise CheckpointError(path, "unrecognised storage record in a legacy PyTorch file")
+            if pid[4] * itemsize > len(data):
+                raise CheckpointError(path, f"a storage claims {pid[4] * itemsize} bytes, more than the "
+                                            f"{len(data)}-byte file holds")
+    except CheckpointError:
+        raise
+    except Exception as exc:  # pickletools' errors on malformed opcodes
+        raise CheckpointError(path, f"cannot read as a PyTorch checkpoint (malformed pickle: "
+                                    f"{exc.__class__.__name__})") from None
+
+
+def _flatten(path: pathlib.Path, obj: object) -> tuple[list[TensorEntry], dict[str, object], list[str]]:
     """Nested dicts/lists of tensors -> entries with dotted names (+ JSON-able extras)."""
     tensors: dict[str, torch.Tensor] = {}
     extra: dict[str, object] = {}
     dropped: list[str] = []
-    for name, value in _walk(obj, ""):
+    for name, value in _walk(path, obj):
+        if name in tensors or name in extra or name in dropped:
+            raise CheckpointError(path, f"two entries are both named {name!r} once flattened")
         if isinstance(value, torch.Tensor):
+            _require_within_storage(path, name, value)
             tensors[name] = value
         elif _json_safe(value):
             extra[name] = value
@@ -219,16 +293,45 @@ def _flatten(obj: object) -> tuple[list[TensorEntry], dict[str, object], list[st
     return entries, extra, sorted(dropped)
 
 
-def _walk(obj: object, prefix: str) -> Iterator[tuple[str, object]]:
+def _walk(path: pathlib.Path, root: object) -> Iterator[tuple[str, object]]:
+    """(dotted name, leaf) pairs, depth first; hostile nesting, cycles and sharing bombs are refused."""
+    stack: list[tuple[str, object, tuple[int, ...]]] = [("", root, ())]
+    visited = 0
+    while stack:
+        name, obj, ancestors = stack.pop()
+        visited += 1
+        if visited > MAX_NODES:
+            raise CheckpointError(path, f"holds more than {MAX_NODES} nested objects (a sharing bomb?)")
+        children = _children(obj)
+        if children is None:
+            yield name, obj
+            continue
+        if id(obj) in ancestors:
+            raise CheckpointError(path, f"container {name or '<root>'!r} contains itself")
+        if len(ancestors) >= MAX_NESTING:
+            raise CheckpointError(path, f"containers are nested deeper than {MAX_NESTING} levels")
+        inner = (*ancestors, id(obj))
+        for key, value in reversed(children):
+            stack.append((f"{name}.{key}" if name else str(key), value, inner))
+
+
+def _children(obj: object) -> list[tuple[object, object]] | None:
+    """A container's (key, value) pairs if flattening descends into it, else None (a leaf)."""
     if isinstance(obj, dict) and obj and all(isinstance(k, (str, int)) for k in obj):
-        for key, value in obj.items():
-            yield from _walk(value, f"{prefix}{key}." if not isinstance(value, torch.Tensor) else f"{prefix}{key}")
-        return
+        return list(obj.items())
     if isinstance(obj, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
-        for index, value in enumerate(obj):
-            yield from _walk(value, f"{prefix}{index}." if not isinstance(value, torch.Tensor) else f"{prefix}{index}")
-        return
-    yield prefix.rstrip("."), obj
+        return list(enumerate(obj))
+    return None
+
+
+def _require_within_storage(path: pathlib.Path, name: str, tensor: torch.Tensor) -> None:
+    """Refuse views larger than their storage (stride 0, overlapping): materialising one could
+    take far more memory than the file holds."""
+    needed = tensor.numel() * tensor.element_size()
+    held = tensor.untyped_storage().nbytes()
+    if needed > held:
+        raise CheckpointError(path, f"tensor {name!r} {tuple(tensor.shape)} needs {needed} bytes but its "
+                                    f"storage holds {held} (overlapping strides); refusing to expand it")
 
 
 def _json_safe(value: object) -> bool:
@@ -246,8 +349,11 @@ def _tensor_loader(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
 # ---------------------------------------------------------------- TorchScript archives
 
 def _is_torchscript(path: pathlib.Path) -> bool:
-    with zipfile.ZipFile(path) as archive:
-        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError):
+        return False  # not a (readable) zip: torch.load says what is wrong
 
 
 _STORAGE_DTYPES = {
@@ -257,6 +363,9 @@ _STORAGE_DTYPES = {
     "BoolStorage": torch.bool,
 }
 
+
+_LEGACY_ITEMSIZE = {Global(f"torch {name}"): torch.empty((), dtype=dtype).element_size()
+                    for name, dtype in _STORAGE_DTYPES.items()} | {Global("torch UntypedStorage"): 1}
 
 _SCRIPT_LIST_BUILDERS = frozenset({"build_intlist", "build_doublelist", "build_boollist",
                                    "build_tensorlist", "build_complexlist"})
@@ -297,20 +406,35 @@ class _ScriptUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise CheckpointError(self.path, "unexpected persistent record in a TorchScript archive")
         _, dtype, key, _location, numel = pid
+        if dtype not in _STORAGE_DTYPES.values() or type(numel) is not int or numel < 0:
+            raise CheckpointError(self.path, f"malformed storage record {key!r} in a TorchScript archive")
         try:
-            raw = self.archive.read(f"{self.root}/data/{key}")
+            info = self.archive.getinfo(f"{self.root}/data/{key}")
         except KeyError:
             raise CheckpointError(self.path, f"TorchScript archive has no storage {key!r}") from None
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if len(raw) < numel * itemsize:
-            raise CheckpointError(self.path, f"TorchScript storage {key!r} is truncated")
-        return torch.frombuffer(bytearray(raw[: numel * itemsize]), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if info.file_size < nbytes or info.file_size > self.path.stat().st_size:
+            raise CheckpointError(self.path, f"TorchScript storage {key!r} holds {info.file_size} bytes, "
+                                             f"not the {nbytes} it claims")
+        raw = self.archive.read(info)
+        return torch.frombuffer(bytearray(raw[:nbytes]), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
 
     def _rebuild_tensor(self, storage, offset, size, stride, *_rest):
-        span = offset + sum((s - 1) * st for s, st in zip(size, stride)) if all(size) else 0
-        if offset < 0 or span >= max(storage.numel(), 1) and math.prod(size) > 0:
+        if not (isinstance(storage, torch.Tensor) and _int_tuple(size) and _int_tuple(stride)
+                and len(size) == len(stride) and type(offset) is int):
+            raise CheckpointError(self.path, "malformed tensor record in a TorchScript archive")
+        numel = math.prod(size)
+        span = offset + sum((s - 1) * st for s, st in zip(size, stride)) if numel else 0
+        if offset < 0 or min(stride, default=0) < 0 or numel and span >= storage.numel():
             raise CheckpointError(self.path, "TorchScript tensor points outside its storage")
+        if numel > storage.numel():  # overlapping strides: could expand far beyond the file
+            raise CheckpointError(self.path, f"TorchScript tensor of shape {tuple(size)} needs more elements "
+                                             f"than its storage holds ({storage.numel()}); refusing to expand it")
         return torch.as_strided(storage, size, stride, offset).clone()
+
+
+def _int_tuple(values: object) -> bool:
+    return isinstance(values, (tuple, list)) and all(type(v) is int and v >= 0 for v in values)
 
 
 def _open_torchscript(path: pathlib.Path) -> Checkpoint:
@@ -327,46 +451,77 @@ def _open_torchscript(path: pathlib.Path) -> Checkpoint:
     except Exception as exc:
         raise CheckpointError(path, f"cannot read TorchScript archive ({exc.__class__.__name__})") from None
     tensors: dict[str, torch.Tensor] = {}
-    _collect_script_tensors(module, "", tensors, set())
+    _collect_script_tensors(path, module, "", tensors, set(), 0)
     entries = [TensorEntry(name, tuple(t.shape), t.dtype, t.numel() * t.element_size(), _tensor_loader(t))
                for name, t in tensors.items()]
     return Checkpoint(path, "torchscript", entries)
 
 
-def _collect_script_tensors(obj: object, prefix: str, out: dict[str, torch.Tensor], seen: set[int]) -> None:
+def _collect_script_tensors(path: pathlib.Path, obj: object, prefix: str, out: dict[str, torch.Tensor],
+                            seen: set[int], depth: int) -> None:
     if id(obj) in seen:
         return
     seen.add(id(obj))
+    if depth > MAX_NESTING:
+        raise CheckpointError(path, f"TorchScript objects are nested deeper than {MAX_NESTING} levels")
     if isinstance(obj, torch.Tensor):
         out.setdefault(prefix.rstrip("."), obj)
     elif isinstance(obj, _ScriptObject):
-        _collect_script_tensors(obj.__dict__.get("_state"), prefix, out, seen)
+        _collect_script_tensors(path, obj.__dict__.get("_state"), prefix, out, seen, depth + 1)
     elif isinstance(obj, dict):
         for key, value in obj.items():
             if isinstance(key, str) and not key.startswith("training"):
-                _collect_script_tensors(value, f"{prefix}{key}.", out, seen)
+                _collect_script_tensors(path, value, f"{prefix}{key}.", out, seen, depth + 1)
     elif isinstance(obj, (list, tuple)):
         for index, value in enumerate(obj):
-            _collect_script_tensors(value, f"{prefix}{index}.", out, seen)
+            _collect_script_tensors(path, value, f"{prefix}{index}.", out, seen, depth + 1)
 
 
 # ---------------------------------------------------------------- numpy and directories
 
 def _open_npz(path: pathlib.Path) -> Checkpoint:
     try:
-        archive = np.load(path, allow_pickle=False)
-        names = list(archive.files)
-        arrays = {name: archive[name] for name in names}
-    except ValueError as exc:
-        raise CheckpointError(path, f"refusing .npz content that needs unpickling ({exc})") from None
+        with zipfile.ZipFile(path) as archive:
+            arrays = {}
+            for info in archive.infolist():
+                name = info.filename.removesuffix(".npy")
+                if name in arrays:
+                    raise CheckpointError(path, f"array {name!r} appears twice")
+                arrays[name] = _read_npy(path, archive, info)
+    except CheckpointError:
+        raise
     except Exception as exc:
-        raise CheckpointError(path, f"cannot read as .npz ({exc.__class__.__name__})") from None
-    entries = []
+        raise CheckpointError(path, f"cannot read as .npz ({exc.__class__.__name__}: {exc})") from None
+    entries, dropped = [], []
     for name, array in arrays.items():
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        try:
+            tensor = torch.from_numpy(np.ascontiguousarray(array))
+        except TypeError:  # strings, dates, ...: no tensor type holds them
+            dropped.append(name)
+            continue
         entries.append(TensorEntry(name, tuple(tensor.shape), tensor.dtype, tensor.numel() * tensor.element_size(),
                                    _tensor_loader(tensor)))
-    return Checkpoint(path, "npz", entries)
+    return Checkpoint(path, "npz", entries, dropped=sorted(dropped))
+
+
+def _read_npy(path: pathlib.Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One array of an .npz, its header checked against the member's size before reading data."""
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > DEFLATE_MAX_RATIO * info.compress_size + 1024:
+        raise CheckpointError(path, f"member {info.filename!r} claims {info.file_size} bytes from "
+                                    f"{info.compress_size} compressed (a zip bomb?)")
+    with archive.open(info) as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(fh)
+        if dtype.hasobject:
+            raise CheckpointError(path, f"refusing .npz array {info.filename!r}: object arrays need unpickling")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes != info.file_size - fh.tell():
+            raise CheckpointError(path, f"array {info.filename!r} of shape {shape} needs {nbytes} bytes, "
+                                        f"the member holds {info.file_size - fh.tell()}")
+        data = fh.read(nbytes)
+    array = np.frombuffer(bytearray(data), dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return array.astype(array.dtype.newbyteorder("="), copy=False)
 
 
 def _open_directory(path: pathlib.Path) -> Checkpoint:
@@ -384,15 +539,17 @@ def _open_directory(path: pathlib.Path) -> Checkpoint:
 
 def _open_sharded(directory: pathlib.Path, index_path: pathlib.Path) -> Checkpoint:
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
+        weight_map = json.loads(index_path.read_text(), object_pairs_hook=_unique_keys)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
         raise CheckpointError(index_path, "not a valid shard index (expected a JSON object with a weight_map)") from None
     entries, shards = [], {}
     for name, shard in sorted(weight_map.items()):
-        shard_path = directory / str(shard)
-        if shard_path.parent != directory or not shard_path.is_file():
+        shard_path = directory / shard
+        if shard_path.parent != directory:
+            raise CheckpointError(index_path, f"shard {shard!r} of tensor {name!r} is outside the directory")
+        if not shard_path.is_file():
             raise CheckpointError(index_path, f"shard {shard!r} of tensor {name!r} does not exist")
         if shard not in shards:
             shards[shard] = {e.name: e for e in open_checkpoint(shard_path).entries}

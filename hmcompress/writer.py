@@ -2,6 +2,8 @@
 
 Every file is written to a temporary file in the target directory, flushed to disk and renamed
 over the target, so a reader never sees a partial file and a failure leaves nothing behind.
+A temporary file is named ``.<target name>.<host>.<pid>.<random>.tmp``; one left behind by a
+killed writer (same host, process gone) is removed by the next write of the same target.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import contextlib
 import json
 import os
 import pathlib
+import re
+import socket
 import tempfile
 from collections.abc import Callable
 
@@ -44,6 +48,53 @@ def _fsync_dir(directory: pathlib.Path) -> None:
             os.close(fd)
 
 
+def _temp_prefix(target: pathlib.Path) -> str:
+    """Start of every temporary name of ``target`` written by this process."""
+    return f".{target.name}.{_host()}.{os.getpid()}."
+
+
+def _host() -> str:
+    """This machine's name with nothing but letters, digits and '-' (the name's field separator is '.')."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _dead_writer_temporary(candidate: pathlib.Path, target: pathlib.Path) -> bool:
+    """True if ``candidate`` is a temporary file of ``target`` written on this host by a process
+    that no longer runs (a concurrent writer's file, or another machine's, is never touched)."""
+    name = candidate.name
+    head = f".{target.name}.{_host()}."
+    if not (name.startswith(head) and name.endswith(".tmp")):
+        return False
+    parts = name[len(head):-len(".tmp")].split(".")
+    if len(parts) != 2 or not parts[0].isdigit():
+        return False
+    pid = int(parts[0])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it runs, under another user
+        return False
+    return False
+
+
+def remove_stale_temporaries(target: pathlib.Path) -> list[pathlib.Path]:
+    """Delete the temporary files a killed writer of ``target`` left behind; return them.
+
+    A reused pid makes a stale file look alive: it then stays until a later write.
+    """
+    removed = []
+    with contextlib.suppress(OSError):
+        for candidate in sorted(target.parent.iterdir()):
+            if _dead_writer_temporary(candidate, target):
+                with contextlib.suppress(FileNotFoundError):
+                    candidate.unlink()
+                    removed.append(candidate)
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, produce: Callable[[pathlib.Path], None], *,
                  overwrite: bool = False) -> pathlib.Path:
     """Create ``path`` by ``produce(temporary_path)``, then fsync and rename it into place.
@@ -57,10 +108,11 @@ def atomic_write(path: str | os.PathLike, produce: Callable[[pathlib.Path], None
     directory = path.parent
     if not directory.is_dir():
         raise UserError(f"{directory}: output directory does not exist")
-    fd, name = tempfile.mkstemp(dir=directory, prefix="." + path.name + ".", suffix=".tmp")
+    remove_stale_temporaries(path)
+    fd, name = tempfile.mkstemp(dir=directory, prefix=_temp_prefix(path), suffix=".tmp")
+    os.close(fd)
     tmp = pathlib.Path(name)
     try:
-        os.close(fd)
         produce(tmp)
         with open(tmp, "rb+") as f:
             f.flush()

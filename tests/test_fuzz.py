@@ -1,0 +1,214 @@
+"""Fuzzing the two loaders with random byte mutations of valid files.
+
+The compressed-file loader (`hmcompress.runtime.read_file`) and the checkpoint loader
+(`open_checkpoint` + loading every entry) may only fail with the tool's own clear errors
+(`USER_ERRORS`), never allocate beyond the file's size (a data-segment limit turns such an
+allocation into an error the test catches), and whatever they return must agree with what they
+announced. `make test` runs a few dozen mutations per loader and format, deterministically;
+`make fuzz` sets HMCOMPRESS_FUZZ_EXAMPLES=10000 and runs that many per loader and format.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import re
+import resource
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from helpers import HEADER, mixed_matrix
+from hmcompress.checkpoint import open_checkpoint
+from hmcompress.errors import USER_ERRORS
+from hmcompress.runtime import read_file
+from hmcompress.writer import write_compressed
+
+EXAMPLES = int(os.environ.get("HMCOMPRESS_FUZZ_EXAMPLES", "40"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="HMCOMPRESS_FUZZ_EXAMPLES" not in os.environ,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.function_scoped_fixture])
+HEADROOM = 256 * 2**20  # allocation allowed beyond what the process holds already, per example
+ALLOCATION_FAILURE = re.compile(r"alloc|MemoryError|out of memory", re.IGNORECASE)
+
+
+# ------------------------------------------------------------------------------------ seeds
+
+def _small(seed: int, shape=(8, 6)) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _seed_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
+    """One small valid file per format (small, so that most mutations hit structure)."""
+    files = {}
+    files["safetensors"] = directory / "seed.safetensors"
+    save_file({"a.weight": _small(0), "a.bias": _small(1, (6,)), "steps": torch.arange(3)},
+              str(files["safetensors"]), metadata={"epoch": "3"})
+    state = {"model": {"a.weight": _small(2), "b": [_small(3, (4,)), 7]}, "epoch": 3}
+    files["torch_zip"] = directory / "seed.pt"
+    torch.save(state, files["torch_zip"])
+    files["torch_legacy"] = directory / "seed_legacy.pt"
+    torch.save(state, files["torch_legacy"], _use_new_zipfile_serialization=False)
+    files["torchscript"] = directory / "seed.jit"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(6, 4)), files["torchscript"])
+    files["npz"] = directory / "seed.npz"
+    np.savez(files["npz"], w=_small(4).numpy(), b=np.arange(5, dtype=np.int16))
+    files["compressed"] = directory / "seed.hm.safetensors"
+    write_compressed(files["compressed"], {"w": (mixed_matrix(), {"orig_shape": [24, 20], "stats": {}})},
+                     {"b": (torch.ones(3), "1-D")}, HEADER)
+    return files
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory) -> dict[str, pathlib.Path]:
+    return _seed_files(tmp_path_factory.mktemp("fuzz-seeds"))
+
+
+# ------------------------------------------------------------------------------------ mutations
+
+INTERESTING = [0x00, 0x01, 0x7F, 0x80, 0xFF, ord("-"), ord("9"), ord("{"), ord('"'), ord(".")]
+
+
+@st.composite
+def mutated(draw, data: bytes) -> bytes:
+    """``data`` with a few random edits: bytes, bits, a number in text, a cut, a copied chunk."""
+    raw = bytearray(data)
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["byte", "bit", "number", "cut", "chunk"]))
+        if not raw:
+            break
+        where = draw(st.integers(0, len(raw) - 1))
+        if kind == "byte":
+            raw[where] = draw(st.sampled_from(INTERESTING) | st.integers(0, 255))
+        elif kind == "bit":
+            raw[where] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "number":
+            runs = [m.span() for m in re.finditer(rb"\d+", bytes(raw))]
+            if runs:
+                start, end = runs[draw(st.integers(0, len(runs) - 1))]
+                number = draw(st.sampled_from([0, 1, -1, 2**31, 2**32 + 1, 2**63, 10**30]) | st.integers(-10**6, 10**6))
+                raw[start:end] = str(number).encode()
+        elif kind == "cut":
+            del raw[where:]
+        else:
+            length = draw(st.integers(1, 64))
+            chunk = raw[where:where + length]
+            at = draw(st.integers(0, len(raw)))
+            raw[at:at] = chunk if draw(st.booleans()) else b""
+            if not draw(st.booleans()):
+                del raw[where:where + length]
+    return bytes(raw)
+
+
+# ------------------------------------------------------------------------------------ guards
+
+def _data_segment() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmData")
+
+
+@contextlib.contextmanager
+def allocation_limit():
+    """Make any allocation of more than HEADROOM fail (instead of quietly taking the memory)."""
+    if not pathlib.Path("/proc/self/status").exists():
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    limit = _data_segment() + HEADROOM
+    resource.setrlimit(resource.RLIMIT_DATA, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+def clear_error(exc: BaseException, path: pathlib.Path) -> None:
+    """A tool error must name the file and must not be an allocation failure in disguise."""
+    message = str(exc)
+    assert str(path) in message, message
+    assert "\n" not in message, message
+    assert not ALLOCATION_FAILURE.search(message), message
+
+
+def write_mutation(directory: pathlib.Path, name: str, data: bytes) -> pathlib.Path:
+    path = directory / f"mutant-{name}"
+    path.write_bytes(data)
+    return path
+
+
+# ------------------------------------------------------------------------------------ the loaders
+
+def load_checkpoint(path: pathlib.Path) -> None:
+    """Open and load every entry; what loads must be what the entry announced, within the file."""
+    size = path.stat().st_size
+    for entry in open_checkpoint(path).entries:
+        tensor = entry.load()
+        assert tuple(tensor.shape) == entry.shape and tensor.dtype == entry.dtype, entry.name
+        assert tensor.numel() * tensor.element_size() == entry.nbytes <= size, entry.name
+
+
+def load_compressed(path: pathlib.Path) -> None:
+    """Read and validate; every matrix then decodes (validation guarantees the pool ranges)."""
+    compressed = read_file(path)
+    size = path.stat().st_size
+    for name, hm in compressed.matrices.items():
+        m, n = hm.shape
+        if m * n <= 64 * size:  # a valid file may describe a huge all-zero matrix in a few bytes
+            assert tuple(hm.to_dense().shape) == (m, n), name
+    for name, tensor in compressed.passthrough.items():
+        assert tensor.numel() * tensor.element_size() <= size, name
+
+
+def fuzz_once(loader, directory: pathlib.Path, name: str, data: bytes) -> None:
+    path = write_mutation(directory, name, data)
+    try:
+        with allocation_limit():
+            loader(path)
+    except USER_ERRORS as exc:
+        clear_error(exc, path)
+
+
+CHECKPOINT_FORMATS = ["safetensors", "torch_zip", "torch_legacy", "torchscript", "npz"]
+SUFFIX = {"safetensors": "seed.safetensors", "torch_zip": "seed.pt", "torch_legacy": "seed.pt",
+          "torchscript": "seed.jit", "npz": "seed.npz", "compressed": "seed.hm.safetensors"}
+
+
+@pytest.mark.parametrize("fmt", CHECKPOINT_FORMATS)
+def test_checkpoint_loader_survives_mutations(seeds, fmt):
+    original = seeds[fmt].read_bytes()
+    load_checkpoint(seeds[fmt])  # the seed itself loads
+
+    @FUZZ
+    @given(data=mutated(original))
+    def run(data: bytes) -> None:
+        fuzz_once(load_checkpoint, seeds[fmt].parent, SUFFIX[fmt], data)
+
+    run()
+
+
+def test_compressed_loader_survives_mutations(seeds):
+    original = seeds["compressed"].read_bytes()
+    load_compressed(seeds["compressed"])
+
+    @FUZZ
+    @given(data=mutated(original))
+    def run(data: bytes) -> None:
+        fuzz_once(load_compressed, seeds["compressed"].parent, SUFFIX["compressed"], data)
+
+    run()
+
+
+def test_the_allocation_guard_catches_big_allocations():
+    """The guard itself works: without it the fuzz tests could not see an oversized allocation."""
+    with pytest.raises((MemoryError, RuntimeError)) as info:
+        with allocation_limit():
+            torch.empty(HEADROOM // 4 + 2**20)
+    assert ALLOCATION_FAILURE.search(f"{info.type.__name__} {info.value}")
+

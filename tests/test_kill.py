@@ -1,0 +1,121 @@
+"""kill -9 in the middle of `compress`: no output file, and no temporary file after the next run."""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cli_inprocess import run_cli
+from hmcompress.runtime import read_file
+from hmcompress.writer import _host, remove_stale_temporaries
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+# The real CLI, with the safetensors writer made to stop half-way: a deterministic "kill while
+# writing" (the process is killed while its temporary file holds a partial checkpoint).
+STALLED_WRITER = r"""
+import pathlib, sys, time
+import safetensors.torch
+
+def stalled_save(tensors, filename, metadata=None):
+    pathlib.Path(filename).write_bytes(b"partial checkpoint")
+    print("writing", flush=True)
+    time.sleep(600)
+
+safetensors.torch.save_file = stalled_save
+from hmcompress.cli import main
+sys.argv = ["hmcompress", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> pathlib.Path:
+    """Four 256 x 256 matrices: a few seconds of compression, reported matrix by matrix."""
+    gen = torch.Generator().manual_seed(0)
+    path = tmp_path_factory.mktemp("kill") / "model.safetensors"
+    save_file({f"layer{i}.weight": torch.randn(256, 256, generator=gen) for i in range(4)}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, tmp_path_factory) -> bytes:
+    """The output of an undisturbed run, for comparison."""
+    out = tmp_path_factory.mktemp("reference") / "model.hm.safetensors"
+    assert run_cli("compress", checkpoint, "-o", out, "--quiet").code == 0
+    return out.read_bytes()
+
+
+def kill_when(command: list[str], stream: str, marker: str) -> None:
+    """Start ``command``, wait until a line of ``stream`` starts with ``marker``, then SIGKILL it."""
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.DEVNULL} if stream == "stdout" else \
+        {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
+    proc = subprocess.Popen(command, text=True, cwd=ROOT, env=ENV, **pipes)
+    try:
+        for line in getattr(proc, stream):
+            if line.startswith(marker):
+                break
+        else:
+            pytest.fail(f"{command} ended before printing {marker!r}")
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait()
+        getattr(proc, stream).close()
+    assert proc.returncode == -9
+
+
+def rerun_and_check(checkpoint: pathlib.Path, out: pathlib.Path, reference: bytes) -> None:
+    run = run_cli("compress", checkpoint, "-o", out, "--quiet")
+    assert run.code == 0, run.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["hmruntime.py", out.name]
+    assert out.read_bytes() == reference
+    assert run_cli("verify", out, "--original", checkpoint).code == 0
+
+
+def test_kill_while_compressing(checkpoint, reference, tmp_path):
+    out = tmp_path / "model.hm.safetensors"
+    kill_when([sys.executable, "-m", "hmcompress", "compress", str(checkpoint), "-o", str(out)], "stderr", "[2/4]")
+    assert list(tmp_path.iterdir()) == []
+    rerun_and_check(checkpoint, out, reference)
+
+
+def test_kill_while_writing_leaves_a_temporary_that_the_next_run_removes(checkpoint, reference, tmp_path):
+    out = tmp_path / "model.hm.safetensors"
+    kill_when([sys.executable, "-c", STALLED_WRITER, "compress", str(checkpoint), "-o", str(out), "--quiet"],
+              "stdout", "writing")
+    (left,) = tmp_path.iterdir()  # the killed writer's temporary file, and no output
+    assert left.name.startswith(f".{out.name}.{_host()}.") and left.name.endswith(".tmp")
+    assert left.read_bytes() == b"partial checkpoint"
+    rerun_and_check(checkpoint, out, reference)
+
+
+def test_only_temporaries_of_dead_writers_of_the_same_target_are_removed(tmp_path):
+    target = tmp_path / "model.hm.safetensors"
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = _host()
+    try:
+        names = {
+            "dead writer": f".{target.name}.{host}.{dead}.k3x_9q.tmp",
+            "live writer": f".{target.name}.{host}.{alive.pid}.k3x_9q.tmp",
+            "other host": f".{target.name}.{host}-elsewhere.{dead}.k3x_9q.tmp",
+            "other target": f".model.hm.{host}.{dead}.k3x_9q.tmp",
+            "a user's file": f".{target.name}.notes.tmp",
+            "extra field": f".{target.name}.{host}.{dead}.k3x.9q.tmp",
+            "this process": f".{target.name}.{host}.{os.getpid()}.k3x_9q.tmp",
+        }
+        for name in names.values():
+            (tmp_path / name).write_bytes(b"x")
+        assert remove_stale_temporaries(target) == [tmp_path / names["dead writer"]]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(names.values()) - {names["dead writer"]})
+    finally:
+        alive.kill()
+        alive.wait()
