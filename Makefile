@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test fuzz bench results lint clean
 
 install: $(STAMP)
 
@@ -22,11 +22,18 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests
 
+# 10,000 random byte mutations per loader and format (make test runs 40, deterministically).
+fuzz: install
+	HMCOMPRESS_FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/test_fuzz.py
+
 bench: install
 	$(PY) -m benchmarks
 
+results: install
+	$(PY) -m sample_models.results --readme README.md --json out/results.json
+
 lint: install
-	$(PY) -m compileall -q hmcompress tests benchmarks
+	$(PY) -m compileall -q hmcompress tests benchmarks sample_models
 
 clean:
 	rm -rf out .pytest_cache .hypothesis
