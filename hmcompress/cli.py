@@ -10,14 +10,16 @@ import json
 import pathlib
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import api, report
+from . import api, baselines, compare, report
 from .build import CompressionOptions
+from .pipeline import default_workers
 from .checkpoint import Selection
 from .errors import USER_ERRORS, UserError
 from .verdicts import Gates
@@ -78,11 +80,17 @@ def compress(
     keep_failed: bool = typer.Option(False, "--keep-failed", help="Write the output even when a gate fails."),
     passthrough_nonfinite: bool = typer.Option(False, "--passthrough-nonfinite", help="Copy matrices holding "
                                                "NaN/Inf unchanged instead of refusing the checkpoint."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Compress in this many processes "
+                                          "(default: one per core); the output is the same for any number."),
+    resume: bool = typer.Option(False, "--resume", help="Reuse the matrices an interrupted run of the same "
+                                "output already compressed (kept beside the output until it is written)."),
+    device: str = typer.Option("cpu", "--device", help="Where the factorizations run: cpu or cuda[:N]."),
 ) -> None:
     """Compress every eligible weight matrix into an H-matrix within --tol."""
     if output and len(models) > 1:
         raise UserError("-o/--output takes one input; use --out-dir for several")
-    options = CompressionOptions(tol=tol, absolute=absolute, strategy=strategy, precision=precision, leaf=leaf)
+    options = CompressionOptions(tol=tol, absolute=absolute, strategy=strategy, precision=precision, leaf=leaf,
+                                 device=device)
     selection = Selection(min_size=min_size, include=tuple(include), exclude=tuple(exclude), conv=conv,
                           passthrough_nonfinite=passthrough_nonfinite)
     gates = Gates(max_error, min_ratio) if max_error is not None or min_ratio is not None else None
@@ -92,8 +100,13 @@ def compress(
     for model, target in zip(models, targets):
         with _progress(not quiet, str(model)) as progress:
             result = api.compress_checkpoint(model, target, options, selection, overwrite=force,
-                                             progress=progress, gates=gates, keep_failed=keep_failed)
+                                             progress=progress, gates=gates, keep_failed=keep_failed,
+                                             workers=workers or default_workers(), resume=resume)
         results.append(result)
+        if resume and not quiet:
+            compressed = sum(layer.compressed for layer in result.layers)
+            stderr.print(f"{model}: resumed {len(result.reused)} of {compressed} matrices", markup=False,
+                         highlight=False)
         if not json_out:
             report.print_table(result.layers, stdout, title=f"{model} -> {result.output or 'nothing written'}")
         for failure in result.failures:
@@ -210,8 +223,6 @@ def compare_cmd(
 ) -> None:
     """hmcompress beside truncated SVD, pruning, int8/int4 quantization and the paper's algorithm:
     bytes and measured error per layer at each tolerance, and errors at a matched size."""
-    from . import baselines, compare
-
     tols = compare.tolerances(tol, sweep)
     chosen = baselines.select(methods, leaf)
     selection = Selection(min_size=min_size, include=tuple(include), exclude=tuple(exclude), conv=conv)
@@ -246,7 +257,8 @@ def _check_picture_outputs(plot: Optional[pathlib.Path], html_out: Optional[path
         raise UserError(f"{plot}: is not a directory")
 
 
-def _write_pictures(plot, html_out, force: bool, draw, page) -> None:
+def _write_pictures(plot: Optional[pathlib.Path], html_out: Optional[pathlib.Path], force: bool,
+                    draw: Callable, page: Callable) -> None:
     """Draw the pictures once; write them into ``plot`` and/or embed them in the ``html_out`` page.
 
     Every file goes through a temporary file and a rename; existing pictures are refused before
@@ -257,6 +269,7 @@ def _write_pictures(plot, html_out, force: bool, draw, page) -> None:
 
     if not (plot or html_out):
         return
+    stderr.print("drawing pictures", markup=False, highlight=False)
     pictures = draw(plots)
     if plot:
         clash = [name for name in pictures if (plot / name).exists()]
@@ -272,7 +285,7 @@ def _write_pictures(plot, html_out, force: bool, draw, page) -> None:
         stderr.print(f"wrote {html_out}", markup=False, highlight=False)
 
 
-def _print_text_table(text_table) -> None:
+def _print_text_table(text_table: compare.TextTable) -> None:
     from rich.table import Table
 
     table = Table(title=text_table.title)

@@ -9,7 +9,6 @@ import base64
 import html
 
 from . import report
-from .api import LayerStats
 from .compare import Comparison, TextTable, tables
 
 STYLE = """
@@ -71,7 +70,7 @@ def comparison_page(c: Comparison, pictures: dict[str, bytes]) -> str:
     return document(f"hmcompress compare: {c.source}", body)
 
 
-def file_page(name: str, options: dict, layers: list[LayerStats], pictures: dict[str, bytes]) -> str:
+def file_page(name: str, options: dict, layers: list[report.LayerStats], pictures: dict[str, bytes]) -> str:
     """The per-layer report of a compressed file, with its pictures."""
     table = TextTable(name, list(report.COLUMNS), report.rows(layers),
                       [report.passthrough_line(layers), report.total_line(layers)])

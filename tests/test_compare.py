@@ -178,7 +178,8 @@ def test_existing_outputs_are_refused_without_force(cli, compared):
 def test_bad_options_are_one_line_and_exit_2(cli, model):
     for args, message in ((["--sweep", "1e-1,x"], "comma-separated numbers"),
                           (["--methods", "svd,nope"], "unknown nope"),
-                          (["--tol", "2"], "strictly between 0 and 1")):
+                          (["--tol", "2"], "strictly between 0 and 1"),
+                          (["--min-size", "100"], "no matrix to compare")):
         done = cli("compare", str(model), *args)
         assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
 
