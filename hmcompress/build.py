@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from .candidates import Candidates, analyse, build_tree, block_batches
+from .candidates import Candidates, analyse, block_batches, build_tree, svd
 from .codecs import auto_codecs, encode_rows, source_codec
 from .errors import OptionError
 from .plans import DENSE_LEAF, DROP, LOWRANK_LEAF, ROWS_LEAF, Plan, optimal_plan, paper_plan, svd_plan
@@ -34,6 +34,7 @@ class CompressionOptions:
     strategy: str = "optimal"
     precision: str = "auto"
     leaf: int = 32
+    device: str = "cpu"  # where the factorizations run ("cuda", "cuda:1", ...); the rest runs on the CPU
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.tol) and self.tol >= 0):
@@ -44,6 +45,15 @@ class CompressionOptions:
             raise OptionError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.leaf < 1:
             raise OptionError(f"--leaf must be >= 1, got {self.leaf}")
+        if self.device != "cpu":
+            try:
+                device = torch.device(self.device)
+            except RuntimeError:
+                raise OptionError(f"--device must be cpu or cuda[:N], got {self.device!r}") from None
+            if device.type != "cuda":
+                raise OptionError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+            if not torch.cuda.is_available():
+                raise OptionError(f"--device {self.device}: no CUDA device is available here")
 
     def budget(self, frobenius_norm: float) -> float:
         """The allowed squared Frobenius error."""
@@ -76,10 +86,11 @@ def compress_matrix(matrix: torch.Tensor, options: CompressionOptions) -> Compre
         return Compressed(hm, exact, 0.0, allowed, np.zeros(0), "exact", 0)
     tree = build_tree(tuple(matrix.shape), options.leaf)
     target = allowed * allowed
-    cands = analyse(matrix, tree, codecs, negligible=NEGLIGIBLE_SHARE * target / matrix.numel())
+    cands = analyse(matrix, tree, codecs, negligible=NEGLIGIBLE_SHARE * target / matrix.numel(),
+                    device=options.device)
     for rebuild in range(MAX_REBUILDS):
         plan = _best_plan(cands, target, options.strategy)
-        hm = assemble(matrix, cands, plan)
+        hm = assemble(matrix, cands, plan, options.device)
         dense = hm.to_dense(torch.float64)
         error = measured_error(exact, dense, matrix.dtype)
         if error <= allowed:
@@ -152,14 +163,14 @@ class _Packer:
         )
 
 
-def assemble(matrix: torch.Tensor, c: Candidates, plan: Plan) -> HMatrix:
+def assemble(matrix: torch.Tensor, c: Candidates, plan: Plan, device: str = "cpu") -> HMatrix:
     """Encode a plan's leaves into a packed HMatrix (leaves in row-major order of position)."""
     tree = c.tree
     work = matrix if matrix.dtype == torch.float64 else matrix.float()
     order = np.lexsort((tree.col0[plan.leaves], tree.row0[plan.leaves]))
     leaves, kinds, dense_codec = plan.leaves[order], plan.kind[order], plan.dense_codec[order]
     trip_starts, row_starts = c.triplets.starts(tree.size), c.rows.starts(tree.size)
-    factors = _factors(work, c, [int(n) for n, k in zip(leaves, kinds) if k == LOWRANK_LEAF])
+    factors = _factors(work, c, [int(n) for n, k in zip(leaves, kinds) if k == LOWRANK_LEAF], device)
     packer = _Packer()
     block_rows = []
     for index, (node, kind, codec_index) in enumerate(zip(leaves.tolist(), kinds.tolist(),
@@ -198,11 +209,12 @@ def _by_codec(c: Candidates, choice: np.ndarray):
         yield c.codecs[k], torch.from_numpy(np.flatnonzero(choice == k))
 
 
-def _factors(work: torch.Tensor, c: Candidates, nodes: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def _factors(work: torch.Tensor, c: Candidates, nodes: list[int],
+             device: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Balanced factors (A = sqrt(s) Uᵀ, B = sqrt(s) Vᵀ) of the given blocks, batched by shape."""
     factors = {}
     for ids, blocks in block_batches(work, c.tree, nodes):
-        u, s, vh = torch.linalg.svd(blocks, full_matrices=False)
+        u, s, vh = svd(blocks, device)
         root = s.sqrt()
         for j, node in enumerate(ids):
             factors[node] = ((u[j] * root[j]).T, vh[j] * root[j].unsqueeze(1))

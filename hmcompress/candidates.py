@@ -185,7 +185,16 @@ def _norm2(rows: torch.Tensor) -> torch.Tensor:
     return rows.square().sum(1, dtype=torch.float64)
 
 
-def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...], negligible: float = 0.0) -> Candidates:
+def svd(blocks: torch.Tensor, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of a stack of blocks, computed on ``device``, returned on the CPU."""
+    if device == "cpu":
+        return torch.linalg.svd(blocks, full_matrices=False)
+    u, s, vh = torch.linalg.svd(blocks.to(device), full_matrices=False)
+    return u.cpu(), s.cpu(), vh.cpu()
+
+
+def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...], negligible: float = 0.0,
+            device: str = "cpu") -> Candidates:
     """Spectra and option costs of every candidate block.
 
     ``codecs[0]`` must hold the matrix exactly (its own dtype). With several codecs (`--precision
@@ -207,7 +216,7 @@ def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...], negligibl
     for level in range(tree.depth):
         for ids, blocks in block_batches(work, tree, tree.nodes_of_level(level)):
             area = blocks.shape[1] * blocks.shape[2]
-            sigma, errs = _spectrum_and_errors(blocks, codecs, measured, negligible * area)
+            sigma, errs = _spectrum_and_errors(blocks, codecs, measured, negligible * area, device)
             if measured:
                 per_row = torch.stack([torch.zeros(blocks.shape[:2], dtype=torch.float64)]
                                       + [row_errors(codec, blocks) for codec in codecs[1:]])
@@ -227,18 +236,18 @@ def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...], negligibl
 
 
 def _spectrum_and_errors(blocks: torch.Tensor, codecs: tuple[str, ...], measured: bool,
-                         floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         floor: float, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Singular values (as float64, descending) and per-codec factor errors (P, k, r) of a stack.
 
     Triplets whose tail of squared singular values is at most ``floor`` are not measured (inf).
     """
     if measured:
-        u, s, vh = torch.linalg.svd(blocks, full_matrices=False)
+        u, s, vh = svd(blocks, device)
         sigma = s.double()
         tails = sigma.square().flip(-1).cumsum(-1).flip(-1)
         wanted = tails > floor
         return sigma, triplet_errors(codecs, u, s, vh, wanted)
-    sigma = torch.linalg.svdvals(blocks).double()
+    sigma = torch.linalg.svdvals(blocks.to(device)).double().cpu()
     bound = 2 * UNIT_ROUNDOFF[codecs[0]] ** 2 * sigma.square() * (1 + 1e-6)
     return sigma, bound.unsqueeze(0)
 

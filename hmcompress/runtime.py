@@ -542,6 +542,15 @@ def parse_metadata(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[str, 
     return meta, entries
 
 
+def hmatrix_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int],
+                         dtype: torch.dtype) -> HMatrix:
+    """The packed matrix whose tensors are named ``prefix + part`` (docs/FORMAT.md); not validated."""
+    pools = {c: tensors[prefix + f"pool.{c}"] for c in CODECS if prefix + f"pool.{c}" in tensors}
+    scales = {c: tensors[prefix + f"scale.{c}"] for c in CODECS if prefix + f"scale.{c}" in tensors}
+    masks = tensors.get(prefix + "rows", torch.zeros(0, dtype=torch.uint8))
+    return HMatrix(shape, dtype, tensors[prefix + "blocks"], tensors[prefix + "segments"], pools, scales, masks)
+
+
 def read_file(path: str | os.PathLike) -> CompressedFile:
     """Read and validate a compressed file; every problem is a `FormatError` naming it."""
     from safetensors import safe_open
@@ -555,12 +564,7 @@ def read_file(path: str | os.PathLike) -> CompressedFile:
         raise FormatError(f"{path}: cannot load tensors: {err}") from err
     matrices = {}
     for name, info in meta["matrices"].items():
-        prefix = info["prefix"]
-        pools = {c: tensors[prefix + f"pool.{c}"] for c in CODECS if prefix + f"pool.{c}" in tensors}
-        scales = {c: tensors[prefix + f"scale.{c}"] for c in CODECS if prefix + f"scale.{c}" in tensors}
-        masks = tensors.get(prefix + "rows", torch.zeros(0, dtype=torch.uint8))
-        hm = HMatrix(tuple(info["shape"]), DTYPES[info["dtype"]], tensors[prefix + "blocks"],
-                     tensors[prefix + "segments"], pools, scales, masks)
+        hm = hmatrix_from_tensors(tensors, info["prefix"], tuple(info["shape"]), DTYPES[info["dtype"]])
         hm.validate(f"{path}: {name}")
         matrices[name] = hm
     passthrough = {name: tensors[name] for name in meta["passthrough"]}

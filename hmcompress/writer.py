@@ -8,13 +8,15 @@ killed writer (same host, process gone) is removed by the next write of the same
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import pathlib
 import re
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -139,21 +141,78 @@ def atomic_write(path: str | os.PathLike, produce: Callable[[pathlib.Path], None
     return path
 
 
-def _save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None,
-                  overwrite: bool) -> None:
-    """Atomically write a safetensors file (contiguous CPU tensors, no shared storage)."""
-    from safetensors.torch import save_file
+SAFETENSORS_DTYPE = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
 
-    prepared, seen = {}, set()
-    for name, tensor in tensors.items():
-        t = tensor.detach().to("cpu").contiguous()
-        key = (t.untyped_storage().data_ptr(), t.device.type) if t.numel() else None
-        if key is not None and key in seen:
-            t = t.clone()
-        elif key is not None:
-            seen.add(key)
-        prepared[name] = t
-    atomic_write(path, lambda tmp: save_file(prepared, str(tmp), metadata=metadata), overwrite=overwrite)
+
+@dataclasses.dataclass(frozen=True)
+class StreamedTensor:
+    """A tensor to write: its description, and how to get it when its turn comes."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]
+    owner: str = ""  # what it belongs to, for messages ("passthrough tensor 'x'", ...)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor, owner: str = "") -> "StreamedTensor":
+        """A tensor already in memory."""
+        return cls(name, tensor.dtype, tuple(tensor.shape), lambda: tensor, owner or f"tensor {name!r}")
+
+
+def write_streamed(path: str | os.PathLike, tensors: Iterable[StreamedTensor], metadata: dict[str, str] | None,
+                   *, overwrite: bool = False) -> pathlib.Path:
+    """Atomically write ``tensors`` as one safetensors file, loading one tensor at a time.
+
+    Every size is known before any tensor is read, so the header is written first and the data
+    streamed after it: memory holds one tensor, not the checkpoint. The layout is deterministic:
+    tensors sorted by element size (largest first, so each starts at a multiple of its element
+    size) then name, the header padded with spaces to a multiple of 8 bytes, as safetensors does.
+    """
+    items = sorted(tensors, key=lambda t: (-torch.empty((), dtype=t.dtype).element_size(), t.name))
+    owners: dict[str, str] = {}
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for t in items:
+        if t.name in owners or t.name == "__metadata__":
+            raise UserError(f"{path}: tensor name {t.name!r} of {t.owner} collides with "
+                            f"{owners.get(t.name, 'the metadata')}")
+        owners[t.name] = t.owner
+        if t.dtype not in SAFETENSORS_DTYPE:
+            raise UserError(f"{path}: tensor {t.name!r} has dtype {t.dtype}, which safetensors cannot store")
+        header[t.name] = {"dtype": SAFETENSORS_DTYPE[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+
+    def produce(tmp: pathlib.Path) -> None:
+        with open(tmp, "wb") as out:
+            out.write(len(text).to_bytes(8, "little"))
+            out.write(text)
+            for t in items:
+                out.write(_tensor_bytes(path, t))
+
+    return atomic_write(path, produce, overwrite=overwrite)
+
+
+def _tensor_bytes(path: str | os.PathLike, item: StreamedTensor) -> memoryview:
+    """The tensor's bytes in C order, checked against what the header promised."""
+    tensor = item.load().detach().to("cpu")
+    if tensor.dtype != item.dtype or tuple(tensor.shape) != item.shape:
+        raise UserError(f"{path}: tensor {item.name!r} changed while writing "
+                        f"({tensor.dtype} {tuple(tensor.shape)}, expected {item.dtype} {item.shape})")
+    flat = tensor.contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
 def packed_tensors(name: str, hm: HMatrix, prefix: str) -> dict[str, torch.Tensor]:
@@ -168,49 +227,53 @@ def packed_tensors(name: str, hm: HMatrix, prefix: str) -> dict[str, torch.Tenso
     return tensors
 
 
+def matrix_entry(hm: HMatrix, info: dict, prefix: str) -> dict:
+    """A compressed matrix's entry in the file's metadata table (docs/FORMAT.md)."""
+    return {**info, "shape": list(hm.shape), "orig_shape": list(info["orig_shape"]),
+            "dtype": runtime.DTYPE_NAMES[hm.dtype], "prefix": prefix}
+
+
 def write_compressed(path: str | os.PathLike, matrices: dict[str, tuple[HMatrix, dict]],
                      passthrough: dict[str, tuple[torch.Tensor, str]], header: dict, *,
                      overwrite: bool = False) -> None:
-    """Write a compressed checkpoint.
+    """Write a compressed checkpoint held in memory.
 
     ``matrices``: name -> (packed matrix, info with "orig_shape" and "stats"); ``passthrough``:
     name -> (tensor, reason); ``header``: "options", "source", "extra". The bytes depend only on
     the arguments.
     """
-    tensors: dict[str, torch.Tensor] = {}
-    owner: dict[str, str] = {}
-
-    def add(tensor_name: str, tensor: torch.Tensor, what: str) -> None:
-        if tensor_name in owner:
-            raise UserError(f"{path}: tensor name {tensor_name!r} of {what} collides with {owner[tensor_name]}")
-        owner[tensor_name] = what
-        tensors[tensor_name] = tensor
-
+    tensors = [StreamedTensor.of(name, tensor, f"passthrough tensor {name!r}")
+               for name, (tensor, _reason) in passthrough.items()]
     table = {}
-    for name, (tensor, reason) in passthrough.items():
-        add(name, tensor, f"passthrough tensor {name!r}")
     for name, (hm, info) in matrices.items():
         hm.validate(name)
         prefix = name + ".hm."
-        for tensor_name, tensor in packed_tensors(name, hm, prefix).items():
-            add(tensor_name, tensor, f"compressed matrix {name!r}")
-        table[name] = {**info, "shape": list(hm.shape), "orig_shape": list(info["orig_shape"]),
-                       "dtype": runtime.DTYPE_NAMES[hm.dtype], "prefix": prefix}
+        tensors += [StreamedTensor.of(part, tensor, f"compressed matrix {name!r}")
+                    for part, tensor in packed_tensors(name, hm, prefix).items()]
+        table[name] = matrix_entry(hm, info, prefix)
+    write_assembled(path, table, {name: reason for name, (_t, reason) in passthrough.items()}, tensors,
+                    header, overwrite=overwrite)
+
+
+def write_assembled(path: str | os.PathLike, table: dict[str, dict], reasons: dict[str, str],
+                    tensors: list[StreamedTensor], header: dict, *, overwrite: bool = False) -> None:
+    """Write a compressed checkpoint from its metadata table and its tensors, streamed."""
     for name in table:
-        if name in passthrough:
+        if name in reasons:
             raise UserError(f"{path}: {name!r} is both compressed and passed through")
     meta = {**header, "format": FORMAT_NAME, "version": FORMAT_VERSION, "matrices": table,
-            "passthrough": {name: reason for name, (_t, reason) in passthrough.items()}}
+            "passthrough": reasons}
     try:
         text = json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: metadata is not JSON-serialisable: {err}") from err
-    _save_tensors(path, tensors, {"hmcompress": text}, overwrite)
+    write_streamed(path, tensors, {"hmcompress": text}, overwrite=overwrite)
 
 
 def write_dense(path: str | os.PathLike, state: dict[str, torch.Tensor], *, overwrite: bool = False) -> None:
     """Write a plain state dict as safetensors, atomically."""
-    _save_tensors(path, state, None, overwrite)
+    write_streamed(path, [StreamedTensor.of(name, tensor) for name, tensor in state.items()], None,
+                   overwrite=overwrite)
 
 
 def write_runtime_shim(directory: str | os.PathLike) -> pathlib.Path:

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from torch import nn
 
 import hmcompress.runtime as runtime
+import hmcompress.writer
 from helpers import HEADER, mixed_matrix, write_model_file
 from hmcompress.errors import UserError
 from hmcompress.runtime import read_file
@@ -82,11 +83,10 @@ def test_refuses_to_overwrite(tmp_path):
 
 
 def test_no_temporary_file_after_failure(tmp_path, monkeypatch):
-    def broken(tensors, filename, metadata=None):
-        pathlib.Path(filename).write_bytes(b"partial")
+    def broken(path, item):  # the header is written by then: the temporary file is partial
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(hmcompress.writer, "_tensor_bytes", broken)
     with pytest.raises(OSError, match="disk full"):
         one_matrix(tmp_path / "a.st")
     with pytest.raises(OSError, match="disk full"):

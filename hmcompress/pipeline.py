@@ -1,0 +1,249 @@
+"""Compressing every eligible tensor of a checkpoint: bounded memory, worker processes, resume.
+
+Each tensor is read, compressed and measured on its own (in a worker process with ``workers`` >
+1), and its result (packed matrix + stats) goes at once to a work directory beside the output.
+The output is then assembled by streaming (`writer.write_assembled`): passthrough tensors straight
+from the source and compressed ones from the work directory, one at a time. So peak memory is a
+small multiple of the largest tensor (per worker), whatever the size of the checkpoint.
+
+Every matrix is compressed with one intra-op thread: LAPACK's results depend on the thread count
+in the last bits, and this keeps the output bytes the same for any ``workers`` (and any machine
+core count). Results are keyed by the tensor's bytes, dtype and shape and by the options, so a
+run restarted with ``resume`` reuses exactly the results an uninterrupted run would compute, and
+writes the same file.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import pathlib
+import shutil
+import signal
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .build import CompressionOptions, compress_matrix
+from .checkpoint import Checkpoint, TensorEntry, as_matrix, open_checkpoint
+from .errors import USER_ERRORS, UserError
+from .runtime import DTYPE_NAMES, DTYPES, HMatrix, hmatrix_from_tensors
+from .stats import layer_stats
+from .writer import StreamedTensor, matrix_entry, packed_tensors, write_streamed
+
+NONFINITE = "non-finite values (NaN/Inf)"
+WORK_SUFFIX = ".hmwork"
+RESULT_FORMAT = 1  # bump when a result file's layout or meaning changes: old ones are then ignored
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """Everything a worker needs to compress one tensor (picklable)."""
+
+    source: str
+    name: str
+    slot: int  # position among the compressed tensors: names the result file
+    options: CompressionOptions
+    passthrough_nonfinite: bool
+    workdir: str
+    resume: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What became of one job: compressed (``stats``) or passed through (``reason``)."""
+
+    name: str
+    stats: dict | None = None
+    reason: str | None = None
+    reused: bool = False
+
+
+class WorkDir:
+    """Where results wait for assembly: one safetensors file per compressed tensor.
+
+    Beside the output it is ``.<output name>.hmwork``, where a restarted run can find it.
+    """
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+
+    @classmethod
+    def beside(cls, output: pathlib.Path) -> "WorkDir":
+        return cls(output.parent / f".{output.name}{WORK_SUFFIX}")
+
+    def prepare(self, resume: bool) -> None:
+        """Create it; without ``resume`` anything an earlier run left is removed first."""
+        if not resume:
+            self.remove()
+        self.path.mkdir(exist_ok=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def result(self, slot: int) -> pathlib.Path:
+        return self.path / f"{slot:06d}.safetensors"
+
+
+def result_key(tensor: torch.Tensor, options: CompressionOptions) -> str:
+    """Identifies a result: the tensor's exact contents and every option that shapes the output."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([RESULT_FORMAT, str(tensor.dtype), list(tensor.shape),
+                              dataclasses.asdict(options)], sort_keys=True).encode())
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.numel():
+        digest.update(memoryview(flat.view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def run_job(job: Job) -> Outcome:
+    """Compress one tensor (or reuse its stored result); user errors come back as `UserError`."""
+    try:
+        return _run(job)
+    except USER_ERRORS as err:  # some carry extra constructor arguments and would not unpickle
+        raise UserError(str(err)) from None
+
+
+def _run(job: Job) -> Outcome:
+    tensor = _entry(job.source, job.name).load()
+    if not bool(torch.isfinite(tensor).all()):
+        if not job.passthrough_nonfinite:
+            raise UserError(f"{job.source}: tensor {job.name!r} contains NaN or Inf values "
+                            "(--passthrough-nonfinite copies such tensors unchanged)")
+        return Outcome(job.name, reason=NONFINITE)
+    key = result_key(tensor, job.options)
+    path = pathlib.Path(job.workdir) / f"{job.slot:06d}.safetensors"
+    if job.resume:
+        stored = _stored_stats(path, key)
+        if stored is not None:
+            return Outcome(job.name, stats=stored, reused=True)
+    with _one_thread():
+        result = compress_matrix(as_matrix(tensor), job.options)
+    stats = layer_stats(job.name, tensor, result.hmatrix, result.dense, result.error, result.budget,
+                        result.root_sigma, job.options, result.strategy).to_json()
+    result.hmatrix.validate(job.name)
+    meta = {"key": key, "orig_shape": list(tensor.shape), "shape": list(result.hmatrix.shape),
+            "stats": stats, "dtype": DTYPE_NAMES[result.hmatrix.dtype]}
+    write_streamed(path, [StreamedTensor.of(part, t) for part, t in packed_tensors(job.name, result.hmatrix, "").items()],
+                   {"result": json.dumps(meta, sort_keys=True, allow_nan=False)}, overwrite=True)
+    return Outcome(job.name, stats=stats)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+_OPENED: dict[str, dict[str, TensorEntry]] = {}  # per process: source path -> entries by name
+
+
+def use_checkpoint(source: str, ckpt: Checkpoint) -> None:
+    """Let jobs run in this process read ``ckpt`` as already opened (not open it again)."""
+    _OPENED.clear()
+    _OPENED[source] = {e.name: e for e in ckpt.entries}
+
+
+def _entry(source: str, name: str) -> TensorEntry:
+    if source not in _OPENED:
+        _OPENED.clear()  # one checkpoint at a time: its tensors may be memory-mapped
+        _OPENED[source] = {e.name: e for e in open_checkpoint(source).entries}
+    return _OPENED[source][name]
+
+
+def read_result(path: pathlib.Path) -> tuple[dict, HMatrix]:
+    """A result file's metadata and packed matrix, validated."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["result"])
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    hm = hmatrix_from_tensors(tensors, "", tuple(meta["shape"]), DTYPES[meta["dtype"]])
+    hm.validate(str(path))
+    return meta, hm
+
+
+def _stored_stats(path: pathlib.Path, key: str) -> dict | None:
+    """The stats of a stored result for ``key``; None if absent, stale or unreadable."""
+    try:
+        meta, _hm = read_result(path)
+    except Exception:  # a result we cannot trust is recomputed, whatever is wrong with it
+        return None
+    return meta["stats"] if meta.get("key") == key else None
+
+
+def _worker_init() -> None:
+    """Workers leave Ctrl-C to the parent (which stops handing out work) and use one thread."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def run_jobs(jobs: list[Job], workers: int, progress: Callable[[int, int, str], None] | None) -> list[Outcome]:
+    """Run every job (in ``workers`` processes if more than one); outcomes in the jobs' order."""
+    total = len(jobs)
+    if workers <= 1 or total <= 1:
+        outcomes = []
+        for done, job in enumerate(jobs):
+            if progress:
+                progress(done, total, job.name)
+            outcomes.append(run_job(job))
+        return outcomes
+    context = multiprocessing.get_context("spawn")  # fork after torch's threads start can hang
+    with concurrent.futures.ProcessPoolExecutor(min(workers, total), mp_context=context,
+                                                initializer=_worker_init) as pool:
+        futures = [pool.submit(run_job, job) for job in jobs]
+        try:
+            for done, future in enumerate(concurrent.futures.as_completed(futures)):
+                outcome = future.result()
+                if progress:
+                    progress(done, total, outcome.name)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        return [future.result() for future in futures]
+
+
+def assembled_tensors(ckpt: Checkpoint, outcomes: dict[str, Outcome], workdir: WorkDir,
+                      slots: dict[str, int]) -> tuple[dict[str, dict], list[StreamedTensor]]:
+    """The metadata table of the compressed matrices and every tensor of the output, to stream."""
+    table, tensors = {}, []
+    for entry in ckpt.entries:
+        outcome = outcomes.get(entry.name)
+        if outcome is None or outcome.stats is None:
+            tensors.append(StreamedTensor(entry.name, entry.dtype, tuple(entry.shape), entry.load,
+                                          f"passthrough tensor {entry.name!r}"))
+            continue
+        path = workdir.result(slots[entry.name])
+        meta, hm = read_result(path)
+        prefix = entry.name + ".hm."
+        table[entry.name] = matrix_entry(hm, {"orig_shape": meta["orig_shape"], "stats": outcome.stats}, prefix)
+        for part, tensor in packed_tensors(entry.name, hm, "").items():
+            tensors.append(StreamedTensor(prefix + part, tensor.dtype, tuple(tensor.shape),
+                                          _loader(path, part), f"compressed matrix {entry.name!r}"))
+    return table, tensors
+
+
+def _loader(path: pathlib.Path, part: str) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(part)
+    return load
+
+
+def default_workers() -> int:
+    """One worker per core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)

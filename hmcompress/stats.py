@@ -1,0 +1,112 @@
+"""What the report says about each tensor: measured errors, bounds, structure and bytes.
+
+One `LayerStats` per tensor is computed when a matrix is compressed, stored in the file's
+metadata, and read back by `report`: one source of truth, never recomputed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .bounds import compute_bounds
+from .build import CompressionOptions
+from .checkpoint import as_matrix
+from .runtime import DENSE, LOWRANK, ROWS, HMatrix, dense_nbytes
+
+
+@dataclasses.dataclass
+class LayerStats:
+    """What the report says about one tensor (compressed or passed through)."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    bytes_before: int
+    bytes_after: int
+    compressed: bool
+    reason: str = ""  # why it passed through
+    blocks_lowrank: int = 0  # low-rank leaves (zero blocks included)
+    blocks_rows: int = 0  # leaves stored row by row, each row in its own precision
+    blocks_dense: int = 0
+    max_rank: int = 0
+    mean_rank: float = 0.0
+    codecs: dict[str, int] = dataclasses.field(default_factory=dict)  # codec -> bytes
+    tol: float = 0.0  # the relative (or absolute) tolerance asked for
+    budget: float = 0.0  # allowed ||W - H||_F
+    fro_error: float = 0.0
+    rel_error: float = 0.0
+    spectral_error: float = 0.0
+    spectral_method: str = ""
+    sigma_max: float = 0.0
+    sigma_min: float = 0.0
+    kappa_w: float | None = None
+    kappa_h_bound: float | None = None
+    kappa_h_paper: float | None = None
+    strategy: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_before / self.bytes_after if self.bytes_after else math.inf
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["ratio"] = round(self.ratio, 6) if math.isfinite(self.ratio) else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LayerStats":
+        """Inverse of `to_json` (derived figures such as ``ratio`` are dropped)."""
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+def totals(layers: list[LayerStats]) -> dict:
+    """Byte totals over the whole checkpoint and over the compressed matrices alone."""
+    comp = [s for s in layers if s.compressed]
+    before = sum(s.bytes_before for s in layers)
+    after = sum(s.bytes_after for s in layers)
+    c_before = sum(s.bytes_before for s in comp)
+    c_after = sum(s.bytes_after for s in comp)
+    return {
+        "tensors": len(layers),
+        "compressed": len(comp),
+        "bytes_before": before,
+        "bytes_after": after,
+        "ratio": before / after if after else None,
+        "matrix_bytes_before": c_before,
+        "matrix_bytes_after": c_after,
+        "matrix_ratio": c_before / c_after if c_after else None,
+        "max_rel_error": max((s.rel_error for s in comp), default=0.0),
+    }
+
+
+def layer_stats(name: str, original: torch.Tensor, hm: HMatrix, stored: torch.Tensor, error: float,
+                budget: float, sigma, options: CompressionOptions, strategy: str) -> LayerStats:
+    """Measure a compressed matrix: structure, bytes, errors and bounds."""
+    bounds = compute_bounds(as_matrix(original), stored, error, sigma)
+    segments = hm.segments.tolist()
+    dense_blocks = {s[0] for s in segments if s[1] == DENSE}
+    rows_blocks = {s[0] for s in segments if s[1] == ROWS}
+    lowrank_blocks = hm.blocks.shape[0] - len(dense_blocks) - len(rows_blocks)  # zero blocks too
+    ranks: dict[int, int] = {}
+    codec_bytes: dict[str, int] = {}
+    for block, kind, _codec, rank, _off, _soff in segments:
+        if kind == LOWRANK:
+            ranks[block] = ranks.get(block, 0) + rank
+    for codec, pool in hm.pools.items():
+        codec_bytes[codec] = pool.numel() * pool.element_size()
+        if codec in hm.scales:
+            codec_bytes[codec] += hm.scales[codec].numel() * 4
+    return LayerStats(
+        name=name, shape=list(original.shape), dtype=str(original.dtype).removeprefix("torch."),
+        bytes_before=dense_nbytes(tuple(original.shape), original.dtype), bytes_after=hm.nbytes,
+        compressed=True, blocks_lowrank=lowrank_blocks, blocks_rows=len(rows_blocks),
+        blocks_dense=len(dense_blocks), max_rank=max(ranks.values(), default=0),
+        mean_rank=round(sum(ranks.values()) / max(lowrank_blocks, 1), 3),
+        codecs=dict(sorted(codec_bytes.items())), tol=options.tol, budget=budget,
+        fro_error=bounds.fro_error, rel_error=bounds.rel_fro_error,
+        spectral_error=bounds.spectral_error, spectral_method=bounds.spectral_method,
+        sigma_max=bounds.sigma_max, sigma_min=bounds.sigma_min, kappa_w=bounds.kappa_w,
+        kappa_h_bound=bounds.kappa_h_bound, kappa_h_paper=bounds.kappa_h_paper, strategy=strategy,
+    )
