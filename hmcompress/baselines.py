@@ -121,7 +121,7 @@ def _first_within(start: int, stop: int, outcome_of: Callable[[int], Outcome], l
     return best
 
 
-def _tails(energy: np.ndarray) -> np.ndarray:
+def tail_norms(energy: np.ndarray) -> np.ndarray:
     """tails[k] = sqrt(sum(energy[k:])) for k = 0..len, summed from the small end (no cancellation)."""
     return np.sqrt(np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]]))
 
@@ -161,7 +161,7 @@ class _SVDFit:
         self.sigma = s.numpy()
         m, n = target.matrix.shape
         self.rank_bytes = (m + n) * target.matrix.element_size()
-        self.tails = _tails(self.sigma**2)
+        self.tails = tail_norms(self.sigma**2)
         self._measured: dict[int, Outcome] = {}
 
     def outcome(self, rank: int) -> Outcome:
@@ -218,7 +218,7 @@ class _PruneFit:
         self.target = target
         flat = target.exact.reshape(-1)
         self.order = torch.argsort(flat.abs(), descending=True, stable=True)
-        self.tails = _tails(flat[self.order].square().numpy())
+        self.tails = tail_norms(flat[self.order].square().numpy())
         m, n = target.matrix.shape
         kept = np.arange(m * n + 1, dtype=np.int64)
         self.csr = (m + 1) * CSR_POINTER_BYTES + kept * index_bytes(n)

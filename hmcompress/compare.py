@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .baselines import REFERENCE, Method, Outcome
+from .baselines import REFERENCE, Method, Outcome, tail_norms
 from .checkpoint import Selection, as_matrix, classify, open_checkpoint
 from .errors import OptionError, UserError
 from .runtime import dense_nbytes
@@ -40,8 +40,7 @@ class LayerComparison:
 
     def svd_cut(self, tol: float) -> int:
         """The smallest rank whose exact truncation is within the tolerance."""
-        tails = np.sqrt(np.concatenate([np.cumsum(self.sigma[::-1] ** 2)[::-1], [0.0]]))
-        return int(np.flatnonzero(tails <= tol * self.norm)[0])
+        return int(np.flatnonzero(tail_norms(self.sigma**2) <= tol * self.norm)[0])
 
     def smallest(self, tol: float) -> str:
         """The method with the fewest bytes among those within ``tol`` (the reference wins ties)."""
@@ -68,12 +67,19 @@ def compare_matrix(name: str, matrix: torch.Tensor, tols: list[float], methods: 
         matched[tol] = {n: at_tol[tol][n] if n == REFERENCE else fit.at_bytes(budget)
                         for n, fit in fits.items()}
     matched = {tol: {n: out and out.slim() for n, out in outs.items()} for tol, outs in matched.items()}
-    at_tol = {tol: {n: (out if keep_stored else dataclasses.replace(out, stored=None)) if tol == tols[0]
-                    else out.slim() for n, out in outs.items()} for tol, outs in at_tol.items()}
+    at_tol = {tol: {n: _kept(out, tol == tols[0], keep_stored) for n, out in outs.items()}
+              for tol, outs in at_tol.items()}
     sigma = torch.linalg.svdvals(matrix.double()).numpy()
     norm = at_tol[tols[0]][REFERENCE].norm
     return LayerComparison(name, tuple(matrix.shape), str(matrix.dtype).removeprefix("torch."), norm,
                            dense_nbytes(tuple(matrix.shape), matrix.dtype), sigma, at_tol, matched)
+
+
+def _kept(out: Outcome, primary: bool, keep_stored: bool) -> Outcome:
+    """Figures always; at the primary tolerance also the H-matrix and, if asked, the stored Ŵ."""
+    if not primary:
+        return out.slim()
+    return out if keep_stored else dataclasses.replace(out, stored=None)
 
 
 @dataclasses.dataclass

@@ -137,10 +137,9 @@ def _by_kind(cells: list[Leaf]):
 
 def draw_ranks(figure, ax, hm: HMatrix) -> None:
     """Every leaf rectangle coloured by its stored rank; ranks written on the larger leaves."""
+    import matplotlib
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
-
-    import matplotlib
 
     cells = leaves(hm)
     cmap = matplotlib.colormaps["viridis"].with_extremes(under="white")
