@@ -713,10 +713,10 @@ class Stage:
 class TilePlan:
     """Both stages of the tile product of one H-matrix (see the comment above).
 
-    Stage 1: x gathered by ``col_index`` (padding: index n, a zero) times ``v`` (column tiles,
-    tile width, slots); slot results are summed into the columns ``v_slot`` of T (padding: the
-    last, zeroed after). Stage 2: T gathered by ``t_index`` times ``u`` (row tiles, slots, tile
-    height); output column r is column ``out_index[r]`` of the flattened result.
+    Stage 1: x gathered by ``col_index`` times ``v`` (column tiles, tile width, slots); slot
+    results are summed into the columns ``v_slot`` of T (padding: a spare last column). Stage 2:
+    T gathered by ``t_index`` times ``u`` (row tiles, slots, tile height); output column r is
+    column ``out_index[r]`` of the flattened result. Padding positions meet zero factors.
     """
 
     shape: tuple[int, int]
@@ -744,7 +744,8 @@ class TilePlan:
         real = flat_rows < m
         out_index = torch.zeros(m, dtype=torch.int64)
         out_index[flat_rows[real]] = torch.arange(flat_rows.numel())[real]
-        return {"col_index": self.columns.index, "v": self.columns.factors,
+        columns = self.columns.index
+        return {"col_index": torch.where(columns < self.shape[1], columns, 0), "v": self.columns.factors,
                 "v_slot": self.columns.slot_rank.reshape(-1), "t_index": self.rows.slot_rank,
                 "u": self.rows.factors.mT.contiguous(), "out_index": out_index}
 
@@ -761,22 +762,25 @@ def tile_product(plan: dict[str, torch.Tensor], ranks: int, x: torch.Tensor) -> 
 
     Two layouts of the same computation: for small N the batch is the middle `bmm` dimension
     (several times faster there); for large N features come first, so that every gather and
-    `index_add` moves contiguous rows of N numbers.
+    `index_add` moves contiguous rows of N numbers. Gathers are `index_select` on flat indices,
+    the cheapest gather per call. Padding reads column 0 and T's spare last column through zero
+    factors (so, as in a dense product, inf or NaN in x spreads to every output).
     """
     batch = x.shape[0]
+    col_tiles, width = plan["col_index"].shape
+    row_tiles, depth = plan["t_index"].shape
     if batch > SMALL_BATCH:
-        padded = torch.cat([x.T, x.new_zeros(1, batch)])  # row n: the zero that padding reads
-        partial = torch.bmm(plan["v"].mT, padded[plan["col_index"]])  # (tiles, slots, N)
-        t = x.new_zeros(ranks + 1, batch).index_add(0, plan["v_slot"], partial.reshape(-1, batch))
-        t = torch.cat([t[:ranks], t.new_zeros(1, batch)])  # padding slots may have met inf * 0
-        rows = torch.bmm(plan["u"].mT, t[plan["t_index"]])  # (row tiles, tile height, N)
-        return rows.reshape(-1, batch)[plan["out_index"]].T
-    padded = torch.cat([x, x.new_zeros(batch, 1)], 1)
-    partial = torch.bmm(padded[:, plan["col_index"]].transpose(0, 1), plan["v"])  # (tiles, N, slots)
-    t = x.new_zeros(batch, ranks + 1).index_add(1, plan["v_slot"], partial.transpose(0, 1).reshape(batch, -1))
-    t = torch.cat([t[:, :ranks], t.new_zeros(batch, 1)], 1)
-    rows = torch.bmm(t[:, plan["t_index"]].transpose(0, 1), plan["u"])  # (row tiles, N, tile height)
-    return rows.transpose(0, 1).reshape(batch, -1)[:, plan["out_index"]]
+        xg = x.T.index_select(0, plan["col_index"].reshape(-1)).view(col_tiles, width, batch)
+        partial = torch.bmm(plan["v"].mT, xg)  # (column tiles, slots, N)
+        t = x.new_zeros(ranks + 1, batch).index_add_(0, plan["v_slot"], partial.reshape(-1, batch))
+        rows = torch.bmm(plan["u"].mT, t.index_select(0, plan["t_index"].reshape(-1)).view(row_tiles, depth, batch))
+        return rows.reshape(-1, batch).index_select(0, plan["out_index"]).T
+    xg = x.index_select(1, plan["col_index"].reshape(-1)).view(batch, col_tiles, width)
+    partial = torch.bmm(xg.transpose(0, 1), plan["v"])  # (column tiles, N, slots)
+    t = x.new_zeros(batch, ranks + 1).index_add_(1, plan["v_slot"], partial.transpose(0, 1).reshape(batch, -1))
+    gathered = t.index_select(1, plan["t_index"].reshape(-1)).view(batch, row_tiles, depth)
+    rows = torch.bmm(gathered.transpose(0, 1), plan["u"])  # (row tiles, N, tile height)
+    return rows.transpose(0, 1).reshape(batch, -1).index_select(1, plan["out_index"])
 
 
 def compact_planes(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -865,14 +869,15 @@ class HLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"HLinear expects inputs with {self.in_features} features, got {tuple(x.shape)}")
-        lead = x.shape[:-1]
-        rows = x.reshape(math.prod(lead), self.in_features).to(self._anchor.dtype)
+        dtype = self._anchor.dtype
+        rows = x.reshape(math.prod(x.shape[:-1]), self.in_features)
         plan = {"col_index": self._col_index, "v": self._factor("v"), "v_slot": self._v_slot,
                 "t_index": self._t_index, "u": self._factor("u"), "out_index": self._out_index}
-        y = tile_product(plan, self._ranks, rows)
+        y = tile_product(plan, self._ranks, rows if rows.dtype == dtype else rows.to(dtype))
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*lead, self.out_features).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

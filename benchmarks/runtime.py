@@ -1,0 +1,81 @@
+"""HLinear against dense `nn.Linear`: the same layer, the same inputs, timed in one process.
+
+For square and rectangular layers from 512 to 4096 (a smooth kernel, the H-matrix case,
+compressed to 1e-4 with `--precision keep`) and batches of 1, 16 and 256: time(H) / time(dense),
+and the ideal, H bytes / dense bytes (a product that only streams the stored numbers would run at
+that ratio). Usage: python -m benchmarks.runtime [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from hmcompress.build import CompressionOptions, compress_matrix
+from hmcompress.runtime import HLinear
+
+SHAPES = ((512, 512), (1024, 1024), (2048, 2048), (4096, 4096), (1024, 4096), (4096, 1024))
+BATCHES = (1, 16, 256)
+
+
+def kernel(m: int, n: int) -> torch.Tensor:
+    """1/(1+100|x_i-y_j|) on sorted random points: smooth away from the diagonal."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.sort(torch.rand(m, generator=gen))[0]
+    y = torch.sort(torch.rand(n, generator=gen))[0]
+    return (1 / (1 + 100 * (x[:, None] - y[None, :]).abs())).float()
+
+
+def paired_times(first: Callable[[], object], second: Callable[[], object], budget: float = 0.5) -> tuple[float, float]:
+    """Median times of two calls, interleaved so that both see the same machine."""
+    a, b = [], []
+    first(), second()
+    start = time.perf_counter()
+    while len(a) < 5 or (time.perf_counter() - start < budget and len(a) < 200):
+        t0 = time.perf_counter()
+        first()
+        t1 = time.perf_counter()
+        second()
+        t2 = time.perf_counter()
+        a.append(t1 - t0)
+        b.append(t2 - t1)
+    return statistics.median(a), statistics.median(b)
+
+
+def rows(shapes: tuple[tuple[int, int], ...]) -> list[list[str]]:
+    out = []
+    for m, n in shapes:
+        w = kernel(m, n)
+        hm = compress_matrix(w, CompressionOptions(tol=1e-4, precision="keep")).hmatrix
+        dense = torch.nn.Linear(n, m)
+        with torch.no_grad():
+            dense.weight.copy_(w)
+        layer = HLinear(hm, dense.bias)
+        ideal = hm.nbytes / (4 * m * n)
+        with torch.no_grad():
+            for batch in BATCHES:
+                x = torch.randn(batch, n)
+                h_time, d_time = paired_times(lambda: layer(x), lambda: dense(x))
+                speedup = d_time / h_time
+                out.append([f"{m}x{n}", str(batch), f"{ideal:.4f}", f"{h_time / d_time:.3f}",
+                            f"{speedup:.1f}x of {1 / ideal:.1f}x ({speedup * ideal:.2f})"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="512 and 1024 only")
+    args = parser.parse_args()
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    print(f"HLinear vs nn.Linear (float32, {torch.get_num_threads()} threads), kernel matrix at tol 1e-4 keep\n")
+    print("| layer | batch | H bytes / dense | H time / dense | speed-up of ideal (fraction) |")
+    print("|---|---|---|---|---|")
+    for row in rows(shapes):
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
