@@ -262,7 +262,7 @@ def test_read_file_names_the_broken_tensor(tmp_path):
 
 
 @pytest.mark.parametrize("compact", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("make", [mixed_matrix, lambda: compressed(45, 37, tol=1e-3)])
 def test_hlinear_matches_dense(dtype, make, compact):
     hm = make()
@@ -270,7 +270,7 @@ def test_hlinear_matches_dense(dtype, make, compact):
     bias = torch.randn(m)
     layer = HLinear(hm, bias, dtype=dtype, keep_compact=compact)
     dense = hm.to_dense(torch.float64)
-    tol = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 0.1}[dtype]
+    tol = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 0.1, torch.float16: 0.02}[dtype]
     for shape in [(5, n), (2, 3, n), (n,), (runtime.SMALL_BATCH + 3, n)]:  # both layouts
         x = torch.randn(shape).to(dtype)
         y = layer(x)
