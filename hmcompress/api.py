@@ -13,7 +13,7 @@ from collections.abc import Callable
 from . import pipeline
 from .build import CompressionOptions
 from .checkpoint import Checkpoint, Selection, as_matrix, classify, open_checkpoint
-from .errors import UserError
+from .errors import USER_ERRORS, UserError
 from .runtime import FORMAT_VERSION, read_file
 from .stats import LayerStats, totals
 from .verdicts import Gates, recorded_fields, recorded_problems
@@ -70,6 +70,7 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
         if write:
             workdir = pipeline.WorkDir.beside(output)
             workdir.prepare(resume)
+            stack.push(_discard_on_user_error(workdir, keep=resume))
         else:
             workdir = pipeline.WorkDir(pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory())))
         jobs = [pipeline.Job(str(source), name, slots[name], options, selection.passthrough_nonfinite,
@@ -98,6 +99,16 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
         workdir.remove()
     reused = sorted(o.name for o in outcomes.values() if o.reused)
     return CompressionResult(source, output if write else None, layers, header["options"], failures, reused)
+
+
+def _discard_on_user_error(workdir: "pipeline.WorkDir", keep: bool):
+    """An exit callback: a run refused for bad input leaves nothing behind (with ``keep``, i.e.
+    --resume, its finished results stay for the next run)."""
+    def on_exit(exc_type, _exc, _tb) -> bool:
+        if exc_type is not None and issubclass(exc_type, USER_ERRORS) and not keep:
+            workdir.remove()
+        return False
+    return on_exit
 
 
 def options_json(options: CompressionOptions, selection: Selection) -> dict:
