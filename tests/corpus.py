@@ -159,6 +159,12 @@ def zip_cycle(d: pathlib.Path) -> pathlib.Path:
     return d / "model.pt"
 
 
+def torch_flattened_names_collide(d: pathlib.Path) -> pathlib.Path:
+    """'a.b' and {'a': {'b': ...}} flatten to the same name: one would silently replace the other."""
+    torch.save({"a.b": _weights(1), "a": {"b": _weights(2)}}, d / "model.pt")
+    return d / "model.pt"
+
+
 def zip_expand_bomb(d: pathlib.Path) -> pathlib.Path:
     """One float of storage viewed as a 100,000 x 100,000 matrix (40 GB if materialised)."""
     torch.save({"w": torch.zeros(1).expand(100_000, 100_000)}, d / "model.pt")
@@ -407,6 +413,7 @@ HOSTILE_CHECKPOINTS = [
     Case("zip_deep_nesting", zip_deep_nesting, "nested deeper"),
     Case("zip_shared_bomb", zip_shared_bomb, "more than"),
     Case("zip_cycle", zip_cycle, "contains itself"),
+    Case("torch_flattened_names_collide", torch_flattened_names_collide, "both named 'a.b'"),
     Case("zip_expand_bomb", zip_expand_bomb, "storage"),
     Case("legacy_expand_bomb", legacy_expand_bomb, "storage"),
     Case("zip_truncated_storage", zip_truncated_storage, "cannot read"),
