@@ -144,60 +144,99 @@ def _per_budget(c: Candidates, budget: float) -> Candidates:
 def optimal_plan(c: Candidates, budget: float) -> Plan:
     """Cheapest plan found within ``budget`` (squared error): Lagrangian bisection + greedy.
 
-    Errors are measured in units of the budget, so mu is in bytes per budget.
+    Lagrangian solutions lie on the lower convex hull of (error, bytes), so the bisection ends
+    between a feasible plan and a cheaper infeasible one, and the best plan may lie between them.
+    Both are finished greedily: the feasible one spends its leftover budget, the infeasible one
+    buys back error at the fewest bytes per unit until it fits (then spends what is left); the
+    cheaper result wins. Errors are in units of the budget, so mu is in bytes per budget.
     """
     if budget <= 0:
         return _lagrangian(c, 1e300)
     unit = _per_budget(c, budget)
     lo, hi = np.log(1e-6), np.log(max(float(c.dense_bytes[0, 0]), 1.0) * 1e15)
     plan = _lagrangian(unit, np.exp(lo))
-    if plan.error(unit) > 1:
-        plan = _lagrangian(unit, np.exp(hi))
-        for _ in range(60):
-            mid = 0.5 * (lo + hi)
-            trial = _lagrangian(unit, np.exp(mid))
-            if trial.error(unit) <= 1:
-                hi, plan = mid, trial
-            else:
-                lo = mid
-            if hi - lo < 1e-3:
-                break
-    return _spend(unit, plan, 1.0)
-
-
-def _spend(c: Candidates, plan: Plan, budget: float, rounds: int = 4) -> Plan:
-    """Spend leftover budget greedily: cheaper storage for the items that lose least per byte."""
-    families = plan.families(c)
-    choices = [choice.copy() for _, choice, _ in families]
-    # options per active item: row 0 = drop, rows 1.. = codecs
-    opt_bytes = np.hstack([np.vstack([np.zeros(len(a)), it.nbytes[:, a]]) for it, _, a in families])
-    opt_err = np.hstack([np.vstack([it.drop_err[a], it.err[:, a]]) for it, _, a in families])
-    bounds = np.cumsum([0] + [len(a) for _, _, a in families])
-    if opt_bytes.shape[1] == 0:
-        return plan
-    cols = np.arange(opt_bytes.shape[1])
-    for _ in range(rounds):
-        current_plan = dataclasses.replace(plan, trip_choice=choices[0], row_choice=choices[1])
-        slack = budget - current_plan.error(c)
-        if slack <= 0:
+    if plan.error(unit) <= 1:
+        return _Moves(unit, plan).spend(1.0)
+    below, plan = plan, _lagrangian(unit, np.exp(hi))
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        trial = _lagrangian(unit, np.exp(mid))
+        if trial.error(unit) <= 1:
+            hi, plan = mid, trial
+        else:
+            lo, below = mid, trial
+        if hi - lo < 1e-3:
             break
-        current = np.concatenate([ch[a] for ch, (_, _, a) in zip(choices, families)]) + 1
-        saved = opt_bytes[current, cols] - opt_bytes
-        added = opt_err - opt_err[current, cols]
+    finished = [_Moves(unit, plan).spend(1.0)]
+    repaired = _Moves(unit, below).repair(1.0)
+    if repaired.error(unit) <= 1:
+        finished.append(_Moves(unit, repaired).spend(1.0))
+    return min(finished, key=lambda p: p.nbytes(unit))
+
+
+class _Moves:
+    """Per-item storage changes within a plan's partition: drop, or keep in another codec."""
+
+    def __init__(self, c: Candidates, plan: Plan) -> None:
+        self.c, self.plan = c, plan
+        self.families = plan.families(c)
+        self.choices = [choice.copy() for _, choice, _ in self.families]
+        # options per active item: row 0 = drop, rows 1.. = codecs
+        self.bytes = np.hstack([np.vstack([np.zeros(len(a)), it.nbytes[:, a]]) for it, _, a in self.families])
+        self.err = np.hstack([np.vstack([it.drop_err[a], it.err[:, a]]) for it, _, a in self.families])
+        self.bounds = np.cumsum([0] + [len(a) for _, _, a in self.families])
+        self.cols = np.arange(self.bytes.shape[1])
+
+    def current_plan(self) -> Plan:
+        return dataclasses.replace(self.plan, trip_choice=self.choices[0], row_choice=self.choices[1])
+
+    def _best_moves(self, gain: np.ndarray, cost: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per item the option with the most ``gain`` per ``cost`` (both positive); items by rate."""
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where((saved > 0) & np.isfinite(added), saved / np.maximum(added, 1e-300), -np.inf)
-        move = np.argmax(ratio, axis=0)
-        gain = ratio[move, cols]
-        movable = np.flatnonzero(gain > -np.inf)
-        order = movable[np.argsort(-gain[movable], kind="stable")]
-        within = np.cumsum(np.maximum(added[move[order], order], 0)) <= slack
-        if not within.any():
-            break
-        chosen = order[within]
-        for f, (_, _, active) in enumerate(families):
-            mine = chosen[(chosen >= bounds[f]) & (chosen < bounds[f + 1])]
-            choices[f][active[mine - bounds[f]]] = move[mine] - 1
-    return dataclasses.replace(plan, trip_choice=choices[0], row_choice=choices[1])
+            rate = np.where((gain > 0) & np.isfinite(cost) & np.isfinite(gain),
+                            gain / np.maximum(cost, 1e-300), -np.inf)
+        move = np.argmax(rate, axis=0)
+        best = rate[move, self.cols]
+        movable = np.flatnonzero(best > -np.inf)
+        return move, movable[np.argsort(-best[movable], kind="stable")], best
+
+    def _apply(self, chosen: np.ndarray, move: np.ndarray) -> None:
+        for f, (_, _, active) in enumerate(self.families):
+            mine = chosen[(chosen >= self.bounds[f]) & (chosen < self.bounds[f + 1])]
+            self.choices[f][active[mine - self.bounds[f]]] = move[mine] - 1
+
+    def _current(self) -> np.ndarray:
+        return np.concatenate([ch[a] for ch, (_, _, a) in zip(self.choices, self.families)]) + 1
+
+    def spend(self, budget: float, rounds: int = 4) -> Plan:
+        """Spend leftover budget: cheaper storage for the items that lose least error per byte saved."""
+        for _ in range(rounds if len(self.cols) else 0):
+            slack = budget - self.current_plan().error(self.c)
+            if slack <= 0:
+                break
+            current = self._current()
+            added = self.err - self.err[current, self.cols]
+            move, order, _rate = self._best_moves(self.bytes[current, self.cols] - self.bytes, added)
+            within = np.cumsum(np.maximum(added[move[order], order], 0)) <= slack
+            if not within.any():
+                break
+            self._apply(order[within], move)
+        return self.current_plan()
+
+    def repair(self, budget: float, rounds: int = 8) -> Plan:
+        """Buy back error until the plan fits: the items that remove most error per byte added."""
+        for _ in range(rounds if len(self.cols) else 0):
+            deficit = self.current_plan().error(self.c) - budget
+            if deficit <= 0:
+                break
+            current = self._current()
+            removed = self.err[current, self.cols] - self.err
+            move, order, _rate = self._best_moves(removed, self.bytes - self.bytes[current, self.cols])
+            if not len(order):
+                break
+            gained = np.cumsum(removed[move[order], order])
+            self._apply(order[:int(np.searchsorted(gained, deficit)) + 1], move)
+        return self.current_plan()
 
 
 def _prefix_rank(c: Candidates, node: int, starts: np.ndarray, allowed: float) -> int:

@@ -124,6 +124,22 @@ def test_optimal_never_stores_more_than_svd_or_paper(kind, tol):
         assert opt.hmatrix.nbytes <= paper.hmatrix.nbytes
 
 
+@pytest.mark.parametrize("tol", [0.3, 0.4])
+def test_the_optimal_planner_alone_matches_one_svd_across_the_lagrangian_gap(tol):
+    """Trained weights, keep precision, a loose tolerance: the truncated SVD near the budget is not
+    on the convex hull of (error, bytes) the Lagrangian sees (it jumps from an infeasible low rank
+    to dense); the repair of the infeasible side must find it."""
+    from safetensors.torch import load_file
+
+    w = load_file("sample_models/classifier/classifier.safetensors")["net.2.weight"]
+    c = analyse(w, build_tree(tuple(w.shape), 32), ("f32",))
+    budget = (tol * float(torch.linalg.matrix_norm(w.double()))) ** 2
+    plan = optimal_plan(c, budget)
+    assert plan.error(c) <= budget
+    assert plan.nbytes(c) <= min(svd_plan(c, budget).nbytes(c), paper_plan(c, budget).nbytes(c))
+    assert plan.nbytes(c) < 0.9 * c.dense_bytes[0, 0]
+
+
 def test_planners_agree_with_their_estimates():
     w = smooth_kernel(256)
     c = analyse(w, build_tree(tuple(w.shape), 16), ("f32",))
