@@ -487,6 +487,8 @@ def parse_metadata(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[str, 
     matrices, passthrough = meta.get("matrices"), meta.get("passthrough")
     if not isinstance(matrices, dict) or not isinstance(passthrough, dict):
         fail("metadata lacks the 'matrices' and 'passthrough' tables")
+    if not isinstance(meta.get("options", {}), dict):
+        fail("metadata 'options' is not a JSON object")
 
     claimed: dict[str, tuple[str, str]] = {}  # packed tensor name -> (matrix, part)
     for name, info in matrices.items():
