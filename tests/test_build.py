@@ -131,7 +131,9 @@ def test_the_optimal_planner_alone_matches_one_svd_across_the_lagrangian_gap(tol
     to dense); the repair of the infeasible side must find it."""
     from safetensors.torch import load_file
 
-    w = load_file("sample_models/classifier/classifier.safetensors")["net.2.weight"]
+    from sample_models.classifier import CHECKPOINT
+
+    w = load_file(str(CHECKPOINT))["net.2.weight"]
     c = analyse(w, build_tree(tuple(w.shape), 32), ("f32",))
     budget = (tol * float(torch.linalg.matrix_norm(w.double()))) ** 2
     plan = optimal_plan(c, budget)
