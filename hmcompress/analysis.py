@@ -213,6 +213,22 @@ class LayerError:
     activation_error_svd: float
 
 
+def error_propagation(original: nn.Module, compressed: nn.Module, svd_model: nn.Module, inputs: torch.Tensor,
+                      weights: dict[str, tuple[list[int], float, float, int]]) -> list[LayerError]:
+    """Activation errors of both approximations after each module named in ``weights`` (module
+    name -> weight shape, weight error of H, of SVD, SVD rank) and at the output (last row), in
+    the order the modules ran."""
+    acts = layer_outputs(original, inputs, list(weights))
+    acts_h = layer_outputs(compressed, inputs, list(weights))
+    acts_svd = layer_outputs(svd_model, inputs, list(weights))
+    rows = []
+    for name, exact in acts.items():
+        shape, error, error_svd, rank = weights.get(name, (list(exact.shape[1:]), math.nan, math.nan, None))
+        rows.append(LayerError(name, shape, error, error_svd, rank, relative_error(acts_h[name], exact),
+                               relative_error(acts_svd[name], exact)))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # Truncated SVD at the same tolerance (the paper's comparison)
 
@@ -369,21 +385,13 @@ def evaluate_compressed(task: ModelTask, checkpoint: str | pathlib.Path, compres
     say("error propagation")
     inputs = task.sample_inputs(samples)
     modules = dict(original.named_modules())
-    hooked = [name.removesuffix(".weight") for name in names
-              if name.endswith(".weight") and name.removesuffix(".weight") in modules]
-    acts = layer_outputs(original, inputs, hooked)
-    acts_h = layer_outputs(patched, inputs, hooked)
-    acts_svd = layer_outputs(svd_model, inputs, hooked)
-    layers = []
-    for name in acts:  # execution order
-        weight = f"{name}.weight"
-        is_output = name == "output"
-        layers.append(LayerError(
-            name, list(acts[name].shape[1:]) if is_output else list(state[weight].shape),
-            math.nan if is_output else meta["matrices"][weight]["stats"]["rel_error"],
-            math.nan if is_output else relative_error(svd_state[weight], state[weight]),
-            None if is_output else ranks[weight],
-            relative_error(acts_h[name], acts[name]), relative_error(acts_svd[name], acts[name])))
+    weights = {}  # module -> its compressed weight's shape, errors (H, SVD) and SVD rank
+    for name in names:
+        module = name.removesuffix(".weight")
+        if module != name and module in modules:
+            weights[module] = (list(state[name].shape), meta["matrices"][name]["stats"]["rel_error"],
+                               relative_error(svd_state[name], state[name]), ranks[name])
+    layers = error_propagation(original, patched, svd_model, inputs, weights)
 
     say("neural tangent kernel")
     dense_h = compressed_model(task, compressed, mode="dense")
@@ -398,8 +406,7 @@ def evaluate_compressed(task: ModelTask, checkpoint: str | pathlib.Path, compres
         absolute=options.absolute, metric=task.metric or next(iter(metrics)),
         higher_is_better=task.higher_is_better, metrics=metrics, metrics_compressed=metrics_h,
         metrics_svd=metrics_svd, samples=len(inputs),
-        output_error=relative_error(acts_h["output"], acts["output"]),
-        output_error_svd=relative_error(acts_svd["output"], acts["output"]),
+        output_error=layers[-1].activation_error, output_error_svd=layers[-1].activation_error_svd,
         matrix_bytes=svd.dense_nbytes(),
         matrix_bytes_compressed=sum(file.matrices[name].nbytes for name in names),
         matrix_bytes_svd=svd.nbytes(ranks), ntk=ntk, ntk_svd=ntk_svd, layers=layers, sweep=rows)

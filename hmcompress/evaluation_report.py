@@ -29,15 +29,17 @@ def summary_rows(ev: Evaluation) -> list[list[str]]:
     """Task metrics, sizes, output error and NTK of the original, H-matrix and SVD models."""
     rows = [[key, _g(ev.metrics[key]), _g(ev.metrics_compressed.get(key)), _g(ev.metrics_svd.get(key))]
             for key in ev.metrics]
-    rows.append(["matrix bytes", str(ev.matrix_bytes), str(ev.matrix_bytes_compressed), str(ev.matrix_bytes_svd)])
-    rows.append(["matrix ratio", "1", _g(ev.matrix_bytes / ev.matrix_bytes_compressed, 3),
-                 _g(ev.matrix_bytes / ev.matrix_bytes_svd, 3)])
+    sizes = (ev.matrix_bytes, ev.matrix_bytes_compressed, ev.matrix_bytes_svd)
+    rows.append(["matrix bytes", *map(str, sizes)])
+    rows.append(["matrix ratio", *(_g(ev.matrix_bytes / size, 3) for size in sizes)])
     rows.append([f"output error ({ev.samples} inputs)", "0", _e(ev.output_error), _e(ev.output_error_svd)])
     ntk, ntk_svd = ev.ntk, ev.ntk_svd
     rows.append([f"NTK rel. distance ({ntk.inputs} inputs, {ntk.size}x{ntk.size})", "0",
                  _e(ntk.rel_fro), _e(ntk_svd.rel_fro)])
-    rows.append(["NTK λ_max", _g(ntk.eig_max, 6), _g(ntk.eig_max_compressed, 6), _g(ntk_svd.eig_max_compressed, 6)])
-    rows.append(["NTK λ_min", _g(ntk.eig_min, 6), _g(ntk.eig_min_compressed, 6), _g(ntk_svd.eig_min_compressed, 6)])
+    for label, exact, compressed, svd in (
+            ("NTK λ_max", ntk.eig_max, ntk.eig_max_compressed, ntk_svd.eig_max_compressed),
+            ("NTK λ_min", ntk.eig_min, ntk.eig_min_compressed, ntk_svd.eig_min_compressed)):
+        rows.append([label, _g(exact, 6), _g(compressed, 6), _g(svd, 6)])
     return rows
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -41,5 +42,6 @@ def run(description: str, checkpoint: Path, train: Callable[[Log | None], nn.Mod
               "torch": torch.__version__, "python": sys.version.split()[0]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), str(args.out), metadata=header)
+    os.chmod(args.out, 0o644)  # safetensors creates files readable by their owner only
     summary = ", ".join(f"{key} {value:.4g}" for key, value in result.items())
     print(f"{summary}; trained in {elapsed:.0f}s; wrote {args.out}")

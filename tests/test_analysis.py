@@ -158,8 +158,8 @@ def test_evaluate_cli_on_the_classifier_through_the_shim(classifier_files, monke
 
 def test_evaluate_cli_refuses_a_mismatched_model_in_one_line(classifier_files) -> None:
     checkpoint, compressed = classifier_files
-    done = run("evaluate", "sample_models.burgers_pinn:build", str(checkpoint), "--compressed", str(compressed),
-               "--quiet")
+    done = run("evaluate", "sample_models.burgers_pinn:build", str(checkpoint), "--compressed",
+               str(compressed), "--quiet")
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1, done.stderr
     assert "does not fit sample_models.burgers_pinn:build: missing layers.0.bias" in done.stderr

@@ -31,7 +31,7 @@ HEADS = 4
 LAYERS = 2
 FF = 512
 CONTEXT = 128
-VALIDATION_FRACTION = 0.1
+VALIDATION_FRACTION = 0.1  # of each file
 EVAL_CHARS = 32768  # the first 256 windows of 128 characters of the validation text
 METRIC = "val_loss"
 HIGHER_IS_BETTER = False
@@ -94,16 +94,16 @@ def corpus_files() -> list[Path]:
 
 
 @functools.lru_cache(maxsize=1)
-def corpus() -> str:
-    """The training text: the files of `corpus_files` joined, non-ASCII mapped to '?'."""
-    text = "".join(path.read_text(encoding="utf-8") for path in corpus_files())
+def corpus() -> tuple[str, ...]:
+    """The text of each file of `corpus_files`, non-ASCII characters mapped to '?'."""
     known = set(ALPHABET)
-    return "".join(c if c in known else "?" for c in text)
+    return tuple("".join(c if c in known else "?" for c in path.read_text(encoding="utf-8"))
+                 for path in corpus_files())
 
 
 def corpus_fingerprint() -> str:
     """SHA-256 of the corpus text (recorded in the checkpoint's metadata)."""
-    return hashlib.sha256(corpus().encode("ascii")).hexdigest()
+    return hashlib.sha256("".join(corpus()).encode("ascii")).hexdigest()
 
 
 def encode(text: str) -> torch.Tensor:
@@ -114,10 +114,12 @@ def encode(text: str) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1)
 def splits() -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, validation) token streams: the validation text is the corpus's last 10%."""
-    tokens = encode(corpus())
-    cut = int(len(tokens) * (1 - VALIDATION_FRACTION))
-    return tokens[:cut], tokens[cut:]
+    """(train, validation) token streams: the last 10% of every file is validation text, so both
+    come from the same mix of modules."""
+    cuts = [int(len(text) * (1 - VALIDATION_FRACTION)) for text in corpus()]
+    train = "".join(text[:cut] for text, cut in zip(corpus(), cuts))
+    valid = "".join(text[cut:] for text, cut in zip(corpus(), cuts))
+    return encode(train), encode(valid)
 
 
 def validation_windows(count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
