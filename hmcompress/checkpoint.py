@@ -352,8 +352,8 @@ def _is_torchscript(path: pathlib.Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError):
-        return False  # not a (readable) zip: torch.load says what is wrong
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, ValueError, EOFError):
+        return False  # not a zip Python can read (NotImplementedError: "zip file version 12.7"): torch.load says why
 
 
 _STORAGE_DTYPES = {
