@@ -121,10 +121,10 @@ def _run(job: Job) -> Outcome:
         stored = _stored_stats(path, key)
         if stored is not None:
             return Outcome(job.name, stats=stored, reused=True)
-    with _one_thread():
+    with _one_thread():  # the bounds too: the residual's SVD also depends on the thread count
         result = compress_matrix(as_matrix(tensor), job.options)
-    stats = layer_stats(job.name, tensor, result.hmatrix, result.dense, result.error, result.budget,
-                        result.root_sigma, job.options, result.strategy).to_json()
+        stats = layer_stats(job.name, tensor, result.hmatrix, result.dense, result.error, result.budget,
+                            result.root_sigma, job.options, result.strategy).to_json()
     result.hmatrix.validate(job.name)
     meta = {"key": key, "orig_shape": list(tensor.shape), "shape": list(result.hmatrix.shape),
             "stats": stats, "dtype": DTYPE_NAMES[result.hmatrix.dtype]}

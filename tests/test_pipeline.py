@@ -21,10 +21,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> pathlib.Path:
-    """Four matrices of different shapes and a passthrough vector."""
+    """Four matrices of different shapes (one large enough for LAPACK to use several threads)
+    and a passthrough vector."""
     gen = torch.Generator().manual_seed(3)
     path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
     tensors = {f"layer{i}.weight": torch.randn(160 + 16 * i, 192, generator=gen) for i in range(4)}
+    tensors["layer3.weight"] = torch.randn(384, 384, generator=gen)
     tensors["layer0.bias"] = torch.randn(160, generator=gen)
     save_file(tensors, str(path))
     return path
@@ -32,8 +34,14 @@ def checkpoint(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def reference(checkpoint, tmp_path_factory) -> bytes:
+    """In this process, with several intra-op threads (workers use one: the bytes must not care)."""
     out = tmp_path_factory.mktemp("reference") / "model.hm.safetensors"
-    run = run_cli("compress", checkpoint, "-o", out, "--quiet", "--workers", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        run = run_cli("compress", checkpoint, "-o", out, "--quiet", "--workers", "1")
+    finally:
+        torch.set_num_threads(threads)
     assert run.code == 0, run.stderr
     return out.read_bytes()
 
