@@ -15,6 +15,7 @@ import torch
 from .codecs import UNIT_ROUNDOFF, roundtrip_rows, row_bytes
 from .runtime import BLOCK_COLUMNS, SEGMENT_COLUMNS
 
+CHUNK_NUMBERS = 1 << 21  # factor entries whose codec errors are measured at once
 BLOCK_ROW_BYTES = BLOCK_COLUMNS * 4  # int32 block table row
 SEGMENT_ROW_BYTES = SEGMENT_COLUMNS * 4  # int32 segment table row
 
@@ -157,20 +158,26 @@ def triplet_errors(codecs: tuple[str, ...], u: torch.Tensor, s: torch.Tensor, vh
     Factors are balanced, ``a = sqrt(s) u`` and ``b = sqrt(s) v``, as the builder stores them.
     With a~ = a + da, b~ = b + db the difference is da bᵀ + a~ dbᵀ, whose norm needs no
     cancellation-prone subtraction. Computed in the factors' precision with float64 sums: an
-    estimate for the planner, which the final measurement of the built matrix checks.
+    estimate for the planner, which the final measurement of the built matrix checks. Triplets
+    go in chunks of about `CHUNK_NUMBERS` factor entries, which bounds the temporaries.
     Shapes: u (k, h, r), s (k, r), vh (k, r, w), ``wanted`` (k, r) bool; result (P, k, r), inf
     where not wanted (such a triplet can only be dropped).
     """
-    root = s.sqrt().unsqueeze(-1)
-    a, b = (u.mT * root)[wanted], (vh * root)[wanted]
-    b_norm2 = _norm2(b)
+    root = s.sqrt()
     out = torch.full((len(codecs), *s.shape), np.inf, dtype=torch.float64)
-    for p, codec in enumerate(codecs):
-        a_q, b_q = roundtrip_rows(codec, a), roundtrip_rows(codec, b)
-        da, db = a_q - a, b_q - b
-        err = (_norm2(da) * b_norm2 + _norm2(a_q) * _norm2(db)
-               + 2 * (da * a_q).sum(1, dtype=torch.float64) * (b * db).sum(1, dtype=torch.float64))
-        out[p][wanted] = _finite_or_inf(err)
+    which = wanted.nonzero()
+    step = max(1, CHUNK_NUMBERS // (u.shape[1] + vh.shape[2]))
+    for start in range(0, len(which), step):
+        block, rank = which[start:start + step].T
+        scale = root[block, rank].unsqueeze(1)
+        a, b = u[block, :, rank] * scale, vh[block, rank, :] * scale
+        b_norm2 = _norm2(b)
+        for p, codec in enumerate(codecs):
+            a_q, b_q = roundtrip_rows(codec, a), roundtrip_rows(codec, b)
+            da, db = a_q - a, b_q - b
+            err = (_norm2(da) * b_norm2 + _norm2(a_q) * _norm2(db)
+                   + 2 * (da * a_q).sum(1, dtype=torch.float64) * (b * db).sum(1, dtype=torch.float64))
+            out[p, block, rank] = _finite_or_inf(err)
     return out
 
 

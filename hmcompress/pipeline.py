@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import hashlib
 import json
@@ -38,6 +40,8 @@ from .writer import StreamedTensor, matrix_entry, packed_tensors, write_streamed
 NONFINITE = "non-finite values (NaN/Inf)"
 WORK_SUFFIX = ".hmwork"
 RESULT_FORMAT = 1  # bump when a result file's layout or meaning changes: old ones are then ignored
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20  # blocks of 1 MiB and more are mapped (and unmapped when freed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +110,8 @@ def run_job(job: Job) -> Outcome:
         return _run(job)
     except USER_ERRORS as err:  # some carry extra constructor arguments and would not unpickle
         raise UserError(str(err)) from None
+    finally:
+        _trim()
 
 
 def _run(job: Job) -> Outcome:
@@ -184,12 +190,41 @@ def _worker_init() -> None:
     """Workers leave Ctrl-C to the parent (which stops handing out work) and use one thread."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
+    release_large_blocks()
+
+
+def release_large_blocks() -> None:
+    """Make glibc give large freed blocks back to the system at once.
+
+    Its default raises the mmap threshold after each large free, so the next matrix-sized
+    temporaries come from the heap, which keeps the peak of every earlier tensor resident.
+    A fixed threshold keeps the process's footprint at what it holds now. No-op elsewhere.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+def _trim() -> None:
+    """Return freed heap pages to the system (glibc only) between tensors."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def run_jobs(jobs: list[Job], workers: int, progress: Callable[[int, int, str], None] | None) -> list[Outcome]:
     """Run every job (in ``workers`` processes if more than one); outcomes in the jobs' order."""
     total = len(jobs)
     if workers <= 1 or total <= 1:
+        release_large_blocks()
         outcomes = []
         for done, job in enumerate(jobs):
             if progress:
