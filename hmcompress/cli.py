@@ -98,10 +98,16 @@ def compress(
     _refuse_duplicate_outputs(models, targets)
     results = []
     for model, target in zip(models, targets):
-        with _progress(not quiet, str(model)) as progress:
-            result = api.compress_checkpoint(model, target, options, selection, overwrite=force,
-                                             progress=progress, gates=gates, keep_failed=keep_failed,
-                                             workers=workers or default_workers(), resume=resume)
+        try:
+            with _progress(not quiet, str(model)) as progress:
+                result = api.compress_checkpoint(model, target, options, selection, overwrite=force,
+                                                 progress=progress, gates=gates, keep_failed=keep_failed,
+                                                 workers=workers or default_workers(), resume=resume)
+        except KeyboardInterrupt:
+            stderr.print(f"hmcompress: interrupted: nothing written to {target}; the matrices already "
+                         "compressed are kept, run the same command with --resume to go on", markup=False,
+                         highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
         results.append(result)
         if resume and not quiet:
             compressed = sum(layer.compressed for layer in result.layers)

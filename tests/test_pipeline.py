@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -162,3 +163,23 @@ def test_peak_memory_follows_the_largest_tensor_not_the_file(tmp_path):
     base = peak_rss("compress", small, "-o", tmp_path / "small.hm.safetensors", "--quiet", "--workers", "1")
     peak = peak_rss("compress", big, "-o", tmp_path / "big.hm.safetensors", "--quiet", "--workers", "1")
     assert peak - base < 0.25 * size, (peak - base, size)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ctrl_c_says_how_to_resume_and_resume_finishes(checkpoint, reference, tmp_path, workers):
+    out = tmp_path / "model.hm.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "hmcompress", "compress", str(checkpoint), "-o", str(out),
+                             "--workers", workers], text=True, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    for line in proc.stderr:
+        if line.startswith("[2/4]"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    proc.wait()
+    assert proc.returncode == 130, rest
+    assert "interrupted: nothing written" in rest and "--resume" in rest and "Traceback" not in rest
+    assert not out.exists()
+    run = run_cli("compress", checkpoint, "-o", out, "--resume", "--workers", workers)
+    assert run.code == 0, run.stderr
+    assert out.read_bytes() == reference
