@@ -1,0 +1,87 @@
+"""Trainable `hmcompress.nn.HLinear`: one training step (forward + backward) against dense
+`nn.Linear` and against the same leaves multiplied one Python call per leaf.
+
+Kernel matrices (as `benchmarks.runtime`) compressed to 1e-4 with `--precision keep`, batches of
+16 and 256, float32: time(H) / time(dense) and time(H) / time(per-leaf loop), both measured in
+this process, and the stored numbers over the dense count. Usage: python -m benchmarks.training [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from benchmarks.runtime import kernel, paired_times
+from hmcompress.build import CompressionOptions
+from hmcompress.nn import HLinear
+
+SHAPES = ((256, 256), (512, 512), (1024, 1024), (2048, 2048))
+BATCHES = (16, 256)
+
+
+def per_leaf_step(layer: HLinear) -> Callable[[torch.Tensor], None]:
+    """A training step over the same leaves, one product per leaf (the layout `HLinear` avoids)."""
+    leaves = []
+    for group in layer.leaves:
+        values = [p.detach().clone().requires_grad_(True) for p in
+                  (group.factors() if hasattr(group, "u") else (group.values(),))]
+        for j, (row0, col0, _level) in enumerate(group.corners()):
+            leaves.append((row0, col0, group.h, group.w, [v[j] for v in values], values))
+    params = {id(v): v for *_, values in leaves for v in values}
+
+    def step(x: torch.Tensor) -> None:
+        y = x.new_zeros(x.shape[0], layer.out_features)
+        for row0, col0, h, w, factors, _ in leaves:
+            product = x[:, col0:col0 + w]
+            for factor in reversed(factors):
+                product = product @ factor.T
+            y = y.index_add(1, torch.arange(row0, row0 + h), product)
+        y.square().sum().backward()
+        for p in params.values():
+            p.grad = None
+
+    return step
+
+
+def train_step(module: nn.Module) -> Callable[[torch.Tensor], None]:
+    def step(x: torch.Tensor) -> None:
+        module(x).square().sum().backward()
+        module.zero_grad(set_to_none=True)
+
+    return step
+
+
+def rows(shapes: tuple[tuple[int, int], ...]) -> list[list[str]]:
+    out = []
+    for m, n in shapes:
+        dense = nn.Linear(n, m)
+        with torch.no_grad():
+            dense.weight.copy_(kernel(m, n))
+        layer = HLinear.from_matrix(dense.weight, dense.bias, CompressionOptions(tol=1e-4, precision="keep"))
+        h_step, d_step, loop_step = train_step(layer), train_step(dense), per_leaf_step(layer)
+        for batch in BATCHES:
+            x = torch.randn(batch, n)
+            h_time, d_time = paired_times(lambda: h_step(x), lambda: d_step(x))
+            h_again, loop_time = paired_times(lambda: h_step(x), lambda: loop_step(x))
+            out.append([f"{m}x{n}", str(batch), f"{layer.block_count}", f"{layer.stored_numbers / layer.dense_numbers:.3f}",
+                        f"{h_time / d_time:.2f}", f"{h_again / loop_time:.3f}"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="256 and 512 only")
+    args = parser.parse_args()
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    print(f"Training step (forward + backward), trainable HLinear, float32, {torch.get_num_threads()} threads, "
+          "kernel matrix at tol 1e-4 keep\n")
+    print("| layer | batch | leaves | stored / dense numbers | H time / dense | H time / per-leaf loop |")
+    print("|---|---|---|---|---|---|")
+    for row in rows(shapes):
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
