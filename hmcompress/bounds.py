@@ -15,6 +15,7 @@ import torch
 from .codecs import UNIT_ROUNDOFF
 
 SPECTRAL_EXACT_MAX_SIDE = 4096
+CHUNK_NUMBERS = 1 << 21  # matrix entries the chunked norms handle at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,15 +44,40 @@ def rounding_margin(shape: tuple[int, int], dtype: torch.dtype, scale: float) ->
     return 4 * max(shape) * unit * scale
 
 
-def spectral_norm_bound(residual: torch.Tensor) -> tuple[float, str]:
-    """An upper bound on ||R||_2: the SVD's value widened by its rounding margin, or ||R||_F."""
-    fro = float(torch.linalg.matrix_norm(residual))
-    if max(residual.shape) > SPECTRAL_EXACT_MAX_SIDE or residual.numel() == 0 or fro == 0:
+def row_chunks(shape: tuple[int, ...]) -> list[slice]:
+    """Row ranges of about `CHUNK_NUMBERS` entries each."""
+    rows = max(1, CHUNK_NUMBERS // max(1, shape[1]))
+    return [slice(start, start + rows) for start in range(0, shape[0], rows)]
+
+
+def frobenius(matrix: torch.Tensor, minus: torch.Tensor | None = None,
+              rounded_to: torch.dtype | None = None) -> float:
+    """||A||_F, or ||A - B||_F with B (float64) first rounded to ``rounded_to`` if given.
+
+    In float64, by row chunks (no full-size temporaries), the chunks' norms combined with
+    `math.hypot` (no overflow for huge entries).
+    """
+    total = 0.0
+    for rows in row_chunks(matrix.shape):
+        part = matrix[rows].double()
+        if minus is not None:
+            part = part - (minus[rows] if rounded_to is None else minus[rows].to(rounded_to).double())
+        total = math.hypot(total, float(torch.linalg.vector_norm(part)))
+    return total
+
+
+def spectral_norm_bound(original: torch.Tensor, stored: torch.Tensor) -> tuple[float, str]:
+    """An upper bound on ||W - H||_2: the SVD's value widened by its rounding margin, or ||W - H||_F."""
+    fro = frobenius(original, stored)
+    if max(original.shape) > SPECTRAL_EXACT_MAX_SIDE or original.numel() == 0 or fro == 0:
         return fro, "frobenius"
-    work = residual.float() if fro < 1e30 and fro > 1e-30 else residual
-    top = float(torch.linalg.svdvals(work)[0])
-    unit = UNIT_ROUNDOFF["f32" if work.dtype == torch.float32 else "f64"]
-    p = 4 * max(residual.shape) * unit
+    dtype = torch.float32 if 1e-30 < fro < 1e30 else torch.float64
+    residual = torch.empty(original.shape, dtype=dtype)
+    for rows in row_chunks(original.shape):
+        residual[rows] = original[rows].double() - stored[rows]
+    top = float(torch.linalg.svdvals(residual)[0])
+    unit = UNIT_ROUNDOFF["f32" if dtype == torch.float32 else "f64"]
+    p = 4 * max(original.shape) * unit
     bound = top / (1 - p) + unit * fro  # the SVD's error, plus rounding R to the working dtype
     return min(bound, fro), "svd"
 
@@ -62,14 +88,13 @@ def compute_bounds(original: torch.Tensor, stored: torch.Tensor, error: float, s
     ``sigma`` are the singular values of W as the builder computed them, in the working precision
     of W's dtype (float64 for float64, else float32).
     """
-    w = original.double()
-    norm = float(torch.linalg.matrix_norm(w)) if w.numel() else 0.0
+    norm = frobenius(original)
     rel = error / norm if norm > 0 else (0.0 if error == 0 else math.inf)
-    e2, method = spectral_norm_bound(w - stored)
+    e2, method = spectral_norm_bound(original, stored)
     e2 = min(max(e2, 0.0), error) if method == "svd" else error
     if len(sigma) == 0:
         return Bounds(error, rel, e2, method, 0.0, 0.0, None, None, None)
-    margin = rounding_margin(tuple(w.shape), original.dtype, float(sigma[0]))
+    margin = rounding_margin(tuple(original.shape), original.dtype, float(sigma[0]))
     s_max = float(sigma[0]) + margin
     s_min = max(float(sigma[-1]) - margin, 0.0)
     kappa_w = float(sigma[0] / sigma[-1]) if sigma[-1] > 0 else None

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import torch
 
+from .bounds import frobenius
 from .candidates import Candidates, analyse, block_batches, build_tree, svd
 from .codecs import auto_codecs, encode_rows, source_codec
 from .errors import OptionError
@@ -78,12 +79,11 @@ def compress_matrix(matrix: torch.Tensor, options: CompressionOptions) -> Compre
     """Compress a 2-D floating tensor so that its measured error is within the budget."""
     if matrix.ndim != 2 or not matrix.is_floating_point():
         raise OptionError(f"expected a 2-D floating-point matrix, got {tuple(matrix.shape)} {matrix.dtype}")
-    exact = matrix.double()
-    allowed = math.sqrt(options.budget(float(torch.linalg.matrix_norm(exact))))
+    allowed = math.sqrt(options.budget(frobenius(matrix)))
     codecs = (source_codec(matrix.dtype),) if options.precision == "keep" else auto_codecs(matrix.dtype)
     if matrix.numel() == 0:
         hm = _exact_hmatrix(matrix)
-        return Compressed(hm, exact, 0.0, allowed, np.zeros(0), "exact", 0)
+        return Compressed(hm, matrix.double(), 0.0, allowed, np.zeros(0), "exact", 0)
     tree = build_tree(tuple(matrix.shape), options.leaf)
     target = allowed * allowed
     cands = analyse(matrix, tree, codecs, negligible=NEGLIGIBLE_SHARE * target / matrix.numel(),
@@ -92,19 +92,20 @@ def compress_matrix(matrix: torch.Tensor, options: CompressionOptions) -> Compre
         plan = _best_plan(cands, target, options.strategy)
         hm = assemble(matrix, cands, plan, options.device)
         dense = hm.to_dense(torch.float64)
-        error = measured_error(exact, dense, matrix.dtype)
+        error = measured_error(matrix, dense, matrix.dtype)
         if error <= allowed:
             return Compressed(hm, dense, error, allowed, cands.root_sigma, plan.strategy, rebuild)
         target *= 0.95 * (allowed / error) ** 2
     hm = _exact_hmatrix(matrix)
-    return Compressed(hm, exact, 0.0, allowed, cands.root_sigma, "exact", MAX_REBUILDS)
+    return Compressed(hm, matrix.double(), 0.0, allowed, cands.root_sigma, "exact", MAX_REBUILDS)
 
 
-def measured_error(exact: torch.Tensor, stored: torch.Tensor, dtype: torch.dtype) -> float:
-    """||W - H||_F for the stored H and for H rounded to the source dtype; the larger."""
-    direct = torch.linalg.matrix_norm(exact - stored)
-    rounded = torch.linalg.matrix_norm(exact - stored.to(dtype).double())
-    return float(max(direct, rounded))
+def measured_error(original: torch.Tensor, stored: torch.Tensor, dtype: torch.dtype) -> float:
+    """||W - H||_F for the stored H (float64) and for H rounded to the source dtype; the larger.
+
+    In float64 by row chunks (`bounds.frobenius`): no full-size temporaries.
+    """
+    return max(frobenius(original, stored), frobenius(original, stored, rounded_to=dtype))
 
 
 def _best_plan(c: Candidates, budget: float, strategy: str) -> Plan:
