@@ -189,10 +189,25 @@ def test_deterministic():
 
 
 @pytest.mark.parametrize("bad", [dict(tol=-1.0), dict(tol=float("nan")), dict(strategy="x"),
-                                 dict(precision="x"), dict(leaf=0)])
+                                 dict(precision="x"), dict(leaf=0), dict(device="tpu"), dict(device="cuda:x")])
 def test_bad_options_are_user_errors(bad):
     with pytest.raises(OptionError):
         CompressionOptions(**bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu_is_a_clear_user_error():
+    with pytest.raises(OptionError, match="--device cuda: no CUDA device is available here"):
+        CompressionOptions(device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_factorizations_on_the_gpu_meet_the_same_budget():
+    w = smooth_kernel(256)
+    for precision in ("keep", "auto"):
+        result = compress_matrix(w, CompressionOptions(tol=1e-3, precision=precision, device="cuda"))
+        assert result.error <= result.budget
+        assert measured_error(w, result.hmatrix.to_dense(torch.float64), w.dtype) <= result.budget
 
 
 def test_tree_tiles_and_splits_oblong_blocks_along_long_side():
