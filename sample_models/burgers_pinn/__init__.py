@@ -34,9 +34,6 @@ class BurgersPINN(nn.Module):
         super().__init__()
         widths = [2] + [width] * hidden_layers + [1]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-        for layer in self.layers:  # Glorot, as usual for tanh PINNs: keeps deep activations O(1)
-            nn.init.xavier_normal_(layer.weight)
-            nn.init.zeros_(layer.bias)
         # (x, t) -> (x, 2t - 1); not state, so not in the checkpoint.
         self.register_buffer("input_scale", torch.tensor([1.0, 2.0]), persistent=False)
         self.register_buffer("input_shift", torch.tensor([0.0, -1.0]), persistent=False)
