@@ -17,7 +17,7 @@ from .errors import USER_ERRORS, UserError
 from .runtime import FORMAT_VERSION, read_file
 from .stats import LayerStats, totals
 from .verdicts import Gates, recorded_fields, recorded_problems
-from .writer import remove_stale_temporaries, write_assembled, write_runtime_shim
+from .writer import StreamedTensor, remove_stale_temporaries, write_assembled, write_runtime_shim, write_streamed
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 
@@ -135,6 +135,21 @@ def is_input(output: pathlib.Path, source: pathlib.Path) -> bool:
     if source.is_dir():
         return output.resolve().parent == source.resolve()
     return output.samefile(source)
+
+
+def decompress(path: str | pathlib.Path, output: str | pathlib.Path, overwrite: bool = False) -> int:
+    """Write the dense checkpoint of a compressed file; returns the number of tensors.
+
+    Matrices are expanded one at a time while the output streams, so memory holds the compressed
+    file and one dense matrix, not the dense checkpoint.
+    """
+    compressed = read_file(path)
+    tensors = [StreamedTensor.of(name, tensor) for name, tensor in compressed.passthrough.items()]
+    for name, hm in compressed.matrices.items():
+        shape = tuple(compressed.metadata["matrices"][name]["orig_shape"])
+        tensors.append(StreamedTensor(name, hm.dtype, shape, lambda hm=hm, shape=shape: hm.to_dense().reshape(shape)))
+    write_streamed(output, tensors, None, overwrite=overwrite)
+    return len(tensors)
 
 
 def stats_from_file(path: str | pathlib.Path) -> tuple[dict, list[LayerStats]]:

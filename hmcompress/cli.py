@@ -311,16 +311,12 @@ def decompress(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
 ) -> None:
     """Write the dense checkpoint (original names, shapes and dtypes) as safetensors."""
-    from .runtime import load_state_dict
-    from .writer import write_dense
-
     if api.is_input(output, file):
         raise UserError(f"{output}: refusing to overwrite the input file")
     if output.exists() and not force:
         raise UserError(f"{output}: exists (use --force to overwrite)")
-    state = load_state_dict(file)
-    write_dense(output, state, overwrite=force)
-    stderr.print(f"wrote {output} ({len(state)} tensors)", markup=False, highlight=False)
+    count = api.decompress(file, output, overwrite=force)
+    stderr.print(f"wrote {output} ({count} tensors)", markup=False, highlight=False)
 
 
 @app.command("inspect")
