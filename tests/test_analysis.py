@@ -173,3 +173,18 @@ def test_patched_model_uses_hmatrix_layers(classifier_files) -> None:
     _, compressed = classifier_files
     model = compressed_model(load_task("sample_models.classifier:build"), compressed)
     assert sum(isinstance(m, runtime.HLinear) for m in model.modules()) == 3
+
+
+def test_results_replace_only_the_marked_readme_section(tmp_path) -> None:
+    from sample_models.results import BEGIN, END, write_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n\n{BEGIN}\nold table\n{END}\n\nafter\n", encoding="utf-8")
+    write_readme(readme, f"{BEGIN}\nnew table\n{END}")
+    assert readme.read_text(encoding="utf-8") == f"# Title\n\nbefore\n\n{BEGIN}\nnew table\n{END}\n\nafter\n"
+    assert readme.stat().st_mode & 0o777 == 0o644
+    bare = tmp_path / "BARE.md"
+    bare.write_text("# Bare\n", encoding="utf-8")
+    write_readme(bare, f"{BEGIN}\nt\n{END}")
+    assert bare.read_text(encoding="utf-8") == f"# Bare\n\n{BEGIN}\nt\n{END}\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
