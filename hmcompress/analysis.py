@@ -37,6 +37,7 @@ from .errors import UserError
 
 SWEEP_TOLS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3)
 JACOBIAN_BYTES = 512 * 2**20  # the NTK uses fewer inputs rather than hold a larger Jacobian
+OUTPUT = "(model output)"  # the row after the last layer; no module can be named so by accident
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +127,8 @@ def empirical_ntk(model: nn.Module, inputs: torch.Tensor,
     """Θ = J Jᵀ (float64) with J = ∂f/∂θ over all parameters, for f(x) = ``output_fn(model(x), x)``
     flattened per input (default: ``model(x)``); rows ordered (input, output component).
 
-    J is computed per input with ``vmap(jacrev)`` in chunks of inputs; the products are formed one
-    parameter tensor at a time in float64, so only J itself is held in float32.
+    J is computed per input with ``vmap(jacrev)`` in chunks of inputs and kept in the model's
+    dtype; the products are formed one parameter tensor at a time in float64.
     """
     params = {name: p.detach() for name, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
@@ -156,7 +157,7 @@ def ntk_inputs(model: nn.Module, task: ModelTask, requested: int) -> torch.Tenso
     with torch.no_grad():
         out = model(probe)
         outputs = (task.ntk_output(out, probe) if task.ntk_output else out).numel()
-    per_input = outputs * sum(p.numel() for p in model.parameters()) * 4
+    per_input = outputs * sum(p.numel() * p.element_size() for p in model.parameters())
     return task.sample_inputs(max(2, min(requested, JACOBIAN_BYTES // per_input)))
 
 
@@ -185,15 +186,15 @@ def compare_ntk(theta: torch.Tensor, theta_compressed: torch.Tensor, inputs: int
 
 @torch.no_grad()
 def layer_outputs(model: nn.Module, inputs: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The output of each named submodule (forward hooks) and of the model (key ``"output"``),
-    in the order the modules ran."""
+    """The output of each named submodule (forward hooks) and of the model (key `OUTPUT`), in
+    the order the modules ran."""
     modules = dict(model.named_modules())
     captured: dict[str, torch.Tensor] = {}
     handles = [modules[name].register_forward_hook(
         lambda _module, _args, out, name=name: captured.setdefault(name, out.detach()))
         for name in names]
     try:
-        captured["output"] = model(inputs).detach()
+        captured[OUTPUT] = model(inputs).detach()
     finally:
         for handle in handles:
             handle.remove()

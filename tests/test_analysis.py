@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hmcompress import runtime
-from hmcompress.analysis import (SVDBaseline, compare_ntk, empirical_ntk, layer_outputs, load_task,
+from hmcompress.analysis import (OUTPUT, SVDBaseline, compare_ntk, empirical_ntk, layer_outputs, load_task,
                                  relative_error)
 from hmcompress.errors import UserError
 
@@ -76,12 +76,12 @@ def test_layer_hooks_localise_a_perturbation_to_the_layer_and_after() -> None:
     x = torch.randn(7, 4)
     names = ["4", "0", "2"]  # any order: results come in execution order
     ref, out = layer_outputs(model, x, names), layer_outputs(perturbed, x, names)
-    assert list(ref) == ["0", "2", "4", "output"]
+    assert list(ref) == ["0", "2", "4", OUTPUT]
     assert relative_error(out["0"], ref["0"]) == 0.0
     hand = perturbed[2](torch.tanh(model[0](x))).detach()
     assert relative_error(out["2"], ref["2"]) == pytest.approx(relative_error(hand, ref["2"]))
     assert relative_error(out["2"], ref["2"]) > 0 and relative_error(out["4"], ref["4"]) > 0
-    torch.testing.assert_close(out["output"], out["4"])
+    torch.testing.assert_close(out[OUTPUT], out["4"])
     assert not model[0]._forward_hooks  # hooks are removed afterwards
 
 
@@ -134,7 +134,7 @@ def test_evaluate_cli_on_the_classifier_through_the_shim(classifier_files, monke
     assert original >= 0.96
     assert abs(compressed_acc - original) <= 0.005  # the issue: within 0.5 percentage points
     assert 0 < result["output_error"] < 0.05
-    assert [layer["name"] for layer in result["layers"]] == ["net.0", "net.2", "net.4", "output"]
+    assert [layer["name"] for layer in result["layers"]] == ["net.0", "net.2", "net.4", OUTPUT]
     for layer in result["layers"][:-1]:
         assert 0 < layer["weight_error"] <= 0.01 * (1 + 1e-9)
         assert layer["weight_error_svd"] <= 0.01 * (1 + 1e-6)
