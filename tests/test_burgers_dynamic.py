@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 
+import torch
+
 from sample_models.burgers_pinn import dynamic
 
 
@@ -17,8 +19,23 @@ def test_script_writes_table_and_plot(tmp_path, capsys) -> None:
     for row in rows:
         assert 0 < float(row["rel_l2"]) and 0 < float(row["stored_fraction"]) <= 1
     for run in dynamic.RUNS[1:]:  # each dynamic run's own epoch log
-        assert (tmp_path / f"{run}.csv").exists()
+        assert (tmp_path / f"log-{run}.csv").exists()
     assert (tmp_path / "dynamic.png").read_bytes().startswith(b"\x89PNG")
     table = (tmp_path / "dynamic.md").read_text()
     assert "| dynamic+penalty |" in table and "| 3 |" in table
     assert "| run | final rel. L2 |" in capsys.readouterr().out
+
+
+def test_a_diverging_lbfgs_step_is_undone() -> None:
+    model = torch.nn.Linear(3, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = dynamic.lbfgs(model, 3)
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = model(torch.ones(2, 3)).sum() * float("nan")
+        value.backward()
+        return value
+
+    assert not dynamic.kept_step(model, optimizer, objective)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

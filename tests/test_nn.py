@@ -193,8 +193,8 @@ def test_rank_penalty_over_a_model() -> None:
     model = nn.Sequential(nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 8))
     assert float(rank_penalty(model)) == 0.0  # no H-matrix layer yet
     to_hmatrix(model, 1e-2)
-    total = sum(float(layer.rank_penalty()) for _, layer in hlinear_layers(model))
-    assert float(rank_penalty(model, "nuclear")) == pytest.approx(total)
+    total = sum(layer.rank_penalty().item() for _, layer in hlinear_layers(model))
+    assert rank_penalty(model, "nuclear").item() == pytest.approx(total)
     rank_penalty(model).backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "leaves" in n)
 

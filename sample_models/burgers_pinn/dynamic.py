@@ -10,8 +10,9 @@ ones train the structure it found). The schedule is `train`'s, shortened: Adam e
 epochs with residual-based refinement of the collocation points (an L-BFGS history does not
 survive a change of parameters: each recompression starts a fresh one). Per epoch: relative L2
 error against the exact solution and the stored numbers of the weight matrices over their dense
-count. Writes ``dynamic.csv``, ``dynamic.md`` (summary and per-epoch table) and ``dynamic.png``
-(needs matplotlib, the ``plot`` extra) to ``--out``. The network is narrower than the committed
+count. Writes ``dynamic.csv``, ``dynamic.md`` (summary and per-epoch table), ``dynamic.png``
+(needs matplotlib, the ``plot`` extra) and each dynamic run's `DynamicCompression` log
+``log-<run>.csv`` to ``--out``. The network is narrower than the committed
 checkpoint's so that the three runs take minutes on one CPU thread.
 """
 from __future__ import annotations
@@ -84,6 +85,7 @@ def train(settings: Settings, run: str, log: pathlib.Path, progress) -> list[dic
             total.backward()
             return total
 
+        undone = False
         if epoch < settings.adam_epochs:
             for _ in range(settings.steps):
                 objective()
@@ -91,14 +93,15 @@ def train(settings: Settings, run: str, log: pathlib.Path, progress) -> list[dic
         else:
             lbfgs_epoch = epoch - settings.adam_epochs
             if lbfgs_epoch == 0:
-                optimizer = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=settings.steps, history_size=50,
-                                              tolerance_grad=1e-9, tolerance_change=1e-12,
-                                              line_search_fn="strong_wolfe")
+                optimizer = lbfgs(model, settings.steps)
             if lbfgs_epoch % settings.refine_every == 0:
                 refine(model, points, generator)
-            optimizer.step(objective)
+            undone = not kept_step(model, optimizer, objective)
+            if undone:
+                optimizer = lbfgs(model, settings.steps)
         with torch.no_grad():
-            values = {"loss": loss(model, points).item(), "seconds": round(time.perf_counter() - start, 1)}
+            values = {"loss": loss(model, points).item(), "seconds": round(time.perf_counter() - start, 1),
+                      "undone": undone}
         if dynamic is None:
             row = {"epoch": epoch + 1, **values, "rel_l2": evaluate(model)["rel_l2"],
                    "stored_numbers": dense_numbers, "dense_numbers": dense_numbers, "stored_fraction": 1.0}
@@ -108,8 +111,31 @@ def train(settings: Settings, run: str, log: pathlib.Path, progress) -> list[dic
             row = dynamic.rows[-1]
         rows.append({"run": run, **row})
         progress(f"{run} epoch {epoch + 1}: loss {values['loss']:.3e}, rel_l2 {row['rel_l2']:.3e}, "
-                 f"stored {row['stored_fraction']:.3f} of dense, {values['seconds']:.0f}s")
+                 f"stored {row['stored_fraction']:.3f} of dense, {values['seconds']:.0f}s"
+                 f"{' (diverging L-BFGS step undone)' if undone else ''}")
     return rows
+
+
+def lbfgs(model: nn.Module, steps: int) -> torch.optim.LBFGS:
+    """L-BFGS as `train` uses it, ``steps`` iterations per call of ``step``."""
+    return torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=steps, history_size=50, tolerance_grad=1e-9,
+                             tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+
+def kept_step(model: nn.Module, optimizer: torch.optim.LBFGS, objective) -> bool:
+    """One L-BFGS call, undone if it diverged (parameters not finite, or a line-search step that
+    overflows float32, which torch reports as a RuntimeError); returns whether it was kept."""
+    saved = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    try:
+        optimizer.step(objective)
+        kept = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    except RuntimeError as err:
+        if "overflow" not in str(err):
+            raise
+        kept = False
+    if not kept:
+        model.load_state_dict(saved)
+    return kept
 
 
 def summary(settings: Settings, rows: list[dict]) -> dict[str, dict]:
@@ -186,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     rows = []
     for run in RUNS:
-        rows += train(settings, run, args.out / f"{run}.csv", progress)
+        rows += train(settings, run, args.out / f"log-{run}.csv", progress)
     seconds = time.perf_counter() - start
     table = csv_text(rows)
     atomic_write(args.out / "dynamic.csv", lambda tmp: tmp.write_text(table), overwrite=True)
