@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from hmcompress import runtime
-from hmcompress.build import CompressionOptions, compress_matrix
+from hmcompress.build import CompressionOptions
 from hmcompress.nn import (HLinear, footprint, hlinear_layers, rank_penalty, rebuild_optimizer, recompress,
                            to_hmatrix)
 
