@@ -6,9 +6,12 @@ bound), and the largest measured relative error. Usage: python -m benchmarks.che
 """
 from __future__ import annotations
 
+import math
 import pathlib
 import time
+from collections.abc import Iterator
 
+from benchmarks import print_table
 from hmcompress.api import compress_checkpoint
 from hmcompress.build import CompressionOptions
 
@@ -20,31 +23,28 @@ def checkpoint_files() -> list[pathlib.Path]:
     return sorted(p for p in SHARED.glob("*/*") if p.suffix in SUFFIXES)
 
 
-def main() -> None:
-    print("| checkpoint | tol | matrices | float32 / ours | int8 per-row / ours | max rel error | time |")
-    print("|---|---|---|---|---|---|---|")
+def rows() -> Iterator[list[str]]:
     for path in checkpoint_files():
         for tol in (1e-2, 1e-1):
             start = time.perf_counter()
-            result = compress_checkpoint(path, None, CompressionOptions(tol=tol), write=False)
-            elapsed = time.perf_counter() - start
+            result = compress_checkpoint(path, None, CompressionOptions(tol=tol), write=False, workers=2)
+            elapsed = f"{time.perf_counter() - start:.1f}s"
+            name = f"{path.parent.name}/{path.name}"
             layers = [s for s in result.layers if s.compressed]
             if not layers:
-                print(f"| {path.parent.name}/{path.name} | {tol:g} | 0 | - | - | - | {elapsed:.1f}s |")
+                yield [name, f"{tol:g}", "0", "-", "-", "-", elapsed]
                 continue
             ours = sum(s.bytes_after for s in layers)
-            fp32 = sum(4 * s.shape[0] * _cols(s.shape) for s in layers)
-            int8 = sum(s.shape[0] * _cols(s.shape) + 4 * s.shape[0] for s in layers)
+            fp32 = sum(4 * math.prod(s.shape) for s in layers)
+            int8 = sum(math.prod(s.shape) + 4 * s.shape[0] for s in layers)
             worst = max(s.rel_error for s in layers)
-            print(f"| {path.parent.name}/{path.name} | {tol:g} | {len(layers)} | {fp32 / ours:.2f} | "
-                  f"{int8 / ours:.3f} | {worst:.4f} | {elapsed:.1f}s |")
+            yield [name, f"{tol:g}", str(len(layers)), f"{fp32 / ours:.2f}", f"{int8 / ours:.3f}", f"{worst:.4f}", elapsed]
 
 
-def _cols(shape: list[int]) -> int:
-    cols = 1
-    for side in shape[1:]:
-        cols *= side
-    return cols
+def main() -> None:
+    print_table("Shared checkpoints, compressed matrices only, auto precision (2 workers)",
+                ["checkpoint", "tol", "matrices", "float32 / ours", "int8 per-row / ours", "max rel error", "time"],
+                rows())
 
 
 if __name__ == "__main__":

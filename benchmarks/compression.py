@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks import print_table
 from hmcompress.bounds import compute_bounds
 from hmcompress.build import CompressionOptions, compress_matrix
 from hmcompress.candidates import analyse, build_tree
@@ -83,11 +84,7 @@ def main() -> None:
     rows: list[list[str]] = []
     bench_compression_time(rows, n, repeats)
     bench_sizes(rows, 1024 if not args.quick else 256)
-    print(f"Compression ({torch.get_num_threads()} threads)\n")
-    print("| measurement | baseline | ours / baseline |")
-    print("|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(f"Compression ({torch.get_num_threads()} threads)", ["measurement", "baseline", "ours / baseline"], rows)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from benchmarks import print_table
 from benchmarks.checkpoints import checkpoint_files
 from benchmarks.runtime import paired_times
 from hmcompress.api import compress_checkpoint
@@ -87,12 +88,9 @@ def checkpoint_rows(directory: pathlib.Path) -> list[list[str]]:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = sample_model_rows(pathlib.Path(tmp)) + checkpoint_rows(pathlib.Path(tmp))
-    print(f"End-to-end inference, batch {BATCH}, {torch.get_num_threads()} threads: patch(mode='auto') "
-          "vs the original (tol 1e-2, auto precision)\n")
-    print("| model | layers run as H-matrices | time compressed / original |")
-    print("|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(f"End-to-end inference, batch {BATCH}, {torch.get_num_threads()} threads: patch(mode='auto') "
+                "vs the original (tol 1e-2, auto precision)",
+                ["model", "layers run as H-matrices", "time compressed / original"], rows)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks import print_table
 from hmcompress.build import CompressionOptions, compress_matrix
 from hmcompress.runtime import HLinear
 
@@ -70,11 +71,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="512 and 1024 only")
     args = parser.parse_args()
     shapes = SHAPES[:2] if args.quick else SHAPES
-    print(f"HLinear vs nn.Linear (float32, {torch.get_num_threads()} threads), kernel matrix at tol 1e-4 keep\n")
-    print("| layer | batch | H bytes / dense | H time / dense | speed-up of ideal (fraction) |")
-    print("|---|---|---|---|---|")
-    for row in rows(shapes):
-        print("| " + " | ".join(row) + " |")
+    print_table(f"HLinear vs nn.Linear (float32, {torch.get_num_threads()} threads), kernel matrix at tol 1e-4 keep",
+                ["layer", "batch", "H bytes / dense", "H time / dense", "speed-up of ideal (fraction)"], rows(shapes))
 
 
 if __name__ == "__main__":

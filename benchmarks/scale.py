@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from benchmarks import print_table
 from hmcompress.writer import StreamedTensor, write_streamed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -104,11 +105,7 @@ def main() -> None:
         directory = pathlib.Path(tmp)
         start = time.perf_counter()
         rows = memory_rows(directory, True) if args.large else workers_rows(directory) + memory_rows(directory, False)
-    print(f"Scale ({time.perf_counter() - start:.0f} s)\n")
-    print("| measurement | baseline | result |")
-    print("|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(f"Scale ({time.perf_counter() - start:.0f} s)", ["measurement", "baseline", "result"], rows)
 
 
 if __name__ == "__main__":

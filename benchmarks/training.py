@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from benchmarks import print_table
 from benchmarks.runtime import kernel, paired_times
 from hmcompress.build import CompressionOptions
 from hmcompress.nn import HLinear
@@ -75,12 +76,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="256 and 512 only")
     args = parser.parse_args()
     shapes = SHAPES[:2] if args.quick else SHAPES
-    print(f"Training step (forward + backward), trainable HLinear, float32, {torch.get_num_threads()} threads, "
-          "kernel matrix at tol 1e-4 keep\n")
-    print("| layer | batch | leaves | stored / dense numbers | H time / dense | H time / per-leaf loop |")
-    print("|---|---|---|---|---|---|")
-    for row in rows(shapes):
-        print("| " + " | ".join(row) + " |")
+    print_table(f"Training step (forward + backward), trainable HLinear, float32, {torch.get_num_threads()} threads, "
+                "kernel matrix at tol 1e-4 keep",
+                ["layer", "batch", "leaves", "stored / dense numbers", "H time / dense", "H time / per-leaf loop"],
+                rows(shapes))
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def _exact_hmatrix(matrix: torch.Tensor) -> HMatrix:
                    {codec: matrix.contiguous().reshape(-1).clone()}, {})
 
 
-class _Packer:
+class Packer:
     """Appends encoded rows to per-codec pools and records segment table rows."""
 
     def __init__(self) -> None:
@@ -172,7 +172,7 @@ def assemble(matrix: torch.Tensor, c: Candidates, plan: Plan, device: str = "cpu
     leaves, kinds, dense_codec = plan.leaves[order], plan.kind[order], plan.dense_codec[order]
     trip_starts, row_starts = c.triplets.starts(tree.size), c.rows.starts(tree.size)
     factors = _factors(work, c, [int(n) for n, k in zip(leaves, kinds) if k == LOWRANK_LEAF], device)
-    packer = _Packer()
+    packer = Packer()
     block_rows = []
     for index, (node, kind, codec_index) in enumerate(zip(leaves.tolist(), kinds.tolist(),
                                                           dense_codec.tolist())):

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from .build import CompressionOptions, _Packer, compress_matrix, row_mask
+from .build import CompressionOptions, Packer, compress_matrix, row_mask
 from .codecs import source_codec
 from .runtime import DENSE, LOWRANK, ROWS, HMatrix
 
@@ -267,7 +267,7 @@ class HLinear(nn.Module):
         leaves = [leaf for group in self.leaves for leaf in group.segments()]
         leaves += [(list(block), LOWRANK, []) for block in self.empty]
         codec = source_codec(self.dtype)
-        packer = _Packer()
+        packer = Packer()
         leaves.sort(key=lambda leaf: leaf[0][:2])  # row-major order of position, as `build.assemble`
         for index, (block, kind, parts) in enumerate(leaves):
             if kind == ROWS:

@@ -192,7 +192,7 @@ class _Moves:
 
     def _best_moves(self, gain: np.ndarray, cost: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per item the option with the most ``gain`` per ``cost`` (both positive); items by rate."""
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # free moves rate inf
             rate = np.where((gain > 0) & np.isfinite(cost) & np.isfinite(gain),
                             gain / np.maximum(cost, 1e-300), -np.inf)
         move = np.argmax(rate, axis=0)

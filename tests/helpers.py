@@ -5,7 +5,7 @@ import pathlib
 
 import torch
 
-from hmcompress.build import CompressionOptions, _Packer, compress_matrix, row_mask
+from hmcompress.build import CompressionOptions, Packer, compress_matrix, row_mask
 from hmcompress.runtime import DENSE, LOWRANK, ROWS, HMatrix
 from hmcompress.writer import write_compressed
 
@@ -18,7 +18,7 @@ def pack(matrix: torch.Tensor, leaves: list[tuple[int, int, int, int, tuple]]) -
     or ``("zero",)``.
     """
     work = matrix.double()
-    packer = _Packer()
+    packer = Packer()
     blocks = []
     for index, (r0, c0, h, w, spec) in enumerate(leaves):
         blocks.append([r0, c0, h, w, 1])
