@@ -41,6 +41,7 @@ NONFINITE = "non-finite values (NaN/Inf)"
 WORK_SUFFIX = ".hmwork"
 RESULT_FORMAT = 1  # bump when a result file's layout or meaning changes: old ones are then ignored
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+PR_SET_PDEATHSIG = 1  # Linux prctl option
 MMAP_THRESHOLD_BYTES = 1 << 20  # blocks of 1 MiB and more are mapped (and unmapped when freed)
 
 
@@ -187,10 +188,24 @@ def _stored_stats(path: pathlib.Path, key: str) -> dict | None:
 
 
 def _worker_init() -> None:
-    """Workers leave Ctrl-C to the parent (which stops handing out work) and use one thread."""
+    """Workers leave Ctrl-C to the parent (which stops handing out work), use one thread, and
+    do not outlive a parent that is killed."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     torch.set_num_threads(1)
     release_large_blocks()
+
+
+def _die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (Linux; a worker otherwise waits
+    for work forever, since it holds an end of the queue it reads)."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "prctl"):
+        return
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before prctl took effect
+        os._exit(1)
 
 
 def release_large_blocks() -> None:

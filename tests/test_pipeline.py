@@ -7,6 +7,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -183,3 +184,46 @@ def test_ctrl_c_says_how_to_resume_and_resume_finishes(checkpoint, reference, tm
     run = run_cli("compress", checkpoint, "-o", out, "--resume", "--workers", workers)
     assert run.code == 0, run.stderr
     assert out.read_bytes() == reference
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc)."""
+    found: set[int] = set()
+    for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found |= {child, *descendants(child)}
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_workers_do_not_outlive_a_killed_parent(checkpoint, tmp_path):
+    out = tmp_path / "model.hm.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "hmcompress", "compress", str(checkpoint), "-o", str(out),
+                             "--workers", "2"], text=True, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        for line in proc.stderr:
+            if line.startswith("[1/4]"):
+                break
+        workers = descendants(proc.pid)
+        assert workers
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers)
