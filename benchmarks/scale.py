@@ -1,7 +1,8 @@
 """Scale: worker processes against one, and peak memory against the checkpoint's size.
 
 - workers: wall time of `compress --workers 2` over `--workers 1` on a checkpoint of 16 matrices
-  (the outputs must be byte-identical);
+  of 1024 x 1024 (the outputs must be byte-identical); the wall times include starting Python,
+  torch and the worker processes (a few seconds), as a user sees them;
 - memory: peak RSS of the whole `hmcompress compress` process tree (the parent and its workers,
   summed, sampled every 20 ms from /proc) on a generated checkpoint, beside the checkpoint's size
   and its largest tensor. ``--large`` generates 64 float32 matrices of 4096 x 4096 (4 GiB) of
@@ -71,7 +72,7 @@ def tree_rss(pid: int) -> int:
 
 
 def workers_rows(directory: pathlib.Path) -> list[list[str]]:
-    source = generate(directory / "sixteen.safetensors", 16, 384, 384)
+    source = generate(directory / "sixteen.safetensors", 16, 1024, 1024)
     outputs, walls = {}, {}
     for workers in (1, 2):
         out = directory / f"sixteen.w{workers}.hm.safetensors"
@@ -79,7 +80,7 @@ def workers_rows(directory: pathlib.Path) -> list[list[str]]:
         assert code == 0
         outputs[workers] = out.read_bytes()
     same = "byte-identical" if outputs[1] == outputs[2] else "DIFFERENT BYTES"
-    return [["16 matrices 384x384, tol 1e-2 auto", "--workers 1", f"{walls[2] / walls[1]:.2f}x wall time ({same})"]]
+    return [["16 weight matrices 1024x1024, tol 1e-2 auto", "--workers 1", f"{walls[2] / walls[1]:.2f}x wall time ({same})"]]
 
 
 def memory_rows(directory: pathlib.Path, large: bool) -> list[list[str]]:

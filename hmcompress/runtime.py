@@ -740,16 +740,25 @@ class TilePlan:
         return cls((m, n), first_rank[-1], columns, rows)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The index tables and float64 factors `tile_product` takes."""
-        m = self.shape[0]
+        """The index tables and float64 factors `tile_product` takes.
+
+        ``col_index`` and ``out_index`` are left out where they are the identity (the tiles cover
+        the columns / rows in order without padding): a gather that moves nothing costs as much
+        as one that does.
+        """
+        m, n = self.shape
         flat_rows = self.rows.index.reshape(-1)
         real = flat_rows < m
         out_index = torch.zeros(m, dtype=torch.int64)
         out_index[flat_rows[real]] = torch.arange(flat_rows.numel())[real]
         columns = self.columns.index
-        return {"col_index": torch.where(columns < self.shape[1], columns, 0), "v": self.columns.factors,
-                "v_slot": self.columns.slot_rank.reshape(-1), "t_index": self.rows.slot_rank,
-                "u": self.rows.factors.mT.contiguous(), "out_index": out_index}
+        out = {"v": self.columns.factors, "v_slot": self.columns.slot_rank.reshape(-1),
+               "t_index": self.rows.slot_rank, "u": self.rows.factors.mT.contiguous()}
+        if not torch.equal(columns.reshape(-1), torch.arange(n)):
+            out["col_index"] = torch.where(columns < n, columns, 0)
+        if not torch.equal(out_index, torch.arange(flat_rows.numel())):
+            out["out_index"] = out_index
+        return out
 
     def scales(self) -> dict[str, torch.Tensor]:
         """Slot scales shaped to broadcast against ``v`` and ``u`` of `tensors`."""
@@ -769,20 +778,23 @@ def tile_product(plan: dict[str, torch.Tensor], ranks: int, x: torch.Tensor) -> 
     factors (so, as in a dense product, inf or NaN in x spreads to every output).
     """
     batch = x.shape[0]
-    col_tiles, width = plan["col_index"].shape
+    col_tiles, width, _ = plan["v"].shape
     row_tiles, depth = plan["t_index"].shape
+    col_index, out_index = plan.get("col_index"), plan.get("out_index")
     if batch > SMALL_BATCH:
-        xg = x.T.index_select(0, plan["col_index"].reshape(-1)).view(col_tiles, width, batch)
-        partial = torch.bmm(plan["v"].mT, xg)  # (column tiles, slots, N)
+        xt = x.T if col_index is None else x.T.index_select(0, col_index.reshape(-1))
+        partial = torch.bmm(plan["v"].mT, xt.reshape(col_tiles, width, batch))  # (column tiles, slots, N)
         t = x.new_zeros(ranks + 1, batch).index_add_(0, plan["v_slot"], partial.reshape(-1, batch))
         rows = torch.bmm(plan["u"].mT, t.index_select(0, plan["t_index"].reshape(-1)).view(row_tiles, depth, batch))
-        return rows.reshape(-1, batch).index_select(0, plan["out_index"]).T
-    xg = x.index_select(1, plan["col_index"].reshape(-1)).view(batch, col_tiles, width)
-    partial = torch.bmm(xg.transpose(0, 1), plan["v"])  # (column tiles, N, slots)
+        rows = rows.reshape(-1, batch)
+        return (rows if out_index is None else rows.index_select(0, out_index)).T
+    xg = x if col_index is None else x.index_select(1, col_index.reshape(-1))
+    partial = torch.bmm(xg.reshape(batch, col_tiles, width).transpose(0, 1), plan["v"])  # (column tiles, N, slots)
     t = x.new_zeros(batch, ranks + 1).index_add_(1, plan["v_slot"], partial.transpose(0, 1).reshape(batch, -1))
     gathered = t.index_select(1, plan["t_index"].reshape(-1)).view(batch, row_tiles, depth)
     rows = torch.bmm(gathered.transpose(0, 1), plan["u"])  # (row tiles, N, tile height)
-    return rows.transpose(0, 1).reshape(batch, -1).index_select(1, plan["out_index"])
+    rows = rows.transpose(0, 1).reshape(batch, -1)
+    return rows if out_index is None else rows.index_select(1, out_index)
 
 
 def compact_planes(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -841,6 +853,7 @@ class HLinear(nn.Module):
         self._ranks = plan.ranks
         tensors, scales = plan.tensors(), plan.scales()
         self._factor_shapes = {name: tensors[name].shape for name in ("u", "v")}
+        self._gathers = tuple(name for name in ("col_index", "out_index") if name in tensors)
         for name, tensor in tensors.items():
             if name not in self._factor_shapes:
                 self.register_buffer(f"_{name}", tensor.to(device), persistent=False)
@@ -873,8 +886,9 @@ class HLinear(nn.Module):
             raise ValueError(f"HLinear expects inputs with {self.in_features} features, got {tuple(x.shape)}")
         dtype = self._anchor.dtype
         rows = x.reshape(math.prod(x.shape[:-1]), self.in_features)
-        plan = {"col_index": self._col_index, "v": self._factor("v"), "v_slot": self._v_slot,
-                "t_index": self._t_index, "u": self._factor("u"), "out_index": self._out_index}
+        plan = {"v": self._factor("v"), "v_slot": self._v_slot, "t_index": self._t_index, "u": self._factor("u")}
+        for name in self._gathers:
+            plan[name] = getattr(self, f"_{name}")
         y = tile_product(plan, self._ranks, rows if rows.dtype == dtype else rows.to(dtype))
         if self.bias is not None:
             y = y + self.bias

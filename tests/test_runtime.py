@@ -281,6 +281,23 @@ def test_hlinear_matches_dense(dtype, make, compact):
     assert "blocks=" in repr(layer) and "bytes=" in repr(layer)
 
 
+@pytest.mark.parametrize("make, gathers", [
+    (lambda: compressed(64, 64, tol=1e-3), set()),  # tiles cover rows and columns in order
+    (mixed_matrix, {"col_index"}),
+    (lambda: compressed(45, 37, tol=1e-3), {"col_index", "out_index"}),
+])
+def test_identity_gathers_are_left_out(make, gathers):
+    """A gather that moves nothing is skipped; the product is the same in both layouts."""
+    hm = make()
+    plan = runtime.TilePlan.build(hm).tensors()
+    assert {"col_index", "out_index"} & plan.keys() == gathers
+    dense = hm.to_dense(torch.float64)
+    for batch in (1, runtime.SMALL_BATCH + 1):
+        x = torch.randn(batch, hm.shape[1], dtype=torch.float64)
+        y = runtime.tile_product(plan, runtime.TilePlan.build(hm).ranks, x)
+        assert torch.allclose(y, x @ dense.T, atol=1e-10)
+
+
 def test_hlinear_gradients_and_to():
     hm = compressed(30, 20, tol=1e-3)
     layer = HLinear(hm, torch.randn(30))
