@@ -1,6 +1,7 @@
 """`make bench`: speed and compression figures, each a ratio against a baseline run in-process."""
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterable
 
 
@@ -11,3 +12,10 @@ def print_table(title: str, headers: list[str], rows: Iterable[list[str]]) -> No
     print("|" + "---|" * len(headers), flush=True)
     for row in rows:
         print("| " + " | ".join(row) + " |", flush=True)
+
+
+def quick_requested(doc: str, smaller: str) -> bool:
+    """Parse a benchmark's command line: only ``--quick`` (``smaller`` says what it shrinks)."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--quick", action="store_true", help=smaller)
+    return parser.parse_args().quick

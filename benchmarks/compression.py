@@ -6,13 +6,12 @@ same candidates. Usage: python -m benchmarks.compression [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 
 import torch
 
-from benchmarks import print_table
+from benchmarks import print_table, quick_requested
 from hmcompress.bounds import compute_bounds
 from hmcompress.build import CompressionOptions, compress_matrix
 from hmcompress.candidates import analyse, build_tree
@@ -77,13 +76,11 @@ def bench_sizes(rows: list[list[str]], n: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smaller matrices, one repeat")
-    args = parser.parse_args()
-    n, repeats = (512, 1) if args.quick else (2048, 3)
+    quick = quick_requested(__doc__, "smaller matrices, one repeat")
+    n, repeats = (512, 1) if quick else (2048, 3)
     rows: list[list[str]] = []
     bench_compression_time(rows, n, repeats)
-    bench_sizes(rows, 1024 if not args.quick else 256)
+    bench_sizes(rows, 1024 if not quick else 256)
     print_table(f"Compression ({torch.get_num_threads()} threads)", ["measurement", "baseline", "ours / baseline"], rows)
 
 

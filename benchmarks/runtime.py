@@ -10,14 +10,13 @@ Usage: python -m benchmarks.runtime [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
-from benchmarks import print_table
+from benchmarks import print_table, quick_requested
 from hmcompress.build import CompressionOptions, compress_matrix
 from hmcompress.runtime import HLinear
 
@@ -38,34 +37,33 @@ def warm_times(first: Callable[[], object], second: Callable[[], object], budget
     """Median per-call times of two calls, each timed over ``repeat`` calls in a row after an
     untimed one (so it finds its own data in cache), the runs alternating so that both see the
     same machine."""
-    def run(fn: Callable[[], object]) -> float:
+    def per_call(fn: Callable[[], object]) -> float:
         fn()
-        start = time.perf_counter()
-        for _ in range(repeat):
-            fn()
-        return (time.perf_counter() - start) / repeat
+        return seconds(lambda: [fn() for _ in range(repeat)]) / repeat
 
-    a, b = [], []
-    start = time.perf_counter()
-    while len(a) < 5 or (time.perf_counter() - start < 4 * budget and len(a) < 200):
-        a.append(run(first))
-        b.append(run(second))
-    return statistics.median(a), statistics.median(b)
+    return alternate(lambda: per_call(first), lambda: per_call(second), 4 * budget)
 
 
 def paired_times(first: Callable[[], object], second: Callable[[], object], budget: float = 0.5) -> tuple[float, float]:
     """Median times of two calls, interleaved so that both see the same machine."""
-    a, b = [], []
     first(), second()
+    return alternate(lambda: seconds(first), lambda: seconds(second), budget)
+
+
+def seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def alternate(time_first: Callable[[], float], time_second: Callable[[], float], budget: float) -> tuple[float, float]:
+    """Medians of two timings taken in turn: at least 5 pairs, then more while ``budget`` seconds
+    last (at most 200)."""
+    a, b = [], []
     start = time.perf_counter()
     while len(a) < 5 or (time.perf_counter() - start < budget and len(a) < 200):
-        t0 = time.perf_counter()
-        first()
-        t1 = time.perf_counter()
-        second()
-        t2 = time.perf_counter()
-        a.append(t1 - t0)
-        b.append(t2 - t1)
+        a.append(time_first())
+        b.append(time_second())
     return statistics.median(a), statistics.median(b)
 
 
@@ -92,10 +90,8 @@ def rows(shapes: tuple[tuple[int, int], ...]) -> list[list[str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="512 and 1024 only")
-    args = parser.parse_args()
-    shapes = SHAPES[:2] if args.quick else SHAPES
+    quick = quick_requested(__doc__, "512 and 1024 only")
+    shapes = SHAPES[:2] if quick else SHAPES
     print_table(f"HLinear vs nn.Linear (float32, {torch.get_num_threads()} threads), kernel matrix at tol 1e-4 keep",
                 ["layer", "batch", "H bytes / dense", "warm: H time / dense", "warm speed-up (of ideal)",
                  "cold: H time / dense", "cold speed-up (of ideal)"], rows(shapes))

@@ -3,6 +3,8 @@
 - workers: wall time of `compress --workers 2` over `--workers 1` on a checkpoint of 16 matrices
   of 1024 x 1024 (the outputs must be byte-identical); the wall times include starting Python,
   torch and the worker processes (a few seconds), as a user sees them;
+- per tensor: peak RSS (exact, from the kernel) of one process compressing one 2048 x 2048 matrix, over one compressing a
+  64 x 64 one (what the work on a matrix adds to a process with torch loaded);
 - memory: peak RSS of the whole `hmcompress compress` process tree (the parent and its workers,
   summed, sampled every 20 ms from /proc) on a generated checkpoint, beside the checkpoint's size
   and its largest tensor. ``--large`` generates 64 float32 matrices of 4096 x 4096 (4 GiB) of
@@ -16,6 +18,8 @@ Usage: python -m benchmarks.scale [--large] [--dir DIR]
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import pathlib
 import subprocess
 import sys
@@ -47,16 +51,34 @@ def generate(path: pathlib.Path, count: int, m: int, n: int, make=weight) -> pat
     return path
 
 
-def run(*args: object) -> tuple[int, float, int]:
-    """(exit code, wall seconds, peak summed RSS in bytes of the process tree) of ``hmcompress ARGS``."""
+@dataclasses.dataclass
+class Run:
+    """One ``hmcompress`` process: exit code, wall seconds, peak summed RSS of its process tree
+    (bytes, sampled), the largest peak RSS of any one process in it (bytes, the kernel's exact
+    record), and the CPU seconds it and its workers spent in user code and in the kernel."""
+
+    code: int
+    wall: float
+    peak: int
+    largest_process_peak: int
+    user: float
+    system: float
+
+
+def run(*args: object) -> Run:
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "hmcompress", *map(str, args)], cwd=ROOT,
                             stdout=subprocess.DEVNULL)
     peak = 0
-    while proc.poll() is None:
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
         peak = max(peak, tree_rss(proc.pid))
         time.sleep(0.02)
-    return proc.returncode, time.perf_counter() - start, peak
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return Run(proc.returncode, time.perf_counter() - start, peak, usage.ru_maxrss * 1024, usage.ru_utime,
+               usage.ru_stime)
 
 
 def tree_rss(pid: int) -> int:
@@ -71,16 +93,37 @@ def tree_rss(pid: int) -> int:
     return rss + sum(tree_rss(child) for child in children)
 
 
+def cpu(r: Run) -> str:
+    return f"CPU {r.user:.0f} s user + {r.system:.0f} s kernel"
+
+
 def workers_rows(directory: pathlib.Path) -> list[list[str]]:
     source = generate(directory / "sixteen.safetensors", 16, 1024, 1024)
-    outputs, walls = {}, {}
+    outputs, runs = {}, {}
     for workers in (1, 2):
         out = directory / f"sixteen.w{workers}.hm.safetensors"
-        code, walls[workers], _rss = run("compress", source, "-o", out, "--workers", workers, "--quiet")
-        assert code == 0
+        runs[workers] = run("compress", source, "-o", out, "--workers", workers, "--quiet")
+        assert runs[workers].code == 0
         outputs[workers] = out.read_bytes()
     same = "byte-identical" if outputs[1] == outputs[2] else "DIFFERENT BYTES"
-    return [["16 weight matrices 1024x1024, tol 1e-2 auto", "--workers 1", f"{walls[2] / walls[1]:.2f}x wall time ({same})"]]
+    return [["16 weight matrices 1024x1024, tol 1e-2 auto", "--workers 1",
+             f"{runs[2].wall / runs[1].wall:.2f}x wall time ({same}); --workers 1: {runs[1].wall:.0f} s, "
+             f"{cpu(runs[1])}"]]
+
+
+def per_tensor_rows(directory: pathlib.Path) -> list[list[str]]:
+    """What one matrix costs in memory: one process compressing it, over one compressing a tiny one."""
+    side = 2048
+    peaks = {}
+    for n in (64, side):
+        source = generate(directory / f"one{n}.safetensors", 1, n, n)
+        result = run("compress", source, "-o", directory / f"one{n}.hm.safetensors", "--quiet", "--workers", 1)
+        assert result.code == 0
+        peaks[n] = result.largest_process_peak
+    extra = peaks[side] - peaks[64]
+    return [[f"one weight matrix {side}x{side}, tol 1e-2 auto, --workers 1", "the same process on a 64x64 one",
+             f"peak RSS {peaks[side] / 2**30:.2f} GiB against {peaks[64] / 2**30:.2f} GiB: "
+             f"{extra / (side * side * 4):.0f}x the float32 matrix"]]
 
 
 def memory_rows(directory: pathlib.Path, large: bool) -> list[list[str]]:
@@ -88,13 +131,13 @@ def memory_rows(directory: pathlib.Path, large: bool) -> list[list[str]]:
     source = generate(directory / "big.safetensors", count, side, side, make)
     size = source.stat().st_size
     out = directory / "big.hm.safetensors"
-    code, wall, rss = run("compress", source, "-o", out, "--precision", precision, "--quiet", "--workers", workers)
-    assert code == 0
+    r = run("compress", source, "-o", out, "--precision", precision, "--quiet", "--workers", workers)
+    assert r.code == 0
     largest = side * side * 4
     return [[f"{count} {make.__name__} matrices {side}x{side} ({size / 2**30:.2f} GiB), tol 1e-2 {precision}, "
              f"--workers {workers}",
-             "checkpoint size", f"peak RSS {rss / 2**30:.2f} GiB = {rss / size:.3f}x the file, "
-             f"{rss / largest:.1f}x the largest tensor; {wall / 60:.1f} min"]]
+             "checkpoint size", f"peak RSS {r.peak / 2**30:.2f} GiB = {r.peak / size:.3f}x the file, "
+             f"{r.peak / largest:.1f}x the largest tensor; {r.wall / 60:.1f} min, {cpu(r)}"]]
 
 
 def main() -> None:
@@ -105,7 +148,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         directory = pathlib.Path(tmp)
         start = time.perf_counter()
-        rows = memory_rows(directory, True) if args.large else workers_rows(directory) + memory_rows(directory, False)
+        rows = (memory_rows(directory, True) if args.large else
+                workers_rows(directory) + per_tensor_rows(directory) + memory_rows(directory, False))
     print_table(f"Scale ({time.perf_counter() - start:.0f} s)", ["measurement", "baseline", "result"], rows)
 
 

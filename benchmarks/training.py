@@ -7,13 +7,12 @@ this process, and the stored numbers over the dense count. Usage: python -m benc
 """
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from benchmarks import print_table
+from benchmarks import print_table, quick_requested
 from benchmarks.runtime import kernel, paired_times
 from hmcompress.build import CompressionOptions
 from hmcompress.nn import HLinear
@@ -72,10 +71,8 @@ def rows(shapes: tuple[tuple[int, int], ...]) -> list[list[str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="256 and 512 only")
-    args = parser.parse_args()
-    shapes = SHAPES[:2] if args.quick else SHAPES
+    quick = quick_requested(__doc__, "256 and 512 only")
+    shapes = SHAPES[:2] if quick else SHAPES
     print_table(f"Training step (forward + backward), trainable HLinear, float32, {torch.get_num_threads()} threads, "
                 "kernel matrix at tol 1e-4 keep",
                 ["layer", "batch", "leaves", "stored / dense numbers", "H time / dense", "H time / per-leaf loop"],
