@@ -12,10 +12,10 @@ import math
 import numpy as np
 import torch
 
+from .candidates import CHUNK_NUMBERS  # matrix entries the chunked norms handle at once
 from .codecs import UNIT_ROUNDOFF
 
 SPECTRAL_EXACT_MAX_SIDE = 4096
-CHUNK_NUMBERS = 1 << 21  # matrix entries the chunked norms handle at once
 
 
 @dataclasses.dataclass(frozen=True)

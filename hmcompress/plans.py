@@ -168,9 +168,9 @@ def optimal_plan(c: Candidates, budget: float) -> Plan:
         if hi - lo < 1e-3:
             break
     finished = [_Moves(unit, plan).spend(1.0)]
-    repaired = _Moves(unit, below).repair(1.0)
-    if repaired.error(unit) <= 1:
-        finished.append(_Moves(unit, repaired).spend(1.0))
+    moves = _Moves(unit, below)
+    if moves.repair(1.0).error(unit) <= 1:
+        finished.append(moves.spend(1.0))  # the same moves go on from the repaired choices
     return min(finished, key=lambda p: p.nbytes(unit))
 
 
@@ -190,7 +190,7 @@ class _Moves:
     def current_plan(self) -> Plan:
         return dataclasses.replace(self.plan, trip_choice=self.choices[0], row_choice=self.choices[1])
 
-    def _best_moves(self, gain: np.ndarray, cost: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _best_moves(self, gain: np.ndarray, cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per item the option with the most ``gain`` per ``cost`` (both positive); items by rate."""
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # free moves rate inf
             rate = np.where((gain > 0) & np.isfinite(cost) & np.isfinite(gain),
@@ -198,7 +198,7 @@ class _Moves:
         move = np.argmax(rate, axis=0)
         best = rate[move, self.cols]
         movable = np.flatnonzero(best > -np.inf)
-        return move, movable[np.argsort(-best[movable], kind="stable")], best
+        return move, movable[np.argsort(-best[movable], kind="stable")]
 
     def _apply(self, chosen: np.ndarray, move: np.ndarray) -> None:
         for f, (_, _, active) in enumerate(self.families):
@@ -216,7 +216,7 @@ class _Moves:
                 break
             current = self._current()
             added = self.err - self.err[current, self.cols]
-            move, order, _rate = self._best_moves(self.bytes[current, self.cols] - self.bytes, added)
+            move, order = self._best_moves(self.bytes[current, self.cols] - self.bytes, added)
             within = np.cumsum(np.maximum(added[move[order], order], 0)) <= slack
             if not within.any():
                 break
@@ -231,7 +231,7 @@ class _Moves:
                 break
             current = self._current()
             removed = self.err[current, self.cols] - self.err
-            move, order, _rate = self._best_moves(removed, self.bytes - self.bytes[current, self.cols])
+            move, order = self._best_moves(removed, self.bytes - self.bytes[current, self.cols])
             if not len(order):
                 break
             gained = np.cumsum(removed[move[order], order])

@@ -98,15 +98,6 @@ def recorded_fields(cls: type, stats: object, where: str) -> dict:
     return values
 
 
-def _number(stats: dict, key: str, where: str) -> float | None:
-    value = stats.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise FormatError(f"{where}: stats field {key!r} is not a number")
-    return float(value)
-
-
 # -------------------------------------------------------------------------------- re-checks
 
 def _exceeds(value: float, bound: float) -> bool:
@@ -137,11 +128,11 @@ def recorded_problems(original: torch.Tensor, hm: HMatrix, stats: dict, absolute
     """Re-measure one matrix; return ``(measured ‖W − H‖_F, problems)``, problems empty if every
     recorded figure holds.
 
-    ``original`` is W (2-D), ``hm`` the stored H, ``stats`` its recorded figures, ``absolute``
+    ``original`` is W (2-D), ``hm`` the stored H, ``stats`` its recorded figures as
+    `recorded_fields` type-checked them, ``absolute``
     the file's ``--abs`` option (the tolerance is then not relative to ‖W‖_F).
     """
     for key in ("tol", "budget", "fro_error"):
-        _number(stats, key, where)
         if stats.get(key) is None:
             raise FormatError(f"{where}: stats lack {key!r}")
     w = original.double()
@@ -149,7 +140,7 @@ def recorded_problems(original: torch.Tensor, hm: HMatrix, stats: dict, absolute
     measured = measured_error(w, stored, hm.dtype)
     norm = float(torch.linalg.matrix_norm(w)) if w.numel() else 0.0
     tol = float(stats["tol"])
-    figures = {key: _number(stats, key, where) for key in
+    figures = {key: None if stats.get(key) is None else float(stats[key]) for key in
                ("budget", "fro_error", "rel_error", "spectral_error", "sigma_max", "sigma_min", "kappa_h_bound")}
     problems = []
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from . import runtime
+from .checkpoint import SAFETENSORS_DTYPES
 from .errors import UserError
 from .runtime import FORMAT_NAME, FORMAT_VERSION, HMatrix
 
@@ -141,12 +142,7 @@ def atomic_write(path: str | os.PathLike, produce: Callable[[pathlib.Path], None
     return path
 
 
-SAFETENSORS_DTYPE = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
+SAFETENSORS_DTYPE = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # the loader's table, inverted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +157,7 @@ class StreamedTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return runtime.dense_nbytes(self.shape, self.dtype)
 
     @classmethod
     def of(cls, name: str, tensor: torch.Tensor, owner: str = "") -> "StreamedTensor":
