@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from . import runtime
-from .api import compress_checkpoint
+from .api import compress_checkpoint, options_from_json
 from .build import CompressionOptions
 from .checkpoint import Selection, as_matrix, open_checkpoint
 from .errors import UserError
@@ -315,16 +315,6 @@ class Evaluation:
         return dataclasses.asdict(self)
 
 
-def _options_of(meta: dict) -> tuple[CompressionOptions, Selection]:
-    """The compression options and tensor selection recorded in a compressed file."""
-    opts = meta.get("options", {})
-    fields = {f.name for f in dataclasses.fields(CompressionOptions)}
-    options = CompressionOptions(**{k: v for k, v in opts.items() if k in fields})
-    selection = Selection(min_size=opts.get("min_size", 64), include=tuple(opts.get("include", ())),
-                          exclude=tuple(opts.get("exclude", ())), conv=bool(opts.get("conv", False)))
-    return options, selection
-
-
 def _metric(task: ModelTask, result: dict) -> float:
     key = task.metric or next(iter(result))
     if key not in result:
@@ -365,7 +355,7 @@ def evaluate_compressed(task: ModelTask, checkpoint: str | pathlib.Path, compres
 
     file = runtime.read_file(compressed)
     meta = file.metadata
-    options, selection = _options_of(meta)
+    options, selection = options_from_json(meta.get("options", {}))
     names = sorted(meta["matrices"])
     say("loading models")
     original = original_model(task, checkpoint)

@@ -118,6 +118,19 @@ def options_json(options: CompressionOptions, selection: Selection) -> dict:
             "format_version": FORMAT_VERSION}
 
 
+def options_from_json(recorded: dict) -> tuple[CompressionOptions, Selection]:
+    """The options and selection `options_json` recorded, to compress again on this machine: the
+    device is left out (it said where the factorizations ran, and this machine may lack it)."""
+    fields = {f.name for f in dataclasses.fields(CompressionOptions)} - {"device"}
+    options = CompressionOptions(**{k: v for k, v in recorded.items() if k in fields})
+    defaults = Selection()
+    selection = Selection(min_size=recorded.get("min_size", defaults.min_size),
+                          include=tuple(recorded.get("include", ())), exclude=tuple(recorded.get("exclude", ())),
+                          conv=bool(recorded.get("conv", False)),
+                          passthrough_nonfinite=bool(recorded.get("passthrough_nonfinite", False)))
+    return options, selection
+
+
 def _check_output(source: pathlib.Path, output: pathlib.Path, overwrite: bool) -> None:
     if is_input(output, source):
         raise UserError(f"{output}: refusing to overwrite the input checkpoint")

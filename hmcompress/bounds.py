@@ -66,9 +66,9 @@ def frobenius(matrix: torch.Tensor, minus: torch.Tensor | None = None,
     return total
 
 
-def spectral_norm_bound(original: torch.Tensor, stored: torch.Tensor) -> tuple[float, str]:
-    """An upper bound on ||W - H||_2: the SVD's value widened by its rounding margin, or ||W - H||_F."""
-    fro = frobenius(original, stored)
+def spectral_norm_bound(original: torch.Tensor, stored: torch.Tensor, fro: float) -> tuple[float, str]:
+    """An upper bound on ||W - H||_2: the SVD's value widened by its rounding margin, or ``fro``,
+    the measured ||W - H||_F (any upper bound of it)."""
     if max(original.shape) > SPECTRAL_EXACT_MAX_SIDE or original.numel() == 0 or fro == 0:
         return fro, "frobenius"
     dtype = torch.float32 if 1e-30 < fro < 1e30 else torch.float64
@@ -90,8 +90,8 @@ def compute_bounds(original: torch.Tensor, stored: torch.Tensor, error: float, s
     """
     norm = frobenius(original)
     rel = error / norm if norm > 0 else (0.0 if error == 0 else math.inf)
-    e2, method = spectral_norm_bound(original, stored)
-    e2 = min(max(e2, 0.0), error) if method == "svd" else error
+    e2, method = spectral_norm_bound(original, stored, error)
+    e2 = max(e2, 0.0)
     if len(sigma) == 0:
         return Bounds(error, rel, e2, method, 0.0, 0.0, None, None, None)
     margin = rounding_margin(tuple(original.shape), original.dtype, float(sigma[0]))

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from . import runtime
+from .api import options_from_json
+from .bounds import frobenius
 from .build import CompressionOptions, compress_matrix, measured_error
 from .nn import HLinear, hlinear_layers
 from .stats import layer_stats
@@ -37,9 +39,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> list[str]:
              if isinstance(m, nn.Linear)}
     replaced = runtime.patch(model, path)
     compressed = runtime.read_file(path)
-    stored = compressed.metadata.get("options", {})
-    known = {f.name for f in dataclasses.fields(CompressionOptions)} - {"device"}
-    base = CompressionOptions(**{k: v for k, v in stored.items() if k in known})
+    base, _selection = options_from_json(compressed.metadata.get("options", {}))
     for name in replaced:
         key = f"{name}.weight"
         tol = compressed.metadata["matrices"][key]["stats"].get("tol", base.tol)
@@ -76,17 +76,16 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, options: Compr
     for name, layer in layers:
         key = f"{name}.weight"
         weight = state[key]
-        norm = float(torch.linalg.matrix_norm(weight.double()))
         if options is None:
             hm = layer.to_hmatrix()
             stored = hm.to_dense(torch.float64)
             used, strategy = layer.options, "trained"
-            error, budget = measured_error(weight.double(), stored, weight.dtype), math.sqrt(used.budget(norm))
-        else:
+            error, budget = measured_error(weight.double(), stored, weight.dtype), math.sqrt(used.budget(frobenius(weight)))
+            sigma = torch.linalg.svdvals(weight.float() if weight.dtype != torch.float64 else weight).double().numpy()
+        else:  # the builder has measured it all, W's singular values included
             result = compress_matrix(weight, options)
-            hm, stored, error, budget, used, strategy = (result.hmatrix, result.dense, result.error,
-                                                         result.budget, options, result.strategy)
-        sigma = torch.linalg.svdvals(weight.float() if weight.dtype != torch.float64 else weight).double().numpy()
+            hm, stored, error, budget, used, strategy, sigma = (result.hmatrix, result.dense, result.error, result.budget,
+                                                                options, result.strategy, result.root_sigma)
         stats = layer_stats(key, weight, hm, stored, error, budget, sigma, used, strategy)
         matrices[key] = (hm, {"orig_shape": list(weight.shape), "stats": stats.to_json()})
     passthrough = {k: (t, PASSTHROUGH_REASON) for k, t in state.items() if k not in matrices}

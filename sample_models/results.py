@@ -24,6 +24,7 @@ import torch
 from hmcompress import analysis, evaluation_report, report
 from hmcompress.api import compress_checkpoint
 from hmcompress.build import CompressionOptions
+from hmcompress.writer import atomic_write
 
 MODELS = (
     ("Digits classifier (MLP)", "sample_models.classifier"),
@@ -88,11 +89,7 @@ def write_readme(readme: pathlib.Path, text: str) -> None:
         new = head + text + rest.split(END, 1)[1]
     else:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
-    fd, tmp = tempfile.mkstemp(dir=readme.parent, prefix=f".{readme.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(new)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, readme)
+    atomic_write(readme, lambda tmp: tmp.write_text(new, encoding="utf-8"), overwrite=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -188,3 +188,15 @@ def test_results_replace_only_the_marked_readme_section(tmp_path) -> None:
     write_readme(bare, f"{BEGIN}\nt\n{END}")
     assert bare.read_text(encoding="utf-8") == f"# Bare\n\n{BEGIN}\nt\n{END}\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_recorded_options_come_back_without_the_device():
+    """A file compressed on a GPU machine can be re-swept or fine-tuned on one without a GPU."""
+    from hmcompress.api import options_from_json, options_json
+    from hmcompress.build import CompressionOptions
+    from hmcompress.checkpoint import Selection
+
+    options = CompressionOptions(tol=3e-2, strategy="paper", precision="keep", leaf=16)
+    selection = Selection(min_size=32, include=("a.*",), exclude=("b",), conv=True, passthrough_nonfinite=True)
+    recorded = {**options_json(options, selection), "device": "cuda"}  # as a GPU run writes it
+    assert options_from_json(recorded) == (options, selection)
