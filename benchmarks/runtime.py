@@ -3,7 +3,8 @@
 For square and rectangular layers from 512 to 4096 (a smooth kernel, the H-matrix case,
 compressed to 1e-4 with `--precision keep`) and batches of 1, 16 and 256: time(H) / time(dense),
 and the ideal, H bytes / dense bytes (a product that only streams the stored numbers would run at
-that ratio). Two regimes: *warm*, each layer called repeatedly on its own (the usual
+that ratio); "held" counts what the layer actually reads (factors padded to the tile layout,
+index tables). Two regimes: *warm*, each layer called repeatedly on its own (the usual
 micro-benchmark: an H layer of a few MB stays in cache), and *cold*, the two calls interleaved so
 that each finds the other's weights in cache (as in a deep model whose weights do not fit in cache).
 Usage: python -m benchmarks.runtime [--quick]
@@ -80,7 +81,7 @@ def rows(shapes: tuple[tuple[int, int], ...]) -> list[list[str]]:
         with torch.no_grad():
             for batch in BATCHES:
                 x = torch.randn(batch, n)
-                row = [f"{m}x{n}", str(batch), f"{ideal:.4f}"]
+                row = [f"{m}x{n}", str(batch), f"{ideal:.4f}", f"{layer.held_bytes / (4 * m * n):.4f}"]
                 for timer in (warm_times, paired_times):
                     h_time, d_time = timer(lambda: layer(x), lambda: dense(x))
                     speedup = d_time / h_time
@@ -93,7 +94,7 @@ def main() -> None:
     quick = quick_requested(__doc__, "512 and 1024 only")
     shapes = SHAPES[:2] if quick else SHAPES
     print_table(f"HLinear vs nn.Linear (float32, {torch.get_num_threads()} threads), kernel matrix at tol 1e-4 keep",
-                ["layer", "batch", "H bytes / dense", "warm: H time / dense", "warm speed-up (of ideal)",
+                ["layer", "batch", "H bytes / dense", "held / dense", "warm: H time / dense", "warm speed-up (of ideal)",
                  "cold: H time / dense", "cold speed-up (of ideal)"], rows(shapes))
 
 

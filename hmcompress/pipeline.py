@@ -215,8 +215,10 @@ def release_large_blocks() -> None:
     temporaries come from the heap, which keeps the peak of every earlier tensor resident.
     A fixed threshold keeps the process's footprint at what it holds now. It is 32 MiB (glibc's
     own ceiling), not lower: at 1 MiB every medium temporary was mapped and unmapped again, and
-    page faults took more time than the arithmetic (measured: 16 matrices of 1024x1024, 124 s
-    wall of which 69 s in the kernel, against 56 s and 8 s at 32 MiB; peak memory +10-30%).
+    page faults took more time than the arithmetic (`/usr/bin/time hmcompress compress
+    --workers 1` on `benchmarks.scale`'s 16 matrices of 1024x1024: 124 s wall, 69 s of it in the
+    kernel, against 56 s and 8 s at 32 MiB; peak memory 10-30% higher; `benchmarks.scale` now
+    prints the kernel's share).
     No-op elsewhere.
     """
     libc = _glibc()
