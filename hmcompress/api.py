@@ -17,7 +17,7 @@ from .errors import USER_ERRORS, UserError
 from .runtime import FORMAT_VERSION, read_file
 from .stats import LayerStats, totals
 from .verdicts import Gates, recorded_fields, recorded_problems
-from .writer import StreamedTensor, remove_stale_temporaries, write_assembled, write_runtime_shim, write_streamed
+from .writer import StreamedTensor, write_assembled, write_runtime_shim, write_streamed
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 
@@ -138,7 +138,6 @@ def _check_output(source: pathlib.Path, output: pathlib.Path, overwrite: bool) -
         raise UserError(f"{output}: exists (use --force to overwrite)")
     if not output.parent.is_dir():
         raise UserError(f"{output.parent}: output directory does not exist")
-    remove_stale_temporaries(output)
 
 
 def is_input(output: pathlib.Path, source: pathlib.Path) -> bool:
@@ -160,7 +159,7 @@ def decompress(path: str | pathlib.Path, output: str | pathlib.Path, overwrite: 
     tensors = [StreamedTensor.of(name, tensor) for name, tensor in compressed.passthrough.items()]
     for name, hm in compressed.matrices.items():
         shape = tuple(compressed.metadata["matrices"][name]["orig_shape"])
-        tensors.append(StreamedTensor(name, hm.dtype, shape, lambda hm=hm, shape=shape: hm.to_dense().reshape(shape)))
+        tensors.append(StreamedTensor(name, hm.dtype, shape, lambda name=name: compressed.dense(name)))
     write_streamed(output, tensors, None, overwrite=overwrite)
     return len(tensors)
 

@@ -403,6 +403,12 @@ class CompressedFile:
     matrices: dict[str, HMatrix]
     passthrough: dict[str, torch.Tensor]
 
+    def dense(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as the original checkpoint held it (a matrix expanded, in its shape)."""
+        if name not in self.matrices:
+            return self.passthrough[name]
+        return self.matrices[name].to_dense().reshape(self.metadata["matrices"][name]["orig_shape"])
+
 
 def _read_header(path: pathlib.Path) -> tuple[dict, int]:
     """The safetensors header (parsed JSON) and the size of the data section, checked."""
@@ -579,14 +585,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     A drop-in for ``model.load_state_dict(...)``.
     """
     compressed = read_file(path)
-    state = {}
-    for name in sorted({*compressed.matrices, *compressed.passthrough}):
-        if name in compressed.matrices:
-            info = compressed.metadata["matrices"][name]
-            state[name] = compressed.matrices[name].to_dense().reshape(info["orig_shape"])
-        else:
-            state[name] = compressed.passthrough[name]
-    return state
+    return {name: compressed.dense(name) for name in sorted({*compressed.matrices, *compressed.passthrough})}
 
 
 # --------------------------------------------------------------------------------------------
@@ -854,11 +853,14 @@ class HLinear(nn.Module):
         tensors, scales = plan.tensors(), plan.scales()
         self._factor_shapes = {name: tensors[name].shape for name in ("u", "v")}
         self._tables = tuple(name for name in tensors if name not in self._factor_shapes)
+        self._planes: dict[str, tuple[str, ...]] = {}  # with keep_compact: each factor's planes
         for name, tensor in tensors.items():
             if name not in self._factor_shapes:
                 self.register_buffer(f"_{name}", tensor.to(device), persistent=False)
             elif keep_compact:
-                for part, plane in compact_planes(tensor, scales[name], dtype).items():
+                planes = compact_planes(tensor, scales[name], dtype)
+                self._planes[name] = tuple(planes)
+                for part, plane in planes.items():
                     self.register_buffer(f"_{name}_{part}", plane.to(device), persistent=False)
             else:
                 self.register_buffer(f"_{name}", tensor.to(device=device, dtype=dtype), persistent=False)
@@ -872,9 +874,10 @@ class HLinear(nn.Module):
     def _factor(self, name: str) -> torch.Tensor:
         if not self.keep_compact:
             return self._buffers[f"_{name}"]
-        planes = {part: getattr(self, f"_{name}_{part}") for part in ("codes", "scale", "float")
-                  if hasattr(self, f"_{name}_{part}")}
-        return decode_planes({**planes, "anchor": self._anchor}, self._anchor.dtype, self._factor_shapes[name])
+        buffers = self._buffers
+        planes = {part: buffers[f"_{name}_{part}"] for part in self._planes[name]}
+        anchor = buffers["_anchor"]
+        return decode_planes({**planes, "anchor": anchor}, anchor.dtype, self._factor_shapes[name])
 
     @property
     def held_bytes(self) -> int:
@@ -967,13 +970,7 @@ def patch(model: nn.Module, path: str | os.PathLike, mode: str = "hmatrix", *,
         if choice.mode == "hmatrix":
             new_modules[id(module)] = layer
     replaced = {c.name for c in choices if c.mode == "hmatrix"}
-    dense = {}
-    for name in sorted(file_keys - {_key(n, "weight") for n in replaced}):
-        if name in compressed.matrices:
-            info = compressed.metadata["matrices"][name]
-            dense[name] = compressed.matrices[name].to_dense().reshape(info["orig_shape"])
-        else:
-            dense[name] = compressed.passthrough[name]
+    dense = {name: compressed.dense(name) for name in sorted(file_keys - {_key(n, "weight") for n in replaced})}
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if id(child) in new_modules:

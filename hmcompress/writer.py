@@ -61,11 +61,10 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
-def _dead_writer_temporary(candidate: pathlib.Path, target: pathlib.Path) -> bool:
-    """True if ``candidate`` is a temporary file of ``target`` written on this host by a process
-    that no longer runs (a concurrent writer's file, or another machine's, is never touched)."""
-    name = candidate.name
-    head = f".{target.name}.{_host()}."
+def _dead_writer_temporary(name: str, head: str) -> bool:
+    """True if ``name`` is a temporary file named ``head + PID.RANDOM.tmp`` (``head``: the target's
+    name and this host) of a process that no longer runs (a concurrent writer's file, or another
+    machine's, is never touched)."""
     if not (name.startswith(head) and name.endswith(".tmp")):
         return False
     parts = name[len(head):-len(".tmp")].split(".")
@@ -88,10 +87,11 @@ def remove_stale_temporaries(target: pathlib.Path) -> list[pathlib.Path]:
 
     A reused pid makes a stale file look alive: it then stays until a later write.
     """
+    head = f".{target.name}.{_host()}."
     removed = []
     with contextlib.suppress(OSError):
         for candidate in sorted(target.parent.iterdir()):
-            if _dead_writer_temporary(candidate, target):
+            if _dead_writer_temporary(candidate.name, head):
                 with contextlib.suppress(FileNotFoundError):
                     candidate.unlink()
                     removed.append(candidate)
