@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import pathlib
-import tempfile
 from collections.abc import Callable
 
 from . import pipeline
@@ -67,21 +66,20 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
     eligible = [e.name for e in ckpt.entries if reasons[e.name] is None]
     slots = {name: slot for slot, name in enumerate(eligible)}
     with contextlib.ExitStack() as stack:
+        workdir = None  # a run that writes nothing keeps no results
         if write:
             workdir = pipeline.WorkDir.beside(output)
             workdir.prepare(resume)
             stack.push(_discard_on_user_error(workdir, keep=resume))
-        else:
-            workdir = pipeline.WorkDir(pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory())))
         jobs = [pipeline.Job(str(source), name, slots[name], options, selection.passthrough_nonfinite,
-                             str(workdir.path), resume and write) for name in eligible]
+                             workdir and str(workdir.path), resume and write) for name in eligible]
         pipeline.use_checkpoint(str(source), ckpt)
         outcomes = {o.name: o for o in pipeline.run_jobs(jobs, workers, progress)}
         layers = []
         for entry in ckpt.entries:
             outcome = outcomes.get(entry.name)
             if outcome is not None and outcome.stats is not None:
-                layers.append(LayerStats.from_json(outcome.stats))
+                layers.append(LayerStats(**recorded_fields(LayerStats, outcome.stats, f"{source}: {entry.name}")))
                 continue
             reason = reasons[entry.name] or outcome.reason
             reasons[entry.name] = reason
@@ -96,7 +94,8 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
             passthrough = {name: reason for name, reason in reasons.items() if name not in table}
             write_assembled(output, table, passthrough, tensors, header, overwrite=overwrite)
             write_runtime_shim(output.parent)
-        workdir.remove()
+        if workdir is not None:
+            workdir.remove()
     reused = sorted(o.name for o in outcomes.values() if o.reused)
     return CompressionResult(source, output if write else None, layers, header["options"], failures, reused)
 

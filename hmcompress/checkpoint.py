@@ -384,6 +384,8 @@ class _ScriptUnpickler(pickle.Unpickler):
     def __init__(self, fh, archive: zipfile.ZipFile, root: str, path: pathlib.Path) -> None:
         super().__init__(fh)
         self.archive, self.root, self.path = archive, root, path
+        self.file_size = path.stat().st_size
+        self.storages: dict[object, torch.Tensor] = {}  # by key: a storage named N times is read once
 
     def find_class(self, module: str, name: str):
         if module.startswith("__torch__"):
@@ -406,18 +408,26 @@ class _ScriptUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise CheckpointError(self.path, "unexpected persistent record in a TorchScript archive")
         _, dtype, key, _location, numel = pid
-        if dtype not in _STORAGE_DTYPES.values() or type(numel) is not int or numel < 0:
+        if (dtype not in _STORAGE_DTYPES.values() or type(numel) is not int or numel < 0
+                or not isinstance(key, str)):
             raise CheckpointError(self.path, f"malformed storage record {key!r} in a TorchScript archive")
+        known = self.storages.get(key)
+        if known is not None:
+            if known.dtype != dtype or known.numel() != numel:
+                raise CheckpointError(self.path, f"TorchScript storage {key!r} is named with two types or sizes")
+            return known
         try:
             info = self.archive.getinfo(f"{self.root}/data/{key}")
         except KeyError:
             raise CheckpointError(self.path, f"TorchScript archive has no storage {key!r}") from None
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if info.file_size < nbytes or info.file_size > self.path.stat().st_size:
+        nbytes = numel * dtype.itemsize
+        if info.file_size < nbytes or info.file_size > self.file_size:
             raise CheckpointError(self.path, f"TorchScript storage {key!r} holds {info.file_size} bytes, "
                                              f"not the {nbytes} it claims")
         raw = self.archive.read(info)
-        return torch.frombuffer(bytearray(raw[:nbytes]), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+        storage = torch.frombuffer(bytearray(raw[:nbytes]), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+        self.storages[key] = storage
+        return storage
 
     def _rebuild_tensor(self, storage, offset, size, stride, *_rest):
         if not (isinstance(storage, torch.Tensor) and _int_tuple(size) and _int_tuple(stride)

@@ -34,7 +34,8 @@ from .build import CompressionOptions, compress_matrix
 from .checkpoint import Checkpoint, TensorEntry, as_matrix, open_checkpoint
 from .errors import USER_ERRORS, UserError
 from .runtime import DTYPE_NAMES, DTYPES, HMatrix, hmatrix_from_tensors
-from .stats import layer_stats
+from .stats import LayerStats, layer_stats
+from .verdicts import recorded_fields
 from .writer import StreamedTensor, matrix_entry, packed_tensors, write_streamed
 
 NONFINITE = "non-finite values (NaN/Inf)"
@@ -54,7 +55,7 @@ class Job:
     slot: int  # position among the compressed tensors: names the result file
     options: CompressionOptions
     passthrough_nonfinite: bool
-    workdir: str
+    workdir: str | None  # where the result is kept (None: nowhere, only its stats are wanted)
     resume: bool
 
 
@@ -122,8 +123,9 @@ def _run(job: Job) -> Outcome:
             raise UserError(f"{job.source}: tensor {job.name!r} contains NaN or Inf values "
                             "(--passthrough-nonfinite copies such tensors unchanged)")
         return Outcome(job.name, reason=NONFINITE)
-    key = result_key(tensor, job.options)
-    path = pathlib.Path(job.workdir) / f"{job.slot:06d}.safetensors"
+    if job.workdir is not None:
+        key = result_key(tensor, job.options)
+        path = WorkDir(pathlib.Path(job.workdir)).result(job.slot)
     if job.resume:
         stored = _stored_stats(path, key)
         if stored is not None:
@@ -133,6 +135,8 @@ def _run(job: Job) -> Outcome:
         stats = layer_stats(job.name, tensor, result.hmatrix, result.dense, result.error, result.budget,
                             result.root_sigma, job.options, result.strategy).to_json()
     result.hmatrix.validate(job.name)
+    if job.workdir is None:
+        return Outcome(job.name, stats=stats)
     meta = {"key": key, "orig_shape": list(tensor.shape), "shape": list(result.hmatrix.shape),
             "stats": stats, "dtype": DTYPE_NAMES[result.hmatrix.dtype]}
     write_streamed(path, [StreamedTensor.of(part, t) for part, t in packed_tensors(job.name, result.hmatrix, "").items()],
@@ -182,6 +186,7 @@ def _stored_stats(path: pathlib.Path, key: str) -> dict | None:
     """The stats of a stored result for ``key``; None if absent, stale or unreadable."""
     try:
         meta, _hm = read_result(path)
+        recorded_fields(LayerStats, meta["stats"], str(path))
     except Exception:  # a result we cannot trust is recomputed, whatever is wrong with it
         return None
     return meta["stats"] if meta.get("key") == key else None

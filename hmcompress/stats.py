@@ -55,11 +55,6 @@ class LayerStats:
         data["ratio"] = round(self.ratio, 6) if math.isfinite(self.ratio) else None
         return data
 
-    @classmethod
-    def from_json(cls, data: dict) -> "LayerStats":
-        """Inverse of `to_json` (derived figures such as ``ratio`` are dropped)."""
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
-
 
 def totals(layers: list[LayerStats]) -> dict:
     """Byte totals over the whole checkpoint and over the compressed matrices alone."""
