@@ -161,8 +161,7 @@ class HMatrix:
         """``H @ x`` for x of shape (n,) or (n, k), in float64, without forming H."""
         if x.shape[0] != self.shape[1] or x.ndim not in (1, 2):
             raise ValueError(f"cannot multiply a {self.shape} H-matrix by {tuple(x.shape)}")
-        plan = TilePlan.build(self)
-        product = tile_product(plan.tensors(), plan.ranks, x.double().reshape(self.shape[1], -1).T)
+        product = tile_product(TilePlan.build(self).tensors(), x.double().reshape(self.shape[1], -1).T)
         return product.T.reshape(self.shape[0], *x.shape[1:])
 
     __matmul__ = matmul
@@ -595,9 +594,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 # block) or rows (U puts the k stored rows in place, V = the rows). H x = Σ U (V x[cols]) is
 # computed over *tiles*, partitions of the columns and of the rows that refine every block's range:
 #   1. each column tile multiplies the V rows of every term touching it, all tiles in one `bmm`;
-#      the partial products are summed per term with one `index_add_` into T (a row per rank);
-#   2. each row tile gathers the T rows of the terms touching it and multiplies their U columns,
-#      all tiles in one `bmm`.
+#      a term spanning several column tiles has a partial product in each: one `index_add_` adds
+#      them into the first (its *home*), so the homes hold T = V x (a row per rank);
+#   2. each row tile gathers the home rows of the terms touching it and multiplies their U
+#      columns, all tiles in one `bmm`.
 # A fixed handful of tensor operations per call, whatever the number of blocks.
 
 FINE_TILE_SLACK = 1.25  # intervals up to this much longer than the shortest are not split
@@ -714,14 +714,15 @@ class Stage:
 class TilePlan:
     """Both stages of the tile product of one H-matrix (see the comment above).
 
-    Stage 1: x gathered by ``col_index`` times ``v`` (column tiles, tile width, slots); slot
-    results are summed into the columns ``v_slot`` of T (padding: a spare last column). Stage 2:
-    T gathered by ``t_index`` times ``u`` (row tiles, slots, tile height); output column r is
-    column ``out_index[r]`` of the flattened result. Padding positions meet zero factors.
+    Stage 1: x gathered by ``col_index`` times ``v`` (column tiles, tile width, slots); the slot
+    results at ``extra_from`` are added into those at ``extra_to`` (their terms' homes). Stage 2:
+    the slot results gathered by ``t_index`` times ``u`` (row tiles, slots, tile height); output
+    column r is column ``out_index[r]`` of the flattened result. Padding positions meet zero
+    factors.
     """
 
     shape: tuple[int, int]
-    ranks: int  # rows of T, the padding row aside
+    ranks: int  # rows of T
     columns: Stage
     rows: Stage
 
@@ -739,21 +740,22 @@ class TilePlan:
         return cls((m, n), first_rank[-1], columns, rows)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The index tables and float64 factors `tile_product` takes.
+        """The flat index tables and float64 factors `tile_product` takes.
 
         ``col_index`` and ``out_index`` are left out where they are the identity (the tiles cover
         the columns / rows in order without padding): a gather that moves nothing costs as much
         as one that does.
         """
         m, n = self.shape
+        home, extra_from, extra_to = _homes(self.columns.slot_rank.reshape(-1), self.ranks)
         flat_rows = self.rows.index.reshape(-1)
         real = flat_rows < m
         out_index = torch.zeros(m, dtype=torch.int64)
         out_index[flat_rows[real]] = torch.arange(flat_rows.numel())[real]
-        columns = self.columns.index
-        out = {"v": self.columns.factors, "v_slot": self.columns.slot_rank.reshape(-1),
-               "t_index": self.rows.slot_rank, "u": self.rows.factors.mT.contiguous()}
-        if not torch.equal(columns.reshape(-1), torch.arange(n)):
+        columns = self.columns.index.reshape(-1)
+        out = {"v": self.columns.factors, "u": self.rows.factors.mT.contiguous(),
+               "extra_from": extra_from, "extra_to": extra_to, "t_index": home[self.rows.slot_rank.reshape(-1)]}
+        if not torch.equal(columns, torch.arange(n)):
             out["col_index"] = torch.where(columns < n, columns, 0)
         if not torch.equal(out_index, torch.arange(flat_rows.numel())):
             out["out_index"] = out_index
@@ -764,36 +766,71 @@ class TilePlan:
         return {"v": self.columns.scales.unsqueeze(1), "u": self.rows.scales.unsqueeze(2)}
 
 
+def _homes(slot_rank: torch.Tensor, ranks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each row of T is summed, given the T row of every stage-1 slot (``ranks``: padding).
+
+    Returns ``home`` (ranks + 1,): the first slot of each row (the padding row: slot 0, read only
+    through zero factors), and the row's other slots ``extra_from`` with the home each adds into,
+    ``extra_to``, in slot order (so each row sums its pieces in the order of its column tiles).
+    """
+    slots = torch.arange(slot_rank.numel())
+    real = slot_rank < ranks
+    order = torch.argsort(slot_rank[real], stable=True)
+    row, slot = slot_rank[real][order], slots[real][order]
+    first = torch.ones_like(row, dtype=torch.bool)
+    first[1:] = row[1:] != row[:-1]
+    home = torch.zeros(ranks + 1, dtype=torch.int64)
+    home[row[first]] = slot[first]
+    return home, slot[~first], home[row[~first]]
+
+
 SMALL_BATCH = 16  # up to this many input rows the batch is the middle bmm dimension
 
 
-def tile_product(plan: dict[str, torch.Tensor], ranks: int, x: torch.Tensor) -> torch.Tensor:
-    """``x @ Hᵀ`` for x (N, n) with the tensors of a `TilePlan` (any dtype and device): (N, m).
+def tile_product(plan: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ Hᵀ + bias`` for x (N, n) with the tensors of a `TilePlan` (any dtype and device): (N, m).
 
-    Two layouts of the same computation: for small N the batch is the middle `bmm` dimension
-    (several times faster there); for large N features come first, so that every gather and
-    `index_add` moves contiguous rows of N numbers. Gathers are `index_select` on flat indices,
-    the cheapest gather per call. Padding reads column 0 and T's spare last column through zero
-    factors (so, as in a dense product, inf or NaN in x spreads to every output).
+    Three layouts of the same computation: one input row runs on flat vectors (the fewest and
+    cheapest operations: token-by-token decoding lives here); for other small N the batch is the
+    middle `bmm` dimension; for large N features come first, so that every gather and `index_add_`
+    moves contiguous rows of N numbers. Where the row tiles are the output rows in order, the bias
+    rides in the second product (`baddbmm`) instead of costing an operation of its own. Padding
+    reads column 0 and slot 0 through zero factors (so, as in a dense product, inf or NaN in x
+    spreads to every output).
     """
     batch = x.shape[0]
-    col_tiles, width, _ = plan["v"].shape
-    row_tiles, depth = plan["t_index"].shape
+    v, u, t_index = plan["v"], plan["u"], plan["t_index"]
+    col_tiles, width, _ = v.shape
+    row_tiles, depth, _ = u.shape
     col_index, out_index = plan.get("col_index"), plan.get("out_index")
+    fused = bias is not None and out_index is None
     if batch > SMALL_BATCH:
-        xt = x.T if col_index is None else x.T.index_select(0, col_index.reshape(-1))
-        partial = torch.bmm(plan["v"].mT, xt.reshape(col_tiles, width, batch))  # (column tiles, slots, N)
-        t = x.new_zeros(ranks + 1, batch).index_add_(0, plan["v_slot"], partial.reshape(-1, batch))
-        rows = torch.bmm(plan["u"].mT, t.index_select(0, plan["t_index"].reshape(-1)).view(row_tiles, depth, batch))
-        rows = rows.reshape(-1, batch)
-        return (rows if out_index is None else rows.index_select(0, out_index)).T
-    xg = x if col_index is None else x.index_select(1, col_index.reshape(-1))
-    partial = torch.bmm(xg.reshape(batch, col_tiles, width).transpose(0, 1), plan["v"])  # (column tiles, N, slots)
-    t = x.new_zeros(batch, ranks + 1).index_add_(1, plan["v_slot"], partial.transpose(0, 1).reshape(batch, -1))
-    gathered = t.index_select(1, plan["t_index"].reshape(-1)).view(batch, row_tiles, depth)
-    rows = torch.bmm(gathered.transpose(0, 1), plan["u"])  # (row tiles, N, tile height)
-    rows = rows.transpose(0, 1).reshape(batch, -1)
-    return rows if out_index is None else rows.index_select(1, out_index)
+        xt = x.T if col_index is None else x.T.index_select(0, col_index)
+        slots = torch.bmm(v.mT, xt.reshape(col_tiles, width, batch)).view(-1, batch)
+        slots.index_add_(0, plan["extra_to"], slots.index_select(0, plan["extra_from"]))
+        gathered = slots.index_select(0, t_index).view(row_tiles, depth, batch)
+        rows = (torch.baddbmm(bias.view(row_tiles, -1, 1), u.mT, gathered) if fused
+                else torch.bmm(u.mT, gathered)).view(-1, batch)
+        y = (rows if out_index is None else rows.index_select(0, out_index)).T
+    elif batch == 1:
+        xg = x.reshape(-1) if col_index is None else x.reshape(-1).index_select(0, col_index)
+        slots = torch.bmm(xg.view(col_tiles, 1, width), v).view(-1)
+        slots.index_add_(0, plan["extra_to"], slots.index_select(0, plan["extra_from"]))
+        gathered = slots.index_select(0, t_index).view(row_tiles, 1, depth)
+        rows = (torch.baddbmm(bias.view(row_tiles, 1, -1), gathered, u) if fused
+                else torch.bmm(gathered, u)).view(1, -1)
+        y = rows if out_index is None else rows.index_select(1, out_index)
+    else:
+        xg = x if col_index is None else x.index_select(1, col_index)
+        slots = torch.bmm(xg.reshape(batch, col_tiles, width).transpose(0, 1), v)  # (column tiles, N, slots)
+        slots = slots.transpose(0, 1).reshape(batch, -1)
+        slots.index_add_(1, plan["extra_to"], slots.index_select(1, plan["extra_from"]))
+        gathered = slots.index_select(1, t_index).view(batch, row_tiles, depth).transpose(0, 1)
+        rows = (torch.baddbmm(bias.view(row_tiles, 1, -1), gathered, u) if fused
+                else torch.bmm(gathered, u))  # (row tiles, N, tile height)
+        rows = rows.transpose(0, 1).reshape(batch, -1)
+        y = rows if out_index is None else rows.index_select(1, out_index)
+    return y if bias is None or fused else y + bias
 
 
 def compact_planes(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -849,35 +886,37 @@ class HLinear(nn.Module):
         self.stored_bytes = hmatrix.nbytes
         self.keep_compact = keep_compact
         plan = TilePlan.build(hmatrix)
-        self._ranks = plan.ranks
         tensors, scales = plan.tensors(), plan.scales()
+        # Buffers are named as `tile_product` names its tensors, so that (unless compact) the
+        # buffer dict is the plan: nothing to assemble per call.
         self._factor_shapes = {name: tensors[name].shape for name in ("u", "v")}
-        self._tables = tuple(name for name in tensors if name not in self._factor_shapes)
         self._planes: dict[str, tuple[str, ...]] = {}  # with keep_compact: each factor's planes
         for name, tensor in tensors.items():
             if name not in self._factor_shapes:
-                self.register_buffer(f"_{name}", tensor.to(device), persistent=False)
+                self.register_buffer(name, tensor.to(device), persistent=False)
             elif keep_compact:
                 planes = compact_planes(tensor, scales[name], dtype)
                 self._planes[name] = tuple(planes)
                 for part, plane in planes.items():
-                    self.register_buffer(f"_{name}_{part}", plane.to(device), persistent=False)
+                    self.register_buffer(f"{name}_{part}", plane.to(device), persistent=False)
             else:
-                self.register_buffer(f"_{name}", tensor.to(device=device, dtype=dtype), persistent=False)
+                self.register_buffer(name, tensor.to(device=device, dtype=dtype), persistent=False)
         if bias is not None:
             trainable = bias.requires_grad if isinstance(bias, nn.Parameter) else True
             bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype).clone(),
                                 requires_grad=trainable)
-        self.bias = bias
-        self.register_buffer("_anchor", torch.zeros(0, dtype=dtype, device=device), persistent=False)
+        self.register_parameter("bias", bias)  # None too: `forward` reads `_parameters`
+        self.register_buffer("anchor", torch.zeros(0, dtype=dtype, device=device), persistent=False)
 
-    def _factor(self, name: str) -> torch.Tensor:
-        if not self.keep_compact:
-            return self._buffers[f"_{name}"]
+    def _decoded_plan(self) -> dict[str, torch.Tensor]:
+        """With keep_compact: the buffers plus ``u`` and ``v`` decoded from their planes."""
         buffers = self._buffers
-        planes = {part: buffers[f"_{name}_{part}"] for part in self._planes[name]}
-        anchor = buffers["_anchor"]
-        return decode_planes({**planes, "anchor": anchor}, anchor.dtype, self._factor_shapes[name])
+        anchor = buffers["anchor"]
+        plan = dict(buffers)
+        for name, parts in self._planes.items():
+            planes = {part: buffers[f"{name}_{part}"] for part in parts}
+            plan[name] = decode_planes({**planes, "anchor": anchor}, anchor.dtype, self._factor_shapes[name])
+        return plan
 
     @property
     def held_bytes(self) -> int:
@@ -885,23 +924,21 @@ class HLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"HLinear expects inputs with {self.in_features} features, got {tuple(x.shape)}")
-        dtype = self._anchor.dtype
-        rows = x.reshape(math.prod(x.shape[:-1]), self.in_features)
-        buffers = self._buffers  # read directly: `Module.__getattr__` costs ~1 us a name
-        plan = {name: buffers[f"_{name}"] for name in self._tables}
-        plan["v"], plan["u"] = self._factor("v"), self._factor("u")
-        y = tile_product(plan, self._ranks, rows if rows.dtype == dtype else rows.to(dtype))
-        if self.bias is not None:
-            y = y + self.bias
-        y = y.reshape(*x.shape[:-1], self.out_features)
+        shape = x.shape
+        if shape[-1] != self.in_features:
+            raise ValueError(f"HLinear expects inputs with {self.in_features} features, got {tuple(shape)}")
+        plan = self._decoded_plan() if self.keep_compact else self._buffers  # not `Module.__getattr__`: ~1 us a name
+        dtype = plan["anchor"].dtype
+        rows = x if len(shape) == 2 else x.reshape(-1, self.in_features)
+        y = tile_product(plan, rows if rows.dtype == dtype else rows.to(dtype), self._parameters["bias"])
+        if len(shape) != 2:
+            y = y.reshape(*shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"blocks={self.blocks}, bytes={self.stored_bytes}, held={self.held_bytes}, "
-                f"bias={self.bias is not None}, dtype={str(self._anchor.dtype).removeprefix('torch.')}"
+                f"bias={self.bias is not None}, dtype={str(self.anchor.dtype).removeprefix('torch.')}"
                 f"{', compact' if self.keep_compact else ''}")
 
 

@@ -287,15 +287,30 @@ def test_hlinear_matches_dense(dtype, make, compact):
     (lambda: compressed(45, 37, tol=1e-3), {"col_index", "out_index"}),
 ])
 def test_identity_gathers_are_left_out(make, gathers):
-    """A gather that moves nothing is skipped; the product is the same in both layouts."""
+    """A gather that moves nothing is skipped; the product is the same in all three layouts, with
+    the bias fused into the second product (no ``out_index``) or added after it."""
     hm = make()
     plan = runtime.TilePlan.build(hm).tensors()
     assert {"col_index", "out_index"} & plan.keys() == gathers
     dense = hm.to_dense(torch.float64)
-    for batch in (1, runtime.SMALL_BATCH + 1):
+    bias = torch.randn(hm.shape[0], dtype=torch.float64)
+    for batch in (1, 3, runtime.SMALL_BATCH + 1):
         x = torch.randn(batch, hm.shape[1], dtype=torch.float64)
-        y = runtime.tile_product(plan, runtime.TilePlan.build(hm).ranks, x)
-        assert torch.allclose(y, x @ dense.T, atol=1e-10)
+        assert torch.allclose(runtime.tile_product(plan, x), x @ dense.T, atol=1e-10)
+        assert torch.allclose(runtime.tile_product(plan, x, bias), x @ dense.T + bias, atol=1e-10)
+
+
+def test_terms_spanning_column_tiles_sum_into_their_home_slot():
+    """A term over several column tiles leaves a partial product in each; every one but the first
+    is added into the first, once."""
+    hm = compressed(64, 64, tol=1e-3)
+    plan = runtime.TilePlan.build(hm)
+    tables = plan.tensors()
+    slot_rank = plan.columns.slot_rank.reshape(-1)
+    assert tables["extra_from"].numel() == int((slot_rank < plan.ranks).sum()) - plan.ranks > 0
+    assert torch.equal(slot_rank[tables["extra_from"]], slot_rank[tables["extra_to"]])
+    assert bool((tables["extra_to"] < tables["extra_from"]).all())
+    assert not set(tables["extra_to"].tolist()) & set(tables["extra_from"].tolist())
 
 
 def test_hlinear_gradients_and_to():
