@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 def print_table(title: str, headers: list[str], rows: Iterable[list[str]]) -> None:
@@ -14,8 +14,17 @@ def print_table(title: str, headers: list[str], rows: Iterable[list[str]]) -> No
         print("| " + " | ".join(row) + " |", flush=True)
 
 
-def quick_requested(doc: str, smaller: str) -> bool:
-    """Parse a benchmark's command line: only ``--quick`` (``smaller`` says what it shrinks)."""
+def parse_options(doc: str, smaller: str,
+                  add_options: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """Parse a benchmark's command line: ``--quick`` (``smaller`` says what it shrinks) and any
+    options ``add_options`` adds."""
     parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--quick", action="store_true", help=smaller)
-    return parser.parse_args().quick
+    if add_options:
+        add_options(parser)
+    return parser.parse_args()
+
+
+def quick_requested(doc: str, smaller: str) -> bool:
+    """Parse a benchmark's command line: only ``--quick``."""
+    return parse_options(doc, smaller).quick

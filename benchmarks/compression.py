@@ -12,18 +12,12 @@ from collections.abc import Callable
 import torch
 
 from benchmarks import print_table, quick_requested
+from benchmarks.runtime import kernel
+from benchmarks.runtime import kernel
 from hmcompress.bounds import compute_bounds
 from hmcompress.build import CompressionOptions, compress_matrix
 from hmcompress.candidates import analyse, build_tree
 from hmcompress.plans import svd_plan
-
-
-def smooth_kernel(n: int) -> torch.Tensor:
-    """1/(1+100|x_i-y_j|) on sorted random points (the issue's reference matrix)."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.sort(torch.rand(n, generator=gen))[0]
-    y = torch.sort(torch.rand(n, generator=gen))[0]
-    return (1 / (1 + 100 * (x[:, None] - y[None, :]).abs())).float()
 
 
 def trained_like(n: int) -> torch.Tensor:
@@ -49,7 +43,7 @@ def compress_with_bounds(w: torch.Tensor, options: CompressionOptions) -> None:
 
 
 def bench_compression_time(rows: list[list[str]], n: int, repeats: int) -> None:
-    for label, w in (("smooth kernel", smooth_kernel(n)), ("trained-like", trained_like(n))):
+    for label, w in (("smooth kernel", kernel(n, n)), ("trained-like", trained_like(n))):
         for precision in ("keep", "auto"):
             options = CompressionOptions(tol=1e-2, precision=precision)
             svd = best_of(lambda: torch.linalg.svd(w, full_matrices=False), repeats)
@@ -59,7 +53,7 @@ def bench_compression_time(rows: list[list[str]], n: int, repeats: int) -> None:
 
 
 def bench_sizes(rows: list[list[str]], n: int) -> None:
-    for label, w in (("smooth kernel", smooth_kernel(n)), ("trained-like", trained_like(n))):
+    for label, w in (("smooth kernel", kernel(n, n)), ("trained-like", trained_like(n))):
         dense = w.numel() * w.element_size()
         for precision in ("keep", "auto"):
             ours = compress_matrix(w, CompressionOptions(tol=1e-2, precision=precision))

@@ -7,7 +7,7 @@ that ratio); "held" counts what the layer actually reads (factors padded to the 
 index tables). Two regimes: *warm*, each layer called repeatedly on its own (the usual
 micro-benchmark: an H layer of a few MB stays in cache), and *cold*, the two calls interleaved so
 that each finds the other's weights in cache (as in a deep model whose weights do not fit in cache).
-Usage: python -m benchmarks.runtime [--quick]
+Usage: python -m benchmarks.runtime [--quick] [--repeat N]   (--repeat: only the 4096x4096 batch-1 case, N times)
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks import print_table, quick_requested
+from benchmarks import parse_options, print_table
 from hmcompress.build import CompressionOptions, compress_matrix
 from hmcompress.runtime import HLinear
 
@@ -26,7 +26,7 @@ BATCHES = (1, 16, 256)
 
 
 def kernel(m: int, n: int) -> torch.Tensor:
-    """1/(1+100|x_i-y_j|) on sorted random points: smooth away from the diagonal."""
+    """1/(1+100|x_i-y_j|) on sorted random points: smooth away from the diagonal (the issue's reference matrix)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.sort(torch.rand(m, generator=gen))[0]
     y = torch.sort(torch.rand(n, generator=gen))[0]
@@ -68,16 +68,20 @@ def alternate(time_first: Callable[[], float], time_second: Callable[[], float],
     return statistics.median(a), statistics.median(b)
 
 
+def layers(m: int, n: int) -> tuple[HLinear, torch.nn.Linear, float]:
+    """The kernel matrix as an H layer and as a dense one (same bias), and H bytes / dense bytes."""
+    w = kernel(m, n)
+    hm = compress_matrix(w, CompressionOptions(tol=1e-4, precision="keep")).hmatrix
+    dense = torch.nn.Linear(n, m)
+    with torch.no_grad():
+        dense.weight.copy_(w)
+    return HLinear(hm, dense.bias), dense, hm.nbytes / (4 * m * n)
+
+
 def rows(shapes: tuple[tuple[int, int], ...]) -> list[list[str]]:
     out = []
     for m, n in shapes:
-        w = kernel(m, n)
-        hm = compress_matrix(w, CompressionOptions(tol=1e-4, precision="keep")).hmatrix
-        dense = torch.nn.Linear(n, m)
-        with torch.no_grad():
-            dense.weight.copy_(w)
-        layer = HLinear(hm, dense.bias)
-        ideal = hm.nbytes / (4 * m * n)
+        layer, dense, ideal = layers(m, n)
         with torch.no_grad():
             for batch in BATCHES:
                 x = torch.randn(batch, n)
@@ -90,9 +94,27 @@ def rows(shapes: tuple[tuple[int, int], ...]) -> list[list[str]]:
     return out
 
 
+def bar_runs(count: int) -> list[list[str]]:
+    """The issue's bar, 4096x4096 at batch 1 warm, measured ``count`` times (run-to-run spread)."""
+    layer, dense, ideal = layers(4096, 4096)
+    x = torch.randn(1, 4096)
+    out = []
+    with torch.no_grad():
+        for run in range(count):
+            h_time, d_time = warm_times(lambda: layer(x), lambda: dense(x))
+            out.append([str(run + 1), f"{h_time * 1e6:.0f}", f"{d_time * 1e6:.0f}",
+                        f"{d_time / h_time:.1f}x", f"{d_time / h_time * ideal:.2f}"])
+    return out
+
+
 def main() -> None:
-    quick = quick_requested(__doc__, "512 and 1024 only")
-    shapes = SHAPES[:2] if quick else SHAPES
+    options = parse_options(__doc__, "512 and 1024 only", lambda parser: parser.add_argument(
+        "--repeat", type=int, metavar="N", help="only 4096x4096 at batch 1 (warm), measured N times"))
+    if options.repeat:
+        print_table(f"HLinear vs nn.Linear at 4096x4096, batch 1, warm ({torch.get_num_threads()} threads)",
+                    ["run", "H µs", "dense µs", "speed-up", "of ideal"], bar_runs(options.repeat))
+        return
+    shapes = SHAPES[:2] if options.quick else SHAPES
     print_table(f"HLinear vs nn.Linear (float32, {torch.get_num_threads()} threads), kernel matrix at tol 1e-4 keep",
                 ["layer", "batch", "H bytes / dense", "held / dense", "warm: H time / dense", "warm speed-up (of ideal)",
                  "cold: H time / dense", "cold speed-up (of ideal)"], rows(shapes))
