@@ -8,7 +8,9 @@ spec such as ``sample_models.classifier:build``) provides:
 - ``sample_inputs(n) -> Tensor``: ``n`` fixed inputs (one batch) for output and NTK comparisons;
 - optionally ``METRIC`` (the headline key of ``evaluate``; default its first key),
   ``HIGHER_IS_BETTER`` (default True) and ``ntk_output(outputs, inputs) -> (n, k)``, the function
-  whose NTK is taken (default: each input's outputs, flattened).
+  whose NTK is taken (default: each input's outputs, flattened);
+- for `hmcompress recalibrate` (`hmcompress.recalibrate`): ``calibration_loss(model) -> Tensor``,
+  a scalar loss on the package's own data (for a PINN, its physics loss).
 
 The compressed model is loaded with `hmcompress.runtime`, which is byte for byte the
 ``hmruntime.py`` copied beside every compressed file, so what is measured is what a user runs.
@@ -55,6 +57,15 @@ class ModelTask:
 
 def load_task(spec: str) -> ModelTask:
     """Import ``module:factory`` and check that its module offers the evaluation hooks."""
+    module, hooks = load_hooks(spec, ("evaluate", "sample_inputs"))
+    return ModelTask(spec, hooks["factory"], hooks["evaluate"], hooks["sample_inputs"],
+                     getattr(module, "METRIC", ""), bool(getattr(module, "HIGHER_IS_BETTER", True)),
+                     getattr(module, "ntk_output", None))
+
+
+def load_hooks(spec: str, names: tuple[str, ...]) -> tuple[object, dict[str, Callable]]:
+    """Import ``module:factory``; its module and the factory (as ``"factory"``) with the callables
+    ``names`` of the module, each checked."""
     module_name, _, factory_name = spec.partition(":")
     if not module_name or not factory_name:
         raise UserError(f"{spec}: model factory must look like 'package.module:build'")
@@ -62,14 +73,12 @@ def load_task(spec: str) -> ModelTask:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise UserError(f"{spec}: cannot import {module_name!r}: {err}") from err
-    hooks = {name: getattr(module, name, None) for name in (factory_name, "evaluate", "sample_inputs")}
+    hooks = {name: getattr(module, name, None) for name in (factory_name, *names)}
     missing = [name for name, hook in hooks.items() if not callable(hook)]
     if missing:
         raise UserError(f"{spec}: module {module_name!r} has no callable {', '.join(missing)} "
                         "(see hmcompress.analysis for the protocol)")
-    return ModelTask(spec, hooks[factory_name], module.evaluate, module.sample_inputs,
-                     getattr(module, "METRIC", ""), bool(getattr(module, "HIGHER_IS_BETTER", True)),
-                     getattr(module, "ntk_output", None))
+    return module, {"factory": hooks[factory_name], **{name: hooks[name] for name in names}}
 
 
 def _names(keys: Sequence[str], limit: int = 3) -> str:

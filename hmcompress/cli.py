@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import api, baselines, compare, report
+from . import recalibrate as recalibration
 from .build import CompressionOptions
 from .pipeline import default_workers
 from .checkpoint import Selection
@@ -361,8 +362,7 @@ def evaluate_cmd(
 
     if samples < 1 or ntk_samples < 2:
         raise UserError("--samples must be >= 1 and --ntk-samples >= 2")
-    if "" not in sys.path and str(pathlib.Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(pathlib.Path.cwd()))  # the user's model package, as `python -m` would
+    _import_from_cwd()
     task = analysis.load_task(model_factory)
     log = None if quiet else (lambda message: stderr.print(f"evaluate: {message}", markup=False, highlight=False))
     result = analysis.evaluate_compressed(task, checkpoint, compressed, samples, ntk_samples,
@@ -371,6 +371,41 @@ def evaluate_cmd(
         stdout.print_json(report.to_json({"ok": True, **result.to_json()}))
     else:
         evaluation_report.print_evaluation(result, stdout)
+
+
+@app.command("recalibrate")
+def recalibrate_cmd(
+    model_factory: str = typer.Argument(..., help="The model's factory, e.g. sample_models.burgers_pinn:build; "
+                                        "its module must offer calibration_loss(model)."),
+    file: pathlib.Path = typer.Argument(..., help="A compressed .hm.safetensors file."),
+    output: pathlib.Path = typer.Option(..., "-o", "--output", help="The recalibrated .hm.safetensors file to write."),
+    steps: int = typer.Option(recalibration.STEPS, help="L-BFGS iterations."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+) -> None:
+    """Retrain the tensors the file stores exactly (biases, uncompressed layers) on the model's
+    calibration loss; the H-matrices, their errors and bounds stay as they are."""
+    from . import analysis
+
+    if api.is_input(output, file):
+        raise UserError(f"{output}: refusing to overwrite the input file")
+    if output.exists() and not force:
+        raise UserError(f"{output}: exists (use --force to overwrite)")
+    _import_from_cwd()
+    _module, hooks = analysis.load_hooks(model_factory, ("calibration_loss",))
+    result = recalibration.recalibrate(hooks["factory"](), file, hooks["calibration_loss"], output, steps=steps,
+                                       overwrite=force)
+    if json_out:
+        stdout.print_json(report.to_json({"ok": True, **result.to_json()}))
+    else:
+        stdout.print(f"{result.output}: retrained {len(result.tensors)} tensors ({result.numbers} numbers); "
+                     f"loss {result.loss_before:.6g} -> {result.loss_after:.6g}", markup=False, highlight=False)
+
+
+def _import_from_cwd() -> None:
+    """Let a factory spec name the user's own package in the working directory, as `python -m` would."""
+    if "" not in sys.path and str(pathlib.Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(pathlib.Path.cwd()))
 
 
 def main() -> None:

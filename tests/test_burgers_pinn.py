@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from hmcompress import runtime
 from hmcompress.api import compress_checkpoint
 from hmcompress.build import CompressionOptions
-from sample_models.burgers_pinn import CHECKPOINT, build, evaluate
+from hmcompress.recalibrate import recalibrate
+from sample_models.burgers_pinn import CHECKPOINT, build, calibration_loss, evaluate
 from sample_models.burgers_pinn.reference import NU, exact_solution
 
 
@@ -106,3 +107,17 @@ def test_compressed_at_1e_2_keeps_the_error_within_1_2x(compressed_rel_l2) -> No
     """The issue's bar, not met with default options: recorded here so that a change that meets it
     (or the test's removal) is a decision, not an accident."""
     assert compressed_rel_l2[1e-2] <= 1.2 * compressed_rel_l2[0.0], compressed_rel_l2
+
+
+def test_recalibrated_at_1e_2_keeps_the_error_within_1_2x(compressed_rel_l2, tmp_path) -> None:
+    """The issue's bar, met once the 1,153 numbers the file stores exactly (biases, the 2 -> 128 and
+    128 -> 1 layers) are retrained on the PINN's own physics loss (no data): the compressed
+    matrices, and their error bounds, are those of plain compression at 1e-2."""
+    compressed = tmp_path / "burgers.hm.safetensors"
+    compress_checkpoint(CHECKPOINT, compressed, CompressionOptions(tol=1e-2))
+    out = tmp_path / "recalibrated.hm.safetensors"
+    result = recalibrate(build(), compressed, calibration_loss, out)
+    assert result.numbers == 1153 and result.loss_after < result.loss_before
+    model = build()
+    runtime.patch(model, out)  # through the shim, as a user runs it
+    assert evaluate(model)["rel_l2"] <= 1.2 * compressed_rel_l2[0.0], (evaluate(model), compressed_rel_l2)

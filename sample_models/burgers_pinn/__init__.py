@@ -110,6 +110,21 @@ def evaluate(model: nn.Module) -> dict[str, float]:
             "mean_abs_residual": float(residual.abs().mean())}
 
 
+def calibration_loss(model: nn.Module) -> torch.Tensor:
+    """The training loss (mean squared PDE residual plus weighted initial/boundary misfit) on the
+    training script's first point set: what `hmcompress recalibrate` minimises. Needs no data."""
+    from .train import loss
+
+    return loss(model, _calibration_points())
+
+
+@functools.lru_cache(maxsize=1)
+def _calibration_points() -> dict[str, torch.Tensor]:
+    from .train import SEED, training_points
+
+    return training_points(torch.Generator().manual_seed(SEED))
+
+
 def sample_inputs(n: int) -> torch.Tensor:
     """``n`` fixed points (x, t) drawn uniformly from the domain (seeded), shape (n, 2)."""
     generator = torch.Generator().manual_seed(SAMPLE_SEED)
