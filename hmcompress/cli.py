@@ -160,11 +160,16 @@ def report_cmd(
                    "layers": [s.to_json() for s in layers], "totals": api.totals(layers)}
         if checks:
             payload["verify"] = [c.__dict__ for c in checks]
+        if "recalibrated" in meta:
+            payload["recalibrated"] = meta["recalibrated"]
         stdout.print_json(report.to_json(payload))
-    elif markdown:
-        sys.stdout.write(report.markdown(layers, title=str(file.name)))
     else:
-        report.print_table(layers, stdout, title=str(file))
+        if markdown:
+            sys.stdout.write(report.markdown(layers, title=str(file.name)))
+        else:
+            report.print_table(layers, stdout, title=str(file))
+        if "recalibrated" in meta:
+            stdout.print(recalibration.describe(meta["recalibrated"]), markup=False, highlight=False, soft_wrap=True)
     _print_checks(checks, json_out)
 
 

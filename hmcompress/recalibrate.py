@@ -92,3 +92,20 @@ def recalibrate(model: nn.Module, compressed: str | os.PathLike, loss: Callable[
 
 def _loss_value(loss: Callable[[nn.Module], torch.Tensor], model: nn.Module) -> float:
     return float(loss(model).detach())  # not under no_grad: a loss may differentiate the model
+
+
+def describe(entry: object) -> str:
+    """One line for `report` from a file's ``"recalibrated"`` header entry (any JSON value: the
+    file may not come from us, so nothing is assumed about its types)."""
+    if not isinstance(entry, dict):
+        return "recalibrated: (malformed entry)"
+    tensors = entry.get("tensors")
+    count = len(tensors) if isinstance(tensors, list) else "?"
+    before, after = (_shown(entry.get(key)) for key in ("loss_before", "loss_after"))
+    return (f"recalibrated from {entry.get('from')}: {count} passthrough tensors retrained "
+            f"({entry.get('steps')} L-BFGS steps; calibration loss {before} -> {after}); "
+            "the H-matrices are unchanged")
+
+
+def _shown(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -14,7 +14,7 @@ from hmcompress import runtime
 from hmcompress.api import compress_checkpoint, verify
 from hmcompress.build import CompressionOptions
 from hmcompress.errors import UserError
-from hmcompress.recalibrate import recalibrate
+from hmcompress.recalibrate import describe, recalibrate
 from tests.calibration_model import build, calibration_loss, reference
 
 FACTORY = "tests.calibration_model:build"
@@ -101,6 +101,16 @@ def test_recalibrate_cli(files, tmp_path) -> None:
     missing = run_cli("recalibrate", "json:loads", compressed, "-o", tmp_path / "z.hm.safetensors")
     assert missing.code == 2 and "no callable calibration_loss" in missing.error_line()
     assert run_cli("verify", out, "--original", checkpoint).code == 0
+    shown = run_cli("report", out)
+    assert shown.code == 0 and f"recalibrated from {compressed.name}: 5 passthrough tensors retrained" in shown.stdout
+    assert json.loads(run_cli("report", out, "--json").stdout)["recalibrated"]["steps"] == 10
+    assert "recalibrated" not in run_cli("report", compressed).stdout
+
+
+def test_report_survives_a_malformed_recalibration_entry() -> None:
+    assert describe(5) == "recalibrated: (malformed entry)"
+    line = describe({"from": "x", "tensors": "not a list", "steps": None, "loss_before": "a"})
+    assert line.startswith("recalibrated from x: ? passthrough tensors retrained (None L-BFGS steps")
 
 
 def test_recalibration_needs_a_passthrough_parameter(tmp_path) -> None:
