@@ -57,23 +57,7 @@ def recalibrate(model: nn.Module, compressed: str | os.PathLike, loss: Callable[
     if not names:
         raise UserError(f"{compressed}: no passthrough tensor is a floating-point parameter of the model: "
                         "nothing to recalibrate")
-    trained = [parameters[name] for name in names]
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    for parameter in trained:
-        parameter.requires_grad_(True)
-    before = _loss_value(loss, model)
-    optimizer = torch.optim.LBFGS(trained, lr=1.0, max_iter=steps, history_size=50, tolerance_grad=1e-12,
-                                  tolerance_change=1e-15, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        value = loss(model)
-        value.backward()
-        return value
-
-    optimizer.step(closure)
-    after = _loss_value(loss, model)
+    before, after = retrain(model, names, loss, steps)
     if not after <= before:  # L-BFGS's line search never accepts a worse point; NaN lands here too
         raise UserError(f"{compressed}: recalibration did not lower the loss ({before:.6g} -> {after:.6g})")
     meta = source.metadata
@@ -88,6 +72,29 @@ def recalibrate(model: nn.Module, compressed: str | os.PathLike, loss: Callable[
     write_compressed(output, matrices, passthrough, header, overwrite=overwrite)
     write_runtime_shim(pathlib.Path(output).parent)
     return result
+
+
+def retrain(model: nn.Module, names: list[str], loss: Callable[[nn.Module], torch.Tensor],
+            steps: int) -> tuple[float, float]:
+    """Train only the parameters ``names`` of ``model`` (the others are frozen) by ``steps`` L-BFGS
+    iterations on ``loss(model)``; returns the loss before and after. Also the control experiment:
+    the same training of an uncompressed model."""
+    parameters = dict(model.named_parameters())
+    for parameter in parameters.values():
+        parameter.requires_grad_(False)
+    trained = [parameters[name].requires_grad_(True) for name in names]
+    before = _loss_value(loss, model)
+    optimizer = torch.optim.LBFGS(trained, lr=1.0, max_iter=steps, history_size=50, tolerance_grad=1e-12,
+                                  tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = loss(model)
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    return before, _loss_value(loss, model)
 
 
 def _loss_value(loss: Callable[[nn.Module], torch.Tensor], model: nn.Module) -> float:

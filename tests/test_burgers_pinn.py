@@ -111,9 +111,10 @@ def test_compressed_at_1e_2_keeps_the_error_within_1_2x(compressed_rel_l2) -> No
 
 
 def test_recalibrated_at_1e_2_keeps_the_error_within_1_2x(compressed_rel_l2, tmp_path) -> None:
-    """The issue's bar, met once the 1,153 numbers the file stores exactly (biases, the 2 -> 128 and
-    128 -> 1 layers) are retrained on the PINN's own physics loss (no data): the compressed
-    matrices, and their error bounds, are those of plain compression at 1e-2."""
+    """The issue's bar against the committed original, met once the 1,153 numbers the file stores
+    exactly (biases, the 2 -> 128 and 128 -> 1 layers) are retrained on the PINN's own physics loss
+    (no data): the compressed matrices, and their error bounds, are those of plain compression at
+    1e-2. (Against the original given the same retraining it is ~1.3x: see the PINN's README.)"""
     compressed = tmp_path / "burgers.hm.safetensors"
     compress_checkpoint(CHECKPOINT, compressed, CompressionOptions(tol=1e-2))
     out = tmp_path / "recalibrated.hm.safetensors"
