@@ -33,6 +33,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from . import runtime
 from .api import compress_checkpoint, options_from_json
+from .baselines import TruncatedSVD
 from .build import CompressionOptions
 from .checkpoint import Selection, as_matrix, open_checkpoint
 from .errors import UserError
@@ -243,42 +244,36 @@ def error_propagation(original: nn.Module, compressed: nn.Module, svd_model: nn.
 # Truncated SVD at the same tolerance (the paper's comparison)
 
 class SVDBaseline:
-    """Each compressed matrix replaced by its truncated SVD of the smallest rank whose relative
-    (or absolute) Frobenius error meets a tolerance. Factorisations are computed once."""
+    """Each compressed matrix replaced by its truncated SVD of the smallest rank within a relative
+    (or absolute) Frobenius tolerance, as `compare` counts it (`baselines.TruncatedSVD`: one rank
+    per matrix, factors in the matrix's dtype, the error measured after rounding them).
+    Factorisations are computed once."""
 
     def __init__(self, state: dict[str, torch.Tensor], names: Sequence[str]) -> None:
         self.state = state
-        self.factors = {}
-        for name in names:
-            u, s, vh = torch.linalg.svd(as_matrix(state[name]).double(), full_matrices=False)
-            self.factors[name] = (u, s, vh)
+        self.fits = {name: TruncatedSVD()(as_matrix(state[name])) for name in names}
 
     def rank(self, name: str, tol: float, absolute: bool = False) -> int:
-        """Smallest r with ‖W − W_r‖_F ≤ tol·‖W‖_F (tol itself if ``absolute``)."""
-        s = self.factors[name][1]
-        tail = torch.cat([s.flip(0).square().cumsum(0).flip(0), s.new_zeros(1)]).sqrt()  # tail[r]
-        allowed = tol if absolute else tol * float(tail[0])
-        return int(torch.nonzero(tail <= allowed)[0, 0])
+        """Smallest r with ‖W − W_r‖_F ≤ tol·‖W‖_F (tol itself if ``absolute``), W_r as stored."""
+        fit = self.fits[name]
+        return fit.rank_at_limit(tol if absolute else tol * fit.target.norm)
 
     def truncated(self, tol: float, absolute: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """A state dict with every factored matrix truncated, and the ranks used."""
         state, ranks = dict(self.state), {}
-        for name, (u, s, vh) in self.factors.items():
+        for name, fit in self.fits.items():
             r = ranks[name] = self.rank(name, tol, absolute)
             original = self.state[name]
-            state[name] = ((u[:, :r] * s[:r]) @ vh[:r]).to(original.dtype).reshape(original.shape)
+            state[name] = fit.stored(r).to(original.dtype).reshape(original.shape)
         return state, ranks
 
     def nbytes(self, ranks: dict[str, int]) -> int:
         """Bytes of the factors (r·(m+n) numbers, or the dense matrix where that is smaller)."""
-        total = 0
-        for name, r in ranks.items():
-            m, n = as_matrix(self.state[name]).shape
-            total += min(r * (m + n), m * n) * self.state[name].element_size()
-        return total
+        return sum(min(r * self.fits[name].rank_bytes, self.state[name].numel() * self.state[name].element_size())
+                   for name, r in ranks.items())
 
     def dense_nbytes(self) -> int:
-        return sum(self.state[name].numel() * self.state[name].element_size() for name in self.factors)
+        return sum(self.state[name].numel() * self.state[name].element_size() for name in self.fits)
 
 
 # ---------------------------------------------------------------------------------------------

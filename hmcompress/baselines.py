@@ -164,17 +164,24 @@ class _SVDFit:
         self.tails = tail_norms(self.sigma**2)
         self._measured: dict[int, Outcome] = {}
 
+    def stored(self, rank: int) -> torch.Tensor:
+        """The rank-``rank`` matrix as stored: factors rounded to W's dtype, multiplied in float64."""
+        dtype = self.target.matrix.dtype
+        return self.left[:, :rank].to(dtype).double() @ self.right[:rank].to(dtype).double()
+
     def outcome(self, rank: int) -> Outcome:
         if rank not in self._measured:
-            dtype = self.target.matrix.dtype
-            stored = self.left[:, :rank].to(dtype).double() @ self.right[:rank].to(dtype).double()
-            self._measured[rank] = self.target.outcome(rank * self.rank_bytes, stored, f"rank {rank}")
+            self._measured[rank] = self.target.outcome(rank * self.rank_bytes, self.stored(rank), f"rank {rank}")
         return self._measured[rank]
 
     def at_tol(self, tol: float) -> Outcome:
-        limit = tol * self.target.norm
+        return self.outcome(self.rank_at_limit(tol * self.target.norm))
+
+    def rank_at_limit(self, limit: float) -> int:
+        """The smallest rank whose stored matrix is within ``limit`` (absolute Frobenius error), or
+        the full rank if none is (see the class)."""
         start = int(np.flatnonzero(self.tails <= limit)[0])
-        return _first_within(start, len(self.sigma), self.outcome, limit)
+        return _first_within(start, len(self.sigma), self.outcome, limit).nbytes // max(self.rank_bytes, 1)
 
     def at_bytes(self, budget: int) -> Outcome:
         return self.outcome(min(len(self.sigma), budget // self.rank_bytes) if self.rank_bytes else 0)

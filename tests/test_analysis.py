@@ -15,6 +15,7 @@ from torch import nn
 from hmcompress import runtime
 from hmcompress.analysis import (OUTPUT, SVDBaseline, compare_ntk, empirical_ntk, layer_outputs, load_task,
                                  relative_error)
+from hmcompress.baselines import TruncatedSVD
 from hmcompress.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -99,6 +100,7 @@ def test_svd_baseline_takes_the_smallest_rank_within_tolerance() -> None:
     assert ranks == {"w": 3} and torch.equal(state["b"], torch.ones(3))
     assert relative_error(state["w"], w) == pytest.approx(1 / 30**0.5)
     assert svd.nbytes(ranks) == 3 * (8 + 6) * 8 and svd.dense_nbytes() == 8 * 6 * 8
+    assert svd.nbytes(ranks) == TruncatedSVD()(w).at_tol(0.2).nbytes  # evaluate counts as compare does
 
 
 def test_load_task_refuses_specs_without_the_protocol() -> None:
