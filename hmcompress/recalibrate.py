@@ -50,7 +50,11 @@ def recalibrate(model: nn.Module, compressed: str | os.PathLike, loss: Callable[
     if steps < 1:
         raise UserError(f"steps must be >= 1, got {steps}")
     source = read_file(compressed)
-    patch(model, compressed)
+    try:
+        patch(model, compressed)
+    except (RuntimeError, ValueError) as err:  # the file's tensors do not fit the model
+        problem = str(err).splitlines()[0]
+        raise UserError(problem if problem.startswith(str(compressed)) else f"{compressed}: {problem}") from err
     parameters = dict(model.named_parameters())
     names = sorted(name for name, tensor in source.passthrough.items()
                    if name in parameters and tensor.is_floating_point())

@@ -100,6 +100,9 @@ def test_recalibrate_cli(files, tmp_path) -> None:
     assert run_cli("recalibrate", FACTORY, compressed, "-o", compressed).code == 2
     missing = run_cli("recalibrate", "json:loads", compressed, "-o", tmp_path / "z.hm.safetensors")
     assert missing.code == 2 and "no callable calibration_loss" in missing.error_line()
+    other = run_cli("recalibrate", "sample_models.burgers_pinn:build", compressed, "-o", tmp_path / "z.hm.safetensors")
+    assert other.code == 2 and "does not match the model" in other.error_line()
+    assert not (tmp_path / "z.hm.safetensors").exists()
     assert run_cli("verify", out, "--original", checkpoint).code == 0
     shown = run_cli("report", out)
     assert shown.code == 0 and f"recalibrated from {compressed.name}: 5 passthrough tensors retrained" in shown.stdout
