@@ -313,14 +313,24 @@ def test_terms_spanning_column_tiles_sum_into_their_home_slot():
     assert not set(tables["extra_to"].tolist()) & set(tables["extra_from"].tolist())
 
 
-def test_hlinear_gradients_and_to():
+@pytest.mark.parametrize("shape", [(64, 64), (45, 37)])  # bias fused into the product, or added after it
+def test_hlinear_input_and_bias_gradients(shape):
+    m, n = shape
+    hm = compressed(m, n, tol=1e-3)
+    assert ("out_index" in runtime.TilePlan.build(hm).tensors()) == (shape == (45, 37))
+    layer = HLinear(hm, torch.randn(m))
+    for batch in (1, 4, runtime.SMALL_BATCH + 1):  # all three layouts
+        x = torch.randn(batch, n, requires_grad=True)
+        weights = torch.randn(batch, m)
+        layer.bias.grad = None
+        (layer(x) * weights).sum().backward()
+        assert torch.allclose(x.grad, weights @ hm.to_dense(torch.float32), atol=1e-4)
+        assert torch.allclose(layer.bias.grad, weights.sum(0), atol=1e-5)
+
+
+def test_hlinear_to():
     hm = compressed(30, 20, tol=1e-3)
     layer = HLinear(hm, torch.randn(30))
-    x = torch.randn(4, 20, requires_grad=True)
-    layer(x).sum().backward()
-    expected = torch.ones(4, 30) @ hm.to_dense(torch.float32)
-    assert torch.allclose(x.grad, expected, atol=1e-4)
-    assert layer.bias.grad is not None
     double = layer.to(torch.float64)
     x64 = torch.randn(3, 20, dtype=torch.float64)
     assert torch.allclose(double(x64), x64 @ hm.to_dense(torch.float64).T + double.bias, atol=1e-10)
@@ -394,7 +404,7 @@ def test_hlinear_runs_under_torch_compile():
     hm = compressed(64, 48, tol=1e-3)
     layer = HLinear(hm, torch.randn(64))
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    for batch in (3, runtime.SMALL_BATCH + 5):
+    for batch in (1, 3, runtime.SMALL_BATCH + 5):  # all three layouts
         x = torch.randn(batch, 48)
         assert torch.allclose(compiled(x), layer(x), atol=1e-6)
 
