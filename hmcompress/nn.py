@@ -101,6 +101,19 @@ class _LowRankLeaves(_Leaves):
         u, v = self.factors(dtype)
         return torch.bmm(u, v)
 
+    def nuclear(self) -> torch.Tensor:
+        """Σ ‖U V‖_* without forming U V: with orthonormal bases Q_u ⊇ col(U) and Q_v ⊇ row(V),
+        ‖U V‖_* = ‖(Q_uᵀ U)(V Q_v)‖_*, a rank x rank core. The bases come from QR outside autograd
+        (QR's backward breaks on the zero padding columns), yet the gradient is the exact one:
+        U_s V_sᵀ of U V lies in those spaces, so holding them fixed changes no first-order term."""
+        u, v = self.factors()
+        if u.shape[2] >= min(self.h, self.w):
+            return super().nuclear()  # the core would be no smaller than the leaf
+        with torch.no_grad():
+            q_u = torch.linalg.qr(u).Q  # (count, h, rank)
+            q_v = torch.linalg.qr(v.mT).Q  # (count, w, rank)
+        return torch.linalg.svdvals((q_u.mT @ u) @ (v @ q_v)).sum()
+
     def factor_norm(self) -> torch.Tensor:
         """Σ (‖U‖_F² + ‖V‖_F²) / 2, which is ≥ Σ ‖U V‖_* (equal for balanced factors)."""
         u, v = self.factors()

@@ -11,8 +11,8 @@ from torch import nn
 
 from hmcompress import runtime
 from hmcompress.build import CompressionOptions
-from hmcompress.nn import (HLinear, footprint, hlinear_layers, rank_penalty, rebuild_optimizer, recompress,
-                           to_hmatrix)
+from hmcompress.nn import (HLinear, _LowRankLeaves, footprint, hlinear_layers, rank_penalty, rebuild_optimizer,
+                           recompress, to_hmatrix)
 
 
 def structured(m: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -160,6 +160,27 @@ def test_rank_penalty_is_the_sum_of_leaf_nuclear_norms() -> None:
     assert layer.rank_penalty("factor").item() > 1.5 * layer.rank_penalty("nuclear").item()
     with pytest.raises(ValueError, match="kind must be one of"):
         layer.rank_penalty("rank")
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_low_rank_nuclear_norm_from_the_core_matches_the_dense_one(padded) -> None:
+    """Value and gradient of the rank x rank core form equal those of svdvals(U V) formed densely,
+    with zero padding columns (a leaf of smaller rank in the group) too."""
+    gen = torch.Generator().manual_seed(0)
+    factors = [(torch.randn(40, 5, generator=gen, dtype=torch.float64),
+                torch.randn(5, 36, generator=gen, dtype=torch.float64)) for _ in range(3)]
+    if padded:
+        factors[1] = (factors[1][0][:, :2], factors[1][1][:2])
+    corners = [(0, 0, 1), (40, 0, 1), (0, 36, 1)]
+    leaves = [_LowRankLeaves(corners, 40, 36, factors, torch.float64) for _ in range(2)]
+    core = leaves[0].nuclear()
+    dense = torch.linalg.svdvals(leaves[1].values()).sum()
+    assert core.item() == pytest.approx(dense.item(), rel=1e-12)
+    core.backward()
+    dense.backward()
+    for name in ("u", "v"):
+        assert torch.isfinite(getattr(leaves[0], name).grad).all()
+        torch.testing.assert_close(getattr(leaves[0], name).grad, getattr(leaves[1], name).grad, rtol=1e-9, atol=1e-10)
 
 
 def test_rank_penalty_creates_low_rank_structure() -> None:
