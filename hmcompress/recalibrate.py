@@ -23,7 +23,7 @@ from .errors import UserError
 from .runtime import patch, read_file
 from .writer import write_compressed, write_runtime_shim
 
-STEPS = 100  # L-BFGS iterations: enough for the sample PINN to settle (see its README)
+STEPS = 100  # L-BFGS iterations; the sample PINN: 20 s, and 300 gain little (2.19e-3 -> 2.14e-3)
 
 
 @dataclasses.dataclass
@@ -45,7 +45,8 @@ def recalibrate(model: nn.Module, compressed: str | os.PathLike, loss: Callable[
     ``model`` retrained by ``steps`` L-BFGS iterations on ``loss(model)``.
 
     ``model`` is patched with the compressed file in place (its compressed layers become
-    `HLinear`s) and left holding the retrained values. The H-matrices are copied unchanged.
+    `HLinear`s) and left holding the retrained values, only those requiring gradients. The
+    H-matrices are copied unchanged.
     """
     if steps < 1:
         raise UserError(f"steps must be >= 1, got {steps}")
