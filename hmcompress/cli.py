@@ -387,6 +387,7 @@ def recalibrate_cmd(
     steps: int = typer.Option(recalibration.STEPS, help="L-BFGS iterations."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
     """Retrain the tensors the file stores exactly (biases, uncompressed layers) on the model's
     calibration loss; the H-matrices, their errors and bounds stay as they are."""
@@ -398,8 +399,9 @@ def recalibrate_cmd(
         raise UserError(f"{output}: exists (use --force to overwrite)")
     _import_from_cwd()
     _module, hooks = analysis.load_hooks(model_factory, ("calibration_loss",))
+    log = None if quiet else (lambda message: stderr.print(f"recalibrate: {message}", markup=False, highlight=False))
     result = recalibration.recalibrate(hooks["factory"](), file, hooks["calibration_loss"], output, steps=steps,
-                                       overwrite=force)
+                                       overwrite=force, progress=log)
     if json_out:
         stdout.print_json(report.to_json({"ok": True, **result.to_json()}))
     else:

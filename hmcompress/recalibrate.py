@@ -24,6 +24,7 @@ from .runtime import patch, read_file
 from .writer import write_compressed, write_runtime_shim
 
 STEPS = 100  # L-BFGS iterations; the sample PINN: 20 s, and 300 gain little (2.19e-3 -> 2.14e-3)
+PROGRESS_EVERY = 20
 
 
 @dataclasses.dataclass
@@ -40,7 +41,8 @@ class Recalibration:
 
 
 def recalibrate(model: nn.Module, compressed: str | os.PathLike, loss: Callable[[nn.Module], torch.Tensor],
-                output: str | os.PathLike, *, steps: int = STEPS, overwrite: bool = False) -> Recalibration:
+                output: str | os.PathLike, *, steps: int = STEPS, overwrite: bool = False,
+                progress: Callable[[str], None] | None = None) -> Recalibration:
     """Write ``output``: ``compressed`` with its floating passthrough tensors that are parameters of
     ``model`` retrained by ``steps`` L-BFGS iterations on ``loss(model)``.
 
@@ -62,7 +64,7 @@ def recalibrate(model: nn.Module, compressed: str | os.PathLike, loss: Callable[
     if not names:
         raise UserError(f"{compressed}: no passthrough tensor is a floating-point parameter of the model: "
                         "nothing to recalibrate")
-    before, after = retrain(model, names, loss, steps)
+    before, after = retrain(model, names, loss, steps, progress)
     if not after <= before:  # L-BFGS's line search never accepts a worse point; NaN lands here too
         raise UserError(f"{compressed}: recalibration did not lower the loss ({before:.6g} -> {after:.6g})")
     meta = source.metadata
@@ -80,10 +82,11 @@ def recalibrate(model: nn.Module, compressed: str | os.PathLike, loss: Callable[
 
 
 def retrain(model: nn.Module, names: list[str], loss: Callable[[nn.Module], torch.Tensor],
-            steps: int) -> tuple[float, float]:
+            steps: int, progress: Callable[[str], None] | None = None) -> tuple[float, float]:
     """Train only the parameters ``names`` of ``model`` (the others are frozen) by ``steps`` L-BFGS
     iterations on ``loss(model)``; returns the loss before and after. Also the control experiment:
-    the same training of an uncompressed model."""
+    the same training of an uncompressed model. ``progress`` gets a line every PROGRESS_EVERY
+    loss evaluations."""
     parameters = dict(model.named_parameters())
     for parameter in parameters.values():
         parameter.requires_grad_(False)
@@ -92,10 +95,15 @@ def retrain(model: nn.Module, names: list[str], loss: Callable[[nn.Module], torc
     optimizer = torch.optim.LBFGS(trained, lr=1.0, max_iter=steps, history_size=50, tolerance_grad=1e-12,
                                   tolerance_change=1e-15, line_search_fn="strong_wolfe")
 
+    evaluations = [0]
+
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         value = loss(model)
         value.backward()
+        evaluations[0] += 1
+        if progress and evaluations[0] % PROGRESS_EVERY == 0:
+            progress(f"{evaluations[0]} loss evaluations, loss {float(value.detach()):.6g}")
         return value
 
     optimizer.step(closure)

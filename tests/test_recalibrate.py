@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import pytest
 import torch
@@ -123,3 +124,12 @@ def test_recalibration_needs_a_passthrough_parameter(tmp_path) -> None:
     compress_checkpoint(checkpoint, compressed, CompressionOptions(tol=0.1))
     with pytest.raises(UserError, match="nothing to recalibrate"):
         recalibrate(model, compressed, lambda m: m(torch.ones(1, 64)).square().sum(), tmp_path / "out.hm.safetensors")
+
+
+def test_recalibration_reports_progress(files, tmp_path) -> None:
+    _checkpoint, compressed = files
+    lines: list[str] = []
+    recalibrate(build(), compressed, calibration_loss, tmp_path / "p.hm.safetensors", steps=30, progress=lines.append)
+    assert lines and all(re.fullmatch(r"\d+ loss evaluations, loss \S+", line) for line in lines), lines
+    quiet = run_cli("recalibrate", FACTORY, compressed, "-o", tmp_path / "q.hm.safetensors", "--steps", "30", "-q")
+    assert quiet.code == 0 and quiet.stderr == ""
