@@ -13,7 +13,6 @@ import torch
 
 from benchmarks import print_table, quick_requested
 from benchmarks.runtime import kernel
-from benchmarks.runtime import kernel
 from hmcompress.bounds import compute_bounds
 from hmcompress.build import CompressionOptions, compress_matrix
 from hmcompress.candidates import analyse, build_tree

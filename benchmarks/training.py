@@ -3,7 +3,9 @@
 
 Kernel matrices (as `benchmarks.runtime`) compressed to 1e-4 with `--precision keep`, batches of
 16 and 256, float32: time(H) / time(dense) and time(H) / time(per-leaf loop), both measured in
-this process, and the stored numbers over the dense count. Usage: python -m benchmarks.training [--quick]
+this process, and the stored numbers over the dense count; the nuclear rank penalty with its
+backward pass over the H step, and over the same penalty with every low-rank leaf formed densely.
+Usage: python -m benchmarks.training [--quick]
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from torch import nn
 from benchmarks import print_table, quick_requested
 from benchmarks.runtime import kernel, paired_times
 from hmcompress.build import CompressionOptions
-from hmcompress.nn import HLinear
+from hmcompress.nn import HLinear, _Leaves
 
 SHAPES = ((256, 256), (512, 512), (1024, 1024), (2048, 2048))
 BATCHES = (16, 256)
@@ -53,6 +55,18 @@ def train_step(module: nn.Module) -> Callable[[torch.Tensor], None]:
     return step
 
 
+def penalty_step(layer: HLinear, dense_form: bool = False) -> Callable[[], None]:
+    """The nuclear rank penalty and its backward pass; ``dense_form``: each low-rank leaf's norm
+    from U V formed densely (the base class's way), the baseline for the rank x rank cores."""
+    def step() -> None:
+        penalty = (sum(_Leaves.nuclear(group) for group in layer.leaves) if dense_form
+                   else layer.rank_penalty("nuclear"))
+        penalty.backward()
+        layer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def rows(shapes: tuple[tuple[int, int], ...]) -> list[list[str]]:
     out = []
     for m, n in shapes:
@@ -61,12 +75,14 @@ def rows(shapes: tuple[tuple[int, int], ...]) -> list[list[str]]:
             dense.weight.copy_(kernel(m, n))
         layer = HLinear.from_matrix(dense.weight, dense.bias, CompressionOptions(tol=1e-4, precision="keep"))
         h_step, d_step, loop_step = train_step(layer), train_step(dense), per_leaf_step(layer)
+        penalty, dense_penalty = paired_times(penalty_step(layer), penalty_step(layer, dense_form=True))
         for batch in BATCHES:
             x = torch.randn(batch, n)
             h_time, d_time = paired_times(lambda: h_step(x), lambda: d_step(x))
             h_again, loop_time = paired_times(lambda: h_step(x), lambda: loop_step(x))
             out.append([f"{m}x{n}", str(batch), f"{layer.block_count}", f"{layer.stored_numbers / layer.dense_numbers:.3f}",
-                        f"{h_time / d_time:.2f}", f"{h_again / loop_time:.3f}"])
+                        f"{h_time / d_time:.2f}", f"{h_again / loop_time:.3f}", f"{penalty / h_time:.2f}",
+                        f"{penalty / dense_penalty:.3f}"])
     return out
 
 
@@ -75,7 +91,8 @@ def main() -> None:
     shapes = SHAPES[:2] if quick else SHAPES
     print_table(f"Training step (forward + backward), trainable HLinear, float32, {torch.get_num_threads()} threads, "
                 "kernel matrix at tol 1e-4 keep",
-                ["layer", "batch", "leaves", "stored / dense numbers", "H time / dense", "H time / per-leaf loop"],
+                ["layer", "batch", "leaves", "stored / dense numbers", "H time / dense", "H time / per-leaf loop",
+                 "nuclear penalty / H step", "penalty / penalty formed densely"],
                 rows(shapes))
 
 

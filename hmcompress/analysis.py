@@ -115,11 +115,18 @@ def compressed_model(task: ModelTask, compressed: str | pathlib.Path, mode: str 
     model = task.build()
     if mode == "dense":
         return _fill(task, model, runtime.load_state_dict(compressed), compressed)
+    return patched(model, compressed, task.spec).eval()
+
+
+def patched(model: nn.Module, compressed: str | pathlib.Path, what: str) -> nn.Module:
+    """``runtime.patch(model, compressed)``, a file that does not fit ``what`` (the model, named)
+    being one line of `UserError`."""
     try:
         runtime.patch(model, compressed)
     except (RuntimeError, ValueError) as err:
-        raise UserError(f"{compressed}: does not fit {task.spec}: {str(err).splitlines()[0]}") from err
-    return model.eval()
+        problem = str(err).splitlines()[0].removeprefix(f"{compressed}: ")
+        raise UserError(f"{compressed}: does not fit {what}: {problem}") from err
+    return model
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:

@@ -95,12 +95,14 @@ class _Target:
                        stored=stored.to(dtype))
 
 
-def _first_within(start: int, stop: int, outcome_of: Callable[[int], Outcome], limit: float) -> Outcome:
-    """The smallest size parameter in [start, stop] whose measured error is within ``limit``.
+def _first_within(start: int, stop: int, outcome_of: Callable[[int], Outcome],
+                  limit: float) -> tuple[int, Outcome]:
+    """The smallest size parameter in [start, stop] whose measured error is within ``limit``, and
+    its outcome.
 
     ``start`` is the estimate (sizes below it miss even before rounding). Rounding to the storage
     dtype can push the measured error over, so gallop upwards, then bisect back; if even ``stop``
-    misses, its outcome is returned (and says so through `Outcome.within`).
+    misses, it is returned (its outcome says so through `Outcome.within`).
     """
     missed, step, size = start - 1, 1, start
     while True:
@@ -109,7 +111,7 @@ def _first_within(start: int, stop: int, outcome_of: Callable[[int], Outcome], l
             break
         missed, size, step = size, min(stop, size + step), step * 2
     if out.error > limit:
-        return out
+        return size, out
     passed, best = size, out
     while passed - missed > 1:
         mid = (passed + missed) // 2
@@ -118,7 +120,7 @@ def _first_within(start: int, stop: int, outcome_of: Callable[[int], Outcome], l
             passed, best = mid, trial
         else:
             missed = mid
-    return best
+    return passed, best
 
 
 def tail_norms(energy: np.ndarray) -> np.ndarray:
@@ -181,7 +183,7 @@ class _SVDFit:
         """The smallest rank whose stored matrix is within ``limit`` (absolute Frobenius error), or
         the full rank if none is (see the class)."""
         start = int(np.flatnonzero(self.tails <= limit)[0])
-        return _first_within(start, len(self.sigma), self.outcome, limit).nbytes // max(self.rank_bytes, 1)
+        return _first_within(start, len(self.sigma), self.outcome, limit)[0]
 
     def at_bytes(self, budget: int) -> Outcome:
         return self.outcome(min(len(self.sigma), budget // self.rank_bytes) if self.rank_bytes else 0)
@@ -244,7 +246,7 @@ class _PruneFit:
     def at_tol(self, tol: float) -> Outcome:
         limit = tol * self.target.norm
         start = int(np.flatnonzero(self.tails <= limit)[0])
-        return _first_within(start, len(self.tails) - 1, self.outcome, limit)
+        return _first_within(start, len(self.tails) - 1, self.outcome, limit)[1]
 
     def at_bytes(self, budget: int) -> Outcome | None:
         kept = int(np.searchsorted(self.nbytes, budget, side="right")) - 1

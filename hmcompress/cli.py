@@ -317,10 +317,7 @@ def decompress(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
 ) -> None:
     """Write the dense checkpoint (original names, shapes and dtypes) as safetensors."""
-    if api.is_input(output, file):
-        raise UserError(f"{output}: refusing to overwrite the input file")
-    if output.exists() and not force:
-        raise UserError(f"{output}: exists (use --force to overwrite)")
+    _check_derived_output(output, file, force)
     count = api.decompress(file, output, overwrite=force)
     stderr.print(f"wrote {output} ({count} tensors)", markup=False, highlight=False)
 
@@ -369,7 +366,7 @@ def evaluate_cmd(
         raise UserError("--samples must be >= 1 and --ntk-samples >= 2")
     _import_from_cwd()
     task = analysis.load_task(model_factory)
-    log = None if quiet else (lambda message: stderr.print(f"evaluate: {message}", markup=False, highlight=False))
+    log = None if quiet else _log_lines("evaluate")
     result = analysis.evaluate_compressed(task, checkpoint, compressed, samples, ntk_samples,
                                           analysis.SWEEP_TOLS if sweep else (), log)
     if json_out:
@@ -393,13 +390,10 @@ def recalibrate_cmd(
     calibration loss; the H-matrices, their errors and bounds stay as they are."""
     from . import analysis
 
-    if api.is_input(output, file):
-        raise UserError(f"{output}: refusing to overwrite the input file")
-    if output.exists() and not force:
-        raise UserError(f"{output}: exists (use --force to overwrite)")
+    _check_derived_output(output, file, force)
     _import_from_cwd()
     _module, hooks = analysis.load_hooks(model_factory, ("calibration_loss",))
-    log = None if quiet else (lambda message: stderr.print(f"recalibrate: {message}", markup=False, highlight=False))
+    log = None if quiet else _log_lines("recalibrate")
     result = recalibration.recalibrate(hooks["factory"](), file, hooks["calibration_loss"], output, steps=steps,
                                        overwrite=force, progress=log)
     if json_out:
@@ -407,6 +401,19 @@ def recalibrate_cmd(
     else:
         stdout.print(f"{result.output}: retrained {len(result.tensors)} tensors ({result.numbers} numbers); "
                      f"loss {result.loss_before:.6g} -> {result.loss_after:.6g}", markup=False, highlight=False)
+
+
+def _check_derived_output(output: pathlib.Path, file: pathlib.Path, force: bool) -> None:
+    """An output made from ``file`` never replaces it, and replaces another file only with --force."""
+    if api.is_input(output, file):
+        raise UserError(f"{output}: refusing to overwrite the input file")
+    if output.exists() and not force:
+        raise UserError(f"{output}: exists (use --force to overwrite)")
+
+
+def _log_lines(command: str) -> Callable[[str], None]:
+    """Progress messages as plain lines on stderr, prefixed with the command."""
+    return lambda message: stderr.print(f"{command}: {message}", markup=False, highlight=False)
 
 
 def _import_from_cwd() -> None:

@@ -123,11 +123,10 @@ def _run(job: Job) -> Outcome:
             raise UserError(f"{job.source}: tensor {job.name!r} contains NaN or Inf values "
                             "(--passthrough-nonfinite copies such tensors unchanged)")
         return Outcome(job.name, reason=NONFINITE)
-    if job.workdir is not None:
+    if job.workdir is not None:  # a result is kept there, and reused on --resume
         key = result_key(tensor, job.options)
         path = WorkDir(pathlib.Path(job.workdir)).result(job.slot)
-    if job.resume:
-        stored = _stored_stats(path, key)
+        stored = _stored_stats(path, key) if job.resume else None
         if stored is not None:
             return Outcome(job.name, stats=stored, reused=True)
     with _one_thread():  # the bounds too: the residual's SVD also depends on the thread count

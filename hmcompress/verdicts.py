@@ -129,8 +129,8 @@ def recorded_problems(original: torch.Tensor, hm: HMatrix, stats: dict, absolute
     recorded figure holds.
 
     ``original`` is W (2-D), ``hm`` the stored H, ``stats`` its recorded figures as
-    `recorded_fields` type-checked them, ``absolute``
-    the file's ``--abs`` option (the tolerance is then not relative to ‖W‖_F).
+    `recorded_fields` type-checked them, ``absolute`` the file's ``--abs`` option (the tolerance
+    is then not relative to ‖W‖_F).
     """
     for key in ("tol", "budget", "fro_error"):
         if stats.get(key) is None:

@@ -4,8 +4,9 @@ Usage: ``python -m sample_models.results [--readme README.md] [--json out/result
 
 Each model's committed checkpoint is compressed at tol 1e-2 with the default options, evaluated
 with `hmcompress.analysis` (the compressed model runs through the runtime shim) and swept over
-tolerances; a model with a calibration loss (the PINN) is also evaluated recalibrated. The tables replace what lies between the RESULTS markers of the README (written to a
-temporary file and renamed); the full figures go to the JSON file.
+tolerances; a model with a calibration loss (the PINN) is also evaluated recalibrated. The tables
+replace what lies between the RESULTS markers of the README (written to a temporary file and
+renamed); the full figures go to the JSON file.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import tempfile
 import time
 
 import torch
-from safetensors.torch import load_file
 
 from hmcompress import analysis, evaluation_report, report
 from hmcompress.api import compress_checkpoint
@@ -54,39 +54,43 @@ def machine() -> str:
 
 def measure(title: str, module: str, log) -> list[tuple[str, analysis.Evaluation, str]]:
     """Compress ``module``'s checkpoint at TOL and evaluate it with a sweep; a package with a
-    ``calibration_loss`` also has that file recalibrated (`hmcompress recalibrate`) and evaluated,
-    with a note on the control: the same training applied to the uncompressed model.
+    ``calibration_loss`` also has that file recalibrated and evaluated (see `recalibrated`).
     Returns (title, evaluation, note) per table."""
     task = analysis.load_task(f"{module}:build")
     package = importlib.import_module(module)
+
+    def progress(message: str) -> None:
+        log(f"{module}: {message}")
+
     with tempfile.TemporaryDirectory(prefix="hmcompress-results-") as tmp:
         compressed = pathlib.Path(tmp) / f"{package.CHECKPOINT.stem}.hm.safetensors"
-        log(f"{module}: compress at tol {TOL:g}")
+        progress(f"compress at tol {TOL:g}")
         compress_checkpoint(package.CHECKPOINT, compressed, CompressionOptions(tol=TOL))
-
-        def progress(message: str) -> None:
-            log(f"{module}: {message}")
-
         out = [(title, analysis.evaluate_compressed(task, package.CHECKPOINT, compressed,
                                                     sweep_tols=analysis.SWEEP_TOLS, progress=progress), "")]
         calibration_loss = getattr(package, "calibration_loss", None)
         if calibration_loss is not None:
-            recalibrated = compressed.with_name(f"{package.CHECKPOINT.stem}.recalibrated.hm.safetensors")
-            log(f"{module}: recalibrate")
-            done = recalibrate(task.build(), compressed, calibration_loss, recalibrated)
-            evaluation = analysis.evaluate_compressed(task, package.CHECKPOINT, recalibrated, progress=progress)
-            log(f"{module}: control (the same training, uncompressed)")
-            control = task.build()
-            control.load_state_dict(load_file(str(package.CHECKPOINT)))
-            retrain(control, done.tensors, calibration_loss, STEPS)
-            value = task.evaluate(control)[evaluation.metric]
-            recalibrated_value = evaluation.metrics_compressed[evaluation.metric]
-            note = (f"Control: the same {STEPS} L-BFGS steps on the same {len(done.tensors)} tensors of the "
-                    f"*uncompressed* checkpoint give {evaluation.metric} {value:.4g}; recalibrated H-matrix "
-                    f"/ recalibrated original = {recalibrated_value / value:.3g}.")
-            out.append((f"{title}, recalibrated ({done.numbers} passthrough numbers retrained on its "
-                        f"calibration loss, {done.loss_before:.3g} -> {done.loss_after:.3g})", evaluation, note))
+            out.append(recalibrated(title, task, package.CHECKPOINT, compressed, calibration_loss, progress))
         return out
+
+
+def recalibrated(title: str, task: analysis.ModelTask, checkpoint: pathlib.Path, compressed: pathlib.Path,
+                 calibration_loss, progress) -> tuple[str, analysis.Evaluation, str]:
+    """`hmcompress recalibrate` applied to ``compressed``, evaluated, with a note on the control:
+    the same training of the uncompressed model (how much of the gain is training alone)."""
+    output = compressed.with_name(compressed.name.replace(".hm.", ".recalibrated.hm."))
+    progress("recalibrate")
+    done = recalibrate(task.build(), compressed, calibration_loss, output)
+    evaluation = analysis.evaluate_compressed(task, checkpoint, output, progress=progress)
+    progress("control (the same training, uncompressed)")
+    control = analysis.original_model(task, checkpoint)
+    retrain(control, done.tensors, calibration_loss, STEPS)
+    value = task.evaluate(control)[evaluation.metric]
+    note = (f"Control: the same {STEPS} L-BFGS steps on the same {len(done.tensors)} tensors of the "
+            f"*uncompressed* checkpoint give {evaluation.metric} {value:.4g}; recalibrated H-matrix "
+            f"/ recalibrated original = {evaluation.metrics_compressed[evaluation.metric] / value:.3g}.")
+    return (f"{title}, recalibrated ({done.numbers} passthrough numbers retrained on its calibration loss, "
+            f"{done.loss_before:.3g} -> {done.loss_after:.3g})", evaluation, note)
 
 
 def section(results: list[tuple[str, analysis.Evaluation, str]], elapsed: float) -> str:
