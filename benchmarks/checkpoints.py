@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from benchmarks import print_table
 from hmcompress.api import compress_checkpoint
-from hmcompress.build import CompressionOptions
+from hmcompress.core.build import CompressionOptions
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "checkpoints"
 SUFFIXES = (".pt", ".pth", ".tar", ".safetensors", ".npz", ".jit")

@@ -16,7 +16,7 @@ import time
 from benchmarks.checkpoints import checkpoint_files
 from hmcompress import baselines, compare
 from hmcompress.api import compress_checkpoint
-from hmcompress.build import CompressionOptions
+from hmcompress.core.build import CompressionOptions
 from hmcompress.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

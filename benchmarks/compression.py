@@ -13,10 +13,10 @@ import torch
 
 from benchmarks import print_table, quick_requested
 from benchmarks.runtime import kernel
-from hmcompress.bounds import compute_bounds
-from hmcompress.build import CompressionOptions, compress_matrix
-from hmcompress.candidates import analyse, build_tree
-from hmcompress.plans import svd_plan
+from hmcompress.core.bounds import compute_bounds
+from hmcompress.core.build import CompressionOptions, compress_matrix
+from hmcompress.core.candidates import analyse, build_tree
+from hmcompress.core.plans import svd_plan
 
 
 def trained_like(n: int) -> torch.Tensor:

@@ -20,8 +20,8 @@ from benchmarks import print_table
 from benchmarks.checkpoints import checkpoint_files
 from benchmarks.runtime import paired_times
 from hmcompress.api import compress_checkpoint
-from hmcompress.build import CompressionOptions
-from hmcompress.checkpoint import Selection, classify, open_checkpoint
+from hmcompress.core.build import CompressionOptions
+from hmcompress.io.checkpoint import Selection, classify, open_checkpoint
 from hmcompress.runtime import patch
 
 SAMPLE_MODELS = ("classifier", "burgers_pinn", "char_transformer")

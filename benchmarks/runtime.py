@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks import parse_options, print_table
-from hmcompress.build import CompressionOptions, compress_matrix
+from hmcompress.core.build import CompressionOptions, compress_matrix
 from hmcompress.runtime import HLinear
 
 SHAPES = ((512, 512), (1024, 1024), (2048, 2048), (4096, 4096), (1024, 4096), (4096, 1024))

@@ -29,7 +29,7 @@ import time
 import torch
 
 from benchmarks import print_table
-from hmcompress.writer import StreamedTensor, write_streamed
+from hmcompress.io.writer import StreamedTensor, write_streamed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 def weight(seed: int, m: int, n: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Trainable `hmcompress.nn.HLinear`: one training step (forward + backward) against dense
+"""Trainable `hmcompress.train.layers.HLinear`: one training step (forward + backward) against dense
 `nn.Linear` and against the same leaves multiplied one Python call per leaf.
 
 Kernel matrices (as `benchmarks.runtime`) compressed to 1e-4 with `--precision keep`, batches of
@@ -16,8 +16,8 @@ from torch import nn
 
 from benchmarks import print_table, quick_requested
 from benchmarks.runtime import kernel, paired_times
-from hmcompress.build import CompressionOptions
-from hmcompress.nn import HLinear, _Leaves
+from hmcompress.core.build import CompressionOptions
+from hmcompress.train.layers import HLinear, _Leaves
 
 SHAPES = ((256, 256), (512, 512), (1024, 1024), (2048, 2048))
 BATCHES = (16, 256)

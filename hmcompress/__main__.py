@@ -1,3 +1,3 @@
-from .cli import main
+from hmcompress.cli import main
 
 main()

@@ -9,14 +9,14 @@ import dataclasses
 import pathlib
 from collections.abc import Callable
 
-from . import pipeline
-from .build import CompressionOptions
-from .checkpoint import Checkpoint, Selection, as_matrix, classify, open_checkpoint
-from .errors import USER_ERRORS, UserError
-from .runtime import FORMAT_VERSION, read_file
-from .stats import LayerStats, totals
-from .verdicts import Gates, recorded_fields, recorded_problems
-from .writer import StreamedTensor, write_assembled, write_runtime_shim, write_streamed
+from hmcompress.io import pipeline
+from hmcompress.core.build import CompressionOptions
+from hmcompress.io.checkpoint import Checkpoint, Selection, as_matrix, classify, open_checkpoint
+from hmcompress.errors import USER_ERRORS, UserError
+from hmcompress.runtime import FORMAT_VERSION, read_file
+from hmcompress.core.stats import LayerStats, totals
+from hmcompress.core.verdicts import Gates, recorded_fields, recorded_problems
+from hmcompress.io.writer import StreamedTensor, write_assembled, write_runtime_shim, write_streamed
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 

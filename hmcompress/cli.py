@@ -17,13 +17,16 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import api, baselines, compare, report
-from . import recalibrate as recalibration
-from .build import CompressionOptions
-from .pipeline import default_workers
-from .checkpoint import Selection
-from .errors import USER_ERRORS, UserError
-from .verdicts import Gates
+from hmcompress import api
+from hmcompress.compare import baselines
+from hmcompress.compare import comparison as compare
+from hmcompress.report import tables as report
+from hmcompress.train import recalibrate as recalibration
+from hmcompress.core.build import CompressionOptions
+from hmcompress.io.pipeline import default_workers
+from hmcompress.io.checkpoint import Selection
+from hmcompress.errors import USER_ERRORS, UserError
+from hmcompress.core.verdicts import Gates
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Error-bounded hierarchical-matrix compression of checkpoints.")
@@ -174,7 +177,7 @@ def report_cmd(
 
 
 def _write_report_page(file: pathlib.Path, meta: dict, layers: list, html_out: pathlib.Path, force: bool) -> None:
-    from .runtime import read_file
+    from hmcompress.runtime import read_file
 
     matrices = read_file(file).matrices
     stats = {name: info["stats"] for name, info in meta["matrices"].items()}
@@ -242,7 +245,7 @@ def compare_cmd(
         _check_picture_outputs(plot, html_out, force)
     task = None
     if model_factory:
-        from . import analysis
+        from hmcompress.evaluate import analysis
 
         if str(pathlib.Path.cwd()) not in sys.path:
             sys.path.insert(0, str(pathlib.Path.cwd()))  # the user's model package, as `python -m` finds it
@@ -260,7 +263,7 @@ def compare_cmd(
 
 def _check_picture_outputs(plot: Optional[pathlib.Path], html_out: Optional[pathlib.Path], force: bool) -> None:
     """Before any work: matplotlib is there, and the outputs can be written."""
-    from .plots import require_matplotlib
+    from hmcompress.report.plots import require_matplotlib
 
     require_matplotlib()
     if html_out and html_out.exists() and not force:
@@ -276,8 +279,9 @@ def _write_pictures(plot: Optional[pathlib.Path], html_out: Optional[pathlib.Pat
     Every file goes through a temporary file and a rename; existing pictures are refused before
     any is written (unless ``force``).
     """
-    from . import pages, plots
-    from .writer import atomic_write
+    from hmcompress.report import pages
+    from hmcompress.report import plots
+    from hmcompress.io.writer import atomic_write
 
     if not (plot or html_out):
         return
@@ -360,7 +364,8 @@ def evaluate_cmd(
 ) -> None:
     """Task metric, output error, NTK and per-layer error propagation: compressed vs original
     (and vs truncated SVD at the same tolerance); the compressed model runs through hmruntime."""
-    from . import analysis, evaluation_report
+    from hmcompress.evaluate import analysis
+    from hmcompress.evaluate import tables as evaluation_report
 
     if samples < 1 or ntk_samples < 2:
         raise UserError("--samples must be >= 1 and --ntk-samples >= 2")
@@ -388,7 +393,7 @@ def recalibrate_cmd(
 ) -> None:
     """Retrain the tensors the file stores exactly (biases, uncompressed layers) on the model's
     calibration loss; the H-matrices, their errors and bounds stay as they are."""
-    from . import analysis
+    from hmcompress.evaluate import analysis
 
     _check_derived_output(output, file, force)
     _import_from_cwd()

@@ -3,7 +3,7 @@
 Usage: ``python -m sample_models.results [--readme README.md] [--json out/results.json]``
 
 Each model's committed checkpoint is compressed at tol 1e-2 with the default options, evaluated
-with `hmcompress.analysis` (the compressed model runs through the runtime shim) and swept over
+with `hmcompress.evaluate.analysis` (the compressed model runs through the runtime shim) and swept over
 tolerances; a model with a calibration loss (the PINN) is also evaluated recalibrated. The tables
 replace what lies between the RESULTS markers of the README (written to a temporary file and
 renamed); the full figures go to the JSON file.
@@ -24,9 +24,9 @@ import torch
 
 from hmcompress import analysis, evaluation_report, report
 from hmcompress.api import compress_checkpoint
-from hmcompress.build import CompressionOptions
-from hmcompress.recalibrate import STEPS, recalibrate, retrain
-from hmcompress.writer import atomic_write
+from hmcompress.core.build import CompressionOptions
+from hmcompress.train.recalibrate import STEPS, recalibrate, retrain
+from hmcompress.io.writer import atomic_write
 
 MODELS = (
     ("Digits classifier (MLP)", "sample_models.classifier"),

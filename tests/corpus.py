@@ -467,8 +467,8 @@ def original_matrix() -> torch.Tensor:
 def good_compressed(d: pathlib.Path) -> pathlib.Path:
     """``d/original.safetensors`` and its compression ``d/good.hm.safetensors`` (written by the library)."""
     from hmcompress.api import compress_checkpoint
-    from hmcompress.build import CompressionOptions
-    from hmcompress.checkpoint import Selection
+    from hmcompress.core.build import CompressionOptions
+    from hmcompress.io.checkpoint import Selection
 
     original = d / "original.safetensors"
     save_file({COMPRESSED_NAME: original_matrix(), "enc.bias": torch.arange(64.0)}, str(original))

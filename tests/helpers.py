@@ -5,9 +5,9 @@ import pathlib
 
 import torch
 
-from hmcompress.build import CompressionOptions, Packer, compress_matrix, row_mask
+from hmcompress.core.build import CompressionOptions, Packer, compress_matrix, row_mask
 from hmcompress.runtime import DENSE, LOWRANK, ROWS, HMatrix
-from hmcompress.writer import write_compressed
+from hmcompress.io.writer import write_compressed
 
 
 def pack(matrix: torch.Tensor, leaves: list[tuple[int, int, int, int, tuple]]) -> HMatrix:

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from hmcompress import runtime
-from hmcompress.analysis import (OUTPUT, SVDBaseline, compare_ntk, empirical_ntk, layer_outputs, load_task,
+from hmcompress.evaluate.analysis import (OUTPUT, SVDBaseline, compare_ntk, empirical_ntk, layer_outputs, load_task,
                                  relative_error)
-from hmcompress.baselines import TruncatedSVD
+from hmcompress.compare.baselines import TruncatedSVD
 from hmcompress.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -170,7 +170,7 @@ def test_evaluate_cli_refuses_a_mismatched_model_in_one_line(classifier_files) -
 
 
 def test_patched_model_uses_hmatrix_layers(classifier_files) -> None:
-    from hmcompress.analysis import compressed_model
+    from hmcompress.evaluate.analysis import compressed_model
 
     _, compressed = classifier_files
     model = compressed_model(load_task("sample_models.classifier:build"), compressed)
@@ -195,8 +195,8 @@ def test_results_replace_only_the_marked_readme_section(tmp_path) -> None:
 def test_recorded_options_come_back_without_the_device():
     """A file compressed on a GPU machine can be re-swept or fine-tuned on one without a GPU."""
     from hmcompress.api import options_from_json, options_json
-    from hmcompress.build import CompressionOptions
-    from hmcompress.checkpoint import Selection
+    from hmcompress.core.build import CompressionOptions
+    from hmcompress.io.checkpoint import Selection
 
     options = CompressionOptions(tol=3e-2, strategy="paper", precision="keep", leaf=16)
     selection = Selection(min_size=32, include=("a.*",), exclude=("b",), conv=True, passthrough_nonfinite=True)

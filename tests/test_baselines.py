@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hmcompress import baselines
-from hmcompress.baselines import GroupQuantization, MagnitudePruning, TruncatedSVD, index_bytes, registry
+from hmcompress.compare.baselines import GroupQuantization, MagnitudePruning, TruncatedSVD, index_bytes, registry
 from hmcompress.errors import OptionError
 
 M, N = 72, 56

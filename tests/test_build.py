@@ -9,11 +9,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hmcompress.bounds import compute_bounds
-from hmcompress.build import CompressionOptions, compress_matrix, measured_error
-from hmcompress.candidates import analyse, build_tree
+from hmcompress.core.bounds import compute_bounds
+from hmcompress.core.build import CompressionOptions, compress_matrix, measured_error
+from hmcompress.core.candidates import analyse, build_tree
 from hmcompress.errors import OptionError
-from hmcompress.plans import optimal_plan, paper_plan, svd_plan
+from hmcompress.core.plans import optimal_plan, paper_plan, svd_plan
 
 
 def smooth_kernel(n: int, seed: int = 0) -> torch.Tensor:

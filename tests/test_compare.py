@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 
 from hmcompress import baselines, compare, pages, plots
 from hmcompress.api import compress_checkpoint
-from hmcompress.baselines import Outcome
-from hmcompress.build import CompressionOptions
+from hmcompress.compare.baselines import Outcome
+from hmcompress.core.build import CompressionOptions
 from hmcompress.cli import main
 from hmcompress.errors import OptionError
 
@@ -224,8 +224,8 @@ REFERENCE = torch.load(__file__.replace(".py", ".ref"), weights_only=True)
 
 
 def test_task_metric_of_each_method_from_a_model_package(cli, tmp_path, monkeypatch):
-    """A model package (hmcompress.analysis protocol) scores every method's matrices in the model."""
-    pytest.importorskip("hmcompress.analysis")  # the protocol's module (issue 4)
+    """A model package (hmcompress.evaluate.analysis protocol) scores every method's matrices in the model."""
+    pytest.importorskip("hmcompress.evaluate.analysis")  # the protocol's module (issue 4)
     path = tmp_path / "tiny.safetensors"
     state = {"0.weight": kernel(96, 64, 0), "0.bias": torch.zeros(96), "2.weight": kernel(64, 64, 1)}
     save_file(state, path)
@@ -298,7 +298,7 @@ def test_block_picture_draws_every_leaf():
 
 
 def compress_matrix_tiny():
-    from hmcompress.build import compress_matrix
+    from hmcompress.core.build import compress_matrix
 
     return compress_matrix(kernel(128, 128, 4), CompressionOptions(tol=1e-3, leaf=16)).hmatrix
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from hmcompress.dynamic import DynamicCompression
-from hmcompress.nn import HLinear, rank_penalty
+from hmcompress.train.dynamic import DynamicCompression
+from hmcompress.train.layers import HLinear, rank_penalty
 
 
 def problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

@@ -11,10 +11,10 @@ from torch import nn
 
 from hmcompress import runtime
 from hmcompress.api import compress_checkpoint, stats_from_file, verify
-from hmcompress.build import CompressionOptions
-from hmcompress.finetune import dense_state, load_compressed, save_compressed
-from hmcompress.nn import HLinear
-from hmcompress.writer import write_dense
+from hmcompress.core.build import CompressionOptions
+from hmcompress.train.finetune import dense_state, load_compressed, save_compressed
+from hmcompress.train.layers import HLinear
+from hmcompress.io.writer import write_dense
 
 
 def build() -> nn.Module:

@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from helpers import HEADER, mixed_matrix
-from hmcompress.checkpoint import open_checkpoint
+from hmcompress.io.checkpoint import open_checkpoint
 from hmcompress.errors import USER_ERRORS
 from hmcompress.runtime import read_file
-from hmcompress.writer import write_compressed
+from hmcompress.io.writer import write_compressed
 
 EXAMPLES = int(os.environ.get("HMCOMPRESS_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="HMCOMPRESS_FUZZ_EXAMPLES" not in os.environ,

@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 import corpus
 from cli_inprocess import files_under, run_cli
 from hmcompress.api import LayerStats, compress_checkpoint
-from hmcompress.build import CompressionOptions
+from hmcompress.core.build import CompressionOptions
 from hmcompress.errors import OptionError
 from hmcompress.runtime import FormatError, read_file
-from hmcompress.verdicts import Gates, recorded_fields
+from hmcompress.core.verdicts import Gates, recorded_fields
 
 NAME = "enc.weight"
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import corpus
 from cli_inprocess import files_under, run_cli
-from hmcompress.checkpoint import open_checkpoint
+from hmcompress.io.checkpoint import open_checkpoint
 from hmcompress.runtime import read_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

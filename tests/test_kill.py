@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from cli_inprocess import run_cli
 from hmcompress.runtime import read_file
-from hmcompress.writer import _host, remove_stale_temporaries
+from hmcompress.io.writer import _host, remove_stale_temporaries
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from hmcompress import runtime
-from hmcompress.build import CompressionOptions
-from hmcompress.nn import (HLinear, _LowRankLeaves, footprint, hlinear_layers, rank_penalty, rebuild_optimizer,
+from hmcompress.core.build import CompressionOptions
+from hmcompress.train.layers import (HLinear, _LowRankLeaves, footprint, hlinear_layers, rank_penalty, rebuild_optimizer,
                            recompress, to_hmatrix)
 
 

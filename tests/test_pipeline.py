@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from cli_inprocess import run_cli
 from hmcompress import pipeline
-from hmcompress.build import CompressionOptions
+from hmcompress.core.build import CompressionOptions
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

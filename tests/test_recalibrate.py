@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 from cli_inprocess import run_cli
 from hmcompress import runtime
 from hmcompress.api import compress_checkpoint, verify
-from hmcompress.build import CompressionOptions
+from hmcompress.core.build import CompressionOptions
 from hmcompress.errors import UserError
-from hmcompress.recalibrate import describe, recalibrate
+from hmcompress.train.recalibrate import describe, recalibrate
 from tests.calibration_model import build, calibration_loss, reference
 
 FACTORY = "tests.calibration_model:build"

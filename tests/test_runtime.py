@@ -18,8 +18,8 @@ import hmcompress.runtime as runtime
 from hmcompress.runtime import (CODEC_ID, FormatError, HLinear, HMatrix, load_state_dict, patch,
                                 read_file)
 from helpers import HEADER, compressed, mixed_matrix, pack, write_model_file
-from hmcompress.build import CompressionOptions, compress_matrix
-from hmcompress.writer import write_compressed
+from hmcompress.core.build import CompressionOptions, compress_matrix
+from hmcompress.io.writer import write_compressed
 
 
 def clone(hm: HMatrix, **changes) -> HMatrix:

@@ -14,11 +14,11 @@ from safetensors import safe_open
 from torch import nn
 
 import hmcompress.runtime as runtime
-import hmcompress.writer
+import hmcompress.io.writer
 from helpers import HEADER, mixed_matrix, write_model_file
 from hmcompress.errors import UserError
 from hmcompress.runtime import read_file
-from hmcompress.writer import write_compressed, write_dense, write_runtime_shim
+from hmcompress.io.writer import write_compressed, write_dense, write_runtime_shim
 
 
 def one_matrix(path: pathlib.Path, **kwargs) -> None:
@@ -86,7 +86,7 @@ def test_no_temporary_file_after_failure(tmp_path, monkeypatch):
     def broken(path, item):  # the header is written by then: the temporary file is partial
         raise OSError("disk full")
 
-    monkeypatch.setattr(hmcompress.writer, "_tensor_bytes", broken)
+    monkeypatch.setattr(hmcompress.io.writer, "_tensor_bytes", broken)
     with pytest.raises(OSError, match="disk full"):
         one_matrix(tmp_path / "a.st")
     with pytest.raises(OSError, match="disk full"):

@@ -4,7 +4,7 @@ Usage: ``python -m sample_models.burgers_pinn.dynamic [--out DIR] [--lam L] ...`
 
 Three runs from the same seeded start, with the same points, optimizers and schedule: a dense
 PINN (plain `nn.Linear`), and two whose weight matrices are trainable H-matrices recompressed at
-``--tol`` every ``--every`` epochs (`hmcompress.dynamic.DynamicCompression`), without and with the
+``--tol`` every ``--every`` epochs (`hmcompress.train.dynamic.DynamicCompression`), without and with the
 nuclear-norm rank penalty ``--lam`` (applied for the first ``--penalty-epochs`` epochs; the last
 ones train the structure it found). The schedule is `train`'s, shortened: Adam epochs, then L-BFGS
 epochs with residual-based refinement of the collocation points (an L-BFGS history does not
@@ -27,9 +27,9 @@ import time
 import torch
 from torch import nn
 
-from hmcompress.dynamic import DynamicCompression, csv_text
-from hmcompress.nn import rank_penalty
-from hmcompress.writer import atomic_write
+from hmcompress.train.dynamic import DynamicCompression, csv_text
+from hmcompress.train.layers import rank_penalty
+from hmcompress.io.writer import atomic_write
 from sample_models.burgers_pinn import BurgersPINN, evaluate
 from sample_models.burgers_pinn.train import loss, refine, training_points
 from sample_models.training import make_deterministic

@@ -18,7 +18,7 @@ N_CLASSES = 10
 HIDDEN = (512, 512, 256)
 SPLIT_SEED = 0
 TEST_SIZE = 0.2
-METRIC = "accuracy"  # the headline of `evaluate` (hmcompress.analysis protocol)
+METRIC = "accuracy"  # the headline of `evaluate` (hmcompress.evaluate.analysis protocol)
 HIGHER_IS_BETTER = True
 
 

@@ -16,10 +16,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .baselines import REFERENCE, Method, Outcome, tail_norms
-from .checkpoint import Selection, as_matrix, classify, open_checkpoint
-from .errors import OptionError, UserError
-from .runtime import dense_nbytes
+from hmcompress.compare.baselines import REFERENCE, Method, Outcome, tail_norms
+from hmcompress.io.checkpoint import Selection, as_matrix, classify, open_checkpoint
+from hmcompress.errors import OptionError, UserError
+from hmcompress.runtime import dense_nbytes
 
 JSON_FORMAT, JSON_VERSION = "hmcompress-compare", 1
 Progress = Callable[[int, int, str], None]
@@ -268,7 +268,7 @@ def compare_checkpoint(source: str | pathlib.Path, tols: list[float], methods: d
 def task_metrics(task, source: str | pathlib.Path, layers: list[LayerComparison], methods: list[str],
                  tol: float) -> TaskMetrics:
     """Evaluate the model with the checkpoint's weights, then with each method's matrices in place."""
-    from .analysis import original_model  # checks the checkpoint fits the model, in one line if not
+    from hmcompress.evaluate.analysis import original_model  # checks the checkpoint fits the model, in one line if not
 
     model = original_model(task, source)
     state = model.state_dict()

@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from . import runtime
-from .checkpoint import SAFETENSORS_DTYPES
-from .errors import UserError
-from .runtime import FORMAT_NAME, FORMAT_VERSION, HMatrix
+from hmcompress import runtime
+from hmcompress.io.checkpoint import SAFETENSORS_DTYPES
+from hmcompress.errors import UserError
+from hmcompress.runtime import FORMAT_NAME, FORMAT_VERSION, HMatrix
 
 SHIM_NAME = "hmruntime.py"
 

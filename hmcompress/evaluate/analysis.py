@@ -9,7 +9,7 @@ spec such as ``sample_models.classifier:build``) provides:
 - optionally ``METRIC`` (the headline key of ``evaluate``; default its first key),
   ``HIGHER_IS_BETTER`` (default True) and ``ntk_output(outputs, inputs) -> (n, k)``, the function
   whose NTK is taken (default: each input's outputs, flattened);
-- for `hmcompress recalibrate` (`hmcompress.recalibrate`): ``calibration_loss(model) -> Tensor``,
+- for `hmcompress recalibrate` (`hmcompress.train.recalibrate`): ``calibration_loss(model) -> Tensor``,
   a scalar loss on the package's own data (for a PINN, its physics loss).
 
 The compressed model is loaded with `hmcompress.runtime`, which is byte for byte the
@@ -31,12 +31,12 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from . import runtime
-from .api import compress_checkpoint, options_from_json
-from .baselines import TruncatedSVD
-from .build import CompressionOptions
-from .checkpoint import Selection, as_matrix, open_checkpoint
-from .errors import UserError
+from hmcompress import runtime
+from hmcompress.api import compress_checkpoint, options_from_json
+from hmcompress.compare.baselines import TruncatedSVD
+from hmcompress.core.build import CompressionOptions
+from hmcompress.io.checkpoint import Selection, as_matrix, open_checkpoint
+from hmcompress.errors import UserError
 
 SWEEP_TOLS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3)
 JACOBIAN_BYTES = 512 * 2**20  # the NTK uses fewer inputs rather than hold a larger Jacobian
@@ -78,7 +78,7 @@ def load_hooks(spec: str, names: tuple[str, ...]) -> tuple[object, dict[str, Cal
     missing = [name for name, hook in hooks.items() if not callable(hook)]
     if missing:
         raise UserError(f"{spec}: module {module_name!r} has no callable {', '.join(missing)} "
-                        "(see hmcompress.analysis for the protocol)")
+                        "(see hmcompress.evaluate.analysis for the protocol)")
     return module, {"factory": hooks[factory_name], **{name: hooks[name] for name in names}}
 
 

@@ -30,13 +30,13 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .build import CompressionOptions, compress_matrix
-from .checkpoint import Checkpoint, TensorEntry, as_matrix, open_checkpoint
-from .errors import USER_ERRORS, UserError
-from .runtime import DTYPE_NAMES, DTYPES, HMatrix, hmatrix_from_tensors
-from .stats import LayerStats, layer_stats
-from .verdicts import recorded_fields
-from .writer import StreamedTensor, matrix_entry, packed_tensors, write_streamed
+from hmcompress.core.build import CompressionOptions, compress_matrix
+from hmcompress.io.checkpoint import Checkpoint, TensorEntry, as_matrix, open_checkpoint
+from hmcompress.errors import USER_ERRORS, UserError
+from hmcompress.runtime import DTYPE_NAMES, DTYPES, HMatrix, hmatrix_from_tensors
+from hmcompress.core.stats import LayerStats, layer_stats
+from hmcompress.core.verdicts import recorded_fields
+from hmcompress.io.writer import StreamedTensor, matrix_entry, packed_tensors, write_streamed
 
 NONFINITE = "non-finite values (NaN/Inf)"
 WORK_SUFFIX = ".hmwork"

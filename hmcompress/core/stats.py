@@ -10,10 +10,10 @@ import math
 
 import torch
 
-from .bounds import compute_bounds
-from .build import CompressionOptions
-from .checkpoint import as_matrix
-from .runtime import DENSE, LOWRANK, ROWS, HMatrix, dense_nbytes
+from hmcompress.core.bounds import compute_bounds
+from hmcompress.core.build import CompressionOptions
+from hmcompress.io.checkpoint import as_matrix
+from hmcompress.runtime import DENSE, LOWRANK, ROWS, HMatrix, dense_nbytes
 
 
 @dataclasses.dataclass

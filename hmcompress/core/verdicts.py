@@ -20,10 +20,10 @@ from typing import Protocol
 
 import torch
 
-from .bounds import rounding_margin
-from .build import measured_error
-from .errors import OptionError
-from .runtime import FormatError, HMatrix, dense_nbytes
+from hmcompress.core.bounds import rounding_margin
+from hmcompress.core.build import measured_error
+from hmcompress.errors import OptionError
+from hmcompress.runtime import FormatError, HMatrix, dense_nbytes
 
 VERIFY_SVD_MAX_SIDE = 2048  # larger matrices: sigma and kappa(H) are not recomputed (too slow)
 POWER_ITERATIONS = 30

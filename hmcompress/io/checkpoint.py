@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from .errors import CheckpointError
-from .picklescan import Global, persistent_ids
+from hmcompress.errors import CheckpointError
+from hmcompress.io.picklescan import Global, persistent_ids
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 MAX_HEADER_BYTES = 100 * 1024 * 1024

@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .baselines import REFERENCE
-from .codecs import row_bytes
-from .compare import Comparison, LayerComparison
-from .errors import UserError
-from .runtime import CODEC_ID, CODECS, DENSE, LOWRANK, HMatrix
+from hmcompress.compare.baselines import REFERENCE
+from hmcompress.core.codecs import row_bytes
+from hmcompress.compare.comparison import Comparison, LayerComparison
+from hmcompress.errors import UserError
+from hmcompress.runtime import CODEC_ID, CODECS, DENSE, LOWRANK, HMatrix
 
 INSTALL_HINT = "matplotlib is needed for pictures (--plot, --html): pip install 'hmcompress[plot]'"
 DPI = 100

@@ -19,10 +19,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .errors import UserError
-from .analysis import patched
-from .runtime import read_file
-from .writer import write_compressed, write_runtime_shim
+from hmcompress.errors import UserError
+from hmcompress.evaluate.analysis import patched
+from hmcompress.runtime import read_file
+from hmcompress.io.writer import write_compressed, write_runtime_shim
 
 STEPS = 100  # L-BFGS iterations; the sample PINN: 18 s, and 300 gain little (rel. L2 2.19e-3 -> 2.14e-3)
 PROGRESS_EVERY = 20

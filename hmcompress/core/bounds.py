@@ -12,8 +12,8 @@ import math
 import numpy as np
 import torch
 
-from .candidates import CHUNK_NUMBERS  # matrix entries the chunked norms handle at once
-from .codecs import UNIT_ROUNDOFF
+from hmcompress.core.candidates import CHUNK_NUMBERS  # matrix entries the chunked norms handle at once
+from hmcompress.core.codecs import UNIT_ROUNDOFF
 
 SPECTRAL_EXACT_MAX_SIDE = 4096
 

@@ -12,8 +12,8 @@ import dataclasses
 import numpy as np
 import torch
 
-from .codecs import UNIT_ROUNDOFF, roundtrip_rows, row_bytes
-from .runtime import BLOCK_COLUMNS, SEGMENT_COLUMNS
+from hmcompress.core.codecs import UNIT_ROUNDOFF, roundtrip_rows, row_bytes
+from hmcompress.runtime import BLOCK_COLUMNS, SEGMENT_COLUMNS
 
 CHUNK_NUMBERS = 1 << 21  # factor entries whose codec errors are measured at once
 BLOCK_ROW_BYTES = BLOCK_COLUMNS * 4  # int32 block table row

@@ -19,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from .candidates import BLOCK_ROW_BYTES, SEGMENT_ROW_BYTES, Candidates, Items
+from hmcompress.core.candidates import BLOCK_ROW_BYTES, SEGMENT_ROW_BYTES, Candidates, Items
 
 DROP = -1  # item choice: not stored
 DENSE_LEAF, LOWRANK_LEAF, ROWS_LEAF = 0, 1, 2

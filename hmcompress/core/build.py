@@ -12,12 +12,12 @@ import math
 import numpy as np
 import torch
 
-from .bounds import frobenius
-from .candidates import Candidates, analyse, block_batches, build_tree, svd
-from .codecs import auto_codecs, encode_rows, source_codec
-from .errors import OptionError
-from .plans import DENSE_LEAF, DROP, LOWRANK_LEAF, ROWS_LEAF, Plan, optimal_plan, paper_plan, svd_plan
-from .runtime import CODEC_ID, DENSE, INTEGER_CODECS, LOWRANK, ROWS, HMatrix, mask_bytes
+from hmcompress.core.bounds import frobenius
+from hmcompress.core.candidates import Candidates, analyse, block_batches, build_tree, svd
+from hmcompress.core.codecs import auto_codecs, encode_rows, source_codec
+from hmcompress.errors import OptionError
+from hmcompress.core.plans import DENSE_LEAF, DROP, LOWRANK_LEAF, ROWS_LEAF, Plan, optimal_plan, paper_plan, svd_plan
+from hmcompress.runtime import CODEC_ID, DENSE, INTEGER_CODECS, LOWRANK, ROWS, HMatrix, mask_bytes
 
 STRATEGIES = ("optimal", "paper")
 PRECISIONS = ("auto", "keep")

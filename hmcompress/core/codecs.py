@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import CODE_BITS, INTEGER_CODECS, POOL_DTYPE, stored_row_length
+from hmcompress.runtime import CODE_BITS, INTEGER_CODECS, POOL_DTYPE, stored_row_length
 
 SCALE_BYTES = 4  # one float32 scale per stored row of an integer codec
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6)

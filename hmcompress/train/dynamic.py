@@ -28,8 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .nn import Recompressed, footprint, rebuild_optimizer, recompress, to_hmatrix
-from .writer import atomic_write
+from hmcompress.train.layers import Recompressed, footprint, rebuild_optimizer, recompress, to_hmatrix
+from hmcompress.io.writer import atomic_write
 
 Metric = Callable[[nn.Module], "Mapping[str, float] | float"]
 LOG_FORMATS = (".csv", ".json")
@@ -37,7 +37,7 @@ LOG_FORMATS = (".csv", ".json")
 
 class DynamicCompression:
     """Swaps ``model``'s `nn.Linear` layers (matching ``include``/``exclude``) for trainable
-    `hmcompress.nn.HLinear` within ``tol``, then recompresses every ``every`` epochs.
+    `hmcompress.train.layers.HLinear` within ``tol``, then recompresses every ``every`` epochs.
 
     ``log``: a ``.csv`` or ``.json`` file rewritten (atomically) after every epoch. ``metric``:
     called with the model after each epoch (in eval mode, the mode restored afterwards); a number

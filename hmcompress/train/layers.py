@@ -26,9 +26,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from .build import CompressionOptions, Packer, compress_matrix, row_mask
-from .codecs import source_codec
-from .runtime import DENSE, LOWRANK, ROWS, HMatrix
+from hmcompress.core.build import CompressionOptions, Packer, compress_matrix, row_mask
+from hmcompress.core.codecs import source_codec
+from hmcompress.runtime import DENSE, LOWRANK, ROWS, HMatrix
 
 PENALTIES = ("nuclear", "factor")
 TIGHTENINGS = 4  # rebuilds with a tighter tolerance before `recompress` keeps a layer as it is
@@ -276,7 +276,7 @@ class HLinear(nn.Module):
 
     def to_hmatrix(self) -> HMatrix:
         """The layer as a packed `HMatrix` in its parameter dtype (exactly its parameters), ready
-        for `hmcompress.writer.write_compressed` and the runtime."""
+        for `hmcompress.io.writer.write_compressed` and the runtime."""
         leaves = [leaf for group in self.leaves for leaf in group.segments()]
         leaves += [(list(block), LOWRANK, []) for block in self.empty]
         codec = source_codec(self.dtype)

@@ -19,20 +19,20 @@ import os
 import torch
 from torch import nn
 
-from . import runtime
-from .api import options_from_json
-from .bounds import frobenius
-from .build import CompressionOptions, compress_matrix, measured_error
-from .nn import HLinear, hlinear_layers
-from .stats import layer_stats
-from .writer import write_compressed
+from hmcompress import runtime
+from hmcompress.api import options_from_json
+from hmcompress.core.bounds import frobenius
+from hmcompress.core.build import CompressionOptions, compress_matrix, measured_error
+from hmcompress.train.layers import HLinear, hlinear_layers
+from hmcompress.core.stats import layer_stats
+from hmcompress.io.writer import write_compressed
 
 PASSTHROUGH_REASON = "not an H-matrix layer"
 
 
 def load_compressed(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """Load a compressed file into ``model``, every compressed `nn.Linear` becoming a trainable
-    `hmcompress.nn.HLinear` holding the file's H-matrix (decoded to the layer's dtype); returns
+    `hmcompress.train.layers.HLinear` holding the file's H-matrix (decoded to the layer's dtype); returns
     their names. Keys are checked as by ``runtime.patch``, which loads the other tensors. The layers
     remember the file's options (``tol`` of each matrix), which `recompress` uses by default."""
     where = {name: (m.weight.dtype, m.weight.device) for name, m in model.named_modules()

@@ -30,9 +30,9 @@ from typing import ClassVar, Protocol
 import numpy as np
 import torch
 
-from .build import CompressionOptions, compress_matrix, measured_error
-from .errors import OptionError
-from .runtime import HMatrix
+from hmcompress.core.build import CompressionOptions, compress_matrix, measured_error
+from hmcompress.errors import OptionError
+from hmcompress.runtime import HMatrix
 
 
 @dataclasses.dataclass(frozen=True)

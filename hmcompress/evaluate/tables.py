@@ -6,7 +6,7 @@ import math
 from rich.console import Console
 from rich.table import Table
 
-from .analysis import Evaluation
+from hmcompress.evaluate.analysis import Evaluation
 
 SUMMARY_COLUMNS = ("quantity", "original", "H-matrix", "truncated SVD")
 LAYER_COLUMNS = ("layer", "shape", "weight err H", "weight err SVD (rank)", "activation err H",
