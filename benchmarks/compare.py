@@ -14,7 +14,8 @@ import pathlib
 import time
 
 from benchmarks.checkpoints import checkpoint_files
-from hmcompress import baselines, compare
+from hmcompress.compare import baselines
+from hmcompress.compare import comparison as compare
 from hmcompress.api import compress_checkpoint
 from hmcompress.core.build import CompressionOptions
 from hmcompress.errors import UserError
@@ -56,7 +57,7 @@ def main() -> None:
         sweep, result = _seconds(lambda: compare.compare_checkpoint(path, SWEEP, methods))
         drawn = "-"
         if not args.no_pictures and result.layers:
-            from hmcompress import plots
+            from hmcompress.report import plots
             drawn = f"{_seconds(lambda: plots.comparison_pictures(result))[0]:.1f}s"
         beaten = result.not_smallest()
         rows = (len(result.layers) + 1) * len(SWEEP) if result.layers else 0

@@ -17,14 +17,14 @@ from torch import nn
 from benchmarks import print_table, quick_requested
 from benchmarks.runtime import kernel, paired_times
 from hmcompress.core.build import CompressionOptions
-from hmcompress.train.layers import HLinear, _Leaves
+from hmcompress.train.layers import TrainableHLinear, _Leaves
 
 SHAPES = ((256, 256), (512, 512), (1024, 1024), (2048, 2048))
 BATCHES = (16, 256)
 
 
-def per_leaf_step(layer: HLinear) -> Callable[[torch.Tensor], None]:
-    """A training step over the same leaves, one product per leaf (the layout `HLinear` avoids)."""
+def per_leaf_step(layer: TrainableHLinear) -> Callable[[torch.Tensor], None]:
+    """A training step over the same leaves, one product per leaf (the layout `TrainableHLinear` avoids)."""
     leaves = []
     for group in layer.leaves:
         values = [p.detach().clone().requires_grad_(True) for p in
@@ -55,7 +55,7 @@ def train_step(module: nn.Module) -> Callable[[torch.Tensor], None]:
     return step
 
 
-def penalty_step(layer: HLinear, dense_form: bool = False) -> Callable[[], None]:
+def penalty_step(layer: TrainableHLinear, dense_form: bool = False) -> Callable[[], None]:
     """The nuclear rank penalty and its backward pass; ``dense_form``: each low-rank leaf's norm
     from U V formed densely (the base class's way), the baseline for the rank x rank cores."""
     def step() -> None:
@@ -73,7 +73,7 @@ def rows(shapes: tuple[tuple[int, int], ...]) -> list[list[str]]:
         dense = nn.Linear(n, m)
         with torch.no_grad():
             dense.weight.copy_(kernel(m, n))
-        layer = HLinear.from_matrix(dense.weight, dense.bias, CompressionOptions(tol=1e-4, precision="keep"))
+        layer = TrainableHLinear.from_matrix(dense.weight, dense.bias, CompressionOptions(tol=1e-4, precision="keep"))
         h_step, d_step, loop_step = train_step(layer), train_step(dense), per_leaf_step(layer)
         penalty, dense_penalty = paired_times(penalty_step(layer), penalty_step(layer, dense_form=True))
         for batch in BATCHES:
@@ -89,7 +89,7 @@ def rows(shapes: tuple[tuple[int, int], ...]) -> list[list[str]]:
 def main() -> None:
     quick = quick_requested(__doc__, "256 and 512 only")
     shapes = SHAPES[:2] if quick else SHAPES
-    print_table(f"Training step (forward + backward), trainable HLinear, float32, {torch.get_num_threads()} threads, "
+    print_table(f"Training step (forward + backward), trainable TrainableHLinear, float32, {torch.get_num_threads()} threads, "
                 "kernel matrix at tol 1e-4 keep",
                 ["layer", "batch", "leaves", "stored / dense numbers", "H time / dense", "H time / per-leaf loop",
                  "nuclear penalty / H step", "penalty / penalty formed densely"],

@@ -16,7 +16,7 @@ import sys
 
 from hmcompress import _moved
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _PUBLIC = {
     "compress_checkpoint": "hmcompress.api",

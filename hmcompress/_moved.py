@@ -39,13 +39,13 @@ MOVED = {
 class MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Finds an old module name and loads it as the module at its new path."""
 
-    def find_spec(self, fullname: str, path: object = None,
-                  target: object = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(self, fullname: str, _path: object = None,
+                  _target: object = None) -> importlib.machinery.ModuleSpec | None:
         if fullname not in MOVED:
             return None
         return importlib.machinery.ModuleSpec(fullname, self)
 
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+    def create_module(self, _spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
         return None  # a placeholder; `exec_module` puts the real module in its place
 
     def exec_module(self, module: types.ModuleType) -> None:

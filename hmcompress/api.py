@@ -10,9 +10,9 @@ import pathlib
 from collections.abc import Callable
 
 from hmcompress.io import pipeline
-from hmcompress.core.build import CompressionOptions
-from hmcompress.io.checkpoint import Checkpoint, Selection, as_matrix, classify, open_checkpoint
-from hmcompress.errors import USER_ERRORS, UserError
+from hmcompress.core.build import CompressionOptions, as_matrix
+from hmcompress.io.checkpoint import Checkpoint, Selection, classify, open_checkpoint
+from hmcompress.errors import USER_ERRORS, OutputExists, UserError
 from hmcompress.runtime import FORMAT_VERSION, read_file
 from hmcompress.core.stats import LayerStats, totals
 from hmcompress.core.verdicts import Gates, recorded_fields, recorded_problems
@@ -48,10 +48,11 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
                         options: CompressionOptions, selection: Selection = Selection(),
                         overwrite: bool = False, progress: Progress | None = None,
                         write: bool = True, gates: Gates | None = None,
-                        keep_failed: bool = False, workers: int = 1, resume: bool = False) -> CompressionResult:
+                        keep_failed: bool = False, workers: int | None = None, resume: bool = False) -> CompressionResult:
     """Compress every eligible matrix of a checkpoint and write the compressed file + shim.
 
-    Tensors are compressed one at a time (in ``workers`` processes) and the output is streamed,
+    Tensors are compressed one at a time (in ``workers`` processes; by default as many as the
+    work justifies, see `pipeline.default_workers`) and the output is streamed,
     so memory stays within a small multiple of the largest tensor (see `pipeline`). With
     ``resume``, results an interrupted run left in the work directory are reused. With ``gates``,
     a result that misses one is not written (unless ``keep_failed``); its ``failures`` say why
@@ -74,6 +75,8 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
         jobs = [pipeline.Job(str(source), name, slots[name], options, selection.passthrough_nonfinite,
                              workdir and str(workdir.path), resume and write) for name in eligible]
         pipeline.use_checkpoint(str(source), ckpt)
+        if workers is None:
+            workers = pipeline.default_workers(sum(e.nbytes for e in ckpt.entries if reasons[e.name] is None))
         outcomes = {o.name: o for o in pipeline.run_jobs(jobs, workers, progress)}
         layers = []
         for entry in ckpt.entries:
@@ -134,7 +137,7 @@ def _check_output(source: pathlib.Path, output: pathlib.Path, overwrite: bool) -
     if is_input(output, source):
         raise UserError(f"{output}: refusing to overwrite the input checkpoint")
     if output.exists() and not overwrite:
-        raise UserError(f"{output}: exists (use --force to overwrite)")
+        raise OutputExists(output)
     if not output.parent.is_dir():
         raise UserError(f"{output.parent}: output directory does not exist")
 

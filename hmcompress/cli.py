@@ -23,9 +23,8 @@ from hmcompress.compare import comparison as compare
 from hmcompress.report import tables as report
 from hmcompress.train import recalibrate as recalibration
 from hmcompress.core.build import CompressionOptions
-from hmcompress.io.pipeline import default_workers
 from hmcompress.io.checkpoint import Selection
-from hmcompress.errors import USER_ERRORS, UserError
+from hmcompress.errors import USER_ERRORS, OptionError, OutputExists, UserError
 from hmcompress.core.verdicts import Gates
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -85,7 +84,8 @@ def compress(
     passthrough_nonfinite: bool = typer.Option(False, "--passthrough-nonfinite", help="Copy matrices holding "
                                                "NaN/Inf unchanged instead of refusing the checkpoint."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Compress in this many processes "
-                                          "(default: one per core); the output is the same for any number."),
+                                          "(default: $HMCOMPRESS_WORKERS, else one per 16 MiB of matrices up to "
+                                          "one per core); the output is the same for any number."),
     resume: bool = typer.Option(False, "--resume", help="Reuse the matrices an interrupted run of the same "
                                 "output already compressed (kept beside the output until it is written)."),
     device: str = typer.Option("cpu", "--device", help="Where the factorizations run: cpu or cuda[:N]."),
@@ -106,7 +106,7 @@ def compress(
             with _progress(not quiet, str(model)) as progress:
                 result = api.compress_checkpoint(model, target, options, selection, overwrite=force,
                                                  progress=progress, gates=gates, keep_failed=keep_failed,
-                                                 workers=workers or default_workers(), resume=resume)
+                                                 workers=workers, resume=resume)
         except KeyboardInterrupt:
             stderr.print(f"hmcompress: interrupted: nothing written to {target}; the matrices already "
                          "compressed are kept, run the same command with --resume to go on", markup=False,
@@ -173,7 +173,7 @@ def report_cmd(
             report.print_table(layers, stdout, title=str(file))
         if "recalibrated" in meta:
             stdout.print(recalibration.describe(meta["recalibrated"]), markup=False, highlight=False, soft_wrap=True)
-    _print_checks(checks, json_out)
+    _print_checks(checks)
 
 
 def _write_report_page(file: pathlib.Path, meta: dict, layers: list, html_out: pathlib.Path, force: bool) -> None:
@@ -203,10 +203,10 @@ def verify_cmd(
                          f"(recorded {c.recorded_error:.6g})", markup=False, highlight=False)
             for problem in c.problems:
                 stdout.print(f"       {problem}", markup=False, highlight=False)
-    _print_checks(checks, True)
+    _print_checks(checks)
 
 
-def _print_checks(checks: list, quiet: bool) -> None:
+def _print_checks(checks: list) -> None:
     failed = [c for c in checks if not c.ok]
     if failed:
         stderr.print(f"hmcompress: {len(failed)} matrices break a recorded bound: {failed[0].name}: "
@@ -427,6 +427,21 @@ def _import_from_cwd() -> None:
         sys.path.insert(0, str(pathlib.Path.cwd()))
 
 
+# The library names options as its parameters do; the command line shows the flags.
+FLAGS = {"tol": "--tol", "strategy": "--strategy", "precision": "--precision", "leaf": "--leaf",
+         "device": "--device", "max_error": "--max-error", "min_ratio": "--min-ratio", "sweep": "--sweep",
+         "methods": "--methods"}
+
+
+def _in_cli_terms(exc: Exception) -> str:
+    """A user error's message, with the library's option names turned into the flags."""
+    if isinstance(exc, OptionError):
+        return f"{FLAGS.get(exc.option, exc.option)} {exc.problem}"
+    if isinstance(exc, OutputExists):
+        return f"{exc.path}: exists (use --force to overwrite)"
+    return str(exc)
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2 (with --json,
     also ``{"ok": false, "error": ...}`` on stdout); each warning becomes one line on stderr."""
@@ -437,7 +452,7 @@ def main() -> None:
     except USER_ERRORS as exc:
         if _debug["on"]:
             raise
-        message = " ".join(str(exc).splitlines())
+        message = " ".join(_in_cli_terms(exc).splitlines())
         stderr.print(f"hmcompress: error: {message}", markup=False, highlight=False, soft_wrap=True)
         if json_out:
             sys.stdout.write(json.dumps({"ok": False, "error": message}) + "\n")
@@ -448,6 +463,6 @@ def main() -> None:
         raise
 
 
-def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+def _warning_line(message, _category, _filename, _lineno, _file=None, _line=None) -> None:
     text = " ".join(str(message).splitlines())
     stderr.print(f"hmcompress: warning: {text}", markup=False, highlight=False, soft_wrap=True)

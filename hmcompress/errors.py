@@ -1,7 +1,7 @@
 """User-facing error types: the CLI turns each into one clear line and exit code 2."""
 from __future__ import annotations
 
-from hmcompress.runtime import FormatError
+from hmcompress.runtime.format import FormatError
 
 
 class UserError(Exception):
@@ -18,7 +18,27 @@ class CheckpointError(UserError):
 
 
 class OptionError(UserError):
-    """An option or combination of options makes no sense."""
+    """An option's value makes no sense. ``option`` is the library's name for it (``tol``,
+    ``max_error``); the CLI shows the flag instead (``--tol``, ``--max-error``)."""
+
+    def __init__(self, option: str, problem: str) -> None:
+        super().__init__(f"{option} {problem}")
+        self.option = option
+        self.problem = problem
+
+    def __reduce__(self):  # worker processes send errors back pickled
+        return OptionError, (self.option, self.problem)
+
+
+class OutputExists(UserError):
+    """An output file exists and the caller did not ask to overwrite it."""
+
+    def __init__(self, path: object) -> None:
+        super().__init__(f"{path}: exists (pass overwrite=True to replace it)")
+        self.path = path
+
+    def __reduce__(self):
+        return OutputExists, (self.path,)
 
 
 USER_ERRORS: tuple[type[Exception], ...] = (UserError, FormatError)

@@ -22,7 +22,9 @@ import time
 
 import torch
 
-from hmcompress import analysis, evaluation_report, report
+from hmcompress.evaluate import analysis
+from hmcompress.evaluate import tables as evaluation_report
+from hmcompress.report import tables as report
 from hmcompress.api import compress_checkpoint
 from hmcompress.core.build import CompressionOptions
 from hmcompress.train.recalibrate import STEPS, recalibrate, retrain

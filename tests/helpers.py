@@ -5,8 +5,8 @@ import pathlib
 
 import torch
 
-from hmcompress.core.build import CompressionOptions, Packer, compress_matrix, row_mask
-from hmcompress.runtime import DENSE, LOWRANK, ROWS, HMatrix
+from hmcompress.core.build import CompressionOptions, Packer, compress_matrix
+from hmcompress.runtime import DENSE, LOWRANK, ROWS, HMatrix, row_mask
 from hmcompress.io.writer import write_compressed
 
 
@@ -82,3 +82,8 @@ def write_model_file(path: pathlib.Path, model: torch.nn.Module, compress: set[s
             passthrough[name] = (tensor, "not selected")
     write_compressed(path, matrices, passthrough, HEADER, **kwargs)
     return {name: hm for name, (hm, _info) in matrices.items()}
+
+
+def files_under(directory: pathlib.Path) -> set[pathlib.Path]:
+    """Every file and folder below ``directory``, relative to it."""
+    return {p.relative_to(directory) for p in directory.rglob("*")}

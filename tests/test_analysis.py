@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -17,13 +15,6 @@ from hmcompress.evaluate.analysis import (OUTPUT, SVDBaseline, compare_ntk, empi
                                  relative_error)
 from hmcompress.compare.baselines import TruncatedSVD
 from hmcompress.errors import UserError
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hmcompress", *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "COLUMNS": "200"})
 
 
 def test_ntk_of_a_tanh_network_matches_the_hand_computed_jacobian() -> None:
@@ -115,21 +106,21 @@ def test_load_task_refuses_specs_without_the_protocol() -> None:
 
 
 @pytest.fixture(scope="module")
-def classifier_files(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
+def classifier_files(cli, tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
     pytest.importorskip("sklearn")
     from sample_models.classifier import CHECKPOINT
 
     out = tmp_path_factory.mktemp("classifier") / "classifier.hm.safetensors"
-    done = run("compress", str(CHECKPOINT), "--tol", "1e-2", "-o", str(out), "--quiet")
-    assert done.returncode == 0, done.stderr
+    done = cli("compress", str(CHECKPOINT), "--tol", "1e-2", "-o", str(out), "--quiet")
+    assert done.code == 0, done.stderr
     return CHECKPOINT, out
 
 
-def test_evaluate_cli_on_the_classifier_through_the_shim(classifier_files, monkeypatch) -> None:
+def test_evaluate_cli_on_the_classifier_through_the_shim(cli, classifier_files, monkeypatch) -> None:
     checkpoint, compressed = classifier_files
-    done = run("evaluate", "sample_models.classifier:build", str(checkpoint), "--compressed",
+    done = cli("evaluate", "sample_models.classifier:build", str(checkpoint), "--compressed",
                str(compressed), "--samples", "32", "--ntk-samples", "3", "--json")
-    assert done.returncode == 0, done.stderr
+    assert done.code == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["ok"] and result["metric"] == "accuracy" and result["tol"] == 0.01
     original, compressed_acc = result["metrics"]["accuracy"], result["metrics_compressed"]["accuracy"]
@@ -158,15 +149,15 @@ def test_evaluate_cli_on_the_classifier_through_the_shim(classifier_files, monke
     assert evaluate(model)["accuracy"] == compressed_acc
 
 
-def test_evaluate_cli_refuses_a_mismatched_model_in_one_line(classifier_files) -> None:
+def test_evaluate_cli_refuses_a_mismatched_model_in_one_line(cli, classifier_files) -> None:
     checkpoint, compressed = classifier_files
-    done = run("evaluate", "sample_models.burgers_pinn:build", str(checkpoint), "--compressed",
+    done = cli("evaluate", "sample_models.burgers_pinn:build", str(checkpoint), "--compressed",
                str(compressed), "--quiet")
-    assert done.returncode == 2
+    assert done.code == 2
     assert done.stderr.count("\n") == 1, done.stderr
     assert "does not fit sample_models.burgers_pinn:build: missing layers.0.bias" in done.stderr
-    done = run("evaluate", "nowhere_xyz:build", str(checkpoint), "--compressed", str(compressed))
-    assert done.returncode == 2 and "cannot import" in done.stderr and "Traceback" not in done.stderr
+    done = cli("evaluate", "nowhere_xyz:build", str(checkpoint), "--compressed", str(compressed))
+    assert done.code == 2 and "cannot import" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_patched_model_uses_hmatrix_layers(classifier_files) -> None:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from hmcompress import baselines
+from hmcompress.compare import baselines
 from hmcompress.compare.baselines import GroupQuantization, MagnitudePruning, TruncatedSVD, index_bytes, registry
 from hmcompress.errors import OptionError
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hmcompress.io.checkpoint import (Selection, TensorEntry, as_matrix, classify, open_checkpoint,
+from hmcompress.core.build import as_matrix
+from hmcompress.io.checkpoint import (Selection, TensorEntry, classify, open_checkpoint,
                                    safetensors_header)
 from hmcompress.errors import CheckpointError
 
@@ -195,7 +196,7 @@ def test_as_matrix_reshapes_conv_kernels():
 def test_safetensors_is_read_lazily(tmp_path):
     path = tmp_path / "m.safetensors"
     save_file({"a": torch.ones(4, 4), "b": torch.zeros(2)}, path)
-    assert set(safetensors_header(path)) == {"a", "b"}
+    assert set(safetensors_header(path).tensors) == {"a", "b"}
     ckpt = open_checkpoint(path)
     path.unlink()  # nothing was read yet: loading now fails with a clear error
     with pytest.raises(CheckpointError):

@@ -1,4 +1,5 @@
-"""The command line as a user meets it: subprocesses, exit codes, stdout/stderr, files."""
+"""The command line as a user meets it: exit codes, stdout/stderr, files (the CLI runs in this process;
+see conftest.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -13,13 +14,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import hmcompress
+from hmcompress.runtime.bundle import shim_source
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "checkpoints"
-
-
-def run(*args: str, cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hmcompress", *args], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "COLUMNS": "200"})
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +40,10 @@ def model(tmp_path_factory) -> pathlib.Path:
     return path
 
 
-def test_compress_report_verify_decompress_round_trip(model, tmp_path):
+def test_compress_report_verify_decompress_round_trip(cli, model, tmp_path):
     out = tmp_path / "mlp.hm.safetensors"
-    done = run("compress", str(model), "--tol", "1e-2", "-o", str(out), "--json")
-    assert done.returncode == 0, done.stderr
+    done = cli("compress", str(model), "--tol", "1e-2", "-o", str(out), "--json")
+    assert done.code == 0, done.stderr
     payload = json.loads(done.stdout)
     assert payload["ok"] is True
     layers = {layer["name"]: layer for layer in payload["layers"]}
@@ -53,22 +52,22 @@ def test_compress_report_verify_decompress_round_trip(model, tmp_path):
     assert layers["model.steps"]["reason"] == "not floating point"
     for name in ("model.fc1.weight", "model.fc2.weight"):
         assert layers[name]["rel_error"] <= 1e-2
-    assert (tmp_path / "hmruntime.py").read_bytes() == (ROOT / "hmcompress" / "runtime.py").read_bytes()
+    assert (tmp_path / "hmruntime.py").read_text() == shim_source(hmcompress.__version__)
     assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
-    report = run("report", str(out), "--json")
-    assert report.returncode == 0, report.stderr
+    report = cli("report", str(out), "--json")
+    assert report.code == 0, report.stderr
     assert {l["name"] for l in json.loads(report.stdout)["layers"]} == set(layers)
-    table = run("report", str(out))
+    table = cli("report", str(out))
     assert "model.fc1.weight" in table.stdout and "ratio" in table.stdout
-    md = run("report", str(out), "--markdown")
+    md = cli("report", str(out), "--markdown")
     assert md.stdout.startswith("### ") and "| model.fc2.weight |" in md.stdout
 
-    verify = run("verify", str(out), "--original", str(model))
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    verify = cli("verify", str(out), "--original", str(model))
+    assert verify.code == 0, verify.stdout + verify.stderr
 
     dense = tmp_path / "dense.safetensors"
-    assert run("decompress", str(out), "-o", str(dense)).returncode == 0
+    assert cli("decompress", str(out), "-o", str(dense)).code == 0
     from safetensors.torch import load_file
     restored = load_file(dense)
     original = torch.load(model, weights_only=True)["model"]
@@ -78,9 +77,9 @@ def test_compress_report_verify_decompress_round_trip(model, tmp_path):
     assert torch.equal(restored["model.fc1.bias"], original["fc1.bias"])
 
 
-def test_runtime_shim_works_without_hmcompress(model, tmp_path):
+def test_runtime_shim_works_without_hmcompress(cli, model, tmp_path):
     out = tmp_path / "m.hm.safetensors"
-    assert run("compress", str(model), "-o", str(out), "--quiet").returncode == 0
+    assert cli("compress", str(model), "-o", str(out), "--quiet").code == 0
     script = (
         "import sys; sys.modules['hmcompress'] = None\n"
         "import torch, hmruntime\n"
@@ -91,84 +90,88 @@ def test_runtime_shim_works_without_hmcompress(model, tmp_path):
         "    assert float((w - h).norm() / w.norm()) <= 1e-2, n\n"
         "print('ok')\n"
     )
+    # A real process: one in which hmcompress cannot be imported.
     done = subprocess.run([sys.executable, "-c", script, str(model)], cwd=tmp_path, capture_output=True,
                           text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert done.stdout.strip() == "ok", done.stderr
 
 
-def test_output_is_byte_identical_across_runs(model, tmp_path):
+def test_output_is_byte_identical_across_runs(cli, model, tmp_path):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    for out in (a, b):
-        assert run("compress", str(model), "-o", str(out), "--quiet").returncode == 0
+    assert cli("compress", str(model), "-o", str(a), "--quiet").code == 0
+    # A real process for the second run: the bytes must not depend on this process (its hash seed, state).
+    done = subprocess.run([sys.executable, "-m", "hmcompress", "compress", str(model), "-o", str(b), "--quiet"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
     assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
 
 
-def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path):
+def test_bad_input_is_one_line_exit_2_and_nothing_written(cli, tmp_path):
     missing = tmp_path / "nope.pt"
-    done = run("compress", str(missing), "-o", str(tmp_path / "x.safetensors"))
-    assert done.returncode == 2
+    done = cli("compress", str(missing), "-o", str(tmp_path / "x.safetensors"))
+    assert done.code == 2
     assert str(missing) in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 5)
-    done = run("compress", str(garbage), "-o", str(tmp_path / "y.safetensors"))
-    assert done.returncode == 2 and "Traceback" not in done.stderr
+    done = cli("compress", str(garbage), "-o", str(tmp_path / "y.safetensors"))
+    assert done.code == 2 and "Traceback" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.safetensors"]
 
 
-def test_nan_weights_are_refused(tmp_path):
+def test_nan_weights_are_refused(cli, tmp_path):
     path = tmp_path / "nan.safetensors"
     w = torch.randn(64, 64)
     w[3, 4] = float("nan")
     save_file({"layer.weight": w}, path)
-    done = run("compress", str(path))
-    assert done.returncode == 2 and "layer.weight" in done.stderr
+    done = cli("compress", str(path))
+    assert done.code == 2 and "layer.weight" in done.stderr
     assert not (tmp_path / "nan.hm.safetensors").exists()
 
 
-def test_refuses_to_overwrite_without_force(model, tmp_path):
+def test_refuses_to_overwrite_without_force(cli, model, tmp_path):
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"keep me")
-    done = run("compress", str(model), "-o", str(out))
-    assert done.returncode == 2 and "--force" in done.stderr
+    done = cli("compress", str(model), "-o", str(out))
+    assert done.code == 2 and "--force" in done.stderr
     assert out.read_bytes() == b"keep me"
-    assert run("compress", str(model), "-o", str(out), "--force", "--quiet").returncode == 0
+    assert cli("compress", str(model), "-o", str(out), "--force", "--quiet").code == 0
 
 
-def test_verify_fails_with_exit_1_against_another_model(model, tmp_path):
+def test_verify_fails_with_exit_1_against_another_model(cli, model, tmp_path):
     out = tmp_path / "m.hm.safetensors"
-    assert run("compress", str(model), "-o", str(out), "--quiet").returncode == 0
+    assert cli("compress", str(model), "-o", str(out), "--quiet").code == 0
     state = torch.load(model, weights_only=True)
     state["model"]["fc2.weight"] = state["model"]["fc2.weight"] + 0.1
     other = tmp_path / "other.pt"
     torch.save(state, other)
-    done = run("verify", str(out), "--original", str(other), "--json")
-    assert done.returncode == 1
+    done = cli("verify", str(out), "--original", str(other), "--json")
+    assert done.code == 1
     assert json.loads(done.stdout)["ok"] is False
 
 
-def test_inspect_lists_what_would_be_compressed(model):
-    done = run("inspect", str(model), "--json")
-    assert done.returncode == 0, done.stderr
+def test_inspect_lists_what_would_be_compressed(cli, model):
+    done = cli("inspect", str(model), "--json")
+    assert done.code == 0, done.stderr
     rows = {r["name"]: r for r in json.loads(done.stdout)["tensors"]}
     assert rows["model.fc1.weight"]["compress"] and not rows["model.fc1.bias"]["compress"]
 
 
-def test_usage_errors_exit_2():
-    assert run("compress").returncode == 2
-    assert run("compress", "x.pt", "--strategy", "bogus").returncode == 2
+def test_usage_errors_exit_2(cli):
+    assert cli("compress").code == 2
+    assert cli("compress", "x.pt", "--strategy", "bogus").code == 2
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared checkpoints not present")
-def test_every_shared_checkpoint_compresses_within_tolerance(tmp_path):
+def test_every_shared_checkpoint_compresses_within_tolerance(cli, tmp_path):
     files = sorted(p for p in SHARED.glob("*/*") if p.suffix in {".pt", ".pth", ".tar", ".safetensors", ".npz", ".jit"})
     assert files
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     for path in files:
         out = out_dir / f"{path.parent.name}-{path.name}.hm.safetensors"
-        done = run("compress", str(path), "--tol", "1e-2", "-o", str(out), "--json", "--quiet")
-        assert done.returncode == 0, done.stderr
+        done = cli("compress", str(path), "--tol", "1e-2", "-o", str(out), "--json", "--quiet")
+        assert done.code == 0, done.stderr
         payload = json.loads(done.stdout)
         compressed = [layer for layer in payload["layers"] if layer["compressed"]]
         for layer in compressed:
@@ -188,6 +191,7 @@ def test_every_shared_checkpoint_compresses_within_tolerance(tmp_path):
     )
     outputs = sorted(str(p) for p in out_dir.glob("*.hm.safetensors"))
     assert len(outputs) == len(files)
+    # A real process: the hmruntime.py copied beside the outputs, imported from there as a user would.
     check = subprocess.run([sys.executable, "-c", script, *outputs], cwd=out_dir, capture_output=True, text=True)
     assert check.stdout.strip() == "ok", check.stderr
 

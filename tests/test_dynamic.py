@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hmcompress.train.dynamic import DynamicCompression
-from hmcompress.train.layers import HLinear, rank_penalty
+from hmcompress.train.layers import TrainableHLinear, rank_penalty
 
 
 def problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -33,7 +33,7 @@ def test_log_has_ratio_and_error_every_epoch(tmp_path, suffix: str) -> None:
             return {"mse": float((m(x) - y).square().mean())}
 
     dynamic = DynamicCompression(model, tol=1e-2, every=2, log=log, metric=metric, leaf=8)
-    assert [s.name for s in dynamic.swapped] == ["0", "2"] and isinstance(model[0], HLinear)
+    assert [s.name for s in dynamic.swapped] == ["0", "2"] and isinstance(model[0], TrainableHLinear)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for epoch in range(5):
         for _ in range(10):

@@ -13,7 +13,7 @@ from hmcompress import runtime
 from hmcompress.api import compress_checkpoint, stats_from_file, verify
 from hmcompress.core.build import CompressionOptions
 from hmcompress.train.finetune import dense_state, load_compressed, save_compressed
-from hmcompress.train.layers import HLinear
+from hmcompress.train.layers import TrainableHLinear
 from hmcompress.io.writer import write_dense
 
 
@@ -51,7 +51,7 @@ def test_compress_finetune_write_and_reload(checkpoint, tmp_path, monkeypatch) -
 
     model = build()
     assert load_compressed(model, compressed) == ["0", "2"]
-    assert isinstance(model[0], HLinear) and type(model[4]) is nn.Linear
+    assert isinstance(model[0], TrainableHLinear) and type(model[4]) is nn.Linear
     assert model[0].options.tol == 1e-2 and model[0].options.precision == "keep"
     patched = build()
     runtime.patch(patched, compressed)

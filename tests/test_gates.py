@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import corpus
-from cli_inprocess import files_under, run_cli
+from helpers import files_under
 from hmcompress.api import LayerStats, compress_checkpoint
 from hmcompress.core.build import CompressionOptions
 from hmcompress.errors import OptionError
@@ -38,13 +38,13 @@ def ratio(model) -> float:
     return compress_checkpoint(model, None, CompressionOptions(tol=1e-2), write=False).totals()["ratio"]
 
 
-def compress(model: pathlib.Path, out: pathlib.Path, *options: object):
-    return run_cli("compress", model, "-o", out, "--tol", "1e-2", "--quiet", *options)
+def compress(cli, model: pathlib.Path, out: pathlib.Path, *options: object):
+    return cli("compress", model, "-o", out, "--tol", "1e-2", "--quiet", *options)
 
 
-def test_a_missed_gate_exits_1_and_writes_nothing(model, ratio, tmp_path):
+def test_a_missed_gate_exits_1_and_writes_nothing(cli, model, ratio, tmp_path):
     out = tmp_path / "m.hm.safetensors"
-    run = compress(model, out, "--max-error", "1e-4", "--min-ratio", ratio * 1.01, "--json")
+    run = compress(cli, model, out, "--max-error", "1e-4", "--min-ratio", ratio * 1.01, "--json")
     assert run.code == 1
     payload = json.loads(run.stdout)
     assert payload["ok"] is False and payload["output"] is None
@@ -55,9 +55,9 @@ def test_a_missed_gate_exits_1_and_writes_nothing(model, ratio, tmp_path):
     assert files_under(tmp_path) == set()
 
 
-def test_gates_that_hold_pass(model, ratio, tmp_path):
+def test_gates_that_hold_pass(cli, model, ratio, tmp_path):
     out = tmp_path / "m.hm.safetensors"
-    run = compress(model, out, "--max-error", "1e-2", "--min-ratio", ratio * 0.99, "--json")
+    run = compress(cli, model, out, "--max-error", "1e-2", "--min-ratio", ratio * 0.99, "--json")
     assert run.code == 0, run.stderr
     payload = json.loads(run.stdout)
     assert payload["ok"] is True and payload["gate_failures"] == [] and payload["output"] == str(out)
@@ -65,16 +65,16 @@ def test_gates_that_hold_pass(model, ratio, tmp_path):
     assert NAME in read_file(out).matrices
 
 
-def test_keep_failed_writes_the_output_and_still_exits_1(model, ratio, tmp_path):
+def test_keep_failed_writes_the_output_and_still_exits_1(cli, model, ratio, tmp_path):
     out = tmp_path / "m.hm.safetensors"
-    run = compress(model, out, "--min-ratio", ratio * 1.01, "--keep-failed")
+    run = compress(cli, model, out, "--min-ratio", ratio * 1.01, "--keep-failed")
     assert run.code == 1
     assert "quality gate failed" in run.stderr and "nothing written" not in run.stderr
     assert NAME in read_file(out).matrices and f"-> {out}" in run.stdout
 
 
-def test_gate_values_are_checked(model, tmp_path):
-    run = compress(model, tmp_path / "m.hm.safetensors", "--max-error", "-1")
+def test_gate_values_are_checked(cli, model, tmp_path):
+    run = compress(cli, model, tmp_path / "m.hm.safetensors", "--max-error", "-1")
     assert run.code == 2 and "--max-error must be a finite number >= 0" in run.error_line()
 
 
@@ -100,18 +100,18 @@ def test_gate_definitions():
 # ------------------------------------------------------------------------------------ verify
 
 @pytest.fixture(scope="module")
-def compressed(model, tmp_path_factory) -> pathlib.Path:
+def compressed(cli, model, tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("verify") / "m.hm.safetensors"
-    assert compress(model, out).code == 0
+    assert compress(cli, model, out).code == 0
     return out
 
 
-def test_verify_accepts_the_untouched_file(model, compressed):
-    run = run_cli("verify", compressed, "--original", model, "--json")
+def test_verify_accepts_the_untouched_file(cli, model, compressed):
+    run = cli("verify", compressed, "--original", model, "--json")
     assert run.code == 0, run.stdout
     (check,) = json.loads(run.stdout)["matrices"]
     assert check["ok"] is True and check["problems"] == []
-    stats = json.loads(run_cli("report", compressed, "--json").stdout)["layers"]
+    stats = json.loads(cli("report", compressed, "--json").stdout)["layers"]
     assert {s["name"]: s["kappa_h_bound"] is not None for s in stats}[NAME]  # the kappa check is exercised
 
 
@@ -133,11 +133,11 @@ TAMPERED = [
 
 
 @pytest.mark.parametrize("key,change,problem", TAMPERED, ids=[t[0] for t in TAMPERED])
-def test_verify_exits_1_on_every_recorded_figure_that_does_not_hold(model, compressed, tmp_path, key, change,
+def test_verify_exits_1_on_every_recorded_figure_that_does_not_hold(cli, model, compressed, tmp_path, key, change,
                                                                     problem):
     bad = corpus.rewrite_compressed(compressed, tmp_path / "bad.hm.safetensors",
                                     lambda _tensors, meta: change(meta["matrices"][NAME]["stats"]))
-    run = run_cli("verify", bad, "--original", model, "--json")
+    run = cli("verify", bad, "--original", model, "--json")
     assert run.code == 1, run.stdout
     (check,) = json.loads(run.stdout)["matrices"]
     assert check["ok"] is False
@@ -145,14 +145,14 @@ def test_verify_exits_1_on_every_recorded_figure_that_does_not_hold(model, compr
     assert "break a recorded bound" in run.stderr and len(run.stderr.splitlines()) == 1
 
 
-def test_verify_exits_1_when_the_stored_matrix_was_altered(model, compressed, tmp_path):
+def test_verify_exits_1_when_the_stored_matrix_was_altered(cli, model, compressed, tmp_path):
     def zero_pools(tensors, _meta):
         for name in tensors:
             if ".hm.pool." in name:
                 tensors[name] = torch.zeros_like(tensors[name])
 
     bad = corpus.rewrite_compressed(compressed, tmp_path / "bad.hm.safetensors", zero_pools)
-    run = run_cli("verify", bad, "--original", model)
+    run = cli("verify", bad, "--original", model)
     assert run.code == 1
     assert "above the tolerance" in run.stdout and "FAILED" in run.stdout
 

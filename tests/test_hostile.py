@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import corpus
-from cli_inprocess import files_under, run_cli
+from helpers import files_under
 from hmcompress.io.checkpoint import open_checkpoint
 from hmcompress.runtime import read_file
 
@@ -36,49 +36,49 @@ def refused(run, path: pathlib.Path, problem: str, json_out: bool) -> None:
 
 
 @pytest.mark.parametrize("case", corpus.HOSTILE_CHECKPOINTS, ids=lambda c: c.name)
-def test_hostile_checkpoint_is_refused(tmp_path, case):
+def test_hostile_checkpoint_is_refused(cli, tmp_path, case):
     path = case.make(tmp_path)
     before = files_under(tmp_path)
-    run = run_cli("compress", path, "-o", tmp_path / "out.hm.safetensors", "--json", "--quiet")
+    run = cli("compress", path, "-o", tmp_path / "out.hm.safetensors", "--json", "--quiet")
     refused(run, path, case.problem, json_out=True)
     assert files_under(tmp_path) == before
     assert not corpus.sentinel(tmp_path).exists()
 
 
 @pytest.mark.parametrize("case", corpus.HOSTILE_COMPRESSED, ids=lambda c: c.name)
-def test_hostile_compressed_file_is_refused_by_every_reader(tmp_path, case):
+def test_hostile_compressed_file_is_refused_by_every_reader(cli, tmp_path, case):
     path = case.make(tmp_path)
     original = tmp_path / "original.safetensors"
     before = files_under(tmp_path)
-    refused(run_cli("decompress", path, "-o", tmp_path / "dense.safetensors"), path, case.problem, json_out=False)
-    refused(run_cli("report", path, "--json"), path, case.problem, json_out=True)
-    refused(run_cli("report", path, "--markdown"), path, case.problem, json_out=False)
-    refused(run_cli("verify", path, "--original", original, "--json"), path, case.problem, json_out=True)
+    refused(cli("decompress", path, "-o", tmp_path / "dense.safetensors"), path, case.problem, json_out=False)
+    refused(cli("report", path, "--json"), path, case.problem, json_out=True)
+    refused(cli("report", path, "--markdown"), path, case.problem, json_out=False)
+    refused(cli("verify", path, "--original", original, "--json"), path, case.problem, json_out=True)
     assert files_under(tmp_path) == before
 
 
 @pytest.mark.parametrize("case", corpus.HOSTILE_STATS, ids=lambda c: c.name)
-def test_broken_statistics_are_refused_by_report_and_verify(tmp_path, case):
+def test_broken_statistics_are_refused_by_report_and_verify(cli, tmp_path, case):
     path = case.make(tmp_path)
-    refused(run_cli("report", path, "--json"), path, case.problem, json_out=True)
-    refused(run_cli("verify", path, "--original", tmp_path / "original.safetensors"), path, case.problem,
+    refused(cli("report", path, "--json"), path, case.problem, json_out=True)
+    refused(cli("verify", path, "--original", tmp_path / "original.safetensors"), path, case.problem,
             json_out=False)
     dense = tmp_path / "dense.safetensors"
-    assert run_cli("decompress", path, "-o", dense).code == 0  # the weights themselves are fine
+    assert cli("decompress", path, "-o", dense).code == 0  # the weights themselves are fine
     assert set(load_file(dense)) == {corpus.COMPRESSED_NAME, "enc.bias"}
 
 
 @pytest.mark.parametrize("case", corpus.AWKWARD, ids=lambda c: c.name)
-def test_awkward_checkpoint_compresses_verifies_and_decompresses_within_its_bound(tmp_path, case):
+def test_awkward_checkpoint_compresses_verifies_and_decompresses_within_its_bound(cli, tmp_path, case):
     path = case.make(tmp_path)
     out = tmp_path / "out.hm.safetensors"
-    run = run_cli("compress", path, "-o", out, "--min-size", "1", "--leaf", "8", "--tol", TOL, "--json", "--quiet")
+    run = cli("compress", path, "-o", out, "--min-size", "1", "--leaf", "8", "--tol", TOL, "--json", "--quiet")
     assert run.code == 0, run.stderr
     layers = {layer["name"]: layer for layer in json.loads(run.stdout)["layers"]}
-    verify = run_cli("verify", out, "--original", path, "--json")
+    verify = cli("verify", out, "--original", path, "--json")
     assert verify.code == 0 and json.loads(verify.stdout)["ok"] is True, verify.stdout
     dense_path = tmp_path / "dense.safetensors"
-    assert run_cli("decompress", out, "-o", dense_path).code == 0
+    assert cli("decompress", out, "-o", dense_path).code == 0
     dense = load_file(dense_path)
     originals = {entry.name: entry.load() for entry in open_checkpoint(path).entries}
     assert dense.keys() == originals.keys() == layers.keys()
@@ -93,9 +93,9 @@ def test_awkward_checkpoint_compresses_verifies_and_decompresses_within_its_boun
             assert torch.equal(h, w), name
 
 
-def test_nonfinite_matrices_pass_through_on_request(tmp_path):
+def test_nonfinite_matrices_pass_through_on_request(cli, tmp_path):
     path = corpus.safetensors_nan(tmp_path)
-    run = run_cli("compress", path, "--passthrough-nonfinite", "--json", "--quiet")
+    run = cli("compress", path, "--passthrough-nonfinite", "--json", "--quiet")
     assert run.code == 0, run.stderr
     (layer,) = json.loads(run.stdout)["layers"]
     assert (layer["name"], layer["compressed"], layer["reason"]) == ("layer.weight", False,
@@ -104,36 +104,38 @@ def test_nonfinite_matrices_pass_through_on_request(tmp_path):
     assert torch.equal(stored.view(torch.int32), load_file(path)["layer.weight"].view(torch.int32))
 
 
-def test_never_overwrites_the_input(tmp_path):
+def test_never_overwrites_the_input(cli, tmp_path):
     path = tmp_path / "plain.safetensors"
     save_file({"w": torch.randn(80, 70, generator=torch.Generator().manual_seed(0))}, str(path))
     shards = corpus.shards_index_names_absent_tensor(tmp_path)
     shard = shards / "model-1.safetensors"
     (shards / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.weight": shard.name}}))
-    assert run_cli("compress", path, "--quiet").code == 0
+    assert cli("compress", path, "--quiet").code == 0
     out = tmp_path / "plain.hm.safetensors"
     before = {p: p.read_bytes() for p in (path, shard, out)}
     for args in [("compress", path, "-o", path), ("compress", shards, "-o", shard), ("decompress", out, "-o", out)]:
-        run = run_cli(*args, "--force")
+        run = cli(*args, "--force")
         assert run.code == 2 and "refusing to overwrite the input" in run.error_line(), args
     assert {p: p.read_bytes() for p in before} == before
 
 
-def test_usage_error_under_json_is_still_json(tmp_path):
-    run = run_cli("compress", tmp_path / "x.pt", "--json", "--tol", "abc")
+def test_usage_error_under_json_is_still_json(cli, tmp_path):
+    run = cli("compress", tmp_path / "x.pt", "--json", "--tol", "abc")
     assert run.code == 2
     assert json.loads(run.stdout) == {"ok": False, "error": "invalid command line (see stderr)"}
 
 
-def _subprocess(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "hmcompress", *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "COLUMNS": "80"})
+def _subprocess(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hmcompress", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "COLUMNS": "80"})
 
 
 def test_real_entry_point_on_a_pickle_payload(tmp_path):
     """The installed entry point, in its own process: one line, exit 2, nothing run or written."""
     path = corpus.zip_data_pkl_replaced(tmp_path)
     before = files_under(tmp_path)
+    # Real processes: a fresh interpreter's whole output (no traceback from start-up to exit), and
+    # --debug's traceback as the interpreter prints it.
     done = _subprocess("compress", str(path), "--json")
     assert done.returncode == 2
     assert len(done.stderr.splitlines()) == 1 and str(path) in done.stderr and "Traceback" not in done.stderr
@@ -143,13 +145,12 @@ def test_real_entry_point_on_a_pickle_payload(tmp_path):
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "CheckpointError" in debug.stderr
 
 
-def test_old_torch_warns_once_in_one_line(tmp_path):
+def test_old_torch_warns_once_in_one_line(cli, tmp_path, monkeypatch):
     path = tmp_path / "m.pt"
     torch.save({"w": torch.ones(3)}, path)
-    code = ("import sys, torch; torch.__version__ = '2.9.1'; from hmcompress.cli import main; "
-            "sys.argv = ['hmcompress', 'inspect', sys.argv[1]]; main()")
-    done = _subprocess(str(path), code=code)
-    assert done.returncode == 0, done.stderr
+    monkeypatch.setattr(torch, "__version__", "2.9.1")
+    done = cli("inspect", path)
+    assert done.code == 0, done.stderr
     warning = [line for line in done.stderr.splitlines() if "weights_only" in line]
     assert warning == ["hmcompress: warning: torch 2.9.1 has known weights_only bypasses; upgrade to torch >= "
                        "2.10 before reading untrusted .pt files"]

@@ -10,12 +10,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cli_inprocess import run_cli
 from hmcompress.runtime import read_file
 from hmcompress.io.writer import _host, remove_stale_temporaries
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def environment() -> dict[str, str]:
+    """This test's environment (read when the process starts: HMCOMPRESS_WORKERS is per test)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
 
 # The real CLI, stopped while the output's temporary file is written and not yet renamed (in the
 # writer's fsync of that file): a deterministic "kill while writing", whatever writes the bytes.
@@ -49,10 +53,10 @@ def checkpoint(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint, tmp_path_factory) -> bytes:
+def reference(cli, checkpoint, tmp_path_factory) -> bytes:
     """The output of an undisturbed run, for comparison."""
     out = tmp_path_factory.mktemp("reference") / "model.hm.safetensors"
-    assert run_cli("compress", checkpoint, "-o", out, "--quiet").code == 0
+    assert cli("compress", checkpoint, "-o", out, "--quiet").code == 0
     return out.read_bytes()
 
 
@@ -60,7 +64,8 @@ def kill_when(command: list[str], stream: str, marker: str) -> None:
     """Start ``command``, wait until a line of ``stream`` starts with ``marker``, then SIGKILL it."""
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.DEVNULL} if stream == "stdout" else \
         {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
-    proc = subprocess.Popen(command, text=True, cwd=ROOT, env=ENV, **pipes)
+    # A real process: it is sent SIGKILL.
+    proc = subprocess.Popen(command, text=True, cwd=ROOT, env=environment(), **pipes)
     try:
         for line in getattr(proc, stream):
             if line.startswith(marker):
@@ -83,33 +88,38 @@ def leftovers(out: pathlib.Path) -> list[pathlib.Path]:
     return left
 
 
-def rerun_and_check(checkpoint: pathlib.Path, out: pathlib.Path, reference: bytes) -> None:
-    run = run_cli("compress", checkpoint, "-o", out, "--quiet")
+def rerun_and_check(cli, checkpoint: pathlib.Path, out: pathlib.Path, reference: bytes) -> None:
+    run = cli("compress", checkpoint, "-o", out, "--quiet")
     assert run.code == 0, run.stderr
     assert sorted(p.name for p in out.parent.iterdir()) == ["hmruntime.py", out.name]
     assert out.read_bytes() == reference
-    assert run_cli("verify", out, "--original", checkpoint).code == 0
+    assert cli("verify", out, "--original", checkpoint).code == 0
 
 
-def test_kill_while_compressing(checkpoint, reference, tmp_path):
+@pytest.mark.slow
+@pytest.mark.workers  # the default worker processes of a user's run, killed with their parent
+def test_kill_while_compressing(cli, checkpoint, reference, tmp_path):
     out = tmp_path / "model.hm.safetensors"
     kill_when([sys.executable, "-m", "hmcompress", "compress", str(checkpoint), "-o", str(out)], "stderr", "[2/4]")
     leftovers(out)
-    rerun_and_check(checkpoint, out, reference)
+    rerun_and_check(cli, checkpoint, out, reference)
 
 
+@pytest.mark.slow
+@pytest.mark.workers
 @pytest.mark.skipif(not pathlib.Path("/proc/self/fd").is_dir(), reason="the stalled writer needs /proc")
-def test_kill_while_writing_leaves_a_temporary_that_the_next_run_removes(checkpoint, reference, tmp_path):
+def test_kill_while_writing_leaves_a_temporary_that_the_next_run_removes(cli, checkpoint, reference, tmp_path):
     out = tmp_path / "model.hm.safetensors"
     kill_when([sys.executable, "-c", STALLED_WRITER, "compress", str(checkpoint), "-o", str(out), "--quiet"],
               "stdout", "writing")
     temporary = [p for p in leftovers(out) if p.name.startswith(f".{out.name}.{_host()}.")]
     assert len(temporary) == 1 and temporary[0].name.endswith(".tmp") and temporary[0].stat().st_size > 0
-    rerun_and_check(checkpoint, out, reference)
+    rerun_and_check(cli, checkpoint, out, reference)
 
 
 def test_only_temporaries_of_dead_writers_of_the_same_target_are_removed(tmp_path):
     target = tmp_path / "model.hm.safetensors"
+    # Real processes: the pid of one that has ended, and of one that is still running.
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(finished.stdout)
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

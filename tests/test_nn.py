@@ -11,8 +11,8 @@ from torch import nn
 
 from hmcompress import runtime
 from hmcompress.core.build import CompressionOptions
-from hmcompress.train.layers import (HLinear, _LowRankLeaves, footprint, hlinear_layers, rank_penalty, rebuild_optimizer,
-                           recompress, to_hmatrix)
+from hmcompress.train.layers import (TrainableHLinear, _LowRankLeaves, footprint, hlinear_layers, rank_penalty,
+                                     rebuild_optimizer, recompress, replace_linears)
 
 
 def structured(m: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -27,13 +27,13 @@ def structured(m: int, n: int, seed: int = 0) -> torch.Tensor:
     return (w + 1e-4 * torch.randn(m, n, generator=g, dtype=torch.float64)).float()
 
 
-def layer_of(weight: torch.Tensor, tol: float, precision: str = "keep", dtype=torch.float32) -> HLinear:
+def layer_of(weight: torch.Tensor, tol: float, precision: str = "keep", dtype=torch.float32) -> TrainableHLinear:
     options = CompressionOptions(tol=tol, precision=precision, leaf=8)
     bias = torch.linspace(-1, 1, weight.shape[0])
-    return HLinear.from_matrix(weight.to(dtype), bias.to(dtype), options)
+    return TrainableHLinear.from_matrix(weight.to(dtype), bias.to(dtype), options)
 
 
-def kinds(layer: HLinear) -> set[int]:
+def kinds(layer: TrainableHLinear) -> set[int]:
     return set(layer.to_hmatrix().segments[:, 1].tolist())
 
 
@@ -105,7 +105,7 @@ def test_to_hmatrix_packs_the_parameters_exactly(precision: str) -> None:
     inference = runtime.HLinear(hm, layer.bias)
     x = torch.randn(5, 48)
     torch.testing.assert_close(inference(x), layer(x), rtol=1e-5, atol=1e-5)
-    again = HLinear(hm, layer.bias)  # the packed form loads back into the same structure
+    again = TrainableHLinear(hm, layer.bias)  # the packed form loads back into the same structure
     assert torch.equal(again.to_dense(torch.float64), layer.to_dense(torch.float64))
     assert again.stored_numbers == layer.stored_numbers
 
@@ -119,7 +119,7 @@ def test_recompress_never_raises_the_error_above_tolerance(m, n, tol, precision,
     dense equivalent it had just before (measured here, independently of the layer's report)."""
     torch.manual_seed(seed)
     weight = torch.randn(m, 3) @ torch.randn(3, n) + noise * torch.randn(m, n)
-    layer = HLinear.from_matrix(weight, torch.zeros(m), CompressionOptions(tol=1e-2, precision=precision, leaf=4))
+    layer = TrainableHLinear.from_matrix(weight, torch.zeros(m), CompressionOptions(tol=1e-2, precision=precision, leaf=4))
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(noise * torch.randn_like(p))
@@ -133,7 +133,7 @@ def test_recompress_never_raises_the_error_above_tolerance(m, n, tol, precision,
 
 def test_recompress_finds_lower_rank_and_keeps_the_bias() -> None:
     torch.manual_seed(0)
-    layer = HLinear.from_matrix(torch.randn(32, 32), torch.randn(32), CompressionOptions(tol=1e-2, precision="keep"))
+    layer = TrainableHLinear.from_matrix(torch.randn(32, 32), torch.randn(32), CompressionOptions(tol=1e-2, precision="keep"))
     bias = layer.bias
     assert layer.stored_numbers == 32 * 32  # a random matrix: dense
     with torch.no_grad():  # training made it rank 2
@@ -147,7 +147,7 @@ def test_rank_penalty_is_the_sum_of_leaf_nuclear_norms() -> None:
     layer = layer_of(structured(64, 48), 1e-3, "keep", torch.float64)
     expected = 0.0
     for s in layer.to_hmatrix().segment_values():
-        block = s.first.T @ s.second if s.kind == runtime.LOWRANK else s.first
+        block = s.block_values()
         expected += float(torch.linalg.svdvals(block).sum())
     assert layer.rank_penalty("nuclear").item() == pytest.approx(expected, rel=1e-10)
     # factors from compress_matrix are balanced (sqrt(s) on each side): the surrogate is equal
@@ -195,7 +195,7 @@ def test_rank_penalty_creates_low_rank_structure() -> None:
     for lam in (0.0, 1.0):
         torch.manual_seed(1)
         model = nn.Sequential(nn.Linear(48, 48))
-        to_hmatrix(model, 1e-2, leaf=16)
+        replace_linears(model, 1e-2, leaf=16)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.97**step)
         for _ in range(150):
@@ -213,31 +213,31 @@ def test_rank_penalty_creates_low_rank_structure() -> None:
 def test_rank_penalty_over_a_model() -> None:
     model = nn.Sequential(nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 8))
     assert float(rank_penalty(model)) == 0.0  # no H-matrix layer yet
-    to_hmatrix(model, 1e-2)
+    replace_linears(model, 1e-2)
     total = sum(layer.rank_penalty().item() for _, layer in hlinear_layers(model))
     assert rank_penalty(model, "nuclear").item() == pytest.approx(total)
     rank_penalty(model).backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "leaves" in n)
 
 
-def test_to_hmatrix_swaps_selected_layers_in_place() -> None:
+def test_replace_linears_swaps_selected_layers_in_place() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 40), nn.Tanh(), nn.Sequential(nn.Linear(40, 40), nn.Linear(40, 3)))
     x = torch.randn(6, 40)
     before = model(x)
-    done = to_hmatrix(model, 1e-2, include=["*"], exclude=["2.1"])
+    done = replace_linears(model, 1e-2, include=["*"], exclude=["2.1"])
     assert [d.name for d in done] == ["0", "2.0"]
-    assert isinstance(model[0], HLinear) and isinstance(model[2][0], HLinear) and type(model[2][1]) is nn.Linear
+    assert isinstance(model[0], TrainableHLinear) and isinstance(model[2][0], TrainableHLinear) and type(model[2][1]) is nn.Linear
     assert all(d.error <= d.budget and d.rel_error <= 1e-2 for d in done)
     torch.testing.assert_close(model(x), before, rtol=0.05, atol=0.05)
     with pytest.raises(ValueError, match="cannot replace the model itself"):
-        to_hmatrix(nn.Linear(4, 4))
+        replace_linears(nn.Linear(4, 4))
 
 
 def test_rebuild_optimizer_keeps_state_and_hyperparameters() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.LayerNorm(16))
-    to_hmatrix(model, 1e-2, include=["0"])
+    replace_linears(model, 1e-2, include=["0"])
     norm = model[3].weight
     optimizer = torch.optim.Adam([{"params": list(model[0].parameters()) + list(model[2].parameters()), "lr": 1e-2},
                                   {"params": list(model[3].parameters()), "lr": 5e-3}])
@@ -265,7 +265,7 @@ def test_footprint_counts_numbers_and_packed_bytes() -> None:
     model = nn.Sequential(nn.Linear(32, 32))
     with torch.no_grad():
         model[0].weight.copy_(torch.randn(32, 1) @ torch.randn(1, 32))
-    to_hmatrix(model, 1e-3)
+    replace_linears(model, 1e-3)
     size = footprint(model)
     assert (size.stored_numbers, size.dense_numbers, size.dense_bytes) == (64, 1024, 4096)
     assert size.stored_bytes == model[0].to_hmatrix().nbytes

@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cli_inprocess import run_cli
-from hmcompress import pipeline
+from hmcompress.io import pipeline
 from hmcompress.core.build import CompressionOptions
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -35,13 +34,13 @@ def checkpoint(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint, tmp_path_factory) -> bytes:
+def reference(cli, checkpoint, tmp_path_factory) -> bytes:
     """In this process, with several intra-op threads (workers use one: the bytes must not care)."""
     out = tmp_path_factory.mktemp("reference") / "model.hm.safetensors"
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        run = run_cli("compress", checkpoint, "-o", out, "--quiet", "--workers", "1")
+        run = cli("compress", checkpoint, "-o", out, "--quiet", "--workers", "1")
     finally:
         torch.set_num_threads(threads)
     assert run.code == 0, run.stderr
@@ -52,9 +51,11 @@ def workdir(out: pathlib.Path) -> pathlib.Path:
     return out.parent / f".{out.name}.hmwork"
 
 
-def test_workers_write_the_same_bytes(checkpoint, reference, tmp_path):
+@pytest.mark.slow
+@pytest.mark.workers
+def test_workers_write_the_same_bytes(cli, checkpoint, reference, tmp_path):
     out = tmp_path / "model.hm.safetensors"
-    run = run_cli("compress", checkpoint, "-o", out, "--workers", "2", "--json")
+    run = cli("compress", checkpoint, "-o", out, "--workers", "2", "--json")
     assert run.code == 0, run.stderr
     assert out.read_bytes() == reference
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hmruntime.py", out.name]
@@ -63,6 +64,7 @@ def test_workers_write_the_same_bytes(checkpoint, reference, tmp_path):
 
 def kill_at(command: list[str], marker: str) -> None:
     """Run ``command``; SIGKILL it once a line of its stderr starts with ``marker``."""
+    # A real process: it is sent SIGKILL.
     proc = subprocess.Popen(command, text=True, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         for line in proc.stderr:
@@ -76,21 +78,24 @@ def kill_at(command: list[str], marker: str) -> None:
         proc.stderr.close()
 
 
+@pytest.mark.slow
+@pytest.mark.workers
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_resume_after_a_kill_reuses_results_and_writes_the_same_bytes(checkpoint, reference, tmp_path, workers):
+def test_resume_after_a_kill_reuses_results_and_writes_the_same_bytes(cli, checkpoint, reference, tmp_path, workers):
     out = tmp_path / "model.hm.safetensors"
     kill_at([sys.executable, "-m", "hmcompress", "compress", str(checkpoint), "-o", str(out), "--workers", "1"],
             "[3/4]")
     assert not out.exists()
     assert len(list(workdir(out).glob("*.safetensors"))) == 2
-    run = run_cli("compress", checkpoint, "-o", out, "--resume", "--workers", workers)
+    run = cli("compress", checkpoint, "-o", out, "--resume", "--workers", workers)
     assert run.code == 0, run.stderr
     assert "resumed 2 of 4 matrices" in run.stderr
     assert out.read_bytes() == reference
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hmruntime.py", out.name]
 
 
-def test_resume_recomputes_what_changed_and_a_fresh_run_ignores_old_results(checkpoint, tmp_path):
+@pytest.mark.slow
+def test_resume_recomputes_what_changed_and_a_fresh_run_ignores_old_results(cli, checkpoint, tmp_path):
     source = tmp_path / "model.safetensors"
     source.write_bytes(checkpoint.read_bytes())
     out = tmp_path / "model.hm.safetensors"
@@ -100,22 +105,22 @@ def test_resume_recomputes_what_changed_and_a_fresh_run_ignores_old_results(chec
     tensors = load_file(str(source))
     tensors["layer0.weight"] = tensors["layer0.weight"] * 2  # the source changed meanwhile
     save_file(tensors, str(source))
-    run = run_cli("compress", source, "-o", out, "--resume", "--workers", "1")
+    run = cli("compress", source, "-o", out, "--resume", "--workers", "1")
     assert run.code == 0, run.stderr
     assert "resumed 1 of 4 matrices" in run.stderr
     fresh = tmp_path / "fresh" / "model.hm.safetensors"
     fresh.parent.mkdir()
-    assert run_cli("compress", source, "-o", fresh, "--quiet", "--workers", "1").code == 0
+    assert cli("compress", source, "-o", fresh, "--quiet", "--workers", "1").code == 0
     assert out.read_bytes() == fresh.read_bytes()
-    assert run_cli("verify", out, "--original", source).code == 0
+    assert cli("verify", out, "--original", source).code == 0
 
 
-def test_damaged_results_are_recomputed(checkpoint, tmp_path):
+def test_damaged_results_are_recomputed(cli, checkpoint, tmp_path):
     out = tmp_path / "model.hm.safetensors"
     work = pipeline.WorkDir.beside(out)
     work.prepare(resume=False)
     work.result(0).write_bytes(b"not a result")
-    run = run_cli("compress", checkpoint, "-o", out, "--resume", "--workers", "1")
+    run = cli("compress", checkpoint, "-o", out, "--resume", "--workers", "1")
     assert run.code == 0, run.stderr
     assert "resumed 0 of 4 matrices" in run.stderr
 
@@ -142,12 +147,14 @@ finally:
 
 
 def peak_rss(*args: object) -> int:
+    # A real process: its own peak resident memory is the measurement.
     done = subprocess.run([sys.executable, "-c", PEAK_RSS, *map(str, args)], cwd=ROOT, env=ENV,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return int(done.stderr.split("peak")[-1])
 
 
+@pytest.mark.slow
 def test_peak_memory_follows_the_largest_tensor_not_the_file(tmp_path):
     """A 192 MB checkpoint (24 tensors of 8 MB, two of them compressed) is read and written one
     tensor at a time: the peak grows by far less than the file."""
@@ -166,9 +173,12 @@ def test_peak_memory_follows_the_largest_tensor_not_the_file(tmp_path):
     assert peak - base < 0.25 * size, (peak - base, size)
 
 
+@pytest.mark.slow
+@pytest.mark.workers
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_ctrl_c_says_how_to_resume_and_resume_finishes(checkpoint, reference, tmp_path, workers):
+def test_ctrl_c_says_how_to_resume_and_resume_finishes(cli, checkpoint, reference, tmp_path, workers):
     out = tmp_path / "model.hm.safetensors"
+    # A real process: it is sent SIGINT (Ctrl-C).
     proc = subprocess.Popen([sys.executable, "-m", "hmcompress", "compress", str(checkpoint), "-o", str(out),
                              "--workers", workers], text=True, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
@@ -181,7 +191,7 @@ def test_ctrl_c_says_how_to_resume_and_resume_finishes(checkpoint, reference, tm
     assert proc.returncode == 130, rest
     assert "interrupted: nothing written" in rest and "--resume" in rest and "Traceback" not in rest
     assert not out.exists()
-    run = run_cli("compress", checkpoint, "-o", out, "--resume", "--workers", workers)
+    run = cli("compress", checkpoint, "-o", out, "--resume", "--workers", workers)
     assert run.code == 0, run.stderr
     assert out.read_bytes() == reference
 
@@ -207,9 +217,12 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
+@pytest.mark.workers
 @pytest.mark.skipif(not pathlib.Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_workers_do_not_outlive_a_killed_parent(checkpoint, tmp_path):
     out = tmp_path / "model.hm.safetensors"
+    # A real process: it is sent SIGKILL, and its worker processes must end with it.
     proc = subprocess.Popen([sys.executable, "-m", "hmcompress", "compress", str(checkpoint), "-o", str(out),
                              "--workers", "2"], text=True, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)

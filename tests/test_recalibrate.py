@@ -10,7 +10,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cli_inprocess import run_cli
 from hmcompress import runtime
 from hmcompress.api import compress_checkpoint, verify
 from hmcompress.core.build import CompressionOptions
@@ -87,28 +86,28 @@ def test_recalibration_refuses_what_it_cannot_do(files, tmp_path) -> None:
     assert not (tmp_path / "x.hm.safetensors").exists() and not (tmp_path / "y.hm.safetensors").exists()
 
 
-def test_recalibrate_cli(files, tmp_path) -> None:
+def test_recalibrate_cli(cli, files, tmp_path) -> None:
     checkpoint, compressed = files
     out = tmp_path / "cli.hm.safetensors"
-    done = run_cli("recalibrate", FACTORY, compressed, "-o", out, "--steps", "10", "--json")
+    done = cli("recalibrate", FACTORY, compressed, "-o", out, "--steps", "10", "--json")
     assert done.code == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["ok"] and result["output"] == str(out) and result["loss_after"] < result["loss_before"]
-    again = run_cli("recalibrate", FACTORY, compressed, "-o", out, "--steps", "10")
+    again = cli("recalibrate", FACTORY, compressed, "-o", out, "--steps", "10")
     assert again.code == 2 and "exists (use --force to overwrite)" in again.error_line()
-    done = run_cli("recalibrate", FACTORY, compressed, "-o", out, "--steps", "10", "--force")
+    done = cli("recalibrate", FACTORY, compressed, "-o", out, "--steps", "10", "--force")
     assert done.code == 0 and "retrained 5 tensors" in done.stdout
-    assert run_cli("recalibrate", FACTORY, compressed, "-o", compressed).code == 2
-    missing = run_cli("recalibrate", "json:loads", compressed, "-o", tmp_path / "z.hm.safetensors")
+    assert cli("recalibrate", FACTORY, compressed, "-o", compressed).code == 2
+    missing = cli("recalibrate", "json:loads", compressed, "-o", tmp_path / "z.hm.safetensors")
     assert missing.code == 2 and "no callable calibration_loss" in missing.error_line()
-    other = run_cli("recalibrate", "sample_models.burgers_pinn:build", compressed, "-o", tmp_path / "z.hm.safetensors")
+    other = cli("recalibrate", "sample_models.burgers_pinn:build", compressed, "-o", tmp_path / "z.hm.safetensors")
     assert other.code == 2 and "does not match the model" in other.error_line()
     assert not (tmp_path / "z.hm.safetensors").exists()
-    assert run_cli("verify", out, "--original", checkpoint).code == 0
-    shown = run_cli("report", out)
+    assert cli("verify", out, "--original", checkpoint).code == 0
+    shown = cli("report", out)
     assert shown.code == 0 and f"recalibrated from {compressed.name}: 5 passthrough tensors retrained" in shown.stdout
-    assert json.loads(run_cli("report", out, "--json").stdout)["recalibrated"]["steps"] == 10
-    assert "recalibrated" not in run_cli("report", compressed).stdout
+    assert json.loads(cli("report", out, "--json").stdout)["recalibrated"]["steps"] == 10
+    assert "recalibrated" not in cli("report", compressed).stdout
 
 
 def test_report_survives_a_malformed_recalibration_entry() -> None:
@@ -126,10 +125,10 @@ def test_recalibration_needs_a_passthrough_parameter(tmp_path) -> None:
         recalibrate(model, compressed, lambda m: m(torch.ones(1, 64)).square().sum(), tmp_path / "out.hm.safetensors")
 
 
-def test_recalibration_reports_progress(files, tmp_path) -> None:
+def test_recalibration_reports_progress(cli, files, tmp_path) -> None:
     _checkpoint, compressed = files
     lines: list[str] = []
     recalibrate(build(), compressed, calibration_loss, tmp_path / "p.hm.safetensors", steps=30, progress=lines.append)
     assert lines and all(re.fullmatch(r"\d+ loss evaluations, loss \S+", line) for line in lines), lines
-    quiet = run_cli("recalibrate", FACTORY, compressed, "-o", tmp_path / "q.hm.safetensors", "--steps", "30", "-q")
+    quiet = cli("recalibrate", FACTORY, compressed, "-o", tmp_path / "q.hm.safetensors", "--steps", "30", "-q")
     assert quiet.code == 0 and quiet.stderr == ""

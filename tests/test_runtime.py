@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import hmcompress.runtime as runtime
-from hmcompress.runtime import (CODEC_ID, FormatError, HLinear, HMatrix, load_state_dict, patch,
+from hmcompress.runtime.bundle import SHIM_MODULES
+from hmcompress.runtime import (CODEC, FormatError, HLinear, HMatrix, load_state_dict, patch,
                                 read_file)
 from helpers import HEADER, compressed, mixed_matrix, pack, write_model_file
 from hmcompress.core.build import CompressionOptions, compress_matrix
@@ -97,7 +98,7 @@ def test_rejects_bad_segments():
     seg = hm.segments
     dense = int((seg[:, 1] == 0).nonzero()[0])
     lowrank = int((seg[:, 1] == 1).nonzero()[0])
-    integer = int((seg[:, 2] == CODEC_ID["i8"]).nonzero()[0])
+    integer = int((seg[:, 2] == CODEC["i8"].id).nonzero()[0])
     rejects(segment_with(hm, 0, 0, 99), "block out of range")
     rejects(segment_with(hm, 0, 1, 3), "unknown kind")
     rejects(segment_with(hm, 0, 2, 9), "unknown codec id 9")
@@ -226,17 +227,17 @@ def test_read_file_rejects_bad_headers(tmp_path, model_file):
                            lambda m: None, {"0.weight.hm.pool.i4": torch.zeros(4)}), "0.weight.hm.pool.i4")
     data = good.read_bytes()
     (tmp_path / "long.st").write_bytes(struct.pack("<Q", len(data)) + data[8:])
-    fails(tmp_path / "long.st", "runs past the end")
+    fails(tmp_path / "long.st", r"header claims \d+ bytes, file has \d+: not an hmcompress file")
     (tmp_path / "huge.st").write_bytes(struct.pack("<Q", 2**62) + data[8:])
-    fails(tmp_path / "huge.st", "absurd")
+    fails(tmp_path / "huge.st", "header claims 4611686018427387904 bytes")
     (tmp_path / "short.st").write_bytes(b"abc")
-    fails(tmp_path / "short.st", "too short")
+    fails(tmp_path / "short.st", "truncated safetensors file")
     (tmp_path / "latin.st").write_bytes(struct.pack("<Q", 4) + b"\xff\xfe{}")
-    fails(tmp_path / "latin.st", "not UTF-8")
+    fails(tmp_path / "latin.st", "not valid UTF-8 JSON")
     fails(raw_file(tmp_path / "empty.st", {}), "no hmcompress metadata")
     fails(raw_file(tmp_path / "badmeta.st", {"__metadata__": {"hmcompress": "{"}}), "not valid JSON")
     (tmp_path / "garbage.st").write_bytes(struct.pack("<Q", 3) + b"{x]")
-    fails(tmp_path / "garbage.st", "header is not valid JSON")
+    fails(tmp_path / "garbage.st", "header is not valid UTF-8 JSON")
 
 
 def test_read_file_names_the_broken_tensor(tmp_path):
@@ -433,17 +434,23 @@ def test_patch_checks_keys_and_keeps_missing_bias(tmp_path):
 # standalone
 
 
-def test_runtime_imports_only_torch_safetensors_and_stdlib():
+@pytest.mark.parametrize("module", SHIM_MODULES)
+def test_runtime_modules_import_only_torch_safetensors_stdlib_and_each_other(module):
     import sys
 
-    tree = ast.parse(pathlib.Path(runtime.__file__).read_text())
+    tree = ast.parse((pathlib.Path(runtime.__file__).parent / f"{module}.py").read_text())
     roots = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             roots.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "relative import in runtime.py"
-            roots.add(node.module.split(".")[0])
+            assert node.level == 0, f"relative import in runtime/{module}.py"
+            if node.module.startswith("hmcompress."):
+                assert node.module.startswith("hmcompress.runtime."), node.module
+                assert node.module.removeprefix("hmcompress.runtime.") in SHIM_MODULES, node.module
+                assert node in tree.body, "imports of other runtime modules stand at the top"
+            else:
+                roots.add(node.module.split(".")[0])
     allowed = {"torch", "safetensors"} | set(sys.stdlib_module_names)
     assert roots <= allowed, roots - allowed
 

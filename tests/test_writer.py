@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import pytest
 import safetensors.torch
@@ -13,12 +14,14 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-import hmcompress.runtime as runtime
+import hmcompress
 import hmcompress.io.writer
+import hmcompress.runtime as runtime
 from helpers import HEADER, mixed_matrix, write_model_file
 from hmcompress.errors import UserError
 from hmcompress.runtime import read_file
 from hmcompress.io.writer import write_compressed, write_dense, write_runtime_shim
+from hmcompress.runtime.bundle import SHIM_MODULES, shim_source
 
 
 def one_matrix(path: pathlib.Path, **kwargs) -> None:
@@ -52,6 +55,7 @@ def test_bytes_are_deterministic(tmp_path):
     assert (tmp_path / "a.st").read_bytes() == (tmp_path / "b.st").read_bytes()
     code = ("import sys; sys.path.insert(0, sys.argv[2]); from test_writer import one_matrix; "
             "import pathlib; one_matrix(pathlib.Path(sys.argv[1]))")
+    # A real process: the bytes must not depend on this process (its hash seed, state).
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.st"), str(pathlib.Path(__file__).parent)],
                    check=True)
     assert (tmp_path / "a.st").read_bytes() == (tmp_path / "c.st").read_bytes()
@@ -72,7 +76,7 @@ def test_permissions_follow_umask(tmp_path):
 def test_refuses_to_overwrite(tmp_path):
     path = tmp_path / "a.st"
     path.write_bytes(b"precious")
-    with pytest.raises(UserError, match=r"a\.st: exists \(use --force to overwrite\)"):
+    with pytest.raises(UserError, match=r"a\.st: exists \(pass overwrite=True to replace it\)"):
         one_matrix(path)
     with pytest.raises(UserError, match="exists"):
         write_dense(path, {"x": torch.ones(2)})
@@ -118,15 +122,42 @@ def test_write_dense_round_trip_with_shared_storage(tmp_path):
 def test_write_runtime_shim(tmp_path):
     shim = write_runtime_shim(tmp_path)
     assert shim == tmp_path / "hmruntime.py"
-    assert shim.read_bytes() == pathlib.Path(runtime.__file__).read_bytes()
+    assert shim.read_bytes() == shim_source(hmcompress.__version__).encode()
     before = shim.stat()
     assert write_runtime_shim(tmp_path) == shim
     after = shim.stat()
     assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
     shim.write_text("stale")
     write_runtime_shim(tmp_path)
-    assert shim.read_bytes() == pathlib.Path(runtime.__file__).read_bytes()
+    assert shim.read_bytes() == shim_source(hmcompress.__version__).encode()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hmruntime.py"]
+
+
+def test_shim_is_the_runtime_modules_verbatim_in_order():
+    """Every top-level statement of every runtime module appears in the shim, unchanged and in
+    module order; the shim defines every public name of `hmcompress.runtime`."""
+    import ast
+
+    text = shim_source(hmcompress.__version__)
+    position = 0
+    for module in SHIM_MODULES:
+        source = (pathlib.Path(runtime.__file__).parent / f"{module}.py").read_text()
+        body = ast.parse(source).body[1:]  # after the module docstring
+        for statement in body:
+            if isinstance(statement, (ast.Import, ast.ImportFrom)):
+                continue
+            segment = ast.get_source_segment(source, statement)
+            found = text.find(segment, position)
+            assert found >= 0, f"{module}.py: {segment.splitlines()[0]!r} missing or out of order"
+            position = found + len(segment)
+    shim = types.ModuleType("hmruntime_under_test")  # dataclasses resolve annotations in sys.modules
+    sys.modules[shim.__name__] = shim
+    try:
+        exec(compile(text, "hmruntime.py", "exec"), shim.__dict__)
+    finally:
+        del sys.modules[shim.__name__]
+    assert set(runtime.__all__) <= shim.__dict__.keys()
+    assert not any(line.startswith("from hmcompress") for line in text.splitlines())
 
 
 SHIM_SCRIPT = r"""
@@ -165,6 +196,7 @@ def test_shim_works_without_hmcompress(tmp_path):
     write_runtime_shim(tmp_path)
     script = tmp_path / "use.py"
     script.write_text(SHIM_SCRIPT)
+    # A real process: one without hmcompress on its path.
     result = subprocess.run([sys.executable, str(script), str(path)], cwd=tmp_path, capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr

@@ -305,7 +305,7 @@ class GroupQuantization:
 class _FixedFit:
     outcome: Outcome
 
-    def at_tol(self, tol: float) -> Outcome:
+    def at_tol(self, _tol: float) -> Outcome:
         return self.outcome
 
     def at_bytes(self, budget: int) -> Outcome | None:
@@ -398,5 +398,5 @@ def select(names: str | None, leaf: int = 32) -> dict[str, Method]:
     wanted = {REFERENCE, *(n.strip() for n in names.split(",") if n.strip())}
     unknown = sorted(wanted - set(methods))
     if unknown:
-        raise OptionError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(methods)}")
+        raise OptionError("methods", f"names unknown {', '.join(unknown)}; choose from {', '.join(methods)}")
     return {name: method for name, method in methods.items() if name in wanted}

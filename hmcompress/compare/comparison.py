@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from hmcompress.compare.baselines import REFERENCE, Method, Outcome, tail_norms
-from hmcompress.io.checkpoint import Selection, as_matrix, classify, open_checkpoint
+from hmcompress.core.build import as_matrix
+from hmcompress.io.checkpoint import Selection, classify, open_checkpoint
 from hmcompress.errors import OptionError, UserError
 from hmcompress.runtime import dense_nbytes
 
@@ -230,10 +231,10 @@ def tolerances(tol: float, sweep: str | None) -> list[float]:
             try:
                 values.append(float(part))
             except ValueError:
-                raise OptionError(f"--sweep must be comma-separated numbers, got {part.strip()!r}") from None
-    for value in values:
+                raise OptionError("sweep", f"must be comma-separated numbers, got {part.strip()!r}") from None
+    for i, value in enumerate(values):
         if not (math.isfinite(value) and 0 < value < 1):
-            raise OptionError(f"tolerances must lie strictly between 0 and 1, got {value:g}")
+            raise OptionError("sweep" if i else "tol", f"values must lie strictly between 0 and 1, got {value:g}")
     return list(dict.fromkeys(values))
 
 
@@ -245,7 +246,7 @@ def compare_checkpoint(source: str | pathlib.Path, tols: list[float], methods: d
     ``task`` (an `analysis.ModelTask`): also the task metric of each method at ``tols[0]``.
     """
     if REFERENCE not in methods:
-        raise OptionError(f"the comparison needs {REFERENCE}, the reference of the matched size")
+        raise OptionError("methods", f"must include {REFERENCE}, the reference of the matched size")
     ckpt = open_checkpoint(source)
     eligible = [e for e in ckpt.entries if classify(e, selection) is None]
     if not eligible:

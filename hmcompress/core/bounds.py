@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from hmcompress.core.candidates import CHUNK_NUMBERS  # matrix entries the chunked norms handle at once
-from hmcompress.core.codecs import UNIT_ROUNDOFF
+from hmcompress.runtime import CODEC
 
 SPECTRAL_EXACT_MAX_SIDE = 4096
 
@@ -35,7 +35,7 @@ class Bounds:
 
 def working_unit(dtype: torch.dtype) -> float:
     """Unit roundoff of the arithmetic used for a matrix of ``dtype`` (float64, else float32)."""
-    return UNIT_ROUNDOFF["f64" if dtype == torch.float64 else "f32"]
+    return CODEC["f64" if dtype == torch.float64 else "f32"].unit_roundoff
 
 
 def rounding_margin(shape: tuple[int, int], dtype: torch.dtype, scale: float) -> float:
@@ -76,7 +76,7 @@ def spectral_norm_bound(original: torch.Tensor, stored: torch.Tensor, fro: float
     for rows in row_chunks(original.shape):
         residual[rows] = original[rows].double() - stored[rows]
     top = float(torch.linalg.svdvals(residual)[0])
-    unit = UNIT_ROUNDOFF["f32" if dtype == torch.float32 else "f64"]
+    unit = CODEC["f32" if dtype == torch.float32 else "f64"].unit_roundoff
     p = 4 * max(original.shape) * unit
     bound = top / (1 - p) + unit * fro  # the SVD's error, plus rounding R to the working dtype
     return min(bound, fro), "svd"

@@ -16,8 +16,8 @@ from hmcompress.core.bounds import frobenius
 from hmcompress.core.candidates import Candidates, analyse, block_batches, build_tree, svd
 from hmcompress.core.codecs import auto_codecs, encode_rows, source_codec
 from hmcompress.errors import OptionError
-from hmcompress.core.plans import DENSE_LEAF, DROP, LOWRANK_LEAF, ROWS_LEAF, Plan, optimal_plan, paper_plan, svd_plan
-from hmcompress.runtime import CODEC_ID, DENSE, INTEGER_CODECS, LOWRANK, ROWS, HMatrix, mask_bytes
+from hmcompress.core.plans import DROP, Plan, optimal_plan, paper_plan, svd_plan
+from hmcompress.runtime import BLOCK_COLUMNS, CODEC, DENSE, LOWRANK, ROWS, SEGMENT_COLUMNS, HMatrix, row_mask
 
 STRATEGIES = ("optimal", "paper")
 PRECISIONS = ("auto", "keep")
@@ -39,22 +39,22 @@ class CompressionOptions:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.tol) and self.tol >= 0):
-            raise OptionError(f"--tol must be a finite number >= 0, got {self.tol}")
+            raise OptionError("tol", f"must be a finite number >= 0, got {self.tol}")
         if self.strategy not in STRATEGIES:
-            raise OptionError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+            raise OptionError("strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.precision not in PRECISIONS:
-            raise OptionError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise OptionError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.leaf < 1:
-            raise OptionError(f"--leaf must be >= 1, got {self.leaf}")
+            raise OptionError("leaf", f"must be >= 1, got {self.leaf}")
         if self.device != "cpu":
             try:
                 device = torch.device(self.device)
             except RuntimeError:
-                raise OptionError(f"--device must be cpu or cuda[:N], got {self.device!r}") from None
+                raise OptionError("device", f"must be cpu or cuda[:N], got {self.device!r}") from None
             if device.type != "cuda":
-                raise OptionError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+                raise OptionError("device", f"must be cpu or cuda[:N], got {self.device!r}")
             if not torch.cuda.is_available():
-                raise OptionError(f"--device {self.device}: no CUDA device is available here")
+                raise OptionError("device", f"{self.device}: no CUDA device is available here")
 
     def budget(self, frobenius_norm: float) -> float:
         """The allowed squared Frobenius error."""
@@ -78,7 +78,7 @@ class Compressed:
 def compress_matrix(matrix: torch.Tensor, options: CompressionOptions) -> Compressed:
     """Compress a 2-D floating tensor so that its measured error is within the budget."""
     if matrix.ndim != 2 or not matrix.is_floating_point():
-        raise OptionError(f"expected a 2-D floating-point matrix, got {tuple(matrix.shape)} {matrix.dtype}")
+        raise OptionError("matrix", f"must be a 2-D floating-point tensor, got {tuple(matrix.shape)} {matrix.dtype}")
     allowed = math.sqrt(options.budget(frobenius(matrix)))
     codecs = (source_codec(matrix.dtype),) if options.precision == "keep" else auto_codecs(matrix.dtype)
     if matrix.numel() == 0:
@@ -98,6 +98,11 @@ def compress_matrix(matrix: torch.Tensor, options: CompressionOptions) -> Compre
         target *= 0.95 * (allowed / error) ** 2
     hm = _exact_hmatrix(matrix)
     return Compressed(hm, matrix.double(), 0.0, allowed, cands.root_sigma, "exact", MAX_REBUILDS)
+
+
+def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
+    """The 2-D matrix compressed for a tensor: conv kernels become (out, in * k * ...)."""
+    return tensor if tensor.ndim == 2 else tensor.reshape(tensor.shape[0], -1)
 
 
 def measured_error(original: torch.Tensor, stored: torch.Tensor, dtype: torch.dtype) -> float:
@@ -122,10 +127,10 @@ def _exact_hmatrix(matrix: torch.Tensor) -> HMatrix:
     m, n = matrix.shape
     codec = source_codec(matrix.dtype)
     if m * n == 0:
-        return HMatrix((m, n), matrix.dtype, torch.zeros((0, 5), dtype=torch.int32),
-                       torch.zeros((0, 6), dtype=torch.int32), {}, {})
+        return HMatrix((m, n), matrix.dtype, torch.zeros((0, BLOCK_COLUMNS), dtype=torch.int32),
+                       torch.zeros((0, SEGMENT_COLUMNS), dtype=torch.int32), {}, {})
     blocks = torch.tensor([[0, 0, m, n, 0]], dtype=torch.int32)
-    segments = torch.tensor([[0, DENSE, CODEC_ID[codec], 0, 0, -1]], dtype=torch.int32)
+    segments = torch.tensor([[0, DENSE, CODEC[codec].id, 0, 0, -1]], dtype=torch.int32)
     return HMatrix((m, n), matrix.dtype, blocks, segments,
                    {codec: matrix.contiguous().reshape(-1).clone()}, {})
 
@@ -143,7 +148,7 @@ class Packer:
 
     def add(self, block: int, kind: int, codec: str, rank: int, rows: list[torch.Tensor]) -> None:
         offset = self.lengths.get(codec, 0)
-        scale_offset = self.scale_lengths.get(codec, 0) if codec in INTEGER_CODECS else -1
+        scale_offset = self.scale_lengths.get(codec, 0) if CODEC[codec].integer else -1
         for part in rows:
             data, scales = encode_rows(codec, part)
             self.pools.setdefault(codec, []).append(data)
@@ -151,13 +156,13 @@ class Packer:
             if scales is not None:
                 self.scales.setdefault(codec, []).append(scales)
                 self.scale_lengths[codec] = self.scale_lengths.get(codec, 0) + scales.numel()
-        self.segments.append([block, kind, CODEC_ID[codec], rank, offset, scale_offset])
+        self.segments.append([block, int(kind), CODEC[codec].id, rank, offset, scale_offset])
 
     def finish(self, shape: tuple[int, int], dtype: torch.dtype, blocks: list[list[int]]) -> HMatrix:
         return HMatrix(
             shape, dtype,
-            torch.tensor(blocks, dtype=torch.int32).reshape(-1, 5),
-            torch.tensor(self.segments, dtype=torch.int32).reshape(-1, 6),
+            torch.tensor(blocks, dtype=torch.int32).reshape(-1, BLOCK_COLUMNS),
+            torch.tensor(self.segments, dtype=torch.int32).reshape(-1, SEGMENT_COLUMNS),
             {c: torch.cat(parts) for c, parts in sorted(self.pools.items())},
             {c: torch.cat(parts) for c, parts in sorted(self.scales.items())},
             torch.cat(self.row_masks) if self.row_masks else torch.zeros(0, dtype=torch.uint8),
@@ -171,7 +176,7 @@ def assemble(matrix: torch.Tensor, c: Candidates, plan: Plan, device: str = "cpu
     order = np.lexsort((tree.col0[plan.leaves], tree.row0[plan.leaves]))
     leaves, kinds, dense_codec = plan.leaves[order], plan.kind[order], plan.dense_codec[order]
     trip_starts, row_starts = c.triplets.starts(tree.size), c.rows.starts(tree.size)
-    factors = _factors(work, c, [int(n) for n, k in zip(leaves, kinds) if k == LOWRANK_LEAF], device)
+    factors = _factors(work, c, [int(n) for n, k in zip(leaves, kinds) if k == LOWRANK], device)
     packer = Packer()
     block_rows = []
     for index, (node, kind, codec_index) in enumerate(zip(leaves.tolist(), kinds.tolist(),
@@ -180,9 +185,9 @@ def assemble(matrix: torch.Tensor, c: Candidates, plan: Plan, device: str = "cpu
                         int(tree.cols[node]))
         block_rows.append([r0, c0, h, w, int(tree.level[node])])
         block = work[r0:r0 + h, c0:c0 + w]
-        if kind == DENSE_LEAF:
+        if kind == DENSE:
             packer.add(index, DENSE, c.codecs[codec_index], 0, [block])
-        elif kind == ROWS_LEAF:
+        elif kind == ROWS:
             choice = plan.row_choice[row_starts[node]:row_starts[node + 1]]
             for codec, keep in _by_codec(c, choice):
                 packer.add(index, ROWS, codec, len(keep), [block[keep]])
@@ -195,17 +200,9 @@ def assemble(matrix: torch.Tensor, c: Candidates, plan: Plan, device: str = "cpu
     return packer.finish(tuple(matrix.shape), matrix.dtype, block_rows)
 
 
-def row_mask(rows: torch.Tensor, count: int) -> torch.Tensor:
-    """Little-endian bitmap of ``count`` bits with the given rows set (format: ROWS segments)."""
-    bits = torch.zeros(mask_bytes(count) * 8, dtype=torch.int16)
-    bits[rows] = 1
-    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.int16)
-    return (bits.reshape(-1, 8) * weights).sum(1).to(torch.uint8)
-
-
 def _by_codec(c: Candidates, choice: np.ndarray):
     """``(codec, item indices)`` for each codec chosen for some items, in codec-id order."""
-    used = sorted(set(choice[choice != DROP].tolist()), key=lambda k: CODEC_ID[c.codecs[k]])
+    used = sorted(set(choice[choice != DROP].tolist()), key=lambda k: CODEC[c.codecs[k]].id)
     for k in used:
         yield c.codecs[k], torch.from_numpy(np.flatnonzero(choice == k))
 

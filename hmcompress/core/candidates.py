@@ -12,8 +12,8 @@ import dataclasses
 import numpy as np
 import torch
 
-from hmcompress.core.codecs import UNIT_ROUNDOFF, roundtrip_rows, row_bytes
-from hmcompress.runtime import BLOCK_COLUMNS, SEGMENT_COLUMNS
+from hmcompress.core.codecs import roundtrip_rows, row_bytes
+from hmcompress.runtime import BLOCK_COLUMNS, CODEC, SEGMENT_COLUMNS
 
 CHUNK_NUMBERS = 1 << 21  # factor entries whose codec errors are measured at once
 BLOCK_ROW_BYTES = BLOCK_COLUMNS * 4  # int32 block table row
@@ -255,7 +255,7 @@ def _spectrum_and_errors(blocks: torch.Tensor, codecs: tuple[str, ...], measured
         wanted = tails > floor
         return sigma, triplet_errors(codecs, u, s, vh, wanted)
     sigma = torch.linalg.svdvals(blocks.to(device)).double().cpu()
-    bound = 2 * UNIT_ROUNDOFF[codecs[0]] ** 2 * sigma.square() * (1 + 1e-6)
+    bound = 2 * CODEC[codecs[0]].unit_roundoff ** 2 * sigma.square() * (1 + 1e-6)
     return sigma, bound.unsqueeze(0)
 
 

@@ -1,6 +1,6 @@
 """Storage codecs: encoding rows of numbers, their exact cost in bytes, and their error.
 
-Decoding lives in the runtime (`hmcompress.runtime.decode_rows`); `roundtrip_rows` gives the same
+Decoding lives in the runtime (`hmcompress.runtime.format.decode_rows`); `roundtrip_rows` gives the same
 values without the bit packing, for the planner's error estimates. The built matrix is decoded by
 the runtime itself and measured in float64 (`build.measured_error`): that is the error reported.
 """
@@ -8,24 +8,17 @@ from __future__ import annotations
 
 import torch
 
-from hmcompress.runtime import CODE_BITS, INTEGER_CODECS, POOL_DTYPE, stored_row_length
+from hmcompress.runtime import CODEC, CODEC_TABLE, INTEGER_CODECS, SCALE_DTYPE, pack_codes
 
-SCALE_BYTES = 4  # one float32 scale per stored row of an integer codec
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6)
 CLIP_MAX_BITS = 6  # wider codes gain nothing measurable from clipping (tested on real checkpoints)
-CODEC_OF_DTYPE = {
-    torch.float64: "f64",
-    torch.float32: "f32",
-    torch.float16: "f16",
-    torch.bfloat16: "bf16",
-}
-# Unit roundoff of the floating codecs: |fl(x) - x| <= u |x| for values in range.
-UNIT_ROUNDOFF = {"f64": 2.0**-53, "f32": 2.0**-24, "f16": 2.0**-11, "bf16": 2.0**-8}
+SCALE_BYTES = torch.empty((), dtype=SCALE_DTYPE).element_size()  # per stored row of an integer codec
+SOURCE_CODEC = {codec.pool_dtype: codec.name for codec in CODEC_TABLE if not codec.integer}
 
 
 def source_codec(dtype: torch.dtype) -> str:
     """The codec that stores numbers of a checkpoint's dtype without change."""
-    return CODEC_OF_DTYPE[dtype]
+    return SOURCE_CODEC[dtype]
 
 
 def auto_codecs(dtype: torch.dtype) -> tuple[str, ...]:
@@ -38,20 +31,19 @@ def auto_codecs(dtype: torch.dtype) -> tuple[str, ...]:
 
 def row_bytes(codec: str, length):
     """Bytes one stored row of ``length`` numbers costs, its scale included (ints or numpy arrays)."""
-    element = torch.empty((), dtype=POOL_DTYPE[codec]).element_size()
-    scale = SCALE_BYTES if codec in INTEGER_CODECS else 0
-    return stored_row_length(codec, length) * element + scale
+    spec = CODEC[codec]
+    element = torch.empty((), dtype=spec.pool_dtype).element_size()
+    return spec.row_length(length) * element + (SCALE_BYTES if spec.integer else 0)
 
 
 def encode_rows(codec: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Encode a (k, L) float tensor; returns the flat pool slice and the per-row scales (or None)."""
     if codec not in INTEGER_CODECS:
-        return rows.to(POOL_DTYPE[codec]).reshape(-1), None
+        return rows.to(CODEC[codec].pool_dtype).reshape(-1), None
     codes, scales = quantize(codec, rows)
-    bits = CODE_BITS[codec]
-    if bits == 8:
-        return codes.to(torch.int8).reshape(-1), scales
-    return pack_codes(codes, bits).reshape(-1), scales
+    if not CODEC[codec].packed:
+        return codes.to(CODEC[codec].pool_dtype).reshape(-1), scales
+    return pack_codes(codes, CODEC[codec].bits).reshape(-1), scales
 
 
 def quantize(codec: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,9 +52,10 @@ def quantize(codec: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     Scales are symmetric per row (absmax, or a clipped absmax where that loses less) and stored as
     float32; codes are computed with that float32 scale so decoding reproduces what was measured.
     """
-    levels = (1 << (CODE_BITS[codec] - 1)) - 1
+    bits = CODEC[codec].bits
+    levels = (1 << (bits - 1)) - 1
     peak = rows.abs().amax(dim=1) if rows.shape[1] else rows.new_zeros(rows.shape[0])
-    ratios = CLIP_RATIOS if CODE_BITS[codec] <= CLIP_MAX_BITS else (1.0,)
+    ratios = CLIP_RATIOS if bits <= CLIP_MAX_BITS else (1.0,)
     scales = _best_scales(rows, peak, levels, ratios)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales)).to(rows.dtype)
     # A zero scale means an all-zero row (or one below float32's range): its codes round to 0.
@@ -95,16 +88,6 @@ def _best_scales(rows: torch.Tensor, peak: torch.Tensor, levels: int,
     return best_scale
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed codes (k, L) -> rows of a little-endian bit stream of offset codes, (k, bytes) uint8."""
-    offset = (codes + (1 << (bits - 1))).to(torch.int16)
-    digits = (offset.unsqueeze(-1) >> torch.arange(bits, dtype=torch.int16)) & 1
-    stream = digits.reshape(codes.shape[0], -1).to(torch.uint8)
-    stream = torch.nn.functional.pad(stream, (0, (-stream.shape[1]) % 8))
-    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.int16)
-    return (stream.reshape(codes.shape[0], -1, 8).to(torch.int16) * weights).sum(-1).to(torch.uint8)
-
-
 def roundtrip_rows(codec: str, rows: torch.Tensor) -> torch.Tensor:
     """What the rows become after encoding and decoding, in ``rows``' dtype (inf where out of range).
 
@@ -113,6 +96,6 @@ def roundtrip_rows(codec: str, rows: torch.Tensor) -> torch.Tensor:
     with it are estimates that the final float64 measurement of the built matrix checks.
     """
     if codec not in INTEGER_CODECS:
-        return rows.to(POOL_DTYPE[codec]).to(rows.dtype)
+        return rows.to(CODEC[codec].pool_dtype).to(rows.dtype)
     codes, scales = quantize(codec, rows)
     return codes.mul_(scales.to(rows.dtype).unsqueeze(1))

@@ -20,9 +20,9 @@ import dataclasses
 import numpy as np
 
 from hmcompress.core.candidates import BLOCK_ROW_BYTES, SEGMENT_ROW_BYTES, Candidates, Items
+from hmcompress.runtime import DENSE, LOWRANK, ROWS, Kind
 
 DROP = -1  # item choice: not stored
-DENSE_LEAF, LOWRANK_LEAF, ROWS_LEAF = 0, 1, 2
 
 
 @dataclasses.dataclass
@@ -34,7 +34,7 @@ class Plan:
     """
 
     leaves: np.ndarray
-    kind: np.ndarray  # per leaf: DENSE_LEAF, LOWRANK_LEAF or ROWS_LEAF
+    kind: np.ndarray  # per leaf: its `Kind` (DENSE, LOWRANK or ROWS), as the segments store it
     dense_codec: np.ndarray  # per leaf: codec index of a dense leaf, else DROP
     trip_choice: np.ndarray
     row_choice: np.ndarray
@@ -43,8 +43,8 @@ class Plan:
     def families(self, c: Candidates) -> list[tuple[Items, np.ndarray, np.ndarray]]:
         """(items, choice, indices of the items that belong to leaves of the family's kind)."""
         out = []
-        for items, choice, kind in ((c.triplets, self.trip_choice, LOWRANK_LEAF),
-                                    (c.rows, self.row_choice, ROWS_LEAF)):
+        for items, choice, kind in ((c.triplets, self.trip_choice, LOWRANK),
+                                    (c.rows, self.row_choice, ROWS)):
             mask = np.zeros(c.tree.size, dtype=bool)
             mask[self.leaves[self.kind == kind]] = True
             out.append((items, choice, np.flatnonzero(mask[items.node])))
@@ -52,7 +52,7 @@ class Plan:
 
     def error(self, c: Candidates) -> float:
         """Estimated total squared error."""
-        dense = self.kind == DENSE_LEAF
+        dense = self.kind == DENSE
         err = float(c.dense_err[self.dense_codec[dense], self.leaves[dense]].sum())
         for items, choice, active in self.families(c):
             chosen = choice[active]
@@ -63,7 +63,7 @@ class Plan:
 
     def nbytes(self, c: Candidates) -> int:
         """Exact bytes of the packed matrix this plan builds."""
-        dense = self.kind == DENSE_LEAF
+        dense = self.kind == DENSE
         total = BLOCK_ROW_BYTES * len(self.leaves)
         total += float(c.dense_bytes[self.dense_codec[dense], self.leaves[dense]].sum())
         for family, (items, choice, active) in enumerate(self.families(c)):
@@ -103,7 +103,7 @@ def _lagrangian(c: Candidates, mu: float) -> Plan:
     dense_all = c.dense_bytes + mu * c.dense_err
     dense_codec = np.argmin(dense_all, axis=0)
     dense = dense_all[dense_codec, np.arange(tree.size)]
-    options = np.stack([dense, lowrank, rows])  # row i = leaf kind i
+    options = np.stack([{DENSE: dense, LOWRANK: lowrank, ROWS: rows}[k] for k in Kind])  # row k: Kind k
     kind = np.argmin(options, axis=0)
     leaf_cost = BLOCK_ROW_BYTES + options[kind, np.arange(tree.size)]
     best = leaf_cost.copy()
@@ -117,7 +117,7 @@ def _lagrangian(c: Candidates, mu: float) -> Plan:
         is_leaf[parents[split]] = False
     leaves = _select(c, is_leaf)
     leaf_kind = kind[leaves]
-    codec = np.where(leaf_kind == DENSE_LEAF, dense_codec[leaves], DROP)
+    codec = np.where(leaf_kind == DENSE, dense_codec[leaves], DROP)
     return Plan(leaves, leaf_kind, codec, trip_choice, row_choice, "optimal")
 
 
@@ -257,7 +257,7 @@ def _rank_plan(c: Candidates, leaves: list[int], ranks: dict[int, int], strategy
     starts = c.triplets.starts(c.tree.size)
     for node, rank in ranks.items():
         choice[starts[node]:starts[node] + rank] = 0
-    return Plan(leaves_arr, np.where(lowrank, LOWRANK_LEAF, DENSE_LEAF), np.where(lowrank, DROP, 0),
+    return Plan(leaves_arr, np.where(lowrank, LOWRANK, DENSE), np.where(lowrank, DROP, 0),
                 choice, np.full(len(c.rows.node), DROP, dtype=np.int64), strategy)
 
 

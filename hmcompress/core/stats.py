@@ -11,8 +11,7 @@ import math
 import torch
 
 from hmcompress.core.bounds import compute_bounds
-from hmcompress.core.build import CompressionOptions
-from hmcompress.io.checkpoint import as_matrix
+from hmcompress.core.build import CompressionOptions, as_matrix
 from hmcompress.runtime import DENSE, LOWRANK, ROWS, HMatrix, dense_nbytes
 
 

@@ -44,9 +44,9 @@ class Gates:
     min_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        for flag, value in (("--max-error", self.max_error), ("--min-ratio", self.min_ratio)):
+        for option, value in (("max_error", self.max_error), ("min_ratio", self.min_ratio)):
             if value is not None and not (math.isfinite(value) and value >= 0):
-                raise OptionError(f"{flag} must be a finite number >= 0, got {value}")
+                raise OptionError(option, f"must be a finite number >= 0, got {value}")
 
     def failures(self, layers: Sequence[_Layer], totals: dict) -> list[str]:
         """One sentence per gate the result misses (empty: every gate passed)."""
@@ -155,7 +155,7 @@ def recorded_problems(original: torch.Tensor, hm: HMatrix, stats: dict, absolute
     if norm > 0:
         check(measured / norm, figures["rel_error"], "relative error above the recorded one")
     check(_spectral_lower_bound(w - stored), figures["spectral_error"], "‖W − H‖₂ above its recorded bound")
-    _check_bytes(w, hm, stats, where, problems)
+    _check_bytes(w, hm, stats, problems)
     if max(w.shape, default=0) <= VERIFY_SVD_MAX_SIDE and w.numel():
         _check_spectra(w, stored, figures, check)
     else:
@@ -163,7 +163,7 @@ def recorded_problems(original: torch.Tensor, hm: HMatrix, stats: dict, absolute
     return measured, problems
 
 
-def _check_bytes(w: torch.Tensor, hm: HMatrix, stats: dict, where: str, problems: list[str]) -> None:
+def _check_bytes(w: torch.Tensor, hm: HMatrix, stats: dict, problems: list[str]) -> None:
     for key, actual in (("bytes_after", hm.nbytes), ("bytes_before", dense_nbytes(tuple(w.shape), hm.dtype))):
         recorded = stats.get(key)
         if recorded is not None and recorded != actual:

@@ -34,8 +34,8 @@ from torch.func import functional_call, jacrev, vmap
 from hmcompress import runtime
 from hmcompress.api import compress_checkpoint, options_from_json
 from hmcompress.compare.baselines import TruncatedSVD
-from hmcompress.core.build import CompressionOptions
-from hmcompress.io.checkpoint import Selection, as_matrix, open_checkpoint
+from hmcompress.core.build import CompressionOptions, as_matrix
+from hmcompress.io.checkpoint import Selection, open_checkpoint
 from hmcompress.errors import UserError
 
 SWEEP_TOLS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3)

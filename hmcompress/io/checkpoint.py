@@ -25,18 +25,12 @@ from safetensors import safe_open
 
 from hmcompress.errors import CheckpointError
 from hmcompress.io.picklescan import Global, persistent_ids
+from hmcompress.runtime import MAX_HEADER_BYTES, FormatError, SafetensorsHeader, read_header, unique_keys
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_NESTING = 100  # containers inside containers in a pickled checkpoint
 MAX_NODES = 1_000_000  # objects visited while flattening one (shared containers count per path)
 DEFLATE_MAX_RATIO = 1032  # the most deflate can expand: bounds what a compressed .npz member may claim
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 OPTIMIZER_PARTS = frozenset({"optimizer", "optimizer_state", "optimizer_state_dict", "optim",
                              "opt_state", "scheduler", "lr_scheduler"})
 OPTIMIZER_LEAVES = (".exp_avg", ".exp_avg_sq", ".momentum_buffer", ".max_exp_avg_sq", ".square_avg",
@@ -111,89 +105,23 @@ def _sniff(path: pathlib.Path) -> str:
 
 # ---------------------------------------------------------------- safetensors
 
-def safetensors_header(path: pathlib.Path) -> dict:
-    """The validated JSON header of a safetensors file."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(path, "truncated safetensors file (no header length)")
-        length = struct.unpack("<Q", head)[0]
-        if length > MAX_HEADER_BYTES or length > size - 8:
-            raise CheckpointError(path, f"safetensors header claims {length} bytes, file has {size - 8}")
-        raw = fh.read(length)
+def safetensors_header(path: pathlib.Path) -> SafetensorsHeader:
+    """The checked header of a safetensors checkpoint (the runtime's parser, our error type)."""
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(path, f"safetensors header is not valid UTF-8 JSON ({exc.__class__.__name__})") from None
-    except _DuplicateKey as exc:
-        raise CheckpointError(path, f"safetensors header names {exc.args[0]!r} twice") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(path, "safetensors header is not a JSON object")
-    data_size = size - 8 - length
-    spans = []
-    for name, info in header.items():
-        if not _is_unicode(name):
-            raise CheckpointError(path, f"tensor name {name!r} is not valid UTF-8 (a lone surrogate)")
-        if name == "__metadata__":
-            if not isinstance(info, dict) or not all(isinstance(v, str) and _is_unicode(k + v)
-                                                     for k, v in info.items()):
-                raise CheckpointError(path, "safetensors __metadata__ must map strings to strings")
-            continue
-        if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise CheckpointError(path, f"tensor {name!r}: unknown or missing dtype")
-        shape, offsets = info.get("shape"), info.get("data_offsets")
-        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
-                or not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) for o in offsets)):
-            raise CheckpointError(path, f"tensor {name!r}: malformed shape or data_offsets")
-        begin, end = offsets
-        itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[info["dtype"]]).element_size()
-        if not 0 <= begin <= end <= data_size or end - begin != math.prod(shape) * itemsize:
-            raise CheckpointError(path, f"tensor {name!r}: data offsets out of range or inconsistent with its shape")
-        spans.append((begin, end, name))
-    spans.sort()
-    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
-        if begin < end:
-            raise CheckpointError(path, f"tensors {first!r} and {second!r} overlap")
-    return header
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object hook refusing a key given twice (json would silently keep the last)."""
-    result = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
-
-
-def _is_unicode(text: str) -> bool:
-    """False for strings JSON escapes can make but UTF-8 cannot hold (lone surrogates)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+        return read_header(path)
+    except FormatError as err:
+        raise CheckpointError(path, str(err).removeprefix(f"{path}: ")) from None
 
 
 def _open_safetensors(path: pathlib.Path) -> Checkpoint:
     header = safetensors_header(path)
-    metadata = header.get("__metadata__") or {}
     entries = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        begin, end = info["data_offsets"]
-        entries.append(TensorEntry(name, tuple(info["shape"]), dtype, end - begin,
+    for name, info in header.tensors.items():
+        if info.dtype.torch_dtype is None:
+            raise CheckpointError(path, f"tensor {name!r}: dtype {info.dtype.code} is not supported by this torch")
+        entries.append(TensorEntry(name, info.shape, info.dtype.torch_dtype, info.end - info.begin,
                                    _safetensors_loader(path, name)))
-    return Checkpoint(path, "safetensors", entries, metadata=dict(metadata))
+    return Checkpoint(path, "safetensors", entries, metadata=dict(header.metadata))
 
 
 def _safetensors_loader(path: pathlib.Path, name: str) -> Callable[[], torch.Tensor]:
@@ -395,7 +323,7 @@ class _ScriptUnpickler(pickle.Unpickler):
         if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")):
             return self._rebuild_tensor
         if (module, name) == ("torch._utils", "_rebuild_parameter"):
-            return lambda data, requires_grad, hooks: data
+            return lambda data, _requires_grad, _hooks: data
         if (module, name) == ("collections", "OrderedDict"):
             return dict
         if module == "torch.jit._pickle" and name in _SCRIPT_LIST_BUILDERS:
@@ -549,10 +477,10 @@ def _open_directory(path: pathlib.Path) -> Checkpoint:
 
 def _open_sharded(directory: pathlib.Path, index_path: pathlib.Path) -> Checkpoint:
     try:
-        weight_map = json.loads(index_path.read_text(), object_pairs_hook=_unique_keys)["weight_map"]
+        weight_map = json.loads(index_path.read_text(), object_pairs_hook=unique_keys)["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise CheckpointError(index_path, "not a valid shard index (expected a JSON object with a weight_map)") from None
     entries, shards = [], {}
     for name, shard in sorted(weight_map.items()):
@@ -599,8 +527,3 @@ def classify(entry: TensorEntry, selection: Selection) -> str | None:
     if any(fnmatch.fnmatchcase(entry.name, p) for p in selection.exclude):
         return "excluded by pattern"
     return None
-
-
-def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
-    """The 2-D matrix compressed for a tensor: conv kernels become (out, in * k * ...)."""
-    return tensor if tensor.ndim == 2 else tensor.reshape(tensor.shape[0], -1)

@@ -30,10 +30,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from hmcompress.core.build import CompressionOptions, compress_matrix
-from hmcompress.io.checkpoint import Checkpoint, TensorEntry, as_matrix, open_checkpoint
+from hmcompress.core.build import CompressionOptions, as_matrix, compress_matrix
+from hmcompress.io.checkpoint import Checkpoint, TensorEntry, open_checkpoint
 from hmcompress.errors import USER_ERRORS, UserError
-from hmcompress.runtime import DTYPE_NAMES, DTYPES, HMatrix, hmatrix_from_tensors
+from hmcompress.runtime import MATRIX_DTYPE_NAMES, MATRIX_DTYPES, HMatrix, hmatrix_from_tensors
 from hmcompress.core.stats import LayerStats, layer_stats
 from hmcompress.core.verdicts import recorded_fields
 from hmcompress.io.writer import StreamedTensor, matrix_entry, packed_tensors, write_streamed
@@ -44,6 +44,8 @@ RESULT_FORMAT = 1  # bump when a result file's layout or meaning changes: old on
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 PR_SET_PDEATHSIG = 1  # Linux prctl option
 MMAP_THRESHOLD_BYTES = 32 << 20  # blocks of 32 MiB and more are mapped (and unmapped when freed)
+WORKERS_VARIABLE = "HMCOMPRESS_WORKERS"  # the default worker count, where set
+BYTES_PER_WORKER = 16 << 20  # a worker's start-up (~2.5 s) pays off from about this much matrix data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +62,7 @@ class Job:
 
 
 @dataclasses.dataclass(frozen=True)
-class Outcome:
+class JobResult:
     """What became of one job: compressed (``stats``) or passed through (``reason``)."""
 
     name: str
@@ -106,7 +108,7 @@ def result_key(tensor: torch.Tensor, options: CompressionOptions) -> str:
     return digest.hexdigest()
 
 
-def run_job(job: Job) -> Outcome:
+def run_job(job: Job) -> JobResult:
     """Compress one tensor (or reuse its stored result); user errors come back as `UserError`."""
     try:
         return _run(job)
@@ -116,31 +118,31 @@ def run_job(job: Job) -> Outcome:
         _trim()
 
 
-def _run(job: Job) -> Outcome:
+def _run(job: Job) -> JobResult:
     tensor = _entry(job.source, job.name).load()
     if not bool(torch.isfinite(tensor).all()):
         if not job.passthrough_nonfinite:
             raise UserError(f"{job.source}: tensor {job.name!r} contains NaN or Inf values "
                             "(--passthrough-nonfinite copies such tensors unchanged)")
-        return Outcome(job.name, reason=NONFINITE)
+        return JobResult(job.name, reason=NONFINITE)
     if job.workdir is not None:  # a result is kept there, and reused on --resume
         key = result_key(tensor, job.options)
         path = WorkDir(pathlib.Path(job.workdir)).result(job.slot)
         stored = _stored_stats(path, key) if job.resume else None
         if stored is not None:
-            return Outcome(job.name, stats=stored, reused=True)
+            return JobResult(job.name, stats=stored, reused=True)
     with _one_thread():  # the bounds too: the residual's SVD also depends on the thread count
         result = compress_matrix(as_matrix(tensor), job.options)
         stats = layer_stats(job.name, tensor, result.hmatrix, result.dense, result.error, result.budget,
                             result.root_sigma, job.options, result.strategy).to_json()
     result.hmatrix.validate(job.name)
     if job.workdir is None:
-        return Outcome(job.name, stats=stats)
+        return JobResult(job.name, stats=stats)
     meta = {"key": key, "orig_shape": list(tensor.shape), "shape": list(result.hmatrix.shape),
-            "stats": stats, "dtype": DTYPE_NAMES[result.hmatrix.dtype]}
-    write_streamed(path, [StreamedTensor.of(part, t) for part, t in packed_tensors(job.name, result.hmatrix, "").items()],
+            "stats": stats, "dtype": MATRIX_DTYPE_NAMES[result.hmatrix.dtype]}
+    write_streamed(path, [StreamedTensor.of(part, t) for part, t in packed_tensors(result.hmatrix, "").items()],
                    {"result": json.dumps(meta, sort_keys=True, allow_nan=False)}, overwrite=True)
-    return Outcome(job.name, stats=stats)
+    return JobResult(job.name, stats=stats)
 
 
 @contextlib.contextmanager
@@ -176,7 +178,7 @@ def read_result(path: pathlib.Path) -> tuple[dict, HMatrix]:
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["result"])
         tensors = {name: f.get_tensor(name) for name in f.keys()}
-    hm = hmatrix_from_tensors(tensors, "", tuple(meta["shape"]), DTYPES[meta["dtype"]])
+    hm = hmatrix_from_tensors(tensors, "", tuple(meta["shape"]), MATRIX_DTYPES[meta["dtype"]])
     hm.validate(str(path))
     return meta, hm
 
@@ -245,7 +247,7 @@ def _glibc():
         return None
 
 
-def run_jobs(jobs: list[Job], workers: int, progress: Callable[[int, int, str], None] | None) -> list[Outcome]:
+def run_jobs(jobs: list[Job], workers: int, progress: Callable[[int, int, str], None] | None) -> list[JobResult]:
     """Run every job (in ``workers`` processes if more than one); outcomes in the jobs' order."""
     total = len(jobs)
     if workers <= 1 or total <= 1:
@@ -272,7 +274,7 @@ def run_jobs(jobs: list[Job], workers: int, progress: Callable[[int, int, str], 
         return [future.result() for future in futures]
 
 
-def assembled_tensors(ckpt: Checkpoint, outcomes: dict[str, Outcome], workdir: WorkDir,
+def assembled_tensors(ckpt: Checkpoint, outcomes: dict[str, JobResult], workdir: WorkDir,
                       slots: dict[str, int]) -> tuple[dict[str, dict], list[StreamedTensor]]:
     """The metadata table of the compressed matrices and every tensor of the output, to stream."""
     table, tensors = {}, []
@@ -286,7 +288,7 @@ def assembled_tensors(ckpt: Checkpoint, outcomes: dict[str, Outcome], workdir: W
         meta, hm = read_result(path)
         prefix = entry.name + ".hm."
         table[entry.name] = matrix_entry(hm, {"orig_shape": meta["orig_shape"], "stats": outcome.stats}, prefix)
-        for part, tensor in packed_tensors(entry.name, hm, "").items():
+        for part, tensor in packed_tensors(hm, "").items():
             tensors.append(StreamedTensor(prefix + part, tensor.dtype, tuple(tensor.shape),
                                           _loader(path, part), f"compressed matrix {entry.name!r}"))
     return table, tensors
@@ -301,9 +303,19 @@ def _loader(path: pathlib.Path, part: str) -> Callable[[], torch.Tensor]:
     return load
 
 
-def default_workers() -> int:
-    """One worker per core this process may use."""
+def default_workers(source_bytes: int) -> int:
+    """Worker processes the work justifies: ``HMCOMPRESS_WORKERS`` if set, else one per
+    ``BYTES_PER_WORKER`` of matrices to compress, at most one per core this process may use.
+
+    A worker costs seconds of start-up (imports), which small checkpoints never win back.
+    """
+    configured = os.environ.get(WORKERS_VARIABLE, "").strip()
+    if configured:
+        if not configured.isdigit() or int(configured) < 1:
+            raise UserError(f"{WORKERS_VARIABLE}={configured!r} must be a whole number >= 1")
+        return int(configured)
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, source_bytes // BYTES_PER_WORKER))

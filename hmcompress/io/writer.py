@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from hmcompress import runtime
-from hmcompress.io.checkpoint import SAFETENSORS_DTYPES
-from hmcompress.errors import UserError
-from hmcompress.runtime import FORMAT_NAME, FORMAT_VERSION, HMatrix
+from hmcompress import __version__
+from hmcompress.errors import OutputExists, UserError
+from hmcompress.runtime import (FORMAT_NAME, FORMAT_VERSION, MATRIX_DTYPE_NAMES, SAFETENSORS_CODE, HMatrix,
+                                dense_nbytes)
+from hmcompress.runtime.bundle import shim_source
 
 SHIM_NAME = "hmruntime.py"
 
@@ -106,7 +107,7 @@ def atomic_write(path: str | os.PathLike, produce: Callable[[pathlib.Path], None
     """
     path = pathlib.Path(path)
     if path.exists() and not overwrite:
-        raise UserError(f"{path}: exists (use --force to overwrite)")
+        raise OutputExists(path)
     directory = path.parent
     if not directory.is_dir():
         raise UserError(f"{directory}: output directory does not exist")
@@ -126,10 +127,10 @@ def atomic_write(path: str | os.PathLike, produce: Callable[[pathlib.Path], None
             try:
                 os.link(tmp, path)  # fails if the target appeared meanwhile
             except FileExistsError:
-                raise UserError(f"{path}: exists (use --force to overwrite)") from None
+                raise OutputExists(path) from None
             except OSError:  # filesystems without hard links
                 if path.exists():
-                    raise UserError(f"{path}: exists (use --force to overwrite)") from None
+                    raise OutputExists(path) from None
                 os.replace(tmp, path)
             else:
                 tmp.unlink()
@@ -139,9 +140,6 @@ def atomic_write(path: str | os.PathLike, produce: Callable[[pathlib.Path], None
         raise
     _fsync_dir(directory)
     return path
-
-
-SAFETENSORS_DTYPE = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # the loader's table, inverted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +154,7 @@ class StreamedTensor:
 
     @property
     def nbytes(self) -> int:
-        return runtime.dense_nbytes(self.shape, self.dtype)
+        return dense_nbytes(self.shape, self.dtype)
 
     @classmethod
     def of(cls, name: str, tensor: torch.Tensor, owner: str = "") -> "StreamedTensor":
@@ -182,9 +180,9 @@ def write_streamed(path: str | os.PathLike, tensors: Iterable[StreamedTensor], m
             raise UserError(f"{path}: tensor name {t.name!r} of {t.owner} collides with "
                             f"{owners.get(t.name, 'the metadata')}")
         owners[t.name] = t.owner
-        if t.dtype not in SAFETENSORS_DTYPE:
+        if t.dtype not in SAFETENSORS_CODE:
             raise UserError(f"{path}: tensor {t.name!r} has dtype {t.dtype}, which safetensors cannot store")
-        header[t.name] = {"dtype": SAFETENSORS_DTYPE[t.dtype], "shape": list(t.shape),
+        header[t.name] = {"dtype": SAFETENSORS_CODE[t.dtype], "shape": list(t.shape),
                           "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
@@ -210,7 +208,7 @@ def _tensor_bytes(path: str | os.PathLike, item: StreamedTensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
-def packed_tensors(name: str, hm: HMatrix, prefix: str) -> dict[str, torch.Tensor]:
+def packed_tensors(hm: HMatrix, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors that store one matrix in a file (docs/FORMAT.md), by tensor name."""
     tensors = {prefix + "blocks": hm.blocks, prefix + "segments": hm.segments}
     for codec, pool in sorted(hm.pools.items()):
@@ -225,7 +223,7 @@ def packed_tensors(name: str, hm: HMatrix, prefix: str) -> dict[str, torch.Tenso
 def matrix_entry(hm: HMatrix, info: dict, prefix: str) -> dict:
     """A compressed matrix's entry in the file's metadata table (docs/FORMAT.md)."""
     return {**info, "shape": list(hm.shape), "orig_shape": list(info["orig_shape"]),
-            "dtype": runtime.DTYPE_NAMES[hm.dtype], "prefix": prefix}
+            "dtype": MATRIX_DTYPE_NAMES[hm.dtype], "prefix": prefix}
 
 
 def write_compressed(path: str | os.PathLike, matrices: dict[str, tuple[HMatrix, dict]],
@@ -244,7 +242,7 @@ def write_compressed(path: str | os.PathLike, matrices: dict[str, tuple[HMatrix,
         hm.validate(name)
         prefix = name + ".hm."
         tensors += [StreamedTensor.of(part, tensor, f"compressed matrix {name!r}")
-                    for part, tensor in packed_tensors(name, hm, prefix).items()]
+                    for part, tensor in packed_tensors(hm, prefix).items()]
         table[name] = matrix_entry(hm, info, prefix)
     write_assembled(path, table, {name: reason for name, (_t, reason) in passthrough.items()}, tensors,
                     header, overwrite=overwrite)
@@ -272,8 +270,8 @@ def write_dense(path: str | os.PathLike, state: dict[str, torch.Tensor], *, over
 
 
 def write_runtime_shim(directory: str | os.PathLike) -> pathlib.Path:
-    """Copy the standalone runtime beside a compressed file as ``hmruntime.py`` (byte-identical)."""
-    source = pathlib.Path(runtime.__file__).read_bytes()
+    """Write the standalone runtime beside a compressed file as ``hmruntime.py`` (`runtime.bundle`)."""
+    source = shim_source(__version__).encode("utf-8")
     target = pathlib.Path(directory) / SHIM_NAME
     with contextlib.suppress(OSError):
         if target.read_bytes() == source:

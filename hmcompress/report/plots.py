@@ -18,13 +18,20 @@ from hmcompress.compare.baselines import REFERENCE
 from hmcompress.core.codecs import row_bytes
 from hmcompress.compare.comparison import Comparison, LayerComparison
 from hmcompress.errors import UserError
-from hmcompress.runtime import CODEC_ID, CODECS, DENSE, LOWRANK, HMatrix
+from hmcompress.runtime import CODEC, CODECS, DENSE, LOWRANK, HMatrix
 
 INSTALL_HINT = "matplotlib is needed for pictures (--plot, --html): pip install 'hmcompress[plot]'"
 DPI = 100
-# One fixed colour per codec (tab10), so a codec looks the same in every picture.
-CODEC_COLOURS = dict(zip(CODECS, ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-                                  "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")))
+# One fixed colour per codec id (tab10, then its light shades), so a codec looks the same in every
+# picture; ids beyond the palette reuse it rather than fail.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
+           "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5")
+
+
+def codec_colour(codec: str) -> str:
+    """The colour every picture gives ``codec``."""
+    return PALETTE[CODEC[codec].id % len(PALETTE)]
 HATCH = {"dense": "xx", "rows": "//"}
 
 
@@ -103,7 +110,7 @@ def leaves(hm: HMatrix) -> list[Leaf]:
             ranks[block] += rank
         codec_bytes[block][codec] = codec_bytes[block].get(codec, 0) + size
     return [Leaf(r0, c0, h, w, kinds[i], ranks[i],
-                 max(codec_bytes[i], key=lambda c: (codec_bytes[i][c], -CODEC_ID[c])) if codec_bytes[i] else "")
+                 max(codec_bytes[i], key=lambda c: (codec_bytes[i][c], -CODEC[c].id)) if codec_bytes[i] else "")
             for i, (r0, c0, h, w, _level) in enumerate(blocks)]
 
 
@@ -162,9 +169,9 @@ def draw_codecs(ax, hm: HMatrix) -> None:
 
     cells = leaves(hm)
     for group, hatch in _by_kind(cells):
-        _rectangles(ax, group, [CODEC_COLOURS.get(c.codec, "white") for c in group], hatch)
-    used = sorted({c.codec for c in cells if c.codec}, key=CODEC_ID.get)
-    handles = [Patch(facecolor=CODEC_COLOURS[c], edgecolor="black", label=c) for c in used]
+        _rectangles(ax, group, [codec_colour(c.codec) if c.codec else "white" for c in group], hatch)
+    used = sorted({c.codec for c in cells if c.codec}, key=lambda c: CODEC[c].id)
+    handles = [Patch(facecolor=codec_colour(c), edgecolor="black", label=c) for c in used]
     if any(c.kind == "zero" for c in cells):
         handles.append(Patch(facecolor="white", edgecolor="black", label="zero"))
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="codec")

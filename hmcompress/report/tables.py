@@ -7,7 +7,7 @@ import math
 from rich.console import Console
 from rich.table import Table
 
-from hmcompress.api import LayerStats, totals
+from hmcompress.core.stats import LayerStats, totals
 
 COLUMNS = ("layer", "shape", "blocks lr/rows/dense", "rank max/mean", "codecs", "bytes before",
            "bytes after", "ratio", "rel err", "||W-H||_2", "kappa(W)", "kappa(H) <=")

@@ -10,7 +10,7 @@
             optimizer.step()
         optimizer = dynamic.end_epoch(optimizer, loss=loss.item())
 
-Every ``every`` epochs each `HLinear` is rebuilt from its dense equivalent (`recompress`) and the
+Every ``every`` epochs each `TrainableHLinear` is rebuilt from its dense equivalent (`recompress`) and the
 optimizer rebuilt over the new parameters (`rebuild_optimizer`). Every epoch appends one row to
 the log: what the H-matrices store (numbers and packed bytes, beside the dense weights), the
 largest relative error of that epoch's recompression, and the task metric and values given.
@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from hmcompress.train.layers import Recompressed, footprint, rebuild_optimizer, recompress, to_hmatrix
+from hmcompress.train.layers import Recompressed, footprint, rebuild_optimizer, recompress, replace_linears
 from hmcompress.io.writer import atomic_write
 
 Metric = Callable[[nn.Module], "Mapping[str, float] | float"]
@@ -55,7 +55,7 @@ class DynamicCompression:
         if self.log is not None and self.log.suffix not in LOG_FORMATS:
             raise ValueError(f"{self.log}: the log must end in {' or '.join(LOG_FORMATS)}")
         self.model, self.tol, self.every, self.metric = model, tol, every, metric
-        self.swapped = to_hmatrix(model, tol, include=include, exclude=exclude, precision=precision,
+        self.swapped = replace_linears(model, tol, include=include, exclude=exclude, precision=precision,
                                   leaf=leaf, strategy=strategy, absolute=absolute)
         self.epoch = 0
         self.last: list[Recompressed] = []

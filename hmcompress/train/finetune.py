@@ -23,7 +23,7 @@ from hmcompress import runtime
 from hmcompress.api import options_from_json
 from hmcompress.core.bounds import frobenius
 from hmcompress.core.build import CompressionOptions, compress_matrix, measured_error
-from hmcompress.train.layers import HLinear, hlinear_layers
+from hmcompress.train.layers import TrainableHLinear, hlinear_layers
 from hmcompress.core.stats import layer_stats
 from hmcompress.io.writer import write_compressed
 
@@ -44,7 +44,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> list[str]:
         key = f"{name}.weight"
         tol = compressed.metadata["matrices"][key]["stats"].get("tol", base.tol)
         dtype, device = where[name]
-        layer = HLinear(compressed.matrices[key], model.get_submodule(name).bias,
+        layer = TrainableHLinear(compressed.matrices[key], model.get_submodule(name).bias,
                         dataclasses.replace(base, tol=tol), dtype, device)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
@@ -52,7 +52,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> list[str]:
 
 
 def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s state dict as the dense model's: each `HLinear`'s dense equivalent (rounded to
+    """``model``'s state dict as the dense model's: each `TrainableHLinear`'s dense equivalent (rounded to
     its dtype) under ``<name>.weight`` in place of its leaves."""
     state = model.state_dict()
     for name, layer in hlinear_layers(model):
@@ -66,7 +66,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, options: Compr
                     overwrite: bool = False, source: str = "fine-tuned model") -> None:
     """Write ``model`` as a compressed checkpoint (docs/FORMAT.md), atomically.
 
-    Each `HLinear` is stored as its parameters are (``options=None``), or compressed afresh from its
+    Each `TrainableHLinear` is stored as its parameters are (``options=None``), or compressed afresh from its
     dense equivalent with ``options``; every other tensor of the state dict passes through. The
     recorded errors and bounds are measured against the layer's dense weight (`dense_state`).
     """
@@ -94,7 +94,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, options: Compr
     write_compressed(path, matrices, passthrough, header, overwrite=overwrite)
 
 
-def _layers_options(layers: list[tuple[str, HLinear]]) -> CompressionOptions:
+def _layers_options(layers: list[tuple[str, TrainableHLinear]]) -> CompressionOptions:
     """The layers' options for the file header (their largest tolerance if they differ)."""
     if not layers:
         return CompressionOptions(precision="keep")

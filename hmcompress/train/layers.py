@@ -1,6 +1,6 @@
 """Training with H-matrices: trainable H-matrix layers, dynamic recompression and a rank penalty.
 
-A trainable `HLinear` holds the leaves of an H-matrix as parameters: the factors U (h x k) and
+A trainable `TrainableHLinear` holds the leaves of an H-matrix as parameters: the factors U (h x k) and
 V (k x w) of every low-rank block, the values of every dense block (and the stored rows of every
 rows block, the others staying zero). Leaves of one kind and shape are batched, so a forward pass
 costs a few tensor operations per block shape, never one call per block.
@@ -13,7 +13,7 @@ so that the next `recompress` finds blocks of lower rank. A recompressed layer h
 continue with `rebuild_optimizer` (module identities do not change).
 
 Trainable factors are floating-point parameters in the source dtype: a packed matrix coded in
-integers (``precision="auto"``) is decoded for training, and `HLinear.to_hmatrix` packs the trained
+integers (``precision="auto"``) is decoded for training, and `TrainableHLinear.to_hmatrix` packs the trained
 layer in that floating dtype. The inference layer is `hmcompress.runtime.HLinear`.
 """
 from __future__ import annotations
@@ -21,14 +21,15 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from hmcompress.core.build import CompressionOptions, Packer, compress_matrix, row_mask
+from hmcompress.core.build import CompressionOptions, Packer, compress_matrix
 from hmcompress.core.codecs import source_codec
-from hmcompress.runtime import DENSE, LOWRANK, ROWS, HMatrix
+from hmcompress.runtime import DENSE, LOWRANK, ROWS, HMatrix, row_mask
 
 PENALTIES = ("nuclear", "factor")
 TIGHTENINGS = 4  # rebuilds with a tighter tolerance before `recompress` keeps a layer as it is
@@ -190,7 +191,7 @@ class Recompressed:
         return self.error / self.norm if self.norm > 0 else 0.0
 
 
-class HLinear(nn.Module):
+class TrainableHLinear(nn.Module):
     """``y = x @ Hᵀ + bias`` with H an H-matrix whose leaves are trainable parameters.
 
     Build it with `from_linear` or `from_matrix` (compressing within the tolerance) or from a
@@ -216,7 +217,7 @@ class HLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, tol: float = 1e-2, precision: str = "keep", *,
-                    leaf: int = 32, strategy: str = "optimal", absolute: bool = False) -> "HLinear":
+                    leaf: int = 32, strategy: str = "optimal", absolute: bool = False) -> "TrainableHLinear":
         """An H-matrix layer within ``tol`` of ``linear`` (relative Frobenius unless ``absolute``),
         in ``linear``'s dtype and device. ``precision="auto"`` lets the partition and ranks be
         chosen for integer codecs, but trainable factors are not kept in integer codecs."""
@@ -225,7 +226,7 @@ class HLinear(nn.Module):
 
     @classmethod
     def from_matrix(cls, weight: torch.Tensor, bias: torch.Tensor | None,
-                    options: CompressionOptions) -> "HLinear":
+                    options: CompressionOptions) -> "TrainableHLinear":
         """An H-matrix layer within ``options`` of ``weight`` (measured), with ``bias``."""
         weight = weight.detach()
         exact = dataclasses.replace(options, tol=0.0)  # ``weight`` itself: always within budget
@@ -255,7 +256,7 @@ class HLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"HLinear expects inputs with {self.in_features} features, got {tuple(x.shape)}")
+            raise ValueError(f"TrainableHLinear expects inputs with {self.in_features} features, got {tuple(x.shape)}")
         rows = x.reshape(math.prod(x.shape[:-1]), self.in_features)
         rows = rows if rows.dtype == self.dtype else rows.to(self.dtype)
         y = rows.new_zeros(rows.shape[0], self.out_features)
@@ -342,15 +343,15 @@ def _leaf_groups(hm: HMatrix, dtype: torch.dtype) -> nn.ModuleList:
         row0, col0, h, w, level = blocks[block]
         corner = (row0, col0, level)
         if parts[0].kind == LOWRANK:
-            u = torch.cat([s.first for s in parts]).T
-            v = torch.cat([s.second for s in parts])
+            u = torch.cat([s.a for s in parts]).T
+            v = torch.cat([s.b for s in parts])
             lowrank.setdefault((h, w), []).append((corner, (u, v)))
         elif parts[0].kind == DENSE:
-            dense.setdefault((h, w), []).append((corner, (parts[0].first, None)))
+            dense.setdefault((h, w), []).append((corner, (parts[0].block, None)))
         else:
             values, stored = torch.zeros(h, w, dtype=torch.float64), torch.zeros(h)
             for s in parts:
-                values[s.second], stored[s.second] = s.first, 1.0
+                values[s.index], stored[s.index] = s.values, 1.0
             dense.setdefault((h, w), []).append((corner, (values, stored)))
     groups = [_LowRankLeaves([c for c, _ in items], h, w, [f for _, f in items], dtype)
               for (h, w), items in sorted(lowrank.items())]
@@ -366,7 +367,7 @@ def _empty_blocks(hm: HMatrix) -> list[tuple[int, int, int, int, int]]:
 
 
 def _fit(reference: torch.Tensor, dtype: torch.dtype, options: CompressionOptions,
-         device: torch.device | str | None, bias: torch.Tensor | None) -> HLinear | None:
+         device: torch.device | str | None, bias: torch.Tensor | None) -> TrainableHLinear | None:
     """A layer of ``dtype`` whose float64 error against ``reference`` is within the budget, or None.
 
     `compress_matrix` guarantees its packed matrix; a layer's parameters hold that matrix's
@@ -377,7 +378,7 @@ def _fit(reference: torch.Tensor, dtype: torch.dtype, options: CompressionOption
     source = reference.detach().to(dtype).cpu()
     trial = options
     for _ in range(TIGHTENINGS):
-        layer = HLinear(compress_matrix(source, trial).hmatrix, bias, options, dtype, device)
+        layer = TrainableHLinear(compress_matrix(source, trial).hmatrix, bias, options, dtype, device)
         with torch.no_grad():
             error = float(torch.linalg.matrix_norm(reference - layer.to_dense(torch.float64)))
         if error <= allowed:
@@ -392,24 +393,24 @@ def _fit(reference: torch.Tensor, dtype: torch.dtype, options: CompressionOption
 # Whole models
 
 
-def hlinear_layers(model: nn.Module) -> list[tuple[str, HLinear]]:
-    """Every trainable `HLinear` of ``model`` with its module name."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, HLinear)]
+def hlinear_layers(model: nn.Module) -> list[tuple[str, TrainableHLinear]]:
+    """Every trainable `TrainableHLinear` of ``model`` with its module name."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, TrainableHLinear)]
 
 
-def to_hmatrix(model: nn.Module, tol: float = 1e-2, *, include: Sequence[str] = ("*",),
-               exclude: Sequence[str] = (), precision: str = "keep", leaf: int = 32,
-               strategy: str = "optimal", absolute: bool = False) -> list[Recompressed]:
+def replace_linears(model: nn.Module, tol: float = 1e-2, *, include: Sequence[str] = ("*",),
+                    exclude: Sequence[str] = (), precision: str = "keep", leaf: int = 32,
+                    strategy: str = "optimal", absolute: bool = False) -> list[Recompressed]:
     """Replace, in place, every `nn.Linear` whose module name matches a glob of ``include`` and
-    none of ``exclude`` by an `HLinear` within ``tol``; returns what was done to each (the errors
+    none of ``exclude`` by an `TrainableHLinear` within ``tol``; returns what was done to each (the errors
     measured against the original weight). Build the optimizer after this call."""
     done = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or not _selected(name, include, exclude):
             continue
         if not name:
-            raise ValueError("cannot replace the model itself by an HLinear; pass a module containing it")
-        layer = HLinear.from_linear(module, tol, precision, leaf=leaf, strategy=strategy, absolute=absolute)
+            raise ValueError("cannot replace the model itself by a TrainableHLinear; pass a module containing it")
+        layer = TrainableHLinear.from_linear(module, tol, precision, leaf=leaf, strategy=strategy, absolute=absolute)
         weight = module.weight.detach().double()
         norm = float(torch.linalg.matrix_norm(weight))
         with torch.no_grad():
@@ -428,9 +429,9 @@ def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool
 
 
 def recompress(model: nn.Module, tol: float | None = None) -> list[Recompressed]:
-    """Rebuild every `HLinear` of ``model`` from its current dense equivalent (the dynamic step),
+    """Rebuild every `TrainableHLinear` of ``model`` from its current dense equivalent (the dynamic step),
     at ``tol`` (default: each layer's own tolerance; other options are the layer's). No layer's
-    error exceeds its budget (see `HLinear.recompress`). Parameters change: continue with
+    error exceeds its budget (see `TrainableHLinear.recompress`). Parameters change: continue with
     ``optimizer = rebuild_optimizer(optimizer, model)``."""
     results = []
     for name, layer in hlinear_layers(model):
@@ -440,7 +441,7 @@ def recompress(model: nn.Module, tol: float | None = None) -> list[Recompressed]
 
 
 def rank_penalty(model: nn.Module, kind: str = "nuclear") -> torch.Tensor:
-    """Σ over every `HLinear` of `HLinear.rank_penalty`; add ``λ * rank_penalty(model)`` to the loss."""
+    """Σ over every `TrainableHLinear` of `TrainableHLinear.rank_penalty`; add ``λ * rank_penalty(model)`` to the loss."""
     if kind not in PENALTIES:
         raise ValueError(f"kind must be one of {', '.join(PENALTIES)}, got {kind!r}")
     terms = [layer.rank_penalty(kind) for _, layer in hlinear_layers(model)]
@@ -449,7 +450,7 @@ def rank_penalty(model: nn.Module, kind: str = "nuclear") -> torch.Tensor:
 
 @dataclasses.dataclass
 class Footprint:
-    """Storage of a model's `HLinear` weights beside the dense weights they stand for."""
+    """Storage of a model's `TrainableHLinear` weights beside the dense weights they stand for."""
 
     layers: int
     stored_numbers: int
@@ -469,7 +470,7 @@ class Footprint:
 
 
 def footprint(model: nn.Module) -> Footprint:
-    """What the `HLinear` weights of ``model`` store, in numbers and in packed bytes."""
+    """What the `TrainableHLinear` weights of ``model`` store, in numbers and in packed bytes."""
     layers = [layer for _, layer in hlinear_layers(model)]
     itemsize = [torch.empty((), dtype=layer.dtype).element_size() for layer in layers]
     return Footprint(len(layers), sum(layer.stored_numbers for layer in layers),
@@ -504,3 +505,14 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> tor
                 if p in optimizer.state:
                     rebuilt.state[p] = optimizer.state[p]
     return rebuilt
+
+
+_RENAMED = {"HLinear": TrainableHLinear, "to_hmatrix": replace_linears}  # names before version 0.2
+
+
+def __getattr__(name: str) -> object:
+    if name in _RENAMED:
+        warnings.warn(f"hmcompress.train.layers.{name} is now {_RENAMED[name].__name__}; the old name goes in "
+                      "the next release", DeprecationWarning, stacklevel=2)
+        return _RENAMED[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

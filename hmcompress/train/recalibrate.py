@@ -48,7 +48,7 @@ def recalibrate(model: nn.Module, compressed: str | os.PathLike, loss: Callable[
     ``model`` retrained by ``steps`` L-BFGS iterations on ``loss(model)``.
 
     ``model`` is patched with the compressed file in place (its compressed layers become
-    `HLinear`s) and left holding the retrained values, only those requiring gradients. The
+    `TrainableHLinear`s) and left holding the retrained values, only those requiring gradients. The
     H-matrices are copied unchanged.
     """
     if steps < 1:

@@ -138,7 +138,7 @@ def kept_step(model: nn.Module, optimizer: torch.optim.LBFGS, objective) -> bool
     return kept
 
 
-def summary(settings: Settings, rows: list[dict]) -> dict[str, dict]:
+def summary(rows: list[dict]) -> dict[str, dict]:
     """Each run's final rel L2 and stored fraction, and the issue's two criteria."""
     final = {run: [r for r in rows if r["run"] == run][-1] for run in RUNS}
     dense = final["dense"]["rel_l2"]
@@ -153,7 +153,7 @@ def markdown(settings: Settings, rows: list[dict], seconds: float) -> str:
     lines = [f"Settings: {dataclasses.asdict(settings)}; {seconds:.0f} s in total.", "",
              "| run | final rel. L2 | L2 / dense L2 | stored / dense numbers | within 2x of dense and <= 1/2 |",
              "|---|---|---|---|---|"]
-    for run, s in summary(settings, rows).items():
+    for run, s in summary(rows).items():
         lines.append(f"| {run} | {s['rel_l2']:.3e} | {s['l2_over_dense']:.2f} | {s['stored_fraction']:.3f} | "
                      f"{'yes' if s['meets'] else 'no'} |")
     lines += ["", "| epoch | " + " | ".join(f"{run} L2 | {run} stored" for run in RUNS) + " |",

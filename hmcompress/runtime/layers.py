@@ -1,0 +1,233 @@
+"""Layers that run a compressed file in a model: `HLinear` (``x @ Hᵀ + b`` without forming H) and
+`patch`, which swaps a model's compressed `nn.Linear` layers for them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+
+import torch
+from torch import nn
+
+from hmcompress.runtime.matrix import HMatrix
+from hmcompress.runtime.product import TilePlan, tile_product
+from hmcompress.runtime.read import read_file
+
+
+def compact_planes(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Factors as int8 codes times float32 scales, plus a plane for floating-coded pieces.
+
+    The float plane takes the narrowest of float16, bfloat16 and ``dtype`` that holds its values
+    exactly; planes with nothing in them are left out. `decode_planes` inverts this.
+    """
+    integer = ~torch.isnan(scales)
+    safe = torch.where(integer & (scales != 0), scales, torch.ones_like(scales))
+    codes = torch.where(integer, torch.round(values / safe), torch.zeros_like(values))
+    floats = torch.where(integer, torch.zeros_like(values), values)
+    planes = {}
+    if bool(codes.any()):
+        planes["codes"] = codes.to(torch.int8)
+        planes["scale"] = torch.where(integer, scales, torch.zeros_like(scales)).to(torch.float32)
+    if bool(floats.any()):
+        narrow = [d for d in (torch.float16, torch.bfloat16) if torch.equal(floats.to(d).double(), floats)]
+        planes["float"] = floats.to(narrow[0] if narrow else dtype)
+    return planes
+
+
+def decode_planes(planes: dict[str, torch.Tensor], dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    """The factors in ``dtype`` from `compact_planes` (codes times scales rounded once, in float32
+    or float64, as decoding straight into ``dtype`` would)."""
+    out = torch.zeros(shape, dtype=dtype, device=planes["anchor"].device)
+    if "codes" in planes:
+        wide = torch.promote_types(dtype, torch.float32)
+        out = out + (planes["codes"].to(wide) * planes["scale"].to(wide)).to(dtype)
+    if "float" in planes:
+        out = out + planes["float"].to(dtype)
+    return out
+
+
+class HLinear(nn.Module):
+    """``y = x @ Hᵀ + bias`` for a packed H-matrix H, without forming H.
+
+    The two-stage tile product (see `TilePlan`) costs a fixed handful of tensor operations per
+    call, whatever the number of blocks. Factors are decoded once into ``dtype``; with
+    ``keep_compact`` they stay as int8 codes with float32 scales (plus a float16, bfloat16 or
+    ``dtype`` plane for pieces stored in floating codecs) and are decoded on every call: less
+    memory, more time. All tensors are (non-persistent) buffers, so ``.to()`` moves them; ``bias``
+    stays a trainable parameter.
+    """
+
+    def __init__(self, hmatrix: HMatrix, bias: torch.Tensor | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 keep_compact: bool = False) -> None:
+        super().__init__()
+        dtype = dtype or torch.float32
+        self.out_features, self.in_features = hmatrix.shape
+        self.blocks = int(hmatrix.blocks.shape[0])
+        self.stored_bytes = hmatrix.nbytes
+        self.keep_compact = keep_compact
+        plan = TilePlan.build(hmatrix)
+        tensors, scales = plan.tensors(), plan.scales()
+        # Buffers are named as `tile_product` names its tensors, so that (unless compact) the
+        # buffer dict is the plan: nothing to assemble per call.
+        self._factor_shapes = {name: tensors[name].shape for name in ("u", "v")}
+        self._planes: dict[str, tuple[str, ...]] = {}  # with keep_compact: each factor's planes
+        for name, tensor in tensors.items():
+            if name not in self._factor_shapes:
+                self.register_buffer(name, tensor.to(device), persistent=False)
+            elif keep_compact:
+                planes = compact_planes(tensor, scales[name], dtype)
+                self._planes[name] = tuple(planes)
+                for part, plane in planes.items():
+                    self.register_buffer(f"{name}_{part}", plane.to(device), persistent=False)
+            else:
+                self.register_buffer(name, tensor.to(device=device, dtype=dtype), persistent=False)
+        if bias is not None:
+            trainable = bias.requires_grad if isinstance(bias, nn.Parameter) else True
+            bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype).clone(),
+                                requires_grad=trainable)
+        self.register_parameter("bias", bias)  # None too: `forward` reads `_parameters`
+        self.register_buffer("anchor", torch.zeros(0, dtype=dtype, device=device), persistent=False)
+
+    def _decoded_plan(self) -> dict[str, torch.Tensor]:
+        """With keep_compact: the buffers plus ``u`` and ``v`` decoded from their planes."""
+        buffers = self._buffers
+        anchor = buffers["anchor"]
+        plan = dict(buffers)
+        for name, parts in self._planes.items():
+            planes = {part: buffers[f"{name}_{part}"] for part in parts}
+            plan[name] = decode_planes({**planes, "anchor": anchor}, anchor.dtype, self._factor_shapes[name])
+        return plan
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the tensors held for the product (factors or their codes, scales, index tables)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if shape[-1] != self.in_features:
+            raise ValueError(f"HLinear expects inputs with {self.in_features} features, got {tuple(shape)}")
+        plan = self._decoded_plan() if self.keep_compact else self._buffers  # not `Module.__getattr__`: ~1 us a name
+        dtype = plan["anchor"].dtype
+        rows = x if len(shape) == 2 else x.reshape(-1, self.in_features)
+        y = tile_product(plan, rows if rows.dtype == dtype else rows.to(dtype), self._parameters["bias"])
+        if len(shape) != 2:
+            y = y.reshape(*shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"blocks={self.blocks}, bytes={self.stored_bytes}, held={self.held_bytes}, "
+                f"bias={self.bias is not None}, dtype={str(self.anchor.dtype).removeprefix('torch.')}"
+                f"{', compact' if self.keep_compact else ''}")
+
+
+PATCH_MODES = ("hmatrix", "dense", "auto")
+
+
+@dataclasses.dataclass
+class LayerChoice:
+    """How `patch` runs one compressed `nn.Linear`, and the probe timings behind an "auto" choice."""
+
+    name: str
+    mode: str  # "hmatrix" or "dense"
+    hmatrix_seconds: float | None = None
+    dense_seconds: float | None = None
+
+
+class Patched(list):
+    """The names of the modules `patch` replaced by `HLinear` (a plain list of str), with every
+    compressed linear layer's `LayerChoice` in ``choices``."""
+
+    def __init__(self, choices: list[LayerChoice]) -> None:
+        super().__init__(sorted(c.name for c in choices if c.mode == "hmatrix"))
+        self.choices = sorted(choices, key=lambda c: c.name)
+
+
+def patch(model: nn.Module, path: str | os.PathLike, mode: str = "hmatrix", *,
+          keep_compact: bool = False, probe_batch: int = 16) -> Patched:
+    """Load a compressed file into ``model``, running compressed `nn.Linear` layers as `HLinear`.
+
+    ``mode="hmatrix"`` replaces every `nn.Linear` whose weight is compressed; ``"dense"`` loads
+    dense weights only; ``"auto"`` times both on a random probe of ``probe_batch`` rows and keeps
+    the faster per layer (see ``.choices`` of the result). ``keep_compact`` keeps integer-coded
+    factors compact (see `HLinear`). Keys are checked strictly, as by ``model.load_state_dict``.
+    """
+    if mode not in PATCH_MODES:
+        raise ValueError(f"mode must be one of {', '.join(PATCH_MODES)}, got {mode!r}")
+    compressed = read_file(path)
+    file_keys = {*compressed.matrices, *compressed.passthrough}
+    model_keys = set(model.state_dict().keys())
+    linears = {name: module for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and _key(name, "weight") in compressed.matrices}
+    # Biases of replaced layers may be absent from the file (then the layer's own is kept).
+    optional = {_key(name, "bias") for name in linears} if mode != "dense" else set()
+    missing = sorted(model_keys - file_keys - optional)
+    unexpected = sorted(file_keys - model_keys)
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: does not match the model: missing keys {missing}, "
+                           f"unexpected keys {unexpected}")
+    if "" in linears and mode != "dense":
+        raise ValueError("cannot replace the model itself by an HLinear; patch a module containing it")
+    choices, new_modules = [], {}
+    for name, module in linears.items():
+        hm = compressed.matrices[_key(name, "weight")]
+        if tuple(hm.shape) != (module.out_features, module.in_features):
+            raise RuntimeError(f"{path}: {name}.weight has shape {tuple(hm.shape)}, the model's "
+                               f"{(module.out_features, module.in_features)}")
+        if mode == "dense":
+            choices.append(LayerChoice(name, "dense"))
+            continue
+        layer = HLinear(hm, module.bias, dtype=module.weight.dtype, device=module.weight.device,
+                        keep_compact=keep_compact)
+        choice = LayerChoice(name, "hmatrix")
+        if mode == "auto":
+            choice = _faster(name, layer, hm, module, probe_batch)
+        choices.append(choice)
+        if choice.mode == "hmatrix":
+            new_modules[id(module)] = layer
+    replaced = {c.name for c in choices if c.mode == "hmatrix"}
+    dense = {name: compressed.dense(name) for name in sorted(file_keys - {_key(n, "weight") for n in replaced})}
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if id(child) in new_modules:
+                setattr(parent, child_name, new_modules[id(child)])
+    result = model.load_state_dict(dense, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"{path}: unexpected keys {sorted(result.unexpected_keys)}")
+    return Patched(choices)
+
+
+def _key(module_name: str, tensor: str) -> str:
+    return f"{module_name}.{tensor}" if module_name else tensor
+
+
+def _faster(name: str, layer: HLinear, hm: HMatrix, module: nn.Linear, probe_batch: int) -> LayerChoice:
+    """Time `layer` against a dense `nn.Linear` holding H on the same probe; the faster wins."""
+    weight = module.weight
+    dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(hm.to_dense(weight.dtype))
+        probe = torch.randn(probe_batch, module.in_features, generator=torch.Generator().manual_seed(0))
+        probe = probe.to(device=weight.device, dtype=weight.dtype)
+        h_time, d_time = _seconds(layer, probe), _seconds(dense, probe)
+    return LayerChoice(name, "hmatrix" if h_time <= d_time else "dense", h_time, d_time)
+
+
+def _seconds(fn: nn.Module, probe: torch.Tensor, budget: float = 0.02, most: int = 50) -> float:
+    """The best of several timed calls (after a warm-up), within about ``budget`` seconds."""
+    sync = torch.cuda.synchronize if probe.is_cuda else (lambda: None)
+    fn(probe)
+    sync()
+    best, spent, calls = math.inf, 0.0, 0
+    while calls < 3 or (spent < budget and calls < most):
+        start = time.perf_counter()
+        fn(probe)
+        sync()
+        elapsed = time.perf_counter() - start
+        best, spent, calls = min(best, elapsed), spent + elapsed, calls + 1
+    return best

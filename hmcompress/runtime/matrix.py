@@ -1,0 +1,185 @@
+"""`HMatrix`: a hierarchical matrix in packed form, as the library holds it and the file stores it.
+
+Decoding goes one segment at a time into `DenseSegment`, `LowRankSegment` or `RowsSegment`
+(float64, exact for every codec); `to_dense` and `matmul` are built on them. The fast product
+lives in `product.py`, validation in `validate.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import ClassVar
+
+import torch
+
+from hmcompress.runtime.format import CODEC, CODECS, DENSE, LOWRANK, ROWS, Kind, decode_rows, mask_bytes, mask_rows
+from hmcompress.runtime.validate import validate_packed
+
+
+@dataclasses.dataclass
+class HMatrix:
+    """A hierarchical matrix in packed form: a block table, a segment table and codec pools.
+
+    This is both the in-memory type of the library and exactly what the file stores, so what the
+    library measures is what a user of the file gets.
+    """
+
+    shape: tuple[int, int]
+    dtype: torch.dtype  # the source matrix's dtype (dense reconstruction is cast back to it)
+    blocks: torch.Tensor  # int32 (B, 5)
+    segments: torch.Tensor  # int32 (S, 6)
+    pools: dict[str, torch.Tensor]
+    scales: dict[str, torch.Tensor]
+    row_masks: torch.Tensor = dataclasses.field(  # uint8: one bitmap per ROWS segment, in order
+        default_factory=lambda: torch.zeros(0, dtype=torch.uint8))
+
+    def validate(self, name: str = "matrix") -> None:
+        """Raise `FormatError` ("<name>: <problem>") unless this is a well-formed packed matrix.
+
+        Everything is checked with sorting and vector operations (no m*n arrays, no per-block
+        Python loops): tables' dtypes and shapes, blocks tiling the matrix exactly, each segment's
+        block, kind, codec, rank, pool and scale ranges, the segments of a block, and row bitmaps.
+        """
+        validate_packed(self, name)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor this matrix occupies in a file."""
+        tensors = [self.blocks, self.segments, self.row_masks, *self.pools.values(),
+                   *self.scales.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def segment_values(self) -> Iterator[Segment]:
+        """Every segment decoded, in table order: values in float64 (exact for every codec)."""
+        blocks = self.blocks.tolist()
+        mask_cursor = 0
+        for block, kind, codec_id, rank, offset, scale_offset in self.segments.tolist():
+            row0, col0, rows, cols, _level = blocks[block]
+            codec = CODECS[codec_id]
+            run = _RowRun(self, codec, offset, scale_offset)
+            if kind == LOWRANK:
+                a, a_scales = run.take(rank, rows)
+                b, b_scales = run.take(rank, cols)
+                yield LowRankSegment(row0, col0, rows, cols, codec, a, b, a_scales, b_scales)
+            elif kind == ROWS:
+                index = mask_rows(self.row_masks[mask_cursor:mask_cursor + mask_bytes(rows)], rows)
+                mask_cursor += mask_bytes(rows)
+                values, scales = run.take(rank, cols)
+                yield RowsSegment(row0, col0, rows, cols, codec, values, index, scales)
+            else:
+                values, scales = run.take(rows, cols)
+                yield DenseSegment(row0, col0, rows, cols, codec, values, scales)
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The stored matrix, computed in float64 and cast to ``dtype`` (default: source dtype)."""
+        out = torch.zeros(self.shape, dtype=torch.float64)
+        for s in self.segment_values():
+            out[s.row0:s.row0 + s.rows, s.col0:s.col0 + s.cols] += s.block_values()
+        return out.to(self.dtype if dtype is None else dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``H @ x`` for x of shape (n,) or (n, k), in float64, without forming H."""
+        if x.ndim not in (1, 2) or x.shape[0] != self.shape[1]:
+            raise ValueError(f"cannot multiply a {self.shape} H-matrix by {tuple(x.shape)}")
+        columns = x.double().reshape(self.shape[1], -1)
+        out = torch.zeros(self.shape[0], columns.shape[1], dtype=torch.float64)
+        for s in self.segment_values():
+            out[s.row0:s.row0 + s.rows] += s.times(columns[s.col0:s.col0 + s.cols])
+        return out.reshape(self.shape[0], *x.shape[1:])
+
+    __matmul__ = matmul
+
+
+class _RowRun:
+    """Consecutive stored rows of one segment, read from its pool and scale offsets onwards."""
+
+    def __init__(self, hm: HMatrix, codec: str, offset: int, scale_offset: int) -> None:
+        self.pool, self.scales = hm.pools[codec], hm.scales.get(codec)
+        self.codec, self.offset, self.scale_offset = codec, offset, scale_offset
+
+    def take(self, count: int, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next ``count`` rows of ``length`` numbers (float64) and their scales."""
+        size = count * CODEC[self.codec].row_length(length)
+        scales = None
+        if self.scales is not None:
+            scales = self.scales[self.scale_offset:self.scale_offset + count]
+            self.scale_offset += count
+        values = decode_rows(self.codec, self.pool[self.offset:self.offset + size], scales, length,
+                             torch.float64)
+        self.offset += size
+        return values, scales
+
+
+@dataclasses.dataclass
+class Segment:
+    """Where a decoded segment sits (its block ``row0, col0, rows, cols``) and its codec.
+
+    Scales (float32, one per stored row) are given for integer codecs and None for floating ones.
+    """
+
+    kind: ClassVar[Kind]
+    row0: int
+    col0: int
+    rows: int
+    cols: int
+    codec: str
+
+    def block_values(self) -> torch.Tensor:
+        """What this segment adds to its block (rows x cols, float64)."""
+        raise NotImplementedError
+
+    def times(self, x: torch.Tensor) -> torch.Tensor:
+        """This segment's part of the block times ``x`` (cols x k): rows x k."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class DenseSegment(Segment):
+    """The whole block, number by number."""
+
+    kind: ClassVar[Kind] = DENSE
+    block: torch.Tensor  # rows x cols
+    scales: torch.Tensor | None
+
+    def block_values(self) -> torch.Tensor:
+        return self.block
+
+    def times(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block @ x
+
+
+@dataclasses.dataclass
+class LowRankSegment(Segment):
+    """Factors of the block: it equals ``a.T @ b``."""
+
+    kind: ClassVar[Kind] = LOWRANK
+    a: torch.Tensor  # k x rows
+    b: torch.Tensor  # k x cols
+    a_scales: torch.Tensor | None
+    b_scales: torch.Tensor | None
+
+    def block_values(self) -> torch.Tensor:
+        return self.a.T @ self.b
+
+    def times(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a.T @ (self.b @ x)
+
+
+@dataclasses.dataclass
+class RowsSegment(Segment):
+    """Some rows of the block; the block's other rows are zero (or in another rows segment)."""
+
+    kind: ClassVar[Kind] = ROWS
+    values: torch.Tensor  # k x cols: the stored rows
+    index: torch.Tensor  # (k,): their row numbers within the block
+    scales: torch.Tensor | None
+
+    def block_values(self) -> torch.Tensor:
+        out = torch.zeros(self.rows, self.cols, dtype=self.values.dtype)
+        out[self.index] = self.values
+        return out
+
+    def times(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(self.rows, x.shape[1], dtype=x.dtype)
+        out[self.index] = self.values @ x
+        return out

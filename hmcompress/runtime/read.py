@@ -1,0 +1,271 @@
+"""Reading files: the safetensors header (one parser for checkpoints and compressed files), the
+`hmcompress` metadata, and the packed matrices, every size checked before anything is allocated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import struct
+
+import torch
+
+from hmcompress.runtime.format import (BLOCK_COLUMNS, CODEC, CODECS, FORMAT_NAME, FORMAT_VERSION, INTEGER_CODECS,
+                                       MATRIX_DTYPES, SAFETENSORS_CODE, SAFETENSORS_DTYPES, SCALE_DTYPE,
+                                       SEGMENT_COLUMNS, DType, FormatError)
+from hmcompress.runtime.matrix import HMatrix
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # as safetensors itself
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors header: dtype, shape and its byte range in the data section."""
+
+    dtype: DType
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SafetensorsHeader:
+    """A checked safetensors header: its tensors in file order and its string metadata."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_size: int
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """The header of a safetensors file, checked: a `FormatError` naming the file otherwise.
+
+    Checked: the length field against the file, UTF-8 JSON (no key twice, no lone surrogates, no
+    absurd nesting or numbers), string metadata, known dtypes, shapes and offsets that are
+    integers, ranges inside the data section that match their shape and do not overlap.
+    """
+    path = pathlib.Path(path)
+
+    def fail(problem: str):
+        raise FormatError(f"{path}: {problem}")
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                fail("truncated safetensors file (no header length)")
+            (length,) = struct.unpack("<Q", head)
+            if length > MAX_HEADER_BYTES or length > size - 8:
+                raise NotSafetensors(f"{path}: safetensors header claims {length} bytes, file has {size - 8}")
+            raw = f.read(length)
+    except OSError as err:
+        raise FormatError(f"{path}: cannot read: {err.strerror or err}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+    except _DuplicateKey as err:
+        fail(f"safetensors header names {err.args[0]!r} twice")
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: also huge integers
+        fail(f"safetensors header is not valid UTF-8 JSON ({err.__class__.__name__})")
+    if not isinstance(header, dict):
+        fail("safetensors header is not a JSON object")
+    data_size = size - 8 - length
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) and _is_unicode(k + v)
+                                                 for k, v in metadata.items()):
+        fail("safetensors __metadata__ must map strings to strings")
+    tensors = {}
+    for name, info in header.items():
+        if not _is_unicode(name):
+            fail(f"tensor name {name!r} is not valid UTF-8 (a lone surrogate)")
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) \
+                or info["dtype"] not in SAFETENSORS_DTYPES:
+            fail(f"tensor {name!r}: unknown or missing dtype")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if (not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int for o in offsets)):
+            fail(f"tensor {name!r}: malformed shape or data_offsets")
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size or end - begin != math.prod(shape) * dtype.itemsize:
+            fail(f"tensor {name!r}: data offsets out of range or inconsistent with its shape")
+        tensors[name] = TensorInfo(dtype, tuple(shape), begin, end)
+    spans = sorted((t.begin, t.end, name) for name, t in tensors.items())
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            fail(f"tensors {first!r} and {second!r} overlap")
+    return SafetensorsHeader(tensors, metadata, data_size)
+
+
+class NotSafetensors(FormatError):
+    """The file's first 8 bytes cannot be a safetensors header length: some other kind of file."""
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object hook refusing a key given twice (json would silently keep the last)."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _is_unicode(text: str) -> bool:
+    """False for strings JSON escapes can make but UTF-8 cannot hold (lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@dataclasses.dataclass
+class CompressedFile:
+    """A compressed checkpoint: its metadata, packed matrices and passthrough tensors."""
+
+    path: pathlib.Path
+    metadata: dict  # the parsed `hmcompress` metadata (docs/FORMAT.md)
+    matrices: dict[str, HMatrix]
+    passthrough: dict[str, torch.Tensor]
+
+    def dense(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as the original checkpoint held it (a matrix expanded, in its shape)."""
+        if name not in self.matrices:
+            return self.passthrough[name]
+        return self.matrices[name].to_dense().reshape(self.metadata["matrices"][name]["orig_shape"])
+
+
+
+def parse_metadata(path: str | os.PathLike) -> tuple[dict, dict[str, TensorInfo]]:
+    """The `hmcompress` metadata of a file and its tensors (dtype, shape), checked, from the
+    header alone: nothing is allocated for the tensors."""
+    path = pathlib.Path(path)
+
+    def fail(problem: str):
+        raise FormatError(f"{path}: {problem}")
+
+    try:
+        header = read_header(path)
+    except NotSafetensors as err:
+        raise FormatError(f"{err}: not an hmcompress file (those are safetensors files)") from None
+    if "hmcompress" not in header.metadata:
+        fail("no hmcompress metadata (not a file written by hmcompress?)")
+    try:
+        meta = json.loads(header.metadata["hmcompress"])
+    except (ValueError, RecursionError) as err:
+        fail(f"hmcompress metadata is not valid JSON ({err.__class__.__name__})")
+    if not isinstance(meta, dict):
+        fail("hmcompress metadata is not a JSON object")
+    if meta.get("format") != FORMAT_NAME:
+        fail(f"metadata names format {meta.get('format')!r}, not {FORMAT_NAME!r}")
+    version = meta.get("version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        fail(f"format version {version!r} is not supported (this reader knows version {FORMAT_VERSION})")
+    entries = header.tensors
+    matrices, passthrough = meta.get("matrices"), meta.get("passthrough")
+    if not isinstance(matrices, dict) or not isinstance(passthrough, dict):
+        fail("metadata lacks the 'matrices' and 'passthrough' tables")
+    if not isinstance(meta.get("options", {}), dict):
+        fail("metadata 'options' is not a JSON object")
+
+    claimed: dict[str, tuple[str, str]] = {}  # packed tensor name -> (matrix, part)
+    for name, info in matrices.items():
+        where = f"matrix {name!r}"
+        if not isinstance(info, dict):
+            fail(f"{where}: entry is not an object")
+        shape, orig, dtype, prefix = (info.get(k) for k in ("shape", "orig_shape", "dtype", "prefix"))
+        if not (isinstance(shape, list) and len(shape) == 2 and all(type(d) is int and d >= 0 for d in shape)):
+            fail(f"{where}: shape must be two non-negative integers, got {shape!r}")
+        if not (isinstance(orig, list) and all(type(d) is int and d >= 0 for d in orig)
+                and math.prod(orig) == shape[0] * shape[1]):
+            fail(f"{where}: orig_shape {orig!r} does not hold a {shape[0]}x{shape[1]} matrix")
+        if not isinstance(dtype, str) or dtype not in MATRIX_DTYPES:
+            fail(f"{where}: unsupported dtype {dtype!r}")
+        if not isinstance(prefix, str) or not prefix:
+            fail(f"{where}: prefix must be a non-empty string")
+        parts = ["blocks", "segments", "rows", *(f"pool.{c}" for c in CODECS),
+                 *(f"scale.{c}" for c in sorted(INTEGER_CODECS))]
+        for part in parts:
+            other = claimed.setdefault(prefix + part, (name, part))
+            if other != (name, part):
+                fail(f"tensor {prefix + part!r} is claimed by matrices {other[0]!r} and {name!r}")
+    for name, reason in passthrough.items():
+        if not isinstance(reason, str):
+            fail(f"passthrough {name!r}: reason must be a string")
+        if name in claimed:
+            fail(f"tensor {name!r} is both passthrough and part of matrix {claimed[name][0]!r}")
+        if name not in entries:
+            fail(f"passthrough tensor {name!r} is missing")
+
+    found: dict[str, dict[str, str]] = {name: {} for name in matrices}
+    for tensor, info in entries.items():
+        if tensor in passthrough:
+            continue
+        if tensor not in claimed:
+            fail(f"tensor {tensor!r} is not explained by the metadata")
+        matrix, part = claimed[tensor]
+        found[matrix][part] = tensor
+        shape = list(info.shape)
+        if part in ("blocks", "segments"):
+            columns = BLOCK_COLUMNS if part == "blocks" else SEGMENT_COLUMNS
+            want, ok_shape = torch.int32, len(shape) == 2 and shape[1] == columns
+        else:
+            kind, _, codec = part.partition(".")
+            want = {"rows": torch.uint8, "scale": SCALE_DTYPE}.get(kind) or CODEC[codec].pool_dtype
+            ok_shape = len(shape) == 1
+        if info.dtype.torch_dtype != want or not ok_shape:
+            fail(f"tensor {tensor!r}: {info.dtype.code} {shape} where {SAFETENSORS_CODE[want]} of "
+                 f"{'shape (N, %d)' % columns if part in ('blocks', 'segments') else 'one dimension'} is expected")
+    for name, parts in found.items():
+        for part in ("blocks", "segments"):
+            if part not in parts:
+                fail(f"tensor {matrices[name]['prefix'] + part!r} of matrix {name!r} is missing")
+    return meta, entries
+
+
+def hmatrix_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int],
+                         dtype: torch.dtype) -> HMatrix:
+    """The packed matrix whose tensors are named ``prefix + part`` (docs/FORMAT.md); not validated."""
+    pools = {c: tensors[prefix + f"pool.{c}"] for c in CODECS if prefix + f"pool.{c}" in tensors}
+    scales = {c: tensors[prefix + f"scale.{c}"] for c in CODECS if prefix + f"scale.{c}" in tensors}
+    masks = tensors.get(prefix + "rows", torch.zeros(0, dtype=torch.uint8))
+    return HMatrix(shape, dtype, tensors[prefix + "blocks"], tensors[prefix + "segments"], pools, scales, masks)
+
+
+def read_file(path: str | os.PathLike) -> CompressedFile:
+    """Read and validate a compressed file; every problem is a `FormatError` naming it."""
+    from safetensors import safe_open
+
+    path = pathlib.Path(path)
+    meta, entries = parse_metadata(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in entries}
+    except Exception as err:  # safetensors raises its own error types
+        raise FormatError(f"{path}: cannot load tensors: {err}") from err
+    matrices = {}
+    for name, info in meta["matrices"].items():
+        hm = hmatrix_from_tensors(tensors, info["prefix"], tuple(info["shape"]), MATRIX_DTYPES[info["dtype"]])
+        hm.validate(f"{path}: {name}")
+        matrices[name] = hm
+    passthrough = {name: tensors[name] for name in meta["passthrough"]}
+    return CompressedFile(path, meta, matrices, passthrough)
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a compressed file, dense, under its original name, shape and dtype.
+
+    A drop-in for ``model.load_state_dict(...)``.
+    """
+    compressed = read_file(path)
+    return {name: compressed.dense(name) for name in sorted({*compressed.matrices, *compressed.passthrough})}
+
+
