@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test fuzz bench results lint clean
+.PHONY: install demo test check fuzz bench results lint clean
 
 install: $(STAMP)
 
@@ -19,8 +19,13 @@ demo: install
 	$(PY) -m hmcompress report out/classifier.hm.safetensors
 	$(PY) -m hmcompress verify out/classifier.hm.safetensors --original sample_models/classifier/classifier.safetensors
 
+# Everything, slow tests included.
 test: install
 	$(PY) -m pytest -q tests
+
+# The fast tier while working: no test marked slow (pyproject.toml says which are).
+check: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 # 10,000 random byte mutations per loader and format (make test runs 40, deterministically).
 fuzz: install

@@ -9,6 +9,8 @@ import dataclasses
 import pathlib
 from collections.abc import Callable
 
+import torch
+
 from hmcompress.io import pipeline
 from hmcompress.core.build import CompressionOptions, as_matrix
 from hmcompress.io.checkpoint import Checkpoint, Selection, classify, open_checkpoint
@@ -18,7 +20,20 @@ from hmcompress.core.stats import LayerStats, totals
 from hmcompress.core.verdicts import Gates, recorded_fields, recorded_problems
 from hmcompress.io.writer import StreamedTensor, write_assembled, write_runtime_shim, write_streamed
 
-Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
+
+@dataclasses.dataclass(frozen=True)
+class ProgressReport:
+    """Where a compression stands: matrices and their source bytes done of the total (from the
+    start), and the matrix that just finished (None before the first)."""
+
+    done: int
+    total: int
+    done_bytes: int
+    total_bytes: int
+    finished: str | None
+
+
+Progress = Callable[[ProgressReport], None]
 
 
 @dataclasses.dataclass
@@ -32,6 +47,12 @@ class CompressionResult:
 
     def totals(self) -> dict:
         return totals(self.layers)
+
+    def to_json(self) -> dict:
+        """One input's entry in ``compress --json``."""
+        return {"ok": not self.failures, "source": str(self.source),
+                "output": str(self.output) if self.output else None, "gate_failures": self.failures,
+                "options": self.options, "layers": [s.to_json() for s in self.layers], "totals": self.totals()}
 
 
 def default_output(source: pathlib.Path, out_dir: pathlib.Path | None = None) -> pathlib.Path:
@@ -75,9 +96,10 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
         jobs = [pipeline.Job(str(source), name, slots[name], options, selection.passthrough_nonfinite,
                              workdir and str(workdir.path), resume and write) for name in eligible]
         pipeline.use_checkpoint(str(source), ckpt)
+        sizes = {e.name: e.nbytes for e in ckpt.entries if reasons[e.name] is None}
         if workers is None:
-            workers = pipeline.default_workers(sum(e.nbytes for e in ckpt.entries if reasons[e.name] is None))
-        outcomes = {o.name: o for o in pipeline.run_jobs(jobs, workers, progress)}
+            workers = pipeline.default_workers(sum(sizes.values()))
+        outcomes = {o.name: o for o in pipeline.run_jobs(jobs, workers, _byte_counter(progress, sizes))}
         layers = []
         for entry in ckpt.entries:
             outcome = outcomes.get(entry.name)
@@ -101,6 +123,18 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
             workdir.remove()
     reused = sorted(o.name for o in outcomes.values() if o.reused)
     return CompressionResult(source, output if write else None, layers, header["options"], failures, reused)
+
+
+def _byte_counter(progress: Progress | None, sizes: dict[str, int]):
+    """The pipeline's (done, total, finished) callback, reporting bytes too."""
+    if progress is None:
+        return None
+    state = {"bytes": 0}
+
+    def count(done: int, total: int, finished: str | None) -> None:
+        state["bytes"] += sizes[finished] if finished else 0
+        progress(ProgressReport(done, total, state["bytes"], sum(sizes.values()), finished))
+    return count
 
 
 def _discard_on_user_error(workdir: "pipeline.WorkDir", keep: bool):
@@ -190,6 +224,8 @@ class Verification:
     budget: float
     ok: bool
     problems: list[str] = dataclasses.field(default_factory=list)  # recorded figures that do not hold
+    norm: float = 0.0  # ||W||_F, which a relative tolerance multiplies
+    absolute: bool = False  # the file's tolerance is absolute
 
 
 def verify(path: str | pathlib.Path, original: str | pathlib.Path) -> list[Verification]:
@@ -210,7 +246,8 @@ def verify(path: str | pathlib.Path, original: str | pathlib.Path) -> list[Verif
             raise UserError(f"{original}: tensor {name!r} has shape {tuple(w.shape)}, not {hm.shape}")
         stats = recorded_fields(LayerStats, info.get("stats"), f"{path}: {name}")
         measured, problems = recorded_problems(w, hm, stats, absolute, f"{path}: {name}")
-        results.append(Verification(name, stats["fro_error"], measured, stats["budget"], not problems, problems))
+        results.append(Verification(name, stats["fro_error"], measured, stats["budget"], not problems, problems,
+                                    float(torch.linalg.vector_norm(w)), absolute))
     return results
 
 

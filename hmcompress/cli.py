@@ -1,96 +1,198 @@
 """Command line: thin wiring from options to `hmcompress.api`, one clear line per user error.
 
 Exit codes: 0 ok, 1 a quality check failed (verify, or a --max-error/--min-ratio gate),
-2 bad input or usage.
+2 bad input or usage, 130 interrupted. The library (and so torch) is imported inside each
+command, so that ``--help`` and ``--version`` answer at once.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pathlib
 import sys
 import warnings
-from collections.abc import Callable
-from typing import Optional
+from collections.abc import Callable, Iterator
+from typing import Literal, Optional
 
 import typer
+import typer.core
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from hmcompress import api
-from hmcompress.compare import baselines
-from hmcompress.compare import comparison as compare
-from hmcompress.report import tables as report
-from hmcompress.train import recalibrate as recalibration
-from hmcompress.core.build import CompressionOptions
-from hmcompress.io.checkpoint import Selection
-from hmcompress.errors import USER_ERRORS, OptionError, OutputExists, UserError
-from hmcompress.core.verdicts import Gates
+from hmcompress import __version__
+from hmcompress.errors import OptionError, OutputExists, UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Error-bounded hierarchical-matrix compression of checkpoints.")
-# Not on a terminal (pipes, CI logs) the table keeps its width instead of wrapping at 80 columns.
-stdout = Console(width=None if sys.stdout.isatty() else 240)
-stderr = Console(stderr=True)
+class _BareFlags:
+    """Flags (--force, --help, --install-completion, ...) show no value placeholder in --help."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        return params
+
+
+class _Command(_BareFlags, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_BareFlags, typer.core.TyperGroup):
+    pass
+
+
+app = typer.Typer(cls=_Group, add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Error-bounded hierarchical-matrix compression of checkpoints.",
+                  epilog="Start with: hmcompress compress model.pt --tol 1e-2   (then: hmcompress report "
+                         "model.hm.safetensors). Shell completion: hmcompress --install-completion.")
+PIPE_WIDTH = 240  # not on a terminal (pipes, CI logs), tables keep this width unless COLUMNS says otherwise
 _debug = {"on": False}
 
 
+def _console(stderr: bool = False) -> Console:
+    """A console for this call: COLUMNS wins, then the terminal's width, then PIPE_WIDTH."""
+    stream = sys.stderr if stderr else sys.stdout
+    columns = os.environ.get("COLUMNS", "")
+    tty = stream.isatty()
+    width = int(columns) if columns.isdigit() else (None if tty else PIPE_WIDTH)
+    return Console(file=stream, width=width, force_terminal=None if tty else False)
+
+
+def _say(text: str) -> None:
+    """A line of progress or logging on stderr."""
+    _console(stderr=True).print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _out(text: str) -> None:
+    """A line of data on stdout."""
+    _console().print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _json(payload: dict) -> None:
+    from hmcompress.report.tables import to_json
+
+    sys.stdout.write(to_json(payload) + "\n")
+
+
+def flag(*names: str, help: str) -> bool:  # noqa: A002 - typer's parameter name
+    """A boolean option, off unless given."""
+    return typer.Option(False, *names, help=help)
+
+
+def _version(value: bool) -> None:
+    if value:
+        _out(f"hmcompress {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
-    _debug["on"] = debug
+def _main(debug: bool = flag("--debug", help="Show tracebacks for errors (also accepted after the command)."),
+          _version_flag: bool = typer.Option(False, "--version", "-V", is_eager=True, callback=_version,
+                                             help="Print the version and exit.")) -> None:
+    _debug["on"] = _debug["on"] or debug
 
 
-@contextlib.contextmanager
-def _progress(enabled: bool, label: str):
-    """A progress callback: a rich bar on a terminal, plain lines on stderr otherwise."""
-    if not enabled:
-        yield None
-        return
-    if not stderr.is_terminal:
-        yield lambda done, total, name: stderr.print(f"[{done + 1}/{total}] {label}: {name}",
-                                                     markup=False, highlight=False)
-        return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=stderr, transient=True) as bar:
-        task = bar.add_task(label, total=None)
+class _Bar:
+    """Progress on stderr: a rich bar on a terminal (total, percentage, throughput, ETA from the
+    start), plain lines otherwise, nothing with --quiet."""
 
-        def update(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, description=f"{label}: {name}")
-        yield update
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label, self.enabled = label, enabled
+        self.console = _console(stderr=True)
+        self.bar = self.task = None
+
+    def __enter__(self) -> "_Bar":
+        if self.enabled and self.console.is_terminal:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                                MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                                TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task(self.label, total=None, rate="")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc_info)
+
+    def update(self, done: int, total: int, detail: str | None, rate: str = "", eta: str = "") -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, total=total, rate=rate)
+        elif detail is not None:
+            percent = f" {100 * done / total:.0f}%" if total else ""
+            extras = ", ".join(part for part in (rate, eta and f"ETA {eta}") if part)
+            self.console.print(f"[{done}/{total}{percent}] {self.label}: {detail}"
+                               + (f" ({extras})" if extras else ""), markup=False, highlight=False, soft_wrap=True)
+
+    def steps(self, done: int, total: int, name: str) -> None:
+        """For work counted in steps alone (compare): the step that starts now."""
+        self.update(done, total, name)
+
+    def compression(self, started: float) -> Callable:
+        """For `api.compress_checkpoint`: matrices, bytes per second and the time left."""
+        import time
+
+        def report(state) -> None:
+            elapsed = time.monotonic() - started
+            rate = state.done_bytes / elapsed / 1e6 if elapsed > 0 and state.done_bytes else 0.0
+            left = (state.total_bytes - state.done_bytes) / (rate * 1e6) if rate else None
+            eta = f"{int(left) // 60}:{int(left) % 60:02d}" if left is not None else ""
+            detail = f"{state.finished} done" if state.finished else ("starting" if state.total else None)
+            self.update(state.done, state.total, detail, f"{rate:.1f} MB/s" if rate else "", eta)
+        return report
 
 
-@app.command()
+@app.command(cls=_Command, epilog="Examples: hmcompress compress model.pt --tol 1e-2 | hmcompress compress ckpts/*.safetensors "
+                    "--tol 1e-2 --out-dir out --json | hmcompress compress model.pt --max-error 0.01 --min-ratio 3")
 def compress(
-    models: list[pathlib.Path] = typer.Argument(..., help="Checkpoint files or sharded directories."),
+    models: list[pathlib.Path] = typer.Argument(..., help="Checkpoint files or sharded directories.",
+                                                metavar="CHECKPOINT..."),
     tol: float = typer.Option(1e-2, "--tol", help="Relative Frobenius tolerance per matrix."),
-    absolute: bool = typer.Option(False, "--abs", help="Make --tol an absolute Frobenius error."),
-    strategy: str = typer.Option("optimal", help="optimal (default) or paper (the seed's algorithm)."),
-    precision: str = typer.Option("auto", help="auto (mixed storage precisions) or keep (source dtype)."),
-    leaf: int = typer.Option(32, help="Smallest block side the quad-tree splits down to."),
-    min_size: int = typer.Option(64, help="Compress only matrices with both sides >= this."),
-    include: list[str] = typer.Option([], help="Glob on tensor names to compress (repeatable)."),
-    exclude: list[str] = typer.Option([], help="Glob on tensor names to leave alone (repeatable)."),
-    conv: bool = typer.Option(False, help="Also compress conv kernels (as out x in*k*k)."),
+    absolute: bool = flag("--abs", help="Make --tol an absolute Frobenius error."),
+    strategy: Literal["optimal", "paper"] = typer.Option("optimal", help="optimal: fewest bytes within --tol; "
+                                                          "paper: the seed paper's algorithm."),
+    precision: Literal["auto", "keep"] = typer.Option("auto", help="auto: mixed storage precisions; keep: "
+                                                      "the source dtype only."),
+    leaf: int = typer.Option(32, min=1, help="Smallest block side the quad-tree splits down to."),
+    min_size: int = typer.Option(64, min=0, help="Compress only matrices with both sides >= this."),
+    include: list[str] = typer.Option([], metavar="GLOB", help="Tensor names to compress (repeatable)."),
+    exclude: list[str] = typer.Option([], metavar="GLOB", help="Tensor names to leave alone (repeatable)."),
+    conv: bool = flag("--conv", help="Also compress conv kernels (as out x in*k*k)."),
     output: Optional[pathlib.Path] = typer.Option(None, "-o", "--output", help="Output file (one input)."),
-    out_dir: Optional[pathlib.Path] = typer.Option(None, "--out-dir", help="Output directory (many inputs)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    out_dir: Optional[pathlib.Path] = typer.Option(None, "--out-dir", help="Output directory (many inputs; "
+                                                   "created if missing)."),
+    force: bool = flag("--force", help="Overwrite existing outputs."),
+    json_out: bool = flag("--json", help="Print one JSON document on stdout."),
+    quiet: bool = flag("--quiet", "-q", help="No progress on stderr."),
+    wide: bool = flag("--wide", help="Every column of the table, whatever the terminal's width."),
     max_error: Optional[float] = typer.Option(None, "--max-error", help="Gate: exit 1 (writing nothing) if the "
                                               "largest relative Frobenius error of a compressed matrix exceeds this."),
     min_ratio: Optional[float] = typer.Option(None, "--min-ratio", help="Gate: exit 1 (writing nothing) if the "
                                               "whole checkpoint's bytes ratio (all tensors, before/after) is below this."),
-    keep_failed: bool = typer.Option(False, "--keep-failed", help="Write the output even when a gate fails."),
-    passthrough_nonfinite: bool = typer.Option(False, "--passthrough-nonfinite", help="Copy matrices holding "
-                                               "NaN/Inf unchanged instead of refusing the checkpoint."),
+    keep_failed: bool = flag("--keep-failed", help="Write the output even when a gate fails."),
+    passthrough_nonfinite: bool = flag("--passthrough-nonfinite", help="Copy matrices holding NaN/Inf unchanged "
+                                       "instead of refusing the checkpoint."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Compress in this many processes "
                                           "(default: $HMCOMPRESS_WORKERS, else one per 16 MiB of matrices up to "
                                           "one per core); the output is the same for any number."),
-    resume: bool = typer.Option(False, "--resume", help="Reuse the matrices an interrupted run of the same "
-                                "output already compressed (kept beside the output until it is written)."),
+    resume: bool = flag("--resume", help="Reuse the matrices an interrupted run of the same output already "
+                        "compressed (kept beside the output until it is written)."),
     device: str = typer.Option("cpu", "--device", help="Where the factorizations run: cpu or cuda[:N]."),
 ) -> None:
-    """Compress every eligible weight matrix into an H-matrix within --tol."""
+    """Compress every eligible weight matrix into an H-matrix within --tol; writes MODEL.hm.safetensors
+    and hmruntime.py beside it, and prints the per-layer report."""
+    import time
+
+    from hmcompress import api
+    from hmcompress.core.build import CompressionOptions
+    from hmcompress.core.verdicts import Gates
+    from hmcompress.io.checkpoint import Selection
+    from hmcompress.report import tables
+
     if output and len(models) > 1:
         raise UserError("-o/--output takes one input; use --out-dir for several")
     options = CompressionOptions(tol=tol, absolute=absolute, strategy=strategy, precision=precision, leaf=leaf,
@@ -98,35 +200,34 @@ def compress(
     selection = Selection(min_size=min_size, include=tuple(include), exclude=tuple(exclude), conv=conv,
                           passthrough_nonfinite=passthrough_nonfinite)
     gates = Gates(max_error, min_ratio) if max_error is not None or min_ratio is not None else None
+    if out_dir is not None and not output:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"{out_dir}: --out-dir is not a directory")
+        out_dir.mkdir(parents=True, exist_ok=True)
     targets = [output or api.default_output(model, out_dir) for model in models]
     _refuse_duplicate_outputs(models, targets)
     results = []
     for model, target in zip(models, targets):
         try:
-            with _progress(not quiet, str(model)) as progress:
+            with _Bar(str(model), not quiet) as bar:
                 result = api.compress_checkpoint(model, target, options, selection, overwrite=force,
-                                                 progress=progress, gates=gates, keep_failed=keep_failed,
-                                                 workers=workers, resume=resume)
+                                                 progress=bar.compression(time.monotonic()), gates=gates,
+                                                 keep_failed=keep_failed, workers=workers, resume=resume)
         except KeyboardInterrupt:
-            stderr.print(f"hmcompress: interrupted: nothing written to {target}; the matrices already "
-                         "compressed are kept, run the same command with --resume to go on", markup=False,
-                         highlight=False, soft_wrap=True)
+            _say(f"hmcompress: interrupted: nothing written to {target}; the matrices already compressed are "
+                 "kept, run the same command with --resume to go on")
             raise typer.Exit(130) from None
         results.append(result)
         if resume and not quiet:
             compressed = sum(layer.compressed for layer in result.layers)
-            stderr.print(f"{model}: resumed {len(result.reused)} of {compressed} matrices", markup=False,
-                         highlight=False)
+            _say(f"{model}: resumed {len(result.reused)} of {compressed} matrices")
         if not json_out:
-            report.print_table(result.layers, stdout, title=f"{model} -> {result.output or 'nothing written'}")
+            tables.print_table(result.layers, _console(), title=f"{model} -> {result.output or 'nothing written'}",
+                               wide=wide)
         for failure in result.failures:
-            stderr.print(f"hmcompress: {model}: quality gate failed: {failure}"
-                         f"{'' if result.output else '; nothing written'}", markup=False, highlight=False, soft_wrap=True)
+            _say(f"hmcompress: {model}: quality gate failed: {failure}{'' if result.output else '; nothing written'}")
     if json_out:
-        payload = [{"ok": not r.failures, "source": str(r.source), "output": str(r.output) if r.output else None,
-                    "gate_failures": r.failures, "options": r.options,
-                    "layers": [s.to_json() for s in r.layers], "totals": r.totals()} for r in results]
-        stdout.print_json(report.to_json(payload if len(payload) > 1 else payload[0]))
+        _json({"ok": not any(r.failures for r in results), "results": [r.to_json() for r in results]})
     if any(r.failures for r in results):
         raise typer.Exit(1)
 
@@ -141,17 +242,25 @@ def _refuse_duplicate_outputs(models: list[pathlib.Path], targets: list[pathlib.
         seen[key] = model
 
 
-@app.command("report")
+@app.command("report", cls=_Command, epilog="Examples: hmcompress report model.hm.safetensors | hmcompress report "
+                              "model.hm.safetensors --markdown >> $GITHUB_STEP_SUMMARY | hmcompress report "
+                              "model.hm.safetensors --html report.html")
 def report_cmd(
     file: pathlib.Path = typer.Argument(..., help="A compressed .hm.safetensors file."),
     original: Optional[pathlib.Path] = typer.Option(None, help="Also re-measure against the original."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
-    markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table."),
+    json_out: bool = flag("--json", help="Print one JSON document on stdout."),
+    markdown: bool = flag("--markdown", help="Print a Markdown table (for a pull request or job summary)."),
     html_out: Optional[pathlib.Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page "
                                                     "(table and pictures)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing HTML page."),
+    force: bool = flag("--force", help="Overwrite an existing HTML page."),
+    wide: bool = flag("--wide", help="Every column of the table, whatever the terminal's width."),
 ) -> None:
-    """Per-layer errors, bounds and compression ratios stored in a compressed file."""
+    """Per-layer errors, bounds and compression ratios stored in a compressed file (nothing is
+    recomputed unless --original is given)."""
+    from hmcompress import api
+    from hmcompress.report import tables
+    from hmcompress.train import recalibrate as recalibration
+
     if html_out:
         _check_picture_outputs(None, html_out, force)
     meta, layers = api.stats_from_file(file)
@@ -159,20 +268,22 @@ def report_cmd(
         _write_report_page(file, meta, layers, html_out, force)
     checks = api.verify(file, original) if original else []
     if json_out:
+        from hmcompress.core.stats import totals
+
         payload = {"ok": all(c.ok for c in checks), "file": str(file), "options": meta.get("options", {}),
-                   "layers": [s.to_json() for s in layers], "totals": api.totals(layers)}
-        if checks:
+                   "layers": [s.to_json() for s in layers], "totals": totals(layers)}
+        if original:
             payload["verify"] = [c.__dict__ for c in checks]
         if "recalibrated" in meta:
             payload["recalibrated"] = meta["recalibrated"]
-        stdout.print_json(report.to_json(payload))
+        _json(payload)
     else:
         if markdown:
-            sys.stdout.write(report.markdown(layers, title=str(file.name)))
+            sys.stdout.write(tables.markdown(layers, title=str(file.name)))
         else:
-            report.print_table(layers, stdout, title=str(file))
+            tables.print_table(layers, _console(), title=str(file), wide=wide)
         if "recalibrated" in meta:
-            stdout.print(recalibration.describe(meta["recalibrated"]), markup=False, highlight=False, soft_wrap=True)
+            _out(recalibration.describe(meta["recalibrated"]))
     _print_checks(checks)
 
 
@@ -186,59 +297,75 @@ def _write_report_page(file: pathlib.Path, meta: dict, layers: list, html_out: p
                     lambda pages, pictures: pages.file_page(file.name, meta.get("options", {}), layers, pictures))
 
 
-@app.command("verify")
+@app.command("verify", cls=_Command, epilog="Example: hmcompress verify model.hm.safetensors --original model.pt")
 def verify_cmd(
     file: pathlib.Path = typer.Argument(..., help="A compressed .hm.safetensors file."),
     original: pathlib.Path = typer.Option(..., help="The checkpoint it was made from."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    json_out: bool = flag("--json", help="Print one JSON document on stdout."),
 ) -> None:
-    """Re-measure every matrix against the original; exit 1 if any error exceeds its bound."""
+    """Re-measure every matrix against the original; exit 1 if any recorded figure does not hold."""
+    from hmcompress import api
+
     checks = api.verify(file, original)
     if json_out:
-        stdout.print_json(report.to_json({"ok": all(c.ok for c in checks), "matrices": [c.__dict__ for c in checks]}))
+        _json({"ok": all(c.ok for c in checks), "matrices": [c.__dict__ for c in checks]})
     else:
         for c in checks:
             status = "ok" if c.ok else "FAILED"
-            stdout.print(f"{status:6} {c.name}: measured {c.measured_error:.6g} <= budget {c.budget:.6g} "
-                         f"(recorded {c.recorded_error:.6g})", markup=False, highlight=False)
+            _out(f"{status:6} {c.name}: {_verify_figures(c)}")
             for problem in c.problems:
-                stdout.print(f"       {problem}", markup=False, highlight=False)
+                _out(f"       {problem}")
+        failed = sum(not c.ok for c in checks)
+        _out(f"{len(checks) - failed} of {len(checks)} matrices hold every recorded figure"
+             + (f"; {failed} do not" if failed else ""))
     _print_checks(checks)
+
+
+def _verify_figures(check) -> str:
+    """A check's error as the tolerance was given: relative to ||W||_F, or absolute."""
+    if check.norm and not check.absolute:
+        return (f"relative error {check.measured_error / check.norm:.6g} <= tol "
+                f"{check.budget / check.norm:.6g} (recorded {check.recorded_error / check.norm:.6g})")
+    return f"error {check.measured_error:.6g} <= budget {check.budget:.6g} (recorded {check.recorded_error:.6g})"
 
 
 def _print_checks(checks: list) -> None:
     failed = [c for c in checks if not c.ok]
     if failed:
-        stderr.print(f"hmcompress: {len(failed)} matrices break a recorded bound: {failed[0].name}: "
-                     f"{failed[0].problems[0] if failed[0].problems else 'error above its bound'}",
-                     markup=False, highlight=False, soft_wrap=True)
+        _say(f"hmcompress: {len(failed)} matrices break a recorded bound: {failed[0].name}: "
+             f"{failed[0].problems[0] if failed[0].problems else 'error above its bound'}")
         raise typer.Exit(1)
 
 
-@app.command("compare")
+@app.command("compare", cls=_Command, epilog="Examples: hmcompress compare model.pt --tol 1e-2 --sweep 1e-1,1e-3 | "
+                               "hmcompress compare model.pt --json > compare.json | hmcompress compare model.pt "
+                               "--plot pictures/ --html compare.html")
 def compare_cmd(
     model: pathlib.Path = typer.Argument(..., help="A checkpoint file or sharded directory."),
     tol: float = typer.Option(1e-2, "--tol", help="Relative Frobenius tolerance (the pictures use this one)."),
-    sweep: Optional[str] = typer.Option(None, "--sweep", help="More tolerances, comma-separated: 1e-1,1e-2,1e-3."),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="More tolerances, comma-separated: 1e-1,1e-3."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated subset of the methods "
                                           "(default all; hm-auto, the reference, always runs)."),
-    leaf: int = typer.Option(32, help="Smallest block side of the H-matrix methods."),
-    min_size: int = typer.Option(64, help="Compare only matrices with both sides >= this."),
-    include: list[str] = typer.Option([], help="Glob on tensor names to compare (repeatable)."),
-    exclude: list[str] = typer.Option([], help="Glob on tensor names to leave out (repeatable)."),
-    conv: bool = typer.Option(False, help="Also compare conv kernels (as out x in*k*k)."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout (docs/COMPARE.md)."),
+    leaf: int = typer.Option(32, min=1, help="Smallest block side of the H-matrix methods."),
+    min_size: int = typer.Option(64, min=0, help="Compare only matrices with both sides >= this."),
+    include: list[str] = typer.Option([], metavar="GLOB", help="Tensor names to compare (repeatable)."),
+    exclude: list[str] = typer.Option([], metavar="GLOB", help="Tensor names to leave out (repeatable)."),
+    conv: bool = flag("--conv", help="Also compare conv kernels (as out x in*k*k)."),
+    json_out: bool = flag("--json", help="Print one JSON document on stdout (docs/COMPARE.md)."),
     plot: Optional[pathlib.Path] = typer.Option(None, "--plot", help="Write PNG pictures into this directory."),
     html_out: Optional[pathlib.Path] = typer.Option(None, "--html", help="Write one self-contained HTML page."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing pictures and page."),
+    force: bool = flag("--force", help="Overwrite existing pictures and page."),
     model_factory: Optional[str] = typer.Option(None, "--model-factory", help="A model package's factory, "
                                                 "e.g. sample_models.classifier:build: also each method's "
                                                 "task metric at --tol."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    quiet: bool = flag("--quiet", "-q", help="No progress on stderr."),
 ) -> None:
     """hmcompress beside truncated SVD, pruning, int8/int4 quantization and the paper's algorithm:
     bytes and measured error per layer at each tolerance, and errors at a matched size."""
-    tols = compare.tolerances(tol, sweep)
+    from hmcompress.compare import baselines, comparison
+    from hmcompress.io.checkpoint import Selection
+
+    tols = comparison.tolerances(tol, sweep)
     chosen = baselines.select(methods, leaf)
     selection = Selection(min_size=min_size, include=tuple(include), exclude=tuple(exclude), conv=conv)
     if plot or html_out:
@@ -247,17 +374,16 @@ def compare_cmd(
     if model_factory:
         from hmcompress.evaluate import analysis
 
-        if str(pathlib.Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(pathlib.Path.cwd()))  # the user's model package, as `python -m` finds it
+        _import_from_cwd()
         task = analysis.load_task(model_factory)
-    with _progress(not quiet, f"compare {model}") as progress:
-        result = compare.compare_checkpoint(model, tols, chosen, selection, leaf, progress, task)
+    with _Bar(f"compare {model}", not quiet) as bar:
+        result = comparison.compare_checkpoint(model, tols, chosen, selection, leaf, bar.steps, task)
     _write_pictures(plot, html_out, force, lambda plots: plots.comparison_pictures(result),
                     lambda pages, pictures: pages.comparison_page(result, pictures))
     if json_out:
-        stdout.print_json(report.to_json(result.to_json()))
+        _json({"ok": True, **result.to_json()})
         return
-    for table in compare.tables(result):
+    for table in comparison.tables(result):
         _print_text_table(table)
 
 
@@ -267,7 +393,7 @@ def _check_picture_outputs(plot: Optional[pathlib.Path], html_out: Optional[path
 
     require_matplotlib()
     if html_out and html_out.exists() and not force:
-        raise UserError(f"{html_out}: exists (use --force to overwrite)")
+        raise OutputExists(html_out)
     if plot and plot.exists() and not plot.is_dir():
         raise UserError(f"{plot}: is not a directory")
 
@@ -279,121 +405,142 @@ def _write_pictures(plot: Optional[pathlib.Path], html_out: Optional[pathlib.Pat
     Every file goes through a temporary file and a rename; existing pictures are refused before
     any is written (unless ``force``).
     """
-    from hmcompress.report import pages
-    from hmcompress.report import plots
     from hmcompress.io.writer import atomic_write
+    from hmcompress.report import pages, plots
 
     if not (plot or html_out):
         return
-    stderr.print("drawing pictures", markup=False, highlight=False)
+    _say("drawing pictures")
     pictures = draw(plots)
     if plot:
         clash = [name for name in pictures if (plot / name).exists()]
         if clash and not force:
-            raise UserError(f"{plot / clash[0]}: exists (use --force to overwrite)")
+            raise OutputExists(plot / clash[0])
         plot.mkdir(parents=True, exist_ok=True)
         for name, png in pictures.items():
             atomic_write(plot / name, lambda tmp, png=png: tmp.write_bytes(png), overwrite=force)
-        stderr.print(f"wrote {len(pictures)} pictures to {plot}", markup=False, highlight=False)
+        _say(f"wrote {len(pictures)} pictures to {plot}")
     if html_out:
         text = page(pages, pictures)
         atomic_write(html_out, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=force)
-        stderr.print(f"wrote {html_out}", markup=False, highlight=False)
+        _say(f"wrote {html_out}")
 
 
-def _print_text_table(text_table: compare.TextTable) -> None:
+def _print_text_table(text_table) -> None:
+    """A `comparison.TextTable`: names fold at their dots, numbers never split."""
     from rich.table import Table
 
     table = Table(title=text_table.title)
-    for header in text_table.headers:
-        table.add_column(header, overflow="fold")
+    for i, header in enumerate(text_table.headers):
+        table.add_column(header, overflow="fold", no_wrap=i > 0)
     for row in text_table.rows:
         table.add_row(*row)
-    stdout.print(table)
+    console = _console()
+    console.print(table)
     for note in text_table.notes:
-        stdout.print(note, markup=False, highlight=False)
+        console.print(note, markup=False, highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=_Command, epilog="Example: hmcompress decompress model.hm.safetensors -o dense.safetensors")
 def decompress(
     file: pathlib.Path = typer.Argument(..., help="A compressed .hm.safetensors file."),
     output: pathlib.Path = typer.Option(..., "-o", "--output", help="Dense safetensors file to write."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    force: bool = flag("--force", help="Overwrite an existing output."),
+    json_out: bool = flag("--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Write the dense checkpoint (original names, shapes and dtypes) as safetensors."""
+    from hmcompress import api
+
     _check_derived_output(output, file, force)
     count = api.decompress(file, output, overwrite=force)
-    stderr.print(f"wrote {output} ({count} tensors)", markup=False, highlight=False)
+    if json_out:
+        _json({"ok": True, "file": str(file), "output": str(output), "tensors": count})
+    else:
+        _say(f"wrote {output} ({count} tensors)")
 
 
-@app.command("inspect")
+@app.command("inspect", cls=_Command, epilog="Example: hmcompress inspect model.pt --conv")
 def inspect_cmd(
     model: pathlib.Path = typer.Argument(..., help="A checkpoint file or sharded directory."),
-    min_size: int = typer.Option(64, help="Compress only matrices with both sides >= this."),
-    include: list[str] = typer.Option([], help="Glob on tensor names to compress."),
-    exclude: list[str] = typer.Option([], help="Glob on tensor names to leave alone."),
-    conv: bool = typer.Option(False, help="Also compress conv kernels."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    min_size: int = typer.Option(64, min=0, help="Compress only matrices with both sides >= this."),
+    include: list[str] = typer.Option([], metavar="GLOB", help="Tensor names to compress (repeatable)."),
+    exclude: list[str] = typer.Option([], metavar="GLOB", help="Tensor names to leave alone (repeatable)."),
+    conv: bool = flag("--conv", help="Also compress conv kernels."),
+    json_out: bool = flag("--json", help="Print one JSON document on stdout."),
 ) -> None:
-    """List tensors, shapes, dtypes, sizes and what would be compressed."""
+    """List tensors, shapes, dtypes, sizes and what `compress` would do with each."""
+    from hmcompress import api
+    from hmcompress.io.checkpoint import Selection
+    from hmcompress.report.tables import byte_size
+
     selection = Selection(min_size=min_size, include=tuple(include), exclude=tuple(exclude), conv=conv)
     ckpt, rows = api.inspect(model, selection)
+    chosen = [r for r in rows if r["compress"]]
+    summary = {"tensors": len(rows), "bytes": sum(r["bytes"] for r in rows), "compress": len(chosen),
+               "compress_bytes": sum(r["bytes"] for r in chosen)}
     if json_out:
-        stdout.print_json(report.to_json({"ok": True, "file": str(model), "kind": ckpt.kind, "tensors": rows}))
+        _json({"ok": True, "file": str(model), "kind": ckpt.kind, "tensors": rows, "totals": summary})
         return
     from rich.table import Table
+
     table = Table(title=f"{model} ({ckpt.kind})")
     for col in ("name", "shape", "dtype", "bytes", "action"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col in ("shape", "dtype", "bytes"))
     for r in rows:
         table.add_row(r["name"], "x".join(map(str, r["shape"])), r["dtype"], str(r["bytes"]),
                       "compress" if r["compress"] else f"passthrough: {r['reason']}")
-    stdout.print(table)
+    console = _console()
+    console.print(table)
+    console.print(f"{summary['tensors']} tensors, {byte_size(summary['bytes'])}; compress would take "
+                  f"{summary['compress']} matrices, {byte_size(summary['compress_bytes'])}",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
-@app.command("evaluate")
+@app.command("evaluate", cls=_Command, epilog="Example: hmcompress evaluate sample_models.burgers_pinn:build "
+                                "sample_models/burgers_pinn/burgers_pinn.safetensors --compressed "
+                                "out/pinn.hm.safetensors --sweep")
 def evaluate_cmd(
     model_factory: str = typer.Argument(..., help="The model's factory, e.g. sample_models.classifier:build."),
     checkpoint: pathlib.Path = typer.Argument(..., help="The original checkpoint."),
     compressed: pathlib.Path = typer.Option(..., "--compressed", help="Its compressed .hm.safetensors file."),
-    samples: int = typer.Option(64, help="Sample inputs for the output error and error propagation."),
-    ntk_samples: int = typer.Option(32, help="Sample inputs for the NTK (fewer if J would pass 512 MiB)."),
-    sweep: bool = typer.Option(False, "--sweep", help="Also compress at tol 1e-1 .. 1e-3 and score each."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    samples: int = typer.Option(64, min=1, help="Sample inputs for the output error and error propagation."),
+    ntk_samples: int = typer.Option(32, min=2, help="Sample inputs for the NTK (fewer if J would pass 512 MiB)."),
+    sweep: bool = flag("--sweep", help="Also compress at tol 1e-1 .. 1e-3 and score each."),
+    json_out: bool = flag("--json", help="Print one JSON document on stdout."),
+    quiet: bool = flag("--quiet", "-q", help="No progress on stderr."),
 ) -> None:
     """Task metric, output error, NTK and per-layer error propagation: compressed vs original
     (and vs truncated SVD at the same tolerance); the compressed model runs through hmruntime."""
     from hmcompress.evaluate import analysis
-    from hmcompress.evaluate import tables as evaluation_report
+    from hmcompress.evaluate import tables as evaluation_tables
 
-    if samples < 1 or ntk_samples < 2:
-        raise UserError("--samples must be >= 1 and --ntk-samples >= 2")
     _import_from_cwd()
     task = analysis.load_task(model_factory)
     log = None if quiet else _log_lines("evaluate")
     result = analysis.evaluate_compressed(task, checkpoint, compressed, samples, ntk_samples,
                                           analysis.SWEEP_TOLS if sweep else (), log)
     if json_out:
-        stdout.print_json(report.to_json({"ok": True, **result.to_json()}))
+        _json({"ok": True, **result.to_json()})
     else:
-        evaluation_report.print_evaluation(result, stdout)
+        evaluation_tables.print_evaluation(result, _console())
 
 
-@app.command("recalibrate")
+@app.command("recalibrate", cls=_Command, epilog="Example: hmcompress recalibrate sample_models.burgers_pinn:build "
+                                   "out/pinn.hm.safetensors -o out/pinn.rc.hm.safetensors")
 def recalibrate_cmd(
     model_factory: str = typer.Argument(..., help="The model's factory, e.g. sample_models.burgers_pinn:build; "
                                         "its module must offer calibration_loss(model)."),
     file: pathlib.Path = typer.Argument(..., help="A compressed .hm.safetensors file."),
     output: pathlib.Path = typer.Option(..., "-o", "--output", help="The recalibrated .hm.safetensors file to write."),
-    steps: int = typer.Option(recalibration.STEPS, help="L-BFGS iterations."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    steps: int = typer.Option(100, min=1, help="L-BFGS iterations."),
+    force: bool = flag("--force", help="Overwrite an existing output."),
+    json_out: bool = flag("--json", help="Print one JSON document on stdout."),
+    quiet: bool = flag("--quiet", "-q", help="No progress on stderr."),
 ) -> None:
     """Retrain the tensors the file stores exactly (biases, uncompressed layers) on the model's
     calibration loss; the H-matrices, their errors and bounds stay as they are."""
     from hmcompress.evaluate import analysis
+    from hmcompress.train import recalibrate as recalibration
 
     _check_derived_output(output, file, force)
     _import_from_cwd()
@@ -402,23 +549,25 @@ def recalibrate_cmd(
     result = recalibration.recalibrate(hooks["factory"](), file, hooks["calibration_loss"], output, steps=steps,
                                        overwrite=force, progress=log)
     if json_out:
-        stdout.print_json(report.to_json({"ok": True, **result.to_json()}))
+        _json({"ok": True, **result.to_json()})
     else:
-        stdout.print(f"{result.output}: retrained {len(result.tensors)} tensors ({result.numbers} numbers); "
-                     f"loss {result.loss_before:.6g} -> {result.loss_after:.6g}", markup=False, highlight=False)
+        _out(f"{result.output}: retrained {len(result.tensors)} tensors ({result.numbers} numbers); "
+             f"loss {result.loss_before:.6g} -> {result.loss_after:.6g}")
 
 
 def _check_derived_output(output: pathlib.Path, file: pathlib.Path, force: bool) -> None:
     """An output made from ``file`` never replaces it, and replaces another file only with --force."""
+    from hmcompress import api
+
     if api.is_input(output, file):
         raise UserError(f"{output}: refusing to overwrite the input file")
     if output.exists() and not force:
-        raise UserError(f"{output}: exists (use --force to overwrite)")
+        raise OutputExists(output)
 
 
 def _log_lines(command: str) -> Callable[[str], None]:
     """Progress messages as plain lines on stderr, prefixed with the command."""
-    return lambda message: stderr.print(f"{command}: {message}", markup=False, highlight=False)
+    return lambda message: _say(f"{command}: {message}")
 
 
 def _import_from_cwd() -> None:
@@ -442,18 +591,35 @@ def _in_cli_terms(exc: Exception) -> str:
     return str(exc)
 
 
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Each warning as one line on stderr (torch's own included), never a source excerpt."""
+    shown = warnings.showwarning
+    warnings.showwarning = _warning_line
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2 (with --json,
     also ``{"ok": false, "error": ...}`` on stdout); each warning becomes one line on stderr."""
-    json_out = "--json" in sys.argv[1:]
-    warnings.showwarning = _warning_line
+    args = sys.argv[1:]
+    json_out = "--json" in args
+    _debug["on"] = "--debug" in args[1:]  # after the command too, where typer would refuse it
+    if _debug["on"]:
+        sys.argv = [sys.argv[0], *(a for a in args if a != "--debug")]
     try:
-        app()
-    except USER_ERRORS as exc:
-        if _debug["on"]:
+        with _one_line_warnings():
+            app()
+    except Exception as exc:
+        from hmcompress.errors import USER_ERRORS
+
+        if _debug["on"] or not isinstance(exc, USER_ERRORS):
             raise
         message = " ".join(_in_cli_terms(exc).splitlines())
-        stderr.print(f"hmcompress: error: {message}", markup=False, highlight=False, soft_wrap=True)
+        _say(f"hmcompress: error: {message}")
         if json_out:
             sys.stdout.write(json.dumps({"ok": False, "error": message}) + "\n")
         sys.exit(2)
@@ -464,5 +630,4 @@ def main() -> None:
 
 
 def _warning_line(message, _category, _filename, _lineno, _file=None, _line=None) -> None:
-    text = " ".join(str(message).splitlines())
-    stderr.print(f"hmcompress: warning: {text}", markup=False, highlight=False, soft_wrap=True)
+    _say(f"hmcompress: warning: {' '.join(str(message).splitlines())}")

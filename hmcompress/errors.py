@@ -1,7 +1,7 @@
 """User-facing error types: the CLI turns each into one clear line and exit code 2."""
 from __future__ import annotations
 
-from hmcompress.runtime.format import FormatError
+from hmcompress.runtime.errors import FormatError
 
 
 class UserError(Exception):

@@ -1,6 +1,7 @@
 """Small builders of packed matrices and compressed files for the runtime and writer tests."""
 from __future__ import annotations
 
+import json
 import pathlib
 
 import torch
@@ -87,3 +88,12 @@ def write_model_file(path: pathlib.Path, model: torch.nn.Module, compress: set[s
 def files_under(directory: pathlib.Path) -> set[pathlib.Path]:
     """Every file and folder below ``directory``, relative to it."""
     return {p.relative_to(directory) for p in directory.rglob("*")}
+
+
+def compress_result(stdout: str) -> dict:
+    """The one input's result in a `compress --json` document, the document's shape checked."""
+    document = json.loads(stdout)
+    assert set(document) == {"ok", "results"}, document.keys()
+    (result,) = document["results"]
+    assert document["ok"] is result["ok"]
+    return result

@@ -50,6 +50,7 @@ def structured(kind: str, m: int, n: int, rank: int, seed: int) -> torch.Tensor:
 KINDS = ["random", "lowrank", "decay", "zero", "spiky", "scaled"]
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(KINDS), m=st.integers(1, 150), n=st.integers(1, 150),
        rank=st.integers(1, 8), tol=st.sampled_from([0.0, 1e-6, 1e-3, 1e-2, 0.1, 0.5, 2.0]),
@@ -101,6 +102,7 @@ def test_abs_tolerance_is_absolute():
     assert result.error <= 1e-3
 
 
+@pytest.mark.slow
 def test_smooth_kernel_compresses_far_better_than_one_svd():
     w = smooth_kernel(1024)
     result = compress_matrix(w, CompressionOptions(tol=1e-2, precision="keep"))

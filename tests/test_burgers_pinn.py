@@ -93,6 +93,7 @@ def compressed_rel_l2(tmp_path_factory) -> dict[float, float]:
     return result
 
 
+@pytest.mark.slow  # with its fixture: two compressions of the PINN
 def test_compressed_through_the_shim_stays_accurate(compressed_rel_l2) -> None:
     """At tol 1e-3 the error stays within 1.2x the original's; at 1e-2 the compressed PINN still
     meets the issue's accuracy bar (rel. L2 < 1e-2), though its error about triples."""
@@ -100,6 +101,7 @@ def test_compressed_through_the_shim_stays_accurate(compressed_rel_l2) -> None:
     assert compressed_rel_l2[1e-2] < 1e-2, compressed_rel_l2
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="measured 7.7e-3 vs 2.38e-3 (3.2x): a 1e-2 relative weight error "
                    "spread over all directions (Gaussian noise of that size: 6e-3..1.1e-2) moves this "
                    "PINN's output by ~7e-3; see sample_models/burgers_pinn/README.md")
@@ -110,6 +112,7 @@ def test_compressed_at_1e_2_keeps_the_error_within_1_2x(compressed_rel_l2) -> No
     assert compressed_rel_l2[1e-2] <= 1.2 * compressed_rel_l2[0.0], compressed_rel_l2
 
 
+@pytest.mark.slow
 def test_recalibrated_at_1e_2_keeps_the_error_within_1_2x(compressed_rel_l2, tmp_path) -> None:
     """The issue's bar against the committed original, met once the 1,153 numbers the file stores
     exactly (biases, the 2 -> 128 and 128 -> 1 layers) are retrained on the PINN's own physics loss

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import corpus
-from helpers import files_under
+from helpers import compress_result, files_under
 from hmcompress.api import LayerStats, compress_checkpoint
 from hmcompress.core.build import CompressionOptions
 from hmcompress.errors import OptionError
@@ -46,7 +46,7 @@ def test_a_missed_gate_exits_1_and_writes_nothing(cli, model, ratio, tmp_path):
     out = tmp_path / "m.hm.safetensors"
     run = compress(cli, model, out, "--max-error", "1e-4", "--min-ratio", ratio * 1.01, "--json")
     assert run.code == 1
-    payload = json.loads(run.stdout)
+    payload = compress_result(run.stdout)
     assert payload["ok"] is False and payload["output"] is None
     assert [f.split(" ")[0] for f in payload["gate_failures"]] == ["relative", "bytes"]
     assert "exceeds --max-error 0.0001" in payload["gate_failures"][0]
@@ -59,7 +59,7 @@ def test_gates_that_hold_pass(cli, model, ratio, tmp_path):
     out = tmp_path / "m.hm.safetensors"
     run = compress(cli, model, out, "--max-error", "1e-2", "--min-ratio", ratio * 0.99, "--json")
     assert run.code == 0, run.stderr
-    payload = json.loads(run.stdout)
+    payload = compress_result(run.stdout)
     assert payload["ok"] is True and payload["gate_failures"] == [] and payload["output"] == str(out)
     assert payload["totals"]["ratio"] == pytest.approx(ratio)
     assert NAME in read_file(out).matrices
@@ -125,8 +125,8 @@ TAMPERED = [
     ("tol", _scale("tol", 0.01), "above the tolerance"),
     ("rel_error", _scale("rel_error", 0.5), "relative error above the recorded one"),
     ("spectral_error", _scale("spectral_error", 0.5), "‖W − H‖₂ above its recorded bound"),
-    ("sigma_max", _scale("sigma_max", 0.9), "σ_max\\(W\\) above its recorded bound"),
-    ("sigma_min", _scale("sigma_min", 1.1), "recorded lower bound on σ_min\\(W\\) above σ_min\\(W\\)"),
+    ("sigma_max_upper", _scale("sigma_max_upper", 0.9), "σ_max\\(W\\) above its recorded bound"),
+    ("sigma_min_lower", _scale("sigma_min_lower", 1.1), "recorded lower bound on σ_min\\(W\\) above σ_min\\(W\\)"),
     ("kappa_h_bound", _scale("kappa_h_bound", 0.9), "κ\\(H\\) above its recorded bound"),
     ("bytes_after", lambda stats: stats.update(bytes_after=stats["bytes_after"] + 1), "bytes_after: recorded"),
 ]

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import corpus
-from helpers import files_under
+from helpers import compress_result, files_under
 from hmcompress.io.checkpoint import open_checkpoint
 from hmcompress.runtime import read_file
 
@@ -74,7 +74,7 @@ def test_awkward_checkpoint_compresses_verifies_and_decompresses_within_its_boun
     out = tmp_path / "out.hm.safetensors"
     run = cli("compress", path, "-o", out, "--min-size", "1", "--leaf", "8", "--tol", TOL, "--json", "--quiet")
     assert run.code == 0, run.stderr
-    layers = {layer["name"]: layer for layer in json.loads(run.stdout)["layers"]}
+    layers = {layer["name"]: layer for layer in compress_result(run.stdout)["layers"]}
     verify = cli("verify", out, "--original", path, "--json")
     assert verify.code == 0 and json.loads(verify.stdout)["ok"] is True, verify.stdout
     dense_path = tmp_path / "dense.safetensors"
@@ -97,7 +97,7 @@ def test_nonfinite_matrices_pass_through_on_request(cli, tmp_path):
     path = corpus.safetensors_nan(tmp_path)
     run = cli("compress", path, "--passthrough-nonfinite", "--json", "--quiet")
     assert run.code == 0, run.stderr
-    (layer,) = json.loads(run.stdout)["layers"]
+    (layer,) = compress_result(run.stdout)["layers"]
     assert (layer["name"], layer["compressed"], layer["reason"]) == ("layer.weight", False,
                                                                      "non-finite values (NaN/Inf)")
     stored = read_file(tmp_path / "model.hm.safetensors").passthrough["layer.weight"]

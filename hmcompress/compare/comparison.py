@@ -19,6 +19,7 @@ import torch
 from hmcompress.compare.baselines import REFERENCE, Method, Outcome, tail_norms
 from hmcompress.core.build import as_matrix
 from hmcompress.io.checkpoint import Selection, classify, open_checkpoint
+from hmcompress.io.pipeline import one_thread
 from hmcompress.errors import OptionError, UserError
 from hmcompress.runtime import dense_nbytes
 
@@ -259,7 +260,8 @@ def compare_checkpoint(source: str | pathlib.Path, tols: list[float], methods: d
         matrix = as_matrix(entry.load())
         if not bool(torch.isfinite(matrix).all()):
             raise UserError(f"{source}: tensor {entry.name!r} contains NaN or Inf values")
-        layers.append(compare_matrix(entry.name, matrix, tols, methods, keep_stored=task is not None))
+        with one_thread():  # as compress: the figures may not depend on the thread count
+            layers.append(compare_matrix(entry.name, matrix, tols, methods, keep_stored=task is not None))
     metrics = task_metrics(task, source, layers, list(methods), tols[0]) if task is not None else None
     for layer in layers:  # the stored matrices were kept for the task metric only
         layer.at_tol[tols[0]] = {n: dataclasses.replace(o, stored=None) for n, o in layer.at_tol[tols[0]].items()}

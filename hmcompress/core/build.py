@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from hmcompress.core.bounds import frobenius
+from hmcompress.core.bounds import frobenius, frobenius_relative_error
 from hmcompress.core.candidates import Candidates, analyse, block_batches, build_tree, svd
 from hmcompress.core.codecs import auto_codecs, encode_rows, source_codec
 from hmcompress.errors import OptionError
@@ -79,7 +79,7 @@ def compress_matrix(matrix: torch.Tensor, options: CompressionOptions) -> Compre
     """Compress a 2-D floating tensor so that its measured error is within the budget."""
     if matrix.ndim != 2 or not matrix.is_floating_point():
         raise OptionError("matrix", f"must be a 2-D floating-point tensor, got {tuple(matrix.shape)} {matrix.dtype}")
-    allowed = math.sqrt(options.budget(frobenius(matrix)))
+    allowed = allowed_error(matrix, options)
     codecs = (source_codec(matrix.dtype),) if options.precision == "keep" else auto_codecs(matrix.dtype)
     if matrix.numel() == 0:
         hm = _exact_hmatrix(matrix)
@@ -106,11 +106,25 @@ def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def measured_error(original: torch.Tensor, stored: torch.Tensor, dtype: torch.dtype) -> float:
-    """||W - H||_F for the stored H (float64) and for H rounded to the source dtype; the larger.
+    """An upper bound on ||W - H||_F for both forms of the stored matrix: H64 (``stored``,
+    float64) and H64 rounded once to the source ``dtype`` (what a user loads); the larger.
 
-    In float64 by row chunks (`bounds.frobenius`): no full-size temporaries.
+    Measured in float64 by row chunks (`bounds.frobenius`: no full-size temporaries) and widened
+    by that measurement's own rounding (`bounds.frobenius_relative_error`).
     """
-    return max(frobenius(original, stored), frobenius(original, stored, rounded_to=dtype))
+    measured = frobenius(original, stored)
+    if dtype != torch.float64:
+        measured = max(measured, frobenius(original, stored, rounded_to=dtype))
+    return measured * (1 + frobenius_relative_error(tuple(original.shape)))
+
+
+def allowed_error(matrix: torch.Tensor, options: CompressionOptions) -> float:
+    """The budget: ``tol``, or ``tol`` times a lower bound on ||W||_F (its measurement narrowed by
+    its rounding), so that a matrix within it is within the tolerance of the exact norm."""
+    if options.absolute:
+        return options.tol
+    norm = frobenius(matrix) * (1 - frobenius_relative_error(tuple(matrix.shape)))
+    return options.tol * norm
 
 
 def _best_plan(c: Candidates, budget: float, strategy: str) -> Plan:

@@ -32,17 +32,20 @@ class LayerStats:
     max_rank: int = 0
     mean_rank: float = 0.0
     codecs: dict[str, int] = dataclasses.field(default_factory=dict)  # codec -> bytes
+    # Errors and bounds (docs/FORMAT.md, "Statistics"). "H" is both forms of the stored matrix:
+    # H64, its float64 reconstruction, and H64 rounded once to the source dtype (what users load);
+    # every error figure is an upper bound for both, every bound holds for the exact quantities.
     tol: float = 0.0  # the relative (or absolute) tolerance asked for
-    budget: float = 0.0  # allowed ||W - H||_F
-    fro_error: float = 0.0
-    rel_error: float = 0.0
-    spectral_error: float = 0.0
-    spectral_method: str = ""
-    sigma_max: float = 0.0
-    sigma_min: float = 0.0
-    kappa_w: float | None = None
-    kappa_h_bound: float | None = None
-    kappa_h_paper: float | None = None
+    budget: float = 0.0  # allowed ||W - H||_F: tol (absolute) or tol times a lower bound on ||W||_F
+    fro_error: float = 0.0  # upper bound on ||W - H||_F (measured in float64, widened by its rounding)
+    rel_error: float = 0.0  # upper bound on ||W - H||_F / ||W||_F
+    spectral_error: float = 0.0  # upper bound on ||W - H||_2
+    spectral_method: str = ""  # "svd": residuals' SVDs widened by their rounding; "frobenius": fro_error
+    sigma_max_upper: float = 0.0  # upper bound on sigma_max(W) (files of hmcompress <= 0.2.0: "sigma_max")
+    sigma_min_lower: float = 0.0  # lower bound on sigma_min(W), >= 0 (files of hmcompress <= 0.2.0: "sigma_min")
+    kappa_w: float | None = None  # sigma_max(W) / sigma_min(W) as computed: an estimate; None: singular
+    kappa_h_bound: float | None = None  # upper bound on kappa(H) (Weyl); None: unbounded
+    kappa_h_paper: float | None = None  # the paper's Theorem 1(c) figure: not a bound
     strategy: str = ""
 
     @property
@@ -101,6 +104,6 @@ def layer_stats(name: str, original: torch.Tensor, hm: HMatrix, stored: torch.Te
         codecs=dict(sorted(codec_bytes.items())), tol=options.tol, budget=budget,
         fro_error=bounds.fro_error, rel_error=bounds.rel_fro_error,
         spectral_error=bounds.spectral_error, spectral_method=bounds.spectral_method,
-        sigma_max=bounds.sigma_max, sigma_min=bounds.sigma_min, kappa_w=bounds.kappa_w,
+        sigma_max_upper=bounds.sigma_max_upper, sigma_min_lower=bounds.sigma_min_lower, kappa_w=bounds.kappa_w,
         kappa_h_bound=bounds.kappa_h_bound, kappa_h_paper=bounds.kappa_h_paper, strategy=strategy,
     )

@@ -7,9 +7,10 @@ Gates (``compress --max-error E --min-ratio R``) judge what was just measured:
 - min-ratio: the whole checkpoint's bytes ratio, every tensor's bytes in the source over every
   tensor's bytes written (passthrough tensors included, file headers not), must be >= R.
 
-Re-checks (``verify``) hold each recorded figure against the original W and the stored H. Each
-check errs on the file's side: it fails only when the figure is wrong by more than the rounding
-of the check's own float64 arithmetic, so a failure is a real broken promise.
+Re-checks (``verify``) hold each recorded figure against the original W and both forms of the
+stored H: as loaded (H64 rounded once to the source dtype) and H64 itself. Each check errs on the
+file's side: it fails only when the figure is wrong by more than the rounding of the check's own
+float64 arithmetic, so a failure is a real broken promise.
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ from typing import Protocol
 
 import torch
 
-from hmcompress.core.bounds import rounding_margin
-from hmcompress.core.build import measured_error
+from hmcompress.core.bounds import UNIT64, down, frobenius, frobenius_relative_error, rounding_margin, up
 from hmcompress.errors import OptionError
-from hmcompress.runtime import FormatError, HMatrix, dense_nbytes
+from hmcompress.runtime import MATRIX_DTYPE_NAMES, FormatError, HMatrix, dense_nbytes
+from hmcompress.runtime.matrix import round_to_dtype
 
 VERIFY_SVD_MAX_SIDE = 2048  # larger matrices: sigma and kappa(H) are not recomputed (too slow)
 POWER_ITERATIONS = 30
@@ -65,6 +66,8 @@ class Gates:
 
 # -------------------------------------------------------------------------------- recorded stats
 
+# Fields renamed since files were first written: new name -> the name older files use.
+LEGACY_NAMES = {"sigma_max_upper": "sigma_max", "sigma_min_lower": "sigma_min"}
 _JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "list[int]": (list,),
                "dict[str, int]": (dict,)}
 
@@ -72,7 +75,8 @@ _JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (boo
 def recorded_fields(cls: type, stats: object, where: str) -> dict:
     """The fields of dataclass ``cls`` found in a file's ``stats`` object, type-checked.
 
-    Unknown keys are ignored (newer writers may add some); a missing required field or a value
+    Unknown keys are ignored (newer writers may add some); a field an older writer stored under
+    its former name (`LEGACY_NAMES`) is read from that name; a missing required field or a value
     of the wrong JSON type is a `FormatError` naming ``where`` and the field.
     """
     if not isinstance(stats, dict):
@@ -80,11 +84,12 @@ def recorded_fields(cls: type, stats: object, where: str) -> dict:
     values = {}
     for field in dataclasses.fields(cls):
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-        if field.name not in stats:
+        key = field.name if field.name in stats else LEGACY_NAMES.get(field.name, field.name)
+        if key not in stats:
             if required:
                 raise FormatError(f"{where}: stats lack {field.name!r}")
             continue
-        value = stats[field.name]
+        value = stats[key]
         annotation = str(field.type).replace(" | None", "")
         allowed = _JSON_TYPES.get(annotation)
         nullable = "None" in str(field.type)
@@ -92,7 +97,7 @@ def recorded_fields(cls: type, stats: object, where: str) -> dict:
         if allowed is not None and annotation != "bool" and isinstance(value, bool):
             wrong = True
         if wrong:
-            raise FormatError(f"{where}: stats field {field.name!r} has {type(value).__name__} {value!r}, "
+            raise FormatError(f"{where}: stats field {key!r} has {type(value).__name__} {value!r}, "
                               f"expected {field.type}")
         values[field.name] = value
     return values
@@ -105,22 +110,60 @@ def _exceeds(value: float, bound: float) -> bool:
     return not value <= bound * (1 + RELATIVE_SLACK) + 1e-300
 
 
+def _forms(hm: HMatrix) -> list[tuple[str, torch.Tensor]]:
+    """The matrices a user of ``hm`` can get, labelled: H64 rounded once to the source dtype (what
+    ``decompress`` and ``hmruntime`` return), then H64 itself if it differs (as float64)."""
+    stored = hm.to_dense(torch.float64)
+    dtype = MATRIX_DTYPE_NAMES[hm.dtype]
+    if hm.dtype == torch.float64:
+        return [(f"as loaded ({dtype})", stored)]
+    loaded = round_to_dtype(stored, hm.dtype).double()
+    if torch.equal(loaded, stored):
+        return [(f"as loaded ({dtype})", loaded)]
+    return [(f"as loaded ({dtype})", loaded), ("in float64", stored)]
+
+
+def _scaled(matrix: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(matrix * 2**-e, 2**e)`` with the largest magnitude scaled into [0.5, 1): exact, and safe
+    to multiply without overflow or underflow."""
+    peak = float(matrix.abs().max()) if matrix.numel() else 0.0
+    if not 0 < peak < math.inf:
+        return matrix, 1.0
+    exponent = math.frexp(peak)[1]
+    return matrix * math.ldexp(1.0, -exponent), math.ldexp(1.0, exponent)
+
+
+def _spectral_range(matrix: torch.Tensor, exact: bool) -> tuple[float, float]:
+    """A rigorous ``(lower, upper)`` range for ``‖matrix‖₂`` (float64): its float64 SVD widened by
+    the SVD's and its own rounding when ``exact``; otherwise a power-iteration lower bound and
+    the Frobenius norm (an upper bound)."""
+    if matrix.numel() == 0:
+        return 0.0, 0.0
+    fro = frobenius(matrix) * (1 + frobenius_relative_error(tuple(matrix.shape)))
+    if exact:
+        top = float(torch.linalg.svdvals(matrix)[0])
+        margin = rounding_margin(tuple(matrix.shape), torch.float64, top)
+        return max(down(top - margin), 0.0), min(up(top + margin), fro)
+    return _spectral_lower_bound(matrix), fro
+
+
 def _spectral_lower_bound(matrix: torch.Tensor) -> float:
-    """A rigorous lower bound on ``‖matrix‖₂``: ``‖A v‖ / ‖v‖`` after power iteration, less the
-    rounding of computing it in float64."""
+    """A rigorous lower bound on ``‖matrix‖₂``: ``‖A v‖ / ‖v‖`` after power iteration (on the
+    matrix scaled by a power of two), less the rounding of computing it in float64."""
     m, n = matrix.shape
     if matrix.numel() == 0:
         return 0.0
+    scaled, scale = _scaled(matrix)
     v = torch.linspace(1.0, 2.0, n, dtype=torch.float64)
     for _ in range(POWER_ITERATIONS):
-        w = matrix.T @ (matrix @ v)
+        w = scaled.T @ (scaled @ v)
         norm = float(torch.linalg.vector_norm(w))
         if not norm > 0 or not math.isfinite(norm):
             break
         v = w / norm
-    estimate = float(torch.linalg.vector_norm(matrix @ v) / torch.linalg.vector_norm(v))
-    margin = rounding_margin((m, n), torch.float64, float(torch.linalg.matrix_norm(matrix)))
-    return max(estimate - margin, 0.0)
+    estimate = float(torch.linalg.vector_norm(scaled @ v) / torch.linalg.vector_norm(v))
+    margin = 4 * max(m, n) * UNIT64 * frobenius(scaled)
+    return max(down(estimate - margin), 0.0) * scale
 
 
 def recorded_problems(original: torch.Tensor, hm: HMatrix, stats: dict, absolute: bool,
@@ -130,37 +173,63 @@ def recorded_problems(original: torch.Tensor, hm: HMatrix, stats: dict, absolute
 
     ``original`` is W (2-D), ``hm`` the stored H, ``stats`` its recorded figures as
     `recorded_fields` type-checked them, ``absolute`` the file's ``--abs`` option (the tolerance
-    is then not relative to ‖W‖_F).
+    is then not relative to ‖W‖_F). Every error figure is checked against both forms a user can
+    get (`_forms`): H64 rounded once to the source dtype, as loaded, and H64 itself. The measured
+    error returned is the larger of the two, as computed in float64.
     """
     for key in ("tol", "budget", "fro_error"):
         if stats.get(key) is None:
             raise FormatError(f"{where}: stats lack {key!r}")
     w = original.double()
-    stored = hm.to_dense(torch.float64)
-    measured = measured_error(w, stored, hm.dtype)
-    norm = float(torch.linalg.matrix_norm(w)) if w.numel() else 0.0
+    forms = _forms(hm)
+    relative_error = frobenius_relative_error(tuple(w.shape))
+    measured = max(frobenius(w, form) for _label, form in forms)
+    low = measured * (1 - relative_error)  # a lower bound on the exact ‖W − H‖_F
+    norm = frobenius(w)
+    norm_high = norm * (1 + relative_error)
     tol = float(stats["tol"])
     figures = {key: None if stats.get(key) is None else float(stats[key]) for key in
-               ("budget", "fro_error", "rel_error", "spectral_error", "sigma_max", "sigma_min", "kappa_h_bound")}
+               ("budget", "fro_error", "rel_error", "spectral_error", "sigma_max_upper", "sigma_min_lower",
+                "kappa_h_bound")}
     problems = []
 
     def check(value: float, bound: float | None, what: str) -> None:
         if bound is not None and _exceeds(value, bound):
             problems.append(f"{what} ({value:.6g} > {bound:.6g})")
 
-    allowed = tol if absolute else tol * norm
-    check(measured, allowed, "‖W − H‖_F above the tolerance")
-    check(measured, figures["budget"], "‖W − H‖_F above the recorded budget")
-    check(measured, figures["fro_error"], "‖W − H‖_F above the recorded error")
+    allowed = tol if absolute else up(tol * norm_high, 1)
+    check(low, allowed, "‖W − H‖_F above the tolerance")
+    check(low, figures["budget"], "‖W − H‖_F above the recorded budget")
+    check(low, figures["fro_error"], "‖W − H‖_F above the recorded error")
     if norm > 0:
-        check(measured / norm, figures["rel_error"], "relative error above the recorded one")
-    check(_spectral_lower_bound(w - stored), figures["spectral_error"], "‖W − H‖₂ above its recorded bound")
+        check(down(low / norm_high, 1), figures["rel_error"], "relative error above the recorded one")
+    small = max(w.shape, default=0) <= VERIFY_SVD_MAX_SIDE and w.numel() > 0
+    _check_spectral_error(w, forms, figures["spectral_error"], small, check)
     _check_bytes(w, hm, stats, problems)
-    if max(w.shape, default=0) <= VERIFY_SVD_MAX_SIDE and w.numel():
-        _check_spectra(w, stored, figures, check)
+    if small:
+        _check_spectra(w, forms, figures, check)
     else:
-        check(_spectral_lower_bound(w), figures["sigma_max"], "σ_max(W) above its recorded bound")
+        check(_spectral_lower_bound(w), figures["sigma_max_upper"], "σ_max(W) above its recorded bound")
     return measured, problems
+
+
+def _check_spectral_error(w: torch.Tensor, forms: list[tuple[str, torch.Tensor]], recorded: float | None,
+                          exact: bool, check: Callable[[float, float | None, str], None]) -> None:
+    """‖W − H‖₂ <= the recorded bound for every form; the second form's residual is only
+    decomposed if ‖W − H₁‖₂ + ‖H₁ − H₂‖_F does not already settle it."""
+    if recorded is None:
+        return
+    first_high = None
+    for label, form in forms:
+        if first_high is not None and up(first_high + _fro_high(forms[0][1], form)) <= recorded:
+            continue  # the second form cannot exceed the bound
+        low, high = _spectral_range(w - form, exact)
+        first_high = high if first_high is None else first_high
+        check(low, recorded, f"‖W − H‖₂ above its recorded bound (H {label})")
+
+
+def _fro_high(a: torch.Tensor, b: torch.Tensor) -> float:
+    return frobenius(a, b) * (1 + frobenius_relative_error(tuple(a.shape)))
 
 
 def _check_bytes(w: torch.Tensor, hm: HMatrix, stats: dict, problems: list[str]) -> None:
@@ -170,20 +239,31 @@ def _check_bytes(w: torch.Tensor, hm: HMatrix, stats: dict, problems: list[str])
             problems.append(f"{key}: recorded {recorded}, actual {actual}")
 
 
-def _check_spectra(w: torch.Tensor, stored: torch.Tensor, figures: dict,
+def _check_spectra(w: torch.Tensor, forms: list[tuple[str, torch.Tensor]], figures: dict,
                    check: Callable[[float, float | None, str], None]) -> None:
-    """σ_max(W) <= recorded upper bound, σ_min(W) >= recorded lower bound, κ(H) <= recorded bound;
-    singular values in float64, each widened by its rounding margin in the file's favour."""
+    """σ_max(W) <= recorded upper bound, σ_min(W) >= recorded lower bound, κ(H) <= recorded bound
+    for every form of H; singular values in float64, each widened by its rounding margin in the
+    file's favour."""
     sigma_w = torch.linalg.svdvals(w)
     margin_w = rounding_margin(tuple(w.shape), torch.float64, float(sigma_w[0]))
-    check(float(sigma_w[0]) - margin_w, figures["sigma_max"], "σ_max(W) above its recorded bound")
-    if figures["sigma_min"] is not None:
-        check(figures["sigma_min"], float(sigma_w[-1]) + margin_w, "recorded lower bound on σ_min(W) above σ_min(W)")
-    if figures["kappa_h_bound"] is None:
+    check(down(float(sigma_w[0]) - margin_w), figures["sigma_max_upper"], "σ_max(W) above its recorded bound")
+    if figures["sigma_min_lower"] is not None:
+        check(figures["sigma_min_lower"], up(float(sigma_w[-1]) + margin_w),
+              "recorded lower bound on σ_min(W) above σ_min(W)")
+    recorded = figures["kappa_h_bound"]
+    if recorded is None:
         return
-    sigma_h = torch.linalg.svdvals(stored)
-    margin_h = rounding_margin(tuple(stored.shape), torch.float64, float(sigma_h[0]))
-    denominator = float(sigma_h[-1]) + margin_h
-    kappa_low = (float(sigma_h[0]) - margin_h) / denominator if denominator > 0 else math.inf
-    check(kappa_low, figures["kappa_h_bound"], "κ(H) above its recorded bound")
-
+    first = None
+    for label, form in forms:
+        if first is not None:  # Weyl: the second form's singular values are within ‖H₁ − H₂‖_F
+            top, last, margin = first
+            shift = margin + _fro_high(forms[0][1], form)
+            if down(last - shift) > 0 and up((top + shift) / down(last - shift)) <= recorded:
+                continue
+        sigma = torch.linalg.svdvals(form)
+        top, last = float(sigma[0]), float(sigma[-1])
+        margin = rounding_margin(tuple(form.shape), torch.float64, top)
+        first = first or (top, last, margin)
+        denominator = up(last + margin)
+        kappa_low = down(top - margin) / denominator if denominator > 0 else math.inf
+        check(kappa_low, recorded, f"κ(H) above its recorded bound (H {label})")

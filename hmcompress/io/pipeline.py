@@ -131,7 +131,7 @@ def _run(job: Job) -> JobResult:
         stored = _stored_stats(path, key) if job.resume else None
         if stored is not None:
             return JobResult(job.name, stats=stored, reused=True)
-    with _one_thread():  # the bounds too: the residual's SVD also depends on the thread count
+    with one_thread():  # the bounds too: the residual's SVD also depends on the thread count
         result = compress_matrix(as_matrix(tensor), job.options)
         stats = layer_stats(job.name, tensor, result.hmatrix, result.dense, result.error, result.budget,
                             result.root_sigma, job.options, result.strategy).to_json()
@@ -146,7 +146,9 @@ def _run(job: Job) -> JobResult:
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
+    """Torch on one thread: reductions in one fixed order, so figures do not depend on the
+    machine's thread count (and two workers do not fight over two cores)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -247,23 +249,29 @@ def _glibc():
         return None
 
 
-def run_jobs(jobs: list[Job], workers: int, progress: Callable[[int, int, str], None] | None) -> list[JobResult]:
-    """Run every job (in ``workers`` processes if more than one); outcomes in the jobs' order."""
+def run_jobs(jobs: list[Job], workers: int, progress: Callable[[int, int, str | None], None] | None) -> list[JobResult]:
+    """Run every job (in ``workers`` processes if more than one); outcomes in the jobs' order.
+
+    ``progress(done, total, finished)`` is called once before any job (``finished`` None) and
+    after each job finishes, with the count finished so far and that job's name.
+    """
     total = len(jobs)
+    if progress:
+        progress(0, total, None)
     if workers <= 1 or total <= 1:
         release_large_blocks()
         outcomes = []
-        for done, job in enumerate(jobs):
-            if progress:
-                progress(done, total, job.name)
+        for job in jobs:
             outcomes.append(run_job(job))
+            if progress:
+                progress(len(outcomes), total, job.name)
         return outcomes
     context = multiprocessing.get_context("spawn")  # fork after torch's threads start can hang
     with concurrent.futures.ProcessPoolExecutor(min(workers, total), mp_context=context,
                                                 initializer=_worker_init) as pool:
         futures = [pool.submit(run_job, job) for job in jobs]
         try:
-            for done, future in enumerate(concurrent.futures.as_completed(futures)):
+            for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
                 outcome = future.result()
                 if progress:
                     progress(done, total, outcome.name)

@@ -11,6 +11,15 @@ from hmcompress.core.stats import LayerStats, totals
 
 COLUMNS = ("layer", "shape", "blocks lr/rows/dense", "rank max/mean", "codecs", "bytes before",
            "bytes after", "ratio", "rel err", "||W-H||_2", "kappa(W)", "kappa(H) <=")
+# On a narrow terminal the table keeps the columns that fit, in this order of importance (shown
+# in COLUMNS order); `--wide` keeps them all. A number is never split across lines.
+PRIORITY = ("layer", "ratio", "rel err", "bytes after", "shape", "kappa(H) <=", "||W-H||_2", "bytes before",
+            "codecs", "blocks lr/rows/dense", "rank max/mean", "kappa(W)")
+NAME_MIN_WIDTH = 16  # the layer column folds its names at this width, at the least
+ESSENTIAL = 3  # layer, ratio, rel err: shown at any width
+LEGEND = ("rel err = ||W-H||_F / ||W||_F (measured). ||W-H||_2 is exact (SVD of the residual, rounding margin "
+          "included); (F) marks the Frobenius error used as an upper bound. kappa(H) <= (s_max+e2)/(s_min-e2) "
+          "(Weyl). blocks: low-rank / rows / dense leaves.")
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -21,7 +30,8 @@ def _num(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
-def _bytes(n: int) -> str:
+def byte_size(n: int) -> str:
+    """Bytes for people: 1.5 MiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -39,7 +49,7 @@ def rows(layers: list[LayerStats]) -> list[list[str]]:
         spectral = _num(s.spectral_error) + ("" if s.spectral_method == "svd" else " (F)")
         out.append([
             s.name, shape, f"{s.blocks_lowrank}/{s.blocks_rows}/{s.blocks_dense}", f"{s.max_rank}/{s.mean_rank:.1f}",
-            ",".join(s.codecs) or "-", _bytes(s.bytes_before), _bytes(s.bytes_after),
+            ",".join(s.codecs) or "-", byte_size(s.bytes_before), byte_size(s.bytes_after),
             _num(s.ratio), f"{s.rel_error:.2e}", spectral, _num(s.kappa_w), _num(s.kappa_h_bound),
         ])
     return out
@@ -53,7 +63,7 @@ def passthrough_line(layers: list[LayerStats]) -> str:
             reasons.setdefault(s.reason, []).append(s)
     if not reasons:
         return "passthrough: none"
-    parts = [f"{len(group)} {reason} ({_bytes(sum(s.bytes_before for s in group))})"
+    parts = [f"{len(group)} {reason} ({byte_size(sum(s.bytes_before for s in group))})"
              for reason, group in sorted(reasons.items())]
     return "passthrough: " + "; ".join(parts)
 
@@ -61,31 +71,67 @@ def passthrough_line(layers: list[LayerStats]) -> str:
 def total_line(layers: list[LayerStats]) -> str:
     t = totals(layers)
     return (f"{t['compressed']} of {t['tensors']} tensors compressed; checkpoint "
-            f"{_bytes(t['bytes_before'])} -> {_bytes(t['bytes_after'])} (ratio {_num(t['ratio'])}); "
-            f"compressed matrices {_bytes(t['matrix_bytes_before'])} -> "
-            f"{_bytes(t['matrix_bytes_after'])} (ratio {_num(t['matrix_ratio'])}); "
+            f"{byte_size(t['bytes_before'])} -> {byte_size(t['bytes_after'])} (ratio {_num(t['ratio'])}); "
+            f"compressed matrices {byte_size(t['matrix_bytes_before'])} -> "
+            f"{byte_size(t['matrix_bytes_after'])} (ratio {_num(t['matrix_ratio'])}); "
             f"max relative error {t['max_rel_error']:.2e}")
 
 
-def print_table(layers: list[LayerStats], console: Console, title: str = "") -> None:
+def print_table(layers: list[LayerStats], console: Console, title: str = "", wide: bool = False) -> None:
+    """The per-layer table, the passthrough and totals lines, and the legend.
+
+    Columns that do not fit the console's width are left out, least important first (see
+    PRIORITY), unless ``wide``; the JSON and ``--wide`` carry them all.
+    """
+    cells = rows(layers)
+    shown = list(COLUMNS) if wide else _fitting_columns(cells, console.width)
     table = Table(title=title or None, show_lines=False)
-    for col in COLUMNS:
-        table.add_column(col, overflow="fold")
-    for cells in rows(layers):
-        table.add_row(*cells)
+    for col in shown:
+        table.add_column(col, overflow="fold", no_wrap=col != "layer",
+                         min_width=min(NAME_MIN_WIDTH, _widest(cells, 0)) if col == "layer" else None)
+    for row in cells:
+        table.add_row(*(row[COLUMNS.index(col)] for col in shown))
+    if wide:
+        console = Console(file=console.file, width=max(console.width, _natural_width(cells, COLUMNS)),
+                          force_terminal=console.is_terminal)
     console.print(table)
-    console.print(passthrough_line(layers), markup=False, highlight=False)
-    console.print(total_line(layers), markup=False, highlight=False)
-    console.print("||W-H||_2 is exact (SVD of the residual, rounding margin included); (F) marks "
-                  "the Frobenius error used as an upper bound. kappa(H) <= (s_max+e2)/(s_min-e2) (Weyl).")
+    left_out = [col for col in COLUMNS if col not in shown]
+    if left_out:
+        console.print(f"({len(left_out)} columns left out for the terminal's width: {', '.join(left_out)}; "
+                      "--wide or --json show them)", markup=False, highlight=False, soft_wrap=True)
+    for line in (passthrough_line(layers), total_line(layers), LEGEND):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _widest(cells: list[list[str]], column: int) -> int:
+    return max([len(COLUMNS[column]), *(len(row[column]) for row in cells)])
+
+
+def _natural_width(cells: list[list[str]], columns: tuple[str, ...] | list[str]) -> int:
+    """Characters a table needs to show ``columns`` unwrapped (rich: a border and two spaces of
+    padding per column, one closing border)."""
+    return sum(_widest(cells, COLUMNS.index(col)) + 3 for col in columns) + 1
+
+
+def _fitting_columns(cells: list[list[str]], width: int) -> list[str]:
+    """The most important columns that fit ``width`` unwrapped, in COLUMNS order: the first
+    ESSENTIAL of PRIORITY always (their layer names fold if even they do not fit), then each
+    next one while the whole table still fits with its layer names on one line."""
+    chosen = list(PRIORITY[:ESSENTIAL])
+    for col in PRIORITY[ESSENTIAL:]:
+        if _natural_width(cells, [*chosen, col]) <= width:
+            chosen.append(col)
+    return [col for col in COLUMNS if col in chosen]
 
 
 def markdown(layers: list[LayerStats], title: str = "") -> str:
+    """The table for a pull request or job summary: totals first, then every column, a legend."""
     lines = [f"### {title}", ""] if title else []
+    lines += [total_line(layers), "", passthrough_line(layers), ""]
     # "|" is escaped in every cell, the header too ("||W-H||_2" would split it into columns).
     for cells in [list(COLUMNS), ["---"] * len(COLUMNS), *rows(layers)]:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    lines += ["", passthrough_line(layers), "", total_line(layers), ""]
+    lines += ["", LEGEND.replace("|", "\\|"), ""]
     return "\n".join(lines)
 
 

@@ -1,32 +1,28 @@
 """The runtime: everything needed to read and run a compressed file, on torch and safetensors alone.
 
-Its modules, in dependency order: `format` (the vocabulary), `validate`, `matrix` (`HMatrix`),
-`read` (files), `product` (the fast ``x @ Hᵀ``) and `layers` (`HLinear`, `patch`). They import
-nothing else of hmcompress, so `bundle` can concatenate them into the single-file shim
-``hmruntime.py`` that the writer puts beside every compressed file.
-"""
-from hmcompress.runtime.format import (BLOCK_COLUMNS, CODEC, CODEC_TABLE, CODECS, DENSE, DTYPE_TABLE, FORMAT_NAME,
-                                       FORMAT_VERSION, INTEGER_CODECS, LOWRANK, MATRIX_DTYPE_NAMES, MATRIX_DTYPES,
-                                       ROWS, SAFETENSORS_CODE, SAFETENSORS_DTYPES, SCALE_DTYPE, SEGMENT_COLUMNS,
-                                       Codec, DType, FormatError, Kind, decode_rows, dense_nbytes, mask_bytes,
-                                       mask_rows, pack_bits, pack_codes, row_mask, unpack_bits, unpack_codes)
-from hmcompress.runtime.layers import (PATCH_MODES, HLinear, LayerChoice, Patched, compact_planes, decode_planes,
-                                       patch)
-from hmcompress.runtime.matrix import DenseSegment, HMatrix, LowRankSegment, RowsSegment, Segment
-from hmcompress.runtime.product import SMALL_BATCH, TilePlan, terms, tile_product, tiles
-from hmcompress.runtime.read import (MAX_HEADER_BYTES, CompressedFile, SafetensorsHeader, TensorInfo,
-                                     hmatrix_from_tensors, load_state_dict, parse_metadata, read_file, read_header,
-                                     unique_keys)
-from hmcompress.runtime.validate import validate_packed
+Its modules, in dependency order: `errors` (`FormatError`), `format` (the vocabulary), `validate`,
+`matrix` (`HMatrix`), `read` (files), `product` (the fast ``x @ Hᵀ``) and `layers` (`HLinear`,
+`patch`). They import nothing else of hmcompress, so `bundle` can concatenate them into the
+single-file shim ``hmruntime.py`` that the writer puts beside every compressed file.
 
-__all__ = [
-    "BLOCK_COLUMNS", "CODEC", "CODEC_TABLE", "CODECS", "DENSE", "DTYPE_TABLE", "FORMAT_NAME", "FORMAT_VERSION",
-    "INTEGER_CODECS", "LOWRANK", "MATRIX_DTYPE_NAMES", "MATRIX_DTYPES", "ROWS", "SAFETENSORS_CODE",
-    "SAFETENSORS_DTYPES", "SCALE_DTYPE", "SEGMENT_COLUMNS", "Codec", "DType", "FormatError", "Kind", "decode_rows",
-    "dense_nbytes", "mask_bytes", "mask_rows", "pack_bits", "pack_codes", "row_mask", "unpack_bits", "unpack_codes",
-    "PATCH_MODES", "HLinear", "LayerChoice", "Patched", "compact_planes", "decode_planes", "patch",
-    "DenseSegment", "HMatrix", "LowRankSegment", "RowsSegment", "Segment",
-    "SMALL_BATCH", "TilePlan", "terms", "tile_product", "tiles",
-    "MAX_HEADER_BYTES", "CompressedFile", "SafetensorsHeader", "TensorInfo", "hmatrix_from_tensors",
-    "load_state_dict", "parse_metadata", "read_file", "read_header", "unique_keys", "validate_packed",
-]
+Every public name of those modules can be imported from here (``from hmcompress.runtime import
+HMatrix``); the modules load on first use, so that importing `hmcompress.runtime.errors` alone
+does not load torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+from hmcompress.runtime.bundle import SHIM_MODULES, public_names
+
+
+def __getattr__(name: str) -> object:
+    for module_name in SHIM_MODULES:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        if not name.startswith("_") and name in vars(module):
+            return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *public_names()})

@@ -12,7 +12,7 @@ import dataclasses
 import pathlib
 import sys
 
-SHIM_MODULES = ("format", "validate", "matrix", "read", "product", "layers")
+SHIM_MODULES = ("errors", "format", "validate", "matrix", "read", "product", "layers")
 RUNTIME_PACKAGE = "hmcompress.runtime"
 
 
@@ -22,7 +22,7 @@ def shim_source(version: str) -> str:
     sections: list[str] = []
     defined: dict[str, str] = {}
     for name in SHIM_MODULES:
-        module = _split(name, (pathlib.Path(__file__).parent / f"{name}.py").read_text(encoding="utf-8"))
+        module = _module(name)
         for top in module.definitions:
             if top in defined:
                 raise RuntimeError(f"runtime modules {defined[top]} and {name} both define {top}")
@@ -37,6 +37,15 @@ def shim_source(version: str) -> str:
               '"""\n')
     preamble = "\n".join([header + "from __future__ import annotations\n", *_grouped(imports)])
     return "\n\n\n".join([preamble, *sections]) + "\n"
+
+
+def public_names() -> list[str]:
+    """Every public name the runtime modules define at their top level (what the shim offers)."""
+    return [name for module in SHIM_MODULES for name in _module(module).definitions if not name.startswith("_")]
+
+
+def _module(name: str) -> _Module:
+    return _split(name, (pathlib.Path(__file__).parent / f"{name}.py").read_text(encoding="utf-8"))
 
 
 @dataclasses.dataclass

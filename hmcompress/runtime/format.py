@@ -17,10 +17,6 @@ BLOCK_COLUMNS = 5  # row0, col0, rows, cols, level
 SEGMENT_COLUMNS = 6  # block, kind, codec, rank, offset, scale_offset
 
 
-class FormatError(ValueError):
-    """A compressed file (or packed matrix) breaks the format; the message says where and how."""
-
-
 class Kind(enum.IntEnum):
     """What a segment stores of its block (the segment table's ``kind`` column)."""
 

@@ -71,11 +71,30 @@ class HMatrix:
                 yield DenseSegment(row0, col0, rows, cols, codec, values, scales)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The stored matrix, computed in float64 and cast to ``dtype`` (default: source dtype)."""
+        """The stored matrix in float64, rounded once to ``dtype`` (default: the source dtype).
+
+        The float64 matrix is computed exactly as docs/FORMAT.md prescribes ("Dense
+        reconstruction"), so every reader gets the same bits: every entry starts at +0; the
+        segments, in table order, add their values to their block's entries; a low-rank segment
+        adds its terms ``a[j] ⊗ b[j]`` for j = 0, 1, ... in turn, each product rounded to float64
+        and then added (never fused). The result is rounded once, to nearest with ties to even,
+        from float64 (`round_to_dtype`).
+        """
         out = torch.zeros(self.shape, dtype=torch.float64)
         for s in self.segment_values():
-            out[s.row0:s.row0 + s.rows, s.col0:s.col0 + s.cols] += s.block_values()
-        return out.to(self.dtype if dtype is None else dtype)
+            view = out[s.row0:s.row0 + s.rows, s.col0:s.col0 + s.cols]
+            if isinstance(s, LowRankSegment):  # by row bands that stay in cache; same sums, same order
+                band = max(1, _BAND_NUMBERS // max(1, s.cols))
+                for start in range(0, s.rows, band):
+                    part = view[start:start + band]
+                    term = torch.empty_like(part)
+                    for a, b in zip(s.a[:, start:start + band], s.b):
+                        part += torch.mul(a.unsqueeze(1), b, out=term)
+            elif isinstance(s, RowsSegment):
+                view[s.index] += s.values
+            else:
+                view += s.block
+        return round_to_dtype(out, self.dtype if dtype is None else dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``H @ x`` for x of shape (n,) or (n, k), in float64, without forming H."""
@@ -88,6 +107,38 @@ class HMatrix:
         return out.reshape(self.shape[0], *x.shape[1:])
 
     __matmul__ = matmul
+
+
+_BAND_NUMBERS = 1 << 16  # entries of a low-rank block updated term by term at once (`HMatrix.to_dense`)
+# Significand bits (with the implicit one) and the exponent of the least subnormal of the dtypes
+# torch cannot round to from float64 in one step: its float64 -> float16 / bfloat16 conversion
+# goes through float32 and so rounds twice (1 + 2**-8 + 2**-30 becomes bfloat16 1.0, not 1.0078125).
+_NARROW_FLOATS = {torch.float16: (11, -24), torch.bfloat16: (8, -133)}
+
+
+def round_to_dtype(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 ``values`` rounded once to ``dtype``: to nearest, ties to even, overflow to ±inf.
+
+    float64 and float32 are torch's own (single, IEEE) conversions. For float16 and bfloat16 each
+    value is rounded in float64 to a multiple of its target spacing 2**q (q = its exponent less the
+    precision, at least the least subnormal's): scaling by 2**-q, `torch.round` (ties to even) and
+    scaling back are exact, and the result, representable in ``dtype`` (or beyond its range,
+    hence ±inf), converts exactly.
+    """
+    if values.dtype != torch.float64:
+        raise ValueError(f"round_to_dtype rounds float64 values, got {values.dtype}")
+    if dtype not in _NARROW_FLOATS:
+        return values.to(dtype)
+    bits, least = _NARROW_FLOATS[dtype]
+    _mantissa, exponent = torch.frexp(values)  # |values| < 2**exponent; 0 and ±inf: exponent 0
+    spacing = (exponent.to(torch.int64) - bits).clamp_(min=least)
+    scaled = values * _power_of_two(-spacing)  # |scaled| < 2**bits: exact, no overflow or underflow
+    return (torch.round(scaled) * _power_of_two(spacing)).to(dtype)
+
+
+def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
+    """2.0**exponent (float64, exact) for integer exponents of normal numbers (-1022 .. 1023)."""
+    return ((exponent + 1023) << 52).view(torch.float64)
 
 
 class _RowRun:

@@ -12,9 +12,10 @@ import struct
 
 import torch
 
+from hmcompress.runtime.errors import FormatError
 from hmcompress.runtime.format import (BLOCK_COLUMNS, CODEC, CODECS, FORMAT_NAME, FORMAT_VERSION, INTEGER_CODECS,
                                        MATRIX_DTYPES, SAFETENSORS_CODE, SAFETENSORS_DTYPES, SCALE_DTYPE,
-                                       SEGMENT_COLUMNS, DType, FormatError)
+                                       SEGMENT_COLUMNS, DType)
 from hmcompress.runtime.matrix import HMatrix
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # as safetensors itself

@@ -9,9 +9,9 @@ from typing import Protocol
 
 import torch
 
+from hmcompress.runtime.errors import FormatError
 from hmcompress.runtime.format import (BLOCK_COLUMNS, CODEC, CODECS, DENSE, INTEGER_CODECS, LOWRANK,
-                                       MATRIX_DTYPE_NAMES, ROWS, SCALE_DTYPE, SEGMENT_COLUMNS, FormatError,
-                                       Kind, unpack_bits)
+                                       MATRIX_DTYPE_NAMES, ROWS, SCALE_DTYPE, SEGMENT_COLUMNS, Kind, unpack_bits)
 
 
 class Packed(Protocol):
