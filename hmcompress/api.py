@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from hmcompress.io import pipeline
+from hmcompress.io import pipeline, training
 from hmcompress.core.build import CompressionOptions, as_matrix
 from hmcompress.io.checkpoint import Checkpoint, Selection, classify, open_checkpoint
 from hmcompress.errors import USER_ERRORS, OutputExists, UserError
@@ -44,6 +44,10 @@ class CompressionResult:
     options: dict
     failures: list[str] = dataclasses.field(default_factory=list)  # quality gates missed
     reused: list[str] = dataclasses.field(default_factory=list)  # results resumed from an earlier run
+    kept: training.Keep | None = None  # tensors left out or renamed (training checkpoints)
+    extra: list[str] = dataclasses.field(default_factory=list)  # non-tensor entries kept in the header
+    not_stored: list[str] = dataclasses.field(default_factory=list)  # non-tensor entries JSON cannot hold
+    dropped_bytes: int = 0  # bytes of the tensors left out (not in the totals)
 
     def totals(self) -> dict:
         return totals(self.layers)
@@ -52,7 +56,24 @@ class CompressionResult:
         """One input's entry in ``compress --json``."""
         return {"ok": not self.failures, "source": str(self.source),
                 "output": str(self.output) if self.output else None, "gate_failures": self.failures,
-                "options": self.options, "layers": [s.to_json() for s in self.layers], "totals": self.totals()}
+                "options": self.options, "layers": [s.to_json() for s in self.layers], "totals": self.totals(),
+                "dropped": dict(sorted(self.kept.dropped.items())) if self.kept else {},
+                "removed_prefix": self.kept.prefix if self.kept else "", "dropped_bytes": self.dropped_bytes,
+                "extra": self.extra, "not_stored": self.not_stored}
+
+    def notes(self) -> list[str]:
+        """What happened to everything that is not a compressed or passthrough tensor, for people."""
+        lines = []
+        if self.kept and self.kept.dropped:
+            counts = ", ".join(f"{n} {reason}" for reason, n in self.kept.summary()["dropped"].items())
+            lines.append(f"dropped: {counts}; {self.dropped_bytes} bytes, not counted in the ratio")
+        if self.kept and self.kept.prefix:
+            lines.append(f"renamed: {self.kept.prefix!r} removed from the start of {len(self.kept.names)} names")
+        if self.extra:
+            lines.append(f"kept in the file's header (\"extra\"): {', '.join(self.extra)}")
+        if self.not_stored:
+            lines.append(f"not stored (not tensors, not JSON): {', '.join(self.not_stored)}")
+        return lines
 
 
 def default_output(source: pathlib.Path, out_dir: pathlib.Path | None = None) -> pathlib.Path:
@@ -80,10 +101,14 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
     and its ``output`` is None.
     """
     source = pathlib.Path(source)
-    ckpt = open_checkpoint(source)
+    opened = open_checkpoint(source)
     output = pathlib.Path(output) if output else default_output(source)
     if write:
         _check_output(source, output, overwrite)
+    kept = training.keep(opened.entries, selection.drop_optimizer, selection.model_only, source)
+    source_names = {new: old for old, new in kept.names.items()}
+    ckpt = dataclasses.replace(opened, entries=[dataclasses.replace(e, name=kept.names[e.name])
+                                                for e in opened.entries if e.name in kept.names])
     reasons = {e.name: classify(e, selection) for e in ckpt.entries}
     eligible = [e.name for e in ckpt.entries if reasons[e.name] is None]
     slots = {name: slot for slot, name in enumerate(eligible)}
@@ -93,9 +118,10 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
             workdir = pipeline.WorkDir.beside(output)
             workdir.prepare(resume)
             stack.push(_discard_on_user_error(workdir, keep=resume))
-        jobs = [pipeline.Job(str(source), name, slots[name], options, selection.passthrough_nonfinite,
-                             workdir and str(workdir.path), resume and write) for name in eligible]
-        pipeline.use_checkpoint(str(source), ckpt)
+        jobs = [pipeline.Job(str(source), name, source_names[name], slots[name], options,
+                             selection.passthrough_nonfinite, workdir and str(workdir.path), resume and write)
+                for name in eligible]
+        pipeline.use_checkpoint(str(source), opened)
         sizes = {e.name: e.nbytes for e in ckpt.entries if reasons[e.name] is None}
         if workers is None:
             workers = pipeline.default_workers(sum(sizes.values()))
@@ -110,8 +136,10 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
             reasons[entry.name] = reason
             layers.append(LayerStats(entry.name, list(entry.shape), str(entry.dtype).removeprefix("torch."),
                                      entry.nbytes, entry.nbytes, False, reason))
-        header = {"options": options_json(options, selection), "source": {"file": source.name, "kind": ckpt.kind},
-                  "extra": ckpt.extra}
+        origin = {"file": source.name, "kind": ckpt.kind}
+        if kept.dropped or kept.prefix:
+            origin |= kept.summary()
+        header = {"options": options_json(options, selection), "source": origin, "extra": ckpt.extra}
         failures = gates.failures(layers, totals(layers)) if gates else []
         write = write and (keep_failed or not failures)
         if write:
@@ -122,7 +150,9 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
         if workdir is not None:
             workdir.remove()
     reused = sorted(o.name for o in outcomes.values() if o.reused)
-    return CompressionResult(source, output if write else None, layers, header["options"], failures, reused)
+    return CompressionResult(source, output if write else None, layers, header["options"], failures, reused,
+                             kept, sorted(ckpt.extra), ckpt.dropped,
+                             sum(e.nbytes for e in opened.entries if e.name in kept.dropped))
 
 
 def _byte_counter(progress: Progress | None, sizes: dict[str, int]):
@@ -151,6 +181,8 @@ def options_json(options: CompressionOptions, selection: Selection) -> dict:
     return {**dataclasses.asdict(options), "min_size": selection.min_size,
             "include": list(selection.include), "exclude": list(selection.exclude),
             "conv": selection.conv, "passthrough_nonfinite": selection.passthrough_nonfinite,
+            **({"drop_optimizer": True} if selection.drop_optimizer else {}),
+            **({"model_only": True} if selection.model_only else {}),
             "format_version": FORMAT_VERSION}
 
 
@@ -163,7 +195,9 @@ def options_from_json(recorded: dict) -> tuple[CompressionOptions, Selection]:
     selection = Selection(min_size=recorded.get("min_size", defaults.min_size),
                           include=tuple(recorded.get("include", ())), exclude=tuple(recorded.get("exclude", ())),
                           conv=bool(recorded.get("conv", False)),
-                          passthrough_nonfinite=bool(recorded.get("passthrough_nonfinite", False)))
+                          passthrough_nonfinite=bool(recorded.get("passthrough_nonfinite", False)),
+                          drop_optimizer=recorded.get("drop_optimizer") is True,
+                          model_only=recorded.get("model_only") is True)
     return options, selection
 
 

@@ -176,6 +176,11 @@ def compress(
     keep_failed: bool = flag("--keep-failed", help="Write the output even when a gate fails."),
     passthrough_nonfinite: bool = flag("--passthrough-nonfinite", help="Copy matrices holding NaN/Inf unchanged "
                                        "instead of refusing the checkpoint."),
+    drop_optimizer: bool = flag("--drop-optimizer", help="Leave optimizer state out of the output (a training "
+                                "checkpoint's; by default it passes through uncompressed)."),
+    model_only: bool = flag("--model-only", help="Keep the model's state dict alone, under the bare model's names "
+                            "(a training checkpoint's {'model': ..., 'optimizer': ...} -> what model.state_dict() "
+                            "holds): implies --drop-optimizer."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Compress in this many processes "
                                           "(default: $HMCOMPRESS_WORKERS, else one per 16 MiB of matrices up to "
                                           "one per core); the output is the same for any number."),
@@ -198,7 +203,8 @@ def compress(
     options = CompressionOptions(tol=tol, absolute=absolute, strategy=strategy, precision=precision, leaf=leaf,
                                  device=device)
     selection = Selection(min_size=min_size, include=tuple(include), exclude=tuple(exclude), conv=conv,
-                          passthrough_nonfinite=passthrough_nonfinite)
+                          passthrough_nonfinite=passthrough_nonfinite, drop_optimizer=drop_optimizer,
+                          model_only=model_only)
     gates = Gates(max_error, min_ratio) if max_error is not None or min_ratio is not None else None
     if out_dir is not None and not output:
         if out_dir.exists() and not out_dir.is_dir():
@@ -224,6 +230,8 @@ def compress(
         if not json_out:
             tables.print_table(result.layers, _console(), title=f"{model} -> {result.output or 'nothing written'}",
                                wide=wide)
+            for note in result.notes():
+                _out(note)
         for failure in result.failures:
             _say(f"hmcompress: {model}: quality gate failed: {failure}{'' if result.output else '; nothing written'}")
     if json_out:

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hmcompress.runtime import read_file
 from hmcompress.io.writer import _host, remove_stale_temporaries
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

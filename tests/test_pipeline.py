@@ -1,7 +1,6 @@
 """Whole-checkpoint compression: worker processes, resume after a kill, bounded memory."""
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import signal

@@ -67,6 +67,8 @@ class Selection:
     exclude: tuple[str, ...] = ()
     conv: bool = False
     passthrough_nonfinite: bool = False  # copy matrices holding NaN/Inf unchanged instead of refusing
+    drop_optimizer: bool = False  # leave optimizer state out of the output (`io.training`)
+    model_only: bool = False  # keep the model's state dict alone, under the bare model's names
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:

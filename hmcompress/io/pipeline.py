@@ -53,7 +53,8 @@ class Job:
     """Everything a worker needs to compress one tensor (picklable)."""
 
     source: str
-    name: str
+    name: str  # in the output
+    tensor: str  # in the source (differs where `io.training` renames)
     slot: int  # position among the compressed tensors: names the result file
     options: CompressionOptions
     passthrough_nonfinite: bool
@@ -119,10 +120,10 @@ def run_job(job: Job) -> JobResult:
 
 
 def _run(job: Job) -> JobResult:
-    tensor = _entry(job.source, job.name).load()
+    tensor = _entry(job.source, job.tensor).load()
     if not bool(torch.isfinite(tensor).all()):
         if not job.passthrough_nonfinite:
-            raise UserError(f"{job.source}: tensor {job.name!r} contains NaN or Inf values "
+            raise UserError(f"{job.source}: tensor {job.tensor!r} contains NaN or Inf values "
                             "(--passthrough-nonfinite copies such tensors unchanged)")
         return JobResult(job.name, reason=NONFINITE)
     if job.workdir is not None:  # a result is kept there, and reused on --resume

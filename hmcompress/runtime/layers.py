@@ -140,25 +140,32 @@ class LayerChoice:
 
 class Patched(list):
     """The names of the modules `patch` replaced by `HLinear` (a plain list of str), with every
-    compressed linear layer's `LayerChoice` in ``choices``."""
+    compressed linear layer's `LayerChoice` in ``choices`` and, as ``load_state_dict`` reports
+    them, the model's keys the file lacked and the file's keys the model lacks (both empty unless
+    ``strict=False``)."""
 
-    def __init__(self, choices: list[LayerChoice]) -> None:
+    def __init__(self, choices: list[LayerChoice], missing_keys: list[str] = (),
+                 unexpected_keys: list[str] = ()) -> None:
         super().__init__(sorted(c.name for c in choices if c.mode == "hmatrix"))
         self.choices = sorted(choices, key=lambda c: c.name)
+        self.missing_keys, self.unexpected_keys = list(missing_keys), list(unexpected_keys)
 
 
 def patch(model: nn.Module, path: str | os.PathLike, mode: str = "hmatrix", *,
-          keep_compact: bool = False, probe_batch: int = 16) -> Patched:
+          keep_compact: bool = False, probe_batch: int = 16, prefix: str = "", strict: bool = True) -> Patched:
     """Load a compressed file into ``model``, running compressed `nn.Linear` layers as `HLinear`.
 
     ``mode="hmatrix"`` replaces every `nn.Linear` whose weight is compressed; ``"dense"`` loads
     dense weights only; ``"auto"`` times both on a random probe of ``probe_batch`` rows and keeps
     the faster per layer (see ``.choices`` of the result). ``keep_compact`` keeps integer-coded
-    factors compact (see `HLinear`). Keys are checked strictly, as by ``model.load_state_dict``.
+    factors compact (see `HLinear`). ``prefix``: use only the file's tensors whose names start
+    with it, named without it (``"model."`` for a file made from a training checkpoint without
+    ``--model-only``). Keys are checked as by ``model.load_state_dict(..., strict)``: with
+    ``strict=False`` missing and unexpected keys are skipped and listed in the result.
     """
     if mode not in PATCH_MODES:
         raise ValueError(f"mode must be one of {', '.join(PATCH_MODES)}, got {mode!r}")
-    compressed = read_file(path)
+    compressed = read_file(path).under(prefix)
     file_keys = {*compressed.matrices, *compressed.passthrough}
     model_keys = set(model.state_dict().keys())
     linears = {name: module for name, module in model.named_modules()
@@ -167,9 +174,12 @@ def patch(model: nn.Module, path: str | os.PathLike, mode: str = "hmatrix", *,
     optional = {_key(name, "bias") for name in linears} if mode != "dense" else set()
     missing = sorted(model_keys - file_keys - optional)
     unexpected = sorted(file_keys - model_keys)
-    if missing or unexpected:
+    if strict and (missing or unexpected):
         raise RuntimeError(f"{path}: does not match the model: missing keys {missing}, "
-                           f"unexpected keys {unexpected}")
+                           f"unexpected keys {unexpected}"
+                           + (f" (its tensors under {prefix!r})" if prefix else "")
+                           + ("; a training checkpoint's file may need prefix='model.'" if not prefix and any(
+                               k.startswith("model.") for k in unexpected) else ""))
     if "" in linears and mode != "dense":
         raise ValueError("cannot replace the model itself by an HLinear; patch a module containing it")
     choices, new_modules = [], {}
@@ -190,15 +200,14 @@ def patch(model: nn.Module, path: str | os.PathLike, mode: str = "hmatrix", *,
         if choice.mode == "hmatrix":
             new_modules[id(module)] = layer
     replaced = {c.name for c in choices if c.mode == "hmatrix"}
-    dense = {name: compressed.dense(name) for name in sorted(file_keys - {_key(n, "weight") for n in replaced})}
+    dense = {name: compressed.dense(name)
+             for name in sorted((file_keys & model_keys) - {_key(n, "weight") for n in replaced})}
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if id(child) in new_modules:
                 setattr(parent, child_name, new_modules[id(child)])
-    result = model.load_state_dict(dense, strict=False)
-    if result.unexpected_keys:
-        raise RuntimeError(f"{path}: unexpected keys {sorted(result.unexpected_keys)}")
-    return Patched(choices)
+    model.load_state_dict(dense, strict=False)
+    return Patched(choices, missing, unexpected)
 
 
 def _key(module_name: str, tensor: str) -> str:

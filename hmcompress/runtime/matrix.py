@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import ClassVar
-
 import torch
 
-from hmcompress.runtime.format import CODEC, CODECS, DENSE, LOWRANK, ROWS, Kind, decode_rows, mask_bytes, mask_rows
+from hmcompress.runtime.format import CODEC, CODECS, DENSE, LOWRANK, ROWS, decode_rows, mask_bytes, mask_rows
 from hmcompress.runtime.validate import validate_packed
 
 
@@ -109,7 +107,7 @@ class HMatrix:
     __matmul__ = matmul
 
 
-_BAND_NUMBERS = 1 << 16  # entries of a low-rank block updated term by term at once (`HMatrix.to_dense`)
+_BAND_NUMBERS = 1 << 17  # entries of a low-rank block updated term by term at once (`HMatrix.to_dense`)
 # Significand bits (with the implicit one) and the exponent of the least subnormal of the dtypes
 # torch cannot round to from float64 in one step: its float64 -> float16 / bfloat16 conversion
 # goes through float32 and so rounds twice (1 + 2**-8 + 2**-30 becomes bfloat16 1.0, not 1.0078125).
@@ -163,12 +161,12 @@ class _RowRun:
 
 @dataclasses.dataclass
 class Segment:
-    """Where a decoded segment sits (its block ``row0, col0, rows, cols``) and its codec.
+    """Where a decoded segment sits (its block ``row0, col0, rows, cols``) and its codec; each
+    subclass names its `Kind` in the class attribute ``kind``.
 
     Scales (float32, one per stored row) are given for integer codecs and None for floating ones.
     """
 
-    kind: ClassVar[Kind]
     row0: int
     col0: int
     rows: int
@@ -188,7 +186,7 @@ class Segment:
 class DenseSegment(Segment):
     """The whole block, number by number."""
 
-    kind: ClassVar[Kind] = DENSE
+    kind = DENSE  # a class attribute, not a field (no annotation)
     block: torch.Tensor  # rows x cols
     scales: torch.Tensor | None
 
@@ -203,7 +201,7 @@ class DenseSegment(Segment):
 class LowRankSegment(Segment):
     """Factors of the block: it equals ``a.T @ b``."""
 
-    kind: ClassVar[Kind] = LOWRANK
+    kind = LOWRANK
     a: torch.Tensor  # k x rows
     b: torch.Tensor  # k x cols
     a_scales: torch.Tensor | None
@@ -220,7 +218,7 @@ class LowRankSegment(Segment):
 class RowsSegment(Segment):
     """Some rows of the block; the block's other rows are zero (or in another rows segment)."""
 
-    kind: ClassVar[Kind] = ROWS
+    kind = ROWS
     values: torch.Tensor  # k x cols: the stored rows
     index: torch.Tensor  # (k,): their row numbers within the block
     scales: torch.Tensor | None

@@ -137,6 +137,17 @@ class CompressedFile:
     matrices: dict[str, HMatrix]
     passthrough: dict[str, torch.Tensor]
 
+    def under(self, prefix: str) -> CompressedFile:
+        """The tensors whose names start with ``prefix``, named without it (all of them for "")."""
+        if not prefix:
+            return self
+
+        def strip(table: dict) -> dict:
+            return {name[len(prefix):]: value for name, value in table.items() if name.startswith(prefix)}
+        metadata = {**self.metadata, "matrices": strip(self.metadata["matrices"]),
+                    "passthrough": strip(self.metadata["passthrough"])}
+        return CompressedFile(self.path, metadata, strip(self.matrices), strip(self.passthrough))
+
     def dense(self, name: str) -> torch.Tensor:
         """Tensor ``name`` as the original checkpoint held it (a matrix expanded, in its shape)."""
         if name not in self.matrices:
@@ -261,12 +272,13 @@ def read_file(path: str | os.PathLike) -> CompressedFile:
     return CompressedFile(path, meta, matrices, passthrough)
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | os.PathLike, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor of a compressed file, dense, under its original name, shape and dtype.
 
-    A drop-in for ``model.load_state_dict(...)``.
+    A drop-in for ``model.load_state_dict(...)``. With ``prefix`` (e.g. ``"model."`` for a file made
+    from a training checkpoint), only the tensors whose names start with it, without it.
     """
-    compressed = read_file(path)
+    compressed = read_file(path).under(prefix)
     return {name: compressed.dense(name) for name in sorted({*compressed.matrices, *compressed.passthrough})}
 
 
