@@ -32,6 +32,9 @@ HALF_LEAST_FLOAT32 = 2.0**-150  # the largest absolute error of rounding to floa
 # The stored float64 form's spectral error is bounded by the loaded form's plus ||H - H64||_F when
 # that adds at most this share; otherwise it gets its own SVD.
 SHORTCUT_SHARE = 1e-2
+# The builder's singular values of W come from their squares (`candidates.analyse`), which lose
+# precision or vanish outside this range; there they are recomputed (`singular_values`).
+SAFE_SIGMA = (2.0**-500, 2.0**500)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +190,19 @@ def _svd_bound(original: torch.Tensor, form: torch.Tensor, exponent: int, fro: f
     return up(up(scaled) / scale + UNIT64 * up(fro))
 
 
+def singular_values(matrix: torch.Tensor) -> np.ndarray:
+    """Singular values of ``matrix`` (float64, descending) computed in its working precision
+    (float64 for float64, else float32) on the matrix scaled by a power of two, so that magnitudes
+    far from 1 neither overflow nor underflow."""
+    work = matrix.double() if matrix.dtype == torch.float64 else matrix.float()
+    peak = float(work.abs().max()) if work.numel() else 0.0
+    if not 0 < peak < math.inf:
+        return torch.linalg.svdvals(work).double().numpy()
+    exponent = math.frexp(peak)[1]
+    sigma = torch.linalg.svdvals(work * math.ldexp(1.0, -exponent)).double().numpy()
+    return np.ldexp(sigma, exponent)
+
+
 def compute_bounds(original: torch.Tensor, stored: torch.Tensor, error: float, sigma: np.ndarray) -> Bounds:
     """Bounds for W (original, in its source dtype) approximated by the stored H64 (float64) and
     by H64 rounded to W's dtype.
@@ -202,6 +218,8 @@ def compute_bounds(original: torch.Tensor, stored: torch.Tensor, error: float, s
     e2 = max(e2, 0.0)
     if len(sigma) == 0:
         return Bounds(error, rel, e2, method, 0.0, 0.0, None, None, None)
+    if not SAFE_SIGMA[0] <= float(sigma[0]) <= SAFE_SIGMA[1] and norm > 0:
+        sigma = singular_values(original)
     top, last = float(sigma[0]), float(sigma[-1])
     margin = rounding_margin(tuple(original.shape), original.dtype, top)
     s_max = up(top + margin)

@@ -7,6 +7,7 @@ user's rc files say, and no Software stamp in the PNG, so the same figures are t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -29,10 +30,14 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5")
 
 
+HATCH = {"dense": "xx", "rows": "//"}
+LOG_MIN_SPAN = 20  # data spanning less than this factor get a linear axis: a log one would repeat labels
+MAX_NAMED_TICKS = 40  # a summary chart names every layer up to this many, else every k-th
+
+
 def codec_colour(codec: str) -> str:
     """The colour every picture gives ``codec``."""
     return PALETTE[CODEC[codec].id % len(PALETTE)]
-HATCH = {"dense": "xx", "rows": "//"}
 
 
 def require_matplotlib() -> None:
@@ -47,11 +52,12 @@ def _png(layout: str | None = "constrained") -> Callable[[Callable[..., object]]
     """Make ``draw(figure, ...)`` return PNG bytes of a fresh figure in matplotlib's default style.
 
     Pictures drawn once per layer pass ``layout=None`` and place their axes themselves: the
-    constrained layout engine costs about a third of their drawing time.
+    constrained layout engine costs about a third of their drawing time. ``render.drawn(...)``
+    gives the drawn `Figure` itself (rendered, so its tick labels are set), for tests to read.
     """
     def decorate(draw: Callable[..., object]) -> Callable[..., bytes]:
-        @functools.wraps(draw)
-        def render(*args, size: tuple[float, float] = (10.0, 4.5), **kwargs) -> bytes:
+        @contextlib.contextmanager
+        def figure_of(*args, size: tuple[float, float] = (10.0, 4.5), **kwargs):
             import matplotlib
             from matplotlib.figure import Figure
 
@@ -59,21 +65,48 @@ def _png(layout: str | None = "constrained") -> Callable[[Callable[..., object]]
                 matplotlib.rcdefaults()
                 figure = Figure(figsize=size, dpi=DPI, layout=layout)
                 draw(figure, *args, **kwargs)
+                yield figure
+
+        @functools.wraps(draw)
+        def render(*args, **kwargs) -> bytes:
+            with figure_of(*args, **kwargs) as figure:
                 out = io.BytesIO()
                 figure.savefig(out, format="png", metadata={"Software": None})
             return out.getvalue()
+
+        @contextlib.contextmanager
+        def drawn(*args, **kwargs):
+            with figure_of(*args, **kwargs) as figure:
+                figure.canvas.draw()
+                yield figure
+        render.drawn = drawn
         return render
     return decorate
 
 
-def _log_scale(ax, which: str = "y") -> None:
-    """Log scale labelled in plain text (mathtext labels cost more than the rest of a picture)."""
-    from matplotlib.ticker import LogFormatter
+def _value_scale(ax, values, which: str = "y") -> None:
+    """A log axis where the values span LOG_MIN_SPAN or more, else a linear one, labelled in plain
+    text (mathtext labels cost more than the rest of a picture) with every label distinct."""
+    from matplotlib.ticker import LogFormatter, NullFormatter, ScalarFormatter
 
-    getattr(ax, f"set_{which}scale")("log")
+    positive = [float(v) for v in values if v is not None and np.isfinite(v) and v > 0]
     axis = getattr(ax, f"{which}axis")
-    axis.set_major_formatter(LogFormatter())
-    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False))  # labels only a narrow range's ticks
+    if positive and max(positive) >= LOG_MIN_SPAN * min(positive):
+        getattr(ax, f"set_{which}scale")("log")
+        axis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+        axis.set_minor_formatter(NullFormatter())
+        return
+    formatter = ScalarFormatter(useOffset=False)
+    formatter.set_powerlimits((-3, 4))
+    axis.set_major_formatter(formatter)
+
+
+def _name_layers(ax, names: list[str]) -> None:
+    """Layer names under the x axis: all of them, or every k-th where there are many."""
+    step = max(1, -(-len(names) // MAX_NAMED_TICKS))
+    ticks = list(range(0, len(names), step))
+    ax.set_xticks(ticks, [names[i] for i in ticks], rotation=60 if len(ticks) <= 24 else 90, ha="right",
+                  fontsize=7 if len(ticks) <= 24 else 6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,6 +122,7 @@ class Leaf:
     kind: str  # "lowrank", "rows", "dense" or "zero"
     rank: int  # low rank: the rank; rows: rows kept; dense: min(rows, cols); zero: 0
     codec: str  # the codec holding most of the leaf's bytes ("" for a zero block)
+    bits: float  # stored bits per entry of the block (scales included)
 
 
 def leaves(hm: HMatrix) -> list[Leaf]:
@@ -110,7 +144,8 @@ def leaves(hm: HMatrix) -> list[Leaf]:
             ranks[block] += rank
         codec_bytes[block][codec] = codec_bytes[block].get(codec, 0) + size
     return [Leaf(r0, c0, h, w, kinds[i], ranks[i],
-                 max(codec_bytes[i], key=lambda c: (codec_bytes[i][c], -CODEC[c].id)) if codec_bytes[i] else "")
+                 max(codec_bytes[i], key=lambda c: (codec_bytes[i][c], -CODEC[c].id)) if codec_bytes[i] else "",
+                 8 * sum(codec_bytes[i].values()) / (h * w))
             for i, (r0, c0, h, w, _level) in enumerate(blocks)]
 
 
@@ -143,24 +178,32 @@ def _by_kind(cells: list[Leaf]):
 
 
 def draw_ranks(figure, ax, hm: HMatrix) -> None:
-    """Every leaf rectangle coloured by its stored rank; ranks written on the larger leaves."""
+    """Low-rank leaves coloured by rank; rows and dense leaves (hatched) grey, labelled with the
+    bits they store per entry, not a rank (a rows leaf keeps rows, it has no rank)."""
     import matplotlib
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
     cells = leaves(hm)
     cmap = matplotlib.colormaps["viridis"].with_extremes(under="white")
-    norm = Normalize(vmin=0.5, vmax=max([c.rank for c in cells] + [1]))
+    norm = Normalize(vmin=0.5, vmax=max([c.rank for c in cells if c.kind == "lowrank"] + [1]))
+
+    def colour(c: Leaf):
+        return cmap(norm(c.rank)) if c.kind in ("lowrank", "zero") else "0.82"
     for group, hatch in _by_kind(cells):
-        _rectangles(ax, group, [cmap(norm(c.rank)) for c in group], hatch)
+        _rectangles(ax, group, [colour(c) for c in group], hatch)
     m, n = hm.shape
     for c in cells:
-        if c.cols * 10 >= n and c.rows * 10 >= m:
-            ax.text(c.col0 + c.cols / 2, c.row0 + c.rows / 2, str(c.rank), ha="center", va="center",
-                    fontsize=7, color="white" if norm(c.rank) < 0.6 else "black")
-    _frame(ax, hm.shape, f"rank per leaf ({len(cells)} leaves)")
+        if c.cols * 10 >= n and c.rows * 10 >= m and c.kind != "zero":
+            label = f"r {c.rank}" if c.kind == "lowrank" else f"{c.bits:.3g} bit"
+            dark = c.kind == "lowrank" and norm(c.rank) < 0.6
+            ax.text(c.col0 + c.cols / 2, c.row0 + c.rows / 2, label, ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")
+    kinds = {kind: sum(c.kind == kind for c in cells) for kind in ("lowrank", "rows", "dense", "zero")}
+    _frame(ax, hm.shape, "leaves: " + ", ".join(f"{count} {kind}" for kind, count in kinds.items() if count))
     bar = figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, extend="min", shrink=0.8)
-    bar.set_label("rank (white: zero block)\nhatched: dense ×, rows //", fontsize=8)
+    bar.set_label("rank of low-rank leaves (white: zero)\ngrey, hatched: dense ×, rows //\n(bits per entry)",
+                  fontsize=8)
 
 
 def draw_codecs(ax, hm: HMatrix) -> None:
@@ -183,7 +226,7 @@ def draw_spectrum(ax, sigma: np.ndarray, cuts: dict[float, int]) -> None:
     index = np.arange(1, len(sigma) + 1)
     positive = np.where(sigma > 0, sigma, np.nan)
     ax.plot(index, positive, color="black", linewidth=1.2, label="σ_i(W)")
-    _log_scale(ax)
+    _value_scale(ax, positive)
     for k, (tol, rank) in enumerate(sorted(cuts.items(), reverse=True)):
         ax.axvline(rank + 0.5, color=f"C{k}", linestyle="--", linewidth=1,
                    label=f"tol {tol:g}: SVD keeps {rank}")
@@ -236,8 +279,9 @@ def ratio_vs_tol_png(figure, c: Comparison) -> None:
             ax.scatter([totals[0].rel_error], [totals[0].ratio], marker="*", s=120, **style)
     for tol in tols:
         ax.axvline(tol, color="grey", linestyle=":", linewidth=0.8)
-    _log_scale(ax, "x")
-    _log_scale(ax, "y")
+    everything = [t for tol in tols for t in c.totals(tol).values()]
+    _value_scale(ax, [*tols, *(t.rel_error for t in everything)], "x")
+    _value_scale(ax, [t.ratio for t in everything], "y")
     ax.set_xlabel("relative Frobenius tolerance (★ fixed bit width: at its own measured error)")
     ax.set_ylabel("bytes ratio (dense / stored), all matrices")
     ax.set_title(f"{c.source}: compression ratio vs tolerance (hollow: missed on some layer)", fontsize=10)
@@ -249,6 +293,7 @@ def layers_png(figure, c: Comparison) -> None:
     """Per layer at the primary tolerance: bytes ratio of every method, and error at matched size."""
     ax_ratio, ax_error = figure.subplots(2, 1, sharex=True)
     tol, x = c.primary, np.arange(len(c.layers))
+    all_ratios, all_errors = [], [tol]
     for k, name in enumerate(c.methods):
         colour = f"C{k % 10}"
         outs = [layer.at_tol[tol][name] for layer in c.layers]
@@ -258,19 +303,23 @@ def layers_png(figure, c: Comparison) -> None:
         errors = [layer.matched[tol][name] for layer in c.layers]
         values = [o.rel_error if o is not None and o.rel_error > 0 else np.nan for o in errors]
         ax_error.plot(x, values, "o-", color=colour, markersize=4, linewidth=0.8, label=name)
+        all_ratios += ratios
+        all_errors += values
     ax_error.axhline(tol, color="grey", linestyle=":", linewidth=1)
-    _log_scale(ax_ratio)
-    _log_scale(ax_error)
+    _value_scale(ax_ratio, all_ratios)
+    _value_scale(ax_error, all_errors)
     ax_ratio.set_ylabel("bytes ratio")
     ax_ratio.set_title(f"at tol {tol:g} (hollow: not within tol)", fontsize=10)
     ax_error.set_ylabel("relative error")
     ax_error.set_title(f"error at matched size ({REFERENCE} bytes at tol {tol:g}; absent: does not fit "
                        "or error 0)", fontsize=10)
-    ax_error.set_xlabel("layer")
-    names = [layer.name for layer in c.layers]
-    if len(names) <= 24:
-        ax_error.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
+    _name_layers(ax_error, [layer.name for layer in c.layers])
     ax_ratio.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def _summary_width(layers: int) -> float:
+    """Inches for a per-layer chart: narrow for a few layers (no empty axes), wider for many."""
+    return float(min(14.0, max(5.0, 4.0 + 0.3 * layers)))
 
 
 def _file_name(index: int, name: str) -> str:
@@ -282,7 +331,7 @@ def comparison_pictures(c: Comparison) -> dict[str, bytes]:
     """Every picture of a comparison, by file name (summary pictures first, then one per layer)."""
     pictures = {"ratio_vs_tol.png": ratio_vs_tol_png(c, size=(9.0, 4.5))}
     if c.layers:
-        pictures["layers.png"] = layers_png(c, size=(11.0, 7.0))
+        pictures["layers.png"] = layers_png(c, size=(_summary_width(len(c.layers)) + 2.0, 7.0))
     for index, layer in enumerate(c.layers):
         pictures[_file_name(index, layer.name)] = layer_png(layer, c.primary, size=(15.0, 4.5))
     return pictures
@@ -295,17 +344,17 @@ def stored_layers_png(figure, names: list[str], ratios: list[float], errors: lis
     ax_ratio, ax_error = figure.subplots(2, 1, sharex=True)
     x = np.arange(len(names))  # points, not bars: a log axis has no baseline for a bar to start from
     ax_ratio.plot(x, ratios, "o", color="C0")
-    _log_scale(ax_ratio)
+    _value_scale(ax_ratio, ratios)
     ax_ratio.set_ylabel("bytes ratio")
-    ax_error.plot(x, [e if e > 0 else np.nan for e in errors], "o", color="C1", label="measured")
-    if tols is not None:
+    measured = [e if e > 0 else np.nan for e in errors]
+    if tols is not None:  # each tolerance as a bar down to its measured error: their distance, readable
+        ax_error.vlines(x, measured, tols, color="0.7", linewidth=1)
         ax_error.scatter(x, tols, marker="_", s=300, color="black", label="tolerance", zorder=3)
-    _log_scale(ax_error)
-    ax_error.set_ylabel("relative error")
-    ax_error.set_xlabel("layer")
+    ax_error.plot(x, measured, "o", color="C1", label="measured", zorder=4)
+    _value_scale(ax_error, [*measured, *(tols or [])])
+    ax_error.set_ylabel("relative Frobenius error")
     ax_error.legend(fontsize=8)
-    if len(names) <= 24:
-        ax_error.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
+    _name_layers(ax_error, names)
 
 
 def file_pictures(matrices: dict[str, HMatrix], stats: dict[str, dict], relative: bool) -> dict[str, bytes]:
@@ -319,7 +368,7 @@ def file_pictures(matrices: dict[str, HMatrix], stats: dict[str, dict], relative
     tols = [stats[n]["tol"] for n in names] if relative else None
     pictures = {"layers.png": stored_layers_png(
         names, [stats[n]["bytes_before"] / stats[n]["bytes_after"] for n in names],
-        [stats[n]["rel_error"] for n in names], tols, size=(11.0, 6.0))}
+        [stats[n]["rel_error"] for n in names], tols, size=(_summary_width(len(names)), 6.0))}
     for index, name in enumerate(names):
         hm = matrices[name]
         title = f"{name} {hm.shape[0]}x{hm.shape[1]}: rel error {stats[name]['rel_error']:.2e}"

@@ -1,0 +1,78 @@
+"""Pictures that read at a glance: every axis labelled with distinct ticks, layers named, rows
+leaves shown by bits (not a rank they do not have), at 1, 3 and 61 layers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+
+from hmcompress.core.build import CompressionOptions, compress_matrix  # noqa: E402
+from hmcompress.core.stats import layer_stats  # noqa: E402
+from hmcompress.report import plots  # noqa: E402
+
+
+def _visible_labels(axis) -> list[str]:
+    """The texts of the major tick labels inside the axis's view (after the figure was drawn)."""
+    low, high = sorted(axis.get_view_interval())
+    return [label.get_text() for loc, label in zip(axis.get_ticklocs(), axis.get_ticklabels())
+            if label.get_text() and label.get_visible() and low <= loc <= high]
+
+
+def assert_readable(figure) -> None:
+    """No axis repeats a tick label, and every data axis has at least two labels."""
+    for ax in figure.axes:
+        for name in ("xaxis", "yaxis"):
+            labels = _visible_labels(getattr(ax, name))
+            assert len(labels) == len(set(labels)), (ax.get_title(), name, labels)
+        if ax.get_ylabel() in ("bytes ratio", "relative Frobenius error", "relative error"):
+            assert len(_visible_labels(ax.yaxis)) >= 2, (ax.get_ylabel(), _visible_labels(ax.yaxis))
+
+
+def compressed_layers(count: int, tol: float = 1e-2) -> tuple[dict, dict]:
+    """``count`` trained-like matrices (a flat spectrum: rows leaves) and their stats."""
+    gen = torch.Generator().manual_seed(count)
+    matrices, stats = {}, {}
+    options = CompressionOptions(tol=tol, leaf=16)
+    for i in range(count):
+        w = torch.randn(64, 48, generator=gen) * (1 + i % 3)
+        built = compress_matrix(w, options)
+        name = f"encoder.layers.{i}.self_attention.output.weight"
+        matrices[name] = built.hmatrix
+        stats[name] = layer_stats(name, w, built.hmatrix, built.dense, built.error, built.budget,
+                                  built.root_sigma, options, built.strategy).to_json()
+    return matrices, stats
+
+
+@pytest.mark.parametrize("count", [1, 3, 61])
+def test_summary_chart_names_layers_and_repeats_no_label(count):
+    matrices, stats = compressed_layers(count)
+    names = sorted(matrices)
+    ratios = [stats[n]["bytes_before"] / stats[n]["bytes_after"] for n in names]
+    errors = [stats[n]["rel_error"] for n in names]
+    with plots.stored_layers_png.drawn(names, ratios, errors, [1e-2] * count,
+                                       size=(plots._summary_width(count), 6.0)) as figure:
+        assert_readable(figure)
+        ticks = _visible_labels(figure.axes[-1].xaxis)
+        assert ticks and all(t in names for t in ticks)  # names, not numbers
+        assert len(ticks) == min(count, plots.MAX_NAMED_TICKS) or count > plots.MAX_NAMED_TICKS
+
+
+def test_rows_leaves_are_labelled_by_bits_not_by_rank():
+    matrices, _stats = compressed_layers(1)
+    (hm,) = matrices.values()
+    leaves = plots.leaves(hm)
+    assert {leaf.kind for leaf in leaves} <= {"rows", "dense", "zero", "lowrank"}
+    assert any(leaf.kind == "rows" for leaf in leaves)  # trained-like: quantized rows
+    with plots.blocks_png.drawn(hm, "title", size=(11.0, 4.5)) as figure:
+        texts = [t.get_text() for t in figure.axes[0].texts]
+        assert texts and all(t.endswith(" bit") or t.startswith("r ") for t in texts), texts
+        assert not any(t == str(leaf.rows) for t in texts for leaf in leaves if leaf.kind == "rows")
+        assert_readable(figure)
+
+
+def test_file_pictures_are_distinct_pngs(tmp_path):
+    matrices, stats = compressed_layers(3)
+    pictures = plots.file_pictures(matrices, stats, relative=True)
+    assert len(pictures) == 4 and all(png.startswith(b"\x89PNG") for png in pictures.values())
+    assert len(set(pictures.values())) == 4
