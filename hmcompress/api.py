@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import pathlib
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -140,6 +141,7 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
         if kept.dropped or kept.prefix:
             origin |= kept.summary()
         header = {"options": options_json(options, selection), "source": origin, "extra": ckpt.extra}
+        _warn_if_zeroed(layers, options)
         failures = gates.failures(layers, totals(layers)) if gates else []
         write = write and (keep_failed or not failures)
         if write:
@@ -153,6 +155,15 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
     return CompressionResult(source, output if write else None, layers, header["options"], failures, reused,
                              kept, sorted(ckpt.extra), ckpt.dropped,
                              sum(e.nbytes for e in opened.entries if e.name in kept.dropped))
+
+
+def _warn_if_zeroed(layers: list[LayerStats], options: CompressionOptions) -> None:
+    """A tolerance that lets a nonzero matrix be stored as zero is allowed, and said."""
+    zeroed = [s.name for s in layers if s.compressed and not s.codecs and s.rel_error > 0]
+    if zeroed:
+        warnings.warn(f"{len(zeroed)} matrices ({', '.join(zeroed[:3])}{', ...' if len(zeroed) > 3 else ''}) are "
+                      f"stored as zero: tol {options.tol:g}{' (absolute)' if options.absolute else ''} allows "
+                      "dropping everything; a smaller tolerance keeps them", stacklevel=2)
 
 
 def _byte_counter(progress: Progress | None, sizes: dict[str, int]):

@@ -158,10 +158,12 @@ def compress(
     precision: Literal["auto", "keep"] = typer.Option("auto", help="auto: mixed storage precisions; keep: "
                                                       "the source dtype only."),
     leaf: int = typer.Option(32, min=1, help="Smallest block side the quad-tree splits down to."),
-    min_size: int = typer.Option(64, min=0, help="Compress only matrices with both sides >= this."),
+    min_size: int = typer.Option(64, min=0, help="Compress only matrices of at least this squared entries "
+                                 "(64: 4096 entries, e.g. 64x64 or 16x256)."),
     include: list[str] = typer.Option([], metavar="GLOB", help="Tensor names to compress (repeatable)."),
     exclude: list[str] = typer.Option([], metavar="GLOB", help="Tensor names to leave alone (repeatable)."),
-    conv: bool = flag("--conv", help="Also compress conv kernels (as out x in*k*k)."),
+    conv: bool = typer.Option(True, "--conv/--no-conv", help="Conv kernels as out x in*k*k matrices (pointwise "
+                              "convs are plain matrices)."),
     output: Optional[pathlib.Path] = typer.Option(None, "-o", "--output", help="Output file (one input)."),
     out_dir: Optional[pathlib.Path] = typer.Option(None, "--out-dir", help="Output directory (many inputs; "
                                                    "created if missing)."),
@@ -187,6 +189,9 @@ def compress(
     resume: bool = flag("--resume", help="Reuse the matrices an interrupted run of the same output already "
                         "compressed (kept beside the output until it is written)."),
     device: str = typer.Option("cpu", "--device", help="Where the factorizations run: cpu or cuda[:N]."),
+    model_factory: Optional[str] = typer.Option(None, "--model-factory", help="A model package's factory, e.g. "
+                                                "sample_models.classifier:build: also run the original and the "
+                                                "compressed model on its sample inputs and print the difference."),
 ) -> None:
     """Compress every eligible weight matrix into an H-matrix within --tol; writes MODEL.hm.safetensors
     and hmruntime.py beside it, and prints the per-layer report."""
@@ -206,6 +211,7 @@ def compress(
                           passthrough_nonfinite=passthrough_nonfinite, drop_optimizer=drop_optimizer,
                           model_only=model_only)
     gates = Gates(max_error, min_ratio) if max_error is not None or min_ratio is not None else None
+    task = _model_task(model_factory) if model_factory else None
     if out_dir is not None and not output:
         if out_dir.exists() and not out_dir.is_dir():
             raise UserError(f"{out_dir}: --out-dir is not a directory")
@@ -223,20 +229,26 @@ def compress(
             _say(f"hmcompress: interrupted: nothing written to {target}; the matrices already compressed are "
                  "kept, run the same command with --resume to go on")
             raise typer.Exit(130) from None
-        results.append(result)
+        check = None
+        if task is not None and result.output is not None:
+            from hmcompress.evaluate import analysis
+
+            check = analysis.functional_check(task, model, result.output, result.kept.names if result.kept else None)
+        results.append((result, check))
         if resume and not quiet:
             compressed = sum(layer.compressed for layer in result.layers)
             _say(f"{model}: resumed {len(result.reused)} of {compressed} matrices")
         if not json_out:
             tables.print_table(result.layers, _console(), title=f"{model} -> {result.output or 'nothing written'}",
                                wide=wide)
-            for note in result.notes():
+            for note in [*result.notes(), *([check.line()] if check else [])]:
                 _out(note)
         for failure in result.failures:
             _say(f"hmcompress: {model}: quality gate failed: {failure}{'' if result.output else '; nothing written'}")
     if json_out:
-        _json({"ok": not any(r.failures for r in results), "results": [r.to_json() for r in results]})
-    if any(r.failures for r in results):
+        _json({"ok": not any(r.failures for r, _check in results),
+               "results": [{**r.to_json(), **({"model_check": c.to_json()} if c else {})} for r, c in results]})
+    if any(r.failures for r, _check in results):
         raise typer.Exit(1)
 
 
@@ -355,10 +367,10 @@ def compare_cmd(
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated subset of the methods "
                                           "(default all; hm-auto, the reference, always runs)."),
     leaf: int = typer.Option(32, min=1, help="Smallest block side of the H-matrix methods."),
-    min_size: int = typer.Option(64, min=0, help="Compare only matrices with both sides >= this."),
+    min_size: int = typer.Option(64, min=0, help="Compare only matrices of at least this squared entries."),
     include: list[str] = typer.Option([], metavar="GLOB", help="Tensor names to compare (repeatable)."),
     exclude: list[str] = typer.Option([], metavar="GLOB", help="Tensor names to leave out (repeatable)."),
-    conv: bool = flag("--conv", help="Also compare conv kernels (as out x in*k*k)."),
+    conv: bool = typer.Option(True, "--conv/--no-conv", help="Conv kernels as out x in*k*k matrices."),
     json_out: bool = flag("--json", help="Print one JSON document on stdout (docs/COMPARE.md)."),
     plot: Optional[pathlib.Path] = typer.Option(None, "--plot", help="Write PNG pictures into this directory."),
     html_out: Optional[pathlib.Path] = typer.Option(None, "--html", help="Write one self-contained HTML page."),
@@ -378,12 +390,7 @@ def compare_cmd(
     selection = Selection(min_size=min_size, include=tuple(include), exclude=tuple(exclude), conv=conv)
     if plot or html_out:
         _check_picture_outputs(plot, html_out, force)
-    task = None
-    if model_factory:
-        from hmcompress.evaluate import analysis
-
-        _import_from_cwd()
-        task = analysis.load_task(model_factory)
+    task = _model_task(model_factory) if model_factory else None
     with _Bar(f"compare {model}", not quiet) as bar:
         result = comparison.compare_checkpoint(model, tols, chosen, selection, leaf, bar.steps, task)
     _write_pictures(plot, html_out, force, lambda plots: plots.comparison_pictures(result),
@@ -467,13 +474,14 @@ def decompress(
         _say(f"wrote {output} ({count} tensors)")
 
 
-@app.command("inspect", cls=_Command, epilog="Example: hmcompress inspect model.pt --conv")
+@app.command("inspect", cls=_Command, epilog="Example: hmcompress inspect model.pt --no-conv")
 def inspect_cmd(
     model: pathlib.Path = typer.Argument(..., help="A checkpoint file or sharded directory."),
-    min_size: int = typer.Option(64, min=0, help="Compress only matrices with both sides >= this."),
+    min_size: int = typer.Option(64, min=0, help="Compress only matrices of at least this squared entries "
+                                 "(64: 4096 entries, e.g. 64x64 or 16x256)."),
     include: list[str] = typer.Option([], metavar="GLOB", help="Tensor names to compress (repeatable)."),
     exclude: list[str] = typer.Option([], metavar="GLOB", help="Tensor names to leave alone (repeatable)."),
-    conv: bool = flag("--conv", help="Also compress conv kernels."),
+    conv: bool = typer.Option(True, "--conv/--no-conv", help="Conv kernels as out x in*k*k matrices."),
     json_out: bool = flag("--json", help="Print one JSON document on stdout."),
 ) -> None:
     """List tensors, shapes, dtypes, sizes and what `compress` would do with each."""
@@ -571,6 +579,14 @@ def _check_derived_output(output: pathlib.Path, file: pathlib.Path, force: bool)
         raise UserError(f"{output}: refusing to overwrite the input file")
     if output.exists() and not force:
         raise OutputExists(output)
+
+
+def _model_task(spec: str):
+    """The model package a --model-factory names (from the working directory too)."""
+    from hmcompress.evaluate import analysis
+
+    _import_from_cwd()
+    return analysis.load_task(spec)
 
 
 def _log_lines(command: str) -> Callable[[str], None]:

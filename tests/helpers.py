@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import json
 import pathlib
+import tempfile
 
+import numpy as np
 import torch
+
+import reference_decoder
 
 from hmcompress.core.build import CompressionOptions, Packer, compress_matrix
 from hmcompress.runtime import DENSE, LOWRANK, ROWS, HMatrix, row_mask
@@ -83,6 +87,25 @@ def write_model_file(path: pathlib.Path, model: torch.nn.Module, compress: set[s
             passthrough[name] = (tensor, "not selected")
     write_compressed(path, matrices, passthrough, HEADER, **kwargs)
     return {name: hm for name, (hm, _info) in matrices.items()}
+
+
+BITS_VIEW = {torch.float64: (torch.int64, np.uint64), torch.float32: (torch.int32, np.uint32),
+             torch.float16: (torch.int16, np.uint16), torch.bfloat16: (torch.int16, np.uint16)}
+
+
+def bits(tensor: torch.Tensor) -> np.ndarray:
+    """A floating tensor's bit patterns (unsigned integers of its width): equal bits, equal values
+    (-0 and +0, and every NaN, told apart)."""
+    signed, unsigned = BITS_VIEW[tensor.dtype]
+    return tensor.detach().contiguous().view(signed).numpy().view(unsigned)
+
+
+def reference_decoded(hm: HMatrix, orig_shape: list[int] | None = None) -> reference_decoder.Matrix:
+    """``hm`` written to a file by the library and decoded by the independent reference decoder."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = pathlib.Path(directory) / "m.hm.safetensors"
+        write_compressed(path, {"m": (hm, {"orig_shape": orig_shape or list(hm.shape), "stats": {}})}, {}, HEADER)
+        return reference_decoder.decode_file(path).matrices["m"]
 
 
 def files_under(directory: pathlib.Path) -> set[pathlib.Path]:

@@ -174,10 +174,13 @@ def _entry(name: str, shape: tuple[int, ...], dtype=torch.float32) -> TensorEntr
 
 @pytest.mark.parametrize("entry,selection,reason", [
     (_entry("fc.weight", (128, 64)), Selection(), None),
-    (_entry("fc.weight", (128, 63)), Selection(), "too small (< 64)"),
+    (_entry("fc.weight", (63, 65)), Selection(), "too small (< 64x64 entries)"),
+    (_entry("fc.weight", (16, 256)), Selection(), None),  # oblong, as many entries as 64x64
+    (_entry("conv.weight", (16, 16, 64, 1)), Selection(), None),  # CREPE's 16-channel convs
     (_entry("fc.bias", (128,)), Selection(), "not a matrix"),
-    (_entry("conv.weight", (64, 32, 3, 3)), Selection(), "conv kernel (use --conv)"),
-    (_entry("conv.weight", (64, 32, 3, 3)), Selection(conv=True), None),
+    (_entry("conv.weight", (64, 32, 3, 3)), Selection(conv=False), "conv kernel (--no-conv)"),
+    (_entry("conv.weight", (64, 32, 3, 3)), Selection(), None),
+    (_entry("pointwise.weight", (128, 64, 1)), Selection(), None),
     (_entry("steps", (128, 128), torch.int64), Selection(), "not floating point"),
     (_entry("optimizer.state.0.exp_avg", (128, 128)), Selection(), "optimizer state"),
     (_entry("layers.0.w", (128, 128)), Selection(include=("layers.1.*",)), "not included by pattern"),

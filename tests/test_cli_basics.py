@@ -163,3 +163,24 @@ def test_plain_progress_has_total_percentage_and_throughput_from_the_start(check
     lines = [line for line in done.stderr.splitlines() if line.startswith("[")]
     assert lines[0].startswith("[0/3 0%]") and lines[0].endswith("starting")
     assert lines[-1].startswith("[3/3 100%]") and "MB/s" in lines[-1] and "done" in lines[-1]
+
+
+def test_compress_checks_the_model_when_given_its_factory(cli, tmp_path):
+    source = ROOT / "sample_models" / "classifier" / "classifier.safetensors"
+    run = cli("compress", source, "-o", tmp_path / "c.hm.safetensors", "--model-factory",
+              "sample_models.classifier:build", "--json", "-q")
+    assert run.code == 0, run.stderr
+    check = json.loads(run.stdout)["results"][0]["model_check"]
+    assert check["metric"] == "accuracy" and check["samples"] == 64
+    assert 0 < check["output_error"] < 0.05 and abs(check["compressed"] - check["original"]) < 0.02
+    text = cli("compress", source, "-o", tmp_path / "c.hm.safetensors", "--force", "--model-factory",
+               "sample_models.classifier:build", "-q").stdout
+    assert "model check (sample_models.classifier:build): output error" in text and "accuracy" in text
+
+
+def test_a_tolerance_that_zeroes_matrices_is_said(cli, checkpoint, tmp_path):
+    run = cli("compress", checkpoint, "--tol", "2", "-o", tmp_path / "z.hm.safetensors", "-q")
+    assert run.code == 0
+    assert "hmcompress: warning: 3 matrices" in run.stderr and "stored as zero: tol 2" in run.stderr
+    quiet = cli("compress", checkpoint, "--tol", "1e-2", "-o", tmp_path / "n.hm.safetensors", "-q")
+    assert "warning" not in quiet.stderr

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 import corpus
 import measure
 import reference_decoder as ref
+from helpers import bits
 from hmcompress.core.build import CompressionOptions, as_matrix, compress_matrix, measured_error
 from hmcompress.core.stats import layer_stats
 from hmcompress.io.writer import write_compressed
@@ -34,17 +35,10 @@ from hmcompress.runtime.matrix import round_to_dtype
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DTYPE_NAME = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
-BITS_VIEW = {torch.float64: (torch.int64, np.uint64), torch.float32: (torch.int32, np.uint32),
-             torch.float16: (torch.int16, np.uint16), torch.bfloat16: (torch.int16, np.uint16)}
 # Magnitudes well inside each dtype's normal range (largest, smallest).
 RANGE = {torch.float16: (1e3, 1e-2), torch.bfloat16: (1e30, 1e-30), torch.float32: (1e30, 1e-30),
          torch.float64: (1e150, 1e-150)}
 KINDS = ["random", "lowrank", "decay", "row_magnitudes", "outlier", "zero_rows", "scaled", "zero"]
-
-
-def bits(tensor: torch.Tensor) -> np.ndarray:
-    signed, unsigned = BITS_VIEW[tensor.dtype]
-    return tensor.contiguous().view(signed).numpy().view(unsigned)
 
 
 def say(text: str) -> None:

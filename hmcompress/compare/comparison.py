@@ -251,8 +251,8 @@ def compare_checkpoint(source: str | pathlib.Path, tols: list[float], methods: d
     ckpt = open_checkpoint(source)
     eligible = [e for e in ckpt.entries if classify(e, selection) is None]
     if not eligible:
-        raise UserError(f"{source}: no matrix to compare (none is a floating 2-D tensor with both sides "
-                        f">= --min-size {selection.min_size}; see hmcompress inspect)")
+        raise UserError(f"{source}: no matrix to compare (none is a floating matrix of at least "
+                        f"{selection.min_size}x{selection.min_size} entries; see hmcompress inspect)")
     layers = []
     for index, entry in enumerate(eligible):
         if progress:

@@ -103,9 +103,11 @@ def _fill(task: ModelTask, model: nn.Module, state: dict[str, torch.Tensor], pat
     return model.eval()
 
 
-def original_model(task: ModelTask, checkpoint: str | pathlib.Path) -> nn.Module:
-    """``build()`` filled from a checkpoint (any format `hmcompress` reads, never unpickling code)."""
-    state = {entry.name: entry.load() for entry in open_checkpoint(checkpoint).entries}
+def original_model(task: ModelTask, checkpoint: str | pathlib.Path, names: dict[str, str] | None = None) -> nn.Module:
+    """``build()`` filled from a checkpoint (any format `hmcompress` reads, never unpickling code);
+    ``names``: the tensors to take, source name -> the model's (a training checkpoint's model part)."""
+    entries = open_checkpoint(checkpoint).entries
+    state = {(names or {}).get(e.name, e.name): e.load() for e in entries if names is None or e.name in names}
     return _fill(task, task.build(), state, checkpoint)
 
 
@@ -324,6 +326,39 @@ class Evaluation:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class FunctionalCheck:
+    """Does the compressed model still do its job: its output beside the original's on the
+    package's sample inputs, and the package's headline metric of each."""
+
+    model: str
+    samples: int
+    output_error: float  # ||f(x) - f_H(x)||_F / ||f(x)||_F over the samples
+    metric: str
+    original: float
+    compressed: float
+
+    def line(self) -> str:
+        return (f"model check ({self.model}): output error {self.output_error:.3e} on {self.samples} sample "
+                f"inputs; {self.metric} {self.original:.6g} -> {self.compressed:.6g}")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def functional_check(task: ModelTask, checkpoint: str | pathlib.Path, compressed: str | pathlib.Path,
+                     names: dict[str, str] | None = None, samples: int = 64) -> FunctionalCheck:
+    """Run the original and the compressed model (through the shim, as users load it) on the
+    package's sample inputs and evaluation (``names``: as for `original_model`)."""
+    original, rebuilt = original_model(task, checkpoint, names), compressed_model(task, compressed)
+    inputs = task.sample_inputs(samples)
+    with torch.no_grad():
+        error = relative_error(rebuilt(inputs), original(inputs))
+    metric = task.metric or next(iter(task.evaluate(original)))
+    return FunctionalCheck(task.spec, int(inputs.shape[0]), error, metric,
+                           _metric(task, task.evaluate(original)), _metric(task, task.evaluate(rebuilt)))
 
 
 def _metric(task: ModelTask, result: dict) -> float:

@@ -60,12 +60,13 @@ class Checkpoint:
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
-    """Which tensors are compressed."""
+    """Which tensors are compressed: floating matrices (conv kernels as out x in*k*k, unless not
+    ``conv``) of at least ``min_size`` squared entries, selected by the name patterns."""
 
     min_size: int = 64
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    conv: bool = False
+    conv: bool = True
     passthrough_nonfinite: bool = False  # copy matrices holding NaN/Inf unchanged instead of refusing
     drop_optimizer: bool = False  # leave optimizer state out of the output (`io.training`)
     model_only: bool = False  # keep the model's state dict alone, under the bare model's names
@@ -516,14 +517,14 @@ def classify(entry: TensorEntry, selection: Selection) -> str | None:
     if len(entry.shape) != 2:
         if len(entry.shape) >= 3:
             if not selection.conv:
-                return "conv kernel (use --conv)"
+                return "conv kernel (--no-conv)"
         else:
             return "not a matrix"
     if math.prod(entry.shape) == 0:
         return "empty"
     rows, cols = entry.shape[0], math.prod(entry.shape[1:])
-    if min(rows, cols) < selection.min_size:
-        return f"too small (< {selection.min_size})"
+    if rows * cols < selection.min_size ** 2:
+        return f"too small (< {selection.min_size}x{selection.min_size} entries)"
     if selection.include and not any(fnmatch.fnmatchcase(entry.name, p) for p in selection.include):
         return "not included by pattern"
     if any(fnmatch.fnmatchcase(entry.name, p) for p in selection.exclude):

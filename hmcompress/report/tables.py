@@ -68,6 +68,31 @@ def passthrough_line(layers: list[LayerStats]) -> str:
     return "passthrough: " + "; ".join(parts)
 
 
+# Passthrough reasons an option changes, and the option: the report suggests it where it matters.
+REMEDIES = {"conv kernel (--no-conv)": "--conv compresses conv kernels",
+            "too small": "a smaller --min-size compresses smaller matrices",
+            "optimizer state": "--model-only (or --drop-optimizer) leaves optimizer state out of the file",
+            "excluded by pattern": "--exclude left these out", "not included by pattern": "--include left these out"}
+HINT_SHARE = 0.25  # a reason holding at least this share of the checkpoint's bytes gets a suggestion
+
+
+def hint_line(layers: list[LayerStats]) -> str | None:
+    """One suggestion when a large share of the checkpoint passed through for a reason an option
+    changes (the largest such share), else None."""
+    total = sum(s.bytes_before for s in layers)
+    shares: dict[str, int] = {}
+    for s in layers:
+        remedy = next((r for reason, r in REMEDIES.items() if not s.compressed and s.reason.startswith(reason)), None)
+        if remedy:
+            shares[remedy] = shares.get(remedy, 0) + s.bytes_before
+    if not shares or not total:
+        return None
+    remedy, size = max(shares.items(), key=lambda item: (item[1], item[0]))
+    if size < HINT_SHARE * total:
+        return None
+    return f"hint: {size / total:.0%} of the checkpoint passed through uncompressed; {remedy}"
+
+
 def total_line(layers: list[LayerStats]) -> str:
     t = totals(layers)
     return (f"{t['compressed']} of {t['tensors']} tensors compressed; checkpoint "
@@ -99,8 +124,9 @@ def print_table(layers: list[LayerStats], console: Console, title: str = "", wid
     if left_out:
         console.print(f"({len(left_out)} columns left out for the terminal's width: {', '.join(left_out)}; "
                       "--wide or --json show them)", markup=False, highlight=False, soft_wrap=True)
-    for line in (passthrough_line(layers), total_line(layers), LEGEND):
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    for line in (passthrough_line(layers), total_line(layers), LEGEND, hint_line(layers)):
+        if line:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _widest(cells: list[list[str]], column: int) -> int:
