@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from browser import CHROMIUM, chromium_images, chromium_or_skip
 from hmcompress.compare import baselines
 from hmcompress.compare import comparison as compare
 from hmcompress.report import pages, plots
@@ -28,7 +29,6 @@ from hmcompress.core.build import CompressionOptions
 from hmcompress.errors import OptionError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CHROMIUM = pathlib.Path("/usr/bin/chromium")
 SCHEMA = json.loads((ROOT / "docs" / "compare.schema.json").read_text())
 
 
@@ -302,16 +302,6 @@ def test_page_embeds_every_picture_and_table(compared):
     assert page.count("<table>") == 4  # two tolerances: tolerance table + matched-size table each
 
 
-def chromium_or_skip(path: pathlib.Path) -> pathlib.Path:
-    """The browser, or a skip naming how to install it; under CI=true a missing browser fails the test."""
-    if path.is_file() and os.access(path, os.X_OK):
-        return path
-    message = f"{path} not found: install Debian's chromium (apt-get install --no-install-recommends chromium)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message}; CI=true, so the browser test fails instead of skipping")
-    pytest.skip(message)
-
-
 def test_missing_browser_skips_only_outside_ci(monkeypatch, tmp_path):
     missing = tmp_path / "no-chromium"
     monkeypatch.setenv("CI", "true")
@@ -320,27 +310,6 @@ def test_missing_browser_skips_only_outside_ci(monkeypatch, tmp_path):
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="apt-get install --no-install-recommends chromium"):
         chromium_or_skip(missing)
-
-
-def chromium_images(chromium: pathlib.Path, page: pathlib.Path, tmp_path: pathlib.Path) -> tuple[int, int]:
-    """(images, images loaded with naturalWidth > 0) of a page rendered by headless Chromium.
-
-    Flags for root in a container without network: no sandbox, no GPU, no background, component-update,
-    sync or QUIC traffic, and a fresh empty profile."""
-    probe = tmp_path / "probe.html"
-    script = ('<script>window.addEventListener("load", () => { const imgs = [...document.images]; '
-              'document.body.setAttribute("data-images", imgs.length + ":" + '
-              'imgs.filter(i => i.complete && i.naturalWidth > 0).length); });</script>')
-    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", script + "</body>"), encoding="utf-8")
-    profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp_path)
-    done = subprocess.run(  # a real process: the browser
-        [str(chromium), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
-        capture_output=True, text=True, timeout=120)
-    found = re.search(r'data-images="(\d+):(\d+)"', done.stdout)
-    assert found, f"chromium exited {done.returncode}:\n{done.stderr[-2000:]}"
-    return int(found.group(1)), int(found.group(2))
 
 
 def test_comparison_page_renders_in_chromium(compared, tmp_path):
