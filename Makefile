@@ -4,12 +4,16 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test check fuzz bench results lint clean
 
+# torch from PyPI is, on Linux x86-64, the CUDA build (gigabytes of NVIDIA libraries). For the CPU build:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

@@ -1,6 +1,6 @@
 """Pictures of compressed matrices and comparisons, as deterministic PNG bytes.
 
-matplotlib is an optional extra (``pip install 'hmcompress[plot]'``); `require_matplotlib` turns
+matplotlib is optional (the ``plot`` extra); `require_matplotlib` turns
 its absence into a user error that says so. Figures use matplotlib's object API with the Agg
 canvas (no pyplot, so no global backend is touched), matplotlib's default style whatever the
 user's rc files say, and no Software stamp in the PNG, so the same figures are the same bytes.
@@ -21,7 +21,7 @@ from hmcompress.compare.comparison import Comparison, LayerComparison
 from hmcompress.errors import UserError
 from hmcompress.runtime import CODEC, CODECS, DENSE, LOWRANK, HMatrix
 
-INSTALL_HINT = "matplotlib is needed for pictures (--plot, --html): pip install 'hmcompress[plot]'"
+INSTALL_HINT = "matplotlib is needed for pictures (--plot, --html): pip install matplotlib (the [plot] extra)"
 DPI = 100
 # One fixed colour per codec id (tab10, then its light shades), so a codec looks the same in every
 # picture; ids beyond the palette reuse it rather than fail.
