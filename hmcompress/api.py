@@ -15,7 +15,7 @@ import torch
 from hmcompress.io import pipeline, training
 from hmcompress.core.build import CompressionOptions, as_matrix
 from hmcompress.io.checkpoint import Checkpoint, Selection, classify, open_checkpoint
-from hmcompress.errors import USER_ERRORS, OutputExists, UserError
+from hmcompress.errors import OutputExists, UserError
 from hmcompress.runtime import FORMAT_VERSION, read_file
 from hmcompress.core.stats import LayerStats, totals
 from hmcompress.core.verdicts import Gates, recorded_fields, recorded_problems
@@ -113,12 +113,11 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
     reasons = {e.name: classify(e, selection) for e in ckpt.entries}
     eligible = [e.name for e in ckpt.entries if reasons[e.name] is None]
     slots = {name: slot for slot, name in enumerate(eligible)}
+    workdir = pipeline.WorkDir.beside(output) if write else None  # a run that writes nothing keeps no results
     with contextlib.ExitStack() as stack:
-        workdir = None  # a run that writes nothing keeps no results
-        if write:
-            workdir = pipeline.WorkDir.beside(output)
+        if workdir is not None:
             workdir.prepare(resume)
-            stack.push(_discard_on_user_error(workdir, keep=resume))
+            stack.push(_discard_on_failure(workdir, output, keep=resume))
         jobs = [pipeline.Job(str(source), name, source_names[name], slots[name], options,
                              selection.passthrough_nonfinite, workdir and str(workdir.path), resume and write)
                 for name in eligible]
@@ -137,7 +136,10 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
             reasons[entry.name] = reason
             layers.append(LayerStats(entry.name, list(entry.shape), str(entry.dtype).removeprefix("torch."),
                                      entry.nbytes, entry.nbytes, False, reason))
-        origin = {"file": source.name, "kind": ckpt.kind}
+        # A file name that is not UTF-8 (bytes the system allows) is kept readable, never as lone
+        # surrogates, which no JSON reader accepts.
+        origin = {"file": source.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"),
+                  "kind": ckpt.kind}
         if kept.dropped or kept.prefix:
             origin |= kept.summary()
         header = {"options": options_json(options, selection), "source": origin, "extra": ckpt.extra}
@@ -178,11 +180,29 @@ def _byte_counter(progress: Progress | None, sizes: dict[str, int]):
     return count
 
 
-def _discard_on_user_error(workdir: "pipeline.WorkDir", keep: bool):
-    """An exit callback: a run refused for bad input leaves nothing behind (with ``keep``, i.e.
-    --resume, its finished results stay for the next run)."""
-    def on_exit(exc_type, _exc, _tb) -> bool:
-        if exc_type is not None and issubclass(exc_type, USER_ERRORS) and not keep:
+class Interrupted(KeyboardInterrupt):
+    """A compression stopped by Ctrl-C (or SIGINT): its message says what was kept, and where."""
+
+    def __init__(self, output: pathlib.Path, workdir: pathlib.Path, kept: int) -> None:
+        matrices = "1 compressed matrix is" if kept == 1 else f"{kept} compressed matrices are"
+        super().__init__(f"nothing written to {output}; {matrices} kept in {workdir}: run the same command "
+                         "with --resume to go on")
+        self.output, self.workdir, self.kept = output, workdir, kept
+
+
+def _discard_on_failure(workdir: "pipeline.WorkDir", output: pathlib.Path, keep: bool):
+    """An exit callback: a run that fails (bad input, or anything else) leaves nothing behind; with
+    ``keep`` (--resume) its finished results stay for the next run. An interrupted run keeps them
+    and says where (`Interrupted`)."""
+    def on_exit(exc_type, exc, _tb) -> bool:
+        if exc_type is None:
+            return False
+        if issubclass(exc_type, KeyboardInterrupt):
+            if isinstance(exc, Interrupted) or not workdir.path.is_dir():
+                return False
+            kept = sum(1 for p in workdir.path.iterdir() if p.name.endswith(".safetensors") and p.name[0] != ".")
+            raise Interrupted(output, workdir.path, kept) from None
+        if not keep:
             workdir.remove()
         return False
     return on_exit

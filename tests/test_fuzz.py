@@ -1,4 +1,6 @@
-"""Fuzzing the two loaders with random byte mutations of valid files.
+"""Fuzzing the two loaders with random byte mutations of valid files, and their JSON headers with
+structural ones (nesting thousands deep, numbers of thousands of digits or beyond float64, values
+of the wrong type, keys deleted or given twice, strings that are not Unicode).
 
 The compressed-file loader (`hmcompress.runtime.read_file`) and the checkpoint loader
 (`open_checkpoint` + loading every entry) may only fail with the tool's own clear errors
@@ -6,14 +8,17 @@ The compressed-file loader (`hmcompress.runtime.read_file`) and the checkpoint l
 allocation into an error the test catches), and whatever they return must agree with what they
 announced. `make test` runs a few dozen mutations per loader and format, deterministically;
 `make fuzz` sets HMCOMPRESS_FUZZ_EXAMPLES=10000 and runs that many per loader and format.
+The compressed files' structural mutations also go through `report`'s reader of the stats.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import re
 import resource
+import struct
 
 import numpy as np
 import pytest
@@ -23,6 +28,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from helpers import HEADER, mixed_matrix
+from hmcompress.api import stats_from_file
+from hmcompress.core.stats import LayerStats
 from hmcompress.io.checkpoint import open_checkpoint
 from hmcompress.errors import USER_ERRORS
 from hmcompress.runtime import read_file
@@ -58,7 +65,9 @@ def _seed_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
     files["npz"] = directory / "seed.npz"
     np.savez(files["npz"], w=_small(4).numpy(), b=np.arange(5, dtype=np.int16))
     files["compressed"] = directory / "seed.hm.safetensors"
-    write_compressed(files["compressed"], {"w": (mixed_matrix(), {"orig_shape": [24, 20], "stats": {}})},
+    matrix = mixed_matrix()
+    stats = LayerStats("w", [24, 20], "float32", 24 * 20 * 4, matrix.nbytes, True, tol=0.01, budget=0.1).to_json()
+    write_compressed(files["compressed"], {"w": (matrix, {"orig_shape": [24, 20], "stats": stats})},
                      {"b": (torch.ones(3), "1-D")}, HEADER)
     return files
 
@@ -213,3 +222,112 @@ def test_the_allocation_guard_catches_big_allocations():
             torch.empty(HEADROOM // 2)  # 2 x HEADROOM bytes: beyond any free memory already held
     assert ALLOCATION_FAILURE.search(f"{info.type.__name__} {info.value}")
 
+
+
+# ------------------------------------------------------------------------------------ structural
+
+MARKER = "__FUZZ_LITERAL__"
+LITERALS = st.sampled_from(["1e400", "-1e400", "9" * 30, "9" * 400, "9" * 4000, "9" * 5000, "-0", "0.5e-400",
+                            '"\\udc80"', '"\\ud800x"', "null", "true", "[]", "{}", '""', "[[[[]]]]", "1.5",
+                            "-1", "2147483648", "9223372036854775808"])
+PLAIN = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=6), st.just([]), st.just({}),
+                  st.just([1, 2]), st.just({"a": 1}), st.floats(allow_nan=False, allow_infinity=False))
+
+
+def _paths(value: object, prefix: tuple = ()) -> list[tuple]:
+    found = [prefix]
+    if isinstance(value, dict):
+        for key, child in value.items():
+            found += _paths(child, prefix + (key,))
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            found += _paths(child, prefix + (index,))
+    return found
+
+
+@st.composite
+def json_mutated(draw, text: str) -> str:
+    """``text`` (a JSON document) with one to three structural edits, as JSON text again."""
+    value = json.loads(text)
+    literals: list[str] = []
+    for _ in range(draw(st.integers(1, 3))):
+        paths = [p for p in _paths(value) if p]
+        if not paths:
+            break
+        path = draw(st.sampled_from(paths))
+        parent = value
+        for key in path[:-1]:
+            parent = parent[key]
+        kind = draw(st.sampled_from(["plain", "literal", "nest", "delete", "duplicate"]))
+        if kind == "plain":
+            parent[path[-1]] = draw(PLAIN)
+        elif kind == "literal":
+            literals.append(draw(LITERALS))
+            parent[path[-1]] = f"{MARKER}{len(literals) - 1}"
+        elif kind == "nest":
+            depth = draw(st.sampled_from([2, 65, 900, 3000, 20000]))
+            literals.append("[" * depth + json.dumps(parent[path[-1]]) + "]" * depth)
+            parent[path[-1]] = f"{MARKER}{len(literals) - 1}"
+        elif kind == "delete" and isinstance(parent, dict):
+            del parent[path[-1]]
+        elif kind == "duplicate" and isinstance(parent, dict) and isinstance(path[-1], str):
+            literals.append(json.dumps(parent[path[-1]]) + ", " + json.dumps(path[-1]) + ": "
+                            + json.dumps(parent[path[-1]]))
+            parent[path[-1]] = f"{MARKER}{len(literals) - 1}"
+    out = json.dumps(value)
+    for index, literal in enumerate(literals):
+        out = out.replace(json.dumps(f"{MARKER}{index}"), literal)
+    return out
+
+
+def _split_safetensors(data: bytes) -> tuple[str, bytes]:
+    (length,) = struct.unpack("<Q", data[:8])
+    return data[8:8 + length].decode("utf-8"), data[8 + length:]
+
+
+def _join_safetensors(header: str, rest: bytes) -> bytes:
+    raw = header.encode("utf-8", "surrogatepass")
+    return struct.pack("<Q", len(raw)) + raw + rest
+
+
+@st.composite
+def header_mutated(draw, data: bytes, nested_key: str | None = None) -> bytes:
+    """A safetensors file with its header JSON mutated structurally; with ``nested_key``, the JSON
+    held as a string under ``__metadata__[nested_key]`` may be mutated instead (hmcompress's own)."""
+    header, rest = _split_safetensors(data)
+    if nested_key is not None and draw(st.booleans()):
+        outer = json.loads(header)
+        outer["__metadata__"][nested_key] = draw(json_mutated(outer["__metadata__"][nested_key]))
+        header = json.dumps(outer)
+    else:
+        header = draw(json_mutated(header))
+    return _join_safetensors(header, rest)
+
+
+def load_compressed_and_stats(path: pathlib.Path) -> None:
+    """What `report` reads too: the stats, type-checked."""
+    load_compressed(path)
+    stats_from_file(path)
+
+
+def test_safetensors_header_survives_structural_mutations(seeds):
+    original = seeds["safetensors"].read_bytes()
+
+    @FUZZ
+    @given(data=header_mutated(original))
+    def run(data: bytes) -> None:
+        fuzz_once(load_checkpoint, seeds["safetensors"].parent, "structural.safetensors", data)
+
+    run()
+
+
+def test_compressed_header_and_metadata_survive_structural_mutations(seeds):
+    original = seeds["compressed"].read_bytes()
+    load_compressed_and_stats(seeds["compressed"])
+
+    @FUZZ
+    @given(data=header_mutated(original, nested_key="hmcompress"))
+    def run(data: bytes) -> None:
+        fuzz_once(load_compressed_and_stats, seeds["compressed"].parent, "structural.hm.safetensors", data)
+
+    run()

@@ -12,15 +12,20 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import corpus
-from helpers import compress_result, files_under
+import measure
+import reference_decoder
+from helpers import bits, compress_result, files_under
 from hmcompress.io.checkpoint import open_checkpoint
 from hmcompress.runtime import read_file
+from limits import children
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-2
@@ -41,8 +46,11 @@ def test_hostile_checkpoint_is_refused(cli, tmp_path, case):
     before = files_under(tmp_path)
     run = cli("compress", path, "-o", tmp_path / "out.hm.safetensors", "--json", "--quiet")
     refused(run, path, case.problem, json_out=True)
+    if case.name not in corpus.DATA_PROBLEMS:
+        refused(cli("inspect", path, "--json"), path, case.problem, json_out=True)
     assert files_under(tmp_path) == before
     assert not corpus.sentinel(tmp_path).exists()
+    assert not children()  # no worker left behind
 
 
 @pytest.mark.parametrize("case", corpus.HOSTILE_COMPRESSED, ids=lambda c: c.name)
@@ -82,15 +90,22 @@ def test_awkward_checkpoint_compresses_verifies_and_decompresses_within_its_boun
     dense = load_file(dense_path)
     originals = {entry.name: entry.load() for entry in open_checkpoint(path).entries}
     assert dense.keys() == originals.keys() == layers.keys()
+    reference = reference_decoder.decode_file(out)  # independent, from docs/FORMAT.md
+    assert set(reference.matrices) | set(reference.passthrough) == set(originals)
     for name, w in originals.items():
         h = dense[name]
         assert h.dtype == w.dtype and h.shape == w.shape, name
         assert layers[name]["compressed"] == (w.is_floating_point() and w.numel() > 0), name
         if layers[name]["compressed"]:
-            error = float(torch.linalg.vector_norm(w.double() - h.double()))
-            assert error <= TOL * float(torch.linalg.vector_norm(w.double())) * (1 + 1e-9), name
+            decoded = reference.matrices[name]
+            assert np.array_equal(bits(h), decoded.bits), name  # decompress gives the reference's H
+            exact = w.double().numpy().reshape(decoded.shape)
+            for form in (decoded.loaded_matrix, decoded.h64):  # both forms, measured exactly
+                assert measure.sq_fro(exact, form) <= measure.sq(TOL) * measure.sq_fro(exact), name
         else:
             assert torch.equal(h, w), name
+            _code, raw = reference.passthrough[name]
+            assert raw.tobytes() == h.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), name
 
 
 def test_nonfinite_matrices_pass_through_on_request(cli, tmp_path):
@@ -154,3 +169,110 @@ def test_old_torch_warns_once_in_one_line(cli, tmp_path, monkeypatch):
     warning = [line for line in done.stderr.splitlines() if "weights_only" in line]
     assert warning == ["hmcompress: warning: torch 2.9.1 has known weights_only bypasses; upgrade to torch >= "
                        "2.10 before reading untrusted .pt files"]
+
+
+# ------------------------------------------------------------------------------ second round (issue 17)
+
+def _shim(tmp_path: pathlib.Path):
+    """The standalone runtime as a user has it: ``hmruntime.py`` written by the writer, imported."""
+    import importlib.util
+
+    from hmcompress.io.writer import write_runtime_shim
+
+    path = write_runtime_shim(tmp_path)
+    spec = importlib.util.spec_from_file_location("hmruntime_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, features_in: int, features_out: int) -> None:
+        super().__init__()
+        self.enc = torch.nn.Linear(features_in, features_out, bias=False)
+
+
+@pytest.mark.parametrize("case", corpus.HOSTILE_RUNTIME, ids=lambda c: c.name)
+def test_runtime_refuses_what_it_cannot_afford_with_format_error_only(cli, tmp_path, case):
+    """Block tables whose dense form or product plan would be gigabytes (zero blocks of 2**32 or
+    2**62 entries, a tall dense block, a padded tile grid) or huge row bitmaps: `load_state_dict`
+    either loads (a truthful size) or raises `FormatError`; `patch`/`HLinear` raise `FormatError`
+    before allocating; nothing else escapes, and nothing takes long."""
+    shim = _shim(tmp_path)
+    path = case.make(tmp_path)
+    started = time.monotonic()
+    if case.loads:
+        state = shim.load_state_dict(path)
+        assert tuple(state[corpus.COMPRESSED_NAME].shape) == read_file(path).matrices[corpus.COMPRESSED_NAME].shape
+        assert cli("decompress", path, "-o", tmp_path / "dense.safetensors").code == 0
+    else:
+        with pytest.raises(shim.FormatError, match=re.escape(case.problem)):
+            shim.load_state_dict(path)
+        refused(cli("decompress", path, "-o", tmp_path / "dense.safetensors"), path, case.problem, json_out=False)
+    hm = shim.read_file(path).matrices[corpus.COMPRESSED_NAME]
+    plan_numbers, _steps = shim.plan_size(hm)
+    if plan_numbers > shim.MIN_PLAN_NUMBERS:
+        with pytest.raises(shim.FormatError, match="as an HLinear would"):
+            shim.HLinear(hm)
+    if case.linear != (0, 0):
+        with pytest.raises(shim.FormatError, match="as an HLinear would"):
+            shim.patch(_Model(*case.linear), path)
+    assert time.monotonic() - started < 20
+
+
+def test_runtime_raises_only_format_error_on_the_hostile_corpus(tmp_path):
+    """Every hostile compressed file of the corpus, through the standalone runtime's two entry
+    points: `FormatError` (or `OSError` for I/O), never anything else."""
+    shim = _shim(tmp_path)
+    model = _Model(48, 64)
+    for case in corpus.HOSTILE_COMPRESSED:
+        directory = tmp_path / case.name
+        directory.mkdir()
+        path = case.make(directory)
+        for load in (shim.load_state_dict, lambda p: shim.patch(model, p)):
+            with pytest.raises((shim.FormatError, OSError)):
+                load(path)
+
+
+def test_a_figure_beyond_float64_passes_the_matrix_through_and_says_why(cli, tmp_path):
+    """Entries near 1e307: the Frobenius norm is beyond float64, so no error bound can be stated;
+    the matrix is kept as it is, with the reason, and everything else still works."""
+    path = corpus.norm_overflow(tmp_path)
+    run = cli("compress", path, "--json", "--quiet")
+    assert run.code == 0, run.stderr
+    (layer,) = compress_result(run.stdout)["layers"]
+    assert (layer["compressed"], layer["reason"]) == (False, "figures beyond float64's range (magnitudes too "
+                                                             "large to measure)")
+    out = tmp_path / "model.hm.safetensors"
+    assert cli("verify", out, "--original", path).code == 0
+    assert torch.equal(read_file(out).passthrough["w"], load_file(path)["w"])
+    assert not list(tmp_path.glob(".*.hmwork"))
+
+
+def test_overflowed_figures_are_stored_as_strings_and_read_back():
+    """The documented encoding: a non-finite figure is the JSON string "inf", "-inf" or "nan"."""
+    import math
+
+    from hmcompress.core.stats import LayerStats
+    from hmcompress.core.verdicts import recorded_fields
+
+    stats = LayerStats("w", [4, 4], "float64", 128, 40, True, kappa_w=math.inf, sigma_max_upper=math.inf,
+                       kappa_h_paper=-math.inf)
+    stored = stats.to_json()
+    assert (stored["kappa_w"], stored["sigma_max_upper"], stored["kappa_h_paper"]) == ("inf", "inf", "-inf")
+    text = json.dumps(stored, allow_nan=False)  # what the writer does: no Infinity literals
+    back = LayerStats(**recorded_fields(LayerStats, json.loads(text), "x"))
+    assert back.kappa_w == math.inf and back.kappa_h_paper == -math.inf
+
+
+@pytest.mark.slow
+def test_fifty_thousand_empty_tensors_do_not_hang(cli, tmp_path):
+    """Each of 50,000 entries used to parse the whole header again (hours); now linear."""
+    path = corpus.empty_tensors_50000(tmp_path)
+    started = time.monotonic()
+    run = cli("compress", path, "--json", "--quiet")
+    assert run.code == 0, run.stderr
+    assert cli("decompress", tmp_path / "model.hm.safetensors", "-o", tmp_path / "dense.safetensors").code == 0
+    assert time.monotonic() - started < 120
+    assert len(load_file(tmp_path / "dense.safetensors")) == 50001

@@ -1,16 +1,26 @@
-"""kill -9 in the middle of `compress`: no output file, and no temporary file after the next run."""
+"""kill -9 in the middle of `compress`: no output file, and no temporary file after the next run.
+Ctrl-C: the workers stop at once, one line says where the kept work is, --resume finishes it; and
+the worker pool leaves no process behind, on errors and interrupts alike."""
 from __future__ import annotations
 
 import os
 import pathlib
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from hmcompress.core.build import CompressionOptions
+from hmcompress.errors import UserError
+from hmcompress.io import pipeline
 from hmcompress.io.writer import _host, remove_stale_temporaries
+from limits import children, descendants
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -140,3 +150,106 @@ def test_only_temporaries_of_dead_writers_of_the_same_target_are_removed(tmp_pat
     finally:
         alive.kill()
         alive.wait()
+
+
+# ------------------------------------------------------------------------------ Ctrl-C (issue 21)
+
+@pytest.fixture(scope="module")
+def long_checkpoint(tmp_path_factory) -> pathlib.Path:
+    """Six 1024 x 1024 matrices (24 MiB): 32 s with two workers on a shared 2-core machine."""
+    gen = torch.Generator().manual_seed(1)
+    path = tmp_path_factory.mktemp("long") / "model.safetensors"
+    save_file({f"layer{i}.weight": torch.randn(1024, 1024, generator=gen) for i in range(6)}, str(path))
+    return path
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rindex(")") + 2] != "Z"
+
+
+def wait_for(condition, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.workers
+@pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="finds processes in /proc")
+def test_ctrl_c_stops_two_workers_at_once_and_resume_finishes_the_same_file(cli, long_checkpoint, tmp_path):
+    reference = tmp_path / "reference" / "model.hm.safetensors"
+    reference.parent.mkdir()
+    started = time.monotonic()
+    assert cli("compress", long_checkpoint, "-o", reference, "--workers", "2", "--quiet").code == 0
+    print(f"uninterrupted: {time.monotonic() - started:.1f} s")
+
+    out = tmp_path / "model.hm.safetensors"
+    work = tmp_path / f".{out.name}.hmwork"
+    # A real process in a process group of its own, as a shell runs a command: Ctrl-C sends SIGINT
+    # to the whole group, the workers included.
+    proc = subprocess.Popen([sys.executable, "-m", "hmcompress", "compress", str(long_checkpoint), "-o", str(out),
+                             "--workers", "2", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=environment(), start_new_session=True)
+    try:
+        wait_for(lambda: work.is_dir() and any(p.suffix == ".safetensors" and not p.name.startswith(".")
+                                                for p in work.iterdir()), 300, proc)
+        workers = descendants(proc.pid)
+        assert len(workers) == 2, workers  # both busy: the first result is in, four jobs are left
+        interrupted = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+        took = time.monotonic() - interrupted
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and took < 5, (proc.returncode, took, stderr)
+    (line,) = stderr.splitlines()
+    assert re.fullmatch(rf"hmcompress: interrupted: nothing written to {re.escape(str(out))}; (1 compressed matrix "
+                        rf"is|[2-5] compressed matrices are) kept in {re.escape(str(work))}: run the same command with "
+                        r"--resume to go on", line), line
+    assert stdout == ""
+    assert not any(alive(pid) for pid in workers)
+    assert not out.exists()
+
+    run = cli("compress", long_checkpoint, "-o", out, "--workers", "2", "--resume", "--quiet")
+    assert run.code == 0, run.stderr
+    assert out.read_bytes() == reference.read_bytes()
+    assert not work.exists()
+
+
+def _jobs(source: pathlib.Path, names: list[str]) -> list[pipeline.Job]:
+    return [pipeline.Job(str(source), name, name, slot, CompressionOptions(), False, None, False)
+            for slot, name in enumerate(names)]
+
+
+@pytest.mark.workers
+@pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="finds processes in /proc")
+def test_a_refused_job_stops_every_worker(tmp_path):
+    before = children()
+    source = tmp_path / "vanished.safetensors"  # each worker opens it, and refuses the job
+    with pytest.raises(UserError, match="no such file"):
+        with pipeline.WorkerPool(2) as pool:
+            pool.run(_jobs(source, ["a", "b", "c"]), None)
+    assert children() == before
+
+
+@pytest.mark.workers
+@pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="finds processes in /proc")
+def test_ctrl_c_in_the_parent_stops_every_worker(long_checkpoint):
+    before = children()
+    interrupt = threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGINT))  # while both compress
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with pipeline.WorkerPool(2) as pool:
+                interrupt.start()
+                pool.run(_jobs(long_checkpoint, [f"layer{i}.weight" for i in range(6)]), None)
+    finally:
+        interrupt.cancel()
+    assert children() == before

@@ -7,6 +7,7 @@ import json
 import pathlib
 import struct
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +19,8 @@ import hmcompress.runtime as runtime
 from hmcompress.runtime.bundle import SHIM_MODULES
 from hmcompress.runtime import (CODEC, FormatError, HLinear, HMatrix, load_state_dict, patch,
                                 read_file)
-from helpers import HEADER, compressed, mixed_matrix, pack, write_model_file
+import measure
+from helpers import HEADER, bits, compressed, mixed_matrix, pack, reference_decoded, write_model_file
 from hmcompress.core.build import CompressionOptions, compress_matrix
 from hmcompress.io.writer import write_compressed
 
@@ -48,11 +50,25 @@ def test_valid_matrices_pass():
     pack(torch.ones(3, 4), [(0, 0, 3, 4, ("zero",))]).validate()
 
 
-def test_mixed_matrix_reconstructs():
-    hm = mixed_matrix(dtype=torch.float64)
-    dense = hm.to_dense(torch.float64)
-    assert dense.shape == (24, 20)
-    assert torch.all(dense[8:16, 12:] == 0)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_mixed_matrix_reconstructs(dtype):
+    """Every kind of segment and codec decodes as the independent reference decoder (written from
+    docs/FORMAT.md) does, bit for bit, and to the numbers that were packed."""
+    hm = mixed_matrix(dtype=dtype)
+    decoded = reference_decoded(hm)
+    assert np.array_equal(bits(hm.to_dense(torch.float64)), decoded.h64.view(np.uint64))
+    assert np.array_equal(bits(hm.to_dense()), decoded.bits)
+    w = torch.randn(24, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype).double()
+    h = torch.from_numpy(decoded.h64)
+    # the f32 dense block holds W rounded to float32 (exactly W for narrower sources)
+    assert torch.equal(h[:8, :12], w[:8, :12].float().double())
+    # the zero block, and the rows no rows segment stores, are zero
+    assert torch.all(h[8:16, 12:] == 0) and torch.all(h[[9, 10, 12, 14], :6] == 0)
+    # the bf16 rows are W's rows within bfloat16's rounding; the i7 block within half a step per row
+    assert torch.all((h[[13, 15], :6] - w[[13, 15], :6]).abs() <= 2.0**-8 * w[[13, 15], :6].abs())
+    block, values = h[8:16, 6:12], w[8:16, 6:12]
+    half_step = values.abs().amax(1, keepdim=True) / 63 / 2 * (1 + 1e-6)
+    assert torch.all((block - values).abs() <= half_step)
 
 
 def test_rejects_overlap_hole_and_outside():
@@ -180,10 +196,19 @@ def test_load_state_dict_into_model(model_file):
     fresh = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 16), nn.LayerNorm(16),
                           nn.Linear(16, 8, bias=False))
     fresh.load_state_dict(load_state_dict(path))  # strict
-    assert torch.equal(fresh[0].weight, hms["0.weight"].to_dense())
+    for name, hm in hms.items():
+        assert np.array_equal(bits(fresh.get_parameter(name).detach()), reference_decoded(hm).bits), name
     assert torch.equal(fresh[3].weight, model[3].weight)
+    # each compressed layer's output moves by at most ||W - H||_2 ||x|| (measured independently)
     x = torch.randn(5, 24)
-    assert torch.allclose(fresh(x), model(x), atol=0.1)
+    with torch.no_grad():
+        inputs = {0: x, 2: model[1](model[0](x)), 4: model[3](model[2](model[1](model[0](x))))}
+        for index, layer_input in inputs.items():
+            w = model[index].weight.double()
+            e2 = measure.spectrum(w.numpy(), fresh[index].weight.double().numpy()).top_range[1]
+            moved = torch.linalg.vector_norm((fresh[index](layer_input) - model[index](layer_input)).double(), dim=1)
+            rounding = 1e-6 * float(torch.linalg.matrix_norm(w, 2)) * torch.linalg.vector_norm(layer_input, dim=1)
+            assert torch.all(moved <= e2 * torch.linalg.vector_norm(layer_input.double(), dim=1) + rounding), index
 
 
 def raw_file(path: pathlib.Path, header: dict, data: bytes = b"") -> pathlib.Path:

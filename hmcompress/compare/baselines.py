@@ -32,7 +32,7 @@ import torch
 
 from hmcompress.core.build import CompressionOptions, compress_matrix, measured_error
 from hmcompress.errors import OptionError
-from hmcompress.runtime import HMatrix
+from hmcompress.runtime import HMatrix, round_to_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +92,7 @@ class _Target:
         """Measure a stored approximation (float64)."""
         dtype = self.matrix.dtype
         return Outcome(int(nbytes), measured_error(self.exact, stored, dtype), self.norm, detail,
-                       stored=stored.to(dtype))
+                       stored=round_to_dtype(stored, dtype))
 
 
 def _first_within(start: int, stop: int, outcome_of: Callable[[int], Outcome],
@@ -352,7 +352,7 @@ class _HMatrixFit:
             hm = result.hmatrix
             detail = f"{result.strategy}, {hm.blocks.shape[0]} leaves, {'+'.join(hm.pools) or 'zero'}"
             self.built[tol] = Outcome(hm.nbytes, result.error, self.target.norm, detail, hm,
-                                      result.dense.to(self.target.matrix.dtype))
+                                      round_to_dtype(result.dense, self.target.matrix.dtype))
         return self.built[tol]
 
     def at_bytes(self, budget: int) -> Outcome | None:

@@ -207,7 +207,7 @@ def compute_bounds(original: torch.Tensor, stored: torch.Tensor, error: float, s
     """Bounds for W (original, in its source dtype) approximated by the stored H64 (float64) and
     by H64 rounded to W's dtype.
 
-    ``error`` must be an upper bound on ||W - X||_F for both forms X (`build.measured_error`).
+    ``error`` must be an upper bound on ||W - X||_F for both forms X (`build.error_bound`).
     ``sigma`` are the singular values of W as the builder computed them, in the working precision
     of W's dtype (float64 for float64, else float32; W converts to it exactly).
     """

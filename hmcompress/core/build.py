@@ -68,7 +68,7 @@ class Compressed:
 
     hmatrix: HMatrix
     dense: torch.Tensor  # the stored matrix in float64 (exact)
-    error: float  # measured ||W - H||_F (exact stored form and its source-dtype rounding, the max)
+    error: float  # upper bound on ||W - H||_F, H64 and its source-dtype rounding (`error_bound`)
     budget: float  # allowed ||W - H||_F
     root_sigma: np.ndarray  # singular values of W (float64, descending)
     strategy: str  # planner whose plan was stored ("optimal", "svd", "paper" or "exact")
@@ -92,7 +92,7 @@ def compress_matrix(matrix: torch.Tensor, options: CompressionOptions) -> Compre
         plan = _best_plan(cands, target, options.strategy)
         hm = assemble(matrix, cands, plan, options.device)
         dense = hm.to_dense(torch.float64)
-        error = measured_error(matrix, dense, matrix.dtype)
+        error = error_bound(matrix, dense, matrix.dtype)
         if error <= allowed:
             return Compressed(hm, dense, error, allowed, cands.root_sigma, plan.strategy, rebuild)
         target *= 0.95 * (allowed / error) ** 2
@@ -106,16 +106,22 @@ def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def measured_error(original: torch.Tensor, stored: torch.Tensor, dtype: torch.dtype) -> float:
-    """An upper bound on ||W - H||_F for both forms of the stored matrix: H64 (``stored``,
-    float64) and H64 rounded once to the source ``dtype`` (what a user loads); the larger.
+    """||W - H||_F for both forms of the stored matrix, the larger: H64 (``stored``, float64) and
+    H64 rounded once to the source ``dtype`` (what a user loads).
 
-    Measured in float64 by row chunks (`bounds.frobenius`: no full-size temporaries) and widened
-    by that measurement's own rounding (`bounds.frobenius_relative_error`).
+    Measured in float64 by row chunks (`bounds.frobenius`: no full-size temporaries), so within a
+    relative `bounds.frobenius_relative_error` of the exact value; `error_bound` is above it.
     """
     measured = frobenius(original, stored)
     if dtype != torch.float64:
         measured = max(measured, frobenius(original, stored, rounded_to=dtype))
-    return measured * (1 + frobenius_relative_error(tuple(original.shape)))
+    return measured
+
+
+def error_bound(original: torch.Tensor, stored: torch.Tensor, dtype: torch.dtype) -> float:
+    """An upper bound on the exact ||W - H||_F of both forms: `measured_error` widened by the
+    rounding of its own measurement. The budget holds it; the stats record it."""
+    return measured_error(original, stored, dtype) * (1 + frobenius_relative_error(tuple(original.shape)))
 
 
 def allowed_error(matrix: torch.Tensor, options: CompressionOptions) -> float:

@@ -41,8 +41,8 @@ class LayerStats:
     rel_error: float = 0.0  # upper bound on ||W - H||_F / ||W||_F
     spectral_error: float = 0.0  # upper bound on ||W - H||_2
     spectral_method: str = ""  # "svd": residuals' SVDs widened by their rounding; "frobenius": fro_error
-    sigma_max_upper: float = 0.0  # upper bound on sigma_max(W) (files of hmcompress <= 0.2.0: "sigma_max")
-    sigma_min_lower: float = 0.0  # lower bound on sigma_min(W), >= 0 (files of hmcompress <= 0.2.0: "sigma_min")
+    sigma_max_upper: float = 0.0  # upper bound on sigma_max(W) (files of hmcompress 0.1: "sigma_max")
+    sigma_min_lower: float = 0.0  # lower bound on sigma_min(W), >= 0 (files of hmcompress 0.1: "sigma_min")
     kappa_w: float | None = None  # sigma_max(W) / sigma_min(W) as computed: an estimate; None: singular
     kappa_h_bound: float | None = None  # upper bound on kappa(H) (Weyl); None: unbounded
     kappa_h_paper: float | None = None  # the paper's Theorem 1(c) figure: not a bound
@@ -53,9 +53,28 @@ class LayerStats:
         return self.bytes_before / self.bytes_after if self.bytes_after else math.inf
 
     def to_json(self) -> dict:
-        data = dataclasses.asdict(self)
+        """The stats as JSON values; a float figure that is not finite (one that overflowed
+        float64) is stored as the string "inf", "-inf" or "nan" (`NONFINITE_FIGURES`)."""
+        data = {}
+        for field in _FIELDS:  # not dataclasses.asdict: its deep copies cost seconds for 50,000 tensors
+            value = getattr(self, field)
+            data[field] = list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) \
+                else encode_figure(value)
         data["ratio"] = round(self.ratio, 6) if math.isfinite(self.ratio) else None
         return data
+
+
+_FIELDS = tuple(field.name for field in dataclasses.fields(LayerStats))
+# JSON has no infinities: a figure that overflowed float64 is stored as one of these strings, and
+# read back as the float it names (`core.verdicts.recorded_fields`).
+NONFINITE_FIGURES = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def encode_figure(value: object) -> object:
+    """``value``, or for a non-finite float the string that names it in a file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
 
 
 def totals(layers: list[LayerStats]) -> dict:

@@ -22,8 +22,9 @@ from typing import Protocol
 import torch
 
 from hmcompress.core.bounds import UNIT64, down, frobenius, frobenius_relative_error, rounding_margin, up
+from hmcompress.core.stats import NONFINITE_FIGURES
 from hmcompress.errors import OptionError
-from hmcompress.runtime import MATRIX_DTYPE_NAMES, FormatError, HMatrix, dense_nbytes
+from hmcompress.runtime import MATRIX_DTYPE_NAMES, FormatError, HMatrix, brief, dense_nbytes
 from hmcompress.runtime.matrix import round_to_dtype
 
 VERIFY_SVD_MAX_SIDE = 2048  # larger matrices: sigma and kappa(H) are not recomputed (too slow)
@@ -77,7 +78,10 @@ def recorded_fields(cls: type, stats: object, where: str) -> dict:
 
     Unknown keys are ignored (newer writers may add some); a field an older writer stored under
     its former name (`LEGACY_NAMES`) is read from that name; a missing required field or a value
-    of the wrong JSON type is a `FormatError` naming ``where`` and the field.
+    of the wrong JSON type is a `FormatError` naming ``where`` and the field. A float figure is a
+    finite JSON number or one of the strings "inf", "-inf", "nan" (`NONFINITE_FIGURES`: how a
+    figure that overflowed float64 is stored); counts (bytes, ranks, sides) are integers in
+    [0, 2**63).
     """
     if not isinstance(stats, dict):
         raise FormatError(f"{where}: stats must be a JSON object")
@@ -91,15 +95,27 @@ def recorded_fields(cls: type, stats: object, where: str) -> dict:
             continue
         value = stats[key]
         annotation = str(field.type).replace(" | None", "")
+        if annotation == "float" and isinstance(value, str) and value in NONFINITE_FIGURES:
+            values[field.name] = NONFINITE_FIGURES[value]  # an overflowed figure, as `LayerStats.to_json` stores it
+            continue
         allowed = _JSON_TYPES.get(annotation)
         nullable = "None" in str(field.type)
         wrong = allowed is not None and not (isinstance(value, allowed) or (nullable and value is None))
         if allowed is not None and annotation != "bool" and isinstance(value, bool):
             wrong = True
+        if not wrong and annotation == "float" and value is not None:
+            # a JSON number beyond float64 (1e400 parses as inf, a 400-digit integer as no float
+            # at all) is no figure: hmcompress stores an overflowed one as a string (above)
+            wrong = not (math.isfinite(value) if isinstance(value, float) else abs(value) < 2**1023)
+        if not wrong and annotation in ("int", "list[int]", "dict[str, int]"):  # counts: bytes, ranks, sides
+            counts = [value] if annotation == "int" else value.values() if isinstance(value, dict) else value
+            wrong = not all(type(v) is int and 0 <= v < 2**63 for v in counts)
         if wrong:
-            raise FormatError(f"{where}: stats field {key!r} has {type(value).__name__} {value!r}, "
+            raise FormatError(f"{where}: stats field {key!r} has {type(value).__name__} {brief(value)}, "
                               f"expected {field.type}")
-        values[field.name] = value
+        values[field.name] = float(value) if annotation == "float" and type(value) is int else value
+    if values.get("compressed") is True and values.get("bytes_after") == 0:  # a block table takes bytes
+        raise FormatError(f"{where}: stats field 'bytes_after' is 0 for a compressed matrix")
     return values
 
 
@@ -133,18 +149,19 @@ def _scaled(matrix: torch.Tensor) -> tuple[torch.Tensor, float]:
     return matrix * math.ldexp(1.0, -exponent), math.ldexp(1.0, exponent)
 
 
-def _spectral_range(matrix: torch.Tensor, exact: bool) -> tuple[float, float]:
-    """A rigorous ``(lower, upper)`` range for ``‖matrix‖₂`` (float64): its float64 SVD widened by
-    the SVD's and its own rounding when ``exact``; otherwise a power-iteration lower bound and
-    the Frobenius norm (an upper bound)."""
-    if matrix.numel() == 0:
+def _spectral_range(residual: torch.Tensor, exact: bool) -> tuple[float, float]:
+    """A rigorous ``(lower, upper)`` range for ``‖R‖₂`` given ``residual`` = fl64(R) (each entry
+    within u64 of R's, so ‖residual − R‖₂ <= u64·‖R‖_F): its float64 SVD widened by the SVD's
+    rounding when ``exact``; otherwise a power-iteration lower bound and the Frobenius norm."""
+    if residual.numel() == 0:
         return 0.0, 0.0
-    fro = frobenius(matrix) * (1 + frobenius_relative_error(tuple(matrix.shape)))
+    fro = frobenius(residual) * (1 + frobenius_relative_error(tuple(residual.shape)))
+    formed = up(UNIT64 * fro / (1 - UNIT64))  # >= u64·‖R‖_F
     if exact:
-        top = float(torch.linalg.svdvals(matrix)[0])
-        margin = rounding_margin(tuple(matrix.shape), torch.float64, top)
-        return max(down(top - margin), 0.0), min(up(top + margin), fro)
-    return _spectral_lower_bound(matrix), fro
+        top = float(torch.linalg.svdvals(residual)[0])
+        margin = rounding_margin(tuple(residual.shape), torch.float64, top)
+        return max(down(top - margin - formed), 0.0), min(up(top + margin + formed), up(fro + formed))
+    return max(down(_spectral_lower_bound(residual) - formed), 0.0), up(fro + formed)
 
 
 def _spectral_lower_bound(matrix: torch.Tensor) -> float:

@@ -1,8 +1,10 @@
 """Reading checkpoints of every common kind, safely, and choosing which tensors to compress.
 
-Nothing here runs code from a file: PyTorch pickles are read with ``weights_only=True``,
+Nothing here runs code from a file: PyTorch pickles are scanned first (`picklescan`: every record
+checked against the file before torch reads it) and then read with ``weights_only=True``,
 TorchScript archives with a restricted unpickler that only rebuilds tensors and plain objects,
-safetensors headers are validated before any tensor is read. Tensors are read one at a time.
+safetensors headers are validated before any tensor is read, `.npz` headers before any data.
+Only regular files are opened (never a FIFO or a device). Tensors are read one at a time.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import math
 import os
 import pathlib
 import pickle
+import stat
 import struct
 import warnings
 import zipfile
@@ -21,16 +24,26 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from hmcompress.errors import CheckpointError
-from hmcompress.io.picklescan import Global, persistent_ids
-from hmcompress.runtime import MAX_HEADER_BYTES, FormatError, SafetensorsHeader, read_header, unique_keys
+from hmcompress.io.picklescan import Global, PickleProblem, Scan, scan
+from hmcompress.runtime import (
+    MAX_HEADER_BYTES,
+    FormatError,
+    SafetensorsHeader,
+    brief,
+    open_regular,
+    read_header,
+    read_tensor,
+    unique_keys,
+)
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 MAX_NESTING = 100  # containers inside containers in a pickled checkpoint
-MAX_NODES = 1_000_000  # objects visited while flattening one (shared containers count per path)
+MAX_NODES = 1_000_000  # objects a pickle may build, and paths visited while flattening it
 DEFLATE_MAX_RATIO = 1032  # the most deflate can expand: bounds what a compressed .npz member may claim
+SHARED_BYTES_FACTOR = 64  # a pickled checkpoint's tensors may total this many times the file (views of shared storage)
+READ_CHUNK = 16 << 20  # bytes read from a zip member at once
 OPTIMIZER_PARTS = frozenset({"optimizer", "optimizer_state", "optimizer_state_dict", "optim",
                              "opt_state", "scheduler", "lr_scheduler"})
 OPTIMIZER_LEAVES = (".exp_avg", ".exp_avg_sq", ".momentum_buffer", ".max_exp_avg_sq", ".square_avg",
@@ -79,20 +92,38 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         if not path.exists():
             raise CheckpointError(path, "no such file or directory")
         if path.is_dir():
-            return _open_directory(path)
-        if path.stat().st_size == 0:
-            raise CheckpointError(path, "empty file")
-        kind = _sniff(path)
-        opener = {"safetensors": _open_safetensors, "torch": _open_torch, "npz": _open_npz}[kind]
-        ckpt = opener(path)
-    except OSError as exc:  # unreadable, vanished, a special file ...
+            ckpt = _open_directory(path)
+        else:
+            info = path.stat()
+            if not stat.S_ISREG(info.st_mode):
+                raise CheckpointError(path, "not a regular file (a FIFO, a device or a socket is never read)")
+            if info.st_size == 0:
+                raise CheckpointError(path, "empty file")
+            kind = _sniff(path)
+            opener = {"safetensors": _open_safetensors, "torch": _open_torch, "npz": _open_npz}[kind]
+            ckpt = opener(path)
+            if ckpt.kind in ("torch", "torchscript"):
+                _check_shared_bytes(path, ckpt.entries, info.st_size)
+    except OSError as exc:  # unreadable, vanished ...
         raise CheckpointError(path, f"cannot read ({exc.strerror or exc.__class__.__name__})") from None
+    except FormatError as exc:  # from the runtime's readers (a header, a regular file)
+        raise CheckpointError(path, str(exc).removeprefix(f"{path}: ")) from None
+    if not ckpt.entries:
+        raise CheckpointError(path, "holds no tensors")
     ckpt.entries.sort(key=lambda e: e.name)
     return ckpt
 
 
+def _check_shared_bytes(path: pathlib.Path, entries: list[TensorEntry], size: int) -> None:
+    """Views may share a storage (tied weights), but not make a small file a huge checkpoint."""
+    total = sum(e.nbytes for e in entries)
+    if total > SHARED_BYTES_FACTOR * size + (1 << 20):
+        raise CheckpointError(path, f"its tensors total {total} bytes, more than {SHARED_BYTES_FACTOR} times the "
+                                    f"{size}-byte file (many views of shared storage); refusing to expand them")
+
+
 def _sniff(path: pathlib.Path) -> str:
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         head = fh.read(8)
     name = path.name.lower()
     if name.endswith(".safetensors"):
@@ -104,6 +135,14 @@ def _sniff(path: pathlib.Path) -> str:
     if len(head) == 8 and 2 <= struct.unpack("<Q", head)[0] < MAX_HEADER_BYTES:
         return "safetensors"
     raise CheckpointError(path, "unknown checkpoint format (expected .safetensors, .pt/.pth/.bin, .npz or a directory)")
+
+
+def _unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- safetensors
@@ -121,19 +160,21 @@ def _open_safetensors(path: pathlib.Path) -> Checkpoint:
     entries = []
     for name, info in header.tensors.items():
         if info.dtype.torch_dtype is None:
-            raise CheckpointError(path, f"tensor {name!r}: dtype {info.dtype.code} is not supported by this torch")
+            raise CheckpointError(path, f"tensor {brief(name)}: dtype {info.dtype.code} is not supported by this torch")
         entries.append(TensorEntry(name, info.shape, info.dtype.torch_dtype, info.end - info.begin,
-                                   _safetensors_loader(path, name)))
+                                   _safetensors_loader(path, header, name)))
     return Checkpoint(path, "safetensors", entries, metadata=dict(header.metadata))
 
 
-def _safetensors_loader(path: pathlib.Path, name: str) -> Callable[[], torch.Tensor]:
+def _safetensors_loader(path: pathlib.Path, header: SafetensorsHeader, name: str) -> Callable[[], torch.Tensor]:
+    """Reads the tensor where the checked header says it is (the header is not parsed again:
+    for thousands of tensors that would cost the square of their number)."""
     def load() -> torch.Tensor:
         try:
-            with safe_open(str(path), framework="pt") as fh:
-                return fh.get_tensor(name).contiguous()
-        except Exception as exc:  # safetensors raises its own error types on corrupt data
-            raise CheckpointError(path, f"tensor {name!r} cannot be read ({exc})") from None
+            with open_regular(path) as fh:
+                return read_tensor(fh, header, name)
+        except (FormatError, OSError) as exc:
+            raise CheckpointError(path, f"tensor {brief(name)} cannot be read ({exc})") from None
     return load
 
 
@@ -155,51 +196,138 @@ def _open_torch(path: pathlib.Path) -> Checkpoint:
     return Checkpoint(path, "torch", entries, extra, dropped)
 
 
+class _TorchWarningsHidden(warnings.catch_warnings):
+    """torch's own warnings while it reads a file (TypedStorage deprecation, sparse invariants,
+    old pickle protocols) are about its internals, not the file: they would only be extra lines
+    beside the one line a refusal prints."""
+
+    def __enter__(self):
+        result = super().__enter__()
+        warnings.simplefilter("ignore")
+        return result
+
+
 def _torch_load(path: pathlib.Path) -> object:
     try:
         if zipfile.is_zipfile(path):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            _prescan_zip(path)
+            with _TorchWarningsHidden():
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         data = path.read_bytes()  # the legacy format: read from memory, so no read asks for more
-        _check_legacy_claims(path, data)
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        _prescan_legacy(path, data)
+        with _TorchWarningsHidden():
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = str(exc).strip().splitlines()
         detail = next((line for line in reason if "Unsupported global" in line or "GLOBAL" in line), "")
         if not detail:
             raise CheckpointError(path, f"cannot read as a PyTorch checkpoint (corrupt pickle: "
-                                        f"{reason[0] if reason else 'unreadable'})") from None
+                                        f"{reason[0][:200] if reason else 'unreadable'})") from None
         raise CheckpointError(path, "refusing to unpickle: the file contains Python objects other than "
-                                    f"tensors and containers ({detail.strip()}); "
+                                    f"tensors and containers ({detail.strip()[:200]}); "
                                     "only weights_only-safe checkpoints are read") from None
     except CheckpointError:
         raise
     except Exception as exc:  # corrupt or truncated archives raise many different errors
-        raise CheckpointError(path, f"cannot read as a PyTorch checkpoint ({exc.__class__.__name__}: "
-                                    f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'})") from None
+        first = str(exc).splitlines()[0][:200] if str(exc) else "corrupt"
+        raise CheckpointError(path, f"cannot read as a PyTorch checkpoint ({exc.__class__.__name__}: {first})") from None
 
 
-def _check_legacy_claims(path: pathlib.Path, data: bytes) -> None:
-    """Refuse a legacy (non-zip) file whose pickle claims a storage larger than the file: torch
-    would allocate it before finding the data missing. An unparsable pickle is refused too."""
-    stream = io.BytesIO(data)
+def _scan(path: pathlib.Path, stream: io.BufferedIOBase, max_objects: int = MAX_NODES) -> Scan:
     try:
-        for _ in range(3):  # magic number, protocol version, system info
-            for _ in persistent_ids(stream):
-                raise CheckpointError(path, "persistent record in a legacy PyTorch file's preamble")
-        for pid in persistent_ids(stream):
-            if not (isinstance(pid, tuple) and pid and pid[0] in ("storage", b"storage")):
-                continue  # torch refuses any other record itself
-            itemsize = _LEGACY_ITEMSIZE.get(pid[1] if len(pid) > 1 else None)
-            if len(pid) < 5 or itemsize is None or type(pid[4]) is not int or pid[4] < 0:
-                raise CheckpointError(path, "unrecognised storage record in a legacy PyTorch file")
-            if pid[4] * itemsize > len(data):
-                raise CheckpointError(path, f"a storage claims {pid[4] * itemsize} bytes, more than the "
-                                            f"{len(data)}-byte file holds")
-    except CheckpointError:
-        raise
-    except Exception as exc:  # pickletools' errors on malformed opcodes
-        raise CheckpointError(path, f"cannot read as a PyTorch checkpoint (malformed pickle: "
-                                    f"{exc.__class__.__name__})") from None
+        return scan(stream, max_objects)
+    except PickleProblem as problem:
+        raise CheckpointError(path, f"cannot read as a PyTorch checkpoint: {problem}") from None
+
+
+def _prescan_zip(path: pathlib.Path) -> None:
+    """Check a zip checkpoint's records before torch maps them: one data.pkl; every storage it
+    names is an uncompressed record at least as large as it claims, the records together no
+    larger than the file; every tensor lies inside its storage; no more than `MAX_NODES` objects."""
+    size = path.stat().st_size
+    with zipfile.ZipFile(path) as archive:
+        infos = {info.filename: info for info in archive.infolist()}
+        pickles = [name for name in infos if name == "data.pkl" or name.endswith("/data.pkl")]
+        if len(pickles) != 1:
+            raise CheckpointError(path, f"cannot read as a PyTorch checkpoint (the archive holds {len(pickles)} "
+                                        "data.pkl records, not one)")
+        info = infos[pickles[0]]
+        if info.file_size > size:
+            raise CheckpointError(path, f"cannot read as a PyTorch checkpoint (data.pkl claims {info.file_size} "
+                                        f"bytes, more than the {size}-byte file)")
+        root = pickles[0][: -len("data.pkl")]
+        summary = _scan(path, io.BytesIO(archive.read(info)))
+    claims: dict[object, tuple[int, int]] = {}  # storage key -> (elements, bytes per element)
+    total = 0
+    for pid in summary.storages:
+        key, numel, itemsize = _storage_record(path, pid, 5)
+        record = infos.get(f"{root}data/{key}")
+        if record is None:
+            raise CheckpointError(path, f"cannot read as a PyTorch checkpoint (storage {brief(key)} has no record)")
+        if record.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(path, f"storage {brief(key)} is a compressed record (torch writes them "
+                                        "uncompressed, and maps them as they are)")
+        if numel * itemsize > record.file_size:
+            raise CheckpointError(path, f"a storage claims {numel * itemsize} bytes, its record holds "
+                                        f"{record.file_size}")
+        if key not in claims:
+            total += record.file_size
+        if claims.setdefault(key, (numel, itemsize)) != (numel, itemsize):
+            raise CheckpointError(path, f"storage {brief(key)} is named with two types or sizes")
+    if total > size:
+        raise CheckpointError(path, f"its storage records add up to {total} bytes, more than the {size}-byte "
+                                    "file holds (records overlap)")
+    _check_views(path, summary, claims)
+
+
+def _prescan_legacy(path: pathlib.Path, data: bytes) -> None:
+    """Check a legacy (non-zip) file's pickles before torch allocates what they claim: every
+    storage fits in the file, all of them together too, every tensor lies inside its storage."""
+    stream = io.BytesIO(data)
+    for _ in range(3):  # magic number, protocol version, system info
+        if _scan(path, stream, 10_000).storages:
+            raise CheckpointError(path, "persistent record in a legacy PyTorch file's preamble")
+    summary = _scan(path, stream)
+    claims: dict[object, tuple[int, int]] = {}
+    for pid in summary.storages:
+        key, numel, itemsize = _storage_record(path, pid, 6)
+        if claims.setdefault(key, (numel, itemsize)) != (numel, itemsize):
+            raise CheckpointError(path, f"storage {brief(key)} is named with two types or sizes")
+    total = sum(numel * itemsize for numel, itemsize in claims.values())
+    if total > len(data):
+        raise CheckpointError(path, f"a storage claims {total} bytes, more than the {len(data)}-byte file holds")
+    _check_views(path, summary, claims)
+
+
+def _storage_record(path: pathlib.Path, pid: object, length: int) -> tuple[object, int, int]:
+    """(key, elements, bytes per element) of a storage record ('storage', type, key, location,
+    elements[, view]); anything else is refused (torch refuses it too, later)."""
+    if not (isinstance(pid, tuple) and len(pid) == length and pid[0] in ("storage", b"storage")):
+        raise CheckpointError(path, "cannot read as a PyTorch checkpoint (unrecognised persistent record)")
+    itemsize = _STORAGE_ITEMSIZE.get(getattr(pid[1], "global_name", None))
+    key, numel = pid[2], pid[4]
+    if itemsize is None or type(numel) is not int or numel < 0 or not isinstance(key, (str, int)):
+        raise CheckpointError(path, "unrecognised storage record in a PyTorch file")
+    return key, numel, itemsize
+
+
+def _check_views(path: pathlib.Path, summary: Scan, claims: dict[object, tuple[int, int]]) -> None:
+    """Every tensor record lies inside its storage and needs no more bytes than it holds (a view
+    with stride 0 could otherwise be materialised far beyond the file)."""
+    for view in summary.views:
+        storage = view.storage
+        key = storage[2] if isinstance(storage, tuple) and len(storage) > 2 else None
+        if key not in claims or type(view.offset) is not int or view.offset < 0 or not _int_tuple(view.size) \
+                or not _int_tuple(view.stride) or len(view.size) != len(view.stride):
+            raise CheckpointError(path, "cannot read as a PyTorch checkpoint (malformed tensor record)")
+        numel, itemsize = claims[key]
+        count = math.prod(view.size)
+        if count and view.offset + sum((s - 1) * st for s, st in zip(view.size, view.stride)) >= numel:
+            raise CheckpointError(path, f"a tensor of shape {brief(tuple(view.size))} lies outside its storage")
+        if count > numel:
+            raise CheckpointError(path, f"a tensor of shape {brief(tuple(view.size))} needs {count * itemsize} "
+                                        f"bytes but its storage holds {numel * itemsize} (overlapping strides); "
+                                        "refusing to expand it")
 
 
 def _flatten(path: pathlib.Path, obj: object) -> tuple[list[TensorEntry], dict[str, object], list[str]]:
@@ -209,11 +337,11 @@ def _flatten(path: pathlib.Path, obj: object) -> tuple[list[TensorEntry], dict[s
     dropped: list[str] = []
     for name, value in _walk(path, obj):
         if name in tensors or name in extra or name in dropped:
-            raise CheckpointError(path, f"two entries are both named {name!r} once flattened")
+            raise CheckpointError(path, f"two entries are both named {brief(name)} once flattened")
         if isinstance(value, torch.Tensor):
-            _require_within_storage(path, name, value)
+            _require_plain_tensor(path, name, value)
             tensors[name] = value
-        elif _json_safe(value):
+        elif _plain_json(value):
             extra[name] = value
         else:
             dropped.append(name)
@@ -226,6 +354,7 @@ def _flatten(path: pathlib.Path, obj: object) -> tuple[list[TensorEntry], dict[s
 
 def _walk(path: pathlib.Path, root: object) -> Iterator[tuple[str, object]]:
     """(dotted name, leaf) pairs, depth first; hostile nesting, cycles and sharing bombs are refused."""
+    _count_paths(path, root)
     stack: list[tuple[str, object, tuple[int, ...]]] = [("", root, ())]
     visited = 0
     while stack:
@@ -233,12 +362,12 @@ def _walk(path: pathlib.Path, root: object) -> Iterator[tuple[str, object]]:
         visited += 1
         if visited > MAX_NODES:
             raise CheckpointError(path, f"holds more than {MAX_NODES} nested objects (a sharing bomb?)")
-        children = _children(obj)
+        children = _children(path, obj)
         if children is None:
             yield name, obj
             continue
         if id(obj) in ancestors:
-            raise CheckpointError(path, f"container {name or '<root>'!r} contains itself")
+            raise CheckpointError(path, f"container {brief(name or '<root>')} contains itself")
         if len(ancestors) >= MAX_NESTING:
             raise CheckpointError(path, f"containers are nested deeper than {MAX_NESTING} levels")
         inner = (*ancestors, id(obj))
@@ -246,30 +375,92 @@ def _walk(path: pathlib.Path, root: object) -> Iterator[tuple[str, object]]:
             stack.append((f"{name}.{key}" if name else str(key), value, inner))
 
 
-def _children(obj: object) -> list[tuple[object, object]] | None:
-    """A container's (key, value) pairs if flattening descends into it, else None (a leaf)."""
-    if isinstance(obj, dict) and obj and all(isinstance(k, (str, int)) for k in obj):
-        return list(obj.items())
+def _count_paths(path: pathlib.Path, root: object) -> None:
+    """Refuse a sharing bomb at once: the names flattening would make (one per path to each
+    object, shared containers counted per path) are counted over the distinct containers, so a
+    list holding the level below twice, 60 levels deep (2**60 names), costs 60 steps, not 10**6."""
+    counts: dict[int, int] = {}
+    stack: list[tuple[object, bool]] = [(root, False)]
+    while stack:
+        obj, expanded = stack.pop()
+        if id(obj) in counts and not expanded:
+            continue
+        children = _children(path, obj)
+        if children is None:
+            counts[id(obj)] = 1
+        elif expanded:
+            counts[id(obj)] = 1 + sum(counts.get(id(child), 0) for _key, child in children)
+            if counts[id(obj)] > MAX_NODES:
+                raise CheckpointError(path, f"holds more than {MAX_NODES} nested objects (a sharing bomb?)")
+        else:
+            counts[id(obj)] = 0  # in progress: a cycle through it counts nothing here (`_walk` refuses it)
+            stack.append((obj, True))
+            stack.extend((child, False) for _key, child in children if id(child) not in counts)
+
+
+def _children(path: pathlib.Path, obj: object) -> list[tuple[object, object]] | None:
+    """A container's (key, value) pairs if flattening descends into it, else None (a leaf).
+
+    A dict is descended into when every key can be part of a name (a string, or an integer of at
+    most 64 bits); a string key that is not Unicode (a lone surrogate) is refused, since no name
+    could hold it. Other dicts (float, None or tuple keys) are leaves, kept only if plain JSON.
+    """
+    if isinstance(obj, dict) and obj:
+        keys = list(obj)
+        bad = next((k for k in keys if isinstance(k, str) and not _unicode(k)), None)
+        if bad is not None:
+            raise CheckpointError(path, f"holds a name that is not valid Unicode ({brief(bad)})")
+        if all(isinstance(k, str) or (type(k) is int and -2**63 <= k < 2**63) for k in keys):
+            return list(obj.items())
+        return None
     if isinstance(obj, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
         return list(enumerate(obj))
     return None
 
 
-def _require_within_storage(path: pathlib.Path, name: str, tensor: torch.Tensor) -> None:
-    """Refuse views larger than their storage (stride 0, overlapping): materialising one could
-    take far more memory than the file holds."""
+def _require_plain_tensor(path: pathlib.Path, name: str, tensor: torch.Tensor) -> None:
+    """A dense tensor in CPU memory whose view does not reach beyond its storage (stride 0,
+    overlapping: materialising one could take far more memory than the file holds)."""
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
+        raise CheckpointError(path, f"tensor {brief(name)} is {str(tensor.layout).removeprefix('torch.')}"
+                                    f"{' quantized' if tensor.is_quantized else ''}; only dense tensors are read")
+    if tensor.device.type != "cpu":
+        raise CheckpointError(path, f"tensor {brief(name)} is on the {tensor.device.type} device, not in memory")
     needed = tensor.numel() * tensor.element_size()
     held = tensor.untyped_storage().nbytes()
     if needed > held:
-        raise CheckpointError(path, f"tensor {name!r} {tuple(tensor.shape)} needs {needed} bytes but its "
-                                    f"storage holds {held} (overlapping strides); refusing to expand it")
+        raise CheckpointError(path, f"tensor {brief(name)} {brief(tuple(tensor.shape))} needs {needed} bytes but "
+                                    f"its storage holds {held} (overlapping strides); refusing to expand it")
 
 
-def _json_safe(value: object) -> bool:
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
-        return False
+def _plain_json(value: object) -> bool:
+    """Whether ``value`` is plain JSON the file's header can keep as it is: None, bools, integers of
+    at most 64 bits, finite floats, Unicode strings, lists and tuples, dicts with string keys;
+    nested at most `MAX_NESTING` deep (checked without recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if item is None or isinstance(item, bool):
+            continue
+        if isinstance(item, str):
+            if not _unicode(item):
+                return False
+        elif isinstance(item, int):
+            if not -2**63 <= item < 2**64:
+                return False
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return False
+        elif isinstance(item, (list, tuple, dict)):
+            if depth >= MAX_NESTING:
+                return False
+            if isinstance(item, dict):
+                if not all(isinstance(k, str) and _unicode(k) for k in item):
+                    return False
+                item = item.values()
+            stack.extend((child, depth + 1) for child in item)
+        else:
+            return False
     return True
 
 
@@ -295,8 +486,8 @@ _STORAGE_DTYPES = {
 }
 
 
-_LEGACY_ITEMSIZE = {Global(f"torch {name}"): torch.empty((), dtype=dtype).element_size()
-                    for name, dtype in _STORAGE_DTYPES.items()} | {Global("torch UntypedStorage"): 1}
+_STORAGE_ITEMSIZE = {Global(f"torch {name}"): torch.empty((), dtype=dtype).element_size()
+                     for name, dtype in _STORAGE_DTYPES.items()} | {Global("torch UntypedStorage"): 1}
 
 _SCRIPT_LIST_BUILDERS = frozenset({"build_intlist", "build_doublelist", "build_boollist",
                                    "build_tensorlist", "build_complexlist"})
@@ -317,6 +508,7 @@ class _ScriptUnpickler(pickle.Unpickler):
         self.archive, self.root, self.path = archive, root, path
         self.file_size = path.stat().st_size
         self.storages: dict[object, torch.Tensor] = {}  # by key: a storage named N times is read once
+        self.storage_bytes = 0  # of every storage read: together no more than the file holds
 
     def find_class(self, module: str, name: str):
         if module.startswith("__torch__"):
@@ -341,22 +533,28 @@ class _ScriptUnpickler(pickle.Unpickler):
         _, dtype, key, _location, numel = pid
         if (dtype not in _STORAGE_DTYPES.values() or type(numel) is not int or numel < 0
                 or not isinstance(key, str)):
-            raise CheckpointError(self.path, f"malformed storage record {key!r} in a TorchScript archive")
+            raise CheckpointError(self.path, f"malformed storage record {brief(key)} in a TorchScript archive")
         known = self.storages.get(key)
         if known is not None:
             if known.dtype != dtype or known.numel() != numel:
-                raise CheckpointError(self.path, f"TorchScript storage {key!r} is named with two types or sizes")
+                raise CheckpointError(self.path, f"TorchScript storage {brief(key)} is named with two types or sizes")
             return known
         try:
             info = self.archive.getinfo(f"{self.root}/data/{key}")
         except KeyError:
-            raise CheckpointError(self.path, f"TorchScript archive has no storage {key!r}") from None
+            raise CheckpointError(self.path, f"TorchScript archive has no storage {brief(key)}") from None
         nbytes = numel * dtype.itemsize
         if info.file_size < nbytes or info.file_size > self.file_size:
-            raise CheckpointError(self.path, f"TorchScript storage {key!r} holds {info.file_size} bytes, "
+            raise CheckpointError(self.path, f"TorchScript storage {brief(key)} holds {info.file_size} bytes, "
                                              f"not the {nbytes} it claims")
-        raw = self.archive.read(info)
-        storage = torch.frombuffer(bytearray(raw[:nbytes]), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+        self.storage_bytes += nbytes
+        if self.storage_bytes > self.file_size:
+            raise CheckpointError(self.path, f"TorchScript storages add up to more than the {self.file_size}-byte "
+                                             "file holds (records overlap)")
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        with self.archive.open(info) as member:
+            _read_exactly(self.path, member, raw, f"TorchScript storage {brief(key)}")
+        storage = raw.view(dtype)
         self.storages[key] = storage
         return storage
 
@@ -369,13 +567,28 @@ class _ScriptUnpickler(pickle.Unpickler):
         if offset < 0 or min(stride, default=0) < 0 or numel and span >= storage.numel():
             raise CheckpointError(self.path, "TorchScript tensor points outside its storage")
         if numel > storage.numel():  # overlapping strides: could expand far beyond the file
-            raise CheckpointError(self.path, f"TorchScript tensor of shape {tuple(size)} needs more elements "
+            raise CheckpointError(self.path, f"TorchScript tensor of shape {brief(tuple(size))} needs more elements "
                                              f"than its storage holds ({storage.numel()}); refusing to expand it")
-        return torch.as_strided(storage, size, stride, offset).clone()
+        return torch.as_strided(storage, size, stride, offset)  # a view: its entry copies it when loaded
 
 
 def _int_tuple(values: object) -> bool:
     return isinstance(values, (tuple, list)) and all(type(v) is int and v >= 0 for v in values)
+
+
+def _read_exactly(path: pathlib.Path, member, out: torch.Tensor, what: str) -> None:
+    """Fill the uint8 tensor ``out`` from a zip member, in bounded chunks, then reach the member's
+    end (where zipfile checks its CRC)."""
+    view = memoryview(out.numpy()) if out.numel() else memoryview(b"")
+    done = 0
+    while done < len(view):
+        chunk = member.read(min(READ_CHUNK, len(view) - done))
+        if not chunk:
+            raise CheckpointError(path, f"{what} ends before its data")
+        view[done:done + len(chunk)] = chunk
+        done += len(chunk)
+    while member.read(READ_CHUNK):
+        pass
 
 
 def _open_torchscript(path: pathlib.Path) -> Checkpoint:
@@ -412,6 +625,8 @@ def _collect_script_tensors(path: pathlib.Path, obj: object, prefix: str, out: d
     elif isinstance(obj, dict):
         for key, value in obj.items():
             if isinstance(key, str) and not key.startswith("training"):
+                if not _unicode(key):
+                    raise CheckpointError(path, f"holds a name that is not valid Unicode ({brief(key)})")
                 _collect_script_tensors(path, value, f"{prefix}{key}.", out, seen, depth + 1)
     elif isinstance(obj, (list, tuple)):
         for index, value in enumerate(obj):
@@ -420,49 +635,99 @@ def _collect_script_tensors(path: pathlib.Path, obj: object, prefix: str, out: d
 
 # ---------------------------------------------------------------- numpy and directories
 
+@dataclasses.dataclass(frozen=True)
+class _NpyMember:
+    """One array of an .npz, described from its header: read only when its entry is loaded."""
+
+    member: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    data_offset: int  # where the array's bytes start in the (uncompressed) member
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
 def _open_npz(path: pathlib.Path) -> Checkpoint:
+    """Headers only: every member's npy header is checked against its size, and a compressed
+    member is inflated once, in bounded chunks, to check its CRC; arrays are read when loaded."""
+    entries, dropped, names = [], [], set()
     try:
         with zipfile.ZipFile(path) as archive:
-            arrays = {}
             for info in archive.infolist():
                 name = info.filename.removesuffix(".npy")
-                if name in arrays:
-                    raise CheckpointError(path, f"array {name!r} appears twice")
-                arrays[name] = _read_npy(path, archive, info)
+                if name in names:
+                    raise CheckpointError(path, f"array {brief(name)} appears twice")
+                if not _unicode(name):
+                    raise CheckpointError(path, f"array name {brief(name)} is not valid Unicode")
+                names.add(name)
+                member = _npy_member(path, archive, info)
+                dtype = _torch_dtype(member.dtype)
+                if dtype is None:  # strings, dates, structures ...: no tensor type holds them
+                    dropped.append(name)
+                    continue
+                entries.append(TensorEntry(name, member.shape, dtype, member.nbytes, _npy_loader(path, member)))
     except CheckpointError:
         raise
     except Exception as exc:
-        raise CheckpointError(path, f"cannot read as .npz ({exc.__class__.__name__}: {exc})") from None
-    entries, dropped = [], []
-    for name, array in arrays.items():
-        try:
-            tensor = torch.from_numpy(np.ascontiguousarray(array))
-        except TypeError:  # strings, dates, ...: no tensor type holds them
-            dropped.append(name)
-            continue
-        entries.append(TensorEntry(name, tuple(tensor.shape), tensor.dtype, tensor.numel() * tensor.element_size(),
-                                   _tensor_loader(tensor)))
+        raise CheckpointError(path, f"cannot read as .npz ({exc.__class__.__name__}: "
+                                    f"{str(exc).splitlines()[0][:200] if str(exc) else 'corrupt'})") from None
     return Checkpoint(path, "npz", entries, dropped=sorted(dropped))
 
 
-def _read_npy(path: pathlib.Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
-    """One array of an .npz, its header checked against the member's size before reading data."""
+def _npy_member(path: pathlib.Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> _NpyMember:
+    """One member's npy header, checked against the member's size before any data is read."""
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise CheckpointError(path, f"member {brief(info.filename)} is compressed with method {info.compress_type} "
+                                    "(numpy writes stored or deflated members only)")
     if info.compress_type != zipfile.ZIP_STORED and info.file_size > DEFLATE_MAX_RATIO * info.compress_size + 1024:
-        raise CheckpointError(path, f"member {info.filename!r} claims {info.file_size} bytes from "
+        raise CheckpointError(path, f"member {brief(info.filename)} claims {info.file_size} bytes from "
                                     f"{info.compress_size} compressed (a zip bomb?)")
     with archive.open(info) as fh:
         version = np.lib.format.read_magic(fh)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fh)
         if dtype.hasobject:
-            raise CheckpointError(path, f"refusing .npz array {info.filename!r}: object arrays need unpickling")
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes != info.file_size - fh.tell():
-            raise CheckpointError(path, f"array {info.filename!r} of shape {shape} needs {nbytes} bytes, "
-                                        f"the member holds {info.file_size - fh.tell()}")
-        data = fh.read(nbytes)
-    array = np.frombuffer(bytearray(data), dtype=dtype).reshape(shape, order="F" if fortran else "C")
-    return array.astype(array.dtype.newbyteorder("="), copy=False)
+            raise CheckpointError(path, f"refusing .npz array {brief(info.filename)}: object arrays need unpickling")
+        if not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointError(path, f"array {brief(info.filename)} has a malformed shape")
+        offset = fh.tell()
+        member = _NpyMember(info.filename, tuple(shape), dtype, bool(fortran), offset)
+        if member.nbytes != info.file_size - offset:
+            raise CheckpointError(path, f"array {brief(info.filename)} of shape {brief(member.shape)} needs "
+                                        f"{member.nbytes} bytes, the member holds {info.file_size - offset}")
+        if info.compress_type != zipfile.ZIP_STORED:
+            while fh.read(READ_CHUNK):  # inflate once (CRC checked at the end), keeping nothing
+                pass
+    return member
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype | None:
+    try:
+        return torch.from_numpy(np.empty(0, dtype=dtype.newbyteorder("="))).dtype
+    except (TypeError, ValueError):
+        return None
+
+
+def _npy_loader(path: pathlib.Path, member: _NpyMember) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        raw = torch.empty(member.nbytes, dtype=torch.uint8)
+        try:
+            with zipfile.ZipFile(path) as archive, archive.open(member.member) as fh:
+                fh.read(member.data_offset)
+                _read_exactly(path, fh, raw, f"array {brief(member.member)}")
+        except CheckpointError:
+            raise
+        except Exception as exc:  # the file changed or is corrupt (a CRC error, ...)
+            raise CheckpointError(path, f"array {brief(member.member)} cannot be read "
+                                        f"({exc.__class__.__name__})") from None
+        array = raw.numpy().view(member.dtype).reshape(member.shape, order="F" if member.fortran else "C")
+        if not member.dtype.isnative:
+            array = array.byteswap().view(member.dtype.newbyteorder("="))
+        return torch.from_numpy(np.ascontiguousarray(array))
+    return load
 
 
 def _open_directory(path: pathlib.Path) -> Checkpoint:
@@ -479,24 +744,36 @@ def _open_directory(path: pathlib.Path) -> Checkpoint:
 
 
 def _open_sharded(directory: pathlib.Path, index_path: pathlib.Path) -> Checkpoint:
+    """Every shard is opened once, however the index spells its name (by device and inode)."""
     try:
-        weight_map = json.loads(index_path.read_text(), object_pairs_hook=unique_keys)["weight_map"]
+        with open_regular(index_path) as fh:
+            text = fh.read(MAX_HEADER_BYTES + 1)
+        if len(text) > MAX_HEADER_BYTES:
+            raise ValueError
+        weight_map = json.loads(text.decode("utf-8"), object_pairs_hook=unique_keys)["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, FormatError):
         raise CheckpointError(index_path, "not a valid shard index (expected a JSON object with a weight_map)") from None
-    entries, shards = [], {}
+    entries: list[TensorEntry] = []
+    shards: dict[tuple[int, int], dict[str, TensorEntry]] = {}
+    inside = directory.resolve()
     for name, shard in sorted(weight_map.items()):
         shard_path = directory / shard
-        if shard_path.parent != directory:
-            raise CheckpointError(index_path, f"shard {shard!r} of tensor {name!r} is outside the directory")
-        if not shard_path.is_file():
-            raise CheckpointError(index_path, f"shard {shard!r} of tensor {name!r} does not exist")
-        if shard not in shards:
-            shards[shard] = {e.name: e for e in open_checkpoint(shard_path).entries}
-        if name not in shards[shard]:
-            raise CheckpointError(shard_path, f"has no tensor {name!r} (the index says it does)")
-        entries.append(shards[shard][name])
+        if shard_path.parent != directory or shard_path.resolve().parent != inside:
+            raise CheckpointError(index_path, f"shard {brief(shard)} of tensor {brief(name)} is outside the directory")
+        try:
+            info = shard_path.stat()
+        except OSError:
+            raise CheckpointError(index_path, f"shard {brief(shard)} of tensor {brief(name)} does not exist") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(index_path, f"shard {brief(shard)} of tensor {brief(name)} is not a regular file")
+        key = (info.st_dev, info.st_ino)
+        if key not in shards:
+            shards[key] = {e.name: e for e in open_checkpoint(shard_path).entries}
+        if name not in shards[key]:
+            raise CheckpointError(shard_path, f"has no tensor {brief(name)} (the index says it does)")
+        entries.append(shards[key][name])
     return Checkpoint(directory, "sharded", entries)
 
 

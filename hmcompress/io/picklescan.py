@@ -1,89 +1,164 @@
-"""Reading a pickle's persistent ids without unpickling it.
+"""Reading what a pickle claims without unpickling anything of it.
 
-PyTorch's legacy (non-zip) loader allocates every storage a pickle claims before it reads the
-data; a claim of a few bytes can ask for gigabytes. Walking the opcodes with `pickletools` and
-a symbolic stack finds the claims first, so a checkpoint that claims more than it holds is
-refused before torch allocates anything. Nothing is called or imported: the walk only pushes
-literals, tuples and memo references; every other value is an opaque None.
+PyTorch's loaders trust a pickle's records before they check them: the legacy loader allocates
+every storage a pickle claims before it reads the data, the zip loader maps a storage of the
+claimed size over the archive, and its (pure Python) unpickler builds every object before we see
+one. `scan` reads the pickle first, with Python's C unpickler (fast) in which every global is a
+stand-in class of this module: nothing is imported or called but those stand-ins, which only
+record their arguments. What it returns (the objects counted, the storages claimed, the tensor
+views asked for, the globals named) lets a reader refuse a hostile file before torch touches it.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
-import pickletools
-from collections.abc import Iterator
+import pickle
 
-_MARK = object()
-_PUT = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
-_GET = frozenset({"GET", "BINGET", "LONG_BINGET"})
-_SMALL_TUPLES = {"EMPTY_TUPLE": 0, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+# Globals of torch._utils that rebuild tensors hmcompress can read (dense, strided, with data);
+# any other `_rebuild_*` (sparse, meta, quantized, nested, wrapper subclasses, device-specific)
+# is refused by name, before torch builds it.
+TENSOR_REBUILDERS = frozenset({"torch._utils _rebuild_tensor", "torch._utils _rebuild_tensor_v2"})
+ACCEPTED_REBUILDERS = TENSOR_REBUILDERS | {"torch._utils _rebuild_parameter",
+                                          "torch._utils _rebuild_parameter_with_state",
+                                          "torch._tensor _rebuild_from_type_v2"}
+KIND_OF_REBUILDER = {"sparse": "a sparse tensor", "meta": "a meta-device tensor (it holds no data)",
+                     "qtensor": "a quantized tensor", "nested": "a nested tensor",
+                     "wrapper_subclass": "a tensor subclass", "device_tensor": "a device tensor",
+                     "xla": "an XLA tensor", "mtia": "an MTIA tensor"}
 
 
 class Global(str):
-    """A ``module name`` pair as the GLOBAL opcode names it (never imported)."""
+    """A ``module name`` pair as a pickle names a global (never imported)."""
 
 
-def persistent_ids(stream: io.BufferedIOBase) -> Iterator[object]:
-    """The persistent ids of the next pickle in ``stream``, in order, as far as literals show them.
+class PickleProblem(ValueError):
+    """A pickle that is refused: the message says why (no path: the caller adds it)."""
 
-    Raises what `pickletools.genops` raises on a malformed pickle (ValueError and friends); the
-    stream is left after the pickle's STOP.
+
+class _Stand:
+    """Stand-in for any object a pickle builds from a global: records, runs nothing."""
+
+    __slots__ = ("args", "state", "items")
+    global_name: Global = Global("")
+
+    def __new__(cls, *args: object, **kwargs: object) -> "_Stand":  # NEWOBJ calls __new__ alone
+        self = object.__new__(cls)
+        self.args = args + tuple(kwargs.values())
+        self.state = None
+        self.items = []
+        return self
+
+    def __init__(self, *_args: object, **_kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+    def __setitem__(self, key: object, value: object) -> None:
+        self.items += (key, value)
+
+    def append(self, value: object) -> None:
+        self.items.append(value)
+
+    def extend(self, values: object) -> None:
+        self.items.extend(values)
+
+    def add(self, value: object) -> None:
+        self.items.append(value)
+
+
+class _Persistent(_Stand):
+    """What a persistent id (a storage record) stands for."""
+
+    __slots__ = ()
+
+
+@dataclasses.dataclass
+class View:
+    """A tensor record: its storage's persistent id, offset, size and stride (as the pickle says)."""
+
+    storage: object
+    offset: object
+    size: object
+    stride: object
+
+
+@dataclasses.dataclass
+class Scan:
+    """What a pickle holds, as far as its records show without running anything."""
+
+    objects: int  # distinct objects it builds (containers, their items, stand-ins)
+    storages: list[object]  # persistent ids, in order
+    views: list[View]  # tensor records
+    globals: set[Global]
+
+
+class _Scanner(pickle.Unpickler):
+    def __init__(self, stream: io.BufferedIOBase) -> None:
+        super().__init__(stream)
+        self.classes: dict[Global, type] = {}
+        self.persistent: list[object] = []
+
+    def find_class(self, module: str, name: str) -> type:
+        key = Global(f"{module} {name}")
+        if key not in self.classes:
+            if module == "torch._utils" and name.startswith("_rebuild_") and key not in ACCEPTED_REBUILDERS:
+                kind = next((what for part, what in KIND_OF_REBUILDER.items() if part in name), "a tensor")
+                raise PickleProblem(f"it holds {kind} ({module}.{name}), which hmcompress does not read")
+            self.classes[key] = type("Stand", (_Stand,), {"__slots__": (), "global_name": key})
+        return self.classes[key]
+
+    def persistent_load(self, pid: object) -> _Persistent:
+        self.persistent.append(pid)
+        return _Persistent(pid)
+
+
+def scan(stream: io.BufferedIOBase, max_objects: int) -> Scan:
+    """Read the next pickle of ``stream`` (left after its STOP) with stand-ins for every global.
+
+    Raises `PickleProblem` if it names a tensor kind hmcompress does not read, builds more than
+    ``max_objects`` objects, or is malformed.
     """
-    stack: list[object] = []
-    memo: dict[object, object] = {}
-    for op, arg, _pos in pickletools.genops(stream):
-        name = op.name
-        if name == "STOP":
-            return
-        if name in ("BINPERSID", "PERSID"):
-            yield stack.pop() if name == "BINPERSID" else arg
-            stack.append(None)
-        elif name == "MARK":
-            stack.append(_MARK)
-        elif name in _PUT or name == "MEMOIZE":
-            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1] if stack else None
-        elif name in _GET:
-            stack.append(memo.get(arg))
-        elif name == "TUPLE":
-            stack.append(tuple(_pop_to_mark(stack)))
-        elif name in _SMALL_TUPLES:
-            count = _SMALL_TUPLES[name]
-            items = tuple(stack[len(stack) - count:]) if count else ()
-            del stack[len(stack) - count:]
-            stack.append(items)
-        elif name == "GLOBAL":
-            stack.append(Global(arg))
-        elif name == "STACK_GLOBAL":
-            module, qualname = stack.pop(), stack.pop() if stack else None
-            stack.append(Global(f"{qualname} {module}") if isinstance(module, str) and isinstance(qualname, str)
-                         else None)
+    scanner = _Scanner(stream)
+    try:
+        root = scanner.load()
+    except PickleProblem:
+        raise
+    except RecursionError:
+        raise PickleProblem("malformed pickle (nested too deeply to read)") from None
+    except MemoryError:
+        raise PickleProblem("malformed pickle (it claims more data than it holds)") from None
+    except Exception as exc:  # the C unpickler's many errors on malformed opcodes
+        raise PickleProblem(f"malformed pickle ({exc.__class__.__name__})") from None
+    objects, views = _count(root, max_objects)
+    return Scan(objects, scanner.persistent, views, set(scanner.classes))
+
+
+def _count(root: object, limit: int) -> tuple[int, list[View]]:
+    """Distinct objects reachable from ``root`` (each counted once), and the tensor records."""
+    seen: set[int] = set()
+    stack = [root]
+    views: list[View] = []
+    count = 0
+    while stack:
+        obj = stack.pop()
+        count += 1
+        if count > limit:
+            raise PickleProblem(f"it holds more than {limit} objects")
+        if not isinstance(obj, (dict, list, tuple, set, frozenset, _Stand)) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                stack += (key, value)
+        elif isinstance(obj, _Stand):
+            if obj.global_name in TENSOR_REBUILDERS and len(obj.args) >= 4:
+                storage = obj.args[0]
+                views.append(View(storage.args[0] if isinstance(storage, _Persistent) else storage,
+                                  *obj.args[1:4]))
+            stack += obj.args
+            stack += obj.items
+            stack.append(obj.state)
         else:
-            _generic(op, arg, stack)
-
-
-def _pop_to_mark(stack: list[object]) -> list[object]:
-    if _MARK not in stack:
-        raise ValueError("pickle pops a mark it never set")
-    index = len(stack) - 1 - stack[::-1].index(_MARK)
-    items = stack[index + 1:]
-    del stack[index:]
-    return items
-
-
-def _generic(op: pickletools.OpcodeInfo, arg: object, stack: list[object]) -> None:
-    """Apply an opcode's documented stack effect; a literal's value is kept, anything else is None."""
-    before, after = op.stack_before, op.stack_after
-    if pickletools.markobject in before:
-        _pop_to_mark(stack)
-        below = before.index(pickletools.markobject)
-    else:
-        below = len(before)
-    if below > len(stack):
-        raise ValueError(f"pickle opcode {op.name} underflows the stack")
-    del stack[len(stack) - below:]
-    literal = not before and len(after) == 1
-    if literal and op.name in ("NONE", "NEWTRUE", "NEWFALSE"):
-        stack.append({"NONE": None, "NEWTRUE": True, "NEWFALSE": False}[op.name])
-    elif literal and op.arg is not None:
-        stack.append(arg)
-    else:
-        stack.extend(None for _ in after)
+            stack += obj
+    return count, views

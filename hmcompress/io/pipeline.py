@@ -11,34 +11,54 @@ in the last bits, and this keeps the output bytes the same for any ``workers`` (
 core count). Results are keyed by the tensor's bytes, dtype and shape and by the options, so a
 run restarted with ``resume`` reuses exactly the results an uninterrupted run would compute, and
 writes the same file.
+
+Worker processes are fresh interpreters started by `WorkerPool`, each given one job at a time
+over a pipe: queued work never leaves the parent, so stopping is immediate. On any error, and on
+Ctrl-C (which the workers ignore: the parent decides), every worker is terminated and waited for
+before the exception goes on; a worker also dies with its parent (Linux), whatever kills it.
 """
 from __future__ import annotations
 
-import concurrent.futures
+import collections
 import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
 import hashlib
 import json
-import multiprocessing
 import os
 import pathlib
 import shutil
 import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import warnings
 from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection, wait
 
 import torch
 
 from hmcompress.core.build import CompressionOptions, as_matrix, compress_matrix
-from hmcompress.io.checkpoint import Checkpoint, TensorEntry, open_checkpoint
-from hmcompress.errors import USER_ERRORS, UserError
-from hmcompress.runtime import MATRIX_DTYPE_NAMES, MATRIX_DTYPES, HMatrix, hmatrix_from_tensors
 from hmcompress.core.stats import LayerStats, layer_stats
 from hmcompress.core.verdicts import recorded_fields
+from hmcompress.errors import USER_ERRORS, UserError
+from hmcompress.io.checkpoint import Checkpoint, TensorEntry, open_checkpoint
 from hmcompress.io.writer import StreamedTensor, matrix_entry, packed_tensors, write_streamed
+from hmcompress.runtime import (
+    MATRIX_DTYPE_NAMES,
+    MATRIX_DTYPES,
+    HMatrix,
+    hmatrix_from_tensors,
+    open_regular,
+    read_header,
+    read_tensor,
+)
 
 NONFINITE = "non-finite values (NaN/Inf)"
+OVERFLOW = "figures beyond float64's range (magnitudes too large to measure)"
 WORK_SUFFIX = ".hmwork"
 RESULT_FORMAT = 1  # bump when a result file's layout or meaning changes: old ones are then ignored
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -132,10 +152,13 @@ def _run(job: Job) -> JobResult:
         stored = _stored_stats(path, key) if job.resume else None
         if stored is not None:
             return JobResult(job.name, stats=stored, reused=True)
-    with one_thread():  # the bounds too: the residual's SVD also depends on the thread count
-        result = compress_matrix(as_matrix(tensor), job.options)
-        stats = layer_stats(job.name, tensor, result.hmatrix, result.dense, result.error, result.budget,
-                            result.root_sigma, job.options, result.strategy).to_json()
+    try:
+        with one_thread():  # the bounds too: the residual's SVD also depends on the thread count
+            result = compress_matrix(as_matrix(tensor), job.options)
+            stats = layer_stats(job.name, tensor, result.hmatrix, result.dense, result.error, result.budget,
+                                result.root_sigma, job.options, result.strategy).to_json()
+    except OverflowError:  # a norm beyond float64: no bound can be stated, so it is kept as it is
+        return JobResult(job.name, reason=OVERFLOW)
     result.hmatrix.validate(job.name)
     if job.workdir is None:
         return JobResult(job.name, stats=stats)
@@ -175,12 +198,12 @@ def _entry(source: str, name: str) -> TensorEntry:
 
 
 def read_result(path: pathlib.Path) -> tuple[dict, HMatrix]:
-    """A result file's metadata and packed matrix, validated."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["result"])
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    """A result file's metadata and packed matrix, validated (read by the runtime's own safetensors
+    reader: any path the system can name, not only UTF-8 ones)."""
+    header = read_header(path)
+    meta = json.loads(header.metadata["result"])
+    with open_regular(path) as f:
+        tensors = {name: read_tensor(f, header, name) for name in header.tensors}
     hm = hmatrix_from_tensors(tensors, "", tuple(meta["shape"]), MATRIX_DTYPES[meta["dtype"]])
     hm.validate(str(path))
     return meta, hm
@@ -196,25 +219,168 @@ def _stored_stats(path: pathlib.Path, key: str) -> dict | None:
     return meta["stats"] if meta.get("key") == key else None
 
 
-def _worker_init() -> None:
-    """Workers leave Ctrl-C to the parent (which stops handing out work), use one thread, and
-    do not outlive a parent that is killed."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+WORKER_STOP_SECONDS = 5.0  # a worker told to stop (SIGTERM) is killed after this long
+
+
+def worker_main() -> None:
+    """A worker process (`WorkerPool`): jobs in on one pipe, outcomes out on another, until the
+    job pipe closes. Ctrl-C is left to the parent; the process dies with its parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # normally inherited already (see WorkerPool)
+    jobs_fd, results_fd, parent = (int(arg) for arg in sys.argv[1:4])
+    _die_with_parent(parent)
     torch.set_num_threads(1)
     release_large_blocks()
+    jobs, results = Connection(jobs_fd, writable=False), Connection(results_fd, readable=False)
+    while True:
+        try:
+            job = jobs.recv()
+        except EOFError:
+            return
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            try:
+                outcome = ("done", run_job(job))
+            except UserError as err:
+                outcome = ("refused", str(err))
+            except BaseException:  # a bug: the parent shows it and stops
+                outcome = ("failed", traceback.format_exc())
+        results.send((outcome, [str(w.message) for w in caught]))
 
 
-def _die_with_parent() -> None:
-    """Have the kernel kill this process when its parent dies (Linux; a worker otherwise waits
-    for work forever, since it holds an end of the queue it reads)."""
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when its parent dies (Linux; elsewhere a worker ends
+    when its job pipe closes, at its next job)."""
     libc = _glibc()
-    if libc is None or not hasattr(libc, "prctl"):
-        return
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    parent = multiprocessing.parent_process()
-    if parent is not None and os.getppid() != parent.pid:  # it died before prctl took effect
+    if libc is not None and hasattr(libc, "prctl"):
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before prctl took effect
         os._exit(1)
+
+
+class WorkerLost(RuntimeError):
+    """A worker process ended without an answer (killed: out of memory, a signal)."""
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored in this (main) thread for a moment: children started meanwhile inherit the
+    disposition, so a Ctrl-C during their start-up never prints a traceback from them; cleanup
+    run meanwhile is not cut short by a second Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _Worker:
+    def __init__(self) -> None:
+        job_read, job_write = os.pipe()
+        result_read, result_write = os.pipe()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}
+        command = [sys.executable, "-c", "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                   "from hmcompress.io.pipeline import worker_main; worker_main()",
+                   str(job_read), str(result_write), str(os.getpid())]
+        try:
+            with _sigint_ignored():
+                # stdout goes to stderr: the parent's stdout carries its data (--json)
+                self.process = subprocess.Popen(command, pass_fds=(job_read, result_write), env=env,
+                                                stdin=subprocess.DEVNULL, stdout=2)
+        finally:
+            os.close(job_read)
+            os.close(result_write)
+        self.jobs = Connection(job_write, readable=False)
+        self.results = Connection(result_read, writable=False)
+        self.job: int | None = None  # index of the job it is working on
+
+    def stop(self, now: bool) -> None:
+        """Close its job pipe (it ends when idle); with ``now`` terminate it at once."""
+        self.jobs.close()
+        if now and self.process.poll() is None:
+            self.process.terminate()
+
+    def reap(self, deadline: float) -> None:
+        try:
+            self.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.results.close()
+
+
+class WorkerPool:
+    """``count`` worker processes (`worker_main`), each given one job at a time.
+
+    `run` hands out jobs in order as workers become free; a job a worker refuses (`UserError`)
+    or fails on stops the run. Leaving the ``with`` block, normally or by any exception
+    (KeyboardInterrupt included), stops every worker, running ones at once, and waits for them.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.workers: list[_Worker] = []
+        try:
+            for _ in range(count):
+                self.workers.append(_Worker())
+        except BaseException:
+            self.close(now=True)
+            raise
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, exc_type, _exc, _tb) -> None:
+        self.close(now=exc_type is not None)
+
+    def close(self, now: bool) -> None:
+        with _sigint_ignored():
+            for worker in self.workers:
+                worker.stop(now or worker.job is not None)
+            deadline = time.monotonic() + WORKER_STOP_SECONDS
+            for worker in self.workers:
+                worker.reap(deadline)
+
+    def run(self, jobs: list[Job], progress: Callable[[int, int, str | None], None] | None) -> list[JobResult]:
+        queue = collections.deque(range(len(jobs)))
+        outcomes: list[JobResult | None] = [None] * len(jobs)
+        by_pipe = {worker.results: worker for worker in self.workers}
+
+        def hand_out(worker: _Worker) -> None:
+            worker.job = queue.popleft() if queue else None
+            if worker.job is not None:
+                try:
+                    worker.jobs.send(jobs[worker.job])
+                except OSError:  # it ended meanwhile: its answer pipe says how, below
+                    pass
+
+        for worker in self.workers:
+            hand_out(worker)
+        done = 0
+        while any(worker.job is not None for worker in self.workers):
+            for pipe in wait([w.results for w in self.workers if w.job is not None]):
+                worker = by_pipe[pipe]
+                job = jobs[worker.job]
+                try:
+                    (status, payload), warned = pipe.recv()
+                except (EOFError, OSError):
+                    code = worker.process.wait()
+                    raise WorkerLost(f"the worker compressing {job.tensor!r} ended without an answer "
+                                     f"({'signal ' + str(-code) if code < 0 else 'exit code ' + str(code)}"
+                                     f"{': out of memory?' if code == -signal.SIGKILL else ''})") from None
+                for message in warned:
+                    warnings.warn(message, stacklevel=2)
+                if status == "refused":
+                    raise UserError(payload)
+                if status == "failed":
+                    raise RuntimeError(f"a worker failed on {job.tensor!r}:\n{payload}")
+                outcomes[worker.job] = payload
+                done += 1
+                if progress:
+                    progress(done, len(jobs), payload.name)
+                hand_out(worker)
+        return outcomes
 
 
 def release_large_blocks() -> None:
@@ -250,6 +416,15 @@ def _glibc():
         return None
 
 
+def refuse_nonfinite(jobs: list[Job]) -> None:
+    """Refuse a checkpoint with a NaN or Inf in a matrix to compress before any work (one read of
+    each, in this process), unless such matrices pass through."""
+    for job in jobs:
+        if not job.passthrough_nonfinite and not bool(torch.isfinite(_entry(job.source, job.tensor).load()).all()):
+            raise UserError(f"{job.source}: tensor {job.tensor!r} contains NaN or Inf values "
+                            "(--passthrough-nonfinite copies such tensors unchanged)")
+
+
 def run_jobs(jobs: list[Job], workers: int, progress: Callable[[int, int, str | None], None] | None) -> list[JobResult]:
     """Run every job (in ``workers`` processes if more than one); outcomes in the jobs' order.
 
@@ -257,6 +432,7 @@ def run_jobs(jobs: list[Job], workers: int, progress: Callable[[int, int, str | 
     after each job finishes, with the count finished so far and that job's name.
     """
     total = len(jobs)
+    refuse_nonfinite(jobs)
     if progress:
         progress(0, total, None)
     if workers <= 1 or total <= 1:
@@ -267,20 +443,8 @@ def run_jobs(jobs: list[Job], workers: int, progress: Callable[[int, int, str | 
             if progress:
                 progress(len(outcomes), total, job.name)
         return outcomes
-    context = multiprocessing.get_context("spawn")  # fork after torch's threads start can hang
-    with concurrent.futures.ProcessPoolExecutor(min(workers, total), mp_context=context,
-                                                initializer=_worker_init) as pool:
-        futures = [pool.submit(run_job, job) for job in jobs]
-        try:
-            for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
-                outcome = future.result()
-                if progress:
-                    progress(done, total, outcome.name)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-        return [future.result() for future in futures]
+    with WorkerPool(min(workers, total)) as pool:
+        return pool.run(jobs, progress)
 
 
 def assembled_tensors(ckpt: Checkpoint, outcomes: dict[str, JobResult], workdir: WorkDir,
@@ -305,10 +469,9 @@ def assembled_tensors(ckpt: Checkpoint, outcomes: dict[str, JobResult], workdir:
 
 def _loader(path: pathlib.Path, part: str) -> Callable[[], torch.Tensor]:
     def load() -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(part)
+        header = read_header(path)
+        with open_regular(path) as f:
+            return read_tensor(f, header, part)
     return load
 
 

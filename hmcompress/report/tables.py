@@ -10,16 +10,18 @@ from rich.table import Table
 from hmcompress.core.stats import LayerStats, totals
 
 COLUMNS = ("layer", "shape", "blocks lr/rows/dense", "rank max/mean", "codecs", "bytes before",
-           "bytes after", "ratio", "rel err", "||W-H||_2", "kappa(W)", "kappa(H) <=")
+           "bytes after", "ratio", "rel err", "||W-H||_2 <=", "kappa(W)", "kappa(H) <=")
 # On a narrow terminal the table keeps the columns that fit, in this order of importance (shown
 # in COLUMNS order); `--wide` keeps them all. A number is never split across lines.
-PRIORITY = ("layer", "ratio", "rel err", "bytes after", "shape", "kappa(H) <=", "||W-H||_2", "bytes before",
+PRIORITY = ("layer", "ratio", "rel err", "bytes after", "shape", "kappa(H) <=", "||W-H||_2 <=", "bytes before",
             "codecs", "blocks lr/rows/dense", "rank max/mean", "kappa(W)")
 NAME_MIN_WIDTH = 16  # the layer column folds its names at this width, at the least
 ESSENTIAL = 3  # layer, ratio, rel err: shown at any width
-LEGEND = ("rel err = ||W-H||_F / ||W||_F (measured). ||W-H||_2 is exact (SVD of the residual, rounding margin "
-          "included); (F) marks the Frobenius error used as an upper bound. kappa(H) <= (s_max+e2)/(s_min-e2) "
-          "(Weyl). blocks: low-rank / rows / dense leaves.")
+LEGEND = ("H is the matrix as loaded (rounded once to the source dtype); every figure also holds for its float64 "
+          "form. rel err = ||W-H||_F / ||W||_F (measured in float64, widened by its rounding). ||W-H||_2 <=: SVD of "
+          "each residual, widened by its rounding margin; (F): the Frobenius bound, used above 4096 a side. "
+          "kappa(W): a computed estimate. kappa(H) <= (s_max+e2)/(s_min-e2) (Weyl; s_max, s_min are bounds on "
+          "sigma_max(W), sigma_min(W)). blocks: low-rank / rows / dense leaves.")
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -117,7 +119,7 @@ def print_table(layers: list[LayerStats], console: Console, title: str = "", wid
     for row in cells:
         table.add_row(*(row[COLUMNS.index(col)] for col in shown))
     if wide:
-        console = Console(file=console.file, width=max(console.width, _natural_width(cells, COLUMNS)),
+        console = Console(file=console.file, width=max(console.width, _natural_width(cells, COLUMNS)), markup=False,
                           force_terminal=console.is_terminal)
     console.print(table)
     left_out = [col for col in COLUMNS if col not in shown]

@@ -11,9 +11,74 @@ import time
 import torch
 from torch import nn
 
+from hmcompress.runtime.errors import FormatError
+from hmcompress.runtime.format import DENSE, ROWS
 from hmcompress.runtime.matrix import HMatrix
-from hmcompress.runtime.product import TilePlan, tile_product
+from hmcompress.runtime.product import FINE_TILE_SLACK, TilePlan, tile_product
 from hmcompress.runtime.read import read_file
+
+# What an `HLinear` may hold and loop over, checked from the tables before anything is built: a
+# few bytes of blocks must not ask for gigabytes of padded factors or minutes of layout.
+PLAN_NUMBERS_PER_STORED_BYTE = 64
+MIN_PLAN_NUMBERS = 1 << 25
+PLAN_STEPS_PER_ENTRY = 16  # layout steps (tiles, slot placements) per block or segment
+MIN_PLAN_STEPS = 1 << 21
+
+
+def plan_size(hmatrix: HMatrix) -> tuple[int, int]:
+    """(numbers, steps): float64 numbers the tile plan of ``hmatrix`` holds (padded factors, index
+    tables, the identity and placement factors of dense and rows terms) and the layout steps
+    `TilePlan.build` takes (tiles, and each term once per tile it spans), computed from the block
+    and segment tables alone, as `product.tiles` and `product.Stage` lay them out."""
+    m, n = hmatrix.shape
+    seg = hmatrix.segments.to(torch.int64)
+    if not seg.shape[0]:
+        return m + n, 2
+    blocks = hmatrix.blocks.to(torch.int64)[seg[:, 0]]
+    kind, rank = seg[:, 1], seg[:, 3]
+    rows, cols = blocks[:, 2], blocks[:, 3]
+    k = torch.where(kind == DENSE, rows, rank)
+    numbers = float((torch.where(kind == DENSE, rows * rows, 0) + torch.where(kind == ROWS, rows * k, 0)).double().sum())
+    steps = 0
+    for start, length, size in ((blocks[:, 1], cols, n), (blocks[:, 0], rows, m)):
+        stage_numbers, stage_steps = _stage_size(start, length, k, size)
+        numbers += stage_numbers
+        steps += stage_steps
+    return int(min(numbers, 2.0**62)), steps
+
+
+def _stage_size(start: torch.Tensor, length: torch.Tensor, k: torch.Tensor, size: int) -> tuple[float, int]:
+    edges = torch.unique(torch.cat([start, start + length, torch.tensor([0, size])]))
+    lengths = edges[1:] - edges[:-1]
+    if not lengths.numel():
+        return 0.0, 0
+    shortest = int(lengths.min())
+    cap = int(lengths[lengths <= FINE_TILE_SLACK * shortest].max())
+    parts = (lengths + cap - 1) // cap
+    width = int(((lengths + parts - 1) // parts).max())
+    tiles = int(parts.sum())
+    first = torch.searchsorted(edges, start.contiguous())
+    last = torch.searchsorted(edges, (start + length).contiguous())
+    depth = int(torch.cumsum(torch.zeros(edges.numel(), dtype=torch.int64).index_add_(0, first, k)
+                             .index_add_(0, last, -k), 0).max())
+    spanned = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(parts, 0)])
+    slots = int((spanned[last] - spanned[first]).sum())
+    return float(tiles) * width * (depth + 2) + 2.0 * tiles * depth, tiles + slots
+
+
+def check_plan_size(hmatrix: HMatrix) -> None:
+    """Refuse (`FormatError`) a matrix whose `HLinear` plan would be far larger than the bytes the
+    file stores for it, or take far more layout steps than it has blocks and segments."""
+    numbers, steps = plan_size(hmatrix)
+    allowed = max(MIN_PLAN_NUMBERS, PLAN_NUMBERS_PER_STORED_BYTE * hmatrix.nbytes)
+    entries = int(hmatrix.blocks.shape[0]) + int(hmatrix.segments.shape[0])
+    if numbers > allowed:
+        raise FormatError(f"running its {hmatrix.shape[0]}x{hmatrix.shape[1]} matrix as an HLinear would take "
+                          f"{numbers} numbers, more than the {allowed} allowed for the {hmatrix.nbytes} bytes "
+                          "it stores (its dense form may do: mode='dense')")
+    if steps > max(MIN_PLAN_STEPS, PLAN_STEPS_PER_ENTRY * entries):
+        raise FormatError(f"laying out its {hmatrix.shape[0]}x{hmatrix.shape[1]} matrix as an HLinear would take "
+                          f"{steps} steps for {entries} blocks and segments (its dense form may do: mode='dense')")
 
 
 def compact_planes(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -68,6 +133,7 @@ class HLinear(nn.Module):
         self.blocks = int(hmatrix.blocks.shape[0])
         self.stored_bytes = hmatrix.nbytes
         self.keep_compact = keep_compact
+        check_plan_size(hmatrix)
         plan = TilePlan.build(hmatrix)
         tensors, scales = plan.tensors(), plan.scales()
         # Buffers are named as `tile_product` names its tensors, so that (unless compact) the
@@ -182,6 +248,14 @@ def patch(model: nn.Module, path: str | os.PathLike, mode: str = "hmatrix", *,
                                k.startswith("model.") for k in unexpected) else ""))
     if "" in linears and mode != "dense":
         raise ValueError("cannot replace the model itself by an HLinear; patch a module containing it")
+    # Every shape is checked before anything is expanded: what the model holds bounds what the
+    # file may make us allocate.
+    state = model.state_dict()
+    shapes = {name: tuple(compressed.metadata["matrices"][name]["orig_shape"]) if name in compressed.matrices
+              else tuple(compressed.passthrough[name].shape) for name in file_keys & model_keys}
+    for name in sorted(shapes):
+        if shapes[name] != tuple(state[name].shape):
+            raise RuntimeError(f"{path}: {name} has shape {shapes[name]}, the model's {tuple(state[name].shape)}")
     choices, new_modules = [], {}
     for name, module in linears.items():
         hm = compressed.matrices[_key(name, "weight")]
@@ -191,8 +265,11 @@ def patch(model: nn.Module, path: str | os.PathLike, mode: str = "hmatrix", *,
         if mode == "dense":
             choices.append(LayerChoice(name, "dense"))
             continue
-        layer = HLinear(hm, module.bias, dtype=module.weight.dtype, device=module.weight.device,
-                        keep_compact=keep_compact)
+        try:
+            layer = HLinear(hm, module.bias, dtype=module.weight.dtype, device=module.weight.device,
+                            keep_compact=keep_compact)
+        except FormatError as err:
+            raise FormatError(f"{path}: {_key(name, 'weight')}: {err}") from None
         choice = LayerChoice(name, "hmatrix")
         if mode == "auto":
             choice = _faster(name, layer, hm, module, probe_batch)
@@ -200,7 +277,7 @@ def patch(model: nn.Module, path: str | os.PathLike, mode: str = "hmatrix", *,
         if choice.mode == "hmatrix":
             new_modules[id(module)] = layer
     replaced = {c.name for c in choices if c.mode == "hmatrix"}
-    dense = {name: compressed.dense(name)
+    dense = {name: compressed.dense(name, max_bytes=max(8, 2 * state[name].element_size()) * state[name].numel())
              for name in sorted((file_keys & model_keys) - {_key(n, "weight") for n in replaced})}
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):

@@ -8,17 +8,34 @@ import json
 import math
 import os
 import pathlib
+import stat
 import struct
 
 import torch
 
 from hmcompress.runtime.errors import FormatError
-from hmcompress.runtime.format import (BLOCK_COLUMNS, CODEC, CODECS, FORMAT_NAME, FORMAT_VERSION, INTEGER_CODECS,
-                                       MATRIX_DTYPES, SAFETENSORS_CODE, SAFETENSORS_DTYPES, SCALE_DTYPE,
-                                       SEGMENT_COLUMNS, DType)
+from hmcompress.runtime.format import (
+    BLOCK_COLUMNS,
+    CODEC,
+    CODECS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INTEGER_CODECS,
+    MATRIX_DTYPES,
+    SAFETENSORS_CODE,
+    SAFETENSORS_DTYPES,
+    SCALE_DTYPE,
+    SEGMENT_COLUMNS,
+    DType,
+)
 from hmcompress.runtime.matrix import HMatrix
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # as safetensors itself
+MAX_METADATA_DEPTH = 64  # JSON containers inside containers in the hmcompress metadata
+# A matrix is expanded to dense form only up to the larger of these (its stored bytes times
+# MAX_EXPANSION, or MIN_DENSE_LIMIT): a tiny file cannot ask for gigabytes of zeros.
+MAX_EXPANSION = 4096
+MIN_DENSE_LIMIT = 256 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +55,33 @@ class SafetensorsHeader:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
     data_size: int
+    data_start: int = 0  # where the data section starts in the file (8 + the header's length)
+
+
+def brief(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for a message, at most about ``limit`` characters, whatever the value
+    (a deeply nested list, an integer of thousands of digits, a name of megabytes)."""
+    try:
+        text = repr(value) if not isinstance(value, (list, dict, tuple)) else repr(value)[:limit + 1]
+    except (RecursionError, ValueError, MemoryError):  # ValueError: int too long to convert
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def open_regular(path: str | os.PathLike):
+    """``open(path, "rb")``, refusing anything but a regular file (a FIFO, a device, a socket)
+    without blocking on it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise FormatError(f"{path}: cannot read: {err.strerror or err}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FormatError(f"{path}: not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
@@ -53,7 +97,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise FormatError(f"{path}: {problem}")
 
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
@@ -67,7 +111,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
     except _DuplicateKey as err:
-        fail(f"safetensors header names {err.args[0]!r} twice")
+        fail(f"safetensors header names {brief(err.args[0])} twice")
     except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: also huge integers
         fail(f"safetensors header is not valid UTF-8 JSON ({err.__class__.__name__})")
     if not isinstance(header, dict):
@@ -80,25 +124,38 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     tensors = {}
     for name, info in header.items():
         if not _is_unicode(name):
-            fail(f"tensor name {name!r} is not valid UTF-8 (a lone surrogate)")
+            fail(f"tensor name {brief(name)} is not valid UTF-8 (a lone surrogate)")
         if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) \
                 or info["dtype"] not in SAFETENSORS_DTYPES:
-            fail(f"tensor {name!r}: unknown or missing dtype")
+            fail(f"tensor {brief(name)}: unknown or missing dtype")
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if (not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape)
                 or not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int for o in offsets)):
-            fail(f"tensor {name!r}: malformed shape or data_offsets")
+            fail(f"tensor {brief(name)}: malformed shape or data_offsets")
         dtype = SAFETENSORS_DTYPES[info["dtype"]]
         begin, end = offsets
         if not 0 <= begin <= end <= data_size or end - begin != math.prod(shape) * dtype.itemsize:
-            fail(f"tensor {name!r}: data offsets out of range or inconsistent with its shape")
+            fail(f"tensor {brief(name)}: data offsets out of range or inconsistent with its shape")
         tensors[name] = TensorInfo(dtype, tuple(shape), begin, end)
     spans = sorted((t.begin, t.end, name) for name, t in tensors.items())
     for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
         if begin < end:
-            fail(f"tensors {first!r} and {second!r} overlap")
-    return SafetensorsHeader(tensors, metadata, data_size)
+            fail(f"tensors {brief(first)} and {brief(second)} overlap")
+    return SafetensorsHeader(tensors, metadata, data_size, 8 + length)
+
+
+def read_tensor(f, header: SafetensorsHeader, name: str) -> torch.Tensor:
+    """Tensor ``name`` of a checked header, read from the open file ``f`` into memory of exactly
+    its size (not through safetensors, which would parse the header again)."""
+    info = header.tensors[name]
+    if info.dtype.torch_dtype is None:
+        raise FormatError(f"{brief(name)}: dtype {info.dtype.code} is not supported by this torch")
+    raw = torch.empty(info.end - info.begin, dtype=torch.uint8)
+    f.seek(header.data_start + info.begin)
+    if raw.numel() and f.readinto(memoryview(raw.numpy())) != raw.numel():
+        raise FormatError(f"{brief(name)}: the file ends inside its data")
+    return raw.view(info.dtype.torch_dtype).reshape(info.shape)
 
 
 class NotSafetensors(FormatError):
@@ -148,18 +205,34 @@ class CompressedFile:
                     "passthrough": strip(self.metadata["passthrough"])}
         return CompressedFile(self.path, metadata, strip(self.matrices), strip(self.passthrough))
 
-    def dense(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` as the original checkpoint held it (a matrix expanded, in its shape)."""
+    def dense(self, name: str, max_bytes: int | None = None) -> torch.Tensor:
+        """Tensor ``name`` as the original checkpoint held it (a matrix expanded, in its shape).
+
+        A matrix is expanded only if its float64 work array (8 bytes per entry) fits in
+        ``max_bytes``, by default the larger of `MIN_DENSE_LIMIT` and `MAX_EXPANSION` times the
+        bytes the file stores for it; otherwise `FormatError` (a few bytes of blocks cannot ask
+        for gigabytes of zeros).
+        """
         if name not in self.matrices:
             return self.passthrough[name]
-        return self.matrices[name].to_dense().reshape(self.metadata["matrices"][name]["orig_shape"])
+        hm = self.matrices[name]
+        m, n = hm.shape
+        limit = max(MIN_DENSE_LIMIT, MAX_EXPANSION * hm.nbytes) if max_bytes is None else max_bytes
+        if 8 * m * n > limit:
+            raise FormatError(f"{self.path}: {name}: expanding its {m}x{n} matrix, stored in {hm.nbytes} bytes, "
+                              f"would take {8 * m * n} bytes, more than the {limit} allowed")
+        return hm.to_dense().reshape(self.metadata["matrices"][name]["orig_shape"])
 
 
 
 def parse_metadata(path: str | os.PathLike) -> tuple[dict, dict[str, TensorInfo]]:
     """The `hmcompress` metadata of a file and its tensors (dtype, shape), checked, from the
     header alone: nothing is allocated for the tensors."""
-    path = pathlib.Path(path)
+    meta, header = _checked_metadata(pathlib.Path(path))
+    return meta, header.tensors
+
+
+def _checked_metadata(path: pathlib.Path) -> tuple[dict, SafetensorsHeader]:
 
     def fail(problem: str):
         raise FormatError(f"{path}: {problem}")
@@ -171,16 +244,21 @@ def parse_metadata(path: str | os.PathLike) -> tuple[dict, dict[str, TensorInfo]
     if "hmcompress" not in header.metadata:
         fail("no hmcompress metadata (not a file written by hmcompress?)")
     try:
-        meta = json.loads(header.metadata["hmcompress"])
-    except (ValueError, RecursionError) as err:
+        meta = json.loads(header.metadata["hmcompress"], object_pairs_hook=unique_keys)
+    except _DuplicateKey as err:
+        fail(f"hmcompress metadata names {brief(err.args[0])} twice in one object")
+    except (ValueError, RecursionError) as err:  # ValueError: also integers of thousands of digits
         fail(f"hmcompress metadata is not valid JSON ({err.__class__.__name__})")
     if not isinstance(meta, dict):
         fail("hmcompress metadata is not a JSON object")
+    problem = _plain_json_problem(meta, MAX_METADATA_DEPTH)
+    if problem:
+        fail(f"hmcompress metadata {problem}")
     if meta.get("format") != FORMAT_NAME:
-        fail(f"metadata names format {meta.get('format')!r}, not {FORMAT_NAME!r}")
+        fail(f"metadata names format {brief(meta.get('format'))}, not {FORMAT_NAME!r}")
     version = meta.get("version")
     if type(version) is not int or version != FORMAT_VERSION:
-        fail(f"format version {version!r} is not supported (this reader knows version {FORMAT_VERSION})")
+        fail(f"format version {brief(version)} is not supported (this reader knows version {FORMAT_VERSION})")
     entries = header.tensors
     matrices, passthrough = meta.get("matrices"), meta.get("passthrough")
     if not isinstance(matrices, dict) or not isinstance(passthrough, dict):
@@ -190,17 +268,17 @@ def parse_metadata(path: str | os.PathLike) -> tuple[dict, dict[str, TensorInfo]
 
     claimed: dict[str, tuple[str, str]] = {}  # packed tensor name -> (matrix, part)
     for name, info in matrices.items():
-        where = f"matrix {name!r}"
+        where = f"matrix {brief(name)}"
         if not isinstance(info, dict):
             fail(f"{where}: entry is not an object")
         shape, orig, dtype, prefix = (info.get(k) for k in ("shape", "orig_shape", "dtype", "prefix"))
         if not (isinstance(shape, list) and len(shape) == 2 and all(type(d) is int and d >= 0 for d in shape)):
-            fail(f"{where}: shape must be two non-negative integers, got {shape!r}")
+            fail(f"{where}: shape must be two non-negative integers, got {brief(shape)}")
         if not (isinstance(orig, list) and all(type(d) is int and d >= 0 for d in orig)
                 and math.prod(orig) == shape[0] * shape[1]):
-            fail(f"{where}: orig_shape {orig!r} does not hold a {shape[0]}x{shape[1]} matrix")
+            fail(f"{where}: orig_shape {brief(orig)} does not hold a {shape[0]}x{shape[1]} matrix")
         if not isinstance(dtype, str) or dtype not in MATRIX_DTYPES:
-            fail(f"{where}: unsupported dtype {dtype!r}")
+            fail(f"{where}: unsupported dtype {brief(dtype)}")
         if not isinstance(prefix, str) or not prefix:
             fail(f"{where}: prefix must be a non-empty string")
         parts = ["blocks", "segments", "rows", *(f"pool.{c}" for c in CODECS),
@@ -208,21 +286,21 @@ def parse_metadata(path: str | os.PathLike) -> tuple[dict, dict[str, TensorInfo]
         for part in parts:
             other = claimed.setdefault(prefix + part, (name, part))
             if other != (name, part):
-                fail(f"tensor {prefix + part!r} is claimed by matrices {other[0]!r} and {name!r}")
+                fail(f"tensor {brief(prefix + part)} is claimed by matrices {brief(other[0])} and {brief(name)}")
     for name, reason in passthrough.items():
         if not isinstance(reason, str):
-            fail(f"passthrough {name!r}: reason must be a string")
+            fail(f"passthrough {brief(name)}: reason must be a string")
         if name in claimed:
-            fail(f"tensor {name!r} is both passthrough and part of matrix {claimed[name][0]!r}")
+            fail(f"tensor {brief(name)} is both passthrough and part of matrix {brief(claimed[name][0])}")
         if name not in entries:
-            fail(f"passthrough tensor {name!r} is missing")
+            fail(f"passthrough tensor {brief(name)} is missing")
 
     found: dict[str, dict[str, str]] = {name: {} for name in matrices}
     for tensor, info in entries.items():
         if tensor in passthrough:
             continue
         if tensor not in claimed:
-            fail(f"tensor {tensor!r} is not explained by the metadata")
+            fail(f"tensor {brief(tensor)} is not explained by the metadata")
         matrix, part = claimed[tensor]
         found[matrix][part] = tensor
         shape = list(info.shape)
@@ -234,13 +312,38 @@ def parse_metadata(path: str | os.PathLike) -> tuple[dict, dict[str, TensorInfo]
             want = {"rows": torch.uint8, "scale": SCALE_DTYPE}.get(kind) or CODEC[codec].pool_dtype
             ok_shape = len(shape) == 1
         if info.dtype.torch_dtype != want or not ok_shape:
-            fail(f"tensor {tensor!r}: {info.dtype.code} {shape} where {SAFETENSORS_CODE[want]} of "
+            fail(f"tensor {brief(tensor)}: {info.dtype.code} {brief(shape)} where {SAFETENSORS_CODE[want]} of "
                  f"{'shape (N, %d)' % columns if part in ('blocks', 'segments') else 'one dimension'} is expected")
     for name, parts in found.items():
         for part in ("blocks", "segments"):
             if part not in parts:
-                fail(f"tensor {matrices[name]['prefix'] + part!r} of matrix {name!r} is missing")
-    return meta, entries
+                fail(f"tensor {brief(matrices[name]['prefix'] + part)} of matrix {brief(name)} is missing")
+    return meta, header
+
+
+def _plain_json_problem(value: object, max_depth: int) -> str | None:
+    """What makes parsed JSON unfit for the readers (None if nothing): containers nested deeper
+    than ``max_depth`` (code that recurses would fail on them), strings that are not Unicode
+    (lone surrogates, which JSON escapes can make and no output can print). Numbers are left to
+    their readers (`stats` are checked where they are used)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth >= max_depth:
+                return f"nests containers deeper than {max_depth} levels"
+            if isinstance(item, dict):
+                for key in item:
+                    if not _is_unicode(key):
+                        return f"holds a key that is not valid Unicode ({brief(key)})"
+                children = item.values()
+            else:
+                children = item
+            stack.extend((child, depth + 1) for child in children)
+        elif isinstance(item, str):
+            if not _is_unicode(item):
+                return f"holds a string that is not valid Unicode ({brief(item)})"
+    return None
 
 
 def hmatrix_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int],
@@ -253,16 +356,15 @@ def hmatrix_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, shape: t
 
 
 def read_file(path: str | os.PathLike) -> CompressedFile:
-    """Read and validate a compressed file; every problem is a `FormatError` naming it."""
-    from safetensors import safe_open
-
+    """Read and validate a compressed file; every problem is a `FormatError` naming it (an
+    `OSError` only if the file cannot be read at all once its header was)."""
     path = pathlib.Path(path)
-    meta, entries = parse_metadata(path)
+    meta, header = _checked_metadata(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {name: f.get_tensor(name) for name in entries}
-    except Exception as err:  # safetensors raises its own error types
-        raise FormatError(f"{path}: cannot load tensors: {err}") from err
+        with open_regular(path) as f:
+            tensors = {name: read_tensor(f, header, name) for name in header.tensors}
+    except FormatError as err:
+        raise FormatError(f"{path}: cannot load tensors: {err}") from None
     matrices = {}
     for name, info in meta["matrices"].items():
         hm = hmatrix_from_tensors(tensors, info["prefix"], tuple(info["shape"]), MATRIX_DTYPES[info["dtype"]])

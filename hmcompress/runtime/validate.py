@@ -1,7 +1,9 @@
 """Validation of packed matrices: every table, range and bitmap checked before anything is used.
 
 Each check is a vector operation over the tables (no m*n arrays, no per-block Python loops), so a
-hostile file costs time in proportion to its size, never to the matrix it claims.
+hostile file costs time in proportion to its size, never to the matrix it claims; sizes are
+compared in float64 before any int64 product that could wrap, and the row bitmaps are checked
+byte by byte (a few bytes of work memory per bitmap byte).
 """
 from __future__ import annotations
 
@@ -10,8 +12,19 @@ from typing import Protocol
 import torch
 
 from hmcompress.runtime.errors import FormatError
-from hmcompress.runtime.format import (BLOCK_COLUMNS, CODEC, CODECS, DENSE, INTEGER_CODECS, LOWRANK,
-                                       MATRIX_DTYPE_NAMES, ROWS, SCALE_DTYPE, SEGMENT_COLUMNS, Kind, unpack_bits)
+from hmcompress.runtime.format import (
+    BLOCK_COLUMNS,
+    CODEC,
+    CODECS,
+    DENSE,
+    INTEGER_CODECS,
+    LOWRANK,
+    MATRIX_DTYPE_NAMES,
+    ROWS,
+    SCALE_DTYPE,
+    SEGMENT_COLUMNS,
+    Kind,
+)
 
 
 class Packed(Protocol):
@@ -153,18 +166,22 @@ def _validate_segments(hm: Packed, blocks: torch.Tensor, fail) -> None:
         pair = int(pairs[times > 1][0])
         fail(f"block {pair // len(CODECS)}: two segments with codec {CODECS[pair % len(CODECS)]}")
 
-    # Pool and scale ranges.
-    bits = torch.tensor([CODEC[c].bits if CODEC[c].packed else 8 for c in CODECS], dtype=torch.int64)[cid]
+    # Pool and scale ranges, compared in float64 first: a rank near 2**31 times a row length near
+    # 2**31 passes int64's range (every true size below 2**53 is exact there, and a larger one
+    # exceeds any pool).
+    bits = torch.tensor([CODEC[c].bits if CODEC[c].packed else 8 for c in CODECS], dtype=torch.float64)[cid]
 
     def stored(length: torch.Tensor) -> torch.Tensor:
-        return torch.where(bits < 8, (length * bits + 7) // 8, length)
+        return torch.where(bits < 8, torch.ceil(length * bits / 8), length)
 
-    size = torch.where(kind == DENSE, rows * stored(cols),
-                       torch.where(kind == LOWRANK, rank * (stored(rows) + stored(cols)), rank * stored(cols)))
+    rows_f, cols_f, rank_f = rows.double(), cols.double(), rank.double()
+    size_f = torch.where(kind == DENSE, rows_f * stored(cols_f),
+                         torch.where(kind == LOWRANK, rank_f * (stored(rows_f) + stored(cols_f)),
+                                     rank_f * stored(cols_f)))
     stored_rows = torch.where(kind == DENSE, rows, torch.where(kind == LOWRANK, 2 * rank, rank))
     pool_len = torch.tensor([hm.pools[c].numel() if c in hm.pools else 0 for c in CODECS])[cid]
-    check((offset < 0) | (offset + size > pool_len),
-          lambda i: f"pool range [{int(offset[i])}, {int(offset[i] + size[i])}) outside "
+    check((offset < 0) | (offset.double() + size_f > pool_len.double()),
+          lambda i: f"pool range [{int(offset[i])}, {int(offset[i]) + int(size_f[i])}) outside "
                     f"pool.{CODECS[int(cid[i])]} of {int(pool_len[i])} elements")
     integer = torch.tensor([c in INTEGER_CODECS for c in CODECS])[cid]
     check(~integer & (scale_offset != -1), lambda _i: "scale offset must be -1 for a floating-point codec")
@@ -174,7 +191,19 @@ def _validate_segments(hm: Packed, blocks: torch.Tensor, fail) -> None:
                     f"outside scale.{CODECS[int(cid[i])]} of {int(scale_len[i])} elements")
 
     # Row bitmaps: consecutive, exactly `rank` bits among the block's rows, disjoint per block.
-    is_rows = kind == ROWS
+    _check_row_bitmaps(seg, blk, kind == ROWS, rank, rows, masks, fail)
+
+
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def _check_row_bitmaps(seg: torch.Tensor, blk: torch.Tensor, is_rows: torch.Tensor, rank: torch.Tensor,
+                       rows: torch.Tensor, masks: torch.Tensor, fail) -> None:
+    """Rows segments take consecutive bitmaps of ceil(rows / 8) bytes, in segment order; each sets
+    exactly ``rank`` bits, none beyond the block's rows, and no two of one block share a bit.
+
+    Work memory is a few int64 per bitmap byte (never one per bit, nor per row of the block).
+    """
     sel = torch.nonzero(is_rows).reshape(-1)
     nbytes = (rows[sel] + 7) // 8
     need = int(nbytes.sum()) if sel.numel() else 0
@@ -182,26 +211,41 @@ def _validate_segments(hm: Packed, blocks: torch.Tensor, fail) -> None:
         fail(f"row bitmaps hold {masks.numel()} bytes, rows segments need {need}")
     if not sel.numel():
         return
-    bit = unpack_bits(masks).to(torch.int64)
-    owner = torch.repeat_interleave(torch.arange(sel.numel()), nbytes * 8)
-    starts = torch.cumsum(nbytes * 8, 0) - nbytes * 8
-    position = torch.arange(bit.numel()) - starts[owner]
-    setbit = bit.bool()
-    outside = setbit & (position >= rows[sel][owner])
+    ends = torch.cumsum(nbytes, 0)
+    starts = ends - nbytes
+
+    def segment_fail(j: int, problem: str) -> None:
+        i = int(sel[j])
+        fail(f"segment {i} {tuple(seg[i].tolist())}: {problem}")
+
+    # Bits beyond the block's rows can only sit in a bitmap's last byte.
+    spare = (8 - rows[sel] % 8) % 8
+    last = masks[ends - 1].to(torch.int64)
+    outside = (last >> (8 - spare)) * (spare > 0) > 0
     if bool(outside.any()):
-        i = int(sel[owner[_first(outside)]])
-        fail(f"segment {i} {tuple(seg[i].tolist())}: row bitmap sets bits beyond the block's rows")
-    counts = torch.zeros(sel.numel(), dtype=torch.int64).index_add_(0, owner, bit)
+        segment_fail(_first(outside), "row bitmap sets bits beyond the block's rows")
+    ones = torch.cumsum(_POPCOUNT[masks.to(torch.int64)], 0)
+    counts = ones[ends - 1] - torch.where(starts > 0, ones[(starts - 1).clamp(min=0)], 0)
     bad = counts != rank[sel]
     if bool(bad.any()):
-        i = int(sel[_first(bad)])
         j = _first(bad)
-        fail(f"segment {i} {tuple(seg[i].tolist())}: row bitmap has {int(counts[j])} bits set, not the rank")
-    keys = blk[sel][owner[setbit]] * (int(blocks[:, 2].max()) + 1) + position[setbit]
-    unique = torch.unique(keys)
-    if unique.numel() != keys.numel():
-        _, times = torch.unique(keys, return_counts=True)
-        key = int(unique[times > 1][0])
-        stride = int(blocks[:, 2].max()) + 1
-        fail(f"block {key // stride}: rows segments both store row {key % stride}")
-
+        segment_fail(j, f"row bitmap has {int(counts[j])} bits set, not the rank")
+    # Disjoint within a block: the segments of one block have bitmaps of one length; each byte
+    # position of a block's bitmap is summed over its segments, bit plane by bit plane.
+    owner = torch.searchsorted(starts, torch.arange(need), right=True) - 1
+    block = blk[sel]
+    order = torch.unique(block, return_inverse=True)[1]  # dense block numbers 0..k-1
+    width = torch.zeros(int(order.max()) + 1, dtype=torch.int64).scatter_reduce_(0, order, nbytes, reduce="amax")
+    block_start = torch.cumsum(width, 0) - width
+    key = block_start[order[owner]] + (torch.arange(need) - starts[owner])
+    del owner
+    values = masks.to(torch.int32)
+    for bit in range(8):
+        plane = (values >> bit) & 1
+        hits = torch.zeros(int(width.sum()), dtype=torch.int32).index_add_(0, key, plane)
+        if bool((hits > 1).any()):
+            k = _first(hits > 1)
+            group = int(torch.searchsorted(block_start, torch.tensor(k), right=True)) - 1
+            j = int(torch.nonzero(order == group)[0, 0])
+            row = (k - int(block_start[group])) * 8 + bit
+            fail(f"block {int(block[j])}: rows segments both store row {row}")

@@ -13,16 +13,15 @@ measured against the trained layer's dense weight, which `dense_state` gives for
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import torch
 from torch import nn
 
 from hmcompress import runtime
+from hmcompress.runtime import round_to_dtype
 from hmcompress.api import options_from_json
-from hmcompress.core.bounds import frobenius
-from hmcompress.core.build import CompressionOptions, compress_matrix, measured_error
+from hmcompress.core.build import CompressionOptions, allowed_error, compress_matrix, error_bound
 from hmcompress.train.layers import TrainableHLinear, hlinear_layers
 from hmcompress.core.stats import layer_stats
 from hmcompress.io.writer import write_compressed
@@ -58,7 +57,7 @@ def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, layer in hlinear_layers(model):
         for key in [k for k in state if k.startswith(f"{name}.leaves.")]:
             del state[key]
-        state[f"{name}.weight"] = layer.to_dense(torch.float64).detach().to(layer.dtype).cpu()
+        state[f"{name}.weight"] = round_to_dtype(layer.to_dense(torch.float64).detach().cpu(), layer.dtype)
     return state
 
 
@@ -80,7 +79,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, options: Compr
             hm = layer.to_hmatrix()
             stored = hm.to_dense(torch.float64)
             used, strategy = layer.options, "trained"
-            error, budget = measured_error(weight.double(), stored, weight.dtype), math.sqrt(used.budget(frobenius(weight)))
+            error, budget = error_bound(weight.double(), stored, weight.dtype), allowed_error(weight, used)
             sigma = torch.linalg.svdvals(weight.float() if weight.dtype != torch.float64 else weight).double().numpy()
         else:  # the builder has measured it all, W's singular values included
             result = compress_matrix(weight, options)
