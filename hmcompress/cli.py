@@ -444,12 +444,13 @@ def _print_text_table(text_table) -> None:
     """A `comparison.TextTable`: names fold at their dots, numbers never split."""
     from rich.table import Table
 
-    table = Table(title=text_table.title)
+    table = Table()
     for i, header in enumerate(text_table.headers):
         table.add_column(header, overflow="fold", no_wrap=i > 0)
     for row in text_table.rows:
         table.add_row(*row)
     console = _console()
+    console.print(text_table.title, markup=False, highlight=False, soft_wrap=True)
     console.print(table)
     for note in text_table.notes:
         console.print(note, markup=False, highlight=False, soft_wrap=True)
@@ -498,13 +499,14 @@ def inspect_cmd(
         return
     from rich.table import Table
 
-    table = Table(title=f"{model} ({ckpt.kind})")
+    table = Table()
     for col in ("name", "shape", "dtype", "bytes", "action"):
         table.add_column(col, overflow="fold", no_wrap=col in ("shape", "dtype", "bytes"))
     for r in rows:
         table.add_row(r["name"], "x".join(map(str, r["shape"])), r["dtype"], str(r["bytes"]),
                       "compress" if r["compress"] else f"passthrough: {r['reason']}")
     console = _console()
+    console.print(f"{model} ({ckpt.kind})", markup=False, highlight=False, soft_wrap=True)
     console.print(table)
     console.print(f"{summary['tensors']} tensors, {byte_size(summary['bytes'])}; compress would take "
                   f"{summary['compress']} matrices, {byte_size(summary['compress_bytes'])}",

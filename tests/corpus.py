@@ -1095,8 +1095,9 @@ HOSTILE_RUNTIME = [
 # ------------------------------------------------------------------ awkward but valid, second round
 
 def awkward_markup_and_unicode(d: pathlib.Path) -> pathlib.Path:
-    """Names and a path that look like rich markup, escape codes, right-to-left marks, CJK."""
+    """Names and a path that look like rich markup or TeX, escape codes, right-to-left marks, CJK."""
     tensors = {"[bold]enc[/]": _weights(12, (64, 64)), "ünï©ødé.[/red]\u202eweight": _weights(13, (64, 72)),
+               "a$x^$_{.weight": _weights(20, (64, 64)),
                "b\x1b[31m": torch.ones(3, 4), "日本.bias": torch.arange(4)}
     save_file(tensors, str(d / "plain.safetensors"))
     path = d / "[red]model[link=x] é 日本.safetensors"

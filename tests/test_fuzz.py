@@ -13,6 +13,7 @@ The compressed files' structural mutations also go through `report`'s reader of 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import pathlib
@@ -32,7 +33,7 @@ from hmcompress.api import stats_from_file
 from hmcompress.core.stats import LayerStats
 from hmcompress.io.checkpoint import open_checkpoint
 from hmcompress.errors import USER_ERRORS
-from hmcompress.runtime import read_file
+from hmcompress.runtime import FormatError, HLinear, read_file
 from hmcompress.io.writer import write_compressed
 
 EXAMPLES = int(os.environ.get("HMCOMPRESS_FUZZ_EXAMPLES", "40"))
@@ -164,13 +165,21 @@ def load_checkpoint(path: pathlib.Path) -> None:
 
 
 def load_compressed(path: pathlib.Path) -> None:
-    """Read and validate; every matrix then decodes (validation guarantees the pool ranges)."""
+    """Read and validate; every matrix then decodes (validation guarantees the pool ranges), and
+    runs as an `HLinear` unless its plan is refused (`FormatError`, before any allocation)."""
     compressed = read_file(path)
     size = path.stat().st_size
     for name, hm in compressed.matrices.items():
         m, n = hm.shape
         if m * n <= 64 * size:  # a valid file may describe a huge all-zero matrix in a few bytes
             assert tuple(hm.to_dense().shape) == (m, n), name
+        try:
+            layer = HLinear(hm)
+        except FormatError as exc:
+            assert "as an HLinear would take" in str(exc), exc
+        else:
+            if n <= 4096:
+                assert tuple(layer(torch.ones(2, n)).shape) == (2, m), name
     for name, tensor in compressed.passthrough.items():
         assert tensor.numel() * tensor.element_size() <= size, name
 
@@ -260,7 +269,7 @@ def json_mutated(draw, text: str) -> str:
             parent = parent[key]
         kind = draw(st.sampled_from(["plain", "literal", "nest", "delete", "duplicate"]))
         if kind == "plain":
-            parent[path[-1]] = draw(PLAIN)
+            parent[path[-1]] = copy.deepcopy(draw(PLAIN))  # st.just gives one shared object
         elif kind == "literal":
             literals.append(draw(LITERALS))
             parent[path[-1]] = f"{MARKER}{len(literals) - 1}"

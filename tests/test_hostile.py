@@ -266,6 +266,60 @@ def test_overflowed_figures_are_stored_as_strings_and_read_back():
     assert back.kappa_w == math.inf and back.kappa_h_paper == -math.inf
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_every_dtype_torch_saves_is_read_through_the_scan(tmp_path, legacy):
+    """The pickle scan knows every storage record torch writes: typed storages of each dtype, and
+    untyped ones viewed through `_rebuild_tensor_v3` (float8, uint16, ...)."""
+    state = {str(dtype).removeprefix("torch."): torch.zeros(2, 3, dtype=dtype) for dtype in
+             (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64, torch.int64, torch.int32,
+              torch.int16, torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16,
+              torch.uint32, torch.uint64)}
+    state["view"] = torch.arange(12.0)[2:8].reshape(2, 3)
+    path = tmp_path / "dtypes.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+    try:
+        expected = torch.load(path, weights_only=True)
+    except AttributeError:  # torch itself cannot read untyped storages back from its legacy format
+        state = {k: v for k, v in state.items() if v.dtype in torch.storage._dtype_to_storage_type_map()}
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+        expected = torch.load(path, weights_only=True)
+    loaded = {e.name: e.load() for e in open_checkpoint(path).entries}
+    assert loaded.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name].view(torch.uint8),
+                                                                  tensor.contiguous().view(torch.uint8)), name
+
+
+def test_stats_without_a_tolerance_are_reported_but_not_verified(cli, tmp_path):
+    """`tol` may be absent (a default of older writers): the report and its page show what is there
+    (they once drew the pictures and then failed); `verify`, which needs it, refuses in one line."""
+    pytest.importorskip("matplotlib")
+    path = corpus._stats(lambda info: info["stats"].pop("tol"))(tmp_path)
+    assert cli("report", path, "--json").code == 0
+    run = cli("report", path, "--html", tmp_path / "page.html")
+    assert run.code == 0 and (tmp_path / "page.html").exists(), run.stderr
+    refused(cli("verify", path, "--original", tmp_path / "original.safetensors", "--json"), path, "stats lack 'tol'",
+            json_out=True)
+
+
+def test_markup_like_names_and_paths_print_as_they_are(cli, tmp_path):
+    """rich markup ("[/red]"), TeX ("$x^$"), escape codes and non-ASCII in names and paths: every
+    table, page and line shows them verbatim (they once ended in rich's MarkupError)."""
+    pytest.importorskip("matplotlib")
+    path = corpus.awkward_markup_and_unicode(tmp_path)
+    out = tmp_path / "out.hm.safetensors"
+    for args in (("inspect", path), ("compress", path, "-o", out, "--min-size", "8", "--wide"),
+                 ("report", out), ("report", out, "--markdown"), ("report", out, "--html", tmp_path / "r.html"),
+                 ("verify", out, "--original", path)):
+        run = cli(*args)
+        assert run.code == 0, (args, run.stderr)
+        assert "Traceback" not in run.stderr
+    shown = cli("report", out, "--wide").stdout
+    assert "[bold]enc[/]" in shown and "a$x^$_{.weight" in shown, shown
+    assert "[red]model[link=x]" in cli("inspect", path).stdout  # the path, in the table's title
+    assert "[bold]enc[/]" in (tmp_path / "r.html").read_text(encoding="utf-8")
+
+
 @pytest.mark.slow
 def test_fifty_thousand_empty_tensors_do_not_hang(cli, tmp_path):
     """Each of 50,000 entries used to parse the whole header again (hours); now linear."""

@@ -253,3 +253,21 @@ def test_ctrl_c_in_the_parent_stops_every_worker(long_checkpoint):
     finally:
         interrupt.cancel()
     assert children() == before
+
+
+@pytest.mark.workers
+@pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="finds processes in /proc")
+def test_a_worker_killed_from_outside_stops_the_run_and_the_other_workers(long_checkpoint):
+    """What the kernel's out-of-memory killer does: the run stops with a clear error, no worker
+    is left."""
+    before = children()
+    with pipeline.WorkerPool(2) as pool:
+        victim = pool.workers[0].process.pid
+        killer = threading.Timer(4.0, os.kill, (victim, signal.SIGKILL))
+        killer.start()
+        try:
+            with pytest.raises(pipeline.WorkerLost, match="ended without an answer .signal 9: out of memory"):
+                pool.run(_jobs(long_checkpoint, [f"layer{i}.weight" for i in range(6)]), None)
+        finally:
+            killer.cancel()
+    assert children() == before

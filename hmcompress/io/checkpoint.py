@@ -321,6 +321,12 @@ def _check_views(path: pathlib.Path, summary: Scan, claims: dict[object, tuple[i
                 or not _int_tuple(view.stride) or len(view.size) != len(view.stride):
             raise CheckpointError(path, "cannot read as a PyTorch checkpoint (malformed tensor record)")
         numel, itemsize = claims[key]
+        if view.dtype is not None:  # an untyped storage viewed as this dtype
+            element = _DTYPE_ITEMSIZE.get(view.dtype)
+            if element is None:
+                raise CheckpointError(path, "cannot read as a PyTorch checkpoint (a tensor record names an unknown "
+                                            f"dtype {brief(str(view.dtype))})")
+            numel, itemsize = numel * itemsize // element, element
         count = math.prod(view.size)
         if count and view.offset + sum((s - 1) * st for s, st in zip(view.size, view.stride)) >= numel:
             raise CheckpointError(path, f"a tensor of shape {brief(tuple(view.size))} lies outside its storage")
@@ -486,8 +492,14 @@ _STORAGE_DTYPES = {
 }
 
 
-_STORAGE_ITEMSIZE = {Global(f"torch {name}"): torch.empty((), dtype=dtype).element_size()
-                     for name, dtype in _STORAGE_DTYPES.items()} | {Global("torch UntypedStorage"): 1}
+# Element sizes of the storage types a pickle's storage records may name (typed storages of every
+# dtype torch has one for, untyped ones counted in bytes).
+_STORAGE_ITEMSIZE = {Global(f"torch {name}"): dtype.itemsize
+                     for dtype, name in torch.storage._dtype_to_storage_type_map().items()} \
+    | {Global("torch UntypedStorage"): 1, Global("torch.storage UntypedStorage"): 1}
+# Element sizes of the dtypes a `_rebuild_tensor_v3` record may name (views of untyped storages).
+_DTYPE_ITEMSIZE = {Global(f"torch {name}"): getattr(torch, name).itemsize
+                   for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)}
 
 _SCRIPT_LIST_BUILDERS = frozenset({"build_intlist", "build_doublelist", "build_boollist",
                                    "build_tensorlist", "build_complexlist"})

@@ -17,7 +17,8 @@ import pickle
 # Globals of torch._utils that rebuild tensors hmcompress can read (dense, strided, with data);
 # any other `_rebuild_*` (sparse, meta, quantized, nested, wrapper subclasses, device-specific)
 # is refused by name, before torch builds it.
-TENSOR_REBUILDERS = frozenset({"torch._utils _rebuild_tensor", "torch._utils _rebuild_tensor_v2"})
+TENSOR_REBUILDERS = frozenset({"torch._utils _rebuild_tensor", "torch._utils _rebuild_tensor_v2",
+                               "torch._utils _rebuild_tensor_v3"})  # v3: dtypes without typed storages
 ACCEPTED_REBUILDERS = TENSOR_REBUILDERS | {"torch._utils _rebuild_parameter",
                                           "torch._utils _rebuild_parameter_with_state",
                                           "torch._tensor _rebuild_from_type_v2"}
@@ -75,12 +76,14 @@ class _Persistent(_Stand):
 
 @dataclasses.dataclass
 class View:
-    """A tensor record: its storage's persistent id, offset, size and stride (as the pickle says)."""
+    """A tensor record: its storage's persistent id, offset, size and stride (as the pickle says),
+    and for `_rebuild_tensor_v3` (an untyped storage) the dtype's global name."""
 
     storage: object
     offset: object
     size: object
     stride: object
+    dtype: Global | None = None
 
 
 @dataclasses.dataclass
@@ -154,8 +157,11 @@ def _count(root: object, limit: int) -> tuple[int, list[View]]:
         elif isinstance(obj, _Stand):
             if obj.global_name in TENSOR_REBUILDERS and len(obj.args) >= 4:
                 storage = obj.args[0]
+                dtype = None
+                if obj.global_name.endswith("_v3"):
+                    dtype = getattr(obj.args[6], "global_name", Global("?")) if len(obj.args) > 6 else Global("?")
                 views.append(View(storage.args[0] if isinstance(storage, _Persistent) else storage,
-                                  *obj.args[1:4]))
+                                  *obj.args[1:4], dtype))
             stack += obj.args
             stack += obj.items
             stack.append(obj.state)

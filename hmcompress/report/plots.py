@@ -63,6 +63,7 @@ def _png(layout: str | None = "constrained") -> Callable[[Callable[..., object]]
 
             with matplotlib.rc_context():
                 matplotlib.rcdefaults()
+                matplotlib.rcParams["text.parse_math"] = False  # names with "$" are text, not TeX
                 figure = Figure(figsize=size, dpi=DPI, layout=layout)
                 draw(figure, *args, **kwargs)
                 yield figure

@@ -112,7 +112,7 @@ def print_table(layers: list[LayerStats], console: Console, title: str = "", wid
     """
     cells = rows(layers)
     shown = list(COLUMNS) if wide else _fitting_columns(cells, console.width)
-    table = Table(title=title or None, show_lines=False)
+    table = Table(show_lines=False)  # the title goes on its own line: a table title folds long paths
     for col in shown:
         table.add_column(col, overflow="fold", no_wrap=col != "layer",
                          min_width=min(NAME_MIN_WIDTH, _widest(cells, 0)) if col == "layer" else None)
@@ -121,6 +121,8 @@ def print_table(layers: list[LayerStats], console: Console, title: str = "", wid
     if wide:
         console = Console(file=console.file, width=max(console.width, _natural_width(cells, COLUMNS)), markup=False,
                           force_terminal=console.is_terminal)
+    if title:
+        console.print(title, markup=False, highlight=False, soft_wrap=True)
     console.print(table)
     left_out = [col for col in COLUMNS if col not in shown]
     if left_out:

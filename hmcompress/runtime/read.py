@@ -62,7 +62,7 @@ def brief(value: object, limit: int = 80) -> str:
     """``repr(value)`` for a message, at most about ``limit`` characters, whatever the value
     (a deeply nested list, an integer of thousands of digits, a name of megabytes)."""
     try:
-        text = repr(value) if not isinstance(value, (list, dict, tuple)) else repr(value)[:limit + 1]
+        text = repr(value)
     except (RecursionError, ValueError, MemoryError):  # ValueError: int too long to convert
         text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[:limit - 3] + "..."
