@@ -14,9 +14,9 @@ import pathlib
 import time
 
 from benchmarks.checkpoints import checkpoint_files
+from hmcompress.api import compress_checkpoint
 from hmcompress.compare import baselines
 from hmcompress.compare import comparison as compare
-from hmcompress.api import compress_checkpoint
 from hmcompress.core.build import CompressionOptions
 from hmcompress.errors import UserError
 

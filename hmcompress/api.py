@@ -12,14 +12,14 @@ from collections.abc import Callable
 
 import torch
 
-from hmcompress.io import pipeline, training
 from hmcompress.core.build import CompressionOptions, as_matrix
-from hmcompress.io.checkpoint import Checkpoint, Selection, classify, open_checkpoint
-from hmcompress.errors import OutputExists, UserError
-from hmcompress.runtime import FORMAT_VERSION, read_file
 from hmcompress.core.stats import LayerStats, totals
 from hmcompress.core.verdicts import Gates, recorded_fields, recorded_problems
+from hmcompress.errors import OutputExists, UserError
+from hmcompress.io import pipeline, training
+from hmcompress.io.checkpoint import Checkpoint, Selection, classify, open_checkpoint
 from hmcompress.io.writer import StreamedTensor, write_assembled, write_runtime_shim, write_streamed
+from hmcompress.runtime import FORMAT_VERSION, read_file
 
 
 @dataclasses.dataclass(frozen=True)

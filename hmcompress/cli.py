@@ -22,6 +22,7 @@ from rich.console import Console
 from hmcompress import __version__
 from hmcompress.errors import OptionError, OutputExists, UserError
 
+
 class _BareFlags:
     """Flags (--force, --help, --install-completion, ...) show no value placeholder in --help."""
 
@@ -104,8 +105,15 @@ class _Bar:
 
     def __enter__(self) -> "_Bar":
         if self.enabled and self.console.is_terminal:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TaskProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
             self.bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), TaskProgressColumn(),
                                 MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
                                 TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=True)
@@ -226,7 +234,10 @@ def compress(
                                                  progress=bar.compression(time.monotonic()), gates=gates,
                                                  keep_failed=keep_failed, workers=workers, resume=resume)
         except KeyboardInterrupt as interrupt:  # api.Interrupted says what was kept, and where
-            _say(f"hmcompress: interrupted: {interrupt or f'nothing written to {target}'}")
+            message = f"interrupted: {interrupt or f'nothing written to {target}'}"
+            _say(f"hmcompress: {message}")
+            if json_out:  # one document, always
+                sys.stdout.write(json.dumps({"ok": False, "error": message}) + "\n")
             raise typer.Exit(130) from None
         check = None
         if task is not None and result.output is not None:

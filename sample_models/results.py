@@ -22,13 +22,13 @@ import time
 
 import torch
 
-from hmcompress.evaluate import analysis
-from hmcompress.evaluate import tables as evaluation_report
-from hmcompress.report import tables as report
 from hmcompress.api import compress_checkpoint
 from hmcompress.core.build import CompressionOptions
-from hmcompress.train.recalibrate import STEPS, recalibrate, retrain
+from hmcompress.evaluate import analysis
+from hmcompress.evaluate import tables as evaluation_report
 from hmcompress.io.writer import atomic_write
+from hmcompress.report import tables as report
+from hmcompress.train.recalibrate import STEPS, recalibrate, retrain
 
 MODELS = (
     ("Digits classifier (MLP)", "sample_models.classifier"),

@@ -6,13 +6,12 @@ import pathlib
 import tempfile
 
 import numpy as np
+import reference_decoder
 import torch
 
-import reference_decoder
-
 from hmcompress.core.build import CompressionOptions, Packer, compress_matrix
-from hmcompress.runtime import DENSE, LOWRANK, ROWS, HMatrix, row_mask
 from hmcompress.io.writer import write_compressed
+from hmcompress.runtime import DENSE, LOWRANK, ROWS, HMatrix, row_mask
 
 
 def pack(matrix: torch.Tensor, leaves: list[tuple[int, int, int, int, tuple]]) -> HMatrix:

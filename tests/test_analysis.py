@@ -11,10 +11,17 @@ import torch
 from torch import nn
 
 from hmcompress import runtime
-from hmcompress.evaluate.analysis import (OUTPUT, SVDBaseline, compare_ntk, empirical_ntk, layer_outputs, load_task,
-                                 relative_error)
 from hmcompress.compare.baselines import TruncatedSVD
 from hmcompress.errors import UserError
+from hmcompress.evaluate.analysis import (
+    OUTPUT,
+    SVDBaseline,
+    compare_ntk,
+    empirical_ntk,
+    layer_outputs,
+    load_task,
+    relative_error,
+)
 
 
 def test_ntk_of_a_tanh_network_matches_the_hand_computed_jacobian() -> None:

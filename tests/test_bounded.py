@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import pathlib
 
-import pytest
-
 import corpus
+import pytest
 from limits import memory_limit, stopwatch
 
 REFUSAL_SECONDS = 2.0

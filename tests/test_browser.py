@@ -11,9 +11,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from browser import CHROMIUM, chromium_images, chromium_or_skip, chromium_screenshot
+from safetensors.torch import save_file
 
 pytest.importorskip("matplotlib")
 

@@ -1,19 +1,19 @@
 """The numerical core: every guarantee, on random, structured and adversarial matrices."""
 from __future__ import annotations
 
+import measure
 import numpy as np
 import pytest
 import torch
+from helpers import bits, reference_decoded
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import measure
-from helpers import bits, reference_decoded
 from hmcompress.core.bounds import compute_bounds
 from hmcompress.core.build import CompressionOptions, assemble, compress_matrix
 from hmcompress.core.candidates import analyse, build_tree
-from hmcompress.errors import OptionError
 from hmcompress.core.plans import optimal_plan, paper_plan, svd_plan
+from hmcompress.errors import OptionError
 
 
 def smooth_kernel(n: int, seed: int = 0) -> torch.Tensor:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 import torch
 
 from sample_models.burgers_pinn import dynamic
 
 
+@pytest.mark.slow
 def test_script_writes_table_and_plot(tmp_path, capsys) -> None:
     dynamic.main(["--out", str(tmp_path), "--width", "16", "--hidden-layers", "2", "--collocation", "100",
                   "--adam-epochs", "1", "--lbfgs-epochs", "2", "--steps", "3", "--refine-every", "1",

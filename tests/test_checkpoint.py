@@ -6,7 +6,6 @@ import os
 import pathlib
 import pickle
 import struct
-import zipfile
 
 import numpy as np
 import pytest
@@ -14,9 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from hmcompress.core.build import as_matrix
-from hmcompress.io.checkpoint import (Selection, TensorEntry, classify, open_checkpoint,
-                                   safetensors_header)
 from hmcompress.errors import CheckpointError
+from hmcompress.io.checkpoint import Selection, TensorEntry, classify, open_checkpoint, safetensors_header
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "checkpoints"
 

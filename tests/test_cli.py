@@ -10,15 +10,15 @@ import pathlib
 import subprocess
 import sys
 
+import measure
 import numpy as np
 import pytest
+import reference_decoder
 import torch
+from helpers import compress_result
 from safetensors.torch import save_file
 
 import hmcompress
-import measure
-import reference_decoder
-from helpers import compress_result
 from hmcompress.runtime.bundle import shim_source
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -85,6 +85,7 @@ def test_compress_report_verify_decompress_round_trip(cli, model, tmp_path):
     assert torch.equal(restored["model.fc1.bias"], original["fc1.bias"])
 
 
+@pytest.mark.slow
 def test_runtime_shim_works_without_hmcompress(cli, model, tmp_path):
     out = tmp_path / "m.hm.safetensors"
     assert cli("compress", str(model), "-o", str(out), "--quiet").code == 0
@@ -104,6 +105,7 @@ def test_runtime_shim_works_without_hmcompress(cli, model, tmp_path):
     assert done.stdout.strip() == "ok", done.stderr
 
 
+@pytest.mark.slow
 def test_output_is_byte_identical_across_runs(cli, model, tmp_path):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     assert cli("compress", str(model), "-o", str(a), "--quiet").code == 0
@@ -245,6 +247,7 @@ def _umask() -> int:
     return mask
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared checkpoints not present")
 def test_shared_checkpoints_at_tol_1e_1_store_under_a_sixth_of_float32(tmp_path):
     from hmcompress.api import compress_checkpoint

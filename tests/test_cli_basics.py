@@ -63,6 +63,7 @@ def test_choices_are_listed_and_checked(cli, checkpoint, tmp_path):
     assert run.code == 2 and "fastest" in run.stderr and not (tmp_path / "x.hm.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_help_does_not_import_torch():
     # A real process: what a fresh interpreter imports for --help.
     code = ("import sys; sys.argv = ['hmcompress', '--help']\nfrom hmcompress.cli import main\ntry:\n    main()\n"
@@ -154,6 +155,7 @@ def test_markdown_puts_totals_first_and_has_a_legend(cli, compressed):
     assert "rel err = " in text
 
 
+@pytest.mark.slow
 def test_plain_progress_has_total_percentage_and_throughput_from_the_start(checkpoint, tmp_path):
     # A real process with stderr on a pipe: the plain progress lines a CI log gets.
     env = {**os.environ, "HMCOMPRESS_WORKERS": "1"}

@@ -12,21 +12,20 @@ import re
 import struct
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
 import torch
+from browser import CHROMIUM, chromium_images, chromium_or_skip
 from safetensors.torch import save_file
 
-from browser import CHROMIUM, chromium_images, chromium_or_skip
+from hmcompress.api import compress_checkpoint
 from hmcompress.compare import baselines
 from hmcompress.compare import comparison as compare
-from hmcompress.report import pages, plots
-from hmcompress.api import compress_checkpoint
 from hmcompress.compare.baselines import Outcome
 from hmcompress.core.build import CompressionOptions
 from hmcompress.errors import OptionError
+from hmcompress.report import pages, plots
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((ROOT / "docs" / "compare.schema.json").read_text())
@@ -86,7 +85,7 @@ class _Tiny:
 
     def __call__(self, matrix):
         outcome = Outcome(1, 0.0, float(matrix.double().norm()), "fake")
-        return type("Fit", (), {"at_tol": lambda self, tol: outcome, "at_bytes": lambda self, b: outcome})()
+        return type("Fit", (), {"at_tol": lambda _self, _tol: outcome, "at_bytes": lambda _self, _budget: outcome})()
 
 
 def test_a_smaller_method_is_named_in_the_table_and_the_json():
@@ -128,6 +127,7 @@ def test_tolerances_parse_the_sweep_once_each_primary_first():
 # The command line
 
 
+@pytest.mark.slow
 def test_json_follows_the_documented_schema(compared):
     import jsonschema
 
@@ -150,6 +150,7 @@ def test_json_follows_the_documented_schema(compared):
         jsonschema.validate(bad, SCHEMA)
 
 
+@pytest.mark.slow
 def test_same_input_same_json_and_pictures(compared):
     assert compared["second"].stdout == compared["json"]
     again = {p.name: p.read_bytes() for p in sorted((compared["dir"] / "plots").iterdir())}
@@ -157,6 +158,7 @@ def test_same_input_same_json_and_pictures(compared):
     assert (compared["dir"] / "page.html").read_bytes() == compared["page"]
 
 
+@pytest.mark.slow
 def test_existing_outputs_are_refused_without_force(cli, compared):
     done = cli(*[a for a in compared["args"] if a != "--json"])
     assert done.code == 2 and done.stderr.count("\n") == 1
@@ -172,6 +174,7 @@ def test_bad_options_are_one_line_and_exit_2(cli, model):
         assert done.code == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
 
 
+@pytest.mark.slow
 def test_without_matplotlib_the_cli_says_how_to_get_it(cli, model, tmp_path, monkeypatch):
     with monkeypatch.context() as blocked:
         blocked.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
@@ -273,6 +276,7 @@ def assert_real_picture(data: bytes) -> None:
     assert b"tIME" not in png_chunks(data) and b"Software" not in data
 
 
+@pytest.mark.slow
 def test_pictures_decode_are_not_blank_and_carry_no_stamp(compared):
     names = list(compared["files"])
     assert names == sorted(["ratio_vs_tol.png", "layers.png", "layer_000_a.weight.png", "layer_001_b.weight.png"])
@@ -295,6 +299,7 @@ def compress_matrix_tiny():
     return compress_matrix(kernel(128, 128, 4), CompressionOptions(tol=1e-3, leaf=16)).hmatrix
 
 
+@pytest.mark.slow
 def test_page_embeds_every_picture_and_table(compared):
     page = compared["page"].decode()
     assert "<script" not in page and "http" not in page.replace("http-equiv", "")
@@ -312,6 +317,7 @@ def test_missing_browser_skips_only_outside_ci(monkeypatch, tmp_path):
         chromium_or_skip(missing)
 
 
+@pytest.mark.slow
 def test_comparison_page_renders_in_chromium(compared, tmp_path):
     chromium = chromium_or_skip(CHROMIUM)
     total, loaded = chromium_images(chromium, compared["dir"] / "page.html", tmp_path)

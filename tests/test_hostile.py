@@ -14,18 +14,18 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import pytest
-import torch
-from safetensors.torch import load_file, save_file
-
 import corpus
 import measure
+import numpy as np
+import pytest
 import reference_decoder
+import torch
 from helpers import bits, compress_result, files_under
+from limits import children
+from safetensors.torch import load_file, save_file
+
 from hmcompress.io.checkpoint import open_checkpoint
 from hmcompress.runtime import read_file
-from limits import children
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-2

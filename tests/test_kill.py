@@ -14,13 +14,13 @@ import time
 
 import pytest
 import torch
+from limits import children, descendants
 from safetensors.torch import save_file
 
 from hmcompress.core.build import CompressionOptions
 from hmcompress.errors import UserError
 from hmcompress.io import pipeline
 from hmcompress.io.writer import _host, remove_stale_temporaries
-from limits import children, descendants
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -71,7 +71,7 @@ def test_rows_leaves_are_labelled_by_bits_not_by_rank():
         assert_readable(figure)
 
 
-def test_file_pictures_are_distinct_pngs(tmp_path):
+def test_file_pictures_are_distinct_pngs():
     matrices, stats = compressed_layers(3)
     pictures = plots.file_pictures(matrices, stats, relative=True)
     assert len(pictures) == 4 and all(png.startswith(b"\x89PNG") for png in pictures.values())

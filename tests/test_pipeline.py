@@ -10,11 +10,11 @@ import time
 
 import pytest
 import torch
+from helpers import compress_result
 from safetensors.torch import save_file
 
-from helpers import compress_result
-from hmcompress.io import pipeline
 from hmcompress.core.build import CompressionOptions
+from hmcompress.io import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -7,22 +7,21 @@ import json
 import pathlib
 import struct
 
+import measure
 import numpy as np
 import pytest
 import torch
+from helpers import HEADER, bits, compressed, mixed_matrix, pack, reference_decoded, write_model_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 
 import hmcompress.runtime as runtime
-from hmcompress.runtime.bundle import SHIM_MODULES
-from hmcompress.runtime import (CODEC, FormatError, HLinear, HMatrix, load_state_dict, patch,
-                                read_file)
-import measure
-from helpers import HEADER, bits, compressed, mixed_matrix, pack, reference_decoded, write_model_file
 from hmcompress.core.build import CompressionOptions, compress_matrix
 from hmcompress.io.writer import write_compressed
+from hmcompress.runtime import CODEC, FormatError, HLinear, HMatrix, load_state_dict, patch, read_file
+from hmcompress.runtime.bundle import SHIM_MODULES
 
 
 def clone(hm: HMatrix, **changes) -> HMatrix:
@@ -242,14 +241,14 @@ def test_read_file_rejects_bad_headers(tmp_path, model_file):
     fails(rewrite_metadata(good, tmp_path / "f.st", lambda m: m.update(format="other")), "format")
     save_file({"a": torch.ones(2)}, str(tmp_path / "plain.st"))
     fails(tmp_path / "plain.st", "no hmcompress metadata")
-    fails(rewrite_metadata(good, tmp_path / "u.st", lambda m: None, {"stray": torch.ones(2)}),
+    fails(rewrite_metadata(good, tmp_path / "u.st", lambda _meta: None, {"stray": torch.ones(2)}),
           "'stray' is not explained")
     fails(rewrite_metadata(good, tmp_path / "missing.st", lambda m: m["passthrough"].update(ghost="x")),
           "'ghost' is missing")
     fails(rewrite_metadata(good, tmp_path / "shape.st",
                            lambda m: m["matrices"]["0.weight"].update(orig_shape=[3, 3])), "orig_shape")
     fails(rewrite_metadata(good, tmp_path / "dtype.st",
-                           lambda m: None, {"0.weight.hm.pool.i4": torch.zeros(4)}), "0.weight.hm.pool.i4")
+                           lambda _meta: None, {"0.weight.hm.pool.i4": torch.zeros(4)}), "0.weight.hm.pool.i4")
     data = good.read_bytes()
     (tmp_path / "long.st").write_bytes(struct.pack("<Q", len(data)) + data[8:])
     fails(tmp_path / "long.st", r"header claims \d+ bytes, file has \d+: not an hmcompress file")
@@ -426,6 +425,7 @@ def test_compact_factors_hold_fewer_bytes_and_compute_the_same():
     assert "compact" in repr(compact)
 
 
+@pytest.mark.slow
 def test_hlinear_runs_under_torch_compile():
     hm = compressed(64, 48, tol=1e-3)
     layer = HLinear(hm, torch.randn(64))

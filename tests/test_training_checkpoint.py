@@ -8,10 +8,9 @@ import sys
 
 import pytest
 import torch
+from helpers import compress_result
 from safetensors.torch import save_file
 from torch import nn
-
-from helpers import compress_result
 
 
 class TinyGPT(nn.Module):

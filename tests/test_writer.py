@@ -11,16 +11,16 @@ import types
 import pytest
 import safetensors.torch
 import torch
+from helpers import HEADER, mixed_matrix, write_model_file
 from safetensors import safe_open
 from torch import nn
 
 import hmcompress
 import hmcompress.io.writer
 import hmcompress.runtime as runtime
-from helpers import HEADER, mixed_matrix, write_model_file
 from hmcompress.errors import UserError
-from hmcompress.runtime import read_file
 from hmcompress.io.writer import write_compressed, write_dense, write_runtime_shim
+from hmcompress.runtime import read_file
 from hmcompress.runtime.bundle import SHIM_MODULES, shim_source
 
 
@@ -49,6 +49,7 @@ def test_metadata_layout(tmp_path):
             "enc.w.hm.scale.i8"} <= keys
 
 
+@pytest.mark.slow
 def test_bytes_are_deterministic(tmp_path):
     one_matrix(tmp_path / "a.st")
     one_matrix(tmp_path / "b.st")
@@ -87,7 +88,7 @@ def test_refuses_to_overwrite(tmp_path):
 
 
 def test_no_temporary_file_after_failure(tmp_path, monkeypatch):
-    def broken(path, item):  # the header is written by then: the temporary file is partial
+    def broken(_path, _item):  # the header is written by then: the temporary file is partial
         raise OSError("disk full")
 
     monkeypatch.setattr(hmcompress.io.writer, "_tensor_bytes", broken)
@@ -188,6 +189,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_shim_works_without_hmcompress(tmp_path):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 16), nn.LayerNorm(16), nn.Linear(16, 8))

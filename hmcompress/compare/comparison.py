@@ -18,9 +18,9 @@ import torch
 
 from hmcompress.compare.baselines import REFERENCE, Method, Outcome, tail_norms
 from hmcompress.core.build import as_matrix
+from hmcompress.errors import OptionError, UserError
 from hmcompress.io.checkpoint import Selection, classify, open_checkpoint
 from hmcompress.io.pipeline import one_thread
-from hmcompress.errors import OptionError, UserError
 from hmcompress.runtime import dense_nbytes
 
 JSON_FORMAT, JSON_VERSION = "hmcompress-compare", 1

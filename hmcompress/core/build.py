@@ -15,8 +15,8 @@ import torch
 from hmcompress.core.bounds import frobenius, frobenius_relative_error
 from hmcompress.core.candidates import Candidates, analyse, block_batches, build_tree, svd
 from hmcompress.core.codecs import auto_codecs, encode_rows, source_codec
-from hmcompress.errors import OptionError
 from hmcompress.core.plans import DROP, Plan, optimal_plan, paper_plan, svd_plan
+from hmcompress.errors import OptionError
 from hmcompress.runtime import BLOCK_COLUMNS, CODEC, DENSE, LOWRANK, ROWS, SEGMENT_COLUMNS, HMatrix, row_mask
 
 STRATEGIES = ("optimal", "paper")

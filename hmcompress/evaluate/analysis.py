@@ -35,8 +35,8 @@ from hmcompress import runtime
 from hmcompress.api import compress_checkpoint, options_from_json
 from hmcompress.compare.baselines import TruncatedSVD
 from hmcompress.core.build import CompressionOptions, as_matrix
-from hmcompress.io.checkpoint import Selection, open_checkpoint
 from hmcompress.errors import UserError
+from hmcompress.io.checkpoint import Selection, open_checkpoint
 
 SWEEP_TOLS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3)
 JACOBIAN_BYTES = 512 * 2**20  # the NTK uses fewer inputs rather than hold a larger Jacobian

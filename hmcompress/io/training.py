@@ -67,7 +67,8 @@ def keep(entries: list[TensorEntry], drop_optimizer: bool = False, model_only: b
         prefix += wrapper
     renamed = {n: n[len(prefix):] for n in names if n not in dropped}
     if not renamed:
-        raise UserError(f"{source}: no tensor is left to keep (every one is {set(dropped.values()).pop()})")
+        reasons = ", ".join(sorted(set(dropped.values()))) or "none were found"
+        raise UserError(f"{source}: no tensor is left to keep ({reasons})")
     return Keep(renamed, dropped, prefix)
 
 

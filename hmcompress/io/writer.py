@@ -21,8 +21,7 @@ import torch
 
 from hmcompress import __version__
 from hmcompress.errors import OutputExists, UserError
-from hmcompress.runtime import (FORMAT_NAME, FORMAT_VERSION, MATRIX_DTYPE_NAMES, SAFETENSORS_CODE, HMatrix,
-                                dense_nbytes)
+from hmcompress.runtime import FORMAT_NAME, FORMAT_VERSION, MATRIX_DTYPE_NAMES, SAFETENSORS_CODE, HMatrix, dense_nbytes
 from hmcompress.runtime.bundle import shim_source
 
 SHIM_NAME = "hmruntime.py"

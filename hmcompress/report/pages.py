@@ -8,8 +8,8 @@ from __future__ import annotations
 import base64
 import html
 
-from hmcompress.report import tables as report
 from hmcompress.compare.comparison import Comparison, TextTable, tables
+from hmcompress.report import tables as report
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }

@@ -16,8 +16,8 @@ from collections.abc import Callable
 import numpy as np
 
 from hmcompress.compare.baselines import REFERENCE
-from hmcompress.core.codecs import row_bytes
 from hmcompress.compare.comparison import Comparison, LayerComparison
+from hmcompress.core.codecs import row_bytes
 from hmcompress.errors import UserError
 from hmcompress.runtime import CODEC, CODECS, DENSE, LOWRANK, HMatrix
 

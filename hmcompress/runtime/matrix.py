@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+
 import torch
 
 from hmcompress.runtime.format import CODEC, CODECS, DENSE, LOWRANK, ROWS, decode_rows, mask_bytes, mask_rows

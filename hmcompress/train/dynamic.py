@@ -28,8 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from hmcompress.train.layers import Recompressed, footprint, rebuild_optimizer, recompress, replace_linears
 from hmcompress.io.writer import atomic_write
+from hmcompress.train.layers import Recompressed, footprint, rebuild_optimizer, recompress, replace_linears
 
 Metric = Callable[[nn.Module], "Mapping[str, float] | float"]
 LOG_FORMATS = (".csv", ".json")

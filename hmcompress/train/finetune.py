@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from hmcompress import runtime
-from hmcompress.runtime import round_to_dtype
 from hmcompress.api import options_from_json
 from hmcompress.core.build import CompressionOptions, allowed_error, compress_matrix, error_bound
-from hmcompress.train.layers import TrainableHLinear, hlinear_layers
 from hmcompress.core.stats import layer_stats
 from hmcompress.io.writer import write_compressed
+from hmcompress.runtime import round_to_dtype
+from hmcompress.train.layers import TrainableHLinear, hlinear_layers
 
 PASSTHROUGH_REASON = "not an H-matrix layer"
 

@@ -21,8 +21,8 @@ from torch import nn
 
 from hmcompress.errors import UserError
 from hmcompress.evaluate.analysis import patched
-from hmcompress.runtime import read_file
 from hmcompress.io.writer import write_compressed, write_runtime_shim
+from hmcompress.runtime import read_file
 
 STEPS = 100  # L-BFGS iterations; the sample PINN: 18 s, and 300 gain little (rel. L2 2.19e-3 -> 2.14e-3)
 PROGRESS_EVERY = 20

@@ -27,9 +27,9 @@ import time
 import torch
 from torch import nn
 
+from hmcompress.io.writer import atomic_write
 from hmcompress.train.dynamic import DynamicCompression, csv_text
 from hmcompress.train.layers import rank_penalty
-from hmcompress.io.writer import atomic_write
 from sample_models.burgers_pinn import BurgersPINN, evaluate
 from sample_models.burgers_pinn.train import loss, refine, training_points
 from sample_models.training import make_deterministic

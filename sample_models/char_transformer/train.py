@@ -13,8 +13,21 @@ import math
 import torch
 from torch.nn import functional as F
 
-from sample_models.char_transformer import (CHECKPOINT, CONTEXT, D_MODEL, FF, HEADS, LAYERS, MODULES, VOCAB,
-                                            CharTransformer, build, corpus_fingerprint, evaluate, splits)
+from sample_models.char_transformer import (
+    CHECKPOINT,
+    CONTEXT,
+    D_MODEL,
+    FF,
+    HEADS,
+    LAYERS,
+    MODULES,
+    VOCAB,
+    CharTransformer,
+    build,
+    corpus_fingerprint,
+    evaluate,
+    splits,
+)
 from sample_models.training import Log, make_deterministic, run
 
 SEED = 0
