@@ -119,3 +119,12 @@ def compress_result(stdout: str) -> dict:
     (result,) = document["results"]
     assert document["ok"] is result["ok"]
     return result
+
+
+def random_checkpoint(path: pathlib.Path, count: int, side: int, seed: int = 0) -> pathlib.Path:
+    """A safetensors checkpoint of ``count`` random ``side x side`` float32 matrices ``layer{i}.weight``."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    save_file({f"layer{i}.weight": torch.randn(side, side, generator=gen) for i in range(count)}, str(path))
+    return path

@@ -12,13 +12,11 @@ The compressed files' structural mutations also go through `report`'s reader of 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import pathlib
 import re
-import resource
 import struct
 
 import numpy as np
@@ -27,6 +25,7 @@ import torch
 from helpers import HEADER, mixed_matrix
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from limits import memory_limit
 from safetensors.torch import save_file
 
 from hmcompress.api import stats_from_file
@@ -116,29 +115,6 @@ def mutated(draw, data: bytes) -> bytes:
 
 # ------------------------------------------------------------------------------------ guards
 
-def _data_segment() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmData:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmData")
-
-
-@contextlib.contextmanager
-def allocation_limit():
-    """Make any allocation of more than HEADROOM fail (instead of quietly taking the memory)."""
-    if not pathlib.Path("/proc/self/status").exists():
-        yield
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    limit = _data_segment() + HEADROOM
-    resource.setrlimit(resource.RLIMIT_DATA, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
-
-
 def clear_error(exc: BaseException, path: pathlib.Path) -> None:
     """A tool error must name the file and must not be an allocation failure in disguise."""
     message = str(exc)
@@ -187,7 +163,7 @@ def load_compressed(path: pathlib.Path) -> None:
 def fuzz_once(loader, directory: pathlib.Path, name: str, data: bytes) -> None:
     path = write_mutation(directory, name, data)
     try:
-        with allocation_limit():
+        with memory_limit(HEADROOM):
             loader(path)
     except USER_ERRORS as exc:
         clear_error(exc, path)
@@ -227,7 +203,7 @@ def test_compressed_loader_survives_mutations(seeds):
 def test_the_allocation_guard_catches_big_allocations():
     """The guard itself works: without it the fuzz tests could not see an oversized allocation."""
     with pytest.raises((MemoryError, RuntimeError)) as info:
-        with allocation_limit():
+        with memory_limit(HEADROOM):
             torch.empty(HEADROOM // 2)  # 2 x HEADROOM bytes: beyond any free memory already held
     assert ALLOCATION_FAILURE.search(f"{info.type.__name__} {info.value}")
 

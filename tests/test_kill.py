@@ -13,9 +13,8 @@ import threading
 import time
 
 import pytest
-import torch
+from helpers import random_checkpoint
 from limits import children, descendants
-from safetensors.torch import save_file
 
 from hmcompress.core.build import CompressionOptions
 from hmcompress.errors import UserError
@@ -55,10 +54,7 @@ main()
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> pathlib.Path:
     """Four 256 x 256 matrices: a few seconds of compression, reported matrix by matrix."""
-    gen = torch.Generator().manual_seed(0)
-    path = tmp_path_factory.mktemp("kill") / "model.safetensors"
-    save_file({f"layer{i}.weight": torch.randn(256, 256, generator=gen) for i in range(4)}, str(path))
-    return path
+    return random_checkpoint(tmp_path_factory.mktemp("kill") / "model.safetensors", 4, 256)
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +153,7 @@ def test_only_temporaries_of_dead_writers_of_the_same_target_are_removed(tmp_pat
 @pytest.fixture(scope="module")
 def long_checkpoint(tmp_path_factory) -> pathlib.Path:
     """Six 1024 x 1024 matrices (24 MiB): 32 s with two workers on a shared 2-core machine."""
-    gen = torch.Generator().manual_seed(1)
-    path = tmp_path_factory.mktemp("long") / "model.safetensors"
-    save_file({f"layer{i}.weight": torch.randn(1024, 1024, generator=gen) for i in range(6)}, str(path))
-    return path
+    return random_checkpoint(tmp_path_factory.mktemp("long") / "model.safetensors", 6, 1024, seed=1)
 
 
 def alive(pid: int) -> bool:
