@@ -1,4 +1,4 @@
-"""The report page of 1, 3 and 61 layers, as a browser shows it: every picture loads and none is
+"""The report and compare pages of 1, 3 and 61 layers, as a browser shows them: every picture loads and none is
 blank; a screenshot of each page is kept (in $HMCOMPRESS_ARTEFACTS, else the test's tmp dir)."""
 from __future__ import annotations
 
@@ -48,4 +48,25 @@ def test_report_page_of_many_layers_renders_with_no_blank_picture(cli, tmp_path,
     artefacts = pathlib.Path(os.environ.get("HMCOMPRESS_ARTEFACTS", tmp_path))
     artefacts.mkdir(parents=True, exist_ok=True)
     shot = chromium_screenshot(chromium, page, artefacts / f"report-{layers}-layers.png", tmp_path)
+    assert not blank(png_pixels(shot.read_bytes()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layers", [1, 3, 61])
+def test_compare_page_of_many_layers_renders_with_no_blank_picture(cli, tmp_path, layers):
+    chromium = chromium_or_skip(CHROMIUM)
+    gen = torch.Generator().manual_seed(layers)
+    checkpoint = tmp_path / f"model{layers}.safetensors"
+    save_file({f"blocks.{i}.mlp.weight": torch.randn(64, 64, generator=gen) for i in range(layers)}, str(checkpoint))
+    page = tmp_path / "compare.html"
+    run = cli("compare", checkpoint, "--methods", "svd", "--leaf", "16", "--html", page, "-q")
+    assert run.code == 0, run.stderr
+    embedded = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page.read_text(encoding="utf-8"))
+    assert len(embedded) == layers + 2  # ratio against tolerance, the per-layer chart, one per layer
+    for data in embedded:
+        assert not blank(png_pixels(base64.b64decode(data)))
+    assert chromium_images(chromium, page, tmp_path) == (layers + 2, layers + 2)
+    artefacts = pathlib.Path(os.environ.get("HMCOMPRESS_ARTEFACTS", tmp_path))
+    artefacts.mkdir(parents=True, exist_ok=True)
+    shot = chromium_screenshot(chromium, page, artefacts / f"compare-{layers}-layers.png", tmp_path)
     assert not blank(png_pixels(shot.read_bytes()))

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import io
+import pathlib
 from collections.abc import Callable
 
 import numpy as np
@@ -285,7 +286,8 @@ def ratio_vs_tol_png(figure, c: Comparison) -> None:
     _value_scale(ax, [t.ratio for t in everything], "y")
     ax.set_xlabel("relative Frobenius tolerance (★ fixed bit width: at its own measured error)")
     ax.set_ylabel("bytes ratio (dense / stored), all matrices")
-    ax.set_title(f"{c.source}: compression ratio vs tolerance (hollow: missed on some layer)", fontsize=10)
+    ax.set_title(f"{pathlib.PurePath(c.source).name}: compression ratio vs tolerance (hollow: missed on some layer)",
+                 fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
