@@ -117,7 +117,7 @@ def test_to_hmatrix_packs_the_parameters_exactly(precision: str) -> None:
     # Both float32 products are within a few units of roundoff of the exact one, in |x| |H|^T terms.
     dense = hm.to_dense(torch.float64)
     exact = x.double() @ dense.T + layer.bias.double()
-    scale = float((x.double().abs() @ dense.abs().T).max()) + float(layer.bias.abs().max())
+    scale = float((x.double().abs() @ dense.abs().T).max()) + float(layer.bias.detach().abs().max())
     for y in (inference(x), layer(x)):
         assert float((y.double() - exact).abs().max()) <= 48 * 2**-24 * scale
     again = TrainableHLinear(hm, layer.bias)  # the packed form loads back into the same structure
