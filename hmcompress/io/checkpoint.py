@@ -28,6 +28,7 @@ import torch
 from hmcompress.errors import CheckpointError
 from hmcompress.io.picklescan import Global, PickleProblem, Scan, scan
 from hmcompress.runtime import (
+    MATRIX_DTYPE_NAMES,
     MAX_HEADER_BYTES,
     FormatError,
     SafetensorsHeader,
@@ -801,7 +802,7 @@ def classify(entry: TensorEntry, selection: Selection) -> str | None:
         return "optimizer state"
     if not entry.dtype.is_floating_point:
         return "not floating point"
-    if entry.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+    if entry.dtype not in MATRIX_DTYPE_NAMES:  # the source dtypes a compressed matrix may have
         return f"unsupported dtype {str(entry.dtype).removeprefix('torch.')}"
     if len(entry.shape) != 2:
         if len(entry.shape) >= 3:
