@@ -172,11 +172,11 @@ def _byte_counter(progress: Progress | None, sizes: dict[str, int]):
     """The pipeline's (done, total, finished) callback, reporting bytes too."""
     if progress is None:
         return None
-    state = {"bytes": 0}
+    state, total_bytes = {"bytes": 0}, sum(sizes.values())
 
     def count(done: int, total: int, finished: str | None) -> None:
         state["bytes"] += sizes[finished] if finished else 0
-        progress(ProgressReport(done, total, state["bytes"], sum(sizes.values()), finished))
+        progress(ProgressReport(done, total, state["bytes"], total_bytes, finished))
     return count
 
 
@@ -200,8 +200,7 @@ def _discard_on_failure(workdir: "pipeline.WorkDir", output: pathlib.Path, keep:
         if issubclass(exc_type, KeyboardInterrupt):
             if isinstance(exc, Interrupted) or not workdir.path.is_dir():
                 return False
-            kept = sum(1 for p in workdir.path.iterdir() if p.name.endswith(".safetensors") and p.name[0] != ".")
-            raise Interrupted(output, workdir.path, kept) from None
+            raise Interrupted(output, workdir.path, workdir.finished()) from None
         if not keep:
             workdir.remove()
         return False

@@ -136,10 +136,6 @@ class _Bar:
             self.console.print(f"[{done}/{total}{percent}] {self.label}: {detail}"
                                + (f" ({extras})" if extras else ""), markup=False, highlight=False, soft_wrap=True)
 
-    def steps(self, done: int, total: int, name: str) -> None:
-        """For work counted in steps alone (compare): the step that starts now."""
-        self.update(done, total, name)
-
     def compression(self, started: float) -> Callable:
         """For `api.compress_checkpoint`: matrices, bytes per second and the time left."""
         import time
@@ -402,7 +398,7 @@ def compare_cmd(
         _check_picture_outputs(plot, html_out, force)
     task = _model_task(model_factory) if model_factory else None
     with _Bar(f"compare {model}", not quiet) as bar:
-        result = comparison.compare_checkpoint(model, tols, chosen, selection, leaf, bar.steps, task)
+        result = comparison.compare_checkpoint(model, tols, chosen, selection, leaf, bar.update, task)
     _write_pictures(plot, html_out, force, lambda plots: plots.comparison_pictures(result),
                     lambda pages, pictures: pages.comparison_page(result, pictures))
     if json_out:

@@ -33,6 +33,7 @@ from hmcompress.runtime import (
     FormatError,
     SafetensorsHeader,
     brief,
+    is_unicode,
     open_regular,
     read_header,
     read_tensor,
@@ -136,14 +137,6 @@ def _sniff(path: pathlib.Path) -> str:
     if len(head) == 8 and 2 <= struct.unpack("<Q", head)[0] < MAX_HEADER_BYTES:
         return "safetensors"
     raise CheckpointError(path, "unknown checkpoint format (expected .safetensors, .pt/.pth/.bin, .npz or a directory)")
-
-
-def _unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------- safetensors
@@ -414,7 +407,7 @@ def _children(path: pathlib.Path, obj: object) -> list[tuple[object, object]] | 
     """
     if isinstance(obj, dict) and obj:
         keys = list(obj)
-        bad = next((k for k in keys if isinstance(k, str) and not _unicode(k)), None)
+        bad = next((k for k in keys if isinstance(k, str) and not is_unicode(k)), None)
         if bad is not None:
             raise CheckpointError(path, f"holds a name that is not valid Unicode ({brief(bad)})")
         if all(isinstance(k, str) or (type(k) is int and -2**63 <= k < 2**63) for k in keys):
@@ -450,7 +443,7 @@ def _plain_json(value: object) -> bool:
         if item is None or isinstance(item, bool):
             continue
         if isinstance(item, str):
-            if not _unicode(item):
+            if not is_unicode(item):
                 return False
         elif isinstance(item, int):
             if not -2**63 <= item < 2**64:
@@ -462,7 +455,7 @@ def _plain_json(value: object) -> bool:
             if depth >= MAX_NESTING:
                 return False
             if isinstance(item, dict):
-                if not all(isinstance(k, str) and _unicode(k) for k in item):
+                if not all(isinstance(k, str) and is_unicode(k) for k in item):
                     return False
                 item = item.values()
             stack.extend((child, depth + 1) for child in item)
@@ -638,7 +631,7 @@ def _collect_script_tensors(path: pathlib.Path, obj: object, prefix: str, out: d
     elif isinstance(obj, dict):
         for key, value in obj.items():
             if isinstance(key, str) and not key.startswith("training"):
-                if not _unicode(key):
+                if not is_unicode(key):
                     raise CheckpointError(path, f"holds a name that is not valid Unicode ({brief(key)})")
                 _collect_script_tensors(path, value, f"{prefix}{key}.", out, seen, depth + 1)
     elif isinstance(obj, (list, tuple)):
@@ -673,7 +666,7 @@ def _open_npz(path: pathlib.Path) -> Checkpoint:
                 name = info.filename.removesuffix(".npy")
                 if name in names:
                     raise CheckpointError(path, f"array {brief(name)} appears twice")
-                if not _unicode(name):
+                if not is_unicode(name):
                     raise CheckpointError(path, f"array name {brief(name)} is not valid Unicode")
                 names.add(name)
                 member = _npy_member(path, archive, info)

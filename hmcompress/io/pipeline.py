@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -116,6 +117,12 @@ class WorkDir:
 
     def result(self, slot: int) -> pathlib.Path:
         return self.path / f"{slot:06d}.safetensors"
+
+    def finished(self) -> int:
+        """Results kept here (a result being written is a hidden temporary file, not counted)."""
+        if not self.path.is_dir():
+            return 0
+        return sum(1 for p in self.path.iterdir() if p.suffix == ".safetensors" and not p.name.startswith("."))
 
 
 def result_key(tensor: torch.Tensor, options: CompressionOptions) -> str:
@@ -408,21 +415,14 @@ def _trim() -> None:
         libc.malloc_trim(0)
 
 
+@functools.cache
 def _glibc():
+    """glibc through ctypes (looked up once: find_library runs a program), or None elsewhere."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
-
-
-def refuse_nonfinite(jobs: list[Job]) -> None:
-    """Refuse a checkpoint with a NaN or Inf in a matrix to compress before any work (one read of
-    each, in this process), unless such matrices pass through."""
-    for job in jobs:
-        if not job.passthrough_nonfinite and not bool(torch.isfinite(_entry(job.source, job.tensor).load()).all()):
-            raise UserError(f"{job.source}: tensor {job.tensor!r} contains NaN or Inf values "
-                            "(--passthrough-nonfinite copies such tensors unchanged)")
 
 
 def run_jobs(jobs: list[Job], workers: int, progress: Callable[[int, int, str | None], None] | None) -> list[JobResult]:
@@ -432,7 +432,6 @@ def run_jobs(jobs: list[Job], workers: int, progress: Callable[[int, int, str | 
     after each job finishes, with the count finished so far and that job's name.
     """
     total = len(jobs)
-    refuse_nonfinite(jobs)
     if progress:
         progress(0, total, None)
     if workers <= 1 or total <= 1:

@@ -118,12 +118,12 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         fail("safetensors header is not a JSON object")
     data_size = size - 8 - length
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) and _is_unicode(k + v)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) and is_unicode(k + v)
                                                  for k, v in metadata.items()):
         fail("safetensors __metadata__ must map strings to strings")
     tensors = {}
     for name, info in header.items():
-        if not _is_unicode(name):
+        if not is_unicode(name):
             fail(f"tensor name {brief(name)} is not valid UTF-8 (a lone surrogate)")
         if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) \
                 or info["dtype"] not in SAFETENSORS_DTYPES:
@@ -176,7 +176,7 @@ def unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return result
 
 
-def _is_unicode(text: str) -> bool:
+def is_unicode(text: str) -> bool:
     """False for strings JSON escapes can make but UTF-8 cannot hold (lone surrogates)."""
     try:
         text.encode("utf-8")
@@ -334,14 +334,14 @@ def _plain_json_problem(value: object, max_depth: int) -> str | None:
                 return f"nests containers deeper than {max_depth} levels"
             if isinstance(item, dict):
                 for key in item:
-                    if not _is_unicode(key):
+                    if not is_unicode(key):
                         return f"holds a key that is not valid Unicode ({brief(key)})"
                 children = item.values()
             else:
                 children = item
             stack.extend((child, depth + 1) for child in children)
         elif isinstance(item, str):
-            if not _is_unicode(item):
+            if not is_unicode(item):
                 return f"holds a string that is not valid Unicode ({brief(item)})"
     return None
 
