@@ -113,7 +113,7 @@ def layer_stats(name: str, original: torch.Tensor, hm: HMatrix, stored: torch.Te
     for codec, pool in hm.pools.items():
         codec_bytes[codec] = pool.numel() * pool.element_size()
         if codec in hm.scales:
-            codec_bytes[codec] += hm.scales[codec].numel() * 4
+            codec_bytes[codec] += hm.scales[codec].numel() * hm.scales[codec].element_size()
     return LayerStats(
         name=name, shape=list(original.shape), dtype=str(original.dtype).removeprefix("torch."),
         bytes_before=dense_nbytes(tuple(original.shape), original.dtype), bytes_after=hm.nbytes,

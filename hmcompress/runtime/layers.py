@@ -14,7 +14,7 @@ from torch import nn
 from hmcompress.runtime.errors import FormatError
 from hmcompress.runtime.format import DENSE, ROWS
 from hmcompress.runtime.matrix import HMatrix
-from hmcompress.runtime.product import FINE_TILE_SLACK, TilePlan, tile_product
+from hmcompress.runtime.product import TilePlan, tile_intervals, tile_product
 from hmcompress.runtime.read import read_file
 
 # What an `HLinear` may hold and loop over, checked from the tables before anything is built: a
@@ -48,13 +48,10 @@ def plan_size(hmatrix: HMatrix) -> tuple[int, int]:
 
 
 def _stage_size(start: torch.Tensor, length: torch.Tensor, k: torch.Tensor, size: int) -> tuple[float, int]:
-    edges = torch.unique(torch.cat([start, start + length, torch.tensor([0, size])]))
-    lengths = edges[1:] - edges[:-1]
-    if not lengths.numel():
+    edges, parts = tile_intervals(torch.cat([start, start + length]), size)
+    if not parts.numel():
         return 0.0, 0
-    shortest = int(lengths.min())
-    cap = int(lengths[lengths <= FINE_TILE_SLACK * shortest].max())
-    parts = (lengths + cap - 1) // cap
+    lengths = edges[1:] - edges[:-1]
     width = int(((lengths + parts - 1) // parts).max())
     tiles = int(parts.sum())
     first = torch.searchsorted(edges, start.contiguous())

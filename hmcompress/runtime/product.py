@@ -65,23 +65,27 @@ def _scales_or_nan(scales: torch.Tensor | None, count: int) -> torch.Tensor:
     return torch.full((count,), math.nan, dtype=torch.float64) if scales is None else scales.double()
 
 
-def tiles(edges: set[int], size: int) -> list[tuple[int, int]]:
-    """``(start, length)`` tiles of ``range(size)`` with a boundary at every edge, of near-equal length.
+def tile_intervals(edges: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiling rule, vectorised: the boundaries (every edge, 0 and ``size``, sorted, once each)
+    and into how many near-equal tiles each interval between two of them is cut. Intervals longer
+    than the fine ones (up to FINE_TILE_SLACK times the shortest) are split, so that padding every
+    tile to the longest wastes little."""
+    points = torch.unique(torch.cat([edges.reshape(-1).to(torch.int64), torch.tensor([0, size])]))
+    lengths = points[1:] - points[:-1]
+    if not lengths.numel():
+        return points, lengths
+    cap = lengths[lengths <= FINE_TILE_SLACK * lengths.min()].max()
+    return points, (lengths + cap - 1) // cap
 
-    Intervals between edges that are longer than the fine ones are split, so that padding every
-    tile to the longest wastes little.
-    """
-    points = sorted({0, size, *edges})
-    intervals = [(a, b - a) for a, b in zip(points, points[1:]) if b > a]
-    if not intervals:
-        return []
-    shortest = min(length for _, length in intervals)
-    cap = max(length for _, length in intervals if length <= FINE_TILE_SLACK * shortest)
+
+def tiles(edges: set[int], size: int) -> list[tuple[int, int]]:
+    """``(start, length)`` tiles of ``range(size)`` with a boundary at every edge (`tile_intervals`)."""
+    points, parts = tile_intervals(torch.tensor(sorted(edges), dtype=torch.int64), size)
     out = []
-    for start, length in intervals:
-        parts = -(-length // cap)
-        for i in range(parts):
-            piece = length // parts + (1 if i < length % parts else 0)
+    for start, stop, count in zip(points[:-1].tolist(), points[1:].tolist(), parts.tolist()):
+        length = stop - start
+        for i in range(count):
+            piece = length // count + (1 if i < length % count else 0)
             out.append((start, piece))
             start += piece
     return out
