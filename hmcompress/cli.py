@@ -21,6 +21,7 @@ from rich.console import Console
 
 from hmcompress import __version__
 from hmcompress.errors import OptionError, OutputExists, UserError
+from hmcompress.report.text import print_line
 
 
 class _BareFlags:
@@ -62,12 +63,12 @@ def _console(stderr: bool = False) -> Console:
 
 def _say(text: str) -> None:
     """A line of progress or logging on stderr."""
-    _console(stderr=True).print(text, markup=False, highlight=False, soft_wrap=True)
+    print_line(_console(stderr=True), text)
 
 
 def _out(text: str) -> None:
     """A line of data on stdout."""
-    _console().print(text, markup=False, highlight=False, soft_wrap=True)
+    print_line(_console(), text)
 
 
 def _json(payload: dict) -> None:
@@ -133,8 +134,8 @@ class _Bar:
         elif detail is not None:
             percent = f" {100 * done / total:.0f}%" if total else ""
             extras = ", ".join(part for part in (rate, eta and f"ETA {eta}") if part)
-            self.console.print(f"[{done}/{total}{percent}] {self.label}: {detail}"
-                               + (f" ({extras})" if extras else ""), markup=False, highlight=False, soft_wrap=True)
+            print_line(self.console, f"[{done}/{total}{percent}] {self.label}: {detail}"
+                       + (f" ({extras})" if extras else ""))
 
     def compression(self, started: float) -> Callable:
         """For `api.compress_checkpoint`: matrices, bytes per second and the time left."""
@@ -457,10 +458,10 @@ def _print_text_table(text_table) -> None:
     for row in text_table.rows:
         table.add_row(*row)
     console = _console()
-    console.print(text_table.title, markup=False, highlight=False, soft_wrap=True)
+    print_line(console, text_table.title)
     console.print(table)
     for note in text_table.notes:
-        console.print(note, markup=False, highlight=False, soft_wrap=True)
+        print_line(console, note)
 
 
 @app.command(cls=_Command, epilog="Example: hmcompress decompress model.hm.safetensors -o dense.safetensors")
@@ -513,11 +514,10 @@ def inspect_cmd(
         table.add_row(r["name"], "x".join(map(str, r["shape"])), r["dtype"], str(r["bytes"]),
                       "compress" if r["compress"] else f"passthrough: {r['reason']}")
     console = _console()
-    console.print(f"{model} ({ckpt.kind})", markup=False, highlight=False, soft_wrap=True)
+    print_line(console, f"{model} ({ckpt.kind})")
     console.print(table)
-    console.print(f"{summary['tensors']} tensors, {byte_size(summary['bytes'])}; compress would take "
-                  f"{summary['compress']} matrices, {byte_size(summary['compress_bytes'])}",
-                  markup=False, highlight=False, soft_wrap=True)
+    print_line(console, f"{summary['tensors']} tensors, {byte_size(summary['bytes'])}; compress would take "
+                        f"{summary['compress']} matrices, {byte_size(summary['compress_bytes'])}")
 
 
 @app.command("evaluate", cls=_Command, epilog="Example: hmcompress evaluate sample_models.burgers_pinn:build "

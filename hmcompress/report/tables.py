@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hmcompress.core.stats import LayerStats, totals
+from hmcompress.report.text import print_line
 
 COLUMNS = ("layer", "shape", "blocks lr/rows/dense", "rank max/mean", "codecs", "bytes before",
            "bytes after", "ratio", "rel err", "||W-H||_2 <=", "kappa(W)", "kappa(H) <=")
@@ -122,15 +123,15 @@ def print_table(layers: list[LayerStats], console: Console, title: str = "", wid
         console = Console(file=console.file, width=max(console.width, _natural_width(cells, COLUMNS)), markup=False,
                           force_terminal=console.is_terminal)
     if title:
-        console.print(title, markup=False, highlight=False, soft_wrap=True)
+        print_line(console, title)
     console.print(table)
     left_out = [col for col in COLUMNS if col not in shown]
     if left_out:
-        console.print(f"({len(left_out)} columns left out for the terminal's width: {', '.join(left_out)}; "
-                      "--wide or --json show them)", markup=False, highlight=False, soft_wrap=True)
+        print_line(console, f"({len(left_out)} columns left out for the terminal's width: {', '.join(left_out)}; "
+                            "--wide or --json show them)")
     for line in (passthrough_line(layers), total_line(layers), LEGEND, hint_line(layers)):
         if line:
-            console.print(line, markup=False, highlight=False, soft_wrap=True)
+            print_line(console, line)
 
 
 def _widest(cells: list[list[str]], column: int) -> int:
