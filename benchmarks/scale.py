@@ -40,6 +40,17 @@ def weight(seed: int, m: int, n: int) -> torch.Tensor:
     return (u @ torch.randn(k, n, generator=gen) / n ** 0.5 + 1e-3 * torch.randn(m, n, generator=gen)).float()
 
 
+def trained(seed: int, m: int, n: int, spikes: int = 32) -> torch.Tensor:
+    """A trained-like matrix: a bulk of noise (Marchenko-Pastur spectrum) and a few outlying
+    singular values, so that, as in every matrix of ../shared/checkpoints, keeping 1e-2 of
+    its norm needs nearly full rank (rows of quantized numbers beat low rank)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = min(spikes, m, n)
+    strength = torch.logspace(0.7, 0.2, k)  # 5x down to 1.6x the bulk's scale
+    low = (torch.randn(m, k, generator=gen) * strength) @ torch.randn(k, n, generator=gen) / (m * n) ** 0.5 * 2
+    return (low + torch.randn(m, n, generator=gen) / n ** 0.5).float()
+
+
 def noise(seed: int, m: int, n: int) -> torch.Tensor:
     return torch.randn(m, n, generator=torch.Generator().manual_seed(seed)) / n ** 0.5
 

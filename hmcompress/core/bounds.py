@@ -25,7 +25,10 @@ from hmcompress.core.candidates import CHUNK_NUMBERS  # matrix entries the chunk
 from hmcompress.runtime import CODEC
 from hmcompress.runtime.matrix import round_to_dtype
 
-SPECTRAL_EXACT_MAX_SIDE = 4096
+# Up to this side the spectral figures come from SVDs (the residual's, and W's where the builder
+# did not decompose it); beyond, from cheap rigorous bounds: an SVD of a 2048 x 2048 matrix takes
+# longer than compressing it (issue 15).
+SPECTRAL_EXACT_MAX_SIDE = 1024
 UNIT64 = CODEC["f64"].unit_roundoff
 UNIT32 = CODEC["f32"].unit_roundoff
 HALF_LEAST_FLOAT32 = 2.0**-150  # the largest absolute error of rounding to float32 (subnormal range)
@@ -203,19 +206,46 @@ def singular_values(matrix: torch.Tensor) -> np.ndarray:
     return np.ldexp(sigma, exponent)
 
 
-def compute_bounds(original: torch.Tensor, stored: torch.Tensor, error: float, sigma: np.ndarray) -> Bounds:
+def norm_bound(matrix: torch.Tensor) -> float:
+    """An upper bound on ||W||_2 without decomposing W: the smaller of ||W||_F and
+    sqrt(||W||_1·||W||_inf) (absolute row and column sums in float64, widened by their rounding)."""
+    fro = frobenius_bound(matrix)
+    if matrix.numel() == 0:
+        return fro
+    rows = torch.zeros(matrix.shape[0], dtype=torch.float64)
+    cols = torch.zeros(matrix.shape[1], dtype=torch.float64)
+    for part in row_chunks(matrix.shape):
+        block = matrix[part].abs()
+        rows[part] = block.sum(1, dtype=torch.float64)
+        cols += block.sum(0, dtype=torch.float64)
+    sums = float(rows.max()) * float(cols.max())
+    if not math.isfinite(sums):
+        return fro
+    roundings = sum(matrix.shape) + len(row_chunks(matrix.shape)) + 8
+    return min(fro, up(math.sqrt(up(sums, roundings)), 2))
+
+
+def compute_bounds(original: torch.Tensor, stored: torch.Tensor, error: float, sigma: np.ndarray | None) -> Bounds:
     """Bounds for W (original, in its source dtype) approximated by the stored H64 (float64) and
     by H64 rounded to W's dtype.
 
     ``error`` must be an upper bound on ||W - X||_F for both forms X (`build.error_bound`).
     ``sigma`` are the singular values of W as the builder computed them, in the working precision
-    of W's dtype (float64 for float64, else float32; W converts to it exactly).
+    of W's dtype (float64 for float64, else float32; W converts to it exactly); None where the
+    builder did not decompose W: they are then computed up to `SPECTRAL_EXACT_MAX_SIDE` a side,
+    and beyond it σ_max is bounded by `norm_bound`, σ_min by 0 (κ(W) and κ(H) are not given).
     """
     norm = frobenius(original)
     norm_low = norm * (1 - frobenius_relative_error(tuple(original.shape)))
     rel = up(error / norm_low, 1) if norm_low > 0 else (0.0 if error == 0 else math.inf)
-    e2, method = spectral_norm_bound(original, loaded_forms(stored, original.dtype), error)
+    exact = 0 < max(original.shape) <= SPECTRAL_EXACT_MAX_SIDE
+    forms = loaded_forms(stored, original.dtype) if exact else [stored]  # no float64 copy where unused
+    e2, method = spectral_norm_bound(original, forms, error)
     e2 = max(e2, 0.0)
+    if sigma is None and exact:
+        sigma = singular_values(original)
+    if sigma is None:
+        return Bounds(error, rel, e2, method, norm_bound(original), 0.0, None, None, None)
     if len(sigma) == 0:
         return Bounds(error, rel, e2, method, 0.0, 0.0, None, None, None)
     if not SAFE_SIGMA[0] <= float(sigma[0]) <= SAFE_SIGMA[1] and norm > 0:

@@ -70,13 +70,18 @@ class Compressed:
     dense: torch.Tensor  # the stored matrix in float64 (exact)
     error: float  # upper bound on ||W - H||_F, H64 and its source-dtype rounding (`error_bound`)
     budget: float  # allowed ||W - H||_F
-    root_sigma: np.ndarray  # singular values of W (float64, descending)
+    root_sigma: np.ndarray | None  # singular values of W (float64, descending); None: not computed
     strategy: str  # planner whose plan was stored ("optimal", "svd", "paper" or "exact")
     rebuilds: int
 
 
-def compress_matrix(matrix: torch.Tensor, options: CompressionOptions) -> Compressed:
-    """Compress a 2-D floating tensor so that its measured error is within the budget."""
+def compress_matrix(matrix: torch.Tensor, options: CompressionOptions, full_analysis: bool = False) -> Compressed:
+    """Compress a 2-D floating tensor so that its measured error is within the budget.
+
+    The optimal strategy decides before it decomposes (`candidates.analyse` with the budget);
+    ``full_analysis`` analyses every option instead (the reference the tests and
+    `benchmarks.scale` compare bytes with). The paper's strategy always analyses everything.
+    """
     if matrix.ndim != 2 or not matrix.is_floating_point():
         raise OptionError("matrix", f"must be a 2-D floating-point tensor, got {tuple(matrix.shape)} {matrix.dtype}")
     allowed = allowed_error(matrix, options)
@@ -86,8 +91,9 @@ def compress_matrix(matrix: torch.Tensor, options: CompressionOptions) -> Compre
         return Compressed(hm, matrix.double(), 0.0, allowed, np.zeros(0), "exact", 0)
     tree = build_tree(tuple(matrix.shape), options.leaf)
     target = allowed * allowed
+    decide = not full_analysis and options.strategy == "optimal"
     cands = analyse(matrix, tree, codecs, negligible=NEGLIGIBLE_SHARE * target / matrix.numel(),
-                    device=options.device)
+                    device=options.device, budget=target if decide else None)
     for rebuild in range(MAX_REBUILDS):
         plan = _best_plan(cands, target, options.strategy)
         hm = assemble(matrix, cands, plan, options.device)
@@ -134,10 +140,15 @@ def allowed_error(matrix: torch.Tensor, options: CompressionOptions) -> float:
 
 
 def _best_plan(c: Candidates, budget: float, strategy: str) -> Plan:
-    """The planner's plan; the optimal strategy also never loses to its two baselines."""
+    """The planner's plan; the optimal strategy also never loses to its two baselines (where the
+    candidates hold what they need: a skipped SVD is a block where low rank was hopeless)."""
     if strategy == "paper":
         return paper_plan(c, budget)
-    plans = [optimal_plan(c, budget), svd_plan(c, budget), paper_plan(c, budget)]
+    plans = [optimal_plan(c, budget)]
+    if c.root_sigma is not None:  # its baselines need the spectra they use
+        plans.append(svd_plan(c, budget))
+    if c.complete:
+        plans.append(paper_plan(c, budget))
     feasible = [p for p in plans if p.error(c) <= budget] or plans[:1]
     return min(feasible, key=lambda p: p.nbytes(c))
 

@@ -4,6 +4,12 @@ The quad-tree of candidates is the search space of both strategies. For every ca
 its singular values (so the error of any truncation is exact without forming anything), the
 bytes and error of each dense option, and the bytes and error of each singular triplet in each
 codec. Everything is kept in flat numpy arrays so the optimiser can sweep it vectorised.
+
+Given the budget, `analyse` decides before it decomposes (issue 15): the singular value
+decompositions of blocks where low rank cannot win, and the row-codec trials at block widths far
+from the best one, are left out (`lowrank_hopeless`, `row_levels`). The plan is then built from
+the options analysed; the error of the built matrix is measured as always, so only the bytes can
+differ from the full analysis (measured: tests/test_scale.py).
 """
 from __future__ import annotations
 
@@ -12,10 +18,22 @@ import dataclasses
 import numpy as np
 import torch
 
-from hmcompress.core.codecs import roundtrip_rows, row_bytes
+from hmcompress.core.codecs import roundtrip_rows, row_bytes, row_error_norms
 from hmcompress.runtime import BLOCK_COLUMNS, CODEC, SEGMENT_COLUMNS
 
 CHUNK_NUMBERS = 1 << 21  # factor entries whose codec errors are measured at once
+ROW_CHUNK_NUMBERS = 1 << 16  # row entries whose codec errors are measured at once (in cache)
+FAST_MIN_ENTRIES = 1 << 16  # smaller matrices always get the full analysis (it costs little)
+SKETCH_RANK = 32  # columns of the randomized range sketch of a block (at most a quarter of its rank)
+SKETCH_POWER = 1  # power iterations of the sketch
+SKETCH_PROBES = 8  # random probes of the Hutchinson estimate of the residual's sum of sigma^4
+HOPELESS_SHARE = 0.5  # low rank is hopeless where it needs at least this share of the break-even rank
+HOPEFUL_AREA_SHARE = 0.01  # rows are measured at a few widths only where low rank may win on less area
+ALLOWANCE_GAIN = 16  # a block's error allowance: this many times its area's share of the budget (at most all)
+GRAM_MAX_RANK = 64  # blocks of at most this rank get their spectrum from the Gram matrix instead
+EIGEN_MAX_BLOCKS = 1024  # ... and its eigenvalues for at most this many blocks at once (about 0.1 s)
+ROW_SAMPLE_EVERY = 32  # one row in this many estimates each block width's cost (`row_levels`)
+ROW_NEIGHBOURS = 1  # row codecs are measured at the best estimated level and its cheaper neighbour(s)
 BLOCK_ROW_BYTES = BLOCK_COLUMNS * 4  # int32 block table row
 SEGMENT_ROW_BYTES = SEGMENT_COLUMNS * 4  # int32 segment table row
 
@@ -133,7 +151,8 @@ class Candidates:
     dense_err: np.ndarray
     triplets: Items
     rows: Items
-    root_sigma: np.ndarray  # singular values of the whole matrix, float64, descending
+    root_sigma: np.ndarray | None  # singular values of the whole matrix, float64, descending (None: not computed)
+    complete: bool = True  # every block's spectrum and every level's row codecs were analysed
 
 
 def block_batches(matrix: torch.Tensor, tree: Tree, nodes: range | list[int]):
@@ -142,9 +161,28 @@ def block_batches(matrix: torch.Tensor, tree: Tree, nodes: range | list[int]):
     for node in nodes:
         by_shape.setdefault((int(tree.rows[node]), int(tree.cols[node])), []).append(node)
     for (h, w), ids in sorted(by_shape.items()):
+        grid = _grid(matrix, tree, ids, h, w)
+        if grid is not None:  # a regular tiling of the whole matrix: one reshaping copy
+            yield grid
+            continue
         stacked = torch.stack([matrix[tree.row0[i]:tree.row0[i] + h, tree.col0[i]:tree.col0[i] + w]
                                for i in ids])
         yield ids, stacked
+
+
+def _grid(matrix: torch.Tensor, tree: Tree, ids: list[int], h: int, w: int) -> tuple[list[int], torch.Tensor] | None:
+    """``(ids in row-major order, stacked blocks)`` when the blocks tile the whole matrix as an
+    (m/h) x (n/w) grid, else None."""
+    m, n = matrix.shape
+    if m % h or n % w or len(ids) != (m // h) * (n // w):
+        return None
+    order = np.lexsort((tree.col0[ids], tree.row0[ids]))
+    ordered = [ids[i] for i in order]
+    rows, cols = m // h, n // w
+    if not (np.array_equal(tree.row0[ordered], np.repeat(np.arange(rows) * h, cols))
+            and np.array_equal(tree.col0[ordered], np.tile(np.arange(cols) * w, rows))):
+        return None
+    return ordered, matrix.reshape(rows, h, cols, w).transpose(1, 2).reshape(rows * cols, h, w)
 
 
 def _finite_or_inf(err: torch.Tensor) -> torch.Tensor:
@@ -187,9 +225,21 @@ def row_errors(codec: str, blocks: torch.Tensor) -> torch.Tensor:
     return _finite_or_inf(_norm2(roundtrip_rows(codec, flat) - flat)).reshape(blocks.shape[:2])
 
 
+SAFE_NORM32 = (2.0**-50, 2.0**50)  # float32 row norms in this range had no squares under- or overflow
+
+
 def _norm2(rows: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean norm of each row, accumulated in float64."""
-    return rows.square().sum(1, dtype=torch.float64)
+    """Squared Euclidean norm of each row, as float64. Float32 rows are summed in float32 (a
+    relative error of about 1e-6, twenty times faster), except rows whose norm lies outside
+    `SAFE_NORM32`, where squares may have under- or overflowed: those are summed in float64."""
+    if rows.dtype != torch.float32 or rows.shape[1] == 0:
+        return rows.square().sum(1, dtype=torch.float64)
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    unsafe = ~((norms >= SAFE_NORM32[0]) & (norms <= SAFE_NORM32[1]))
+    out = norms.double().square()
+    if bool(unsafe.any()):
+        out[unsafe] = rows[unsafe].double().square().sum(1)
+    return out
 
 
 def svd(blocks: torch.Tensor, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -201,7 +251,7 @@ def svd(blocks: torch.Tensor, device: str = "cpu") -> tuple[torch.Tensor, torch.
 
 
 def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...], negligible: float = 0.0,
-            device: str = "cpu") -> Candidates:
+            device: str = "cpu", budget: float | None = None) -> Candidates:
     """Spectra and option costs of every candidate block.
 
     ``codecs[0]`` must hold the matrix exactly (its own dtype). With several codecs (`--precision
@@ -213,33 +263,185 @@ def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...], negligibl
     Σ_{j>=i} σ_j² is at most ``negligible`` times the block's area are offered only for dropping.
     Over any tiling such triplets hold at most ``negligible·m·n``, so with ``negligible = δ·budget/(m·n)`` the plan is at least as small as the optimum for
     (1-δ)·budget, and its error is still counted exactly.
+
+    With ``budget`` (squared error) and at least `FAST_MIN_ENTRIES` entries, blocks where low rank
+    is hopeless get no SVD (no triplets: they are stored densely or as rows); where the other
+    blocks, over all levels, cover at most `HOPEFUL_AREA_SHARE` of the matrix, row codecs are
+    measured only at the block widths `row_levels` picks (elsewhere only the exact dense option is
+    offered). Where low rank may win on more, the best plan may mix every width, and rows are
+    measured at all of them.
     """
     work = matrix if matrix.dtype == torch.float64 else matrix.float()
     measured = len(codecs) > 1
+    decide = budget is not None and matrix.numel() >= FAST_MIN_ENTRIES
     dense_bytes = np.stack([SEGMENT_ROW_BYTES + tree.rows * _row_bytes(codec, tree.cols)
                             for codec in codecs]).astype(np.float64)
     dense_err = np.zeros((len(codecs), tree.size))
+    dense_err[1:] = np.inf  # until measured
+    hopeless = np.zeros(tree.size, dtype=bool)
+    if decide:  # first every block's verdict: rows are measured at every width where low rank may win
+        for level in range(tree.depth):
+            for ids, blocks in block_batches(work, tree, tree.nodes_of_level(level)):
+                allowance = budget * min(1.0, ALLOWANCE_GAIN * blocks.shape[1] * blocks.shape[2] / matrix.numel())
+                hopeless[ids] = lowrank_hopeless(blocks, allowance).numpy()
+    hopeful_area = float((tree.rows * tree.cols)[~hopeless].sum()) / max(1, matrix.numel())
+    windowed = decide and measured and hopeful_area <= HOPEFUL_AREA_SHARE
+    levels = row_levels(work, tree, codecs, budget) if windowed else set(range(tree.depth))
     spectra, factor_err, row_norms, row_err = {}, {}, {}, {}
     for level in range(tree.depth):
         for ids, blocks in block_batches(work, tree, tree.nodes_of_level(level)):
-            area = blocks.shape[1] * blocks.shape[2]
-            sigma, errs = _spectrum_and_errors(blocks, codecs, measured, negligible * area, device)
-            if measured:
-                per_row = torch.stack([torch.zeros(blocks.shape[:2], dtype=torch.float64)]
-                                      + [row_errors(codec, blocks) for codec in codecs[1:]])
+            chosen = torch.from_numpy(np.flatnonzero(~hopeless[ids]))
+            if len(chosen):
+                area = blocks.shape[1] * blocks.shape[2]
+                stack = blocks if len(chosen) == len(ids) else blocks[chosen]
+                sigma, errs = _spectrum_and_errors(stack, codecs, measured, negligible * area, device)
+                for j, index in enumerate(chosen.tolist()):
+                    spectra[ids[index]] = sigma[j].square()
+                    factor_err[ids[index]] = errs[:, j]
+            if measured and level in levels:
+                per_row = row_errors_all(codecs, blocks)
                 dense_err[:, ids] = per_row.sum(-1).numpy()
-                norms = blocks.double().square().sum(-1)
-            for j, node in enumerate(ids):
-                spectra[node] = sigma[j].square()
-                factor_err[node] = errs[:, j]
-                if measured:
+                norms = _norm2(blocks.reshape(-1, blocks.shape[2])).reshape(blocks.shape[:2])
+                for j, node in enumerate(ids):
                     row_norms[node], row_err[node] = norms[j], per_row[:, j]
+    complete = len(levels) == tree.depth and not hopeless.any()
     triplets = Items.from_parts(tree.size, spectra, factor_err, np.stack(
         [_row_bytes(codec, tree.rows) + _row_bytes(codec, tree.cols) for codec in codecs]))
     rows = Items.from_parts(tree.size, row_norms, row_err, np.stack(
         [_row_bytes(codec, tree.cols) for codec in codecs]))
     return Candidates(tree, codecs, dense_bytes, dense_err, triplets, rows,
-                      spectra[0].sqrt().numpy())
+                      spectra[0].sqrt().numpy() if 0 in spectra else None, complete)
+
+
+def row_errors_all(codecs: tuple[str, ...], blocks: torch.Tensor) -> torch.Tensor:
+    """Squared error of storing each row of a (k, h, w) stack in each codec: (P, k, h), codec 0
+    (the source dtype) exact. Rows go in chunks of about `ROW_CHUNK_NUMBERS` entries, every codec
+    on a chunk while it is in cache. Float32 rows take the codecs' own error norms (float32
+    sums, `codecs.row_error_norms`): estimates like every planner figure, checked by the final
+    measurement."""
+    flat = blocks.reshape(-1, blocks.shape[2])
+    out = torch.zeros((len(codecs), flat.shape[0]), dtype=torch.float64)
+    step = max(1, ROW_CHUNK_NUMBERS // max(1, flat.shape[1]))
+    for start in range(0, flat.shape[0], step):
+        part = flat[start:start + step]
+        for p, codec in enumerate(codecs[1:], start=1):
+            if part.dtype == torch.float32:
+                out[p, start:start + step] = _finite_or_inf(row_error_norms(codec, part).double().square())
+            else:
+                out[p, start:start + step] = _finite_or_inf(_norm2(roundtrip_rows(codec, part) - part))
+    return out.reshape(len(codecs), *blocks.shape[:2])
+
+
+def lowrank_hopeless(blocks: torch.Tensor, allowance: float) -> torch.Tensor:
+    """For each block of a (k, h, w) stack: True where low rank cannot pay, so its SVD is skipped.
+
+    A block of rank-r factors costs about r(h + w) numbers against hw for its rows: low rank pays
+    only below the break-even rank hw/(h + w). The rank that leaves an error of at most
+    ``allowance`` is bounded below from cheap information: a randomized range sketch Q of
+    `SKETCH_RANK` columns (`SKETCH_POWER` power iterations) splits B = QZ + R (QᵀR = 0), and by Ky Fan and Cauchy-Schwarz the top r
+    squared singular values sum to at most ||Z||_F² + sqrt(r·Σσ⁴(R)), so reaching ||B||_F² -
+    allowance needs r >= (||R||_F² - allowance)² / Σσ⁴(R). Σσ⁴(R) = tr((RᵀR)²) is estimated
+    from `SKETCH_PROBES` Gaussian probes (Hutchinson). A block is hopeless when that rank is at
+    least `HOPELESS_SHARE` of the break-even rank: quantized factors, with two roundings per
+    number, need that margin to beat rows. Blocks of rank at most `GRAM_MAX_RANK` take Σσ⁴(B)
+exactly from their Gram matrix (no sketch). The sketches are seeded: the decision is deterministic.
+    """
+    k, h, w = blocks.shape
+    rank = min(h, w)
+    break_even = HOPELESS_SHARE * (h * w / (h + w))
+    energy = _norm2(blocks.reshape(k, -1))
+    if rank <= GRAM_MAX_RANK:  # small blocks: from the Gram matrix, no sketch
+        gram = blocks.transpose(1, 2) @ blocks if w <= h else blocks @ blocks.transpose(1, 2)
+        if k > EIGEN_MAX_BLOCKS:  # the Cauchy-Schwarz bound with the exact Σσ⁴
+            fourth = _norm2(gram.reshape(k, -1))
+            return (energy - allowance).clamp_min(0).square() / fourth.clamp_min(1e-300) >= break_even
+        squares = torch.linalg.eigvalsh(gram).double().clamp_min(0)  # ascending
+        tails = squares.cumsum(-1)  # tails[i]: the error of keeping the rank - 1 - i largest
+        needed = rank - (tails <= allowance).sum(-1)
+        return needed >= h * w / (h + w)
+    sketch = max(1, min(SKETCH_RANK, rank // 4))
+    gen = torch.Generator().manual_seed(0)
+    omega = torch.randn(w, sketch + SKETCH_PROBES, generator=gen, dtype=blocks.dtype)
+    y = blocks @ omega  # (k, h, sketch + probes)
+    q = torch.linalg.qr(y[..., :sketch]).Q  # (k, h, sketch)
+    for _ in range(SKETCH_POWER):  # the dominant directions come out of the bulk
+        q = torch.linalg.qr(blocks @ (blocks.transpose(1, 2) @ q)).Q
+    z = q.transpose(1, 2) @ blocks  # (k, sketch, w)
+    residual_energy = (energy - _norm2(z.reshape(k, -1))).clamp_min(0)
+    probes = y[..., sketch:] - q @ (q.transpose(1, 2) @ y[..., sketch:])  # R·probes
+    gram_probes = blocks.transpose(1, 2) @ probes - z.transpose(1, 2) @ (q.transpose(1, 2) @ probes)  # RᵀR·probes
+    fourth = _norm2(gram_probes.transpose(1, 2).reshape(k * SKETCH_PROBES, -1)).reshape(k, -1).mean(1)
+    needed = (residual_energy - allowance).clamp_min(0).square() / fourth.clamp_min(1e-300)
+    return needed >= break_even
+
+
+def row_levels(work: torch.Tensor, tree: Tree, codecs: tuple[str, ...], budget: float) -> set[int]:
+    """The tree levels whose row codecs are worth measuring: the level whose uniform partition
+    stores rows in the fewest bytes, estimated on every `ROW_SAMPLE_EVERY`-th row of every block
+    (codec errors measured exactly on those rows), and the cheaper of its two neighbours
+    (`ROW_NEIGHBOURS`), between which the optimiser may mix widths."""
+    costs = []
+    for level in range(tree.depth):
+        nodes = tree.nodes_of_level(level)
+        sample_err, sample_norm, sample_bytes, rows_total, blocks = [], [], [], 0, 0
+        for (h, w), ids in _by_shape(tree, nodes).items():
+            part = _sampled_rows(work, tree, ids, h, w)
+            sample_err.append(row_errors_all(codecs, part).reshape(len(codecs), -1))
+            sample_norm.append(_norm2(part.reshape(-1, w)))
+            sample_bytes.append(np.repeat(np.stack([_row_bytes(c, np.array([w])) for c in codecs]),
+                                          part.shape[0] * part.shape[1], axis=1))
+            rows_total += len(ids) * h
+            blocks += len(ids)
+        err = torch.cat(sample_err, dim=1).numpy()
+        norm = torch.cat(sample_norm).numpy()
+        nbytes = np.concatenate(sample_bytes, axis=1).astype(np.float64)
+        share = err.shape[1] / rows_total
+        overhead = blocks * (BLOCK_ROW_BYTES + SEGMENT_ROW_BYTES)
+        costs.append(overhead + _uniform_rows_bytes(nbytes, err, norm, budget * share) / share)
+    best = int(np.argmin(costs))
+    neighbours = [level for level in (best - 1, best + 1) if 0 <= level < tree.depth]
+    return {best, *sorted(neighbours, key=lambda level: costs[level])[:ROW_NEIGHBOURS]}
+
+
+def _by_shape(tree: Tree, nodes) -> dict[tuple[int, int], np.ndarray]:
+    """The given nodes grouped by block shape."""
+    nodes = np.asarray(nodes, dtype=np.int64)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for node, h, w in zip(nodes.tolist(), tree.rows[nodes].tolist(), tree.cols[nodes].tolist()):
+        groups.setdefault((h, w), []).append(node)
+    return {shape: np.asarray(ids) for shape, ids in sorted(groups.items())}
+
+
+def _sampled_rows(work: torch.Tensor, tree: Tree, ids: np.ndarray, h: int, w: int) -> torch.Tensor:
+    """Every `ROW_SAMPLE_EVERY`-th row of each h x w block ``ids`` (from its first), stacked:
+    (blocks, rows, w), gathered without copying the blocks."""
+    offsets = torch.arange(0, h, ROW_SAMPLE_EVERY)
+    rows = torch.from_numpy(tree.row0[ids]).unsqueeze(1) + offsets  # (k, s)
+    cols = torch.from_numpy(tree.col0[ids]).unsqueeze(1) + torch.arange(w)  # (k, w)
+    return work[rows.unsqueeze(2), cols.unsqueeze(1)]
+
+
+def _uniform_rows_bytes(nbytes: np.ndarray, err: np.ndarray, norm: np.ndarray, budget: float) -> float:
+    """Fewest bytes of rows each kept in some codec or dropped, total squared error <= ``budget``
+    (Lagrangian bisection; codec 0 is exact, so a solution always exists)."""
+    def solve(mu: float) -> tuple[float, float]:
+        cost = np.vstack([mu * norm, nbytes + mu * err])
+        pick = np.argmin(cost, axis=0)
+        chosen_bytes = np.where(pick == 0, 0.0, nbytes[np.maximum(pick - 1, 0), np.arange(len(norm))])
+        chosen_err = np.where(pick == 0, norm, err[np.maximum(pick - 1, 0), np.arange(len(norm))])
+        return float(chosen_bytes.sum()), float(chosen_err.sum())
+    if budget <= 0:
+        return float(nbytes[0].sum())
+    lo, hi = np.log(1e-12 / budget), np.log(max(float(nbytes[0].sum()), 1.0) * 1e6 / budget)
+    best = float(nbytes[0].sum())
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        nbytes_mid, err_mid = solve(float(np.exp(mid)))
+        if err_mid <= budget:
+            hi, best = mid, min(best, nbytes_mid)
+        else:
+            lo = mid
+    return best
 
 
 def _spectrum_and_errors(blocks: torch.Tensor, codecs: tuple[str, ...], measured: bool,

@@ -63,17 +63,18 @@ def quantize(codec: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _best_scales(rows: torch.Tensor, peak: torch.Tensor, levels: int,
-                 ratios: tuple[float, ...]) -> torch.Tensor:
+                 ratios: tuple[float, ...], with_errors: bool = False):
     """Per-row float32 scale minimising the squared error over a few clipping ratios.
 
     Clipping the largest values a little shrinks the step for all the others; for heavy-tailed rows
     this beats the absmax scale, and absmax (ratio 1) is always among the choices. The search only
     chooses (in float32, which is fast); the chosen scale's error is measured exactly elsewhere.
+    ``with_errors`` also returns each row's error norm at its scale, as the search computed it.
     """
     work = rows.float()
     best_scale = (peak / levels).to(torch.float32)
     best_err = None
-    if ratios == (1.0,):
+    if ratios == (1.0,) and not with_errors:
         return best_scale
     for ratio in ratios:
         scale = (peak * ratio / levels).to(torch.float32)
@@ -85,7 +86,19 @@ def _best_scales(rows: torch.Tensor, peak: torch.Tensor, levels: int,
         better = err < best_err
         best_scale = torch.where(better, scale, best_scale)
         best_err = torch.where(better, err, best_err)
-    return best_scale
+    return (best_scale, best_err) if with_errors else best_scale
+
+
+def row_error_norms(codec: str, rows: torch.Tensor) -> torch.Tensor:
+    """||roundtrip(row) - row|| of each row of a float32 (k, L) tensor, in float32 (inf where out
+    of range): for an integer codec the clipping search's own figure, with no second pass."""
+    spec = CODEC[codec]
+    if not spec.integer:
+        return torch.linalg.vector_norm(roundtrip_rows(codec, rows) - rows, dim=1)
+    levels = (1 << (spec.bits - 1)) - 1
+    peak = rows.abs().amax(dim=1) if rows.shape[1] else rows.new_zeros(rows.shape[0])
+    ratios = CLIP_RATIOS if spec.bits <= CLIP_MAX_BITS else (1.0,)
+    return _best_scales(rows, peak, levels, ratios, with_errors=True)[1]
 
 
 def roundtrip_rows(codec: str, rows: torch.Tensor) -> torch.Tensor:
