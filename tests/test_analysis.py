@@ -167,12 +167,12 @@ def test_evaluate_cli_refuses_a_mismatched_model_in_one_line(cli, classifier_fil
     assert done.code == 2 and "cannot import" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_patched_model_uses_hmatrix_layers(classifier_files) -> None:
+def test_patched_model_uses_compact_layers(classifier_files) -> None:
     from hmcompress.evaluate.analysis import compressed_model
 
     _, compressed = classifier_files
     model = compressed_model(load_task("sample_models.classifier:build"), compressed)
-    assert sum(isinstance(m, runtime.HLinear) for m in model.modules()) == 3
+    assert sum(isinstance(m, runtime.CompactLinear) for m in model.modules()) == 3
 
 
 def test_results_replace_only_the_marked_readme_section(tmp_path) -> None:

@@ -20,7 +20,8 @@ from torch import nn
 import hmcompress.runtime as runtime
 from hmcompress.core.build import CompressionOptions, compress_matrix
 from hmcompress.io.writer import write_compressed
-from hmcompress.runtime import CODEC, FormatError, HLinear, HMatrix, load_state_dict, patch, read_file
+from hmcompress.runtime import (CODEC, CompactLinear, FormatError, HLinear, HMatrix, compact_layouts, load_state_dict,
+                                patch, read_file)
 from hmcompress.runtime.bundle import SHIM_MODULES
 
 
@@ -386,27 +387,32 @@ def test_patch_replaces_linears(model_file):
     model = make_model()
     replaced = patch(model, path)
     assert replaced == ["0", "2", "4"]
-    assert isinstance(model[0], HLinear) and isinstance(model[4], HLinear) and model[4].bias is None
+    assert isinstance(model[0], CompactLinear) and isinstance(model[4], CompactLinear) and model[4].bias is None
     reference = make_model()
     reference.load_state_dict(load_state_dict(path))
     x = torch.randn(2, 3, 24)
     assert torch.allclose(model(x), reference(x), atol=1e-5)
+    float_model = make_model()
+    assert patch(float_model, path, mode="hmatrix") == ["0", "2", "4"]
+    assert isinstance(float_model[0], HLinear) and float_model[4].bias is None
+    assert torch.allclose(float_model(x), reference(x), atol=1e-5)
     dense_model = make_model()
     assert patch(dense_model, path, mode="dense") == []
     assert torch.allclose(dense_model(x), reference(x))
 
 
 def test_patch_auto_keeps_the_faster_per_layer_and_says_so(model_file):
-    _model, path, _hms = model_file
+    _model, path, hms = model_file
     model = make_model()
     patched = patch(model, path, mode="auto", probe_batch=4)
     assert [c.name for c in patched.choices] == ["0", "2", "4"]
-    for choice in patched.choices:
-        assert choice.hmatrix_seconds > 0 and choice.dense_seconds > 0
-        faster = "hmatrix" if choice.hmatrix_seconds <= choice.dense_seconds else "dense"
-        assert choice.mode == faster
-        assert isinstance(model.get_submodule(choice.name), HLinear) == (faster == "hmatrix")
-    assert patched == [c.name for c in patched.choices if c.mode == "hmatrix"]
+    for choice in patched.choices:  # compact layouts only, timed; never dense
+        layer = model.get_submodule(choice.name)
+        assert choice.mode == "compact" and isinstance(layer, CompactLinear)
+        assert set(choice.seconds) == set(compact_layouts(hms[choice.name + ".weight"]))
+        assert all(t > 0 for t in choice.seconds.values())
+        assert choice.layout == min(choice.seconds, key=choice.seconds.get) == layer.matrix.layout
+    assert patched == ["0", "2", "4"]
     reference = make_model()
     reference.load_state_dict(load_state_dict(path))
     x = torch.randn(7, 24)

@@ -182,7 +182,7 @@ dense.load_state_dict(hmruntime.load_state_dict(path))
 patched = make()
 print(hmruntime.patch(patched, path))
 x = torch.randn(3, 24)
-assert isinstance(patched[0], hmruntime.HLinear)
+assert isinstance(patched[0], hmruntime.CompactLinear)
 assert torch.allclose(patched(x), dense(x), atol=1e-5), (patched(x) - dense(x)).abs().max()
 assert "hmcompress" not in [m for m in sys.modules if sys.modules[m] is not None]
 print("ok")

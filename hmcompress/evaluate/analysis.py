@@ -15,7 +15,7 @@ spec such as ``sample_models.classifier:build``) provides:
 The compressed model is loaded with `hmcompress.runtime`, which is byte for byte the
 ``hmruntime.py`` copied beside every compressed file, so what is measured is what a user runs.
 (The copy beside the file is not imported: evaluating a file must not execute code found next to
-it.) The task metric and output error use ``patch`` (H-matrix layers, no dense H formed); the NTK
+it.) The task metric and output error use ``patch`` (compact layers, no dense H formed); the NTK
 uses the dense weights from ``load_state_dict`` (θ_H = the reconstructed weights, DESIGN.md §2).
 """
 from __future__ import annotations

@@ -157,14 +157,19 @@ def row_mask(rows: torch.Tensor, count: int) -> torch.Tensor:
     return pack_bits(bits)
 
 
+def decode_codes(codec: str, data: torch.Tensor, length: int) -> torch.Tensor:
+    """``k`` stored rows (flat pool slice) as stored: ``(k, length)`` integer codes (int8, or int16
+    unpacked from a bit stream) for integer codecs, the pool's floats for floating ones."""
+    spec = CODEC[codec]
+    if spec.packed:
+        return unpack_codes(data.reshape(-1, spec.row_length(length)), spec.bits, length)
+    return data.reshape(-1, length)
+
+
 def decode_rows(codec: str, data: torch.Tensor, scales: torch.Tensor | None, length: int,
                 dtype: torch.dtype) -> torch.Tensor:
     """Turn ``k`` stored rows (flat pool slice) into a ``(k, length)`` tensor of ``dtype``."""
-    spec = CODEC[codec]
-    if spec.packed:
-        values = unpack_codes(data.reshape(-1, spec.row_length(length)), spec.bits, length).to(dtype)
-    else:
-        values = data.reshape(-1, length).to(dtype)
-    if spec.integer:
+    values = decode_codes(codec, data, length).to(dtype)
+    if CODEC[codec].integer:
         values = values * scales.to(dtype).unsqueeze(1)
     return values

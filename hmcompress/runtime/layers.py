@@ -1,12 +1,7 @@
-"""Layers that run a compressed file in a model: `HLinear` (``x @ Hᵀ + b`` without forming H) and
-`patch`, which swaps a model's compressed `nn.Linear` layers for them.
+"""`HLinear`: ``x @ Hᵀ + b`` through the tile product, without forming H (factors decoded to
+float once, or kept compact and decoded at each call).
 """
 from __future__ import annotations
-
-import dataclasses
-import math
-import os
-import time
 
 import torch
 from torch import nn
@@ -15,7 +10,6 @@ from hmcompress.runtime.errors import FormatError
 from hmcompress.runtime.format import DENSE, ROWS
 from hmcompress.runtime.matrix import HMatrix
 from hmcompress.runtime.product import TilePlan, tile_intervals, tile_product
-from hmcompress.runtime.read import read_file
 
 # What an `HLinear` may hold and loop over, checked from the tables before anything is built: a
 # few bytes of blocks must not ask for gigabytes of padded factors or minutes of layout.
@@ -100,14 +94,17 @@ def compact_planes(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
 
 def decode_planes(planes: dict[str, torch.Tensor], dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
     """The factors in ``dtype`` from `compact_planes` (codes times scales rounded once, in float32
-    or float64, as decoding straight into ``dtype`` would)."""
-    out = torch.zeros(shape, dtype=dtype, device=planes["anchor"].device)
+    or float64, as decoding straight into ``dtype`` would). A single plane costs no extra pass:
+    a float plane already in ``dtype`` is returned as it is."""
+    parts = []
     if "codes" in planes:
         wide = torch.promote_types(dtype, torch.float32)
-        out = out + (planes["codes"].to(wide) * planes["scale"].to(wide)).to(dtype)
+        parts.append((planes["codes"].to(wide) * planes["scale"].to(wide)).to(dtype))
     if "float" in planes:
-        out = out + planes["float"].to(dtype)
-    return out
+        parts.append(planes["float"].to(dtype))
+    if not parts:
+        return torch.zeros(shape, dtype=dtype, device=planes["anchor"].device)
+    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
 
 class HLinear(nn.Module):
@@ -186,131 +183,3 @@ class HLinear(nn.Module):
                 f"blocks={self.blocks}, bytes={self.stored_bytes}, held={self.held_bytes}, "
                 f"bias={self.bias is not None}, dtype={str(self.anchor.dtype).removeprefix('torch.')}"
                 f"{', compact' if self.keep_compact else ''}")
-
-
-PATCH_MODES = ("hmatrix", "dense", "auto")
-
-
-@dataclasses.dataclass
-class LayerChoice:
-    """How `patch` runs one compressed `nn.Linear`, and the probe timings behind an "auto" choice."""
-
-    name: str
-    mode: str  # "hmatrix" or "dense"
-    hmatrix_seconds: float | None = None
-    dense_seconds: float | None = None
-
-
-class Patched(list):
-    """The names of the modules `patch` replaced by `HLinear` (a plain list of str), with every
-    compressed linear layer's `LayerChoice` in ``choices`` and, as ``load_state_dict`` reports
-    them, the model's keys the file lacked and the file's keys the model lacks (both empty unless
-    ``strict=False``)."""
-
-    def __init__(self, choices: list[LayerChoice], missing_keys: list[str] = (),
-                 unexpected_keys: list[str] = ()) -> None:
-        super().__init__(sorted(c.name for c in choices if c.mode == "hmatrix"))
-        self.choices = sorted(choices, key=lambda c: c.name)
-        self.missing_keys, self.unexpected_keys = list(missing_keys), list(unexpected_keys)
-
-
-def patch(model: nn.Module, path: str | os.PathLike, mode: str = "hmatrix", *,
-          keep_compact: bool = False, probe_batch: int = 16, prefix: str = "", strict: bool = True) -> Patched:
-    """Load a compressed file into ``model``, running compressed `nn.Linear` layers as `HLinear`.
-
-    ``mode="hmatrix"`` replaces every `nn.Linear` whose weight is compressed; ``"dense"`` loads
-    dense weights only; ``"auto"`` times both on a random probe of ``probe_batch`` rows and keeps
-    the faster per layer (see ``.choices`` of the result). ``keep_compact`` keeps integer-coded
-    factors compact (see `HLinear`). ``prefix``: use only the file's tensors whose names start
-    with it, named without it (``"model."`` for a file made from a training checkpoint without
-    ``--model-only``). Keys are checked as by ``model.load_state_dict(..., strict)``: with
-    ``strict=False`` missing and unexpected keys are skipped and listed in the result.
-    """
-    if mode not in PATCH_MODES:
-        raise ValueError(f"mode must be one of {', '.join(PATCH_MODES)}, got {mode!r}")
-    compressed = read_file(path).under(prefix)
-    file_keys = {*compressed.matrices, *compressed.passthrough}
-    model_keys = set(model.state_dict().keys())
-    linears = {name: module for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and _key(name, "weight") in compressed.matrices}
-    # Biases of replaced layers may be absent from the file (then the layer's own is kept).
-    optional = {_key(name, "bias") for name in linears} if mode != "dense" else set()
-    missing = sorted(model_keys - file_keys - optional)
-    unexpected = sorted(file_keys - model_keys)
-    if strict and (missing or unexpected):
-        raise RuntimeError(f"{path}: does not match the model: missing keys {missing}, "
-                           f"unexpected keys {unexpected}"
-                           + (f" (its tensors under {prefix!r})" if prefix else "")
-                           + ("; a training checkpoint's file may need prefix='model.'" if not prefix and any(
-                               k.startswith("model.") for k in unexpected) else ""))
-    if "" in linears and mode != "dense":
-        raise ValueError("cannot replace the model itself by an HLinear; patch a module containing it")
-    # Every shape is checked before anything is expanded: what the model holds bounds what the
-    # file may make us allocate.
-    state = model.state_dict()
-    shapes = {name: tuple(compressed.metadata["matrices"][name]["orig_shape"]) if name in compressed.matrices
-              else tuple(compressed.passthrough[name].shape) for name in file_keys & model_keys}
-    for name in sorted(shapes):
-        if shapes[name] != tuple(state[name].shape):
-            raise RuntimeError(f"{path}: {name} has shape {shapes[name]}, the model's {tuple(state[name].shape)}")
-    choices, new_modules = [], {}
-    for name, module in linears.items():
-        hm = compressed.matrices[_key(name, "weight")]
-        if tuple(hm.shape) != (module.out_features, module.in_features):
-            raise RuntimeError(f"{path}: {name}.weight has shape {tuple(hm.shape)}, the model's "
-                               f"{(module.out_features, module.in_features)}")
-        if mode == "dense":
-            choices.append(LayerChoice(name, "dense"))
-            continue
-        try:
-            layer = HLinear(hm, module.bias, dtype=module.weight.dtype, device=module.weight.device,
-                            keep_compact=keep_compact)
-        except FormatError as err:
-            raise FormatError(f"{path}: {_key(name, 'weight')}: {err}") from None
-        choice = LayerChoice(name, "hmatrix")
-        if mode == "auto":
-            choice = _faster(name, layer, hm, module, probe_batch)
-        choices.append(choice)
-        if choice.mode == "hmatrix":
-            new_modules[id(module)] = layer
-    replaced = {c.name for c in choices if c.mode == "hmatrix"}
-    dense = {name: compressed.dense(name, max_bytes=max(8, 2 * state[name].element_size()) * state[name].numel())
-             for name in sorted((file_keys & model_keys) - {_key(n, "weight") for n in replaced})}
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if id(child) in new_modules:
-                setattr(parent, child_name, new_modules[id(child)])
-    model.load_state_dict(dense, strict=False)
-    return Patched(choices, missing, unexpected)
-
-
-def _key(module_name: str, tensor: str) -> str:
-    return f"{module_name}.{tensor}" if module_name else tensor
-
-
-def _faster(name: str, layer: HLinear, hm: HMatrix, module: nn.Linear, probe_batch: int) -> LayerChoice:
-    """Time `layer` against a dense `nn.Linear` holding H on the same probe; the faster wins."""
-    weight = module.weight
-    dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                      device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        dense.weight.copy_(hm.to_dense(weight.dtype))
-        probe = torch.randn(probe_batch, module.in_features, generator=torch.Generator().manual_seed(0))
-        probe = probe.to(device=weight.device, dtype=weight.dtype)
-        h_time, d_time = _seconds(layer, probe), _seconds(dense, probe)
-    return LayerChoice(name, "hmatrix" if h_time <= d_time else "dense", h_time, d_time)
-
-
-def _seconds(fn: nn.Module, probe: torch.Tensor, budget: float = 0.02, most: int = 50) -> float:
-    """The best of several timed calls (after a warm-up), within about ``budget`` seconds."""
-    sync = torch.cuda.synchronize if probe.is_cuda else (lambda: None)
-    fn(probe)
-    sync()
-    best, spent, calls = math.inf, 0.0, 0
-    while calls < 3 or (spent < budget and calls < most):
-        start = time.perf_counter()
-        fn(probe)
-        sync()
-        elapsed = time.perf_counter() - start
-        best, spent, calls = min(best, elapsed), spent + elapsed, calls + 1
-    return best

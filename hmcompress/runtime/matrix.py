@@ -11,7 +11,8 @@ from collections.abc import Iterator
 
 import torch
 
-from hmcompress.runtime.format import CODEC, CODECS, DENSE, LOWRANK, ROWS, decode_rows, mask_bytes, mask_rows
+from hmcompress.runtime.format import (CODEC, CODECS, DENSE, LOWRANK, ROWS, decode_codes, decode_rows, mask_bytes,
+                                       mask_rows)
 from hmcompress.runtime.validate import validate_packed
 
 
@@ -48,14 +49,16 @@ class HMatrix:
                    *self.scales.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def segment_values(self) -> Iterator[Segment]:
-        """Every segment decoded, in table order: values in float64 (exact for every codec)."""
+    def segment_values(self, raw: bool = False) -> Iterator[Segment]:
+        """Every segment decoded, in table order: values in float64 (exact for every codec), or
+        with ``raw`` as stored (`format.decode_codes`: integer codes, to be multiplied by their
+        row's scale, or the pool's floats)."""
         blocks = self.blocks.tolist()
         mask_cursor = 0
         for block, kind, codec_id, rank, offset, scale_offset in self.segments.tolist():
             row0, col0, rows, cols, _level = blocks[block]
             codec = CODECS[codec_id]
-            run = _RowRun(self, codec, offset, scale_offset)
+            run = _RowRun(self, codec, offset, scale_offset, raw)
             if kind == LOWRANK:
                 a, a_scales = run.take(rank, rows)
                 b, b_scales = run.take(rank, cols)
@@ -143,19 +146,21 @@ def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
 class _RowRun:
     """Consecutive stored rows of one segment, read from its pool and scale offsets onwards."""
 
-    def __init__(self, hm: HMatrix, codec: str, offset: int, scale_offset: int) -> None:
+    def __init__(self, hm: HMatrix, codec: str, offset: int, scale_offset: int, raw: bool = False) -> None:
         self.pool, self.scales = hm.pools[codec], hm.scales.get(codec)
-        self.codec, self.offset, self.scale_offset = codec, offset, scale_offset
+        self.codec, self.offset, self.scale_offset, self.raw = codec, offset, scale_offset, raw
 
     def take(self, count: int, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The next ``count`` rows of ``length`` numbers (float64) and their scales."""
+        """The next ``count`` rows of ``length`` numbers (float64, or as stored if ``raw``) and
+        their scales."""
         size = count * CODEC[self.codec].row_length(length)
         scales = None
         if self.scales is not None:
             scales = self.scales[self.scale_offset:self.scale_offset + count]
             self.scale_offset += count
-        values = decode_rows(self.codec, self.pool[self.offset:self.offset + size], scales, length,
-                             torch.float64)
+        data = self.pool[self.offset:self.offset + size]
+        values = (decode_codes(self.codec, data, length) if self.raw
+                  else decode_rows(self.codec, data, scales, length, torch.float64))
         self.offset += size
         return values, scales
 

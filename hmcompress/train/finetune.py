@@ -36,7 +36,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> list[str]:
     remember the file's options (``tol`` of each matrix), which `recompress` uses by default."""
     where = {name: (m.weight.dtype, m.weight.device) for name, m in model.named_modules()
              if isinstance(m, nn.Linear)}
-    replaced = runtime.patch(model, path)
+    replaced = runtime.patch(model, path, mode="hmatrix")  # nn.Linear layers only, each then made trainable
     compressed = runtime.read_file(path)
     base, _selection = options_from_json(compressed.metadata.get("options", {}))
     for name in replaced:

@@ -1,0 +1,415 @@
+"""`CompactMatrix`: a compressed matrix held as the file stores it, multiplied without ever forming
+a float weight.
+
+Trained weights end, at the tolerances users pick, as integer-coded rows (one float32 scale per
+stored row). Those rows are grouped into *bands*, one per column range of the block partition,
+each an int8 code matrix laid out (columns, rows) for `torch._int_mm`. A float input cannot meet
+int8 codes in that kernel as it is, so each input row is written exactly enough in fixed point:
+three signed 7-bit digits, ``x ≈ step · (d0·2¹⁴ + d1·2⁷ + d2)`` with ``step = max|x| / (127·2¹⁴)``
+(a relative error below 2⁻²² of the row's largest entry, the order of float32's own rounding of
+the sums). One integer product of the (3N, n) digits by the codes gives every band's exact int32
+sums, recombined in float32 and scaled. Where `torch._int_mm` is missing (old torch, CUDA's shape
+rules), for float64 models and for inputs with inf or NaN, each band is decoded to ``dtype`` for
+the call instead (the codes stay int8 in memory either way).
+
+Everything else (low-rank factors in any codec, rows and blocks in floating codecs, rows whose
+scale is not finite) runs through the tile product of `HLinear` with its factors compact (integer
+codes with their scales, floats at their stored width), decoded at each call.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+from torch import nn
+
+from hmcompress.runtime.format import LOWRANK, ROWS, mask_bytes
+from hmcompress.runtime.layers import HLinear
+from hmcompress.runtime.matrix import HMatrix, RowsSegment
+from hmcompress.runtime.product import tile_product
+
+DIGITS = 3  # balanced base-256 digits of a fixed-point number: 23 bits and a sign
+FIXED_LIMIT = 127 << 16  # |x / step| at most this: the top digit stays within ±127
+DIGIT_WEIGHTS = (1.0, 256.0, 65536.0)
+MAX_BAND_COLUMNS = 1 << 16  # int32 sums of code × digit products (each at most 128²) cannot overflow
+MAX_BANDS = 64  # beyond this many column ranges the tile product is the better layout
+# How a `CompactMatrix` runs: integer-coded rows as int8 bands multiplied in integers ("int") or
+# decoded to float for each call ("float": fewer operations, the better for small matrices), or
+# everything through the tile product ("tiles").
+LAYOUTS = ("int", "float", "tiles")
+SMALL_MATRIX = 1 << 18  # entries up to which "float" is the default layout (operations dominate)
+
+
+@functools.lru_cache(maxsize=None)
+def int_mm_works(device_type: str) -> bool:
+    """Whether `torch._int_mm` multiplies int8 matrices of any shape on this kind of device (and
+    `int_digits` can read bytes in little-endian order)."""
+    if device_type != "cpu" or not hasattr(torch, "_int_mm") or sys.byteorder != "little":
+        return False
+    try:
+        a, b = torch.ones(3, 5, dtype=torch.int8), torch.ones(5, 7, dtype=torch.int8)
+        return bool((torch._int_mm(a, b) == 5).all())
+    except RuntimeError:
+        return False
+
+
+def int_digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``x`` (N, n) as fixed-point digits: (DIGITS * N, n) int8, least significant digit
+    first, and the float32 ``step`` (N, 1) with ``x ≈ step * Σ_d DIGIT_WEIGHTS[d] · digit_d``.
+
+    ``fixed = round(x / step)`` is an int32 within ±127·2¹⁶. Adding 0x8080 and flipping the top
+    bit of its two low bytes leaves, in its three low bytes read as int8, the balanced digits
+    (each within -128..127, the top one within ±127) of the same number.
+    """
+    x32 = x.float()
+    top = x32.abs().amax(1, keepdim=True)
+    step = torch.where(top > 0, top / FIXED_LIMIT, torch.ones_like(top))
+    fixed = torch.round(x32 / step).to(torch.int32)
+    balanced = ((fixed + 0x8080) ^ 0x8080).view(torch.int8).view(*x.shape, 4)
+    return balanced.permute(2, 0, 1)[:DIGITS].reshape(DIGITS * x.shape[0], x.shape[1]), step
+
+
+def combine_digits(sums: torch.Tensor, batch: int) -> torch.Tensor:
+    """float32 Σ_d DIGIT_WEIGHTS[d] · sums_d of `torch._int_mm`'s int32 (DIGITS * N, r) sums: (N, r)."""
+    weights = torch.tensor([DIGIT_WEIGHTS], dtype=torch.float32, device=sums.device)
+    return (weights @ sums.view(DIGITS, -1).to(torch.float32)).view(batch, -1)
+
+
+class _Band:
+    """One band: the name of its codes, its input columns ``col0 .. col0 + cols``, and its rows'
+    place ``start .. stop`` in the bands' joined scales and output rows."""
+
+    def __init__(self, number: int, col0: int, cols: int, start: int, stop: int) -> None:
+        self.codes = f"band{number}_codes"
+        self.col0, self.cols, self.start, self.stop = col0, cols, start, stop
+
+
+class CompactMatrix(nn.Module):
+    """``x @ Hᵀ`` for a packed H-matrix H, held compact (see the module's docstring).
+
+    ``layout`` "int" or "float": integer-coded rows and blocks as int8 bands (multiplied in
+    integers, or decoded for each call), the rest through the tile product; "tiles": everything
+    through the tile product, compact. All tensors are non-persistent buffers, so ``.to()``
+    moves them. `compact_layouts` says which layouts a matrix offers, the default first.
+    """
+
+    def __init__(self, hmatrix: HMatrix, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, layout: str | None = None) -> None:
+        super().__init__()
+        layout = layout or compact_layouts(hmatrix)[0]
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        dtype = dtype or torch.float32
+        self.out_features, self.in_features = hmatrix.shape
+        self.layout = layout
+        self.stored_bytes = hmatrix.nbytes
+        pieces, rest = ([], hmatrix) if layout == "tiles" else _split(hmatrix)
+        if layout != "tiles" and not pieces:
+            raise ValueError(f"layout {layout!r} needs integer-coded rows or blocks; this matrix has none")
+        self._bands: list[_Band] = []
+        self.indexed = False
+        rows, scales = [], []
+        for number, (col0, cols, band_rows, codes, band_scales) in enumerate(_bands(pieces, self.out_features)):
+            start = sum(r.numel() for r in rows)
+            self._bands.append(_Band(number, col0, cols, start, start + band_rows.numel()))
+            self.register_buffer(f"band{number}_codes", codes.T.contiguous().to(device), persistent=False)
+            rows.append(band_rows)
+            scales.append(band_scales)
+        if self._bands:
+            joined = torch.cat(rows)
+            self.register_buffer("band_scales", torch.cat(scales).to(device=device, dtype=torch.float32),
+                                 persistent=False)
+            # Where the joined rows are the output's, in order, the bands' sum is the output itself.
+            self.indexed = not torch.equal(joined, torch.arange(self.out_features))
+            self.register_buffer("band_rows", joined.to(device), persistent=False)
+        self.rest = None if rest is None else HLinear(rest, dtype=dtype, device=device, keep_compact=True)
+        self._single_float = (layout == "float" and len(self._bands) == 1 and not self.indexed and self.rest is None)
+        self.register_buffer("anchor", torch.zeros(0, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of every tensor held (codes, scales, index tables, the rest's compact factors)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def matmul_t(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ Hᵀ (+ bias)`` for x (N, in_features) in the layer's dtype: (N, out_features)."""
+        buffers = self._buffers
+        dtype = buffers["anchor"].dtype
+        if self._single_float:  # the common case in as few operations as it takes: three
+            product = x @ buffers["band0_codes"].to(dtype)
+            scales = buffers["band_scales"]
+            return product.mul_(scales) if bias is None else torch.addcmul(bias, product, scales)
+        rest = None if self.rest is None else tile_product(self.rest._decoded_plan(), x, bias)
+        if not self._bands:
+            return rest
+        part = None
+        if self.layout == "int" and int_mm_works(x.device.type) and dtype != torch.float64:
+            digits, step = int_digits(x)
+            if bool(torch.isfinite(step).all()):  # inf or NaN inputs: the float product spreads them
+                sums = [torch._int_mm(digits[:, b.col0:b.col0 + b.cols], buffers[b.codes]) for b in self._bands]
+                part = combine_digits(sums[0] if len(sums) == 1 else torch.cat(sums, 1), x.shape[0])
+                part = part.mul_(step).mul_(buffers["band_scales"]).to(dtype)
+        if part is None:  # codes times inputs, then the scales: three operations for one band
+            parts = [x[:, b.col0:b.col0 + b.cols] @ buffers[b.codes].to(dtype) for b in self._bands]
+            part = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).mul_(buffers["band_scales"].to(dtype))
+        if rest is None and bias is not None:
+            rest = bias.expand(x.shape[0], self.out_features).clone()
+        if not self.indexed:
+            return part if rest is None else rest.add_(part)
+        out = rest if rest is not None else torch.zeros(x.shape[0], self.out_features, dtype=dtype, device=x.device)
+        return out.index_add_(1, buffers["band_rows"], part)
+
+    def dense(self) -> torch.Tensor:
+        """H in the layer's dtype, formed for one call (convolutions that are not matrix products)."""
+        buffers = self._buffers
+        dtype = buffers["anchor"].dtype
+        device = buffers["anchor"].device
+        if self.rest is not None:
+            eye = torch.eye(self.in_features, dtype=dtype, device=device)
+            out = tile_product(self.rest._decoded_plan(), eye).T.contiguous()
+        else:
+            out = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=device)
+        for band in self._bands:
+            values = (buffers[band.codes].to(dtype) * buffers["band_scales"][band.start:band.stop].to(dtype)).T
+            out[:, band.col0:band.col0 + band.cols].index_add_(0, buffers["band_rows"][band.start:band.stop], values)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
+                f"bands={len(self._bands)}, bytes={self.stored_bytes}, held={self.held_bytes}")
+
+
+def compact_layouts(hmatrix: HMatrix) -> tuple[str, ...]:
+    """The layouts `CompactMatrix` offers for ``hmatrix``, the default first: "int" and "float"
+    where it has integer-coded rows or blocks in at most MAX_BANDS column ranges ("float" first
+    for matrices of up to SMALL_MATRIX entries, where the count of operations dominates), and
+    always "tiles"."""
+    pieces, _rest = _split(hmatrix)
+    if not pieces or len({(col0, cols) for col0, cols, *_ in pieces}) > MAX_BANDS:
+        return ("tiles",)
+    small = hmatrix.shape[0] * hmatrix.shape[1] <= SMALL_MATRIX
+    return ("float", "int", "tiles") if small else ("int", "float", "tiles")
+
+
+Piece = tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]  # col0, cols, rows, codes (k, cols), scales
+
+
+def _split(hm: HMatrix) -> tuple[list[Piece], HMatrix | None]:
+    """The integer-coded rows and dense blocks with finite scales as pieces (output rows, codes,
+    scales), and every other segment as an H-matrix of its own (None if there is none)."""
+    pieces: list[Piece] = []
+    keep: list[bool] = []
+    for s in hm.segment_values(raw=True):
+        integer = s.kind != LOWRANK and s.scales is not None and bool(torch.isfinite(s.scales).all())
+        keep.append(not integer)
+        if integer:
+            if isinstance(s, RowsSegment):
+                rows, codes = s.row0 + s.index, s.values
+            else:
+                rows, codes = s.row0 + torch.arange(s.rows), s.block
+            pieces.append((s.col0, s.cols, rows, codes.to(torch.int8), s.scales))
+    if all(keep):
+        return pieces, hm
+    if not any(keep):
+        return pieces, None
+    return pieces, _subset(hm, keep)
+
+
+def _subset(hm: HMatrix, keep: list[bool]) -> HMatrix:
+    """``hm`` with only the segments marked in ``keep`` (their row bitmaps with them)."""
+    segments = hm.segments
+    masks, cursor = [], 0
+    block_rows = hm.blocks[:, 2].tolist()
+    for (block, kind), kept in zip(segments[:, :2].tolist(), keep):
+        if kind == ROWS:
+            size = mask_bytes(block_rows[block])
+            if kept:
+                masks.append(hm.row_masks[cursor:cursor + size])
+            cursor += size
+    row_masks = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.uint8)
+    return HMatrix(hm.shape, hm.dtype, hm.blocks, segments[torch.tensor(keep, dtype=torch.bool)],
+                   hm.pools, hm.scales, row_masks)
+
+
+def _bands(pieces: list[Piece], rows: int) -> list[Piece]:
+    """Pieces on the same columns joined into bands (rows sorted, never the same row twice in a
+    band), each cut into at most MAX_BAND_COLUMNS columns."""
+    groups: dict[tuple[int, int], list[tuple[list[Piece], torch.Tensor]]] = {}
+    for piece in pieces:
+        bands = groups.setdefault((piece[0], piece[1]), [])
+        free = [(members, taken) for members, taken in bands if not bool(taken[piece[2]].any())]
+        if not free:
+            bands.append(([], torch.zeros(rows, dtype=torch.bool)))
+            free = bands[-1:]
+        members, taken = free[0]
+        members.append(piece)
+        taken[piece[2]] = True
+    out = []
+    for (col0, cols), bands in sorted(groups.items()):
+        for members, _taken in bands:
+            band_rows = torch.cat([p[2] for p in members])
+            order = torch.argsort(band_rows)
+            codes = torch.cat([p[3] for p in members])[order]
+            scales = torch.cat([p[4] for p in members])[order]
+            for start in range(0, cols, MAX_BAND_COLUMNS):
+                width = min(MAX_BAND_COLUMNS, cols - start)
+                out.append((col0 + start, width, band_rows[order], codes[:, start:start + width], scales))
+    return out
+
+
+def materialized(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A module's tensor, or zeros of its shape in its place where it is on the meta device (`patch`
+    assigns the file's values afterwards)."""
+    if tensor is None or not tensor.is_meta:
+        return tensor
+    return nn.Parameter(torch.zeros(tensor.shape, dtype=tensor.dtype), requires_grad=tensor.requires_grad)
+
+
+def _bias(bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device | str | None) -> nn.Parameter | None:
+    """A layer's bias as its own trainable parameter in ``dtype`` on ``device`` (None stays None)."""
+    bias = materialized(bias)
+    if bias is None:
+        return None
+    trainable = bias.requires_grad if isinstance(bias, nn.Parameter) else True
+    return nn.Parameter(bias.detach().to(device=device, dtype=dtype).clone(), requires_grad=trainable)
+
+
+class CompactLinear(nn.Module):
+    """``y = x @ Hᵀ + bias`` from a `CompactMatrix`: `nn.Linear`'s compact stand-in."""
+
+    def __init__(self, hmatrix: HMatrix, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, layout: str | None = None) -> None:
+        super().__init__()
+        self.matrix = CompactMatrix(hmatrix, dtype, device, layout)
+        self.out_features, self.in_features = hmatrix.shape
+        self.register_parameter("bias", _bias(bias, dtype or torch.float32, device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        matrix = self._modules["matrix"]
+        dtype = matrix._buffers["anchor"].dtype
+        if x.dim() == 2 and x.dtype == dtype and x.shape[1] == self.in_features:  # the common case, lean
+            return matrix.matmul_t(x, self._parameters["bias"])
+        shape = x.shape
+        if shape[-1] != self.in_features:
+            raise ValueError(f"CompactLinear expects inputs with {self.in_features} features, got {tuple(shape)}")
+        rows = x.reshape(-1, self.in_features)
+        y = matrix.matmul_t(rows if rows.dtype == dtype else rows.to(dtype), self._parameters["bias"])
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+CONV_FUNCTIONS = {nn.Conv1d: nn.functional.conv1d, nn.Conv2d: nn.functional.conv2d, nn.Conv3d: nn.functional.conv3d}
+
+
+class CompactConv(nn.Module):
+    """A Conv1d/2d/3d whose kernel (out, in/groups, *k), compressed as the (out, in/groups·∏k)
+    matrix, stays compact. Pointwise convolutions (1x1 kernel, stride 1, no padding, one group)
+    are the matrix product over channels; the others form their kernel for each call."""
+
+    def __init__(self, hmatrix: HMatrix, conv: nn.Module, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, layout: str | None = None) -> None:
+        super().__init__()
+        self.matrix = CompactMatrix(hmatrix, dtype, device, layout)
+        self.function = CONV_FUNCTIONS[type(conv)]
+        self.kernel_shape = tuple(conv.weight.shape)
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.padding_mode = conv.padding_mode
+        self.reversed_padding = conv._reversed_padding_repeated_twice
+        self.pointwise = (all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride)
+                          and conv.groups == 1 and conv.padding in ("valid", tuple(0 for _ in conv.kernel_size)))
+        self.register_parameter("bias", _bias(conv.bias, dtype or torch.float32, device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        matrix = self._modules["matrix"]
+        dtype = matrix._buffers["anchor"].dtype
+        inputs = x if x.dtype == dtype else x.to(dtype)
+        bias = self._parameters["bias"]
+        if self.pointwise:
+            channels_last = inputs.movedim(-len(self.kernel_shape) + 1, -1)
+            y = matrix.matmul_t(channels_last.reshape(-1, channels_last.shape[-1]))
+            if bias is not None:
+                y = y + bias
+            y = y.reshape(*channels_last.shape[:-1], -1).movedim(-1, -len(self.kernel_shape) + 1)
+        else:
+            weight = matrix.dense().reshape(self.kernel_shape)
+            if self.padding_mode != "zeros":
+                inputs = nn.functional.pad(inputs, self.reversed_padding, mode=self.padding_mode)
+                y = self.function(inputs, weight, bias, self.stride, 0, self.dilation, self.groups)
+            else:
+                y = self.function(inputs, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel_shape}, stride={self.stride}, pointwise={self.pointwise}"
+
+
+class CompactEmbedding(nn.Module):
+    """`nn.Embedding`'s compact stand-in: each looked-up row gathered from the int8 codes and
+    scaled (`embedding_ready` says which matrices it can hold)."""
+
+    def __init__(self, hmatrix: HMatrix, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if not embedding_ready(hmatrix):
+            raise ValueError("a compact embedding needs integer-coded rows only, every row in every column range")
+        self.matrix = CompactMatrix(hmatrix, dtype, device, "float")
+        self.num_embeddings, self.embedding_dim = hmatrix.shape
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        matrix = self._modules["matrix"]
+        buffers = matrix._buffers
+        dtype = buffers["anchor"].dtype
+        flat = index.reshape(-1)
+        out = torch.zeros(flat.numel(), self.embedding_dim, dtype=dtype, device=buffers["anchor"].device)
+        for band in matrix._bands:
+            codes = buffers[band.codes].index_select(1, flat).T
+            scales = buffers["band_scales"][band.start:band.stop][flat]
+            out[:, band.col0:band.col0 + band.cols] += codes.to(dtype) * scales.to(dtype).unsqueeze(1)
+        return out.reshape(*index.shape, self.embedding_dim)
+
+
+def embedding_ready(hmatrix: HMatrix) -> bool:
+    """Whether `CompactEmbedding` can hold ``hmatrix``: integer-coded rows with finite scales
+    only, each band holding every row."""
+    pieces, rest = _split(hmatrix)
+    rows = hmatrix.shape[0]
+    return rest is None and all(torch.equal(band[2], torch.arange(rows)) for band in _bands(pieces, rows))
+
+
+class CompactLSTMCell(nn.Module):
+    """`nn.LSTMCell` with both its weights compact. Gates in torch's order: input, forget, cell,
+    output."""
+
+    def __init__(self, cell: nn.LSTMCell, weights: dict[str, HMatrix], dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, layout: str | None = None) -> None:
+        super().__init__()
+        dtype = dtype or torch.float32
+        self.input_size, self.hidden_size = cell.input_size, cell.hidden_size
+        self.weight_ih = CompactMatrix(weights["weight_ih"], dtype, device, layout)
+        self.weight_hh = CompactMatrix(weights["weight_hh"], dtype, device, layout)
+        self.register_parameter("bias_ih", _bias(cell.bias_ih, dtype, device))
+        self.register_parameter("bias_hh", _bias(cell.bias_hh, dtype, device))
+
+    def forward(self, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        batched = x.dim() == 2
+        if not batched:
+            x = x.unsqueeze(0)
+            hx = None if hx is None else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        if hx is None:
+            zeros = torch.zeros(x.shape[0], self.hidden_size, dtype=x.dtype, device=x.device)
+            hx = (zeros, zeros)
+        h, c = hx
+        modules = self._modules
+        gates = modules["weight_ih"].matmul_t(x) + modules["weight_hh"].matmul_t(h)
+        for bias in (self._parameters["bias_ih"], self._parameters["bias_hh"]):
+            if bias is not None:
+                gates = gates + bias
+        i, f, g, o = gates.chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
