@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import pathlib
+import time
 import warnings
 from collections.abc import Callable
 
@@ -18,7 +19,7 @@ from hmcompress.core.verdicts import Gates, recorded_fields, recorded_problems
 from hmcompress.errors import OutputExists, UserError
 from hmcompress.io import pipeline, training
 from hmcompress.io.checkpoint import Checkpoint, Selection, classify, open_checkpoint
-from hmcompress.io.writer import StreamedTensor, write_assembled, write_runtime_shim, write_streamed
+from hmcompress.io.writer import StreamedTensor, shard_paths, write_assembled, write_runtime_shim, write_streamed
 from hmcompress.runtime import FORMAT_VERSION, read_file
 
 
@@ -49,6 +50,15 @@ class CompressionResult:
     extra: list[str] = dataclasses.field(default_factory=list)  # non-tensor entries kept in the header
     not_stored: list[str] = dataclasses.field(default_factory=list)  # non-tensor entries JSON cannot hold
     dropped_bytes: int = 0  # bytes of the tensors left out (not in the totals)
+    seconds: float = 0.0  # wall time of the whole compression (reading, compressing, writing)
+    matrix_bytes: int = 0  # source bytes of the matrices to compress
+
+    def throughput(self) -> dict:
+        """Source bytes of the matrices compressed per second of wall time (MB = 10^6 bytes), as the
+        progress line shows it."""
+        rate = self.matrix_bytes / self.seconds / 1e6 if self.seconds > 0 else None
+        return {"seconds": round(self.seconds, 3), "matrix_bytes": self.matrix_bytes,
+                "mb_per_s": round(rate, 3) if rate is not None else None}
 
     def totals(self) -> dict:
         return totals(self.layers)
@@ -60,7 +70,7 @@ class CompressionResult:
                 "options": self.options, "layers": [s.to_json() for s in self.layers], "totals": self.totals(),
                 "dropped": dict(sorted(self.kept.dropped.items())) if self.kept else {},
                 "removed_prefix": self.kept.prefix if self.kept else "", "dropped_bytes": self.dropped_bytes,
-                "extra": self.extra, "not_stored": self.not_stored}
+                "extra": self.extra, "not_stored": self.not_stored, "throughput": self.throughput()}
 
     def notes(self) -> list[str]:
         """What happened to everything that is not a compressed or passthrough tensor, for people."""
@@ -91,7 +101,9 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
                         options: CompressionOptions, selection: Selection = Selection(),
                         overwrite: bool = False, progress: Progress | None = None,
                         write: bool = True, gates: Gates | None = None,
-                        keep_failed: bool = False, workers: int | None = None, resume: bool = False) -> CompressionResult:
+                        keep_failed: bool = False, workers: int | None = None, resume: bool = False,
+                        engine: str = "local", address: str | None = None,
+                        max_shard_bytes: int | None = None) -> CompressionResult:
     """Compress every eligible matrix of a checkpoint and write the compressed file + shim.
 
     Tensors are compressed one at a time (in ``workers`` processes; by default as many as the
@@ -99,13 +111,19 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
     so memory stays within a small multiple of the largest tensor (see `pipeline`). With
     ``resume``, results an interrupted run left in the work directory are reused. With ``gates``,
     a result that misses one is not written (unless ``keep_failed``); its ``failures`` say why
-    and its ``output`` is None.
+    and its ``output`` is None. ``engine="ray"`` compresses the matrices as Ray tasks (on the
+    cluster at ``address``, or a local one); the file is the same. With ``max_shard_bytes``, a
+    larger output is written as shards and an index (`writer.write_sharded`), whose path
+    ``output`` then is.
     """
+    started = time.monotonic()
     source = pathlib.Path(source)
     opened = open_checkpoint(source)
     output = pathlib.Path(output) if output else default_output(source)
     if write:
         _check_output(source, output, overwrite)
+        if max_shard_bytes is not None:
+            _check_output(source, shard_paths(output, 1)[1], overwrite)
     kept = training.keep(opened.entries, selection.drop_optimizer, selection.model_only, source)
     source_names = {new: old for old, new in kept.names.items()}
     ckpt = dataclasses.replace(opened, entries=[dataclasses.replace(e, name=kept.names[e.name])
@@ -125,7 +143,14 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
         sizes = {e.name: e.nbytes for e in ckpt.entries if reasons[e.name] is None}
         if workers is None:
             workers = pipeline.default_workers(sum(sizes.values()))
-        outcomes = {o.name: o for o in pipeline.run_jobs(jobs, workers, _byte_counter(progress, sizes))}
+        counter = _byte_counter(progress, sizes)
+        if engine == "ray":
+            from hmcompress.io import ray_engine
+
+            ran = ray_engine.run_jobs(jobs, address, counter)
+        else:
+            ran = pipeline.run_jobs(jobs, workers, counter)
+        outcomes = {o.name: o for o in ran}
         layers = []
         for entry in ckpt.entries:
             outcome = outcomes.get(entry.name)
@@ -149,14 +174,16 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
         if write:
             table, tensors = pipeline.assembled_tensors(ckpt, outcomes, workdir, slots)
             passthrough = {name: reason for name, reason in reasons.items() if name not in table}
-            write_assembled(output, table, passthrough, tensors, header, overwrite=overwrite)
+            output = write_assembled(output, table, passthrough, tensors, header, overwrite=overwrite,
+                                     max_shard_bytes=max_shard_bytes)
             write_runtime_shim(output.parent)
         if workdir is not None:
             workdir.remove()
     reused = sorted(o.name for o in outcomes.values() if o.reused)
     return CompressionResult(source, output if write else None, layers, header["options"], failures, reused,
                              kept, sorted(ckpt.extra), ckpt.dropped,
-                             sum(e.nbytes for e in opened.entries if e.name in kept.dropped))
+                             sum(e.nbytes for e in opened.entries if e.name in kept.dropped),
+                             seconds=time.monotonic() - started, matrix_bytes=sum(sizes.values()))
 
 
 def _warn_if_zeroed(layers: list[LayerStats], options: CompressionOptions) -> None:

@@ -194,6 +194,12 @@ def compress(
     resume: bool = flag("--resume", help="Reuse the matrices an interrupted run of the same output already "
                         "compressed (kept beside the output until it is written)."),
     device: str = typer.Option("cpu", "--device", help="Where the factorizations run: cpu or cuda[:N]."),
+    engine: Literal["local", "ray"] = typer.Option("local", "--engine", help="local: worker processes here; ray: "
+                                                   "Ray tasks (pip install 'hmcompress[ray]'); the same file."),
+    address: Optional[str] = typer.Option(None, "--address", help="With --engine ray: the cluster to join "
+                                          "(host:port, or auto); by default a local one for this run."),
+    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Write shards of at most this "
+                                                 "size (e.g. 5GB) and an index, as Hugging Face does."),
     model_factory: Optional[str] = typer.Option(None, "--model-factory", help="A model package's factory, e.g. "
                                                 "sample_models.classifier:build: also run the original and the "
                                                 "compressed model on its sample inputs and print the difference."),
@@ -210,6 +216,15 @@ def compress(
 
     if output and len(models) > 1:
         raise UserError("-o/--output takes one input; use --out-dir for several")
+    if address is not None and engine != "ray":
+        raise UserError("--address needs --engine ray")
+    if engine == "ray":
+        from hmcompress.io import ray_engine
+
+        ray_engine.require_ray()
+    from hmcompress.io.writer import parse_size
+
+    max_shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
     options = CompressionOptions(tol=tol, absolute=absolute, strategy=strategy, precision=precision, leaf=leaf,
                                  device=device)
     selection = Selection(min_size=min_size, include=tuple(include), exclude=tuple(exclude), conv=conv,
@@ -229,7 +244,8 @@ def compress(
             with _Bar(str(model), not quiet) as bar:
                 result = api.compress_checkpoint(model, target, options, selection, overwrite=force,
                                                  progress=bar.compression(time.monotonic()), gates=gates,
-                                                 keep_failed=keep_failed, workers=workers, resume=resume)
+                                                 keep_failed=keep_failed, workers=workers, resume=resume,
+                                                 engine=engine, address=address, max_shard_bytes=max_shard_bytes)
         except KeyboardInterrupt as interrupt:  # api.Interrupted says what was kept, and where
             message = f"interrupted: {interrupt or f'nothing written to {target}'}"
             _say(f"hmcompress: {message}")
@@ -273,7 +289,7 @@ def _refuse_duplicate_outputs(models: list[pathlib.Path], targets: list[pathlib.
                               "model.hm.safetensors --markdown >> $GITHUB_STEP_SUMMARY | hmcompress report "
                               "model.hm.safetensors --html report.html")
 def report_cmd(
-    file: pathlib.Path = typer.Argument(..., help="A compressed .hm.safetensors file."),
+    file: pathlib.Path = typer.Argument(..., help="A compressed .hm.safetensors file (sharded: its directory or index)."),
     original: Optional[pathlib.Path] = typer.Option(None, help="Also re-measure against the original."),
     json_out: bool = flag("--json", help="Print one JSON document on stdout."),
     markdown: bool = flag("--markdown", help="Print a Markdown table (for a pull request or job summary)."),
@@ -326,7 +342,7 @@ def _write_report_page(file: pathlib.Path, meta: dict, layers: list, html_out: p
 
 @app.command("verify", cls=_Command, epilog="Example: hmcompress verify model.hm.safetensors --original model.pt")
 def verify_cmd(
-    file: pathlib.Path = typer.Argument(..., help="A compressed .hm.safetensors file."),
+    file: pathlib.Path = typer.Argument(..., help="A compressed .hm.safetensors file (sharded: its directory or index)."),
     original: pathlib.Path = typer.Option(..., help="The checkpoint it was made from."),
     json_out: bool = flag("--json", help="Print one JSON document on stdout."),
 ) -> None:

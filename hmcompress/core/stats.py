@@ -43,7 +43,7 @@ class LayerStats:
     spectral_method: str = ""  # "svd": residuals' SVDs widened by their rounding; "frobenius": fro_error
     sigma_max_upper: float = 0.0  # upper bound on sigma_max(W) (files of hmcompress 0.1: "sigma_max")
     sigma_min_lower: float = 0.0  # lower bound on sigma_min(W), >= 0 (files of hmcompress 0.1: "sigma_min")
-    kappa_w: float | None = None  # sigma_max(W) / sigma_min(W) as computed: an estimate; None: singular
+    kappa_w: float | None = None  # sigma_max(W) / sigma_min(W) as computed: an estimate; None: singular, or not computed
     kappa_h_bound: float | None = None  # upper bound on kappa(H) (Weyl); None: unbounded
     kappa_h_paper: float | None = None  # the paper's Theorem 1(c) figure: not a bound
     strategy: str = ""

@@ -148,32 +148,65 @@ def run_job(job: Job) -> JobResult:
 
 def _run(job: Job) -> JobResult:
     tensor = _entry(job.source, job.tensor).load()
+    reused = reused_result(job, tensor) if job.resume else None
+    if reused is not None:
+        return reused
+    return store_result(job, compress_tensor(job.name, job.source, job.tensor, tensor, job.options,
+                                             job.passthrough_nonfinite, keyed=job.workdir is not None))
+
+
+@dataclasses.dataclass
+class Packed:
+    """One tensor compressed, ready to keep (picklable: it is what a Ray task returns): its stats
+    and packed tensors, or the reason it passes through."""
+
+    name: str
+    stats: dict | None = None
+    tensors: dict[str, torch.Tensor] | None = None
+    meta: dict | None = None  # the result file's metadata
+    reason: str | None = None
+
+
+def compress_tensor(name: str, source: str, tensor_name: str, tensor: torch.Tensor, options: CompressionOptions,
+                    passthrough_nonfinite: bool, keyed: bool) -> Packed:
+    """Compress one tensor on one thread (the same bytes wherever it runs); a tensor with NaN/Inf
+    is refused (`UserError`) or, with ``passthrough_nonfinite``, passed through. ``keyed``: name
+    the result by its tensor and options (`result_key`), for --resume."""
     if not bool(torch.isfinite(tensor).all()):
-        if not job.passthrough_nonfinite:
-            raise UserError(f"{job.source}: tensor {job.tensor!r} contains NaN or Inf values "
+        if not passthrough_nonfinite:
+            raise UserError(f"{source}: tensor {tensor_name!r} contains NaN or Inf values "
                             "(--passthrough-nonfinite copies such tensors unchanged)")
-        return JobResult(job.name, reason=NONFINITE)
-    if job.workdir is not None:  # a result is kept there, and reused on --resume
-        key = result_key(tensor, job.options)
-        path = WorkDir(pathlib.Path(job.workdir)).result(job.slot)
-        stored = _stored_stats(path, key) if job.resume else None
-        if stored is not None:
-            return JobResult(job.name, stats=stored, reused=True)
+        return Packed(name, reason=NONFINITE)
     try:
         with one_thread():  # the bounds too: the residual's SVD also depends on the thread count
-            result = compress_matrix(as_matrix(tensor), job.options)
-            stats = layer_stats(job.name, tensor, result.hmatrix, result.dense, result.error, result.budget,
-                                result.root_sigma, job.options, result.strategy).to_json()
+            result = compress_matrix(as_matrix(tensor), options)
+            stats = layer_stats(name, tensor, result.hmatrix, result.dense, result.error, result.budget,
+                                result.root_sigma, options, result.strategy).to_json()
     except OverflowError:  # a norm beyond float64: no bound can be stated, so it is kept as it is
-        return JobResult(job.name, reason=OVERFLOW)
-    result.hmatrix.validate(job.name)
+        return Packed(name, reason=OVERFLOW)
+    result.hmatrix.validate(name)
+    meta = {"key": result_key(tensor, options) if keyed else None, "orig_shape": list(tensor.shape),
+            "shape": list(result.hmatrix.shape), "stats": stats, "dtype": MATRIX_DTYPE_NAMES[result.hmatrix.dtype]}
+    return Packed(name, stats, packed_tensors(result.hmatrix, ""), meta)
+
+
+def reused_result(job: Job, tensor: torch.Tensor) -> JobResult | None:
+    """The result an earlier run kept for this job's tensor and options (--resume), or None."""
     if job.workdir is None:
-        return JobResult(job.name, stats=stats)
-    meta = {"key": key, "orig_shape": list(tensor.shape), "shape": list(result.hmatrix.shape),
-            "stats": stats, "dtype": MATRIX_DTYPE_NAMES[result.hmatrix.dtype]}
-    write_streamed(path, [StreamedTensor.of(part, t) for part, t in packed_tensors(result.hmatrix, "").items()],
-                   {"result": json.dumps(meta, sort_keys=True, allow_nan=False)}, overwrite=True)
-    return JobResult(job.name, stats=stats)
+        return None
+    stored = _stored_stats(WorkDir(pathlib.Path(job.workdir)).result(job.slot), result_key(tensor, job.options))
+    return JobResult(job.name, stats=stored, reused=True) if stored is not None else None
+
+
+def store_result(job: Job, packed: Packed) -> JobResult:
+    """Keep a compressed tensor in the work directory (where assembly and --resume find it)."""
+    if packed.reason is not None:
+        return JobResult(job.name, reason=packed.reason)
+    if job.workdir is not None:
+        path = WorkDir(pathlib.Path(job.workdir)).result(job.slot)
+        write_streamed(path, [StreamedTensor.of(part, t) for part, t in packed.tensors.items()],
+                       {"result": json.dumps(packed.meta, sort_keys=True, allow_nan=False)}, overwrite=True)
+    return JobResult(job.name, stats=packed.stats)
 
 
 @contextlib.contextmanager

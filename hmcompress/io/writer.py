@@ -170,6 +170,13 @@ def write_streamed(path: str | os.PathLike, tensors: Iterable[StreamedTensor], m
     tensors sorted by element size (largest first, so each starts at a multiple of its element
     size) then name, the header padded with spaces to a multiple of 8 bytes, as safetensors does.
     """
+    return atomic_write(path, streamed_producer(path, tensors, metadata), overwrite=overwrite)
+
+
+def streamed_producer(path: str | os.PathLike, tensors: Iterable[StreamedTensor],
+                      metadata: dict[str, str] | None) -> Callable[[pathlib.Path], None]:
+    """What `write_streamed` writes, as a function of the temporary file to write it to (the
+    header checked now, the tensors loaded when it runs)."""
     items = sorted(tensors, key=lambda t: (-torch.empty((), dtype=t.dtype).element_size(), t.name))
     owners: dict[str, str] = {}
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
@@ -194,7 +201,7 @@ def write_streamed(path: str | os.PathLike, tensors: Iterable[StreamedTensor], m
             for t in items:
                 out.write(_tensor_bytes(path, t))
 
-    return atomic_write(path, produce, overwrite=overwrite)
+    return produce
 
 
 def _tensor_bytes(path: str | os.PathLike, item: StreamedTensor) -> memoryview:
@@ -248,18 +255,139 @@ def write_compressed(path: str | os.PathLike, matrices: dict[str, tuple[HMatrix,
 
 
 def write_assembled(path: str | os.PathLike, table: dict[str, dict], reasons: dict[str, str],
-                    tensors: list[StreamedTensor], header: dict, *, overwrite: bool = False) -> None:
-    """Write a compressed checkpoint from its metadata table and its tensors, streamed."""
+                    tensors: list[StreamedTensor], header: dict, *, overwrite: bool = False,
+                    max_shard_bytes: int | None = None) -> pathlib.Path:
+    """Write a compressed checkpoint from its metadata table and its tensors, streamed.
+
+    With ``max_shard_bytes``, a checkpoint whose tensors hold more is written as shards and an
+    index (`write_sharded`), and the index's path is returned; otherwise ``path``.
+    """
     for name in table:
         if name in reasons:
             raise UserError(f"{path}: {name!r} is both compressed and passed through")
+    if max_shard_bytes is not None and sum(t.nbytes for t in tensors) > max_shard_bytes:
+        return write_sharded(path, table, reasons, tensors, header, max_shard_bytes, overwrite=overwrite)
+    write_streamed(path, tensors, _metadata(path, table, reasons, header), overwrite=overwrite)
+    return pathlib.Path(path)
+
+
+def _metadata(path: str | os.PathLike, table: dict[str, dict], reasons: dict[str, str], header: dict) -> dict[str, str]:
+    """The safetensors metadata of a compressed file: one key of sorted JSON (docs/FORMAT.md)."""
     meta = {**header, "format": FORMAT_NAME, "version": FORMAT_VERSION, "matrices": table,
             "passthrough": reasons}
     try:
-        text = json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return {"hmcompress": json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False)}
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: metadata is not JSON-serialisable: {err}") from err
-    write_streamed(path, tensors, {"hmcompress": text}, overwrite=overwrite)
+
+
+INDEX_SUFFIX = ".index.json"
+SHARD_SUFFIX = ".hm.safetensors"
+
+
+def shard_paths(path: str | os.PathLike, count: int) -> tuple[list[pathlib.Path], pathlib.Path]:
+    """The shards and index of output ``path`` (``model.hm.safetensors``): ``model-00001-of-0000N
+    .hm.safetensors`` ... beside it and ``model.hm.safetensors.index.json``, Hugging Face's layout."""
+    path = pathlib.Path(path)
+    stem = path.name[:-len(SHARD_SUFFIX)] if path.name.endswith(SHARD_SUFFIX) else path.stem
+    shards = [path.parent / f"{stem}-{i:05d}-of-{count:05d}{SHARD_SUFFIX}" for i in range(1, count + 1)]
+    return shards, path.parent / (path.name + INDEX_SUFFIX)
+
+
+def plan_shards(tensors: list[StreamedTensor], max_bytes: int) -> list[list[StreamedTensor]]:
+    """Tensors in shards of at most ``max_bytes`` each, a compressed matrix's tensors never apart
+    (a matrix or tensor larger than that has a shard of its own); owners in name order, each
+    shard filled before the next is started, so the split depends on the tensors alone."""
+    groups: dict[str, list[StreamedTensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.owner or t.name, []).append(t)
+    shards: list[list[StreamedTensor]] = [[]]
+    size = 0
+    for _owner, group in sorted(groups.items(), key=lambda item: min(t.name for t in item[1])):
+        nbytes = sum(t.nbytes for t in group)
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].extend(group)
+        size += nbytes
+    return shards
+
+
+def write_sharded(path: str | os.PathLike, table: dict[str, dict], reasons: dict[str, str],
+                  tensors: list[StreamedTensor], header: dict, max_bytes: int, *, overwrite: bool = False) -> pathlib.Path:
+    """Write shards of at most ``max_bytes`` of tensors and their index (`shard_paths`).
+
+    Each shard is a complete compressed file for the matrices and tensors it holds (the same
+    header); the index maps every tensor name to its shard (``weight_map``) and holds the
+    ``total_size`` of the tensors. Every shard is written to a temporary file first; only when
+    all are complete are they renamed into place, then the index, written last. On failure no
+    temporary file is left.
+    """
+    shards = plan_shards(tensors, max_bytes)
+    paths, index = shard_paths(path, len(shards))
+    if not overwrite:
+        for target in [*paths, index]:
+            if target.exists():
+                raise OutputExists(target)
+    owners = {t.name: t.owner for t in tensors}
+    temporaries: list[tuple[pathlib.Path, pathlib.Path]] = []
+    try:
+        for target, shard in zip(paths, shards):
+            names = {t.name for t in shard}
+            mine = {name: entry for name, entry in table.items()
+                    if owners.get(entry["prefix"] + "blocks") in {owners[n] for n in names}}
+            kept = {name: reason for name, reason in reasons.items() if name in names}
+            produce = streamed_producer(target, shard, _metadata(target, mine, kept, header))
+            temporaries.append((_written_temporary(target, produce), target))
+        for tmp, target in temporaries:
+            if target.exists() and not overwrite:
+                raise OutputExists(target)
+            os.replace(tmp, target)
+        temporaries = []
+        weight_map = {t.name: paths[i].name for i, shard in enumerate(shards) for t in shard}
+        text = json.dumps({"metadata": {"total_size": sum(t.nbytes for t in tensors), "format": FORMAT_NAME},
+                           "weight_map": dict(sorted(weight_map.items()))}, indent=2, sort_keys=True) + "\n"
+        atomic_write(index, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True)
+    finally:
+        for tmp, _target in temporaries:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    _fsync_dir(pathlib.Path(path).parent)
+    return index
+
+
+def _written_temporary(target: pathlib.Path, produce: Callable[[pathlib.Path], None]) -> pathlib.Path:
+    """A complete, fsynced temporary file for ``target`` (named as `atomic_write` names them)."""
+    if not target.parent.is_dir():
+        raise UserError(f"{target.parent}: output directory does not exist")
+    remove_stale_temporaries(target)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=_temp_prefix(target), suffix=".tmp")
+    os.close(fd)
+    tmp = pathlib.Path(name)
+    try:
+        produce(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return tmp
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``5GB``, ``500MB``, ``1.5GiB`` or ``1000000`` (decimal units as Hugging Face reads
+    them, binary ones with an i); a `UserError` otherwise."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?b|b)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise UserError(f"--max-shard-size: {text!r} is not a size (e.g. 5GB, 500MB, 2GiB or a number of bytes)")
+    unit = (match.group(2) or "b").lower()
+    scale = 1 if unit == "b" else (1024 if "i" in unit else 1000) ** ("kmgt".index(unit[0]) + 1)
+    size = int(float(match.group(1)) * scale)
+    if size < 1:
+        raise UserError(f"--max-shard-size: {text!r} must be at least one byte")
+    return size
 
 
 def write_dense(path: str | os.PathLike, state: dict[str, torch.Tensor], *, overwrite: bool = False) -> None:

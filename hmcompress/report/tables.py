@@ -20,7 +20,7 @@ NAME_MIN_WIDTH = 16  # the layer column folds its names at this width, at the le
 ESSENTIAL = 3  # layer, ratio, rel err: shown at any width
 LEGEND = ("H is the matrix as loaded (rounded once to the source dtype); every figure also holds for its float64 "
           "form. rel err = ||W-H||_F / ||W||_F (measured in float64, widened by its rounding). ||W-H||_2 <=: SVD of "
-          "each residual, widened by its rounding margin; (F): the Frobenius bound, used above 4096 a side. "
+          "each residual, widened by its rounding margin; (F): the Frobenius bound, used above 1024 a side. "
           "kappa(W): a computed estimate. kappa(H) <= (s_max+e2)/(s_min-e2) (Weyl; s_max, s_min are bounds on "
           "sigma_max(W), sigma_min(W)). blocks: low-rank / rows / dense leaves.")
 

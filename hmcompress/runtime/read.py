@@ -356,9 +356,96 @@ def hmatrix_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, shape: t
 
 
 def read_file(path: str | os.PathLike) -> CompressedFile:
-    """Read and validate a compressed file; every problem is a `FormatError` naming it (an
-    `OSError` only if the file cannot be read at all once its header was)."""
+    """Read and validate a compressed file, or a sharded one (its directory or its index); every
+    problem is a `FormatError` naming it (an `OSError` only if a file cannot be read at all once
+    its header was)."""
     path = pathlib.Path(path)
+    index = sharded_index(path)
+    if index is not None:
+        return _read_sharded(index)
+    return _read_single(path)[0]
+
+
+INDEX_SUFFIX = ".hm.safetensors.index.json"
+
+
+def sharded_index(path: pathlib.Path) -> pathlib.Path | None:
+    """The index of the sharded checkpoint ``path`` names (a directory holding one index, or an
+    index), or None where ``path`` is something else (a single file)."""
+    if path.is_dir():
+        try:
+            found = sorted(p for p in path.iterdir() if p.name.endswith(INDEX_SUFFIX))
+        except OSError as err:
+            raise FormatError(f"{path}: cannot list: {err.strerror or err}") from None
+        if len(found) != 1:
+            raise FormatError(f"{path}: a sharded compressed checkpoint's directory holds one *{INDEX_SUFFIX} "
+                              f"file; this one holds {len(found)}")
+        return found[0]
+    return path if path.name.endswith(".index.json") else None
+
+
+def _read_sharded(index: pathlib.Path) -> CompressedFile:
+    """Every shard an index names, each read and validated as a compressed file of its own, merged:
+    the shards must hold exactly the tensors the index gives them, no name twice, one header."""
+
+    def fail(problem: str):
+        raise FormatError(f"{index}: {problem}")
+
+    try:
+        with open_regular(index) as f:
+            if os.fstat(f.fileno()).st_size > MAX_HEADER_BYTES:
+                fail(f"index larger than {MAX_HEADER_BYTES} bytes")
+            raw = f.read()
+    except OSError as err:
+        raise FormatError(f"{index}: cannot read: {err.strerror or err}") from None
+    try:
+        table = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+    except _DuplicateKey as err:
+        fail(f"index names {brief(err.args[0])} twice")
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        fail(f"index is not valid UTF-8 JSON ({err.__class__.__name__})")
+    weight_map = table.get("weight_map") if isinstance(table, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        fail("index has no weight_map (an object from tensor names to shard files)")
+    directory = index.parent.resolve()
+    wanted: dict[str, set[str]] = {}
+    for name, shard in weight_map.items():
+        if not (isinstance(shard, str) and is_unicode(name) and is_unicode(shard) and shard not in ("", ".", "..")
+                and "/" not in shard and os.sep not in shard and "\0" not in shard):
+            fail(f"weight_map gives tensor {brief(name)} the shard {brief(shard)}, not a file name in its directory")
+        wanted.setdefault(shard, set()).add(name)
+    merged: CompressedFile | None = None
+    for shard in sorted(wanted):
+        path = index.parent / shard
+        if path.resolve().parent != directory:
+            fail(f"shard {brief(shard)} lies outside the index's directory")
+        part, names = _read_single(path)
+        if names != wanted[shard]:
+            extra, missing = sorted(names - wanted[shard]), sorted(wanted[shard] - names)
+            fail(f"shard {brief(shard)} holds {len(names)} tensors where the index gives it {len(wanted[shard])}"
+                 f" ({'not indexed: ' + brief(extra[0]) if extra else 'missing: ' + brief(missing[0])})")
+        merged = part if merged is None else _merged(index, merged, part)
+    return dataclasses.replace(merged, path=index)
+
+
+def _merged(index: pathlib.Path, first: CompressedFile, other: CompressedFile) -> CompressedFile:
+    """Two shards as one file: their tables joined (no name in both), their headers equal."""
+    def header(meta: dict) -> dict:
+        return {key: value for key, value in meta.items() if key not in ("matrices", "passthrough")}
+    if header(first.metadata) != header(other.metadata):
+        raise FormatError(f"{index}: shards {first.path.name} and {other.path.name} have different headers")
+    for table in ("matrices", "passthrough"):
+        for name in other.metadata[table]:
+            if name in first.metadata["matrices"] or name in first.metadata["passthrough"]:
+                raise FormatError(f"{index}: tensor {brief(name)} is in shards {first.path.name} and {other.path.name}")
+    metadata = {**first.metadata, **{table: {**first.metadata[table], **other.metadata[table]}
+                                     for table in ("matrices", "passthrough")}}
+    return CompressedFile(first.path, metadata, {**first.matrices, **other.matrices},
+                          {**first.passthrough, **other.passthrough})
+
+
+def _read_single(path: pathlib.Path) -> tuple[CompressedFile, set[str]]:
+    """One compressed file, validated, and the names of the tensors it holds."""
     meta, header = _checked_metadata(path)
     try:
         with open_regular(path) as f:
@@ -371,11 +458,12 @@ def read_file(path: str | os.PathLike) -> CompressedFile:
         hm.validate(f"{path}: {name}")
         matrices[name] = hm
     passthrough = {name: tensors[name] for name in meta["passthrough"]}
-    return CompressedFile(path, meta, matrices, passthrough)
+    return CompressedFile(path, meta, matrices, passthrough), set(header.tensors)
 
 
 def load_state_dict(path: str | os.PathLike, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every tensor of a compressed file, dense, under its original name, shape and dtype.
+    """Every tensor of a compressed file (or sharded checkpoint: its directory or index), dense,
+    under its original name, shape and dtype.
 
     A drop-in for ``model.load_state_dict(...)``. With ``prefix`` (e.g. ``"model."`` for a file made
     from a training checkpoint), only the tensors whose names start with it, without it.

@@ -1,0 +1,137 @@
+"""`compress --engine ray` (issue 15) against a real Ray head on 127.0.0.1 with two worker CPUs,
+started by these tests (no mocks): the same bytes as the local engine, a killed worker changes
+nothing, and without Ray installed the option is refused with exit code 2 and an install hint."""
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+from helpers import random_checkpoint
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RAY = pathlib.Path(sys.executable).parent / "ray"
+HAS_RAY = subprocess.run([sys.executable, "-c", "import ray"], capture_output=True).returncode == 0
+# The head and its clients agree on no token (Ray's token mode would read and write ~/.ray).
+RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def hmcompress(*args: object, **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("env", RAY_ENV)
+    return subprocess.run([sys.executable, "-m", "hmcompress", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, **kwargs)
+
+
+def test_without_ray_the_engine_is_refused_with_an_install_hint(tmp_path):
+    """A `ray` package that cannot be imported stands for Ray being absent."""
+    fake = tmp_path / "fake" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    source = random_checkpoint(tmp_path / "model.safetensors", 1, 64)
+    env = {**RAY_ENV, "PYTHONPATH": f"{fake.parent}{os.pathsep}{ROOT}"}
+    run = hmcompress("compress", source, "--engine", "ray", "-q", env=env)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("\n") == 1 and "pip install 'hmcompress[ray]'" in run.stderr
+    assert not list(tmp_path.glob("*.hm.*")) and not list(tmp_path.glob(".*hmwork"))
+
+
+def test_address_without_the_ray_engine_is_a_usage_error(tmp_path):
+    source = random_checkpoint(tmp_path / "model.safetensors", 1, 64)
+    run = hmcompress("compress", source, "--address", "127.0.0.1:6379", "-q")
+    assert run.returncode == 2 and "--address needs --engine ray" in run.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in pathlib.Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = [int(c) for c in (task / "children").read_text().split()]
+                out += children
+                todo += children
+    return out
+
+
+def command_line(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    return ""
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A Ray head on 127.0.0.1 with 2 CPUs (two worker processes), ours alone: its own temporary
+    directory and port, stopped by terminating the blocking `ray start` we started."""
+    if not HAS_RAY:
+        pytest.skip("ray is not installed (pip install 'hmcompress[ray]')")
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    process = subprocess.Popen([str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                                f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                                f"--temp-dir={temp}", "--disable-usage-stats"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=RAY_ENV)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while not any("raylet" in command_line(p) for p in descendants(process.pid)):
+        assert process.poll() is None and time.monotonic() < deadline, "ray start failed"
+        time.sleep(0.2)
+    try:
+        yield address, process.pid
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+def test_ray_engine_writes_the_local_engines_bytes(head, tmp_path):
+    address, _pid = head
+    source = random_checkpoint(tmp_path / "model.safetensors", 4, 96)
+    local, ray = tmp_path / "local.hm.safetensors", tmp_path / "ray.hm.safetensors"
+    assert hmcompress("compress", source, "-o", local, "--workers", 2, "-q").returncode == 0
+    run = hmcompress("compress", source, "-o", ray, "--engine", "ray", "--address", address, "-q", "--json")
+    assert run.returncode == 0, run.stderr
+    assert ray.read_bytes() == local.read_bytes()
+
+
+@pytest.mark.slow
+def test_a_killed_ray_worker_changes_nothing(head, tmp_path):
+    """SIGKILL the worker process running a task mid-run: Ray runs the task again and the file is
+    byte-identical to the local engine's."""
+    address, head_pid = head
+    source = random_checkpoint(tmp_path / "model.safetensors", 6, 512)
+    local, ray = tmp_path / "local.hm.safetensors", tmp_path / "ray.hm.safetensors"
+    assert hmcompress("compress", source, "-o", local, "--workers", 1, "-q").returncode == 0
+    run = subprocess.Popen([sys.executable, "-m", "hmcompress", "compress", str(source), "-o", str(ray),
+                            "--engine", "ray", "--address", address, "-q"], cwd=ROOT, env=RAY_ENV,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed = None
+    deadline = time.monotonic() + 120
+    while killed is None and run.poll() is None and time.monotonic() < deadline:
+        busy = [p for p in descendants(head_pid) if command_line(p).startswith("ray::_task")]
+        if busy:
+            os.kill(busy[0], signal.SIGKILL)  # a worker of the head this test started
+            killed = busy[0]
+        time.sleep(0.05)
+    _out, err = run.communicate(timeout=300)
+    assert killed is not None, "no task was seen running"
+    assert run.returncode == 0, err
+    assert ray.read_bytes() == local.read_bytes()
