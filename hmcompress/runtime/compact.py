@@ -67,7 +67,16 @@ def int_digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     step = torch.where(top > 0, top / FIXED_LIMIT, torch.ones_like(top))
     fixed = torch.round(x32 / step).to(torch.int32)
     balanced = ((fixed + 0x8080) ^ 0x8080).view(torch.int8).view(*x.shape, 4)
-    return balanced.permute(2, 0, 1)[:DIGITS].reshape(DIGITS * x.shape[0], x.shape[1]), step
+    return row_major(balanced.permute(2, 0, 1)[:DIGITS].reshape(DIGITS * x.shape[0], x.shape[1])), step
+
+
+def row_major(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix`` with the strides of a fresh row-major tensor, sizes of one included: CPU
+    `torch._int_mm` reads a (1, n) operand of strides (1, 1), which `.contiguous()` may leave,
+    as if its rows were one number apart (torch 2.13)."""
+    if matrix.stride() == (matrix.shape[1], 1):
+        return matrix
+    return torch.empty(matrix.shape, dtype=matrix.dtype, device=matrix.device).copy_(matrix)
 
 
 def combine_digits(sums: torch.Tensor, batch: int) -> torch.Tensor:
@@ -113,7 +122,7 @@ class CompactMatrix(nn.Module):
         for number, (col0, cols, band_rows, codes, band_scales) in enumerate(_bands(pieces, self.out_features)):
             start = sum(r.numel() for r in rows)
             self._bands.append(_Band(number, col0, cols, start, start + band_rows.numel()))
-            self.register_buffer(f"band{number}_codes", codes.T.contiguous().to(device), persistent=False)
+            self.register_buffer(f"band{number}_codes", row_major(codes.T).to(device), persistent=False)
             rows.append(band_rows)
             scales.append(band_scales)
         if self._bands:
@@ -124,7 +133,8 @@ class CompactMatrix(nn.Module):
             self.indexed = not torch.equal(joined, torch.arange(self.out_features))
             self.register_buffer("band_rows", joined.to(device), persistent=False)
         self.rest = None if rest is None else HLinear(rest, dtype=dtype, device=device, keep_compact=True)
-        self._single_float = (layout == "float" and len(self._bands) == 1 and not self.indexed and self.rest is None)
+        self._single_float = (layout == "float" and len(self._bands) == 1 and not self.indexed and self.rest is None
+                              and self._bands[0].cols == self.in_features)
         self.register_buffer("anchor", torch.zeros(0, dtype=dtype, device=device), persistent=False)
 
     @property

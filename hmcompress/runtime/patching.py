@@ -9,6 +9,7 @@ trained weights); ``"dense"`` loads dense weights only (what `load_state_dict` g
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
 import os
@@ -17,8 +18,17 @@ import time
 import torch
 from torch import nn
 
-from hmcompress.runtime.compact import (CONV_FUNCTIONS, CompactConv, CompactMatrix, CompactEmbedding, CompactLinear,
-                                        CompactLSTMCell, compact_layouts, embedding_ready, materialized)
+from hmcompress.runtime.compact import (
+    CONV_FUNCTIONS,
+    CompactConv,
+    CompactEmbedding,
+    CompactLinear,
+    CompactLSTMCell,
+    CompactMatrix,
+    compact_layouts,
+    embedding_ready,
+    materialized,
+)
 from hmcompress.runtime.errors import FormatError
 from hmcompress.runtime.layers import HLinear
 from hmcompress.runtime.matrix import HMatrix
@@ -99,17 +109,7 @@ def patch(model: nn.Module, path: str | os.PathLike, mode: str = "compact", *,
     for name in sorted(shapes):
         if shapes[name] != tuple(state[name].shape):
             raise RuntimeError(f"{path}: {name} has shape {shapes[name]}, the model's {tuple(state[name].shape)}")
-    choices, new_modules = [], {}
-    for name, module in owners.items():
-        weights = {w: compressed.matrices[_key(name, w)] for w in COMPACT_WEIGHTS[type(module)]
-                   if _key(name, w) in compressed.matrices}
-        try:
-            choice, layer = _replacement(name, module, weights, mode, keep_compact, probe_batch)
-        except FormatError as err:
-            raise FormatError(f"{path}: {_key(name, next(iter(weights)))}: {err}") from None
-        choices.append(choice)
-        if layer is not None:
-            new_modules[id(module)] = layer
+    choices, new_modules = _compact_layers(path, compressed.matrices, owners, mode, keep_compact, probe_batch)
     if mode != "dense":
         choices += [LayerChoice(name, "dense", reason=f"mode {mode!r} has no form for {type(module).__name__}")
                     for name, module in _unsupported(model, compressed.matrices, owners)]
@@ -123,7 +123,35 @@ def patch(model: nn.Module, path: str | os.PathLike, mode: str = "compact", *,
                 setattr(parent, child_name, new_modules[id(child)])
     on_meta = any(t.is_meta for t in state.values())
     model.load_state_dict(dense, strict=False, assign=on_meta)
+    del compressed, dense, new_modules, state  # the file's tensors: what the layers did not keep
+    release_freed_memory()
     return Patched(choices, missing, unexpected)
+
+
+def release_freed_memory() -> None:
+    """Hand the memory that reading and decoding used, now freed, back to the system: glibc keeps
+    freed blocks of up to tens of MB for reuse, which would leave the process resident at several
+    times what the patched model holds. Elsewhere (no glibc) nothing is done."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
+
+
+def _compact_layers(path: str | os.PathLike, matrices: dict[str, HMatrix], owners: dict[str, nn.Module], mode: str,
+                    keep_compact: bool, probe_batch: int) -> tuple[list[LayerChoice], dict[int, nn.Module]]:
+    """Each owner's `LayerChoice` and its new layer (by the id of the module it replaces)."""
+    choices, new_modules = [], {}
+    for name, module in owners.items():
+        weights = {w: matrices[_key(name, w)] for w in COMPACT_WEIGHTS[type(module)] if _key(name, w) in matrices}
+        try:
+            choice, layer = _replacement(name, module, weights, mode, keep_compact, probe_batch)
+        except FormatError as err:
+            raise FormatError(f"{path}: {_key(name, next(iter(weights)))}: {err}") from None
+        choices.append(choice)
+        if layer is not None:
+            new_modules[id(module)] = layer
+    return choices, new_modules
 
 
 def _owners(model: nn.Module, matrices: dict[str, HMatrix], mode: str) -> dict[str, nn.Module]:

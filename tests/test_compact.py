@@ -1,0 +1,361 @@
+"""Compact layers (issue 14): what `patch` runs by default holds the file's codes, not a float
+weight, and computes what the dense model computes within float rounding, for every layout,
+module kind, dtype and device the runtime offers."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import compressed, mixed_matrix, pack, write_model_file
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import hmcompress.runtime as runtime
+from hmcompress.core.build import CompressionOptions, compress_matrix
+from hmcompress.runtime import (
+    CompactConv,
+    CompactEmbedding,
+    CompactLinear,
+    CompactLSTMCell,
+    compact_layouts,
+    int_digits,
+    load_state_dict,
+    patch,
+)
+from hmcompress.runtime.bundle import shim_source
+
+CODECS = ["f32", "f16", "bf16", "i8", "i7", "i6", "i5", "i4", "f64"]
+INTEGER = ["i8", "i7", "i6", "i5", "i4"]
+
+
+def trained_like(m: int, n: int, seed: int = 0) -> torch.Tensor:
+    """A flat-spectrum matrix with uneven row norms: at 1e-2 it ends as integer-coded rows."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.exp(0.5 * torch.randn(m, 1, generator=gen))
+    return rows * torch.randn(m, n, generator=gen) / n ** 0.5
+
+
+def magnitudes(hm) -> torch.Tensor:
+    """Σ over H's terms of their entries' magnitudes (|Aᵀ||B| for low-rank ones): what float
+    rounding of a product by H is relative to."""
+    out = torch.zeros(hm.shape, dtype=torch.float64)
+    for s in hm.segment_values():
+        values = s.a.abs().T @ s.b.abs() if isinstance(s, runtime.LowRankSegment) else s.block_values().abs()
+        out[s.row0:s.row0 + s.rows, s.col0:s.col0 + s.cols] += values
+    return out
+
+
+def assert_close_to(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    rel: float = 2e-5, room: torch.Tensor | None = None) -> None:
+    """``y`` equals ``x @ weightᵀ + bias`` within float32 rounding: each entry within ``rel``
+    of what its sum's magnitudes allow (``|x| @ room`` for ``room`` = ``|weight|ᵀ`` unless given)."""
+    exact = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    room = x.double().abs() @ (weight.double().abs().T if room is None else room.double()) + (
+        0 if bias is None else bias.double().abs())
+    assert y.shape == exact.shape
+    assert bool(((y.double() - exact).abs() <= rel * room + 1e-30).all()), float(((y.double() - exact).abs() - rel * room).max())
+
+
+@st.composite
+def packed_matrices(draw):
+    """Random block partitions, every leaf kind and codec, rows in any subset, any magnitude."""
+    m, n = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    row_cuts = sorted({0, m, *draw(st.lists(st.integers(1, max(1, m - 1)), max_size=3))} - {m} | {0})
+    col_cuts = sorted({0, *draw(st.lists(st.integers(1, max(1, n - 1)), max_size=3))})
+    row_edges, col_edges = [*row_cuts, m], [*col_cuts, n]
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    scale = 10.0 ** draw(st.integers(-6, 3))  # within float16, the narrowest codec
+    w = torch.randn(m, n, generator=gen, dtype=torch.float64) * scale
+    leaves = []
+    for r0, r1 in zip(row_edges[:-1], row_edges[1:]):
+        for c0, c1 in zip(col_edges[:-1], col_edges[1:]):
+            if r1 <= r0 or c1 <= c0:
+                continue
+            kind = draw(st.sampled_from(["dense", "lowrank", "rows", "zero"]))
+            if kind == "dense":
+                spec = ("dense", draw(st.sampled_from(CODECS)))
+            elif kind == "lowrank":
+                spec = ("lowrank", [(draw(st.sampled_from(CODECS)), draw(st.integers(1, min(3, r1 - r0, c1 - c0))))])
+            elif kind == "rows":
+                rows = draw(st.lists(st.integers(0, r1 - r0 - 1), min_size=1, unique=True))
+                split = draw(st.integers(0, len(rows)))
+                groups = [(draw(st.sampled_from(INTEGER)), rows[:split]), (draw(st.sampled_from(CODECS)), rows[split:])]
+                spec = ("rows", [g for g in groups if g[1]])
+            else:
+                spec = ("zero",)
+            leaves.append((r0, c0, r1 - r0, c1 - c0, spec))
+    return pack(w, leaves)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hm=packed_matrices(), batch=st.sampled_from([1, 3, 17]))
+def test_every_layout_computes_the_dense_product(hm, batch):
+    weight, room = hm.to_dense(torch.float64), magnitudes(hm).T
+    x = torch.randn(batch, hm.shape[1], dtype=torch.float32)
+    bias = torch.randn(hm.shape[0])
+    for layout in compact_layouts(hm):
+        layer = CompactLinear(hm, bias, layout=layout)
+        with torch.no_grad():
+            assert_close_to(layer(x), x, weight, bias, room=room)
+            assert_close_to(layer.matrix.dense(), torch.eye(hm.shape[0]), weight.T, room=room.T)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=50))
+def test_int_digits_hold_23_bits_of_each_row(values):
+    x = torch.tensor([values], dtype=torch.float32)
+    digits, step = int_digits(x)
+    assert digits.dtype == torch.int8 and digits.shape == (3, x.shape[1])
+    d = digits.double()
+    back = (d[0] + 256 * d[1] + 65536 * d[2]) * step.double()
+    assert bool(((back - x.double()).abs() <= 2.0**-23 * x.double().abs().max() * 1.01).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("make", [mixed_matrix, lambda: compressed(45, 37, tol=1e-3),
+                                  lambda: compress_matrix(trained_like(96, 80), CompressionOptions(tol=1e-2)).hmatrix])
+def test_layers_in_every_dtype_and_input_shape(dtype, make):
+    hm = make()
+    m, n = hm.shape
+    bias = torch.randn(m)
+    weight, room = hm.to_dense(torch.float64), magnitudes(hm).T
+    tol = {torch.float32: 2e-5, torch.float64: 1e-6, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    for layout in compact_layouts(hm):
+        layer = CompactLinear(hm, bias, dtype=dtype, layout=layout)
+        for shape in [(5, n), (2, 3, n), (n,), (20, n)]:
+            x = torch.randn(shape).to(dtype)
+            with torch.no_grad():
+                y = layer(x)
+            assert y.shape == (*shape[:-1], m) and y.dtype == dtype
+            rows = x.reshape(-1, n)
+            assert_close_to(y.reshape(-1, m).float(), rows.float(), weight, bias.to(dtype).float(), rel=tol, room=room)
+
+
+def test_trained_weights_stay_int8_in_memory_and_take_the_integer_product():
+    hm = compress_matrix(trained_like(256, 320), CompressionOptions(tol=1e-2)).hmatrix
+    integer = sum(pool.numel() for codec, pool in hm.pools.items() if codec.startswith("i"))
+    assert integer > 0.9 * sum(pool.numel() for pool in hm.pools.values())  # the case compact layouts are for
+    layer = CompactLinear(hm, layout="int")
+    held = {name: b.dtype for name, b in layer.named_buffers()}
+    assert {dtype for name, dtype in held.items() if name.startswith("matrix.band") and name.endswith("_codes")} == {torch.int8}
+    assert layer.matrix.held_bytes <= 1.3 * hm.nbytes
+    assert runtime.int_mm_works("cpu")
+    x = torch.randn(4, 320)
+    assert_close_to(layer(x), x, hm.to_dense(torch.float32))
+
+
+def test_inf_and_nan_inputs_spread_as_in_a_dense_product():
+    hm = compress_matrix(trained_like(64, 48), CompressionOptions(tol=1e-2)).hmatrix
+    dense = nn.Linear(48, 64, bias=False)
+    with torch.no_grad():
+        dense.weight.copy_(hm.to_dense())
+    x = torch.randn(3, 48)
+    x[1, 5], x[2, 7] = float("inf"), float("nan")
+    for layout in compact_layouts(hm):
+        with torch.no_grad():
+            y, ref = CompactLinear(hm, layout=layout)(x), dense(x)
+        assert torch.equal(torch.isfinite(y), torch.isfinite(ref))
+        assert torch.allclose(y[0], ref[0], atol=1e-5)
+
+
+def test_nonfinite_scales_run_through_the_tile_product():
+    hm = compress_matrix(trained_like(24, 16), CompressionOptions(tol=1e-2)).hmatrix
+    codec = next(iter(hm.scales))
+    hm.scales[codec] = hm.scales[codec].clone()
+    hm.scales[codec][0] = float("nan")
+    layer = CompactLinear(hm)
+    y = layer(torch.ones(1, 16))
+    ref = torch.ones(1, 16) @ hm.to_dense().T
+    assert bool(torch.isnan(ref).any()) and bool(torch.isnan(y)[torch.isnan(ref)].all())
+
+
+def test_auto_never_expands_to_float_and_patch_modes(tmp_path):
+    model = nn.Sequential(nn.Linear(320, 256), nn.ReLU(), nn.Linear(256, 64))
+    with torch.no_grad():
+        model[0].weight.copy_(trained_like(256, 320))
+    path = tmp_path / "m.hm.safetensors"
+    write_model_file(path, model, {"0.weight", "2.weight"})
+    for mode in ("compact", "auto"):
+        target = nn.Sequential(nn.Linear(320, 256), nn.ReLU(), nn.Linear(256, 64))
+        patched = patch(target, path, mode=mode)
+        assert patched == ["0", "2"]
+        for choice in patched.choices:
+            assert choice.mode == "compact" and choice.layout in runtime.LAYOUTS
+            assert bool(choice.seconds) == (mode == "auto")
+            layer = target.get_submodule(choice.name)
+            float_bytes = sum(b.numel() * b.element_size() for b in layer.buffers() if b.is_floating_point())
+            assert float_bytes < layer.in_features * layer.out_features  # no float weight: codes are int8
+    with pytest.raises(ValueError, match="mode must be one of"):
+        patch(model, path, mode="fast")
+
+
+def test_conv_layers_pointwise_and_general(tmp_path):
+    torch.manual_seed(0)
+
+    class Convs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.point = nn.Conv1d(48, 40, 1)
+            self.wide = nn.Conv2d(40, 24, (3, 5), stride=(1, 2), padding=(1, 2), padding_mode="reflect")
+            self.grouped = nn.Conv2d(24, 16, 3, groups=4, bias=False)
+            self.point2d = nn.Conv2d(16, 12, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.point(x)  # (N, 40, L)
+            y = self.wide(y.unsqueeze(-1).expand(-1, -1, -1, 8).contiguous())
+            return self.point2d(torch.relu(self.grouped(y)))
+
+    model = Convs()
+    out = tmp_path / "c.hm.safetensors"
+    write_model_file(out, model, {f"{name}.weight" for name in ("point", "wide", "grouped", "point2d")})
+    reference = Convs()
+    reference.load_state_dict(load_state_dict(out))
+    patched_model = Convs()
+    patched = patch(patched_model, out)
+    assert patched == ["grouped", "point", "point2d", "wide"]
+    assert patched_model.point.pointwise and patched_model.point2d.pointwise and not patched_model.wide.pointwise
+    assert all(isinstance(patched_model.get_submodule(n), CompactConv) for n in patched)
+    x = torch.randn(2, 48, 10)
+    with torch.no_grad():
+        y, ref = patched_model(x), reference(x)
+    assert torch.allclose(y, ref, atol=1e-5 * ref.abs().max())
+    unbatched = x[0]
+    with torch.no_grad():
+        assert torch.allclose(patched_model.point(unbatched), reference.point(unbatched), atol=1e-5)
+
+
+def test_embedding_rows_from_codes_and_max_norm_stays_dense(tmp_path):
+    model = nn.Sequential(nn.Embedding(300, 64), nn.Linear(64, 8))
+    with torch.no_grad():
+        model[0].weight.copy_(trained_like(300, 64, seed=3))
+    path = tmp_path / "e.hm.safetensors"
+    write_model_file(path, model, {"0.weight"})
+    reference = nn.Sequential(nn.Embedding(300, 64), nn.Linear(64, 8))
+    reference.load_state_dict(load_state_dict(path))
+    target = nn.Sequential(nn.Embedding(300, 64), nn.Linear(64, 8))
+    assert patch(target, path) == ["0"]
+    assert isinstance(target[0], CompactEmbedding)
+    tokens = torch.randint(0, 300, (4, 9))
+    with torch.no_grad():
+        assert torch.allclose(target[0](tokens), reference[0](tokens), atol=1e-6)
+        assert torch.allclose(target(tokens), reference(tokens), atol=1e-5)
+    renormed = nn.Sequential(nn.Embedding(300, 64, max_norm=1.0), nn.Linear(64, 8))
+    patched = patch(renormed, path)
+    assert patched == [] and patched.choices[0].mode == "dense" and "max_norm" in patched.choices[0].reason
+
+
+def test_lstm_cell_gates_as_torch_computes_them(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LSTMCell(48, 32))
+    path = tmp_path / "l.hm.safetensors"
+    write_model_file(path, model, {"0.weight_ih", "0.weight_hh"})
+    reference = nn.Sequential(nn.LSTMCell(48, 32))
+    reference.load_state_dict(load_state_dict(path))
+    target = nn.Sequential(nn.LSTMCell(48, 32))
+    assert patch(target, path) == ["0"]
+    assert isinstance(target[0], CompactLSTMCell)
+    x, state = torch.randn(5, 48), (torch.randn(5, 32), torch.randn(5, 32))
+    with torch.no_grad():
+        for inputs in ((x,), (x, state), (x[0],), (x[0], (state[0][0], state[1][0]))):
+            for got, want in zip(target[0](*inputs), reference[0](*inputs)):
+                assert torch.allclose(got, want, atol=1e-5)
+    half = tmp_path / "half.hm.safetensors"
+    write_model_file(half, model, {"0.weight_ih"})
+    patched = patch(nn.Sequential(nn.LSTMCell(48, 32)), half)
+    assert patched == [] and "only one" in patched.choices[0].reason
+
+
+def test_unsupported_modules_load_dense_and_say_why(tmp_path):
+    model = nn.Sequential(nn.GRU(16, 24))
+    path = tmp_path / "g.hm.safetensors"
+    write_model_file(path, model, {"0.weight_ih_l0"})
+    target = nn.Sequential(nn.GRU(16, 24))
+    patched = patch(target, path)
+    assert patched == [] and patched.choices[0].reason == "mode 'compact' has no form for GRU"
+    assert torch.allclose(target[0].weight_ih_l0, load_state_dict(path)["0.weight_ih_l0"])
+
+
+def test_a_model_built_on_the_meta_device_is_filled_without_dense_weights(tmp_path):
+    model = nn.Sequential(nn.Linear(320, 256), nn.LayerNorm(256), nn.Linear(256, 64))
+    with torch.no_grad():
+        model[0].weight.copy_(trained_like(256, 320))
+    path = tmp_path / "m.hm.safetensors"
+    write_model_file(path, model, {"0.weight"})
+    reference = nn.Sequential(nn.Linear(320, 256), nn.LayerNorm(256), nn.Linear(256, 64))
+    reference.load_state_dict(load_state_dict(path))
+    with torch.device("meta"):
+        target = nn.Sequential(nn.Linear(320, 256), nn.LayerNorm(256), nn.Linear(256, 64))
+    assert patch(target, path) == ["0"]
+    assert not any(t.is_meta for t in [*target.parameters(), *target.buffers()])
+    x = torch.randn(3, 320)
+    with torch.no_grad():
+        assert torch.allclose(target(x), reference(x), atol=1e-5)
+
+
+def test_shapes_are_checked_before_anything_is_built(tmp_path):
+    model = nn.Sequential(nn.Conv1d(8, 6, 3))
+    path = tmp_path / "s.hm.safetensors"
+    write_model_file(path, model, {"0.weight"})
+    with pytest.raises(RuntimeError, match=r"0\.weight has shape \(6, 8, 3\), the model's \(6, 8, 5\)"):
+        patch(nn.Sequential(nn.Conv1d(8, 6, 5)), path)
+
+
+RSS_SCRIPT = textwrap.dedent("""
+    import ctypes, json, sys, torch
+    from torch import nn
+    torch.set_num_threads(1)
+    def anon():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    import hmruntime_under_test as hmruntime
+    with torch.device("meta"):
+        warm, model = (nn.Sequential(nn.Linear(2048, 2048, bias=False)) for _ in range(2))
+    hmruntime.patch(warm, sys.argv[1])  # the process's one-time costs (torch's lazy set-up) are not the model's
+    del warm
+    ctypes.CDLL(None).malloc_trim(0)  # what the process held before, not what it had freed
+    before = anon()
+    hmruntime.patch(model, sys.argv[1])
+    print(json.dumps({"held": anon() - before}))
+""")
+
+
+@pytest.mark.slow
+def test_resident_memory_of_a_patched_layer_is_about_its_file(tmp_path):
+    """Measured as users would: a fresh process, the model built on the meta device, resident
+    anonymous memory after `patch` against before it (after a first patch of another copy, so
+    that torch's one-time set-up is not counted)."""
+    weight = trained_like(2048, 2048)
+    model = nn.Sequential(nn.Linear(2048, 2048, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+    path = tmp_path / "big.hm.safetensors"
+    write_model_file(path, model, {"0.weight"})
+    stored = runtime.read_file(path).matrices["0.weight"].nbytes
+    (tmp_path / "hmruntime_under_test.py").write_text(shim_source("test"))
+    script = tmp_path / "rss.py"
+    script.write_text(RSS_SCRIPT)
+    run = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 0, run.stderr
+    held = json.loads(run.stdout)["held"]
+    assert held <= 1.3 * stored, (held, stored)
+    assert held < 0.4 * 4 * 2048 * 2048  # far from the dense float32 weight
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_compact_layers_on_cuda():
+    hm = compress_matrix(trained_like(256, 192), CompressionOptions(tol=1e-2)).hmatrix
+    x = torch.randn(7, 192)
+    for layout in compact_layouts(hm):
+        cpu = CompactLinear(hm, torch.randn(256), layout=layout)
+        gpu = CompactLinear(hm, cpu.bias, device="cuda", layout=layout)
+        with torch.no_grad():
+            assert torch.allclose(gpu(x.cuda()).cpu(), cpu(x), atol=1e-5)
+        assert all(b.is_cuda for b in gpu.buffers())
+
