@@ -31,8 +31,9 @@ HOPELESS_SHARE = 0.5  # low rank is hopeless where it needs at least this share 
 HOPEFUL_AREA_SHARE = 0.01  # rows are measured at a few widths only where low rank may win on less area
 ALLOWANCE_GAIN = 16  # a block's error allowance: this many times its area's share of the budget (at most all)
 GRAM_MAX_RANK = 64  # blocks of at most this rank get their spectrum from the Gram matrix instead
-EIGEN_MAX_BLOCKS = 1024  # ... and its eigenvalues for at most this many blocks at once (about 0.1 s)
+EIGEN_MAX_BLOCKS = 256  # ... and its eigenvalues for at most this many blocks at once (about 0.03 s)
 ROW_SAMPLE_EVERY = 32  # one row in this many estimates each block width's cost (`row_levels`)
+CODEC_NEIGHBOURS = 1  # row codecs measured: those the estimate chose and this many more on each side in bits
 ROW_NEIGHBOURS = 1  # row codecs are measured at the best estimated level and its cheaper neighbour(s)
 BLOCK_ROW_BYTES = BLOCK_COLUMNS * 4  # int32 block table row
 SEGMENT_ROW_BYTES = SEGMENT_COLUMNS * 4  # int32 segment table row
@@ -267,8 +268,8 @@ def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...], negligibl
     With ``budget`` (squared error) and at least `FAST_MIN_ENTRIES` entries, blocks where low rank
     is hopeless get no SVD (no triplets: they are stored densely or as rows); where the other
     blocks, over all levels, cover at most `HOPEFUL_AREA_SHARE` of the matrix, row codecs are
-    measured only at the block widths `row_levels` picks (elsewhere only the exact dense option is
-    offered). Where low rank may win on more, the best plan may mix every width, and rows are
+    measured only at the block widths and for the codecs `row_levels` picks (elsewhere only the
+    exact dense option is offered). Where low rank may win on more, the best plan may mix every width, and rows are
     measured at all of them.
     """
     work = matrix if matrix.dtype == torch.float64 else matrix.float()
@@ -286,10 +287,14 @@ def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...], negligibl
                 hopeless[ids] = lowrank_hopeless(blocks, allowance).numpy()
     hopeful_area = float((tree.rows * tree.cols)[~hopeless].sum()) / max(1, matrix.numel())
     windowed = decide and measured and hopeful_area <= HOPEFUL_AREA_SHARE
-    levels = row_levels(work, tree, codecs, budget) if windowed else set(range(tree.depth))
+    levels, measured_codecs = (row_levels(work, tree, codecs, budget) if windowed
+                               else (set(range(tree.depth)), set(range(len(codecs)))))
     spectra, factor_err, row_norms, row_err = {}, {}, {}, {}
     for level in range(tree.depth):
-        for ids, blocks in block_batches(work, tree, tree.nodes_of_level(level)):
+        nodes = tree.nodes_of_level(level)
+        if hopeless[nodes.start:nodes.stop].all() and not (measured and level in levels):
+            continue  # nothing to analyse at this level
+        for ids, blocks in block_batches(work, tree, nodes):
             chosen = torch.from_numpy(np.flatnonzero(~hopeless[ids]))
             if len(chosen):
                 area = blocks.shape[1] * blocks.shape[2]
@@ -299,7 +304,7 @@ def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...], negligibl
                     spectra[ids[index]] = sigma[j].square()
                     factor_err[ids[index]] = errs[:, j]
             if measured and level in levels:
-                per_row = row_errors_all(codecs, blocks)
+                per_row = row_errors_all(codecs, blocks, measured_codecs)
                 dense_err[:, ids] = per_row.sum(-1).numpy()
                 norms = _norm2(blocks.reshape(-1, blocks.shape[2])).reshape(blocks.shape[:2])
                 for j, node in enumerate(ids):
@@ -313,18 +318,23 @@ def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...], negligibl
                       spectra[0].sqrt().numpy() if 0 in spectra else None, complete)
 
 
-def row_errors_all(codecs: tuple[str, ...], blocks: torch.Tensor) -> torch.Tensor:
+def row_errors_all(codecs: tuple[str, ...], blocks: torch.Tensor, which: set[int] | None = None) -> torch.Tensor:
     """Squared error of storing each row of a (k, h, w) stack in each codec: (P, k, h), codec 0
     (the source dtype) exact. Rows go in chunks of about `ROW_CHUNK_NUMBERS` entries, every codec
     on a chunk while it is in cache. Float32 rows take the codecs' own error norms (float32
     sums, `codecs.row_error_norms`): estimates like every planner figure, checked by the final
-    measurement."""
+    measurement. Codecs not in ``which`` (if given) are not tried: their errors are inf."""
     flat = blocks.reshape(-1, blocks.shape[2])
     out = torch.zeros((len(codecs), flat.shape[0]), dtype=torch.float64)
+    for p in range(1, len(codecs)):
+        if which is not None and p not in which:
+            out[p] = np.inf
     step = max(1, ROW_CHUNK_NUMBERS // max(1, flat.shape[1]))
     for start in range(0, flat.shape[0], step):
         part = flat[start:start + step]
         for p, codec in enumerate(codecs[1:], start=1):
+            if which is not None and p not in which:
+                continue
             if part.dtype == torch.float32:
                 out[p, start:start + step] = _finite_or_inf(row_error_norms(codec, part).double().square())
             else:
@@ -375,12 +385,16 @@ exactly from their Gram matrix (no sketch). The sketches are seeded: the decisio
     return needed >= break_even
 
 
-def row_levels(work: torch.Tensor, tree: Tree, codecs: tuple[str, ...], budget: float) -> set[int]:
-    """The tree levels whose row codecs are worth measuring: the level whose uniform partition
-    stores rows in the fewest bytes, estimated on every `ROW_SAMPLE_EVERY`-th row of every block
-    (codec errors measured exactly on those rows), and the cheaper of its two neighbours
-    (`ROW_NEIGHBOURS`), between which the optimiser may mix widths."""
-    costs = []
+def row_levels(work: torch.Tensor, tree: Tree, codecs: tuple[str, ...], budget: float) -> tuple[set[int], set[int]]:
+    """The tree levels and codecs whose row errors are worth measuring.
+
+    Levels: the one whose uniform partition stores rows in the fewest bytes, estimated on every
+    `ROW_SAMPLE_EVERY`-th row of every block (codec errors measured exactly on those rows), and
+    the cheaper of its two neighbours (`ROW_NEIGHBOURS`), between which the optimiser may mix
+    widths. Codecs: codec 0 (exact), and those the estimate chose at those levels, widened by one
+    codec on each side in bits per number (`CODEC_NEIGHBOURS`).
+    """
+    costs, picks = [], []
     for level in range(tree.depth):
         nodes = tree.nodes_of_level(level)
         sample_err, sample_norm, sample_bytes, rows_total, blocks = [], [], [], 0, 0
@@ -397,10 +411,18 @@ def row_levels(work: torch.Tensor, tree: Tree, codecs: tuple[str, ...], budget: 
         nbytes = np.concatenate(sample_bytes, axis=1).astype(np.float64)
         share = err.shape[1] / rows_total
         overhead = blocks * (BLOCK_ROW_BYTES + SEGMENT_ROW_BYTES)
-        costs.append(overhead + _uniform_rows_bytes(nbytes, err, norm, budget * share) / share)
+        cost, picked = _uniform_rows_bytes(nbytes, err, norm, budget * share)
+        costs.append(overhead + cost / share)
+        picks.append(picked)
     best = int(np.argmin(costs))
     neighbours = [level for level in (best - 1, best + 1) if 0 <= level < tree.depth]
-    return {best, *sorted(neighbours, key=lambda level: costs[level])[:ROW_NEIGHBOURS]}
+    levels = {best, *sorted(neighbours, key=lambda level: costs[level])[:ROW_NEIGHBOURS]}
+    by_bits = sorted(range(1, len(codecs)), key=lambda p: -CODEC[codecs[p]].bits)
+    rank = [by_bits.index(p) for level in levels for p in picks[level] if p > 0]
+    if not rank:
+        return levels, {0}
+    low, high = max(0, min(rank) - CODEC_NEIGHBOURS), min(len(by_bits), max(rank) + CODEC_NEIGHBOURS + 1)
+    return levels, {0, *by_bits[low:high]}
 
 
 def _by_shape(tree: Tree, nodes) -> dict[tuple[int, int], np.ndarray]:
@@ -421,27 +443,29 @@ def _sampled_rows(work: torch.Tensor, tree: Tree, ids: np.ndarray, h: int, w: in
     return work[rows.unsqueeze(2), cols.unsqueeze(1)]
 
 
-def _uniform_rows_bytes(nbytes: np.ndarray, err: np.ndarray, norm: np.ndarray, budget: float) -> float:
+def _uniform_rows_bytes(nbytes: np.ndarray, err: np.ndarray, norm: np.ndarray, budget: float) -> tuple[float, set[int]]:
     """Fewest bytes of rows each kept in some codec or dropped, total squared error <= ``budget``
-    (Lagrangian bisection; codec 0 is exact, so a solution always exists)."""
-    def solve(mu: float) -> tuple[float, float]:
+    (Lagrangian bisection; codec 0 is exact, so a solution always exists), and the codecs kept."""
+    def solve(mu: float) -> tuple[float, float, np.ndarray]:
         cost = np.vstack([mu * norm, nbytes + mu * err])
         pick = np.argmin(cost, axis=0)
         chosen_bytes = np.where(pick == 0, 0.0, nbytes[np.maximum(pick - 1, 0), np.arange(len(norm))])
         chosen_err = np.where(pick == 0, norm, err[np.maximum(pick - 1, 0), np.arange(len(norm))])
-        return float(chosen_bytes.sum()), float(chosen_err.sum())
+        return float(chosen_bytes.sum()), float(chosen_err.sum()), pick
     if budget <= 0:
-        return float(nbytes[0].sum())
+        return float(nbytes[0].sum()), {0}
     lo, hi = np.log(1e-12 / budget), np.log(max(float(nbytes[0].sum()), 1.0) * 1e6 / budget)
-    best = float(nbytes[0].sum())
+    best, kept = float(nbytes[0].sum()), {0}
     for _ in range(40):
         mid = 0.5 * (lo + hi)
-        nbytes_mid, err_mid = solve(float(np.exp(mid)))
+        nbytes_mid, err_mid, pick = solve(float(np.exp(mid)))
         if err_mid <= budget:
-            hi, best = mid, min(best, nbytes_mid)
+            hi = mid
+            if nbytes_mid < best:
+                best, kept = nbytes_mid, {int(p) - 1 for p in np.unique(pick) if p > 0}
         else:
             lo = mid
-    return best
+    return best, kept
 
 
 def _spectrum_and_errors(blocks: torch.Tensor, codecs: tuple[str, ...], measured: bool,
