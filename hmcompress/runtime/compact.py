@@ -19,6 +19,7 @@ codes with their scales, floats at their stored width), decoded at each call.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 
 import torch
@@ -56,7 +57,9 @@ def int_mm_works(device_type: str) -> bool:
 
 def int_digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``x`` (N, n) as fixed-point digits: (DIGITS * N, n) int8, least significant digit
-    first, and the float32 ``step`` (N, 1) with ``x ≈ step * Σ_d DIGIT_WEIGHTS[d] · digit_d``.
+    first, and the float32 ``step`` (N, 1) with ``x ≈ step * Σ_d DIGIT_WEIGHTS[d] · digit_d``
+    (unless the row holds inf or NaN, or its largest entry is below 2⁻¹²⁶·2²³ so that ``step``
+    underflows to 0: then the digits mean nothing, and callers check ``step``).
 
     ``fixed = round(x / step)`` is an int32 within ±127·2¹⁶. Adding 0x8080 and flipping the top
     bit of its two low bytes leaves, in its three low bytes read as int8, the balanced digits
@@ -156,7 +159,9 @@ class CompactMatrix(nn.Module):
         part = None
         if self.layout == "int" and int_mm_works(x.device.type) and dtype != torch.float64:
             digits, step = int_digits(x)
-            if bool(torch.isfinite(step).all()):  # inf or NaN inputs: the float product spreads them
+            # Rows with inf or NaN (the float product spreads them) or so tiny that ``step``
+            # underflows to 0 (the float product keeps their subnormal scale) take the float path.
+            if bool(((step > 0) & (step < math.inf)).all()):
                 sums = [torch._int_mm(digits[:, b.col0:b.col0 + b.cols], buffers[b.codes]) for b in self._bands]
                 part = combine_digits(sums[0] if len(sums) == 1 else torch.cat(sums, 1), x.shape[0])
                 part = part.mul_(step).mul_(buffers["band_scales"]).to(dtype)

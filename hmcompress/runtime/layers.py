@@ -76,9 +76,18 @@ def compact_planes(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
     """Factors as int8 codes times float32 scales, plus a plane for floating-coded pieces.
 
     The float plane takes the narrowest of float16, bfloat16 and ``dtype`` that holds its values
-    exactly; planes with nothing in them are left out. `decode_planes` inverts this.
+    exactly; planes with nothing in them are left out. Where that plane is ``dtype`` itself, the
+    0/1 placements of dense and rows terms (scale 1) join it, exactly: a factor then needs no
+    decoding at each call. `decode_planes` inverts this.
     """
     integer = ~torch.isnan(scales)
+    floating = ~integer & (values != 0)
+    if bool(floating.any()):
+        floats = torch.where(integer, torch.zeros_like(values), values)
+        narrow = [d for d in (torch.float16, torch.bfloat16) if torch.equal(floats.to(d).double(), floats)]
+        float_dtype = narrow[0] if narrow else dtype
+        if float_dtype == dtype:
+            integer = integer & (scales != 1)
     safe = torch.where(integer & (scales != 0), scales, torch.ones_like(scales))
     codes = torch.where(integer, torch.round(values / safe), torch.zeros_like(values))
     floats = torch.where(integer, torch.zeros_like(values), values)
@@ -87,8 +96,7 @@ def compact_planes(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
         planes["codes"] = codes.to(torch.int8)
         planes["scale"] = torch.where(integer, scales, torch.zeros_like(scales)).to(torch.float32)
     if bool(floats.any()):
-        narrow = [d for d in (torch.float16, torch.bfloat16) if torch.equal(floats.to(d).double(), floats)]
-        planes["float"] = floats.to(narrow[0] if narrow else dtype)
+        planes["float"] = floats.to(float_dtype)
     return planes
 
 
