@@ -1,24 +1,34 @@
-"""Scale: worker processes against one, and peak memory against the checkpoint's size.
+"""Scale (issue 15): throughput with 1 and 2 local workers and with the Ray engine, bytes against
+the full analysis, and peak memory on a 4 GiB checkpoint.
 
-- workers: wall time of `compress --workers 2` over `--workers 1` on a checkpoint of 16 matrices
-  of 1024 x 1024 (the outputs must be byte-identical); the wall times include starting Python,
-  torch and the worker processes (a few seconds), as a user sees them;
-- per tensor: peak RSS (exact, from the kernel) of one process compressing one 2048 x 2048 matrix, over one compressing a
-  64 x 64 one (what the work on a matrix adds to a process with torch loaded);
-- memory: peak RSS of the whole `hmcompress compress` process tree (the parent and its workers,
-  summed, sampled every 20 ms from /proc) on a generated checkpoint, beside the checkpoint's size
-  and its largest tensor. ``--large`` generates 64 float32 matrices of 4096 x 4096 (4 GiB) of
-  Gaussian noise, compressed with ``--precision keep --workers 1``: keep stores such matrices
-  densely (as it does most trained weights at 1e-2), so the run is about streaming and memory,
-  and takes about 40 s a matrix on one core.
+Checkpoints are generated (and streamed to disk) in a temporary directory under ``--dir``, of
+trained-like float32 matrices (`trained`: a noise bulk and a few outlying singular values, so
+that, as for every matrix of ../shared/checkpoints, 1e-2 needs nearly full rank).
 
-Checkpoints are generated (and streamed to disk) in a temporary directory under ``--dir``.
+- throughput: 16 matrices of 2048 x 2048 and 4 of 4096 x 4096 (0.5 GiB) compressed at tol 1e-2
+  (default options) by ``hmcompress compress`` with ``--workers 1``, ``--workers 2`` and
+  ``--engine ray`` (a local Ray cluster started for the run, as many CPUs as this process may
+  use): wall time of the compression (the ``throughput`` of ``--json``: source bytes of the
+  matrices over the seconds from opening the checkpoint to the file written; the process's start,
+  a second or two, is left out) and of the whole process, peak memory of the process tree, and
+  whether the three files are byte-identical;
+- bytes: one 2048 x 2048 matrix (and with ``--large`` one 4096 x 4096) compressed in this process
+  by the fast analysis and by the full one (`compress_matrix(..., full_analysis=True)`);
+- memory (``--large``): 64 matrices of 4096 x 4096 (4 GiB), ``--workers 2``: wall time and the
+  peak memory of the process tree.
+
+Peak memory of a process tree is sampled every 50 ms from /proc: the sum of the processes' PSS
+(proportional set size: pages shared between processes, such as torch's libraries, are split
+among them) and, for comparison, the sum of their RSS (which counts shared pages once per
+process).
+
 Usage: python -m benchmarks.scale [--large] [--dir DIR]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import pathlib
 import subprocess
@@ -29,15 +39,11 @@ import time
 import torch
 
 from benchmarks import print_table
+from hmcompress.core.build import CompressionOptions, compress_matrix
 from hmcompress.io.writer import StreamedTensor, write_streamed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-def weight(seed: int, m: int, n: int) -> torch.Tensor:
-    """A weight-like matrix: a decaying spectrum with random singular vectors, plus noise."""
-    gen = torch.Generator().manual_seed(seed)
-    k = min(m, n) // 8
-    u = torch.randn(m, k, generator=gen) * torch.logspace(0, -2, k)
-    return (u @ torch.randn(k, n, generator=gen) / n ** 0.5 + 1e-3 * torch.randn(m, n, generator=gen)).float()
+TOL = 1e-2
 
 
 def trained(seed: int, m: int, n: int, spikes: int = 32) -> torch.Tensor:
@@ -51,117 +57,141 @@ def trained(seed: int, m: int, n: int, spikes: int = 32) -> torch.Tensor:
     return (low + torch.randn(m, n, generator=gen) / n ** 0.5).float()
 
 
-def noise(seed: int, m: int, n: int) -> torch.Tensor:
-    return torch.randn(m, n, generator=torch.Generator().manual_seed(seed)) / n ** 0.5
-
-
-def generate(path: pathlib.Path, count: int, m: int, n: int, make=weight) -> pathlib.Path:
-    """``count`` m x n matrices, written one at a time (never all in memory)."""
-    write_streamed(path, [StreamedTensor(f"layers.{i:02d}.weight", torch.float32, (m, n),
-                                         lambda i=i: make(i, m, n)) for i in range(count)], None)
+def generate(path: pathlib.Path, shapes: list[tuple[int, int]], make=trained) -> pathlib.Path:
+    """One matrix per shape, written one at a time (never all in memory)."""
+    write_streamed(path, [StreamedTensor(f"layers.{i:02d}.weight", torch.float32, shape,
+                                         lambda i=i, shape=shape: make(i, *shape)) for i, shape in enumerate(shapes)],
+                   None)
     return path
 
 
 @dataclasses.dataclass
 class Run:
-    """One ``hmcompress`` process: exit code, wall seconds, peak summed RSS of its process tree
-    (bytes, sampled), the largest peak RSS of any one process in it (bytes, the kernel's exact
-    record), and the CPU seconds it and its workers spent in user code and in the kernel."""
+    """One ``hmcompress compress --json`` process: exit code, wall seconds of the process, the
+    compression's own seconds and MB/s (from its JSON), peak summed PSS and RSS of its process
+    tree (bytes, sampled)."""
 
     code: int
     wall: float
-    peak: int
-    largest_process_peak: int
-    user: float
-    system: float
+    seconds: float
+    rate: float
+    peak_pss: int
+    peak_rss: int
 
 
 def run(*args: object) -> Run:
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "hmcompress", *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL)
-    peak = 0
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        peak = max(peak, tree_rss(proc.pid))
-        time.sleep(0.02)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return Run(proc.returncode, time.perf_counter() - start, peak, usage.ru_maxrss * 1024, usage.ru_utime,
-               usage.ru_stime)
+    proc = subprocess.Popen([sys.executable, "-m", "hmcompress", "compress", *map(str, args), "--json", "--quiet"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    pss = rss = 0
+    while proc.poll() is None:
+        tree = [proc.pid, *descendants(proc.pid)]
+        pss = max(pss, sum(memory(pid, "Pss:") for pid in tree))
+        rss = max(rss, sum(memory(pid, "Rss:") for pid in tree))
+        time.sleep(0.05)
+    out = proc.stdout.read()
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        return Run(proc.returncode, wall, 0.0, 0.0, pss, rss)
+    throughput = json.loads(out)["results"][0]["throughput"]
+    return Run(0, wall, throughput["seconds"], throughput["mb_per_s"], pss, rss)
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (0 for one that just ended)."""
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (none for one that just ended)."""
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = list(pathlib.Path(f"/proc/{parent}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += children
+            todo += children
+    return out
+
+
+def memory(pid: int, field: str) -> int:
+    """A field of /proc/PID/smaps_rollup in bytes (0 for a process that just ended)."""
     try:
-        status = pathlib.Path(f"/proc/{pid}/status").read_text()
-        children = [int(c) for task in pathlib.Path(f"/proc/{pid}/task").iterdir()
-                    for c in (task / "children").read_text().split()]
+        text = pathlib.Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
         return 0
-    rss = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-    return rss + sum(tree_rss(child) for child in children)
+    return next((int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith(field)), 0)
 
 
-def cpu(r: Run) -> str:
-    return f"CPU {r.user:.0f} s user + {r.system:.0f} s kernel"
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
 
 
-def workers_rows(directory: pathlib.Path) -> list[list[str]]:
-    source = generate(directory / "sixteen.safetensors", 16, 1024, 1024)
-    outputs, runs = {}, {}
-    for workers in (1, 2):
-        out = directory / f"sixteen.w{workers}.hm.safetensors"
-        runs[workers] = run("compress", source, "-o", out, "--workers", workers, "--quiet")
-        assert runs[workers].code == 0
-        outputs[workers] = out.read_bytes()
-    same = "byte-identical" if outputs[1] == outputs[2] else "DIFFERENT BYTES"
-    return [["16 weight matrices 1024x1024, tol 1e-2 auto", "--workers 1",
-             f"{runs[2].wall / runs[1].wall:.2f}x wall time ({same}); --workers 1: {runs[1].wall:.0f} s, "
-             f"{cpu(runs[1])}"]]
-
-
-def per_tensor_rows(directory: pathlib.Path) -> list[list[str]]:
-    """What one matrix costs in memory: one process compressing it, over one compressing a tiny one."""
-    side = 2048
-    peaks = {}
-    for n in (64, side):
-        source = generate(directory / f"one{n}.safetensors", 1, n, n)
-        result = run("compress", source, "-o", directory / f"one{n}.hm.safetensors", "--quiet", "--workers", 1)
-        assert result.code == 0
-        peaks[n] = result.largest_process_peak
-    extra = peaks[side] - peaks[64]
-    return [[f"one weight matrix {side}x{side}, tol 1e-2 auto, --workers 1", "the same process on a 64x64 one",
-             f"peak RSS {peaks[side] / 2**30:.2f} GiB against {peaks[64] / 2**30:.2f} GiB: "
-             f"{extra / (side * side * 4):.0f}x the float32 matrix"]]
-
-
-def memory_rows(directory: pathlib.Path, large: bool) -> list[list[str]]:
-    count, side, precision, workers, make = (64, 4096, "keep", 1, noise) if large else (12, 2048, "auto", 2, weight)
-    source = generate(directory / "big.safetensors", count, side, side, make)
+def throughput_rows(directory: pathlib.Path) -> list[list[str]]:
+    shapes = [(2048, 2048)] * 16 + [(4096, 4096)] * 4
+    source = generate(directory / "mixed.safetensors", shapes)
     size = source.stat().st_size
-    out = directory / "big.hm.safetensors"
-    r = run("compress", source, "-o", out, "--precision", precision, "--quiet", "--workers", workers)
+    runs, outputs = {}, {}
+    for label, extra in (("--workers 1", ("--workers", 1)), ("--workers 2", ("--workers", 2)),
+                         ("--engine ray", ("--engine", "ray"))):
+        out = directory / f"mixed.{label.split()[-1]}.hm.safetensors"
+        runs[label] = run(source, "-o", out, *extra)
+        assert runs[label].code == 0, label
+        outputs[label] = out.read_bytes()
+        out.unlink()
+    same = "byte-identical" if len(set(outputs.values())) == 1 else "DIFFERENT BYTES"
+    rows = []
+    for label, r in runs.items():
+        rows.append([f"16 x 2048² + 4 x 4096² trained-like ({gib(size)}), tol {TOL:g}, {label}",
+                     f"{r.rate:.1f} MB/s ({r.seconds:.1f} s; process {r.wall:.1f} s)",
+                     f"{gib(r.peak_pss)} PSS ({gib(r.peak_rss)} RSS)"])
+    local, ray = runs["--workers 2"], runs["--engine ray"]
+    rows.append(["Ray engine over --workers 2", f"{ray.rate / local.rate:.2f}x the throughput", same])
+    rows.append(["--workers 2 over --workers 1", f"{local.rate / runs['--workers 1'].rate:.2f}x the throughput", same])
+    return rows
+
+
+def bytes_rows(large: bool) -> list[list[str]]:
+    rows = []
+    for side in (2048, 4096) if large else (2048,):
+        w = trained(100, side, side)
+        times, sizes = {}, {}
+        for full in (False, True):
+            start = time.perf_counter()
+            sizes[full] = compress_matrix(w, CompressionOptions(tol=TOL), full_analysis=full).hmatrix.nbytes
+            times[full] = time.perf_counter() - start
+        rows.append([f"one trained-like {side}x{side}, tol {TOL:g}, fast analysis against full (this process, "
+                     f"{torch.get_num_threads()} threads)", f"{times[False]:.1f} s against {times[True]:.1f} s "
+                     f"({times[True] / times[False]:.1f}x faster)",
+                     f"{sizes[False]} bytes against {sizes[True]} ({sizes[False] / sizes[True] - 1:+.2%})"])
+    return rows
+
+
+def memory_rows(directory: pathlib.Path) -> list[list[str]]:
+    source = generate(directory / "big.safetensors", [(4096, 4096)] * 64)
+    size = source.stat().st_size
+    r = run(source, "-o", directory / "big.hm.safetensors", "--workers", 2)
     assert r.code == 0
-    largest = side * side * 4
-    return [[f"{count} {make.__name__} matrices {side}x{side} ({size / 2**30:.2f} GiB), tol 1e-2 {precision}, "
-             f"--workers {workers}",
-             "checkpoint size", f"peak RSS {r.peak / 2**30:.2f} GiB = {r.peak / size:.3f}x the file, "
-             f"{r.peak / largest:.1f}x the largest tensor; {r.wall / 60:.1f} min, {cpu(r)}"]]
+    return [[f"64 trained-like 4096² ({gib(size)}), tol {TOL:g}, --workers 2",
+             f"{r.rate:.1f} MB/s, {r.seconds / 60:.1f} min (process {r.wall / 60:.1f} min)",
+             f"{gib(r.peak_pss)} PSS ({gib(r.peak_rss)} RSS) = {r.peak_pss / size:.3f}x the file"]]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--large", action="store_true", help="only the 4 GiB checkpoint (about 45 minutes)")
+    parser.add_argument("--large", action="store_true", help="also the 4 GiB checkpoint and a 4096² full analysis")
     parser.add_argument("--dir", type=pathlib.Path, default=None, help="where to generate checkpoints")
     args = parser.parse_args()
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         directory = pathlib.Path(tmp)
-        start = time.perf_counter()
-        rows = (memory_rows(directory, True) if args.large else
-                workers_rows(directory) + per_tensor_rows(directory) + memory_rows(directory, False))
-    print_table(f"Scale ({time.perf_counter() - start:.0f} s)", ["measurement", "baseline", "result"], rows)
+        rows = throughput_rows(directory) + bytes_rows(args.large)
+        if args.large:
+            rows += memory_rows(directory)
+    cores = len(os.sched_getaffinity(0))
+    print_table(f"Scale ({time.perf_counter() - start:.0f} s, {cores} cores)", ["measurement", "speed", "result"], rows)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import tempfile
 import time
 
 import pytest
+import torch
 from helpers import random_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -103,8 +104,15 @@ def head():
 
 @pytest.mark.slow
 def test_ray_engine_writes_the_local_engines_bytes(head, tmp_path):
+    """float32, bfloat16 and float16 matrices: the same file as two local workers write."""
     address, _pid = head
-    source = random_checkpoint(tmp_path / "model.safetensors", 4, 96)
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    source = tmp_path / "model.safetensors"
+    save_file({"a.weight": torch.randn(96, 96, generator=gen), "b.weight": torch.randn(80, 96, generator=gen),
+               "c.weight": torch.randn(96, 64, generator=gen).bfloat16(),
+               "d.weight": torch.randn(64, 64, generator=gen).half()}, str(source))
     local, ray = tmp_path / "local.hm.safetensors", tmp_path / "ray.hm.safetensors"
     assert hmcompress("compress", source, "-o", local, "--workers", 2, "-q").returncode == 0
     run = hmcompress("compress", source, "-o", ray, "--engine", "ray", "--address", address, "-q", "--json")

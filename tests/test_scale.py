@@ -2,12 +2,13 @@
 cannot win, stores at most 1% more bytes than the full analysis, and every bound still holds."""
 from __future__ import annotations
 
+import json
 import pathlib
 
 import numpy as np
 import pytest
 import torch
-from helpers import reference_decoded
+from helpers import random_checkpoint, reference_decoded
 
 from benchmarks.scale import trained
 from hmcompress.core import candidates
@@ -123,3 +124,15 @@ def test_half_precision_sources(dtype):
     decoded = reference_decoded(result.hmatrix)
     exact = w.double().numpy()
     assert float(np.linalg.norm(exact - decoded.loaded_matrix)) <= result.budget
+
+
+def test_throughput_in_the_json_and_the_progress_line(tmp_path, cli):
+    """`compress --json` reports the source bytes of the matrices, the seconds and their ratio in
+    MB/s; the progress lines (not a terminal) show the running rate."""
+    source = random_checkpoint(tmp_path / "model.safetensors", 2, 96)
+    run = cli("compress", source, "--json")
+    assert run.code == 0, run.stderr
+    throughput = json.loads(run.stdout)["results"][0]["throughput"]
+    assert throughput["matrix_bytes"] == 2 * 96 * 96 * 4 and throughput["seconds"] > 0
+    assert throughput["mb_per_s"] == pytest.approx(throughput["matrix_bytes"] / throughput["seconds"] / 1e6, rel=1e-2)
+    assert "MB/s" in run.stderr.splitlines()[-1]

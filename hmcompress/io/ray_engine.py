@@ -6,8 +6,8 @@ Ray's object store, so the cluster's nodes need hmcompress installed but no acce
 checkpoint. A task compresses on one thread (`pipeline.compress_tensor`, as a local worker does)
 and returns the packed result, which the driver keeps in the work directory exactly as the local
 engine does: assembly in the input's order, ``--resume`` and the output bytes are the same. At
-most `TASKS_PER_CPU` tasks per cluster CPU are pending, so the driver holds a bounded number of
-matrices. Ray retries a task whose worker process dies (`MAX_RETRIES`); on Ctrl-C or any error
+most `TASKS_PER_CPU` tasks per cluster CPU, plus one, are pending, so the driver and the object
+store hold a bounded number of matrices. Ray retries a task whose worker process dies (`MAX_RETRIES`); on Ctrl-C or any error
 the pending tasks are cancelled and a cluster started for this run is shut down.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from hmcompress.io import pipeline
 
 INSTALL_HINT = "pip install 'hmcompress[ray]' (or pip install ray)"
 MAX_RETRIES = 3  # a task whose worker dies is run again this many times at most
-TASKS_PER_CPU = 2  # tasks pending per cluster CPU: every worker has its next matrix ready
+TASKS_PER_CPU = 1  # tasks submitted per cluster CPU (plus one): every worker has its next matrix ready
 
 
 def require_ray():
@@ -34,10 +34,30 @@ def require_ray():
     return ray
 
 
-def _task(job: pipeline.Job, tensor) -> tuple[str, object]:
+def _shipped(tensor) -> tuple[object, str]:
+    """A tensor as Ray ships best: a NumPy array of its bytes (stored once in the object store,
+    read by workers without a copy) and its dtype's name (bfloat16 has no NumPy dtype)."""
+    import torch
+
+    flat = tensor.detach().contiguous()
+    raw = flat.view(torch.int16) if flat.dtype == torch.bfloat16 else flat
+    return raw.numpy(), str(flat.dtype).removeprefix("torch.")
+
+
+def _unshipped(array, dtype: str):
+    """The tensor `_shipped` sent, in memory of its own (the object store's copy is read-only)."""
+    import torch
+
+    tensor = torch.from_numpy(array.copy())
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
+def _task(job: pipeline.Job, array, dtype: str) -> tuple[str, object]:
     """What runs on a Ray worker: one tensor compressed (``("done", Packed)``) or refused
     (``("refused", message)``); the worker gives large blocks back to the system between tasks."""
     pipeline.release_large_blocks()
+    tensor = _unshipped(array, dtype)
+    del array
     try:
         return "done", pipeline.compress_tensor(job.name, job.source, job.tensor, tensor, job.options,
                                                 job.passthrough_nonfinite, keyed=job.workdir is not None)
@@ -82,7 +102,7 @@ def run_jobs(jobs: list[pipeline.Job], address: str | None,
     outcomes: list[pipeline.JobResult | None] = [None] * total
     with connected(address) as ray:
         remote = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(_task)
-        capacity = max(1, int(ray.cluster_resources().get("CPU", 1))) * TASKS_PER_CPU
+        capacity = max(1, int(ray.cluster_resources().get("CPU", 1))) * TASKS_PER_CPU + 1
         pending: dict[object, int] = {}
         queued, done = 0, 0
 
@@ -102,7 +122,7 @@ def run_jobs(jobs: list[pipeline.Job], address: str | None,
                     if reused is not None:
                         finished(queued, reused)
                     else:
-                        pending[remote.remote(job, tensor.contiguous())] = queued
+                        pending[remote.remote(job, *_shipped(tensor))] = queued
                     queued += 1
                     del tensor
                 if not pending:
