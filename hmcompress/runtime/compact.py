@@ -4,17 +4,18 @@ a float weight.
 Trained weights end, at the tolerances users pick, as integer-coded rows (one float32 scale per
 stored row). Those rows are grouped into *bands*, one per column range of the block partition,
 each an int8 code matrix laid out (columns, rows) for `torch._int_mm`. A float input cannot meet
-int8 codes in that kernel as it is, so each input row is written exactly enough in fixed point:
-three signed 7-bit digits, ``x ≈ step · (d0·2¹⁴ + d1·2⁷ + d2)`` with ``step = max|x| / (127·2¹⁴)``
-(a relative error below 2⁻²² of the row's largest entry, the order of float32's own rounding of
-the sums). One integer product of the (3N, n) digits by the codes gives every band's exact int32
+int8 codes in that kernel as it is, so each input row is written in fixed point, exactly enough:
+three balanced base-256 digits, ``x ≈ step · (d0 + 256·d1 + 65536·d2)`` with ``step = max|x| /
+(127·2¹⁶)`` (an error below 2⁻²³ of the row's largest entry, the order of float32's own rounding
+of the sums). Integer products of the (3N, n) digits by the codes give every band's exact int32
 sums, recombined in float32 and scaled. Where `torch._int_mm` is missing (old torch, CUDA's shape
-rules), for float64 models and for inputs with inf or NaN, each band is decoded to ``dtype`` for
-the call instead (the codes stay int8 in memory either way).
+rules), for float64 models, and for rows with inf, NaN or only subnormal numbers, the codes are
+converted to ``dtype`` for the call instead (layout "float" always does so: fewer operations).
 
-Everything else (low-rank factors in any codec, rows and blocks in floating codecs, rows whose
-scale is not finite) runs through the tile product of `HLinear` with its factors compact (integer
-codes with their scales, floats at their stored width), decoded at each call.
+Rows and blocks stored in floating codecs form bands of their own, kept at their stored width and
+converted for each call. Everything else (low-rank factors in any codec, rows and blocks whose
+scales or values are not finite) runs through the tile product of `HLinear` with its factors
+compact (integer codes with their scales, floats at their stored width), decoded at each call.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ MAX_BANDS = 64  # beyond this many column ranges the tile product is the better 
 # decoded to float for each call ("float": fewer operations, the better for small matrices), or
 # everything through the tile product ("tiles").
 LAYOUTS = ("int", "float", "tiles")
+SMALLEST_NORMAL = torch.finfo(torch.float32).tiny  # a digits' step below it has lost precision
 SMALL_MATRIX = 1 << 18  # entries up to which "float" is the default layout (operations dominate)
 
 
@@ -58,8 +60,8 @@ def int_mm_works(device_type: str) -> bool:
 def int_digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``x`` (N, n) as fixed-point digits: (DIGITS * N, n) int8, least significant digit
     first, and the float32 ``step`` (N, 1) with ``x ≈ step * Σ_d DIGIT_WEIGHTS[d] · digit_d``
-    (unless the row holds inf or NaN, or its largest entry is below 2⁻¹²⁶·2²³ so that ``step``
-    underflows to 0: then the digits mean nothing, and callers check ``step``).
+    (unless the row holds inf or NaN, or its largest entry is below about 2⁻¹⁰³ so that ``step``
+    is subnormal: then the digits mean little, and callers check ``step``).
 
     ``fixed = round(x / step)`` is an int32 within ±127·2¹⁶. Adding 0x8080 and flipping the top
     bit of its two low bytes leaves, in its three low bytes read as int8, the balanced digits
@@ -89,12 +91,12 @@ def combine_digits(sums: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 class _Band:
-    """One band: the name of its codes, its input columns ``col0 .. col0 + cols``, and its rows'
-    place ``start .. stop`` in the bands' joined scales and output rows."""
+    """One band: the name of its codes (int8, or floats as stored), its input columns ``col0 ..
+    col0 + cols``, and its rows' place ``start .. stop`` in the bands' joined scales and output rows."""
 
-    def __init__(self, number: int, col0: int, cols: int, start: int, stop: int) -> None:
+    def __init__(self, number: int, col0: int, cols: int, start: int, stop: int, integer: bool) -> None:
         self.codes = f"band{number}_codes"
-        self.col0, self.cols, self.start, self.stop = col0, cols, start, stop
+        self.col0, self.cols, self.start, self.stop, self.integer = col0, cols, start, stop, integer
 
 
 class CompactMatrix(nn.Module):
@@ -124,7 +126,7 @@ class CompactMatrix(nn.Module):
         rows, scales = [], []
         for number, (col0, cols, band_rows, codes, band_scales) in enumerate(_bands(pieces, self.out_features)):
             start = sum(r.numel() for r in rows)
-            self._bands.append(_Band(number, col0, cols, start, start + band_rows.numel()))
+            self._bands.append(_Band(number, col0, cols, start, start + band_rows.numel(), not codes.is_floating_point()))
             self.register_buffer(f"band{number}_codes", row_major(codes.T).to(device), persistent=False)
             rows.append(band_rows)
             scales.append(band_scales)
@@ -157,14 +159,17 @@ class CompactMatrix(nn.Module):
         if not self._bands:
             return rest
         part = None
-        if self.layout == "int" and int_mm_works(x.device.type) and dtype != torch.float64:
+        if self.layout == "int" and self._bands[0].integer and int_mm_works(x.device.type) and dtype != torch.float64:
             digits, step = int_digits(x)
-            # Rows with inf or NaN (the float product spreads them) or so tiny that ``step``
-            # underflows to 0 (the float product keeps their subnormal scale) take the float path.
-            if bool(((step > 0) & (step < math.inf)).all()):
-                sums = [torch._int_mm(digits[:, b.col0:b.col0 + b.cols], buffers[b.codes]) for b in self._bands]
+            # Rows with inf or NaN (the float product spreads them) or so tiny that ``step`` is
+            # subnormal (it would lose its precision) take the float path.
+            if bool(((step >= SMALLEST_NORMAL) & (step < math.inf)).all()):
+                integer = [b for b in self._bands if b.integer]
+                sums = [torch._int_mm(digits[:, b.col0:b.col0 + b.cols], buffers[b.codes]) for b in integer]
                 part = combine_digits(sums[0] if len(sums) == 1 else torch.cat(sums, 1), x.shape[0])
-                part = part.mul_(step).mul_(buffers["band_scales"]).to(dtype)
+                part = part.mul_(step).mul_(buffers["band_scales"][:integer[-1].stop]).to(dtype)
+                floats = [x[:, b.col0:b.col0 + b.cols] @ buffers[b.codes].to(dtype) for b in self._bands if not b.integer]
+                part = torch.cat([part, *floats], 1) if floats else part
         if part is None:  # codes times inputs, then the scales: three operations for one band
             parts = [x[:, b.col0:b.col0 + b.cols] @ buffers[b.codes].to(dtype) for b in self._bands]
             part = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).mul_(buffers["band_scales"].to(dtype))
@@ -196,13 +201,15 @@ class CompactMatrix(nn.Module):
 
 
 def compact_layouts(hmatrix: HMatrix) -> tuple[str, ...]:
-    """The layouts `CompactMatrix` offers for ``hmatrix``, the default first: "int" and "float"
-    where it has integer-coded rows or blocks in at most MAX_BANDS column ranges ("float" first
-    for matrices of up to SMALL_MATRIX entries, where the count of operations dominates), and
-    always "tiles"."""
+    """The layouts `CompactMatrix` offers for ``hmatrix``, the default first: "float" where its rows
+    and dense blocks fall in at most MAX_BANDS column ranges (per dtype), "int" too where some of
+    them are integer-coded (first, for matrices of over SMALL_MATRIX entries: below, the count of
+    operations dominates), and always "tiles"."""
     pieces, _rest = _split(hmatrix)
-    if not pieces or len({(col0, cols) for col0, cols, *_ in pieces}) > MAX_BANDS:
+    if not pieces or len({(p[0], p[1], p[3].dtype) for p in pieces}) > MAX_BANDS:
         return ("tiles",)
+    if not any(p[3].dtype == torch.int8 for p in pieces):
+        return ("float", "tiles")
     small = hmatrix.shape[0] * hmatrix.shape[1] <= SMALL_MATRIX
     return ("float", "int", "tiles") if small else ("int", "float", "tiles")
 
@@ -211,19 +218,23 @@ Piece = tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]  # col0, cols,
 
 
 def _split(hm: HMatrix) -> tuple[list[Piece], HMatrix | None]:
-    """The integer-coded rows and dense blocks with finite scales as pieces (output rows, codes,
-    scales), and every other segment as an H-matrix of its own (None if there is none)."""
+    """Rows and dense blocks as pieces (output rows, values as stored: int8 codes with their
+    scales, or floats with scales of 1), where their scales or values are finite; every other
+    segment (low rank, or not finite) as an H-matrix of its own (None if there is none)."""
     pieces: list[Piece] = []
     keep: list[bool] = []
     for s in hm.segment_values(raw=True):
-        integer = s.kind != LOWRANK and s.scales is not None and bool(torch.isfinite(s.scales).all())
-        keep.append(not integer)
-        if integer:
-            if isinstance(s, RowsSegment):
-                rows, codes = s.row0 + s.index, s.values
-            else:
-                rows, codes = s.row0 + torch.arange(s.rows), s.block
-            pieces.append((s.col0, s.cols, rows, codes.to(torch.int8), s.scales))
+        if s.kind == LOWRANK:
+            keep.append(True)
+            continue
+        values = s.values if isinstance(s, RowsSegment) else s.block
+        integer = s.scales is not None
+        finite = bool(torch.isfinite(s.scales if integer else values).all())
+        keep.append(not finite)
+        if finite:
+            rows = s.row0 + (s.index if isinstance(s, RowsSegment) else torch.arange(s.rows))
+            scales = s.scales if integer else torch.ones(values.shape[0])
+            pieces.append((s.col0, s.cols, rows, values.to(torch.int8) if integer else values, scales))
     if all(keep):
         return pieces, hm
     if not any(keep):
@@ -248,11 +259,12 @@ def _subset(hm: HMatrix, keep: list[bool]) -> HMatrix:
 
 
 def _bands(pieces: list[Piece], rows: int) -> list[Piece]:
-    """Pieces on the same columns joined into bands (rows sorted, never the same row twice in a
-    band), each cut into at most MAX_BAND_COLUMNS columns."""
-    groups: dict[tuple[int, int], list[tuple[list[Piece], torch.Tensor]]] = {}
-    for piece in pieces:
-        bands = groups.setdefault((piece[0], piece[1]), [])
+    """Pieces on the same columns and of the same dtype joined into bands (rows sorted, never the
+    same row twice in a band), each cut into at most MAX_BAND_COLUMNS columns."""
+    groups: dict[tuple[bool, int, int, str], list[tuple[list[Piece], torch.Tensor]]] = {}
+    for piece in pieces:  # integer bands first (one integer product for all), then float ones by dtype
+        codes = piece[3]
+        bands = groups.setdefault((codes.is_floating_point(), piece[0], piece[1], str(codes.dtype)), [])
         free = [(members, taken) for members, taken in bands if not bool(taken[piece[2]].any())]
         if not free:
             bands.append(([], torch.zeros(rows, dtype=torch.bool)))
@@ -261,7 +273,7 @@ def _bands(pieces: list[Piece], rows: int) -> list[Piece]:
         members.append(piece)
         taken[piece[2]] = True
     out = []
-    for (col0, cols), bands in sorted(groups.items()):
+    for (_floating, col0, cols, _dtype), bands in sorted(groups.items()):
         for members, _taken in bands:
             band_rows = torch.cat([p[2] for p in members])
             order = torch.argsort(band_rows)
