@@ -11,18 +11,20 @@ that, as for every matrix of ../shared/checkpoints, 1e-2 needs nearly full rank)
   use): wall time of the compression (the ``throughput`` of ``--json``: source bytes of the
   matrices over the seconds from opening the checkpoint to the file written; the process's start,
   a second or two, is left out) and of the whole process, peak memory of the process tree, and
-  whether the three files are byte-identical;
-- bytes: one 2048 x 2048 matrix (and with ``--large`` one 4096 x 4096) compressed in this process
-  by the fast analysis and by the full one (`compress_matrix(..., full_analysis=True)`);
+  whether the three files are byte-identical; with ``--repeat N`` the three run N times,
+  interleaved, and the fastest run of each is shown;
+- bytes: one 2048 x 2048 matrix (and with ``--large`` one 4096 x 4096) compressed in this process,
+  on one thread, by the fast analysis and by the full one (`compress_matrix(...,
+  full_analysis=True)`);
 - memory (``--large``): 64 matrices of 4096 x 4096 (4 GiB), ``--workers 2``: wall time and the
   peak memory of the process tree.
 
-Peak memory of a process tree is sampled every 50 ms from /proc: the sum of the processes' PSS
+Peak memory of a process tree is sampled from /proc: the sum of the processes' PSS every 0.5 s
 (proportional set size: pages shared between processes, such as torch's libraries, are split
-among them) and, for comparison, the sum of their RSS (which counts shared pages once per
-process).
+among them; reading it walks every page table, which cost a third of a core at 50 ms) and, every
+50 ms, the sum of their RSS (which counts shared pages once per process: an upper bound).
 
-Usage: python -m benchmarks.scale [--large] [--dir DIR]
+Usage: python -m benchmarks.scale [--large] [--repeat N] [--dir DIR]
 """
 from __future__ import annotations
 
@@ -40,10 +42,14 @@ import torch
 
 from benchmarks import print_table
 from hmcompress.core.build import CompressionOptions, compress_matrix
+from hmcompress.io.pipeline import one_thread
 from hmcompress.io.writer import StreamedTensor, write_streamed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-2
+SAMPLE_SECONDS = 0.05  # RSS of the process tree sampled this often
+PSS_EVERY = 10  # ... and its PSS every this many samples (reading it costs a page-table walk)
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def trained(seed: int, m: int, n: int, spikes: int = 32) -> torch.Tensor:
@@ -84,11 +90,14 @@ def run(*args: object) -> Run:
     proc = subprocess.Popen([sys.executable, "-m", "hmcompress", "compress", *map(str, args), "--json", "--quiet"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     pss = rss = 0
+    samples = 0
     while proc.poll() is None:
         tree = [proc.pid, *descendants(proc.pid)]
-        pss = max(pss, sum(memory(pid, "Pss:") for pid in tree))
-        rss = max(rss, sum(memory(pid, "Rss:") for pid in tree))
-        time.sleep(0.05)
+        rss = max(rss, sum(resident(pid) for pid in tree))
+        if samples % PSS_EVERY == 0:  # PSS walks every page table: costly, so less often
+            pss = max(pss, sum(memory(pid, "Pss:") for pid in tree))
+        samples += 1
+        time.sleep(SAMPLE_SECONDS)
     out = proc.stdout.read()
     wall = time.perf_counter() - start
     if proc.returncode != 0:
@@ -116,6 +125,14 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def resident(pid: int) -> int:
+    """RSS of a process in bytes, from /proc/PID/statm (cheap; 0 for one that just ended)."""
+    try:
+        return int(pathlib.Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def memory(pid: int, field: str) -> int:
     """A field of /proc/PID/smaps_rollup in bytes (0 for a process that just ended)."""
     try:
@@ -129,18 +146,22 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def throughput_rows(directory: pathlib.Path) -> list[list[str]]:
+def throughput_rows(directory: pathlib.Path, repeat: int) -> list[list[str]]:
     shapes = [(2048, 2048)] * 16 + [(4096, 4096)] * 4
     source = generate(directory / "mixed.safetensors", shapes)
     size = source.stat().st_size
-    runs, outputs = {}, {}
-    for label, extra in (("--workers 1", ("--workers", 1)), ("--workers 2", ("--workers", 2)),
-                         ("--engine ray", ("--engine", "ray"))):
-        out = directory / f"mixed.{label.split()[-1]}.hm.safetensors"
-        runs[label] = run(source, "-o", out, *extra)
-        assert runs[label].code == 0, label
-        outputs[label] = out.read_bytes()
-        out.unlink()
+    runs: dict[str, Run] = {}
+    outputs = {}
+    for _ in range(repeat):  # interleaved, the fastest of each kept: other tenants' load comes and goes
+        for label, extra in (("--workers 1", ("--workers", 1)), ("--workers 2", ("--workers", 2)),
+                             ("--engine ray", ("--engine", "ray"))):
+            out = directory / f"mixed.{label.split()[-1]}.hm.safetensors"
+            result = run(source, "-o", out, *extra)
+            assert result.code == 0, label
+            if label not in runs or result.rate > runs[label].rate:
+                runs[label] = result
+            outputs[label] = out.read_bytes()
+            out.unlink()
     same = "byte-identical" if len(set(outputs.values())) == 1 else "DIFFERENT BYTES"
     rows = []
     for label, r in runs.items():
@@ -160,10 +181,11 @@ def bytes_rows(large: bool) -> list[list[str]]:
         times, sizes = {}, {}
         for full in (False, True):
             start = time.perf_counter()
-            sizes[full] = compress_matrix(w, CompressionOptions(tol=TOL), full_analysis=full).hmatrix.nbytes
+            with one_thread():  # as the workers compute (and no thread spins waiting for a busy core)
+                sizes[full] = compress_matrix(w, CompressionOptions(tol=TOL), full_analysis=full).hmatrix.nbytes
             times[full] = time.perf_counter() - start
-        rows.append([f"one trained-like {side}x{side}, tol {TOL:g}, fast analysis against full (this process, "
-                     f"{torch.get_num_threads()} threads)", f"{times[False]:.1f} s against {times[True]:.1f} s "
+        rows.append([f"one trained-like {side}x{side}, tol {TOL:g}, fast analysis against full (one thread)",
+                     f"{times[False]:.1f} s against {times[True]:.1f} s "
                      f"({times[True] / times[False]:.1f}x faster)",
                      f"{sizes[False]} bytes against {sizes[True]} ({sizes[False] / sizes[True] - 1:+.2%})"])
     return rows
@@ -183,11 +205,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--large", action="store_true", help="also the 4 GiB checkpoint and a 4096² full analysis")
     parser.add_argument("--dir", type=pathlib.Path, default=None, help="where to generate checkpoints")
+    parser.add_argument("--repeat", type=int, default=1, help="run the throughput set this many times, "
+                        "interleaved, and keep each one's fastest run")
     args = parser.parse_args()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         directory = pathlib.Path(tmp)
-        rows = throughput_rows(directory) + bytes_rows(args.large)
+        rows = throughput_rows(directory, args.repeat) + bytes_rows(args.large)
         if args.large:
             rows += memory_rows(directory)
     cores = len(os.sched_getaffinity(0))

@@ -143,3 +143,32 @@ def test_a_killed_ray_worker_changes_nothing(head, tmp_path):
     assert killed is not None, "no task was seen running"
     assert run.returncode == 0, err
     assert ray.read_bytes() == local.read_bytes()
+
+
+@pytest.mark.slow
+def test_an_interrupted_ray_run_resumes(head, tmp_path):
+    """Ctrl-C on the driver mid-run keeps the finished matrices (exit 130); the same command with
+    --resume finishes the file, byte-identical to the local engine's."""
+    address, head_pid = head
+    source = random_checkpoint(tmp_path / "model.safetensors", 6, 512)
+    local, ray = tmp_path / "local.hm.safetensors", tmp_path / "ray.hm.safetensors"
+    assert hmcompress("compress", source, "-o", local, "--workers", 1, "-q").returncode == 0
+    command = [sys.executable, "-m", "hmcompress", "compress", str(source), "-o", str(ray), "--engine", "ray",
+               "--address", address, "-q"]
+    run = subprocess.Popen(command, cwd=ROOT, env=RAY_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+    work = tmp_path / f".{ray.name}.hmwork"
+    deadline = time.monotonic() + 120
+    while run.poll() is None and time.monotonic() < deadline:
+        if work.is_dir() and any(p.suffix == ".safetensors" and not p.name.startswith(".") for p in work.iterdir()):
+            run.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    _out, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert "--resume" in err and not ray.exists()
+    again = hmcompress("compress", source, "-o", ray, "--engine", "ray", "--address", address, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "resumed" in again.stderr
+    assert ray.read_bytes() == local.read_bytes()
+    assert not any(command_line(p).startswith("ray::_task") for p in descendants(head_pid))
