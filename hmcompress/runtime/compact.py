@@ -136,7 +136,8 @@ class CompactMatrix(nn.Module):
                                  persistent=False)
             # Where the joined rows are the output's, in order, the bands' sum is the output itself.
             self.indexed = not torch.equal(joined, torch.arange(self.out_features))
-            self.register_buffer("band_rows", joined.to(device), persistent=False)
+            if self.indexed:
+                self.register_buffer("band_rows", joined.to(device), persistent=False)
         self.rest = None if rest is None else HLinear(rest, dtype=dtype, device=device, keep_compact=True)
         self._single_float = (layout == "float" and len(self._bands) == 1 and not self.indexed and self.rest is None
                               and self._bands[0].cols == self.in_features)
@@ -192,7 +193,10 @@ class CompactMatrix(nn.Module):
             out = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=device)
         for band in self._bands:
             values = (buffers[band.codes].to(dtype) * buffers["band_scales"][band.start:band.stop].to(dtype)).T
-            out[:, band.col0:band.col0 + band.cols].index_add_(0, buffers["band_rows"][band.start:band.stop], values)
+            if self.indexed:
+                out[:, band.col0:band.col0 + band.cols].index_add_(0, buffers["band_rows"][band.start:band.stop], values)
+            else:  # the joined rows are the output's in order: this band's are start .. stop
+                out[band.start:band.stop, band.col0:band.col0 + band.cols] += values
         return out
 
     def extra_repr(self) -> str:
@@ -302,45 +306,42 @@ def _bias(bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device | 
     return nn.Parameter(bias.detach().to(device=device, dtype=dtype).clone(), requires_grad=trainable)
 
 
-class CompactLinear(nn.Module):
-    """``y = x @ Hᵀ + bias`` from a `CompactMatrix`: `nn.Linear`'s compact stand-in."""
+class CompactLinear(CompactMatrix):
+    """``y = x @ Hᵀ + bias``: `nn.Linear`'s compact stand-in (a `CompactMatrix` with a bias: one
+    module, not two, for a layer's few kilobytes of Python objects)."""
 
     def __init__(self, hmatrix: HMatrix, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, layout: str | None = None) -> None:
-        super().__init__()
-        self.matrix = CompactMatrix(hmatrix, dtype, device, layout)
-        self.out_features, self.in_features = hmatrix.shape
+        super().__init__(hmatrix, dtype, device, layout)
         self.register_parameter("bias", _bias(bias, dtype or torch.float32, device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        matrix = self._modules["matrix"]
-        dtype = matrix._buffers["anchor"].dtype
+        dtype = self._buffers["anchor"].dtype
         if x.dim() == 2 and x.dtype == dtype and x.shape[1] == self.in_features:  # the common case, lean
-            return matrix.matmul_t(x, self._parameters["bias"])
+            return self.matmul_t(x, self._parameters["bias"])
         shape = x.shape
         if shape[-1] != self.in_features:
             raise ValueError(f"CompactLinear expects inputs with {self.in_features} features, got {tuple(shape)}")
         rows = x.reshape(-1, self.in_features)
-        y = matrix.matmul_t(rows if rows.dtype == dtype else rows.to(dtype), self._parameters["bias"])
+        y = self.matmul_t(rows if rows.dtype == dtype else rows.to(dtype), self._parameters["bias"])
         y = y.reshape(*shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return f"{super().extra_repr()}, bias={self.bias is not None}"
 
 
 CONV_FUNCTIONS = {nn.Conv1d: nn.functional.conv1d, nn.Conv2d: nn.functional.conv2d, nn.Conv3d: nn.functional.conv3d}
 
 
-class CompactConv(nn.Module):
+class CompactConv(CompactMatrix):
     """A Conv1d/2d/3d whose kernel (out, in/groups, *k), compressed as the (out, in/groups·∏k)
     matrix, stays compact. Pointwise convolutions (1x1 kernel, stride 1, no padding, one group)
     are the matrix product over channels; the others form their kernel for each call."""
 
     def __init__(self, hmatrix: HMatrix, conv: nn.Module, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, layout: str | None = None) -> None:
-        super().__init__()
-        self.matrix = CompactMatrix(hmatrix, dtype, device, layout)
+        super().__init__(hmatrix, dtype, device, layout)
         self.function = CONV_FUNCTIONS[type(conv)]
         self.kernel_shape = tuple(conv.weight.shape)
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
@@ -351,18 +352,15 @@ class CompactConv(nn.Module):
         self.register_parameter("bias", _bias(conv.bias, dtype or torch.float32, device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        matrix = self._modules["matrix"]
-        dtype = matrix._buffers["anchor"].dtype
+        dtype = self._buffers["anchor"].dtype
         inputs = x if x.dtype == dtype else x.to(dtype)
         bias = self._parameters["bias"]
         if self.pointwise:
             channels_last = inputs.movedim(-len(self.kernel_shape) + 1, -1)
-            y = matrix.matmul_t(channels_last.reshape(-1, channels_last.shape[-1]))
-            if bias is not None:
-                y = y + bias
+            y = self.matmul_t(channels_last.reshape(-1, channels_last.shape[-1]), bias)
             y = y.reshape(*channels_last.shape[:-1], -1).movedim(-1, -len(self.kernel_shape) + 1)
         else:
-            weight = matrix.dense().reshape(self.kernel_shape)
+            weight = self.dense().reshape(self.kernel_shape)
             if self.padding_mode != "zeros":
                 inputs = nn.functional.pad(inputs, self.reversed_padding, mode=self.padding_mode)
                 y = self.function(inputs, weight, bias, self.stride, 0, self.dilation, self.groups)
@@ -371,28 +369,26 @@ class CompactConv(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"kernel={self.kernel_shape}, stride={self.stride}, pointwise={self.pointwise}"
+        return f"{super().extra_repr()}, kernel={self.kernel_shape}, stride={self.stride}, pointwise={self.pointwise}"
 
 
-class CompactEmbedding(nn.Module):
+class CompactEmbedding(CompactMatrix):
     """`nn.Embedding`'s compact stand-in: each looked-up row gathered from the int8 codes and
     scaled (`embedding_ready` says which matrices it can hold)."""
 
     def __init__(self, hmatrix: HMatrix, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
-        super().__init__()
         if not embedding_ready(hmatrix):
-            raise ValueError("a compact embedding needs integer-coded rows only, every row in every column range")
-        self.matrix = CompactMatrix(hmatrix, dtype, device, "float")
+            raise ValueError("a compact embedding needs rows and dense blocks alone, each band holding every row")
+        super().__init__(hmatrix, dtype, device, "float")
         self.num_embeddings, self.embedding_dim = hmatrix.shape
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
-        matrix = self._modules["matrix"]
-        buffers = matrix._buffers
+        buffers = self._buffers
         dtype = buffers["anchor"].dtype
         flat = index.reshape(-1)
         out = torch.zeros(flat.numel(), self.embedding_dim, dtype=dtype, device=buffers["anchor"].device)
-        for band in matrix._bands:
+        for band in self._bands:
             codes = buffers[band.codes].index_select(1, flat).T
             scales = buffers["band_scales"][band.start:band.stop][flat]
             out[:, band.col0:band.col0 + band.cols] += codes.to(dtype) * scales.to(dtype).unsqueeze(1)
@@ -400,11 +396,13 @@ class CompactEmbedding(nn.Module):
 
 
 def embedding_ready(hmatrix: HMatrix) -> bool:
-    """Whether `CompactEmbedding` can hold ``hmatrix``: integer-coded rows with finite scales
-    only, each band holding every row."""
+    """Whether `CompactEmbedding` can hold ``hmatrix``: rows and dense blocks alone (finite), each
+    band holding every row."""
     pieces, rest = _split(hmatrix)
+    if rest is not None or len({(p[0], p[1], p[3].dtype) for p in pieces}) > MAX_BANDS:
+        return False
     rows = hmatrix.shape[0]
-    return rest is None and all(torch.equal(band[2], torch.arange(rows)) for band in _bands(pieces, rows))
+    return all(torch.equal(band[2], torch.arange(rows)) for band in _bands(pieces, rows))
 
 
 class CompactLSTMCell(nn.Module):
