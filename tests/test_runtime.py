@@ -20,8 +20,17 @@ from torch import nn
 import hmcompress.runtime as runtime
 from hmcompress.core.build import CompressionOptions, compress_matrix
 from hmcompress.io.writer import write_compressed
-from hmcompress.runtime import (CODEC, CompactLinear, FormatError, HLinear, HMatrix, compact_layouts, load_state_dict,
-                                patch, read_file)
+from hmcompress.runtime import (
+    CODEC,
+    CompactLinear,
+    FormatError,
+    HLinear,
+    HMatrix,
+    compact_layouts,
+    load_state_dict,
+    patch,
+    read_file,
+)
 from hmcompress.runtime.bundle import SHIM_MODULES
 
 
