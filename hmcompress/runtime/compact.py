@@ -139,8 +139,15 @@ class CompactMatrix(nn.Module):
             if self.indexed:
                 self.register_buffer("band_rows", joined.to(device), persistent=False)
         self.rest = None if rest is None else HLinear(rest, dtype=dtype, device=device, keep_compact=True)
-        self._single_float = (layout == "float" and len(self._bands) == 1 and not self.indexed and self.rest is None
-                              and self._bands[0].cols == self.in_features)
+        # Bands that each hold every row, in order, side by side over all columns: the float
+        # layout forms Hᵀ from them in one operation a band (see `_weight_t`).
+        starts = sorted((b.col0, b.cols) for b in self._bands)
+        self._whole_float = (layout == "float" and self.rest is None and bool(self._bands)
+                             and all(b.stop - b.start == self.out_features for b in self._bands)
+                             and [c0 for c0, _ in starts] == [0, *[c0 + w for c0, w in starts[:-1]]]
+                             and starts[-1][0] + starts[-1][1] == self.in_features
+                             and (not self.indexed or torch.equal(self._buffers["band_rows"], torch.arange(
+                                 self.out_features).repeat(len(self._bands)))))
         self.register_buffer("anchor", torch.zeros(0, dtype=dtype, device=device), persistent=False)
 
     @property
@@ -152,10 +159,9 @@ class CompactMatrix(nn.Module):
         """``x @ Hᵀ (+ bias)`` for x (N, in_features) in the layer's dtype: (N, out_features)."""
         buffers = self._buffers
         dtype = buffers["anchor"].dtype
-        if self._single_float:  # the common case in as few operations as it takes: three
-            product = x @ buffers["band0_codes"].to(dtype)
-            scales = buffers["band_scales"]
-            return product.mul_(scales) if bias is None else torch.addcmul(bias, product, scales)
+        if self._whole_float:  # the common case: the weight, a band at a time, then one product
+            weight_t = self._weight_t(dtype)
+            return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
         rest = None if self.rest is None else tile_product(self.rest._decoded_plan(), x, bias)
         if not self._bands:
             return rest
@@ -180,6 +186,23 @@ class CompactMatrix(nn.Module):
             return part if rest is None else rest.add_(part)
         out = rest if rest is not None else torch.zeros(x.shape[0], self.out_features, dtype=dtype, device=x.device)
         return out.index_add_(1, buffers["band_rows"], part)
+
+    def _weight_t(self, dtype: torch.dtype) -> torch.Tensor:
+        """Hᵀ for one call, where the bands hold every row side by side: codes times scales, each
+        product rounded once into its rows of Hᵀ (the dense weight `load_state_dict` gives, bit
+        for bit, in float32)."""
+        buffers = self._buffers
+        weight_t = torch.empty(self.in_features, self.out_features, dtype=dtype, device=buffers["anchor"].device)
+        scales = buffers["band_scales"]
+        for band in self._bands:
+            codes = buffers[band.codes]
+            band_scales = scales[band.start:band.stop]
+            view = weight_t[band.col0:band.col0 + band.cols]
+            if dtype == torch.float32:
+                torch.mul(codes, band_scales, out=view)
+            else:
+                view.copy_(codes.to(torch.promote_types(codes.dtype, torch.float32)) * band_scales)
+        return weight_t
 
     def dense(self) -> torch.Tensor:
         """H in the layer's dtype, formed for one call (convolutions that are not matrix products)."""
