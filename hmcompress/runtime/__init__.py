@@ -1,8 +1,9 @@
 """The runtime: everything needed to read and run a compressed file, on torch and safetensors alone.
 
 Its modules, in dependency order: `errors` (`FormatError`), `format` (the vocabulary), `validate`,
-`matrix` (`HMatrix`), `read` (files), `product` (the fast ``x @ Hᵀ``) and `layers` (`HLinear`,
-`patch`). They import nothing else of hmcompress, so `bundle` can concatenate them into the
+`matrix` (`HMatrix`), `read` (files), `product` (the tile product ``x @ Hᵀ``), `layers`
+(`HLinear`), `compact` (compact layers: what the file stores, kept in memory) and `patching`
+(`patch`). They import nothing else of hmcompress, so `bundle` can concatenate them into the
 single-file shim ``hmruntime.py`` that the writer puts beside every compressed file.
 
 Every public name of those modules can be imported from here (``from hmcompress.runtime import

@@ -11,8 +11,17 @@ from collections.abc import Iterator
 
 import torch
 
-from hmcompress.runtime.format import (CODEC, CODECS, DENSE, LOWRANK, ROWS, decode_codes, decode_rows, mask_bytes,
-                                       mask_rows)
+from hmcompress.runtime.format import (
+    CODEC,
+    CODECS,
+    DENSE,
+    LOWRANK,
+    ROWS,
+    decode_codes,
+    decode_rows,
+    mask_bytes,
+    mask_rows,
+)
 from hmcompress.runtime.validate import validate_packed
 
 
