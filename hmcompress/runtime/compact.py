@@ -86,17 +86,20 @@ def row_major(matrix: torch.Tensor) -> torch.Tensor:
 
 def combine_digits(sums: torch.Tensor, batch: int) -> torch.Tensor:
     """float32 Σ_d DIGIT_WEIGHTS[d] · sums_d of `torch._int_mm`'s int32 (DIGITS * N, r) sums: (N, r)."""
-    weights = torch.tensor([DIGIT_WEIGHTS], dtype=torch.float32, device=sums.device)
-    return (weights @ sums.view(DIGITS, -1).to(torch.float32)).view(batch, -1)
+    return (_DIGIT_WEIGHTS.to(sums.device) @ sums.view(DIGITS, -1).to(torch.float32)).view(batch, -1)
+
+
+_DIGIT_WEIGHTS = torch.tensor([DIGIT_WEIGHTS], dtype=torch.float32)
 
 
 class _Band:
     """One band: the name of its codes (int8, or floats as stored), its input columns ``col0 ..
     col0 + cols``, and its rows' place ``start .. stop`` in the bands' joined scales and output rows."""
 
-    def __init__(self, number: int, col0: int, cols: int, start: int, stop: int, integer: bool) -> None:
+    def __init__(self, number: int, col0: int, cols: int, start: int, stop: int, integer: bool, full: bool) -> None:
         self.codes = f"band{number}_codes"
         self.col0, self.cols, self.start, self.stop, self.integer = col0, cols, start, stop, integer
+        self.full = full  # its rows are every output row, in order
 
 
 class CompactMatrix(nn.Module):
@@ -126,7 +129,9 @@ class CompactMatrix(nn.Module):
         rows, scales = [], []
         for number, (col0, cols, band_rows, codes, band_scales) in enumerate(_bands(pieces, self.out_features)):
             start = sum(r.numel() for r in rows)
-            self._bands.append(_Band(number, col0, cols, start, start + band_rows.numel(), not codes.is_floating_point()))
+            full = torch.equal(band_rows, torch.arange(self.out_features))
+            self._bands.append(_Band(number, col0, cols, start, start + band_rows.numel(), not codes.is_floating_point(),
+                                     full))
             self.register_buffer(f"band{number}_codes", row_major(codes.T).to(device), persistent=False)
             rows.append(band_rows)
             scales.append(band_scales)
@@ -135,7 +140,7 @@ class CompactMatrix(nn.Module):
             self.register_buffer("band_scales", torch.cat(scales).to(device=device, dtype=torch.float32),
                                  persistent=False)
             # Where the joined rows are the output's, in order, the bands' sum is the output itself.
-            self.indexed = not torch.equal(joined, torch.arange(self.out_features))
+            self.indexed = not all(b.full for b in self._bands)
             if self.indexed:
                 self.register_buffer("band_rows", joined.to(device), persistent=False)
         self.rest = None if rest is None else HLinear(rest, dtype=dtype, device=device, keep_compact=True)
@@ -143,11 +148,9 @@ class CompactMatrix(nn.Module):
         # layout forms Hᵀ from them in one operation a band (see `_weight_t`).
         starts = sorted((b.col0, b.cols) for b in self._bands)
         self._whole_float = (layout == "float" and self.rest is None and bool(self._bands)
-                             and all(b.stop - b.start == self.out_features for b in self._bands)
+                             and all(b.full for b in self._bands)
                              and [c0 for c0, _ in starts] == [0, *[c0 + w for c0, w in starts[:-1]]]
-                             and starts[-1][0] + starts[-1][1] == self.in_features
-                             and (not self.indexed or torch.equal(self._buffers["band_rows"], torch.arange(
-                                 self.out_features).repeat(len(self._bands)))))
+                             and starts[-1][0] + starts[-1][1] == self.in_features)
         self.register_buffer("anchor", torch.zeros(0, dtype=dtype, device=device), persistent=False)
 
     @property
@@ -165,27 +168,38 @@ class CompactMatrix(nn.Module):
         rest = None if self.rest is None else tile_product(self.rest._decoded_plan(), x, bias)
         if not self._bands:
             return rest
-        part = None
-        if self.layout == "int" and self._bands[0].integer and int_mm_works(x.device.type) and dtype != torch.float64:
+        integer = self.layout == "int" and self._bands[0].integer and int_mm_works(x.device.type) and dtype != torch.float64
+        work = torch.float32 if integer else dtype  # the integer sums are scaled in float32
+        out = torch.zeros(x.shape[0], self.out_features, dtype=work, device=x.device)
+        scales = buffers["band_scales"]
+        floating = self._bands
+        if integer:
             digits, step = int_digits(x)
             # Rows with inf or NaN (the float product spreads them) or so tiny that ``step`` is
             # subnormal (it would lose its precision) take the float path.
             if bool(((step >= SMALLEST_NORMAL) & (step < math.inf)).all()):
-                integer = [b for b in self._bands if b.integer]
-                sums = [torch._int_mm(digits[:, b.col0:b.col0 + b.cols], buffers[b.codes]) for b in integer]
-                part = combine_digits(sums[0] if len(sums) == 1 else torch.cat(sums, 1), x.shape[0])
-                part = part.mul_(step).mul_(buffers["band_scales"][:integer[-1].stop]).to(dtype)
-                floats = [x[:, b.col0:b.col0 + b.cols] @ buffers[b.codes].to(dtype) for b in self._bands if not b.integer]
-                part = torch.cat([part, *floats], 1) if floats else part
-        if part is None:  # codes times inputs, then the scales: three operations for one band
-            parts = [x[:, b.col0:b.col0 + b.cols] @ buffers[b.codes].to(dtype) for b in self._bands]
-            part = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).mul_(buffers["band_scales"].to(dtype))
-        if rest is None and bias is not None:
-            rest = bias.expand(x.shape[0], self.out_features).clone()
-        if not self.indexed:
-            return part if rest is None else rest.add_(part)
-        out = rest if rest is not None else torch.zeros(x.shape[0], self.out_features, dtype=dtype, device=x.device)
-        return out.index_add_(1, buffers["band_rows"], part)
+                floating = [b for b in self._bands if not b.integer]
+                for b in self._bands:
+                    if b.integer:
+                        sums = torch._int_mm(digits[:, b.col0:b.col0 + b.cols], buffers[b.codes])
+                        self._add(out, b, combine_digits(sums, x.shape[0]).mul_(scales[b.start:b.stop]))
+                out.mul_(step)
+        inputs = x if x.dtype == work else x.to(work)
+        for b in floating:  # codes (or floats) times inputs, then the scales
+            self._add(out, b, (inputs[:, b.col0:b.col0 + b.cols] @ buffers[b.codes].to(work)).mul_(
+                scales[b.start:b.stop].to(work)))
+        if rest is not None:
+            out.add_(rest)
+        elif bias is not None:
+            out.add_(bias)
+        return out if work == dtype else out.to(dtype)
+
+    def _add(self, out: torch.Tensor, band: _Band, part: torch.Tensor) -> None:
+        """Add a band's (N, rows) part into the output's columns of its rows."""
+        if band.full:
+            out.add_(part)
+        else:
+            out.index_add_(1, self._buffers["band_rows"][band.start:band.stop], part)
 
     def _weight_t(self, dtype: torch.dtype) -> torch.Tensor:
         """Hᵀ for one call, where the bands hold every row side by side: codes times scales, each
@@ -216,10 +230,10 @@ class CompactMatrix(nn.Module):
             out = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=device)
         for band in self._bands:
             values = (buffers[band.codes].to(dtype) * buffers["band_scales"][band.start:band.stop].to(dtype)).T
-            if self.indexed:
+            if band.full:
+                out[:, band.col0:band.col0 + band.cols] += values
+            else:
                 out[:, band.col0:band.col0 + band.cols].index_add_(0, buffers["band_rows"][band.start:band.stop], values)
-            else:  # the joined rows are the output's in order: this band's are start .. stop
-                out[band.start:band.stop, band.col0:band.col0 + band.cols] += values
         return out
 
     def extra_repr(self) -> str:
