@@ -36,6 +36,7 @@ class ProgressReport:
 
 
 Progress = Callable[[ProgressReport], None]
+ENGINES = ("local", "ray")  # where the matrices are compressed: worker processes here, or Ray tasks
 
 
 @dataclasses.dataclass
@@ -117,6 +118,8 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
     ``output`` then is.
     """
     started = time.monotonic()
+    if engine not in ENGINES:
+        raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     source = pathlib.Path(source)
     opened = open_checkpoint(source)
     output = pathlib.Path(output) if output else default_output(source)

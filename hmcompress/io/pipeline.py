@@ -66,7 +66,7 @@ M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters
 M_MMAP_THRESHOLD = -3
 PR_SET_PDEATHSIG = 1  # Linux prctl option
 MMAP_THRESHOLD_BYTES = 32 << 20  # blocks of 32 MiB and more are mapped (and unmapped when freed)
-TRIM_THRESHOLD_BYTES = 256 << 20  # free heap kept during a tensor's work (`_trim` returns it after)
+TRIM_THRESHOLD_BYTES = 256 << 20  # free heap kept during a tensor's work (`trim_heap` returns it after)
 WORKERS_VARIABLE = "HMCOMPRESS_WORKERS"  # the default worker count, where set
 BYTES_PER_WORKER = 16 << 20  # a worker's start-up (~2.5 s) pays off from about this much matrix data
 
@@ -145,11 +145,11 @@ def run_job(job: Job) -> JobResult:
     except USER_ERRORS as err:  # some carry extra constructor arguments and would not unpickle
         raise UserError(str(err)) from None
     finally:
-        _trim()
+        trim_heap()
 
 
 def _run(job: Job) -> JobResult:
-    tensor = _entry(job.source, job.tensor).load()
+    tensor = source_entry(job.source, job.tensor).load()
     reused = reused_result(job, tensor) if job.resume else None
     if reused is not None:
         return reused
@@ -232,7 +232,8 @@ def use_checkpoint(source: str, ckpt: Checkpoint) -> None:
     _OPENED[source] = {e.name: e for e in ckpt.entries}
 
 
-def _entry(source: str, name: str) -> TensorEntry:
+def source_entry(source: str, name: str) -> TensorEntry:
+    """Tensor ``name`` of checkpoint ``source``, which this process opens once (`use_checkpoint`)."""
     if source not in _OPENED:
         _OPENED.clear()  # one checkpoint at a time: its tensors may be memory-mapped
         _OPENED[source] = {e.name: e for e in open_checkpoint(source).entries}
@@ -438,7 +439,7 @@ def release_large_blocks() -> None:
     prints the kernel's share).
     Freed heap memory is kept up to `TRIM_THRESHOLD_BYTES` while a tensor is worked on (the next
     temporaries reuse its pages instead of faulting fresh ones) and returned after each tensor
-    (`_trim`): on a 2048 x 2048 matrix this took the kernel's time from 0.27 s to 0.08 s a tensor
+    (`trim_heap`): on a 2048 x 2048 matrix this took the kernel's time from 0.27 s to 0.08 s a tensor
     (page faults from 135,000 to 38,000) at the same peak. No-op elsewhere.
     """
     libc = _glibc()
@@ -447,7 +448,7 @@ def release_large_blocks() -> None:
         libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
 
 
-def _trim() -> None:
+def trim_heap() -> None:
     """Return freed heap pages to the system (glibc only) between tensors."""
     libc = _glibc()
     if libc is not None:

@@ -64,7 +64,7 @@ def _task(job: pipeline.Job, array, dtype: str) -> tuple[str, object]:
     except USER_ERRORS as err:
         return "refused", str(err)
     finally:
-        pipeline._trim()
+        pipeline.trim_heap()
 
 
 @contextlib.contextmanager
@@ -117,7 +117,7 @@ def run_jobs(jobs: list[pipeline.Job], address: str | None,
             while queued < total or pending:
                 while queued < total and len(pending) < capacity:
                     job = jobs[queued]
-                    tensor = pipeline._entry(job.source, job.tensor).load()
+                    tensor = pipeline.source_entry(job.source, job.tensor).load()
                     reused = pipeline.reused_result(job, tensor) if job.resume else None
                     if reused is not None:
                         finished(queued, reused)
