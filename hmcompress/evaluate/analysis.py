@@ -111,9 +111,9 @@ def original_model(task: ModelTask, checkpoint: str | pathlib.Path, names: dict[
     return _fill(task, task.build(), state, checkpoint)
 
 
-def compressed_model(task: ModelTask, compressed: str | pathlib.Path, mode: str = "hmatrix") -> nn.Module:
-    """``build()`` loaded from a compressed file through the runtime shim (``patch`` for H-matrix
-    layers, ``load_state_dict`` for dense reconstructed weights)."""
+def compressed_model(task: ModelTask, compressed: str | pathlib.Path, mode: str = "compact") -> nn.Module:
+    """``build()`` loaded from a compressed file through the runtime shim (``patch``: compact
+    layers, as a user deploys it; ``mode="dense"``: ``load_state_dict``'s dense weights)."""
     model = task.build()
     if mode == "dense":
         return _fill(task, model, runtime.load_state_dict(compressed), compressed)

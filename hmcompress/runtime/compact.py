@@ -139,7 +139,7 @@ class CompactMatrix(nn.Module):
             joined = torch.cat(rows)
             self.register_buffer("band_scales", torch.cat(scales).to(device=device, dtype=torch.float32),
                                  persistent=False)
-            # Where the joined rows are the output's, in order, the bands' sum is the output itself.
+            # A row table only where some band holds other rows than all of the output's, in order.
             self.indexed = not all(b.full for b in self._bands)
             if self.indexed:
                 self.register_buffer("band_rows", joined.to(device), persistent=False)
