@@ -41,7 +41,8 @@ MAX_BANDS = 64  # beyond this many column ranges the tile product is the better 
 # everything through the tile product ("tiles").
 LAYOUTS = ("int", "float", "tiles")
 SMALLEST_NORMAL = torch.finfo(torch.float32).tiny  # a digits' step below it has lost precision
-SMALL_MATRIX = 1 << 18  # entries up to which "float" is the default layout (operations dominate)
+SMALL_MATRIX = 1 << 18
+FLOAT_BAND_PADDING = 0.05  # of the stored bytes: what merging the float bands may add in zeros  # entries up to which "float" is the default layout (operations dominate)
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,6 +136,8 @@ class CompactMatrix(nn.Module):
             self.register_buffer(f"band{number}_codes", row_major(codes.T).to(device), persistent=False)
             rows.append(band_rows)
             scales.append(band_scales)
+        if layout == "int":
+            self._merge_float_bands(hmatrix.nbytes, device)
         if self._bands:
             joined = torch.cat(rows)
             self.register_buffer("band_scales", torch.cat(scales).to(device=device, dtype=torch.float32),
@@ -152,6 +155,26 @@ class CompactMatrix(nn.Module):
                              and [c0 for c0, _ in starts] == [0, *[c0 + w for c0, w in starts[:-1]]]
                              and starts[-1][0] + starts[-1][1] == self.in_features)
         self.register_buffer("anchor", torch.zeros(0, dtype=dtype, device=device), persistent=False)
+
+    def _merge_float_bands(self, stored_bytes: int, device: torch.device | str | None) -> None:
+        """In the int layout, the float bands (a few rows each, stored in floating codecs) as one
+        band over every column, zero outside each one's columns: one product a call instead of
+        one a band, where that padding costs at most FLOAT_BAND_PADDING of the stored bytes."""
+        floats = [b for b in self._bands if not b.integer]
+        dtypes = {self._buffers[b.codes].dtype for b in floats}
+        if len(floats) < 2 or len(dtypes) != 1 or self._bands[-len(floats):] != floats:  # float bands come last
+            return
+        dtype = dtypes.pop()
+        start, stop = floats[0].start, floats[-1].stop
+        padded = self.in_features * (stop - start) * torch.empty((), dtype=dtype).element_size()
+        if padded > FLOAT_BAND_PADDING * stored_bytes:
+            return
+        merged = torch.zeros(self.in_features, stop - start, dtype=dtype, device=device)
+        for b in floats:
+            merged[b.col0:b.col0 + b.cols, b.start - start:b.stop - start] = self._buffers.pop(b.codes)
+        number = len(self._bands)
+        self.register_buffer(f"band{number}_codes", merged, persistent=False)
+        self._bands = self._bands[:-len(floats)] + [_Band(number, 0, self.in_features, start, stop, False, False)]
 
     @property
     def held_bytes(self) -> int:
