@@ -365,3 +365,17 @@ def test_compact_layers_on_cuda():
             assert torch.allclose(gpu(x.cuda()).cpu(), cpu(x), atol=1e-5)
         assert all(b.is_cuda for b in gpu.buffers())
 
+
+
+def test_float_rows_of_every_band_run_as_one_product_in_the_int_layout():
+    w = trained_like(512, 768, seed=5).double()
+    leaves = [(r0, c0, 256, 384, ("rows", [("i7", list(range(0, 254))), ("f16", [254, 255])]))
+              for r0 in (0, 256) for c0 in (0, 384)]
+    hm = pack(w, leaves)
+    layer = CompactLinear(hm, torch.randn(512), layout="int")
+    floating = [b for b in layer._bands if not b.integer]
+    assert len(floating) == 1 and floating[0].cols == 768  # two float bands (one a column range), merged
+    x = torch.randn(5, 768)
+    with torch.no_grad():
+        assert_close_to(layer(x), x, hm.to_dense(torch.float64), layer.bias, room=magnitudes(hm).T)
+    assert layer.held_bytes <= 1.3 * hm.nbytes
