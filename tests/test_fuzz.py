@@ -33,7 +33,7 @@ from hmcompress.core.stats import LayerStats
 from hmcompress.errors import USER_ERRORS
 from hmcompress.io.checkpoint import open_checkpoint
 from hmcompress.io.writer import write_compressed
-from hmcompress.runtime import FormatError, HLinear, read_file
+from hmcompress.runtime import CompactMatrix, FormatError, HLinear, compact_layouts, read_file
 
 EXAMPLES = int(os.environ.get("HMCOMPRESS_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="HMCOMPRESS_FUZZ_EXAMPLES" not in os.environ,
@@ -142,7 +142,8 @@ def load_checkpoint(path: pathlib.Path) -> None:
 
 def load_compressed(path: pathlib.Path) -> None:
     """Read and validate; every matrix then decodes (validation guarantees the pool ranges), and
-    runs as an `HLinear` unless its plan is refused (`FormatError`, before any allocation)."""
+    runs as an `HLinear` and as a compact layer in every layout it offers, unless a tile plan is
+    refused (`FormatError`, before any allocation)."""
     compressed = read_file(path)
     size = path.stat().st_size
     for name, hm in compressed.matrices.items():
@@ -156,6 +157,15 @@ def load_compressed(path: pathlib.Path) -> None:
         else:
             if n <= 4096:
                 assert tuple(layer(torch.ones(2, n)).shape) == (2, m), name
+        for layout in compact_layouts(hm):
+            try:
+                compact = CompactMatrix(hm, layout=layout)
+            except FormatError as exc:
+                assert "as an HLinear would take" in str(exc), exc
+            else:
+                assert compact.held_bytes <= 80 * size + 64 * (m + n), (name, layout)  # the plan limit
+                if n <= 4096:
+                    assert tuple(compact.matmul_t(torch.ones(2, n)).shape) == (2, m), (name, layout)
     for name, tensor in compressed.passthrough.items():
         assert tensor.numel() * tensor.element_size() <= size, name
 
