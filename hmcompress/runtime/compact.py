@@ -42,6 +42,7 @@ MAX_BANDS = 64  # beyond this many column ranges the tile product is the better 
 LAYOUTS = ("int", "float", "tiles")
 SMALLEST_NORMAL = torch.finfo(torch.float32).tiny  # a digits' step below it has lost precision
 SMALL_MATRIX = 1 << 18
+JOINED_BATCH = 4  # up to this many input rows the int layout joins its bands' sums (fewer operations)
 FLOAT_BAND_PADDING = 0.05  # of the stored bytes: what merging the float bands may add in zeros  # entries up to which "float" is the default layout (operations dominate)
 
 
@@ -202,8 +203,13 @@ class CompactMatrix(nn.Module):
             # subnormal (it would lose its precision) take the float path.
             if bool(((step >= SMALLEST_NORMAL) & (step < math.inf)).all()):
                 floating = [b for b in self._bands if not b.integer]
-                for b in self._bands:
-                    if b.integer:
+                integer_bands = self._bands[:len(self._bands) - len(floating)]
+                if x.shape[0] <= JOINED_BATCH:  # few rows: all bands' sums combined and added at once
+                    sums = [torch._int_mm(digits[:, b.col0:b.col0 + b.cols], buffers[b.codes]) for b in integer_bands]
+                    part = combine_digits(torch.cat(sums, 1) if len(sums) > 1 else sums[0], x.shape[0])
+                    self._add_joined(out, integer_bands, part.mul_(scales[:integer_bands[-1].stop]))
+                else:  # more rows: band by band, never a joined copy of every band's int32 sums
+                    for b in integer_bands:
                         sums = torch._int_mm(digits[:, b.col0:b.col0 + b.cols], buffers[b.codes])
                         self._add(out, b, combine_digits(sums, x.shape[0]).mul_(scales[b.start:b.stop]))
                 out.mul_(step)
@@ -216,6 +222,14 @@ class CompactMatrix(nn.Module):
         elif bias is not None:
             out.add_(bias)
         return out if work == dtype else out.to(dtype)
+
+    def _add_joined(self, out: torch.Tensor, bands: list[_Band], part: torch.Tensor) -> None:
+        """Add the leading ``bands``' joined (N, rows) part into the output: summed over the bands
+        where each holds every row in order, else by the joined row table."""
+        if all(b.full for b in bands):
+            out.add_(part.view(out.shape[0], len(bands), self.out_features).sum(1))
+        else:
+            out.index_add_(1, self._buffers["band_rows"][:bands[-1].stop], part)
 
     def _add(self, out: torch.Tensor, band: _Band, part: torch.Tensor) -> None:
         """Add a band's (N, rows) part into the output's columns of its rows."""
