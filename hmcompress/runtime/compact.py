@@ -95,13 +95,20 @@ _DIGIT_WEIGHTS = torch.tensor([DIGIT_WEIGHTS], dtype=torch.float32)
 
 
 class _Band:
-    """One band: the name of its codes (int8, or floats as stored), its input columns ``col0 ..
-    col0 + cols``, and its rows' place ``start .. stop`` in the bands' joined scales and output rows."""
+    """One band: where its codes (int8, or floats as stored), laid out (cols, rows), sit in the flat
+    buffer of their dtype; its input columns ``col0 .. col0 + cols``; its rows' place ``start ..
+    stop`` in the bands' joined scales and output rows."""
 
-    def __init__(self, number: int, col0: int, cols: int, start: int, stop: int, integer: bool, full: bool) -> None:
-        self.codes = f"band{number}_codes"
-        self.col0, self.cols, self.start, self.stop, self.integer = col0, cols, start, stop, integer
+    __slots__ = ("source", "offset", "col0", "cols", "start", "stop", "integer", "full")  # many per layer
+
+    def __init__(self, source: str, offset: int, col0: int, cols: int, start: int, stop: int, full: bool) -> None:
+        self.source, self.offset = source, offset
+        self.col0, self.cols, self.start, self.stop = col0, cols, start, stop
+        self.integer = source == "band_codes"
         self.full = full  # its rows are every output row, in order
+
+
+BandData = tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]  # col0, cols, rows, codes (cols, rows), scales
 
 
 class CompactMatrix(nn.Module):
@@ -109,8 +116,10 @@ class CompactMatrix(nn.Module):
 
     ``layout`` "int" or "float": integer-coded rows and blocks as int8 bands (multiplied in
     integers, or decoded for each call), the rest through the tile product; "tiles": everything
-    through the tile product, compact. All tensors are non-persistent buffers, so ``.to()``
-    moves them. `compact_layouts` says which layouts a matrix offers, the default first.
+    through the tile product, compact. The bands' codes lie in one flat buffer per dtype (a
+    tensor a band would cost more than small bands hold). All tensors are non-persistent
+    buffers, so ``.to()`` moves them. `compact_layouts` says which layouts a matrix offers, the
+    default first.
     """
 
     def __init__(self, hmatrix: HMatrix, dtype: torch.dtype | None = None,
@@ -126,27 +135,31 @@ class CompactMatrix(nn.Module):
         pieces, rest = ([], hmatrix) if layout == "tiles" else _split(hmatrix)
         if layout != "tiles" and not pieces:
             raise ValueError(f"layout {layout!r} needs integer-coded rows or blocks; this matrix has none")
+        bands = [(col0, cols, rows, codes.T, scales) for col0, cols, rows, codes, scales
+                 in _bands(pieces, self.out_features)]
+        if layout == "int":
+            bands = _merge_float_bands(bands, self.in_features, hmatrix.nbytes)
         self._bands: list[_Band] = []
         self.indexed = False
-        rows, scales = [], []
-        for number, (col0, cols, band_rows, codes, band_scales) in enumerate(_bands(pieces, self.out_features)):
-            start = sum(r.numel() for r in rows)
-            full = torch.equal(band_rows, torch.arange(self.out_features))
-            self._bands.append(_Band(number, col0, cols, start, start + band_rows.numel(), not codes.is_floating_point(),
-                                     full))
-            self.register_buffer(f"band{number}_codes", row_major(codes.T).to(device), persistent=False)
-            rows.append(band_rows)
-            scales.append(band_scales)
-        if layout == "int":
-            self._merge_float_bands(hmatrix.nbytes, device)
-        if self._bands:
-            joined = torch.cat(rows)
-            self.register_buffer("band_scales", torch.cat(scales).to(device=device, dtype=torch.float32),
+        flat: dict[str, list[torch.Tensor]] = {}
+        start = 0
+        for col0, cols, rows, codes, _scales in bands:
+            source = "band_codes" if codes.dtype == torch.int8 else f"band_{str(codes.dtype).removeprefix('torch.')}"
+            parts = flat.setdefault(source, [])
+            offset = sum(part.numel() for part in parts)
+            parts.append(codes.reshape(-1))
+            full = torch.equal(rows, torch.arange(self.out_features))
+            self._bands.append(_Band(source, offset, col0, cols, start, start + rows.numel(), full))
+            start += rows.numel()
+        for source, parts in flat.items():
+            self.register_buffer(source, torch.cat(parts).to(device), persistent=False)
+        if bands:
+            self.register_buffer("band_scales", torch.cat([b[4] for b in bands]).to(device=device, dtype=torch.float32),
                                  persistent=False)
             # A row table only where some band holds other rows than all of the output's, in order.
             self.indexed = not all(b.full for b in self._bands)
             if self.indexed:
-                self.register_buffer("band_rows", joined.to(device), persistent=False)
+                self.register_buffer("band_rows", torch.cat([b[2] for b in bands]).to(device), persistent=False)
         self.rest = None if rest is None else HLinear(rest, dtype=dtype, device=device, keep_compact=True)
         # Bands that each hold every row, in order, side by side over all columns: the float
         # layout forms Hᵀ from them in one operation a band (see `_weight_t`).
@@ -157,25 +170,10 @@ class CompactMatrix(nn.Module):
                              and starts[-1][0] + starts[-1][1] == self.in_features)
         self.register_buffer("anchor", torch.zeros(0, dtype=dtype, device=device), persistent=False)
 
-    def _merge_float_bands(self, stored_bytes: int, device: torch.device | str | None) -> None:
-        """In the int layout, the float bands (a few rows each, stored in floating codecs) as one
-        band over every column, zero outside each one's columns: one product a call instead of
-        one a band, where that padding costs at most FLOAT_BAND_PADDING of the stored bytes."""
-        floats = [b for b in self._bands if not b.integer]
-        dtypes = {self._buffers[b.codes].dtype for b in floats}
-        if len(floats) < 2 or len(dtypes) != 1 or self._bands[-len(floats):] != floats:  # float bands come last
-            return
-        dtype = dtypes.pop()
-        start, stop = floats[0].start, floats[-1].stop
-        padded = self.in_features * (stop - start) * torch.empty((), dtype=dtype).element_size()
-        if padded > FLOAT_BAND_PADDING * stored_bytes:
-            return
-        merged = torch.zeros(self.in_features, stop - start, dtype=dtype, device=device)
-        for b in floats:
-            merged[b.col0:b.col0 + b.cols, b.start - start:b.stop - start] = self._buffers.pop(b.codes)
-        number = len(self._bands)
-        self.register_buffer(f"band{number}_codes", merged, persistent=False)
-        self._bands = self._bands[:-len(floats)] + [_Band(number, 0, self.in_features, start, stop, False, False)]
+    def _codes(self, band: _Band) -> torch.Tensor:
+        """A band's codes, (cols, rows) row-major: a view of its dtype's flat buffer."""
+        rows = band.stop - band.start
+        return self._buffers[band.source][band.offset:band.offset + band.cols * rows].view(band.cols, rows)
 
     @property
     def held_bytes(self) -> int:
@@ -205,17 +203,17 @@ class CompactMatrix(nn.Module):
                 floating = [b for b in self._bands if not b.integer]
                 integer_bands = self._bands[:len(self._bands) - len(floating)]
                 if x.shape[0] <= JOINED_BATCH:  # few rows: all bands' sums combined and added at once
-                    sums = [torch._int_mm(digits[:, b.col0:b.col0 + b.cols], buffers[b.codes]) for b in integer_bands]
+                    sums = [torch._int_mm(digits[:, b.col0:b.col0 + b.cols], self._codes(b)) for b in integer_bands]
                     part = combine_digits(torch.cat(sums, 1) if len(sums) > 1 else sums[0], x.shape[0])
                     self._add_joined(out, integer_bands, part.mul_(scales[:integer_bands[-1].stop]))
                 else:  # more rows: band by band, never a joined copy of every band's int32 sums
                     for b in integer_bands:
-                        sums = torch._int_mm(digits[:, b.col0:b.col0 + b.cols], buffers[b.codes])
+                        sums = torch._int_mm(digits[:, b.col0:b.col0 + b.cols], self._codes(b))
                         self._add(out, b, combine_digits(sums, x.shape[0]).mul_(scales[b.start:b.stop]))
                 out.mul_(step)
         inputs = x if x.dtype == work else x.to(work)
         for b in floating:  # codes (or floats) times inputs, then the scales
-            self._add(out, b, (inputs[:, b.col0:b.col0 + b.cols] @ buffers[b.codes].to(work)).mul_(
+            self._add(out, b, (inputs[:, b.col0:b.col0 + b.cols] @ self._codes(b).to(work)).mul_(
                 scales[b.start:b.stop].to(work)))
         if rest is not None:
             out.add_(rest)
@@ -246,7 +244,7 @@ class CompactMatrix(nn.Module):
         weight_t = torch.empty(self.in_features, self.out_features, dtype=dtype, device=buffers["anchor"].device)
         scales = buffers["band_scales"]
         for band in self._bands:
-            codes = buffers[band.codes]
+            codes = self._codes(band)
             band_scales = scales[band.start:band.stop]
             view = weight_t[band.col0:band.col0 + band.cols]
             if dtype == torch.float32:
@@ -266,7 +264,7 @@ class CompactMatrix(nn.Module):
         else:
             out = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=device)
         for band in self._bands:
-            values = (buffers[band.codes].to(dtype) * buffers["band_scales"][band.start:band.stop].to(dtype)).T
+            values = (self._codes(band).to(dtype) * buffers["band_scales"][band.start:band.stop].to(dtype)).T
             if band.full:
                 out[:, band.col0:band.col0 + band.cols] += values
             else:
@@ -276,6 +274,25 @@ class CompactMatrix(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
                 f"bands={len(self._bands)}, bytes={self.stored_bytes}, held={self.held_bytes}")
+
+
+def _merge_float_bands(bands: list[BandData], cols: int, stored_bytes: int) -> list[BandData]:
+    """The float bands (a few rows each, stored in floating codecs; they come last) as one band
+    over every column, zero outside each one's columns: one product a call instead of one a band,
+    where that padding costs at most FLOAT_BAND_PADDING of the stored bytes."""
+    floats = [b for b in bands if b[3].is_floating_point()]
+    if len(floats) < 2 or len({b[3].dtype for b in floats}) != 1:
+        return bands
+    rows = sum(b[2].numel() for b in floats)
+    if cols * rows * floats[0][3].element_size() > FLOAT_BAND_PADDING * stored_bytes:
+        return bands
+    merged = torch.zeros(cols, rows, dtype=floats[0][3].dtype)
+    at = 0
+    for col0, width, band_rows, codes, _scales in floats:
+        merged[col0:col0 + width, at:at + band_rows.numel()] = codes
+        at += band_rows.numel()
+    return bands[:len(bands) - len(floats)] + [(0, cols, torch.cat([b[2] for b in floats]), merged,
+                                                torch.cat([b[4] for b in floats]))]
 
 
 def compact_layouts(hmatrix: HMatrix) -> tuple[str, ...]:
@@ -463,7 +480,7 @@ class CompactEmbedding(CompactMatrix):
         flat = index.reshape(-1)
         out = torch.zeros(flat.numel(), self.embedding_dim, dtype=dtype, device=buffers["anchor"].device)
         for band in self._bands:
-            codes = buffers[band.codes].index_select(1, flat).T
+            codes = self._codes(band).index_select(1, flat).T
             scales = buffers["band_scales"][band.start:band.stop][flat]
             out[:, band.col0:band.col0 + band.cols] += codes.to(dtype) * scales.to(dtype).unsqueeze(1)
         return out.reshape(*index.shape, self.embedding_dim)
