@@ -19,6 +19,10 @@ that, as for every matrix of ../shared/checkpoints, 1e-2 needs nearly full rank)
 - memory (``--large``): 64 matrices of 4096 x 4096 (4 GiB), ``--workers 2``: wall time and the
   peak memory of the process tree.
 
+Every run also gives its CPU seconds (user and kernel, of the process and the worker processes it
+waited for; not shown for Ray, whose workers are not): source MB per CPU second depends little on
+what else the machine runs, where wall time does.
+
 Peak memory of a process tree is sampled from /proc: the sum of the processes' PSS every 0.5 s
 (proportional set size: pages shared between processes, such as torch's libraries, are split
 among them; reading it walks every page table, which cost a third of a core at 50 ms) and, every
@@ -75,7 +79,7 @@ def generate(path: pathlib.Path, shapes: list[tuple[int, int]], make=trained) ->
 class Run:
     """One ``hmcompress compress --json`` process: exit code, wall seconds of the process, the
     compression's own seconds and MB/s (from its JSON), peak summed PSS and RSS of its process
-    tree (bytes, sampled)."""
+    tree (bytes, sampled), CPU seconds."""
 
     code: int
     wall: float
@@ -83,6 +87,7 @@ class Run:
     rate: float
     peak_pss: int
     peak_rss: int
+    cpu: float  # CPU seconds (user + kernel) of the process and the descendants it waited for
 
 
 def run(*args: object) -> Run:
@@ -91,19 +96,24 @@ def run(*args: object) -> Run:
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     pss = rss = 0
     samples = 0
-    while proc.poll() is None:
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
         tree = [proc.pid, *descendants(proc.pid)]
-        rss = max(rss, sum(resident(pid) for pid in tree))
+        rss = max(rss, sum(resident(p) for p in tree))
         if samples % PSS_EVERY == 0:  # PSS walks every page table: costly, so less often
-            pss = max(pss, sum(memory(pid, "Pss:") for pid in tree))
+            pss = max(pss, sum(memory(p, "Pss:") for p in tree))
         samples += 1
         time.sleep(SAMPLE_SECONDS)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     out = proc.stdout.read()
     wall = time.perf_counter() - start
+    cpu = usage.ru_utime + usage.ru_stime  # the process and the descendants it waited for
     if proc.returncode != 0:
-        return Run(proc.returncode, wall, 0.0, 0.0, pss, rss)
+        return Run(proc.returncode, wall, 0.0, 0.0, pss, rss, cpu)
     throughput = json.loads(out)["results"][0]["throughput"]
-    return Run(0, wall, throughput["seconds"], throughput["mb_per_s"], pss, rss)
+    return Run(0, wall, throughput["seconds"], throughput["mb_per_s"], pss, rss, cpu)
 
 
 def descendants(pid: int) -> list[int]:
@@ -165,8 +175,10 @@ def throughput_rows(directory: pathlib.Path, repeat: int) -> list[list[str]]:
     same = "byte-identical" if len(set(outputs.values())) == 1 else "DIFFERENT BYTES"
     rows = []
     for label, r in runs.items():
+        cpu = ("" if label == "--engine ray"  # Ray's workers are not the process's waited-for children
+               else f"; {r.cpu:.0f} CPU s: {size / 1e6 / r.cpu:.1f} MB per CPU s")
         rows.append([f"16 x 2048² + 4 x 4096² trained-like ({gib(size)}), tol {TOL:g}, {label}",
-                     f"{r.rate:.1f} MB/s ({r.seconds:.1f} s; process {r.wall:.1f} s)",
+                     f"{r.rate:.1f} MB/s ({r.seconds:.1f} s; process {r.wall:.1f} s){cpu}",
                      f"{gib(r.peak_pss)} PSS ({gib(r.peak_rss)} RSS)"])
     local, ray = runs["--workers 2"], runs["--engine ray"]
     rows.append(["Ray engine over --workers 2", f"{ray.rate / local.rate:.2f}x the throughput", same])
@@ -197,7 +209,8 @@ def memory_rows(directory: pathlib.Path) -> list[list[str]]:
     r = run(source, "-o", directory / "big.hm.safetensors", "--workers", 2)
     assert r.code == 0
     return [[f"64 trained-like 4096² ({gib(size)}), tol {TOL:g}, --workers 2",
-             f"{r.rate:.1f} MB/s, {r.seconds / 60:.1f} min (process {r.wall / 60:.1f} min)",
+             f"{r.rate:.1f} MB/s, {r.seconds / 60:.1f} min (process {r.wall / 60:.1f} min); {r.cpu:.0f} CPU s: "
+             f"{size / 1e6 / r.cpu:.1f} MB per CPU s",
              f"{gib(r.peak_pss)} PSS ({gib(r.peak_rss)} RSS) = {r.peak_pss / size:.3f}x the file"]]
 
 

@@ -351,7 +351,8 @@ def lowrank_hopeless(blocks: torch.Tensor, allowance: float) -> torch.Tensor:
     `SKETCH_RANK` columns (`SKETCH_POWER` power iterations) splits B = QZ + R (QᵀR = 0), and by Ky Fan and Cauchy-Schwarz the top r
     squared singular values sum to at most ||Z||_F² + sqrt(r·Σσ⁴(R)), so reaching ||B||_F² -
     allowance needs r >= (||R||_F² - allowance)² / Σσ⁴(R). Σσ⁴(R) = tr((RᵀR)²) is estimated
-    from `SKETCH_PROBES` Gaussian probes (Hutchinson). A block is hopeless when that rank is at
+    from `SKETCH_PROBES` Gaussian probes (Hutchinson). The bound with R = B (no sketch) is tried
+    first: where it settles every block of the stack, no sketch is made. A block is hopeless when that rank is at
     least `HOPELESS_SHARE` of the break-even rank: quantized factors, with two roundings per
     number, need that margin to beat rows. Blocks of rank at most `GRAM_MAX_RANK` take Σσ⁴(B)
 exactly from their Gram matrix (no sketch). The sketches are seeded: the decision is deterministic.
@@ -373,6 +374,11 @@ exactly from their Gram matrix (no sketch). The sketches are seeded: the decisio
     gen = torch.Generator().manual_seed(0)
     omega = torch.randn(w, sketch + SKETCH_PROBES, generator=gen, dtype=blocks.dtype)
     y = blocks @ omega  # (k, h, sketch + probes)
+    # First the bound on B itself (R = B, no sketch): it settles blocks whose outliers are weak.
+    whole = _norm2((blocks.transpose(1, 2) @ y[..., sketch:]).transpose(1, 2).reshape(k * SKETCH_PROBES, -1))
+    verdict = (energy - allowance).clamp_min(0).square() / whole.reshape(k, -1).mean(1).clamp_min(1e-300) >= break_even
+    if bool(verdict.all()):
+        return verdict
     q = torch.linalg.qr(y[..., :sketch]).Q  # (k, h, sketch)
     for _ in range(SKETCH_POWER):  # the dominant directions come out of the bulk
         q = torch.linalg.qr(blocks @ (blocks.transpose(1, 2) @ q)).Q
