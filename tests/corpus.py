@@ -570,6 +570,61 @@ def _compressed_header_flipped(d: pathlib.Path) -> pathlib.Path:
     return bad
 
 
+def coded_in_place(tensors: dict[str, torch.Tensor], prefix: str, codec: str) -> torch.Tensor:
+    """Replace a matrix's fixed-width pool ``codec`` by its entropy-coded form (FORMAT.md version 2,
+    written by the library's encoder whether or not that is smaller); returns the coded bytes."""
+    from hmcompress.core.entropy import coded_blob, pool_runs
+    from hmcompress.runtime import pool_symbols
+    from hmcompress.runtime.read import hmatrix_from_tensors
+
+    hm = hmatrix_from_tensors(tensors, prefix, (0, 0), torch.float32)
+    runs = pool_runs(hm, codec)
+    symbols = pool_symbols(codec, tensors.pop(prefix + "pool." + codec), torch.from_numpy(runs))
+    tensors[prefix + "coded." + codec] = coded_blob(codec, symbols.numpy(), runs)
+    return tensors[prefix + "coded." + codec]
+
+
+def coded_fields(blob: torch.Tensor) -> dict[str, int]:
+    """Byte offsets of a coded pool's fields (FORMAT.md "Entropy-coded pools")."""
+    lanes, _precision, _first, table, runs = blob[:20].clone().view(torch.int32).tolist()
+    freq = 20 + 8 * runs
+    state = freq + 2 * table
+    return {"lanes": 0, "precision": 4, "runs": 20, "freq": freq, "state": state, "words": state + 4 * lanes,
+            "stream": state + 6 * lanes}
+
+
+def _coded(edit: Callable[[torch.Tensor, dict[str, int]], torch.Tensor], codec: str = "i8",
+           keep_pool: bool = False, version: int | None = None) -> Callable[[pathlib.Path], pathlib.Path]:
+    """The good file with one pool entropy-coded and the coded bytes edited (``edit(blob, fields)``
+    returns the new bytes), the fixed-width pool kept too or the version changed if asked."""
+    prefix = COMPRESSED_NAME + ".hm."
+
+    def change(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        pool = tensors[prefix + "pool." + codec]
+        blob = coded_in_place(tensors, prefix, codec)
+        tensors[prefix + "coded." + codec] = edit(blob.clone(), coded_fields(blob))
+        if keep_pool:
+            tensors[prefix + "pool." + codec] = pool
+        if version is not None:
+            meta["version"] = version
+    return lambda d: _rewrite(d, change)
+
+
+def _put_u32(blob: torch.Tensor, at: int, value: int) -> torch.Tensor:
+    blob[at:at + 4] = torch.tensor(list(value.to_bytes(4, "little")), dtype=torch.uint8)
+    return blob
+
+
+def _flip_stream(blob: torch.Tensor, fields: dict[str, int]) -> torch.Tensor:
+    blob[fields["stream"] + 3] ^= 0x10
+    return blob
+
+
+def _more_rows(blob: torch.Tensor, fields: dict[str, int]) -> torch.Tensor:
+    rows = int(blob[20:24].clone().view(torch.int32))
+    return _put_u32(blob, fields["runs"], rows + 1)
+
+
 def _stats(change: Callable[[dict], None]) -> Callable[[pathlib.Path], pathlib.Path]:
     return _meta(lambda meta: change(meta["matrices"][COMPRESSED_NAME]))
 
@@ -583,12 +638,25 @@ HOSTILE_COMPRESSED = [
     Case("segment_absurd_rank", _table("segments", _absurd_rank), "outside pool"),
     Case("segment_unknown_kind", _table("segments", _bad_kind), "unknown kind"),
     Case("matrix_absurd_size", _meta(_absurd_matrix), "does not fit"),
-    Case("wrong_version", _meta(lambda m: m.update(version=2)), "version 2 is not supported"),
+    Case("wrong_version", _meta(lambda m: m.update(version=3)), "version 3 is not supported"),
     Case("version_as_string", _meta(lambda m: m.update(version="1")), "version '1' is not supported"),
     Case("wrong_format_name", _meta(lambda m: m.update(format="ggml")), "format 'ggml'"),
     Case("options_not_an_object", _meta(lambda m: m.update(options=["tol", 0.01])), "'options' is not a JSON object"),
     Case("compressed_truncated", _compressed_truncated, "data offsets out of range"),
     Case("compressed_header_bit_flipped", _compressed_header_flipped, "not valid UTF-8 JSON"),
+    # entropy-coded pools (version 2): every field checked before decoding allocates
+    Case("coded_bad_frequency_table", _coded(lambda b, f: _put_u32(b, f["freq"], 0xFFFF)),
+         "frequencies sum to"),
+    Case("coded_precision_out_of_range", _coded(lambda b, f: _put_u32(b, f["precision"], 40)), "precision 40"),
+    Case("coded_truncated_words", _coded(lambda b, _f: b[:-2]), "words end at byte"),
+    Case("coded_lane_pointer_out_of_range", _coded(lambda b, f: _put_u32(b, f["words"], 0xFFFF)), "more words than"),
+    Case("coded_state_out_of_range", _coded(lambda b, f: _put_u32(b, f["state"], 7)), "state lies outside"),
+    Case("coded_symbol_count_mismatch", _coded(_more_rows), "corrupt|more words than"),
+    Case("coded_huge_declared_size", _coded(lambda b, f: _put_u32(_put_u32(b, f["runs"], 2**32 - 1), f["runs"] + 4,
+                                                                 2**32 - 1)), "more symbols than"),
+    Case("coded_stream_bit_flipped", _coded(_flip_stream, codec="i6"), "coded stream is corrupt"),
+    Case("coded_and_fixed_width", _coded(lambda b, _f: b, keep_pool=True), "both fixed-width and coded"),
+    Case("coded_in_version_1", _coded(lambda b, _f: b, version=1), "not explained"),
 ]
 
 # Broken statistics: the weights still decompress, but `report` and `verify` must refuse.
@@ -981,7 +1049,7 @@ HOSTILE_COMPRESSED += [
          "unsupported dtype"),
     Case("dtype_deeply_nested", _meta(lambda m: m["matrices"][COMPRESSED_NAME].update(dtype=json.loads(
         _deep_json(60, '"float32"')))), "unsupported dtype"),
-    Case("metadata_duplicate_key", _meta_text(lambda t: t.replace('"version":1', '"version":1,"version":1', 1)),
+    Case("metadata_duplicate_key", _meta_text(lambda t: t.replace('"version":', '"version":2,"version":', 1)),
          "twice"),
     Case("matrix_name_lone_surrogate", _meta(lambda m: _rename_matrix(m, "enc\udc80")), "not valid Unicode"),
     Case("compressed_fifo", _compressed_fifo, "not a regular file"),

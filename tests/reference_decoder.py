@@ -89,14 +89,16 @@ def read_container(path: str | pathlib.Path) -> tuple[dict[str, tuple[str, np.nd
 def decode_file(path: str | pathlib.Path) -> File:
     tensors, strings = read_container(path)
     meta = json.loads(strings["hmcompress"])
-    if meta.get("format") != "hmcompress" or meta.get("version") != 1:
-        raise Invalid("not an hmcompress version 1 file")
+    if meta.get("format") != "hmcompress" or meta.get("version") not in (1, 2):
+        raise Invalid("not an hmcompress version 1 or 2 file")
     matrices = {}
     claimed = set()
     for name, entry in meta["matrices"].items():
         prefix = entry["prefix"]
         parts = {t[len(prefix):]: tensors[t] for t in tensors if t.startswith(prefix)}
         claimed.update(prefix + part for part in parts)
+        if meta["version"] == 1 and any(part.startswith("coded.") for part in parts):
+            raise Invalid(f"{name}: a version 1 file has no coded pools")
         matrices[name] = decode_matrix(name, entry, parts)
     passthrough = {name: tensors[name] for name in meta["passthrough"]}
     unexplained = set(tensors) - claimed - set(passthrough)
@@ -115,6 +117,12 @@ def decode_matrix(name: str, entry: dict, parts: dict[str, tuple[str, np.ndarray
     segments = _table(parts, "segments", 6)
     _check_tiling(name, blocks, m, n)
     pools = {p[len("pool."):]: array for p, (_code, array) in parts.items() if p.startswith("pool.")}
+    for part, (code, array) in parts.items():
+        if part.startswith("coded."):
+            codec = part[len("coded."):]
+            if code != "U8" or codec in pools:
+                raise Invalid(f"{name}: {part} is {code}, or its codec also has a pool")
+            pools[codec] = decode_coded_pool(codec, array)
     for codec, (code, _array) in ((p[len("pool."):], v) for p, v in parts.items() if p.startswith("pool.")):
         expected = next(c[1] for c in CODECS.values() if c[0] == codec)
         if code != expected:
@@ -151,6 +159,63 @@ def decode_matrix(name: str, entry: dict, parts: dict[str, tuple[str, np.ndarray
         raise Invalid(f"{name}: row bitmaps hold {len(bitmaps)} bytes, segments use {bitmap_cursor}")
     bits = round_to_bits(h64, dtype).reshape(orig_shape)
     return Matrix(name, dtype, (m, n), orig_shape, h64, bits)
+
+
+# ------------------------------------------------------------------------------------ coded pools
+
+def decode_coded_pool(codec: str, blob: np.ndarray) -> np.ndarray:
+    """FORMAT.md "Entropy-coded pools": the fixed-width pool a coded pool stands for."""
+    bits = next(b or 8 for name, _code, b, integer in CODECS.values() if name == codec and integer)
+    data = blob.tobytes()
+    lanes, precision, first, size, nruns = struct.unpack_from("<5I", data, 0)
+    at = 20
+    runs = np.frombuffer(data, "<u4", 2 * nruns, at).astype(np.int64).reshape(-1, 2)
+    at += 8 * nruns
+    freq = np.zeros(1 << bits, dtype=np.int64)
+    if first + size > 1 << bits or not 12 <= precision <= 15 or (runs < 1).any():
+        raise Invalid("coded pool: table or runs")
+    freq[first:first + size] = np.frombuffer(data, "<u2", size, at)
+    at += 2 * size
+    state = np.frombuffer(data, "<u4", lanes, at).astype(np.int64)
+    counts = np.frombuffer(data, "<u2", lanes, at + 4 * lanes).astype(np.int64)
+    at += 6 * lanes
+    stream = np.frombuffer(data, "<u2", int(counts.sum()), at).astype(np.int64)
+    if at + 2 * len(stream) != len(data):
+        raise Invalid("coded pool: size")
+    n = int((runs[:, 0] * runs[:, 1]).sum())
+    symbols = np.zeros(n, dtype=np.int64)
+    if n:
+        if freq.sum() != 1 << precision or not 1 <= lanes <= n or -(-n // lanes) > 65535:
+            raise Invalid("coded pool: frequencies or lanes")
+        if ((state < 1 << 15) | (state >= 1 << 31)).any():
+            raise Invalid("coded pool: state")
+        cum = np.cumsum(freq) - freq
+        symbol_of_slot = np.repeat(np.arange(1 << bits), freq)
+        pointer = np.cumsum(counts) - counts
+        end = pointer + counts
+        stream = np.concatenate([stream, np.zeros(n + 1, dtype=np.int64)])  # overruns read zeros
+        for step in range(-(-n // lanes)):  # every lane's step-th symbol (symbol step*K + lane)
+            active = min(lanes, n - step * lanes)
+            x = state[:active]
+            slot = x % (1 << precision)
+            s = symbol_of_slot[slot]
+            symbols[step * lanes:step * lanes + active] = s
+            x = freq[s] * (x >> precision) + slot - cum[s]
+            need = x < 1 << 15
+            x = np.where(need, (x << 16) + stream[pointer[:active]], x)
+            pointer[:active] += need
+            state[:active] = x
+        if (state != 1 << 15).any() or (pointer != end).any():
+            raise Invalid("coded pool: a lane does not end in state 2**15 with its words read")
+    if bits == 8:
+        return (symbols - 128).astype(np.int8)
+    rows = []
+    for count, length in runs.tolist():
+        for _ in range(count):
+            row, symbols = symbols[:length], symbols[length:]
+            stream_bits = ((row[:, None] >> np.arange(bits)) & 1).reshape(-1).astype(np.uint8)
+            rows.append(np.packbits(stream_bits, bitorder="little"))
+    return np.concatenate(rows) if rows else np.zeros(0, dtype=np.uint8)
 
 
 def _table(parts: dict, part: str, columns: int) -> np.ndarray:

@@ -14,6 +14,7 @@ from hmcompress.core.build import CompressionOptions, assemble, compress_matrix
 from hmcompress.core.candidates import analyse, build_tree
 from hmcompress.core.plans import optimal_plan, paper_plan, svd_plan
 from hmcompress.errors import OptionError
+from hmcompress.io.writer import packed_tensors
 
 
 def smooth_kernel(n: int, seed: int = 0) -> torch.Tensor:
@@ -74,8 +75,8 @@ def test_measured_error_within_budget_and_stats_true(kind, m, n, rank, tol, prec
     # the budget is tol·||W||_F, never above it
     assert measure.sq(result.budget) <= measure.sq(tol) * measure.sq_fro(exact)
     assert result.budget == pytest.approx(tol * float(torch.linalg.matrix_norm(w.double())))
-    # bytes as reported are the bytes of the tensors
-    tensors = [hm.blocks, hm.segments, hm.row_masks, *hm.pools.values(), *hm.scales.values()]
+    # bytes as reported are the bytes of the tensors the file stores (coded pools coded)
+    tensors = packed_tensors(hm, "").values()
     assert hm.nbytes == sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -15,6 +15,7 @@ import torch
 from hmcompress.core.bounds import frobenius, frobenius_relative_error
 from hmcompress.core.candidates import Candidates, analyse, block_batches, build_tree, svd
 from hmcompress.core.codecs import auto_codecs, encode_rows, source_codec
+from hmcompress.core.entropy import with_coded_pools
 from hmcompress.core.plans import DROP, Plan, optimal_plan, paper_plan, svd_plan
 from hmcompress.errors import OptionError
 from hmcompress.runtime import BLOCK_COLUMNS, CODEC, DENSE, LOWRANK, ROWS, SEGMENT_COLUMNS, HMatrix, row_mask
@@ -201,7 +202,8 @@ class Packer:
 
 
 def assemble(matrix: torch.Tensor, c: Candidates, plan: Plan, device: str = "cpu") -> HMatrix:
-    """Encode a plan's leaves into a packed HMatrix (leaves in row-major order of position)."""
+    """Encode a plan's leaves into a packed HMatrix (leaves in row-major order of position), its
+    integer pools also entropy-coded where that is smaller (as the file will store them)."""
     tree = c.tree
     work = matrix if matrix.dtype == torch.float64 else matrix.float()
     order = np.lexsort((tree.col0[plan.leaves], tree.row0[plan.leaves]))
@@ -228,7 +230,7 @@ def assemble(matrix: torch.Tensor, c: Candidates, plan: Plan, device: str = "cpu
             for codec, keep in _by_codec(c, choice):
                 a, b = factors[node]
                 packer.add(index, LOWRANK, codec, len(keep), [a[keep], b[keep]])
-    return packer.finish(tuple(matrix.shape), matrix.dtype, block_rows)
+    return with_coded_pools(packer.finish(tuple(matrix.shape), matrix.dtype, block_rows))
 
 
 def _by_codec(c: Candidates, choice: np.ndarray):

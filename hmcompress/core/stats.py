@@ -110,8 +110,8 @@ def layer_stats(name: str, original: torch.Tensor, hm: HMatrix, stored: torch.Te
     for block, kind, _codec, rank, _off, _soff in segments:
         if kind == LOWRANK:
             ranks[block] = ranks.get(block, 0) + rank
-    for codec, pool in hm.pools.items():
-        codec_bytes[codec] = pool.numel() * pool.element_size()
+    for codec in hm.pools:
+        codec_bytes[codec] = hm.pool_bytes(codec)
         if codec in hm.scales:
             codec_bytes[codec] += hm.scales[codec].numel() * hm.scales[codec].element_size()
     return LayerStats(

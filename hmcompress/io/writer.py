@@ -218,7 +218,10 @@ def packed_tensors(hm: HMatrix, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors that store one matrix in a file (docs/FORMAT.md), by tensor name."""
     tensors = {prefix + "blocks": hm.blocks, prefix + "segments": hm.segments}
     for codec, pool in sorted(hm.pools.items()):
-        tensors[prefix + "pool." + codec] = pool
+        if codec in hm.coded:
+            tensors[prefix + "coded." + codec] = hm.coded[codec]
+        else:
+            tensors[prefix + "pool." + codec] = pool
     for codec, scale in sorted(hm.scales.items()):
         tensors[prefix + "scale." + codec] = scale
     if hm.row_masks.numel():

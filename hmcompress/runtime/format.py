@@ -12,7 +12,8 @@ import math
 import torch
 
 FORMAT_NAME = "hmcompress"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no coded pools
 BLOCK_COLUMNS = 5  # row0, col0, rows, cols, level
 SEGMENT_COLUMNS = 6  # block, kind, codec, rank, offset, scale_offset
 

@@ -41,6 +41,9 @@ class HMatrix:
     scales: dict[str, torch.Tensor]
     row_masks: torch.Tensor = dataclasses.field(  # uint8: one bitmap per ROWS segment, in order
         default_factory=lambda: torch.zeros(0, dtype=torch.uint8))
+    # Integer pools as the file stores them, entropy-coded (FORMAT.md version 2), where they are:
+    # what a file holds in place of ``pools[codec]``, which stays the decoded fixed-width pool.
+    coded: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def validate(self, name: str = "matrix") -> None:
         """Raise `FormatError` ("<name>: <problem>") unless this is a well-formed packed matrix.
@@ -53,10 +56,14 @@ class HMatrix:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every tensor this matrix occupies in a file."""
-        tensors = [self.blocks, self.segments, self.row_masks, *self.pools.values(),
-                   *self.scales.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes of every tensor this matrix occupies in a file (coded pools at their coded size)."""
+        tensors = [self.blocks, self.segments, self.row_masks, *self.scales.values()]
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(map(self.pool_bytes, self.pools))
+
+    def pool_bytes(self, codec: str) -> int:
+        """Bytes the file stores for a codec's pool: coded, or else fixed-width."""
+        pool = self.coded.get(codec, self.pools[codec])
+        return pool.numel() * pool.element_size()
 
     def segment_values(self, raw: bool = False) -> Iterator[Segment]:
         """Every segment decoded, in table order: values in float64 (exact for every codec), or

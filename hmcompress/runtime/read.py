@@ -13,15 +13,16 @@ import struct
 
 import torch
 
+from hmcompress.runtime.entropy import decode_coded
 from hmcompress.runtime.errors import FormatError
 from hmcompress.runtime.format import (
     BLOCK_COLUMNS,
     CODEC,
     CODECS,
     FORMAT_NAME,
-    FORMAT_VERSION,
     INTEGER_CODECS,
     MATRIX_DTYPES,
+    READABLE_VERSIONS,
     SAFETENSORS_CODE,
     SAFETENSORS_DTYPES,
     SCALE_DTYPE,
@@ -257,8 +258,9 @@ def _checked_metadata(path: pathlib.Path) -> tuple[dict, SafetensorsHeader]:
     if meta.get("format") != FORMAT_NAME:
         fail(f"metadata names format {brief(meta.get('format'))}, not {FORMAT_NAME!r}")
     version = meta.get("version")
-    if type(version) is not int or version != FORMAT_VERSION:
-        fail(f"format version {brief(version)} is not supported (this reader knows version {FORMAT_VERSION})")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        fail(f"format version {brief(version)} is not supported (this reader knows versions "
+             f"{', '.join(map(str, READABLE_VERSIONS))})")
     entries = header.tensors
     matrices, passthrough = meta.get("matrices"), meta.get("passthrough")
     if not isinstance(matrices, dict) or not isinstance(passthrough, dict):
@@ -282,7 +284,8 @@ def _checked_metadata(path: pathlib.Path) -> tuple[dict, SafetensorsHeader]:
         if not isinstance(prefix, str) or not prefix:
             fail(f"{where}: prefix must be a non-empty string")
         parts = ["blocks", "segments", "rows", *(f"pool.{c}" for c in CODECS),
-                 *(f"scale.{c}" for c in sorted(INTEGER_CODECS))]
+                 *(f"scale.{c}" for c in sorted(INTEGER_CODECS)),
+                 *(f"coded.{c}" for c in sorted(INTEGER_CODECS) if version >= 2)]
         for part in parts:
             other = claimed.setdefault(prefix + part, (name, part))
             if other != (name, part):
@@ -309,7 +312,7 @@ def _checked_metadata(path: pathlib.Path) -> tuple[dict, SafetensorsHeader]:
             want, ok_shape = torch.int32, len(shape) == 2 and shape[1] == columns
         else:
             kind, _, codec = part.partition(".")
-            want = {"rows": torch.uint8, "scale": SCALE_DTYPE}.get(kind) or CODEC[codec].pool_dtype
+            want = {"rows": torch.uint8, "coded": torch.uint8, "scale": SCALE_DTYPE}.get(kind) or CODEC[codec].pool_dtype
             ok_shape = len(shape) == 1
         if info.dtype.torch_dtype != want or not ok_shape:
             fail(f"tensor {brief(tensor)}: {info.dtype.code} {brief(shape)} where {SAFETENSORS_CODE[want]} of "
@@ -318,6 +321,9 @@ def _checked_metadata(path: pathlib.Path) -> tuple[dict, SafetensorsHeader]:
         for part in ("blocks", "segments"):
             if part not in parts:
                 fail(f"tensor {brief(matrices[name]['prefix'] + part)} of matrix {brief(name)} is missing")
+        for codec in INTEGER_CODECS:
+            if f"pool.{codec}" in parts and f"coded.{codec}" in parts:
+                fail(f"matrix {brief(name)} stores pool {codec} both fixed-width and coded")
     return meta, header
 
 
@@ -347,12 +353,18 @@ def _plain_json_problem(value: object, max_depth: int) -> str | None:
 
 
 def hmatrix_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int],
-                         dtype: torch.dtype) -> HMatrix:
-    """The packed matrix whose tensors are named ``prefix + part`` (docs/FORMAT.md); not validated."""
+                         dtype: torch.dtype, where: str = "") -> HMatrix:
+    """The packed matrix whose tensors are named ``prefix + part`` (docs/FORMAT.md); not validated,
+    but its coded pools checked and decoded (unless ``tensors`` already holds them decoded under
+    their pool names, as `decode_coded` gives them)."""
+    coded = {c: tensors[prefix + f"coded.{c}"] for c in CODECS if prefix + f"coded.{c}" in tensors}
+    if any(prefix + f"pool.{c}" not in tensors for c in coded):
+        tensors = {**tensors, **decode_coded(tensors, [prefix], where)}
     pools = {c: tensors[prefix + f"pool.{c}"] for c in CODECS if prefix + f"pool.{c}" in tensors}
     scales = {c: tensors[prefix + f"scale.{c}"] for c in CODECS if prefix + f"scale.{c}" in tensors}
     masks = tensors.get(prefix + "rows", torch.zeros(0, dtype=torch.uint8))
-    return HMatrix(shape, dtype, tensors[prefix + "blocks"], tensors[prefix + "segments"], pools, scales, masks)
+    return HMatrix(shape, dtype, tensors[prefix + "blocks"], tensors[prefix + "segments"], pools, scales, masks,
+                   coded)
 
 
 def read_file(path: str | os.PathLike) -> CompressedFile:
@@ -452,6 +464,8 @@ def _read_single(path: pathlib.Path) -> tuple[CompressedFile, set[str]]:
             tensors = {name: read_tensor(f, header, name) for name in header.tensors}
     except FormatError as err:
         raise FormatError(f"{path}: cannot load tensors: {err}") from None
+    # every coded pool of the file in one lockstep pass (many lanes: fast), added under its pool name
+    tensors.update(decode_coded(tensors, [info["prefix"] for info in meta["matrices"].values()], str(path)))
     matrices = {}
     for name, info in meta["matrices"].items():
         hm = hmatrix_from_tensors(tensors, info["prefix"], tuple(info["shape"]), MATRIX_DTYPES[info["dtype"]])

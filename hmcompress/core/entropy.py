@@ -1,0 +1,156 @@
+"""Entropy coding of integer pools (docs/FORMAT.md version 2): the rANS encoder.
+
+The mirror of `hmcompress.runtime.entropy` (the decoder): the pool's codes become symbols, a
+frequency table is quantised to 2**n (the n of 12..14 with the fewest bits), and every lane is
+encoded backwards in lockstep with NumPy. A pool is stored coded only where that takes fewer
+bytes than its fixed-width form, so coding never costs bytes. Output depends on the codes alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from hmcompress.runtime import CODEC, DENSE, INTEGER_CODECS, LOWRANK, HMatrix
+from hmcompress.runtime.entropy import (
+    HEADER_FIELDS,
+    MAX_LANE_SYMBOLS,
+    PRECISIONS,
+    STATE_LOW,
+    WORD_BITS,
+    pool_symbols,
+)
+
+LANE_SYMBOLS = 2048  # symbols a lane decodes: its 6 bytes of state and word count cost 0.02 bit a symbol
+ENCODER_PRECISIONS = (12, 13, 14)  # 2**15 would leave the state no headroom over the table
+
+assert LANE_SYMBOLS <= MAX_LANE_SYMBOLS and set(ENCODER_PRECISIONS) <= set(PRECISIONS)
+
+
+def quantise_frequencies(counts: np.ndarray, precision: int) -> np.ndarray:
+    """Frequencies summing to 2**precision, every symbol that occurs at least 1, near proportional
+    to ``counts`` (largest remainders first, ties to the smaller symbol; integers only, so the
+    same counts give the same table everywhere)."""
+    total, scale = int(counts.sum()), 1 << precision
+    freqs = counts * scale // total
+    remainder = counts * scale % total
+    freqs = np.where((counts > 0) & (freqs == 0), 1, freqs)
+    short = scale - int(freqs.sum())
+    if short > 0:
+        freqs[np.lexsort((np.arange(len(counts)), -remainder))[:short]] += 1
+    for _ in range(-short):  # at most one step per symbol raised to 1
+        freqs[int(np.argmax(freqs))] -= 1
+    return freqs
+
+
+def cross_entropy_bits(counts: np.ndarray, freqs: np.ndarray, precision: int) -> float:
+    """Bits the symbols take under a quantised table (what the coder spends, lanes aside)."""
+    used = counts > 0
+    return float((counts[used] * (precision - np.log2(freqs[used]))).sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """A coded symbol stream: its table, and its lanes' initial states, word counts and words."""
+
+    precision: int
+    first: int
+    freqs: np.ndarray  # of symbols first, first + 1, ...
+    states: np.ndarray
+    counts: np.ndarray
+    words: np.ndarray  # lane 0's first, each lane's in the order the decoder reads them
+
+
+def encode_symbols(symbols: np.ndarray, alphabet: int, lane_symbols: int = LANE_SYMBOLS) -> Encoded:
+    """Interleaved rANS: symbol i goes to lane i mod K (K = ceil(N / lane_symbols)) as its
+    (i div K)-th; every lane starts (as the decoder ends) in state 2**15."""
+    symbols = np.asarray(symbols, dtype=np.int64)
+    n = len(symbols)
+    if n == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return Encoded(ENCODER_PRECISIONS[0], 0, empty, empty, empty, empty)
+    counts = np.bincount(symbols, minlength=alphabet)
+    tables = {p: quantise_frequencies(counts, p) for p in ENCODER_PRECISIONS}
+    precision = min(ENCODER_PRECISIONS, key=lambda p: (cross_entropy_bits(counts, tables[p], p), p))
+    freqs = tables[precision]
+    cum = np.cumsum(freqs) - freqs
+    lanes = -(-n // lane_symbols)
+    steps = -(-n // lanes)
+    grid = np.full(steps * lanes, -1, dtype=np.int64)
+    grid[:n] = symbols
+    grid = grid.reshape(steps, lanes)
+    state = np.full(lanes, STATE_LOW, dtype=np.int64)
+    limit = (STATE_LOW >> precision) << WORD_BITS
+    emitted_lanes, emitted_words = [], []
+    for t in range(steps - 1, -1, -1):
+        row = grid[t]
+        active = row >= 0
+        sym = np.where(active, row, row[0])
+        f = freqs[sym]
+        need = active & (state >= limit * f)
+        emitted_lanes.append(np.flatnonzero(need))
+        emitted_words.append(state[need] & 0xFFFF)
+        state = np.where(need, state >> WORD_BITS, state)
+        state = np.where(active, ((state // f) << precision) + state % f + cum[sym], state)
+    lane_of = np.concatenate(emitted_lanes[::-1])  # step order, as the decoder reads
+    order = np.argsort(lane_of, kind="stable")
+    used = np.flatnonzero(counts)
+    first, last = int(used[0]), int(used[-1])
+    return Encoded(precision, first, freqs[first:last + 1], state, np.bincount(lane_of, minlength=lanes),
+                   np.concatenate(emitted_words[::-1])[order])
+
+
+def coded_blob(codec: str, symbols: np.ndarray, runs: np.ndarray) -> torch.Tensor:
+    """The bytes of a coded pool (FORMAT.md "Entropy-coded pools") as a uint8 tensor."""
+    coded = encode_symbols(symbols, 1 << CODEC[codec].bits)
+    header = [len(coded.states), coded.precision, coded.first, len(coded.freqs), len(runs)]
+    assert len(header) == HEADER_FIELDS
+    parts = [np.asarray(header, dtype="<u4"), np.asarray(runs, dtype="<u4").reshape(-1),
+             coded.freqs.astype("<u2"), coded.states.astype("<u4"), coded.counts.astype("<u2"),
+             coded.words.astype("<u2")]
+    return torch.frombuffer(bytearray(b"".join(p.tobytes() for p in parts)), dtype=torch.uint8)
+
+
+def pool_runs(hm: HMatrix, codec: str) -> np.ndarray | None:
+    """The (rows, length) runs of a pool's stored rows in pool order, rows that start on a byte
+    boundary merged; None unless the codec's segments fill the pool exactly, in offset order."""
+    spec = CODEC[codec]
+    blocks = hm.blocks.tolist()
+    segments = sorted((s for s in hm.segments.tolist() if s[2] == spec.id), key=lambda s: s[4])
+    runs: list[list[int]] = []
+    cursor = 0
+    for block, kind, _codec, rank, offset, _scale in segments:
+        _r0, _c0, rows, cols, _level = blocks[block]
+        parts = [(rows, cols)] if kind == DENSE else [(rank, rows), (rank, cols)] if kind == LOWRANK else [(rank, cols)]
+        if offset != cursor:
+            return None
+        for count, length in parts:
+            cursor += count * spec.row_length(length)
+            if (length * spec.bits) % 8 == 0:  # no padding: one row of all their codes
+                count, length = 1, count * length
+                if runs and runs[-1][0] == 1 and (runs[-1][1] * spec.bits) % 8 == 0:
+                    runs[-1][1] += length
+                    continue
+            if runs and runs[-1][1] == length and (length * spec.bits) % 8:
+                runs[-1][0] += count
+            else:
+                runs.append([count, length])
+    if cursor != hm.pools[codec].numel() or any(value >= 1 << 32 for run in runs for value in run):
+        return None
+    return np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+
+
+def with_coded_pools(hm: HMatrix) -> HMatrix:
+    """``hm`` with each integer pool also in coded form where that is smaller (what the file
+    stores; `HMatrix.nbytes` counts it)."""
+    coded = {}
+    for codec in sorted(INTEGER_CODECS & set(hm.pools)):
+        runs = pool_runs(hm, codec)
+        if runs is None:
+            continue
+        symbols = pool_symbols(codec, hm.pools[codec], torch.from_numpy(runs)).numpy()
+        blob = coded_blob(codec, symbols, runs)
+        if blob.numel() < hm.pools[codec].numel() * hm.pools[codec].element_size():
+            coded[codec] = blob
+    return dataclasses.replace(hm, coded=coded)
