@@ -22,6 +22,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from corpus import coded_in_place, rewrite_compressed
 from helpers import HEADER, mixed_matrix
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -69,7 +70,15 @@ def _seed_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
     stats = LayerStats("w", [24, 20], "float32", 24 * 20 * 4, matrix.nbytes, True, tol=0.01, budget=0.1).to_json()
     write_compressed(files["compressed"], {"w": (matrix, {"orig_shape": [24, 20], "stats": stats})},
                      {"b": (torch.ones(3), "1-D")}, HEADER)
+    files["coded"] = rewrite_compressed(files["compressed"], directory / "seed-coded.hm.safetensors", _all_coded)
     return files
+
+
+def _all_coded(tensors: dict[str, torch.Tensor], _meta: dict) -> None:
+    """Every integer pool entropy-coded (FORMAT.md version 2), so that mutations hit coded streams."""
+    for name in [n for n in tensors if ".pool.i" in n]:
+        prefix, codec = name.split("pool.")
+        coded_in_place(tensors, prefix, codec)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +190,8 @@ def fuzz_once(loader, directory: pathlib.Path, name: str, data: bytes) -> None:
 
 CHECKPOINT_FORMATS = ["safetensors", "torch_zip", "torch_legacy", "torchscript", "npz"]
 SUFFIX = {"safetensors": "seed.safetensors", "torch_zip": "seed.pt", "torch_legacy": "seed.pt",
-          "torchscript": "seed.jit", "npz": "seed.npz", "compressed": "seed.hm.safetensors"}
+          "torchscript": "seed.jit", "npz": "seed.npz", "compressed": "seed.hm.safetensors",
+          "coded": "seed-coded.hm.safetensors"}
 
 
 @pytest.mark.parametrize("fmt", CHECKPOINT_FORMATS)
@@ -197,14 +207,16 @@ def test_checkpoint_loader_survives_mutations(seeds, fmt):
     run()
 
 
-def test_compressed_loader_survives_mutations(seeds):
-    original = seeds["compressed"].read_bytes()
-    load_compressed(seeds["compressed"])
+@pytest.mark.parametrize("fmt", ["compressed", "coded"])
+def test_compressed_loader_survives_mutations(seeds, fmt):
+    original = seeds[fmt].read_bytes()
+    load_compressed(seeds[fmt])
+    assert fmt != "coded" or ".coded.i" in original[:4096].decode("utf-8", "replace")
 
     @FUZZ
     @given(data=mutated(original))
     def run(data: bytes) -> None:
-        fuzz_once(load_compressed, seeds["compressed"].parent, SUFFIX["compressed"], data)
+        fuzz_once(load_compressed, seeds[fmt].parent, SUFFIX[fmt], data)
 
     run()
 
