@@ -6,18 +6,20 @@ trained-like float32 matrices (`trained`: a noise bulk and a few outlying singul
 that, as for every matrix of ../shared/checkpoints, 1e-2 needs nearly full rank).
 
 - throughput: 16 matrices of 2048 x 2048 and 4 of 4096 x 4096 (0.5 GiB) compressed at tol 1e-2
-  (default options) by ``hmcompress compress`` with ``--workers 1``, ``--workers 2`` and
-  ``--engine ray`` (a local Ray cluster started for the run, as many CPUs as this process may
-  use): wall time of the compression (the ``throughput`` of ``--json``: source bytes of the
-  matrices over the seconds from opening the checkpoint to the file written; the process's start,
-  a second or two, is left out) and of the whole process, peak memory of the process tree, and
-  whether the three files are byte-identical; with ``--repeat N`` the three run N times,
-  interleaved, and the fastest run of each is shown;
+  (default options) by ``hmcompress compress`` with ``--workers 1``, ``--workers 2``, ``--engine
+  ray --address`` a running Ray head on 127.0.0.1 (`benchmarks.ray_head`, as many CPUs as this
+  process may use: a user's cluster is up before the run) and ``--engine ray`` alone (a local
+  cluster started, and stopped, by the run): wall time of the compression (the ``throughput`` of
+  ``--json``: source bytes of the matrices over the seconds from opening the checkpoint to the
+  file written; the process's start, a second or two, is left out) and of the whole process, peak
+  memory of the process tree (with the head's processes, where its tasks run), and whether the
+  files are byte-identical; with ``--repeat N`` the engines run N times, interleaved, and the
+  fastest run of each is shown;
 - bytes: one 2048 x 2048 matrix (and with ``--large`` one 4096 x 4096) compressed in this process,
   on one thread, by the fast analysis and by the full one (`compress_matrix(...,
   full_analysis=True)`);
-- memory (``--large``): 64 matrices of 4096 x 4096 (4 GiB), ``--workers 2``: wall time and the
-  peak memory of the process tree.
+- memory (``--large``): 64 matrices of 4096 x 4096 (4 GiB), ``--workers 2`` and on a running
+  head: wall time and the peak memory of the process tree.
 
 Every run also gives its CPU seconds (user and kernel, of the process and the worker processes it
 waited for; not shown for Ray, whose workers are not): source MB per CPU second depends little on
@@ -45,6 +47,7 @@ import time
 import torch
 
 from benchmarks import print_table
+from benchmarks.ray_head import RAY_ENV, descendants, local_head
 from hmcompress.core.build import CompressionOptions, compress_matrix
 from hmcompress.io.pipeline import one_thread
 from hmcompress.io.writer import StreamedTensor, write_streamed
@@ -90,17 +93,19 @@ class Run:
     cpu: float  # CPU seconds (user + kernel) of the process and the descendants it waited for
 
 
-def run(*args: object) -> Run:
+def run(*args: object, cluster: int | None = None) -> Run:
+    """``hmcompress compress ARGS --json``, its process tree sampled; with ``cluster`` (the pid of
+    a running Ray head) the head's processes, where its tasks run, are counted too."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "hmcompress", "compress", *map(str, args), "--json", "--quiet"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=RAY_ENV)
     pss = rss = 0
     samples = 0
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
-        tree = [proc.pid, *descendants(proc.pid)]
+        tree = [proc.pid, *descendants(proc.pid), *([cluster, *descendants(cluster)] if cluster else [])]
         rss = max(rss, sum(resident(p) for p in tree))
         if samples % PSS_EVERY == 0:  # PSS walks every page table: costly, so less often
             pss = max(pss, sum(memory(p, "Pss:") for p in tree))
@@ -114,25 +119,6 @@ def run(*args: object) -> Run:
         return Run(proc.returncode, wall, 0.0, 0.0, pss, rss, cpu)
     throughput = json.loads(out)["results"][0]["throughput"]
     return Run(0, wall, throughput["seconds"], throughput["mb_per_s"], pss, rss, cpu)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (none for one that just ended)."""
-    out, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            tasks = list(pathlib.Path(f"/proc/{parent}/task").iterdir())
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            out += children
-            todo += children
-    return out
 
 
 def resident(pid: int) -> int:
@@ -156,6 +142,30 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+ENGINES = {  # label: the engine's options; "ray" runs against a head started for it (a user's cluster is up)
+    "--workers 1": ("--workers", 1),
+    "--workers 2": ("--workers", 2),
+    "--engine ray, running head": "ray",
+    "--engine ray, cluster started by the run": ("--engine", "ray"),
+}
+
+
+def engine_run(source: pathlib.Path, out: pathlib.Path, options: tuple | str) -> Run:
+    """One compression with an engine of `ENGINES`; a Ray head is started (and waited for)
+    beforehand and stopped afterwards for "ray"."""
+    if options != "ray":
+        return run(source, "-o", out, *options)
+    with local_head(len(os.sched_getaffinity(0)), settled=True) as (address, pid):
+        return run(source, "-o", out, "--engine", "ray", "--address", address, cluster=pid)
+
+
+def cpu_figure(label: str, r: Run, size: int) -> str:
+    """CPU seconds and MB per CPU second, where the run's workers are its waited-for children."""
+    if "ray" in label:
+        return ""
+    return f"; {r.cpu:.0f} CPU s: {size / 1e6 / r.cpu:.1f} MB per CPU s"
+
+
 def throughput_rows(directory: pathlib.Path, repeat: int) -> list[list[str]]:
     shapes = [(2048, 2048)] * 16 + [(4096, 4096)] * 4
     source = generate(directory / "mixed.safetensors", shapes)
@@ -163,10 +173,9 @@ def throughput_rows(directory: pathlib.Path, repeat: int) -> list[list[str]]:
     runs: dict[str, Run] = {}
     outputs = {}
     for _ in range(repeat):  # interleaved, the fastest of each kept: other tenants' load comes and goes
-        for label, extra in (("--workers 1", ("--workers", 1)), ("--workers 2", ("--workers", 2)),
-                             ("--engine ray", ("--engine", "ray"))):
-            out = directory / f"mixed.{label.split()[-1]}.hm.safetensors"
-            result = run(source, "-o", out, *extra)
+        for number, (label, options) in enumerate(ENGINES.items()):
+            out = directory / f"mixed.{number}.hm.safetensors"
+            result = engine_run(source, out, options)
             assert result.code == 0, label
             if label not in runs or result.rate > runs[label].rate:
                 runs[label] = result
@@ -175,13 +184,13 @@ def throughput_rows(directory: pathlib.Path, repeat: int) -> list[list[str]]:
     same = "byte-identical" if len(set(outputs.values())) == 1 else "DIFFERENT BYTES"
     rows = []
     for label, r in runs.items():
-        cpu = ("" if label == "--engine ray"  # Ray's workers are not the process's waited-for children
-               else f"; {r.cpu:.0f} CPU s: {size / 1e6 / r.cpu:.1f} MB per CPU s")
         rows.append([f"16 x 2048² + 4 x 4096² trained-like ({gib(size)}), tol {TOL:g}, {label}",
-                     f"{r.rate:.1f} MB/s ({r.seconds:.1f} s; process {r.wall:.1f} s){cpu}",
+                     f"{r.rate:.1f} MB/s ({r.seconds:.1f} s; process {r.wall:.1f} s){cpu_figure(label, r, size)}",
                      f"{gib(r.peak_pss)} PSS ({gib(r.peak_rss)} RSS)"])
-    local, ray = runs["--workers 2"], runs["--engine ray"]
-    rows.append(["Ray engine over --workers 2", f"{ray.rate / local.rate:.2f}x the throughput", same])
+    local = runs["--workers 2"]
+    for label in ENGINES:
+        if "ray" in label:
+            rows.append([f"{label} over --workers 2", f"{runs[label].rate / local.rate:.2f}x the throughput", same])
     rows.append(["--workers 2 over --workers 1", f"{local.rate / runs['--workers 1'].rate:.2f}x the throughput", same])
     return rows
 
@@ -204,14 +213,25 @@ def bytes_rows(large: bool) -> list[list[str]]:
 
 
 def memory_rows(directory: pathlib.Path) -> list[list[str]]:
+    """The 4 GiB checkpoint with two local workers, and on a running two-CPU Ray head."""
     source = generate(directory / "big.safetensors", [(4096, 4096)] * 64)
     size = source.stat().st_size
-    r = run(source, "-o", directory / "big.hm.safetensors", "--workers", 2)
-    assert r.code == 0
-    return [[f"64 trained-like 4096² ({gib(size)}), tol {TOL:g}, --workers 2",
-             f"{r.rate:.1f} MB/s, {r.seconds / 60:.1f} min (process {r.wall / 60:.1f} min); {r.cpu:.0f} CPU s: "
-             f"{size / 1e6 / r.cpu:.1f} MB per CPU s",
-             f"{gib(r.peak_pss)} PSS ({gib(r.peak_rss)} RSS) = {r.peak_pss / size:.3f}x the file"]]
+    rows, outputs, rates = [], [], {}
+    for label in ("--workers 2", "--engine ray, running head"):
+        out = directory / "big.hm.safetensors"
+        r = engine_run(source, out, ENGINES[label])
+        assert r.code == 0, label
+        outputs.append(out.read_bytes())
+        out.unlink()
+        rates[label] = r.rate
+        rows.append([f"64 trained-like 4096² ({gib(size)}), tol {TOL:g}, {label}",
+                     f"{r.rate:.1f} MB/s, {r.seconds / 60:.1f} min (process {r.wall / 60:.1f} min)"
+                     f"{cpu_figure(label, r, size)}",
+                     f"{gib(r.peak_pss)} PSS ({gib(r.peak_rss)} RSS) = {r.peak_pss / size:.3f}x the file"])
+    same = "byte-identical" if outputs[0] == outputs[1] else "DIFFERENT BYTES"
+    rows.append(["4 GiB: --engine ray, running head, over --workers 2",
+                 f"{rates['--engine ray, running head'] / rates['--workers 2']:.2f}x the throughput", same])
+    return rows
 
 
 def main() -> None:

@@ -3,25 +3,21 @@ started by these tests (no mocks): the same bytes as the local engine, a killed 
 nothing, and without Ray installed the option is refused with exit code 2 and an install hint."""
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 import torch
 from helpers import random_checkpoint
 
+from benchmarks.ray_head import RAY_ENV, command_line, descendants, local_head
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RAY = pathlib.Path(sys.executable).parent / "ray"
 HAS_RAY = subprocess.run([sys.executable, "-c", "import ray"], capture_output=True).returncode == 0
-# The head and its clients agree on no token (Ray's token mode would read and write ~/.ray).
-RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def hmcompress(*args: object, **kwargs) -> subprocess.CompletedProcess:
@@ -49,57 +45,13 @@ def test_address_without_the_ray_engine_is_a_usage_error(tmp_path):
     assert run.returncode == 2 and "--address needs --engine ray" in run.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc)."""
-    out, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        for task in pathlib.Path(f"/proc/{parent}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                children = [int(c) for c in (task / "children").read_text().split()]
-                out += children
-                todo += children
-    return out
-
-
-def command_line(pid: int) -> str:
-    with contextlib.suppress(OSError):
-        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    return ""
-
-
 @pytest.fixture(scope="module")
 def head():
-    """A Ray head on 127.0.0.1 with 2 CPUs (two worker processes), ours alone: its own temporary
-    directory and port, stopped by terminating the blocking `ray start` we started."""
+    """A Ray head on 127.0.0.1 with 2 CPUs (two worker processes), ours alone."""
     if not HAS_RAY:
         pytest.skip("ray is not installed (pip install 'hmcompress[ray]')")
-    port = free_port()
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    process = subprocess.Popen([str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-                                f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                                f"--temp-dir={temp}", "--disable-usage-stats"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=RAY_ENV)
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while not any("raylet" in command_line(p) for p in descendants(process.pid)):
-        assert process.poll() is None and time.monotonic() < deadline, "ray start failed"
-        time.sleep(0.2)
-    try:
-        yield address, process.pid
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with local_head(2) as running:
+        yield running
 
 
 @pytest.mark.slow
