@@ -1,6 +1,6 @@
 """Entropy-coded pools (FORMAT.md version 2): exact round trips over adversarial code
-distributions, coded size against the empirical entropy, the independent decoder, and version-1
-files still loading."""
+distributions, coded size against the empirical entropy, the independent decoder, version-1
+files still loading, and the planner pricing integer codes at their coded size."""
 from __future__ import annotations
 
 import math
@@ -14,9 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+import hmcompress.core.candidates as candidates_module
 from hmcompress.api import compress_checkpoint
-from hmcompress.core.build import CompressionOptions, compress_matrix
+from hmcompress.core.build import CompressionOptions, allowed_error, assemble, compress_matrix
+from hmcompress.core.candidates import analyse, build_tree
+from hmcompress.core.codecs import auto_codecs
 from hmcompress.core.entropy import LANE_SYMBOLS, coded_blob, encode_symbols, quantise_frequencies
+from hmcompress.core.plans import optimal_plan
+from hmcompress.core.pricing import FIXED_WIDTH, estimate_pricing
 from hmcompress.io.checkpoint import Selection
 from hmcompress.runtime import CODEC, decode_pools, load_state_dict, parse_coded, pool_from_symbols, read_file
 
@@ -160,3 +165,35 @@ def test_version_1_files_still_load(tmp_path):
         assert torch.equal(load_state_dict(path)["w"], want)
         assert np.array_equal(reference_decoder.decode_file(path).matrices["w"].loaded,
                               want.double().numpy())
+
+
+def _trained_like(seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(256, 192, generator=gen) * torch.linspace(1, 0.05, 192)
+
+
+def test_integer_codes_are_priced_below_their_width():
+    """Gaussian-like rows: every integer codec's codes cost less than their width, and fewer bits
+    on longer rows (their absmax step is coarser against the bulk of the values)."""
+    pricing = estimate_pricing(_trained_like(0), ("f32", "i8", "i6", "i4"), [32, 64, 128])
+    for codec in ("i8", "i6", "i4"):
+        assert (pricing.bits[codec] < CODEC[codec].bits).all()
+        assert (np.diff(pricing.bits[codec]) < 0).all()
+    assert (pricing.bits["i8"] > pricing.bits["i6"]).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_priced_bytes_track_the_file_and_beat_fixed_width_pricing(seed, monkeypatch):
+    """The plan's priced bytes are within 5% of the bytes the file stores, and choosing by coded
+    prices stores fewer bytes than choosing by fixed widths would, within the same budget."""
+    w = _trained_like(seed)
+    options = CompressionOptions(tol=1e-2)
+    tree = build_tree(tuple(w.shape), options.leaf)
+    candidates = analyse(w, tree, auto_codecs(w.dtype))
+    plan = optimal_plan(candidates, allowed_error(w, options) ** 2)
+    stored = assemble(w, candidates, plan).nbytes
+    assert abs(plan.nbytes(candidates) - stored) <= 0.05 * stored
+    coded = compress_matrix(w, options)
+    monkeypatch.setattr(candidates_module, "estimate_pricing", lambda *_args: FIXED_WIDTH)
+    fixed = compress_matrix(w, options)
+    assert coded.error <= coded.budget and coded.hmatrix.nbytes < fixed.hmatrix.nbytes

@@ -3,7 +3,8 @@
 The quad-tree of candidates is the search space of both strategies. For every candidate we know
 its singular values (so the error of any truncation is exact without forming anything), the
 bytes and error of each dense option, and the bytes and error of each singular triplet in each
-codec. Everything is kept in flat numpy arrays so the optimiser can sweep it vectorised.
+codec; integer codes are priced at their entropy-coded size (`pricing`), as the file stores them.
+Everything is kept in flat numpy arrays so the optimiser can sweep it vectorised.
 
 Given the budget, `analyse` decides before it decomposes (issue 15): the singular value
 decompositions of blocks where low rank cannot win, and the row-codec trials at block widths far
@@ -18,7 +19,8 @@ import dataclasses
 import numpy as np
 import torch
 
-from hmcompress.core.codecs import roundtrip_rows, row_bytes, row_error_norms
+from hmcompress.core.codecs import roundtrip_rows, row_error_norms
+from hmcompress.core.pricing import Pricing, estimate_pricing
 from hmcompress.runtime import BLOCK_COLUMNS, CODEC, SEGMENT_COLUMNS
 
 CHUNK_NUMBERS = 1 << 21  # factor entries whose codec errors are measured at once
@@ -275,7 +277,8 @@ def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...], negligibl
     work = matrix if matrix.dtype == torch.float64 else matrix.float()
     measured = len(codecs) > 1
     decide = budget is not None and matrix.numel() >= FAST_MIN_ENTRIES
-    dense_bytes = np.stack([SEGMENT_ROW_BYTES + tree.rows * _row_bytes(codec, tree.cols)
+    pricing = estimate_pricing(work, codecs, side_lengths(tree))
+    dense_bytes = np.stack([SEGMENT_ROW_BYTES + tree.rows * pricing.row_bytes(codec, tree.cols)
                             for codec in codecs]).astype(np.float64)
     dense_err = np.zeros((len(codecs), tree.size))
     dense_err[1:] = np.inf  # until measured
@@ -287,7 +290,7 @@ def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...], negligibl
                 hopeless[ids] = lowrank_hopeless(blocks, allowance).numpy()
     hopeful_area = float((tree.rows * tree.cols)[~hopeless].sum()) / max(1, matrix.numel())
     windowed = decide and measured and hopeful_area <= HOPEFUL_AREA_SHARE
-    levels, measured_codecs = (row_levels(work, tree, codecs, budget) if windowed
+    levels, measured_codecs = (row_levels(work, tree, codecs, budget, pricing) if windowed
                                else (set(range(tree.depth)), set(range(len(codecs)))))
     spectra, factor_err, row_norms, row_err = {}, {}, {}, {}
     for level in range(tree.depth):
@@ -311,9 +314,9 @@ def analyse(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...], negligibl
                     row_norms[node], row_err[node] = norms[j], per_row[:, j]
     complete = len(levels) == tree.depth and not hopeless.any()
     triplets = Items.from_parts(tree.size, spectra, factor_err, np.stack(
-        [_row_bytes(codec, tree.rows) + _row_bytes(codec, tree.cols) for codec in codecs]))
+        [pricing.row_bytes(codec, tree.rows) + pricing.row_bytes(codec, tree.cols) for codec in codecs]))
     rows = Items.from_parts(tree.size, row_norms, row_err, np.stack(
-        [_row_bytes(codec, tree.cols) for codec in codecs]))
+        [pricing.row_bytes(codec, tree.cols) for codec in codecs]))
     return Candidates(tree, codecs, dense_bytes, dense_err, triplets, rows,
                       spectra[0].sqrt().numpy() if 0 in spectra else None, complete)
 
@@ -391,7 +394,14 @@ exactly from their Gram matrix (no sketch). The sketches are seeded: the decisio
     return needed >= break_even
 
 
-def row_levels(work: torch.Tensor, tree: Tree, codecs: tuple[str, ...], budget: float) -> tuple[set[int], set[int]]:
+def side_lengths(tree: Tree) -> list[int]:
+    """The block side lengths of a tree, each rounded to a power of two (what `Pricing` samples)."""
+    sides = np.unique(np.concatenate([tree.rows, tree.cols]))
+    return sorted({int(2 ** round(float(np.log2(side)))) for side in sides.tolist()})
+
+
+def row_levels(work: torch.Tensor, tree: Tree, codecs: tuple[str, ...], budget: float,
+               pricing: Pricing) -> tuple[set[int], set[int]]:
     """The tree levels and codecs whose row errors are worth measuring.
 
     Levels: the one whose uniform partition stores rows in the fewest bytes, estimated on every
@@ -408,7 +418,7 @@ def row_levels(work: torch.Tensor, tree: Tree, codecs: tuple[str, ...], budget: 
             part = _sampled_rows(work, tree, ids, h, w)
             sample_err.append(row_errors_all(codecs, part).reshape(len(codecs), -1))
             sample_norm.append(_norm2(part.reshape(-1, w)))
-            sample_bytes.append(np.repeat(np.stack([_row_bytes(c, np.array([w])) for c in codecs]),
+            sample_bytes.append(np.repeat(np.stack([pricing.row_bytes(c, np.array([w])) for c in codecs]),
                                           part.shape[0] * part.shape[1], axis=1))
             rows_total += len(ids) * h
             blocks += len(ids)
@@ -489,8 +499,3 @@ def _spectrum_and_errors(blocks: torch.Tensor, codecs: tuple[str, ...], measured
     sigma = torch.linalg.svdvals(blocks.to(device)).double().cpu()
     bound = 2 * CODEC[codecs[0]].unit_roundoff ** 2 * sigma.square() * (1 + 1e-6)
     return sigma, bound.unsqueeze(0)
-
-
-def _row_bytes(codec: str, lengths: np.ndarray) -> np.ndarray:
-    """Bytes of one stored row for each length (vectorised `codecs.row_bytes`)."""
-    return row_bytes(codec, np.asarray(lengths, dtype=np.int64))

@@ -62,7 +62,8 @@ class Plan:
         return err
 
     def nbytes(self, c: Candidates) -> int:
-        """Exact bytes of the packed matrix this plan builds."""
+        """Bytes of the packed matrix this plan builds, as priced: exact for tables and floats,
+        integer codes at their estimated coded size (`core.pricing`)."""
         dense = self.kind == DENSE
         total = BLOCK_ROW_BYTES * len(self.leaves)
         total += float(c.dense_bytes[self.dense_codec[dense], self.leaves[dense]].sum())
