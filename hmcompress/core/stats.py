@@ -12,6 +12,7 @@ import torch
 
 from hmcompress.core.bounds import compute_bounds
 from hmcompress.core.build import CompressionOptions, as_matrix
+from hmcompress.core.ratedistortion import rate_figures
 from hmcompress.runtime import DENSE, LOWRANK, ROWS, HMatrix, dense_nbytes
 
 
@@ -47,6 +48,19 @@ class LayerStats:
     kappa_h_bound: float | None = None  # upper bound on kappa(H) (Weyl); None: unbounded
     kappa_h_paper: float | None = None  # the paper's Theorem 1(c) figure: not a bound
     strategy: str = ""
+    # The rate-distortion limit at the measured mean squared error D = fro_error² / entries, bits
+    # an entry (core.ratedistortion); None where D = 0, and in files written before these figures.
+    rd_gaussian_bits: float | None = None  # a Gaussian of the entries' variance: an upper bound on R(D)
+    rd_lower_bits: float | None = None  # Shannon's lower bound for the entries' histogram density
+
+    @property
+    def entries(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits an entry: everything the matrix costs in the file (scales, tables) included."""
+        return 8 * self.bytes_after / self.entries if self.entries else 0.0
 
     @property
     def ratio(self) -> float:
@@ -61,6 +75,7 @@ class LayerStats:
             data[field] = list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) \
                 else encode_figure(value)
         data["ratio"] = round(self.ratio, 6) if math.isfinite(self.ratio) else None
+        data["bits_per_weight"] = round(self.bits_per_weight, 6)
         return data
 
 
@@ -94,13 +109,35 @@ def totals(layers: list[LayerStats]) -> dict:
         "matrix_bytes_after": c_after,
         "matrix_ratio": c_before / c_after if c_after else None,
         "max_rel_error": max((s.rel_error for s in comp), default=0.0),
+        **rate_totals(comp),
+    }
+
+
+def rate_totals(comp: list[LayerStats]) -> dict:
+    """Bits an entry over the compressed matrices (entry-weighted means), and the rate-distortion
+    figures over those that carry them (None where none does)."""
+    entries = sum(s.entries for s in comp)
+    rated = [s for s in comp if s.rd_gaussian_bits is not None and s.rd_lower_bits is not None]
+    rated_entries = sum(s.entries for s in rated)
+
+    def mean(values) -> float | None:
+        return round(sum(values) / rated_entries, 6) if rated_entries else None
+
+    return {
+        "bits_per_weight": round(8 * sum(s.bytes_after for s in comp) / entries, 6) if entries else None,
+        "rated_bits_per_weight": mean(8 * s.bytes_after for s in rated),
+        "rd_gaussian_bits": mean(s.rd_gaussian_bits * s.entries for s in rated),
+        "rd_lower_bits": mean(s.rd_lower_bits * s.entries for s in rated),
     }
 
 
 def layer_stats(name: str, original: torch.Tensor, hm: HMatrix, stored: torch.Tensor, error: float,
                 budget: float, sigma, options: CompressionOptions, strategy: str) -> LayerStats:
     """Measure a compressed matrix: structure, bytes, errors and bounds."""
-    bounds = compute_bounds(as_matrix(original), stored, error, sigma)
+    matrix = as_matrix(original)
+    bounds = compute_bounds(matrix, stored, error, sigma)
+    distortion = bounds.fro_error ** 2 / max(1, matrix.numel())
+    rates = rate_figures(matrix, distortion)
     segments = hm.segments.tolist()
     dense_blocks = {s[0] for s in segments if s[1] == DENSE}
     rows_blocks = {s[0] for s in segments if s[1] == ROWS}
@@ -125,4 +162,5 @@ def layer_stats(name: str, original: torch.Tensor, hm: HMatrix, stored: torch.Te
         spectral_error=bounds.spectral_error, spectral_method=bounds.spectral_method,
         sigma_max_upper=bounds.sigma_max_upper, sigma_min_lower=bounds.sigma_min_lower, kappa_w=bounds.kappa_w,
         kappa_h_bound=bounds.kappa_h_bound, kappa_h_paper=bounds.kappa_h_paper, strategy=strategy,
+        rd_gaussian_bits=rates[0], rd_lower_bits=rates[1],
     )

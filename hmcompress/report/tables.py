@@ -11,18 +11,22 @@ from hmcompress.core.stats import LayerStats, totals
 from hmcompress.report.text import print_line
 
 COLUMNS = ("layer", "shape", "blocks lr/rows/dense", "rank max/mean", "codecs", "bytes before",
-           "bytes after", "ratio", "rel err", "||W-H||_2 <=", "kappa(W)", "kappa(H) <=")
+           "bytes after", "ratio", "rel err", "||W-H||_2 <=", "kappa(W)", "kappa(H) <=", "bits/entry",
+           "R(D) gauss/lower")
 # On a narrow terminal the table keeps the columns that fit, in this order of importance (shown
 # in COLUMNS order); `--wide` keeps them all. A number is never split across lines.
 PRIORITY = ("layer", "ratio", "rel err", "bytes after", "shape", "kappa(H) <=", "||W-H||_2 <=", "bytes before",
-            "codecs", "blocks lr/rows/dense", "rank max/mean", "kappa(W)")
+            "codecs", "bits/entry", "R(D) gauss/lower", "blocks lr/rows/dense", "rank max/mean", "kappa(W)")
 NAME_MIN_WIDTH = 16  # the layer column folds its names at this width, at the least
 ESSENTIAL = 3  # layer, ratio, rel err: shown at any width
 LEGEND = ("H is the matrix as loaded (rounded once to the source dtype); every figure also holds for its float64 "
           "form. rel err = ||W-H||_F / ||W||_F (measured in float64, widened by its rounding). ||W-H||_2 <=: SVD of "
           "each residual, widened by its rounding margin; (F): the Frobenius bound, used above 1024 a side. "
           "kappa(W): a computed estimate. kappa(H) <= (s_max+e2)/(s_min-e2) (Weyl; s_max, s_min are bounds on "
-          "sigma_max(W), sigma_min(W)). blocks: low-rank / rows / dense leaves.")
+          "sigma_max(W), sigma_min(W)). blocks: low-rank / rows / dense leaves. bits/entry: stored bits per matrix "
+          "entry, everything included. R(D): the rate-distortion limit at the measured mean squared error for the "
+          "entries as one memoryless source: a Gaussian of their variance needs the first (an upper bound on "
+          "R(D)), the second is Shannon's lower bound for their histogram.")
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -54,8 +58,16 @@ def rows(layers: list[LayerStats]) -> list[list[str]]:
             s.name, shape, f"{s.blocks_lowrank}/{s.blocks_rows}/{s.blocks_dense}", f"{s.max_rank}/{s.mean_rank:.1f}",
             ",".join(s.codecs) or "-", byte_size(s.bytes_before), byte_size(s.bytes_after),
             _num(s.ratio), f"{s.rel_error:.2e}", spectral, _num(s.kappa_w), _num(s.kappa_h_bound),
+            f"{s.bits_per_weight:.2f}", rate_cell(s.rd_gaussian_bits, s.rd_lower_bits),
         ])
     return out
+
+
+def rate_cell(gaussian: float | None, lower: float | None) -> str:
+    """The two rate-distortion figures, "-" where a file has none (exact storage, older files)."""
+    if gaussian is None or lower is None:
+        return "-"
+    return f"{gaussian:.2f}/{lower:.2f}"
 
 
 def passthrough_line(layers: list[LayerStats]) -> str:
@@ -102,7 +114,15 @@ def total_line(layers: list[LayerStats]) -> str:
             f"{byte_size(t['bytes_before'])} -> {byte_size(t['bytes_after'])} (ratio {_num(t['ratio'])}); "
             f"compressed matrices {byte_size(t['matrix_bytes_before'])} -> "
             f"{byte_size(t['matrix_bytes_after'])} (ratio {_num(t['matrix_ratio'])}); "
-            f"max relative error {t['max_rel_error']:.2e}")
+            f"max relative error {t['max_rel_error']:.2e}" + rate_summary(t))
+
+
+def rate_summary(t: dict) -> str:
+    """Bits per entry against the rate-distortion figures, over the matrices that carry them."""
+    if t["rd_gaussian_bits"] is None:
+        return ""
+    return (f"; {t['rated_bits_per_weight']:.2f} bits/entry stored, R(D) {t['rd_gaussian_bits']:.2f} (Gaussian) / "
+            f"{t['rd_lower_bits']:.2f} (lower bound)")
 
 
 def print_table(layers: list[LayerStats], console: Console, title: str = "", wide: bool = False) -> None:
