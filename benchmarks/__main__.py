@@ -13,8 +13,8 @@ import time
 
 import torch
 
-MODULES = ("compression", "runtime", "training", "models", "scale", "checkpoints", "compare")
-QUICK = {"compression", "runtime", "training"}  # modules with a --quick flag
+MODULES = ("compression", "entropy", "runtime", "training", "models", "scale", "checkpoints", "compare")
+QUICK = {"compression", "entropy", "runtime", "training"}  # modules with a --quick flag
 
 
 def main() -> None:

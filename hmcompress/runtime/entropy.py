@@ -126,34 +126,36 @@ def decode_coded(tensors: dict[str, torch.Tensor], prefixes: list[str], where: s
 
 def decode_pools(pools: list[CodedPool], where: str = "") -> list[torch.Tensor]:
     """The fixed-width pools (FORMAT.md version 1) of checked coded pools, decoded together:
-    the lanes of every pool of one precision advance in lockstep."""
-    out: list[torch.Tensor | None] = [None] * len(pools)
-    for precision in PRECISIONS:
-        group = [i for i, p in enumerate(pools) if p.precision == precision and p.symbols]
-        if group:
-            for i, symbols in zip(group, _decode_group([pools[i] for i in group], precision, where)):
-                out[i] = pool_from_symbols(pools[i].codec, symbols, pools[i].runs)
-    return [pool if pool is not None else pool_from_symbols(p.codec, torch.zeros(0, dtype=torch.uint8), p.runs)
-            for pool, p in zip(out, pools)]
+    the lanes of every pool advance in lockstep."""
+    busy = [i for i, p in enumerate(pools) if p.symbols]
+    symbols = dict(zip(busy, _decode_lanes([pools[i] for i in busy], where))) if busy else {}
+    return [pool_from_symbols(p.codec, symbols.get(i, torch.zeros(0, dtype=torch.uint8)), p.runs)
+            for i, p in enumerate(pools)]
 
 
-def _decode_group(pools: list[CodedPool], precision: int, where: str) -> list[torch.Tensor]:
-    """The symbols of pools of one precision (uint8 each), every lane decoded in lockstep."""
-    slots_per_table = 1 << precision
+def _decode_lanes(pools: list[CodedPool], where: str) -> list[torch.Tensor]:
+    """The symbols of non-empty pools (uint8 each), every lane decoded in lockstep; each lane
+    finds its pool's table at its own offset and uses its pool's precision."""
     sym_table, freq_table, bias_table = [], [], []
     for p in pools:
         symbol = torch.repeat_interleave(torch.arange(p.freqs.numel()), p.freqs)  # slot -> symbol
         cum = torch.cumsum(p.freqs, 0) - p.freqs
         sym_table.append(symbol)
         freq_table.append(p.freqs[symbol])
-        bias_table.append(torch.arange(slots_per_table) - cum[symbol])
+        bias_table.append(torch.arange(1 << p.precision) - cum[symbol])
     symbol_of = torch.cat(sym_table).to(torch.uint8)
     freq_of, bias_of = torch.cat(freq_table).to(torch.int32), torch.cat(bias_table).to(torch.int32)
     # Lanes of all pools, longest first: the lanes still decoding at any step are a prefix.
     lane_symbols = torch.cat([(p.symbols - torch.arange(p.lanes) + p.lanes - 1) // p.lanes for p in pools])
     order = torch.sort(lane_symbols, descending=True, stable=True).indices
     sorted_symbols = lane_symbols[order]
-    base = torch.cat([torch.full((p.lanes,), i * slots_per_table, dtype=torch.int32) for i, p in enumerate(pools)])
+    table_start = torch.tensor([0] + [1 << p.precision for p in pools]).cumsum(0)
+
+    def per_lane(values: list[int]) -> torch.Tensor:
+        return torch.repeat_interleave(torch.tensor(values, dtype=torch.int32), torch.tensor([p.lanes for p in pools]))
+    base = per_lane(table_start[:-1].tolist())
+    shift = per_lane([p.precision for p in pools])[order]
+    mask = per_lane([(1 << p.precision) - 1 for p in pools])[order]
     word_offsets = torch.tensor([0] + [p.words.numel() for p in pools]).cumsum(0)
     starts = torch.cat([torch.cumsum(p.counts, 0) - p.counts + word_offsets[i] for i, p in enumerate(pools)])
     ends = torch.cat([torch.cumsum(p.counts, 0) + word_offsets[i] for i, p in enumerate(pools)])
@@ -161,26 +163,30 @@ def _decode_group(pools: list[CodedPool], precision: int, where: str) -> list[to
     # Lanes overrunning their words read the next lane's (or zeros): caught by the end check.
     words = torch.cat([*(p.words for p in pools), torch.zeros(steps + 1, dtype=torch.int32)])
     state = torch.cat([p.states for p in pools])[order]
-    pointer, base, ends = starts[order], base[order], ends[order]
+    pointer, base, ends = starts[order].to(torch.int32), base[order], ends[order]
     total = state.numel()
     active = total - torch.cumsum(torch.bincount(sorted_symbols, minlength=steps + 1), 0)
     slots = torch.zeros(steps, total, dtype=torch.int32)  # zeros: its pages are touched at once, not per step
+    rows = slots.unbind(0)
     buffers = [torch.empty(total, dtype=torch.int32) for _ in range(4)]
     need = torch.empty(total, dtype=torch.bool)
+    shared = len(pools) == 1  # one table: no per-lane table offset, one precision
+    precision = pools[0].precision
     lanes = -1
     for t, now in enumerate(active[:steps].tolist()):
         if now != lanes:  # views of the lanes still decoding (a prefix), made when that changes
             lanes = now
             x, ptr, n, lane_base = state[:lanes], pointer[:lanes], need[:lanes], base[:lanes]
+            lane_mask, lane_shift = (mask[:lanes], shift[:lanes]) if not shared else ((1 << precision) - 1, precision)
             f, b, w, s = (buffer[:lanes] for buffer in buffers)
-        slot = slots[t, :lanes]
-        torch.bitwise_and(x, slots_per_table - 1, out=slot)
-        slot += lane_base
+        slot = rows[t] if lanes == total else rows[t][:lanes]
+        torch.bitwise_and(x, lane_mask, out=slot)
+        if not shared:
+            slot += lane_base
         torch.index_select(freq_of, 0, slot, out=f)
         torch.index_select(bias_of, 0, slot, out=b)
-        x >>= precision
-        x *= f
-        x += b
+        x >>= lane_shift
+        torch.addcmul(b, f, x, out=x)  # x = freq·(x div M) + slot - cum
         torch.lt(x, STATE_LOW, out=n)
         torch.index_select(words, 0, ptr, out=w)
         torch.bitwise_left_shift(x, WORD_BITS, out=s)  # wraps where no word is read: zeroed next
@@ -209,35 +215,73 @@ def _decode_group(pools: list[CodedPool], precision: int, where: str) -> list[to
     return out
 
 
-def _rows_by_length(bits: int, runs: torch.Tensor):
-    """For each distinct row length l of the runs: (l, the symbol positions (rows, l) and the pool
-    byte positions (rows, ceil(b·l/8)) of its rows), rows in pool order."""
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """The stored rows of one length l in a pool: where each starts among the symbols and in
+    the pool's bytes (each row ceil(b·l/8) bytes)."""
+
+    length: int
+    width: int
+    sym_start: torch.Tensor
+    byte_start: torch.Tensor
+
+    @property
+    def consecutive(self) -> bool:
+        """Back to back in both (the usual case): plain views, no index tensors."""
+        steps = torch.arange(self.sym_start.numel())
+        return bool((self.sym_start == self.sym_start[0] + steps * self.length).all()
+                    and (self.byte_start == self.byte_start[0] + steps * self.width).all())
+
+    def symbols(self, symbols: torch.Tensor) -> torch.Tensor:
+        """These rows' symbols, (rows, l)."""
+        if self.consecutive:
+            start = int(self.sym_start[0])
+            return symbols[start:start + self.sym_start.numel() * self.length].view(-1, self.length)
+        return symbols[self.sym_start.unsqueeze(1) + torch.arange(self.length)]
+
+    def bytes_of(self, pool: torch.Tensor) -> torch.Tensor:
+        """These rows' bytes in the pool, (rows, width)."""
+        if self.consecutive:
+            start = int(self.byte_start[0])
+            return pool[start:start + self.byte_start.numel() * self.width].view(-1, self.width)
+        return pool[self.byte_start.unsqueeze(1) + torch.arange(self.width)]
+
+    def put_bytes(self, pool: torch.Tensor, values: torch.Tensor) -> None:
+        if self.consecutive:
+            self.bytes_of(pool).copy_(values)
+        else:
+            pool[self.byte_start.unsqueeze(1) + torch.arange(self.width)] = values
+
+
+def _rows_by_length(bits: int, runs: torch.Tensor) -> list[_Rows]:
+    """The runs' stored rows, grouped by length."""
     rows, length = runs[:, 0], runs[:, 1]
     per_row = torch.repeat_interleave(length, rows)
     nbytes = torch.repeat_interleave((length * bits + 7) // 8, rows)
     sym_start, byte_start = torch.cumsum(per_row, 0) - per_row, torch.cumsum(nbytes, 0) - nbytes
-    for size in torch.unique(per_row).tolist():
-        chosen = per_row == size
-        yield (size, sym_start[chosen].unsqueeze(1) + torch.arange(size),
-               byte_start[chosen].unsqueeze(1) + torch.arange((size * bits + 7) // 8))
+    return [_Rows(size, (size * bits + 7) // 8, sym_start[per_row == size], byte_start[per_row == size])
+            for size in torch.unique(per_row).tolist()]
 
 
 def pool_from_symbols(codec: str, symbols: torch.Tensor, runs: torch.Tensor) -> torch.Tensor:
     """The fixed-width pool holding these symbols (offset codes, uint8) in rows as ``runs`` describe.
 
-    Packed rows go 8 codes (b bytes) at a time: the codes' bits summed into an int64, whose low b
-    bytes (little-endian) are the bit stream's next b bytes."""
+    Packed rows go 8 codes (b bytes) at a time: the codes' bits gathered into an int64, whose low
+    b bytes (little-endian) are the bit stream's next b bytes."""
     bits = symbol_bits(codec)
+    symbols = symbols.to(torch.uint8)
     if not CODEC[codec].packed:  # i8: symbol - 128 in two's complement
-        return torch.bitwise_xor(symbols.to(torch.uint8), 0x80).view(torch.int8)
+        return torch.bitwise_xor(symbols, 0x80).view(torch.int8)
     pool = torch.zeros(run_sizes(codec, runs)[1], dtype=torch.uint8)
-    for length, sym_index, byte_index in _rows_by_length(bits, runs):
-        groups = -(-length // 8)
-        codes = torch.zeros(sym_index.shape[0], groups * 8, dtype=torch.int64)
-        codes[:, :length] = symbols[sym_index].to(torch.int64)
-        packed = (codes.reshape(-1, groups, 8) << (bits * torch.arange(8))).sum(-1)
-        row_bytes = packed.view(torch.uint8).reshape(-1, groups, 8)[..., :bits].reshape(-1, groups * bits)
-        pool[byte_index] = row_bytes[:, :byte_index.shape[1]]
+    for rows in _rows_by_length(bits, runs):
+        groups = -(-rows.length // 8)
+        codes = torch.zeros(rows.sym_start.numel(), groups, 8, dtype=torch.uint8)
+        codes.view(-1, groups * 8)[:, :rows.length] = rows.symbols(symbols)
+        packed = torch.zeros(codes.shape[:2], dtype=torch.int64)
+        for j in range(8):
+            packed |= codes[..., j].to(torch.int64) << (bits * j)
+        row_bytes = packed.view(torch.uint8).view(-1, groups, 8)[..., :bits].reshape(-1, groups * bits)
+        rows.put_bytes(pool, row_bytes[:, :rows.width])
     return pool
 
 
@@ -248,13 +292,16 @@ def pool_symbols(codec: str, pool: torch.Tensor, runs: torch.Tensor) -> torch.Te
     if not CODEC[codec].packed:
         return pool.to(torch.int64) + (1 << (bits - 1))
     out = torch.zeros(run_sizes(codec, runs)[0], dtype=torch.int64)
-    for length, sym_index, byte_index in _rows_by_length(bits, runs):
-        groups = -(-length // 8)
-        grouped = torch.zeros(sym_index.shape[0], groups * bits, dtype=torch.uint8)
-        grouped[:, :byte_index.shape[1]] = pool[byte_index]
-        padded = torch.zeros(sym_index.shape[0], groups, 8, dtype=torch.uint8)
-        padded[..., :bits] = grouped.reshape(-1, groups, bits)
-        values = padded.reshape(-1, 8).view(torch.int64).reshape(-1, groups, 1)
-        codes = (values >> (bits * torch.arange(8))) & ((1 << bits) - 1)
-        out[sym_index] = codes.reshape(-1, groups * 8)[:, :length]
+    for rows in _rows_by_length(bits, runs):
+        groups, count = -(-rows.length // 8), rows.sym_start.numel()
+        padded = torch.zeros(count, groups, 8, dtype=torch.uint8)
+        grouped = torch.zeros(count, groups * bits, dtype=torch.uint8)
+        grouped[:, :rows.width] = rows.bytes_of(pool)
+        padded[..., :bits] = grouped.view(-1, groups, bits)
+        values = padded.view(-1, 8).view(torch.int64).view(count, groups, 1)
+        codes = ((values >> (bits * torch.arange(8))) & ((1 << bits) - 1)).view(count, groups * 8)
+        if rows.consecutive:
+            rows.symbols(out).copy_(codes[:, :rows.length])
+        else:
+            out[rows.sym_start.unsqueeze(1) + torch.arange(rows.length)] = codes[:, :rows.length]
     return out

@@ -1,0 +1,90 @@
+"""Entropy-coded pools (FORMAT.md version 2): decoding speed on one core, and coded size.
+
+The codes are those the builder stores for a trained-like matrix (per-row symmetric codes of
+i8 and i6, absmax scales). Decoding speed is MB of decoded fixed-width pool per second on one
+thread, against two baselines timed in the same process: torch copying the same bytes, and
+turning the fixed-width pool into int16 codes (unpacking the bit streams; what a version-1 pool
+costs to read for compute).
+A whole file's pools decode in one lockstep pass, so a file of many pools decodes faster than
+one pool of the same size; both are timed. Usage: python -m benchmarks.entropy [--quick]
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from benchmarks import print_table, quick_requested
+from benchmarks.compression import trained_like
+from hmcompress.core.codecs import encode_rows
+from hmcompress.core.entropy import coded_blob
+from hmcompress.runtime import CODEC, decode_codes, decode_pools, parse_coded, pool_symbols
+
+REPEATS = 3
+
+
+def best_of(fn: Callable[[], object]) -> float:
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def coded_pools(codec: str, matrix: torch.Tensor, parts: int) -> tuple[list, torch.Tensor, int, int]:
+    """The matrix's rows as ``parts`` pools of ``codec``: (parsed coded pools, one fixed-width
+    pool of them all, its row length, the coded pools' bytes)."""
+    pool, _scales = encode_rows(codec, matrix)
+    length = matrix.shape[1]
+    row_size = CODEC[codec].row_length(length)
+    rows_per_part = matrix.shape[0] // parts
+    parsed, nbytes = [], 0
+    for part in range(parts):
+        piece = pool[part * rows_per_part * row_size:(part + 1) * rows_per_part * row_size]
+        runs = np.array([[rows_per_part, length]])
+        symbols = pool_symbols(codec, piece, torch.from_numpy(runs)).numpy()
+        blob = coded_blob(codec, symbols, runs)
+        parsed.append(parse_coded(codec, blob, "benchmark"))
+        nbytes += blob.numel()
+    return parsed, pool, length, nbytes
+
+
+def bench_decoding(rows: list[list[str]], n: int) -> None:
+    matrix = trained_like(n)
+    for codec in ("i8", "i6"):
+        for parts in (1, 64):
+            parsed, pool, length, coded = coded_pools(codec, matrix, parts)
+            decoded = torch.cat(decode_pools(parsed))
+            assert torch.equal(decoded, pool), "decoding must give the fixed-width pool"
+            seconds = best_of(lambda: decode_pools(parsed))
+            copy = best_of(lambda: pool.clone())
+            unpack = best_of(lambda: decode_codes(codec, pool, length).to(torch.int16))
+            megabytes = pool.numel() / 1e6
+            label = f"decode {codec}, {n}x{n} codes in {parts} pool{'s' * (parts > 1)}"
+            speed = f"{megabytes / seconds:.0f} MB/s, {n * n / seconds / 1e6:.0f} M codes/s"
+            rows.append([label, "torch copy of the pool", f"{copy / seconds:.4f}x speed ({speed})"])
+            rows.append([label, "fixed-width pool to int16 codes", f"{unpack / seconds:.3f}x speed"])
+            symbols = pool_symbols(codec, pool, torch.tensor([[n, n]])).numpy()
+            p = np.bincount(symbols) / symbols.size
+            entropy = -(p[p > 0] * np.log2(p[p > 0])).sum() * symbols.size / 8
+            rows.append([f"coded bytes {codec} {n}x{n}, {parts} pool{'s' * (parts > 1)} (tables incl.)",
+                         "empirical entropy of the codes", f"{coded / entropy:.4f}x bytes"])
+
+
+def main() -> None:
+    quick = quick_requested(__doc__, "a 1024 x 1024 matrix instead of 4096 x 4096")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows: list[list[str]] = []
+        bench_decoding(rows, 1024 if quick else 4096)
+    finally:
+        torch.set_num_threads(threads)
+    print_table("Entropy-coded pools (1 thread)", ["measurement", "baseline", "ours / baseline"], rows)
+
+
+if __name__ == "__main__":
+    main()
