@@ -10,28 +10,16 @@ one pool of the same size; both are timed. Usage: python -m benchmarks.entropy [
 """
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
 from benchmarks import print_table, quick_requested
-from benchmarks.compression import trained_like
+from benchmarks.compression import best_of, trained_like
 from hmcompress.core.codecs import encode_rows
 from hmcompress.core.entropy import coded_blob
 from hmcompress.runtime import CODEC, decode_codes, decode_pools, parse_coded, pool_symbols
 
 REPEATS = 3
-
-
-def best_of(fn: Callable[[], object]) -> float:
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def coded_pools(codec: str, matrix: torch.Tensor, parts: int) -> tuple[list, torch.Tensor, int, int]:
@@ -59,9 +47,9 @@ def bench_decoding(rows: list[list[str]], n: int) -> None:
             parsed, pool, length, coded = coded_pools(codec, matrix, parts)
             decoded = torch.cat(decode_pools(parsed))
             assert torch.equal(decoded, pool), "decoding must give the fixed-width pool"
-            seconds = best_of(lambda: decode_pools(parsed))
-            copy = best_of(lambda: pool.clone())
-            unpack = best_of(lambda: decode_codes(codec, pool, length).to(torch.int16))
+            seconds = best_of(lambda: decode_pools(parsed), REPEATS)
+            copy = best_of(lambda: pool.clone(), REPEATS)
+            unpack = best_of(lambda: decode_codes(codec, pool, length).to(torch.int16), REPEATS)
             megabytes = pool.numel() / 1e6
             label = f"decode {codec}, {n}x{n} codes in {parts} pool{'s' * (parts > 1)}"
             speed = f"{megabytes / seconds:.0f} MB/s, {n * n / seconds / 1e6:.0f} M codes/s"
