@@ -61,15 +61,18 @@ def round_trip(codec: str, symbols: np.ndarray, runs: np.ndarray) -> tuple[torch
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(codec=st.sampled_from(["i4", "i5", "i6", "i7", "i8"]), kind=st.sampled_from(DISTRIBUTIONS),
-       count=st.integers(0, 5000), length=st.integers(1, 70), seed=st.integers(0, 10**6))
-def test_round_trip_is_exact(codec, kind, count, length, seed):
-    """Any distribution, any row structure, any pool size: the pool comes back bit for bit, from
-    the library's decoder and from the independent one written from FORMAT.md."""
+       count=st.integers(0, 5000), length=st.integers(1, 70), precision=st.sampled_from([12, 13, 14, 15]),
+       seed=st.integers(0, 10**6))
+def test_round_trip_is_exact(codec, kind, count, length, precision, seed):
+    """Any distribution, any row structure, any pool size, any precision: the pool comes back bit
+    for bit, from the library's decoder and from the independent one written from FORMAT.md."""
     symbols = draw_symbols(kind, count, CODEC[codec].bits, seed)
     runs = runs_for(count, length)
-    decoded, expected = round_trip(codec, symbols, runs)
+    blob = coded_blob(codec, symbols, runs, precision)
+    decoded = decode_pools([parse_coded(codec, blob, "test")])[0]
+    expected = pool_from_symbols(codec, torch.from_numpy(symbols).to(torch.uint8), torch.from_numpy(runs))
     assert torch.equal(decoded, expected)
-    reference = reference_decoder.decode_coded_pool(codec, coded_blob(codec, symbols, runs).numpy())
+    reference = reference_decoder.decode_coded_pool(codec, blob.numpy())
     assert np.array_equal(reference, expected.numpy())
 
 
@@ -86,13 +89,14 @@ def test_one_lane_to_one_lane_per_symbol(lane_symbols):
 def test_pools_of_every_precision_decode_together():
     """Several pools (codecs, sizes, precisions) in one lockstep pass give each its own pool."""
     pools, expected = [], []
-    for seed, (codec, kind, count) in enumerate([("i8", "gaussian", 9000), ("i4", "skewed", 300),
-                                                 ("i6", "uniform", 4097), ("i5", "single", 1), ("i7", "two", 0)]):
+    for seed, (codec, kind, count, precision) in enumerate([
+            ("i8", "gaussian", 9000, 12), ("i4", "skewed", 300, 15), ("i6", "uniform", 4097, 14),
+            ("i5", "single", 1, 13), ("i7", "two", 0, 14), ("i8", "gaussian", 5000, 15)]):
         symbols = draw_symbols(kind, count, CODEC[codec].bits, seed)
         runs = runs_for(count, 33)
-        pools.append(parse_coded(codec, coded_blob(codec, symbols, runs), "test"))
+        pools.append(parse_coded(codec, coded_blob(codec, symbols, runs, precision), "test"))
         expected.append(pool_from_symbols(codec, torch.from_numpy(symbols).to(torch.uint8), torch.from_numpy(runs)))
-    assert len({p.precision for p in pools}) > 1
+    assert {p.precision for p in pools} == {12, 13, 14, 15}
     for got, want in zip(decode_pools(pools), expected):
         assert torch.equal(got, want)
 
@@ -113,7 +117,7 @@ def test_large_pools_code_near_their_empirical_entropy(kind, bits):
 
 def test_frequency_tables_are_exact_and_keep_every_symbol():
     counts = np.array([0, 1, 10**6, 3, 0, 1])
-    for precision in (12, 13, 14):
+    for precision in (12, 13, 14, 15):
         freqs = quantise_frequencies(counts, precision)
         assert freqs.sum() == 1 << precision and np.array_equal(freqs > 0, counts > 0)
 
