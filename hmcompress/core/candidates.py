@@ -376,20 +376,21 @@ exactly from their Gram matrix (no sketch). The sketches are seeded: the decisio
     sketch = max(1, min(SKETCH_RANK, rank // 4))
     gen = torch.Generator().manual_seed(0)
     omega = torch.randn(w, sketch + SKETCH_PROBES, generator=gen, dtype=blocks.dtype)
-    y = blocks @ omega  # (k, h, sketch + probes)
-    # First the bound on B itself (R = B, no sketch): it settles blocks whose outliers are weak.
-    whole = _norm2((blocks.transpose(1, 2) @ y[..., sketch:]).transpose(1, 2).reshape(k * SKETCH_PROBES, -1))
+    probed = blocks @ omega[:, sketch:]  # (k, h, probes)
+    # First the bound on B itself (R = B, no sketch): it settles blocks whose outliers are weak
+    # (every block of a trained-like matrix), and the sketch's products are never formed.
+    whole = _norm2((probed.transpose(1, 2) @ blocks).reshape(k * SKETCH_PROBES, -1))  # rows of (BᵀB·probes)ᵀ
     verdict = (energy - allowance).clamp_min(0).square() / whole.reshape(k, -1).mean(1).clamp_min(1e-300) >= break_even
     if bool(verdict.all()):
         return verdict
-    q = torch.linalg.qr(y[..., :sketch]).Q  # (k, h, sketch)
+    q = torch.linalg.qr(blocks @ omega[:, :sketch]).Q  # (k, h, sketch)
     for _ in range(SKETCH_POWER):  # the dominant directions come out of the bulk
-        q = torch.linalg.qr(blocks @ (blocks.transpose(1, 2) @ q)).Q
+        q = torch.linalg.qr(blocks @ (q.transpose(1, 2) @ blocks).transpose(1, 2)).Q
     z = q.transpose(1, 2) @ blocks  # (k, sketch, w)
     residual_energy = (energy - _norm2(z.reshape(k, -1))).clamp_min(0)
-    probes = y[..., sketch:] - q @ (q.transpose(1, 2) @ y[..., sketch:])  # R·probes
-    gram_probes = blocks.transpose(1, 2) @ probes - z.transpose(1, 2) @ (q.transpose(1, 2) @ probes)  # RᵀR·probes
-    fourth = _norm2(gram_probes.transpose(1, 2).reshape(k * SKETCH_PROBES, -1)).reshape(k, -1).mean(1)
+    probes = probed - q @ (q.transpose(1, 2) @ probed)  # R·probes
+    gram_probes = probes.transpose(1, 2) @ blocks - (probes.transpose(1, 2) @ q) @ z  # (RᵀR·probes)ᵀ
+    fourth = _norm2(gram_probes.reshape(k * SKETCH_PROBES, -1)).reshape(k, -1).mean(1)
     needed = (residual_energy - allowance).clamp_min(0).square() / fourth.clamp_min(1e-300)
     return needed >= break_even
 
