@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import hmcompress.runtime as runtime
+import hmcompress.runtime.compact as compact
 from hmcompress.core.build import CompressionOptions, compress_matrix
 from hmcompress.runtime import (
     CompactConv,
@@ -151,6 +152,36 @@ def test_trained_weights_stay_int8_in_memory_and_take_the_integer_product():
     assert runtime.int_mm_works("cpu")
     x = torch.randn(4, 320)
     assert_close_to(layer(x), x, hm.to_dense(torch.float32))
+
+
+def test_low_rank_blocks_beside_bands_are_factor_pairs_held_as_stored():
+    """A few low-rank blocks are factor pairs (no tile product, codes as stored); past
+    MAX_FACTOR_PAIRS of them, or where a scale product leaves float32's normal range, the tile
+    product takes them."""
+    hm = mixed_matrix(40, 36)
+    weight, room = hm.to_dense(torch.float64), magnitudes(hm).T
+    x = torch.randn(5, 36)
+    for layout in ("float", "int"):
+        layer = CompactLinear(hm, layout=layout)
+        assert layer.rest is None and len(layer._pairs) == 5  # one pair per low-rank segment of mixed_matrix
+        codes = {name: b.dtype for name, b in layer.named_buffers() if name.startswith("band") and name not in ("band_rows", "band_scales")}
+        assert set(codes.values()) <= {torch.int8, torch.float16, torch.bfloat16, torch.float32, torch.float64}
+        with torch.no_grad():
+            assert_close_to(layer(x), x, weight, room=room)
+            assert_close_to(layer.dense(), torch.eye(40), weight.T, room=room.T)
+    many = pack(torch.randn(72, 40, dtype=torch.float64), [
+        *[(4 * i, 0, 4, 20, ("lowrank", [("i8", 1)])) for i in range(compact.MAX_FACTOR_PAIRS + 1)],
+        (0, 20, 72, 20, ("rows", [("i8", list(range(72)))])), (68, 0, 4, 20, ("dense", "i8"))])
+    layer = CompactLinear(many, layout="float")
+    assert not layer._pairs and layer.rest is not None
+    wide = torch.randn(5, 40)
+    with torch.no_grad():
+        assert_close_to(layer(wide), wide, many.to_dense(torch.float64), room=magnitudes(many).T)
+    tiny = mixed_matrix(40, 36)
+    codec = "i5"  # a low-rank segment's: its scales times its partner's fall below float32's normal range
+    tiny.scales[codec] = tiny.scales[codec] * 1e-25
+    layer = CompactLinear(tiny, layout="float")
+    assert len(layer._pairs) == 4 and layer.rest is not None
 
 
 def test_inf_and_nan_inputs_spread_as_in_a_dense_product():

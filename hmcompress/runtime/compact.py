@@ -13,9 +13,11 @@ rules), for float64 models, and for rows with inf, NaN or only subnormal numbers
 converted to ``dtype`` for the call instead (layout "float" always does so: fewer operations).
 
 Rows and blocks stored in floating codecs form bands of their own, kept at their stored width and
-converted for each call. Everything else (low-rank factors in any codec, rows and blocks whose
-scales or values are not finite) runs through the tile product of `HLinear` with its factors
-compact (integer codes with their scales, floats at their stored width), decoded at each call.
+converted for each call. Low-rank blocks beside the bands, up to `MAX_FACTOR_PAIRS` of them, are
+*factor pairs*: their two factors' codes as stored, one product by each for a call. Everything
+else (more low-rank blocks than that, rows and blocks whose scales or values are not finite) runs
+through the tile product of `HLinear` with its factors compact (integer codes with their scales,
+floats at their stored width), decoded at each call.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from torch import nn
 
 from hmcompress.runtime.format import LOWRANK, ROWS, mask_bytes
 from hmcompress.runtime.layers import HLinear
-from hmcompress.runtime.matrix import HMatrix, RowsSegment
+from hmcompress.runtime.matrix import HMatrix, LowRankSegment, RowsSegment
 from hmcompress.runtime.product import tile_product
 
 DIGITS = 3  # balanced base-256 digits of a fixed-point number: 23 bits and a sign
@@ -43,7 +45,8 @@ LAYOUTS = ("int", "float", "tiles")
 SMALLEST_NORMAL = torch.finfo(torch.float32).tiny  # a digits' step below it has lost precision
 SMALL_MATRIX = 1 << 18
 JOINED_BATCH = 4  # up to this many input rows the int layout joins its bands' sums (fewer operations)
-FLOAT_BAND_PADDING = 0.05  # of the stored bytes: what merging the float bands may add in zeros  # entries up to which "float" is the default layout (operations dominate)
+FLOAT_BAND_PADDING = 0.05  # of the stored bytes: what merging the float bands may add in zeros
+MAX_FACTOR_PAIRS = 16  # low-rank blocks beside bands taken two products each; more go to the tile product
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,6 +114,28 @@ class _Band:
 BandData = tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]  # col0, cols, rows, codes (cols, rows), scales
 
 
+class _Pair:
+    """One low-rank block ``aᵀ·diag(scales)·b`` (`MAX_FACTOR_PAIRS`): its rows and columns, rank,
+    where its factors' codes, a (rank, rows) and b (rank, cols) row-major, sit in the flat buffer
+    of their dtype, and its rank's place in the pairs' joined scales (the two factors' scales
+    multiplied)."""
+
+    __slots__ = ("row0", "rows", "col0", "cols", "rank", "source", "a_offset", "b_offset", "start")
+
+    def __init__(self, row0: int, rows: int, col0: int, cols: int, rank: int, source: str, a_offset: int,
+                 start: int) -> None:
+        self.row0, self.rows, self.col0, self.cols, self.rank = row0, rows, col0, cols, rank
+        self.source, self.a_offset, self.b_offset, self.start = source, a_offset, a_offset + rank * rows, start
+
+
+PairData = tuple[int, int, int, int, torch.Tensor, torch.Tensor, torch.Tensor]  # row0, rows, col0, cols, a, b, scales
+
+
+def _flat_source(codes: torch.Tensor) -> str:
+    """The flat buffer codes of this dtype lie in."""
+    return "band_codes" if codes.dtype == torch.int8 else f"band_{str(codes.dtype).removeprefix('torch.')}"
+
+
 class CompactMatrix(nn.Module):
     """``x @ Hᵀ`` for a packed H-matrix H, held compact (see the module's docstring).
 
@@ -132,7 +157,7 @@ class CompactMatrix(nn.Module):
         self.out_features, self.in_features = hmatrix.shape
         self.layout = layout
         self.stored_bytes = hmatrix.nbytes
-        pieces, rest = ([], hmatrix) if layout == "tiles" else _split(hmatrix)
+        pieces, pairs, rest = ([], [], hmatrix) if layout == "tiles" else _split(hmatrix)
         if layout != "tiles" and not pieces:
             raise ValueError(f"layout {layout!r} needs integer-coded rows or blocks; this matrix has none")
         bands = [(col0, cols, rows, codes.T, scales) for col0, cols, rows, codes, scales
@@ -143,14 +168,25 @@ class CompactMatrix(nn.Module):
         self.indexed = False
         flat: dict[str, list[torch.Tensor]] = {}
         start = 0
+        sizes: dict[str, int] = {}
+
+        def place(codes: torch.Tensor) -> tuple[str, int]:  # appended to its dtype's flat buffer
+            source = _flat_source(codes)
+            flat.setdefault(source, []).append(codes.reshape(-1))
+            offset = sizes.get(source, 0)
+            sizes[source] = offset + codes.numel()
+            return source, offset
+
         for col0, cols, rows, codes, _scales in bands:
-            source = "band_codes" if codes.dtype == torch.int8 else f"band_{str(codes.dtype).removeprefix('torch.')}"
-            parts = flat.setdefault(source, [])
-            offset = sum(part.numel() for part in parts)
-            parts.append(codes.reshape(-1))
             full = torch.equal(rows, torch.arange(self.out_features))
-            self._bands.append(_Band(source, offset, col0, cols, start, start + rows.numel(), full))
+            self._bands.append(_Band(*place(codes), col0, cols, start, start + rows.numel(), full))
             start += rows.numel()
+        self._pairs: list[_Pair] = []
+        ranks = 0
+        for row0, rows, col0, cols, a, b, _scales in pairs:
+            source, offset = place(torch.cat([a.reshape(-1), b.reshape(-1)]))
+            self._pairs.append(_Pair(row0, rows, col0, cols, a.shape[0], source, offset, ranks))
+            ranks += a.shape[0]
         for source, parts in flat.items():
             self.register_buffer(source, torch.cat(parts).to(device), persistent=False)
         if bands:
@@ -160,11 +196,14 @@ class CompactMatrix(nn.Module):
             self.indexed = not all(b.full for b in self._bands)
             if self.indexed:
                 self.register_buffer("band_rows", torch.cat([b[2] for b in bands]).to(device), persistent=False)
+        if pairs:
+            self.register_buffer("pair_scales", torch.cat([p[6] for p in pairs]).to(device=device, dtype=torch.float32),
+                                 persistent=False)
         self.rest = None if rest is None else HLinear(rest, dtype=dtype, device=device, keep_compact=True)
         # Bands that each hold every row, in order, side by side over all columns: the float
         # layout forms Hᵀ from them in one operation a band (see `_weight_t`).
         starts = sorted((b.col0, b.cols) for b in self._bands)
-        self._whole_float = (layout == "float" and self.rest is None and bool(self._bands)
+        self._whole_float = (layout == "float" and self.rest is None and bool(self._bands) and not self._pairs
                              and all(b.full for b in self._bands)
                              and [c0 for c0, _ in starts] == [0, *[c0 + w for c0, w in starts[:-1]]]
                              and starts[-1][0] + starts[-1][1] == self.in_features)
@@ -174,6 +213,12 @@ class CompactMatrix(nn.Module):
         """A band's codes, (cols, rows) row-major: a view of its dtype's flat buffer."""
         rows = band.stop - band.start
         return self._buffers[band.source][band.offset:band.offset + band.cols * rows].view(band.cols, rows)
+
+    def _factors(self, pair: _Pair) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pair's factor codes a (rank, rows) and b (rank, cols): views of their flat buffer."""
+        flat = self._buffers[pair.source]
+        return (flat[pair.a_offset:pair.b_offset].view(pair.rank, pair.rows),
+                flat[pair.b_offset:pair.b_offset + pair.rank * pair.cols].view(pair.rank, pair.cols))
 
     @property
     def held_bytes(self) -> int:
@@ -188,7 +233,7 @@ class CompactMatrix(nn.Module):
             weight_t = self._weight_t(dtype)
             return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
         rest = None if self.rest is None else tile_product(self.rest._decoded_plan(), x, bias)
-        if not self._bands:
+        if not self._bands and not self._pairs:
             return rest
         integer = self.layout == "int" and self._bands[0].integer and int_mm_works(x.device.type) and dtype != torch.float64
         work = torch.float32 if integer else dtype  # the integer sums are scaled in float32
@@ -215,6 +260,11 @@ class CompactMatrix(nn.Module):
         for b in floating:  # codes (or floats) times inputs, then the scales
             self._add(out, b, (inputs[:, b.col0:b.col0 + b.cols] @ self._codes(b).to(work)).mul_(
                 scales[b.start:b.stop].to(work)))
+        for pair in self._pairs:  # ((x·bᵀ)·scales)·a into the block's rows
+            a, b = self._factors(pair)
+            inner = (inputs[:, pair.col0:pair.col0 + pair.cols] @ b.to(work).T).mul_(
+                buffers["pair_scales"][pair.start:pair.start + pair.rank].to(work))
+            out[:, pair.row0:pair.row0 + pair.rows].addmm_(inner, a.to(work))
         if rest is not None:
             out.add_(rest)
         elif bias is not None:
@@ -269,11 +319,16 @@ class CompactMatrix(nn.Module):
                 out[:, band.col0:band.col0 + band.cols] += values
             else:
                 out[:, band.col0:band.col0 + band.cols].index_add_(0, buffers["band_rows"][band.start:band.stop], values)
+        for pair in self._pairs:
+            a, b = self._factors(pair)
+            scales = buffers["pair_scales"][pair.start:pair.start + pair.rank].to(dtype)
+            out[pair.row0:pair.row0 + pair.rows, pair.col0:pair.col0 + pair.cols].addmm_(
+                (a.to(dtype) * scales.unsqueeze(1)).T, b.to(dtype))
         return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
-                f"bands={len(self._bands)}, bytes={self.stored_bytes}, held={self.held_bytes}")
+                f"bands={len(self._bands)}, pairs={len(self._pairs)}, bytes={self.stored_bytes}, held={self.held_bytes}")
 
 
 def _merge_float_bands(bands: list[BandData], cols: int, stored_bytes: int) -> list[BandData]:
@@ -300,7 +355,7 @@ def compact_layouts(hmatrix: HMatrix) -> tuple[str, ...]:
     and dense blocks fall in at most MAX_BANDS column ranges (per dtype), "int" too where some of
     them are integer-coded (first, for matrices of over SMALL_MATRIX entries: below, the count of
     operations dominates), and always "tiles"."""
-    pieces, _rest = _split(hmatrix)
+    pieces, _pairs, _rest = _split(hmatrix)
     if not pieces or len({(p[0], p[1], p[3].dtype) for p in pieces}) > MAX_BANDS:
         return ("tiles",)
     if not any(p[3].dtype == torch.int8 for p in pieces):
@@ -312,15 +367,23 @@ def compact_layouts(hmatrix: HMatrix) -> tuple[str, ...]:
 Piece = tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]  # col0, cols, rows, codes (k, cols), scales
 
 
-def _split(hm: HMatrix) -> tuple[list[Piece], HMatrix | None]:
+def _split(hm: HMatrix) -> tuple[list[Piece], list[PairData], HMatrix | None]:
     """Rows and dense blocks as pieces (output rows, values as stored: int8 codes with their
-    scales, or floats with scales of 1), where their scales or values are finite; every other
-    segment (low rank, or not finite) as an H-matrix of its own (None if there is none)."""
+    scales, or floats with scales of 1), where their scales or values are finite; low-rank
+    segments as factor pairs (codes as stored, the factors' scales multiplied), where they are
+    finite and at most `MAX_FACTOR_PAIRS`; every other segment as an H-matrix of its own (None if
+    there is none)."""
     pieces: list[Piece] = []
+    pairs: list[PairData] = []
     keep: list[bool] = []
-    for s in hm.segment_values(raw=True):
+    segments = list(hm.segment_values(raw=True))
+    lowrank = sum(s.kind == LOWRANK for s in segments)
+    for s in segments:
         if s.kind == LOWRANK:
-            keep.append(True)
+            pair = _pair(s) if lowrank <= MAX_FACTOR_PAIRS else None
+            keep.append(pair is None)
+            if pair is not None:
+                pairs.append(pair)
             continue
         values = s.values if isinstance(s, RowsSegment) else s.block
         integer = s.scales is not None
@@ -331,10 +394,27 @@ def _split(hm: HMatrix) -> tuple[list[Piece], HMatrix | None]:
             scales = s.scales if integer else torch.ones(values.shape[0])
             pieces.append((s.col0, s.cols, rows, values.to(torch.int8) if integer else values, scales))
     if all(keep):
-        return pieces, hm
+        return pieces, pairs, hm
     if not any(keep):
-        return pieces, None
-    return pieces, _subset(hm, keep)
+        return pieces, pairs, None
+    return pieces, pairs, _subset(hm, keep)
+
+
+def _pair(s: LowRankSegment) -> PairData | None:
+    """A low-rank segment as a factor pair (int8 codes, or floats as stored, and the product of
+    the factors' scales), or None where a value is not finite or the product is not a normal
+    float32."""
+    integer = s.a_scales is not None
+    if integer:
+        scales = s.a_scales.double() * s.b_scales.double()
+        a, b = s.a.to(torch.int8), s.b.to(torch.int8)
+    else:
+        scales = torch.ones(s.a.shape[0], dtype=torch.float64)
+        a, b = s.a, s.b
+    held = scales.float()  # as the layer holds them: a product out of float32's normal range stays in the tile product
+    in_range = bool((torch.isfinite(held) & ((scales == 0) | (held.abs() >= SMALLEST_NORMAL))).all())
+    finite = in_range and (integer or bool(torch.isfinite(a).all() and torch.isfinite(b).all()))
+    return (s.row0, s.rows, s.col0, s.cols, a, b, scales) if finite else None
 
 
 def _subset(hm: HMatrix, keep: list[bool]) -> HMatrix:
@@ -489,8 +569,8 @@ class CompactEmbedding(CompactMatrix):
 def embedding_ready(hmatrix: HMatrix) -> bool:
     """Whether `CompactEmbedding` can hold ``hmatrix``: rows and dense blocks alone (finite), each
     band holding every row."""
-    pieces, rest = _split(hmatrix)
-    if rest is not None or len({(p[0], p[1], p[3].dtype) for p in pieces}) > MAX_BANDS:
+    pieces, pairs, rest = _split(hmatrix)
+    if rest is not None or pairs or len({(p[0], p[1], p[3].dtype) for p in pieces}) > MAX_BANDS:
         return False
     rows = hmatrix.shape[0]
     return all(torch.equal(band[2], torch.arange(rows)) for band in _bands(pieces, rows))
