@@ -588,7 +588,11 @@ def coded_fields(blob: torch.Tensor) -> dict[str, int]:
     """Byte offsets of a coded pool's fields (FORMAT.md "Entropy-coded pools")."""
     lanes, _precision, _first, table, runs = blob[:20].clone().view(torch.int32).tolist()
     freq = 20 + 8 * runs
-    state = freq + 2 * table
+    state = freq
+    for _ in range(table):  # varints: the last byte of each is below 0x80
+        while int(blob[state]) >= 0x80:
+            state += 1
+        state += 1
     return {"lanes": 0, "precision": 4, "runs": 20, "freq": freq, "state": state, "words": state + 4 * lanes,
             "stream": state + 6 * lanes}
 
@@ -612,6 +616,11 @@ def _coded(edit: Callable[[torch.Tensor, dict[str, int]], torch.Tensor], codec: 
 
 def _put_u32(blob: torch.Tensor, at: int, value: int) -> torch.Tensor:
     blob[at:at + 4] = torch.tensor(list(value.to_bytes(4, "little")), dtype=torch.uint8)
+    return blob
+
+
+def _bump_frequency(blob: torch.Tensor, fields: dict[str, int]) -> torch.Tensor:
+    blob[fields["freq"]] ^= 0x01  # the low bit of the first frequency: its varint keeps its length
     return blob
 
 
@@ -645,8 +654,9 @@ HOSTILE_COMPRESSED = [
     Case("compressed_truncated", _compressed_truncated, "data offsets out of range"),
     Case("compressed_header_bit_flipped", _compressed_header_flipped, "not valid UTF-8 JSON"),
     # entropy-coded pools (version 2): every field checked before decoding allocates
-    Case("coded_bad_frequency_table", _coded(lambda b, f: _put_u32(b, f["freq"], 0xFFFF)),
-         "frequencies sum to"),
+    Case("coded_bad_frequency_table", _coded(_bump_frequency), "frequencies sum to"),
+    Case("coded_frequency_of_4_bytes", _coded(lambda b, f: _put_u32(b, f["freq"], 0xFFFFFFFF)),
+         "past its 3 bytes"),
     Case("coded_precision_out_of_range", _coded(lambda b, f: _put_u32(b, f["precision"], 40)), "precision 40"),
     Case("coded_truncated_words", _coded(lambda b, _f: b[:-2]), "words end at byte"),
     Case("coded_lane_pointer_out_of_range", _coded(lambda b, f: _put_u32(b, f["words"], 0xFFFF)), "more words than"),

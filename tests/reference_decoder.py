@@ -174,8 +174,15 @@ def decode_coded_pool(codec: str, blob: np.ndarray) -> np.ndarray:
     freq = np.zeros(1 << bits, dtype=np.int64)
     if first + size > 1 << bits or not 12 <= precision <= 15 or (runs < 1).any():
         raise Invalid("coded pool: table or runs")
-    freq[first:first + size] = np.frombuffer(data, "<u2", size, at)
-    at += 2 * size
+    for symbol in range(first, first + size):  # varints: 7 bits a byte, low first, high bit = more
+        shift = 0
+        while True:
+            byte = data[at]
+            at += 1
+            freq[symbol] |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
     state = np.frombuffer(data, "<u4", lanes, at).astype(np.int64)
     counts = np.frombuffer(data, "<u2", lanes, at + 4 * lanes).astype(np.int64)
     at += 6 * lanes

@@ -101,10 +101,22 @@ def coded_blob(codec: str, symbols: np.ndarray, runs: np.ndarray, precision: int
     coded = encode_symbols(symbols, 1 << CODEC[codec].bits, precision=precision)
     header = [len(coded.states), coded.precision, coded.first, len(coded.freqs), len(runs)]
     assert len(header) == HEADER_FIELDS
-    parts = [np.asarray(header, dtype="<u4"), np.asarray(runs, dtype="<u4").reshape(-1),
-             coded.freqs.astype("<u2"), coded.states.astype("<u4"), coded.counts.astype("<u2"),
-             coded.words.astype("<u2")]
-    return torch.frombuffer(bytearray(b"".join(p.tobytes() for p in parts)), dtype=torch.uint8)
+    parts = [np.asarray(header, dtype="<u4").tobytes(), np.asarray(runs, dtype="<u4").tobytes(),
+             varints(coded.freqs), coded.states.astype("<u4").tobytes(), coded.counts.astype("<u2").tobytes(),
+             coded.words.astype("<u2").tobytes()]
+    return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
+
+
+def varints(values: np.ndarray) -> bytes:
+    """Non-negative integers as varints: 7 bits a byte, least significant first, the high bit set
+    on every byte but a number's last (most frequencies of a table take one byte)."""
+    out = bytearray()
+    for value in values.tolist():
+        while value >= 0x80:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out)
 
 
 def pool_runs(hm: HMatrix, codec: str) -> np.ndarray | None:

@@ -22,6 +22,7 @@ PRECISIONS = range(12, 16)  # frequency tables sum to 2**n for one of these n
 MAX_LANE_SYMBOLS = (1 << 16) - 1  # symbols (hence words) of one lane: its word count fits a u16
 HEADER_FIELDS = 5  # u32: lanes, precision, first symbol, table length, runs
 HEADER_BYTES = 4 * HEADER_FIELDS
+VARINT_BYTES = 3  # a frequency (at most 2**15) as a varint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,11 @@ def parse_coded(codec: str, blob: torch.Tensor, where: str) -> CodedPool:
         fail(f"precision {precision} is not one of {PRECISIONS.start}..{PRECISIONS.stop - 1}")
     if first + table > alphabet:
         fail(f"frequency table of symbols {first}..{first + table - 1} exceeds the alphabet of {alphabet}")
-    fixed = HEADER_BYTES + 8 * nruns + 2 * table + 6 * lanes
+    start = HEADER_BYTES + 8 * nruns
+    if start + table + 6 * lanes > size:
+        fail(f"header declares at least {start + table + 6 * lanes} bytes of tables, the pool holds {size}")
+    table_values, start = _varints(blob, start, table, fail)
+    fixed = start + 6 * lanes
     if fixed > size:
         fail(f"header declares {fixed} bytes of tables, the pool holds {size}")
     runs = _field(blob, HEADER_BYTES, 2 * nruns, 4).reshape(-1, 2)
@@ -86,10 +91,8 @@ def parse_coded(codec: str, blob: torch.Tensor, where: str) -> CodedPool:
     if float((runs[:, 0].double() * runs[:, 1].double()).sum()) > lanes * MAX_LANE_SYMBOLS:
         fail(f"its runs hold more symbols than {lanes} lanes of at most {MAX_LANE_SYMBOLS} decode")
     symbols, _pool = run_sizes(codec, runs)
-    start = HEADER_BYTES + 8 * nruns
     freqs = torch.zeros(alphabet, dtype=torch.int64)
-    freqs[first:first + table] = _field(blob, start, table, 2)
-    start += 2 * table
+    freqs[first:first + table] = torch.tensor(table_values, dtype=torch.int64)
     if symbols == 0:
         if lanes or table:
             fail("an empty pool has lanes or a frequency table")
@@ -110,6 +113,26 @@ def parse_coded(codec: str, blob: torch.Tensor, where: str) -> CodedPool:
         fail(f"its lanes' words end at byte {total}, the pool holds {size} bytes")
     words = _field(blob, fixed, int(counts.sum()), 2).to(torch.int32)
     return CodedPool(codec, precision, freqs, runs, states.to(torch.int32), counts, words, symbols)
+
+
+def _varints(blob: torch.Tensor, start: int, count: int, fail) -> tuple[list[int], int]:
+    """``count`` frequencies as varints from ``start`` (7 bits a byte, least significant first, the
+    high bit set on every byte but a number's last; at most `VARINT_BYTES` bytes), and the end."""
+    raw = blob[start:start + VARINT_BYTES * count].tolist()
+    values, at = [], 0
+    for _ in range(count):
+        value = shift = 0
+        while True:
+            if at >= len(raw) or shift >= 7 * VARINT_BYTES:
+                fail("a frequency runs past the pool or past its 3 bytes")
+            byte = raw[at]
+            at += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        values.append(value)
+    return values, start + at
 
 
 def decode_coded(tensors: dict[str, torch.Tensor], prefixes: list[str], where: str) -> dict[str, torch.Tensor]:
