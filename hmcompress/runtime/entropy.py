@@ -193,14 +193,15 @@ def _decode_lanes(pools: list[CodedPool], where: str) -> list[torch.Tensor]:
     rows = slots.unbind(0)
     buffers = [torch.empty(total, dtype=torch.int32) for _ in range(4)]
     need = torch.empty(total, dtype=torch.bool)
-    shared = len(pools) == 1  # one table: no per-lane table offset, one precision
-    precision = pools[0].precision
+    shared = len(pools) == 1  # one table: no per-lane table offset to add
+    precision = pools[0].precision if len({p.precision for p in pools}) == 1 else None  # else per lane
     lanes = -1
     for t, now in enumerate(active[:steps].tolist()):
         if now != lanes:  # views of the lanes still decoding (a prefix), made when that changes
             lanes = now
             x, ptr, n, lane_base = state[:lanes], pointer[:lanes], need[:lanes], base[:lanes]
-            lane_mask, lane_shift = (mask[:lanes], shift[:lanes]) if not shared else ((1 << precision) - 1, precision)
+            lane_mask, lane_shift = (mask[:lanes], shift[:lanes]) if precision is None else ((1 << precision) - 1,
+                                                                                            precision)
             f, b, w, s = (buffer[:lanes] for buffer in buffers)
         slot = rows[t] if lanes == total else rows[t][:lanes]
         torch.bitwise_and(x, lane_mask, out=slot)
