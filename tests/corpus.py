@@ -619,6 +619,15 @@ def _put_u32(blob: torch.Tensor, at: int, value: int) -> torch.Tensor:
     return blob
 
 
+def _expansion_bomb(_blob: torch.Tensor, _fields: dict[str, int]) -> torch.Tensor:
+    """A valid-looking stream of one symbol (frequency 2**14: no bits a symbol, no words read) in
+    1000 lanes of 65535 symbols: 65.5 million codes from 6 kB."""
+    lanes, symbols = 1000, 1000 * 65535
+    header = struct.pack("<5I", lanes, 14, 0, 1, 1) + struct.pack("<2I", 1, symbols) + bytes([0x80, 0x80, 0x01])
+    body = struct.pack(f"<{lanes}I", *[1 << 15] * lanes) + bytes(2 * lanes)
+    return torch.frombuffer(bytearray(header + body), dtype=torch.uint8)
+
+
 def _bump_frequency(blob: torch.Tensor, fields: dict[str, int]) -> torch.Tensor:
     blob[fields["freq"]] ^= 0x01  # the low bit of the first frequency: its varint keeps its length
     return blob
@@ -655,6 +664,7 @@ HOSTILE_COMPRESSED = [
     Case("compressed_header_bit_flipped", _compressed_header_flipped, "not valid UTF-8 JSON"),
     # entropy-coded pools (version 2): every field checked before decoding allocates
     Case("coded_bad_frequency_table", _coded(_bump_frequency), "frequencies sum to"),
+    Case("coded_expansion_bomb", _coded(_expansion_bomb), "more codes than"),
     Case("coded_frequency_of_4_bytes", _coded(lambda b, f: _put_u32(b, f["freq"], 0xFFFFFFFF)),
          "past its 3 bytes"),
     Case("coded_precision_out_of_range", _coded(lambda b, f: _put_u32(b, f["precision"], 40)), "precision 40"),
