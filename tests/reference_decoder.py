@@ -190,7 +190,7 @@ def decode_coded_pool(codec: str, blob: np.ndarray) -> np.ndarray:
     if at + 2 * len(stream) != len(data):
         raise Invalid("coded pool: size")
     n = int((runs[:, 0] * runs[:, 1]).sum())
-    if n > max(2**20, 1024 * len(data)):
+    if n > 1024 * len(data):
         raise Invalid("coded pool: more codes than 1024 a byte")
     symbols = np.zeros(n, dtype=np.int64)
     if n:

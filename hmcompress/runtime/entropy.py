@@ -23,11 +23,10 @@ MAX_LANE_SYMBOLS = (1 << 16) - 1  # symbols (hence words) of one lane: its word 
 HEADER_FIELDS = 5  # u32: lanes, precision, first symbol, table length, runs
 HEADER_BYTES = 4 * HEADER_FIELDS
 VARINT_BYTES = 3  # a frequency (at most 2**15) as a varint
-# A pool decodes to at most this many codes per coded byte (or MIN_CODES_LIMIT): a stream of a
-# single symbol costs no bits, so without it a few kilobytes could ask for gigabytes. hmcompress
-# writes at most 2048 codes per 6 bytes of lane (341 a byte).
+# A pool decodes to at most this many codes per coded byte: a stream of a single symbol costs no
+# bits, so without it a few kilobytes could ask for gigabytes (and a file's pools together stay
+# within 1024 codes per byte of the file). hmcompress writes at most 2048 codes per 6-byte lane.
 MAX_CODES_PER_BYTE = 1024
-MIN_CODES_LIMIT = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +95,7 @@ def parse_coded(codec: str, blob: torch.Tensor, where: str) -> CodedPool:
     if float((runs[:, 0].double() * runs[:, 1].double()).sum()) > lanes * MAX_LANE_SYMBOLS:
         fail(f"its runs hold more symbols than {lanes} lanes of at most {MAX_LANE_SYMBOLS} decode")
     symbols, _pool = run_sizes(codec, runs)
-    if symbols > max(MIN_CODES_LIMIT, MAX_CODES_PER_BYTE * size):
+    if symbols > MAX_CODES_PER_BYTE * size:
         fail(f"{symbols} codes from {size} bytes: more codes than {MAX_CODES_PER_BYTE} a byte")
     freqs = torch.zeros(alphabet, dtype=torch.int64)
     freqs[first:first + table] = torch.tensor(table_values, dtype=torch.int64)
