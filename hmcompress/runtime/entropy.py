@@ -27,6 +27,7 @@ VARINT_BYTES = 3  # a frequency (at most 2**15) as a varint
 # bits, so without it a few kilobytes could ask for gigabytes (and a file's pools together stay
 # within 1024 codes per byte of the file). hmcompress writes at most 2048 codes per 6-byte lane.
 MAX_CODES_PER_BYTE = 1024
+PACK_CODES = 1 << 18  # codes packed into (or unpacked from) bit streams at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,52 +246,24 @@ def _decode_lanes(pools: list[CodedPool], where: str) -> list[torch.Tensor]:
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class _Rows:
-    """The stored rows of one length l in a pool: where each starts among the symbols and in
-    the pool's bytes (each row ceil(b·l/8) bytes)."""
-
-    length: int
-    width: int
-    sym_start: torch.Tensor
-    byte_start: torch.Tensor
-
-    @property
-    def consecutive(self) -> bool:
-        """Back to back in both (the usual case): plain views, no index tensors."""
-        steps = torch.arange(self.sym_start.numel())
-        return bool((self.sym_start == self.sym_start[0] + steps * self.length).all()
-                    and (self.byte_start == self.byte_start[0] + steps * self.width).all())
-
-    def symbols(self, symbols: torch.Tensor) -> torch.Tensor:
-        """These rows' symbols, (rows, l)."""
-        if self.consecutive:
-            start = int(self.sym_start[0])
-            return symbols[start:start + self.sym_start.numel() * self.length].view(-1, self.length)
-        return symbols[self.sym_start.unsqueeze(1) + torch.arange(self.length)]
-
-    def bytes_of(self, pool: torch.Tensor) -> torch.Tensor:
-        """These rows' bytes in the pool, (rows, width)."""
-        if self.consecutive:
-            start = int(self.byte_start[0])
-            return pool[start:start + self.byte_start.numel() * self.width].view(-1, self.width)
-        return pool[self.byte_start.unsqueeze(1) + torch.arange(self.width)]
-
-    def put_bytes(self, pool: torch.Tensor, values: torch.Tensor) -> None:
-        if self.consecutive:
-            self.bytes_of(pool).copy_(values)
+def _row_blocks(bits: int, runs: torch.Tensor):
+    """The pool's stored rows in blocks of back-to-back rows of one length, at most about
+    `PACK_CODES` codes each: (length, rows, first symbol, first byte). A run whose rows fill whole
+    bytes is one long row (cut at multiples of 8 codes). Work memory stays bounded whatever the
+    runs declare, and there is no per-row index."""
+    symbol = byte = 0
+    for rows, length in runs.tolist():
+        if (length * bits) % 8 == 0:  # no padding between its rows: one bit stream
+            total, step = rows * length, PACK_CODES
+            for first in range(0, total, step):
+                count = min(step, total - first)
+                yield count, 1, symbol + first, byte + first * bits // 8
         else:
-            pool[self.byte_start.unsqueeze(1) + torch.arange(self.width)] = values
-
-
-def _rows_by_length(bits: int, runs: torch.Tensor) -> list[_Rows]:
-    """The runs' stored rows, grouped by length."""
-    rows, length = runs[:, 0], runs[:, 1]
-    per_row = torch.repeat_interleave(length, rows)
-    nbytes = torch.repeat_interleave((length * bits + 7) // 8, rows)
-    sym_start, byte_start = torch.cumsum(per_row, 0) - per_row, torch.cumsum(nbytes, 0) - nbytes
-    return [_Rows(size, (size * bits + 7) // 8, sym_start[per_row == size], byte_start[per_row == size])
-            for size in torch.unique(per_row).tolist()]
+            width, step = (length * bits + 7) // 8, max(1, PACK_CODES // length)
+            for first in range(0, rows, step):
+                yield length, min(step, rows - first), symbol + first * length, byte + first * width
+        symbol += rows * length
+        byte += rows * ((length * bits + 7) // 8)
 
 
 def pool_from_symbols(codec: str, symbols: torch.Tensor, runs: torch.Tensor) -> torch.Tensor:
@@ -303,15 +276,15 @@ def pool_from_symbols(codec: str, symbols: torch.Tensor, runs: torch.Tensor) -> 
     if not CODEC[codec].packed:  # i8: symbol - 128 in two's complement
         return torch.bitwise_xor(symbols, 0x80).view(torch.int8)
     pool = torch.zeros(run_sizes(codec, runs)[1], dtype=torch.uint8)
-    for rows in _rows_by_length(bits, runs):
-        groups = -(-rows.length // 8)
-        codes = torch.zeros(rows.sym_start.numel(), groups, 8, dtype=torch.uint8)
-        codes.view(-1, groups * 8)[:, :rows.length] = rows.symbols(symbols)
-        packed = torch.zeros(codes.shape[:2], dtype=torch.int64)
+    for length, rows, first_symbol, first_byte in _row_blocks(bits, runs):
+        groups, width = -(-length // 8), (length * bits + 7) // 8
+        codes = torch.zeros(rows, groups, 8, dtype=torch.uint8)
+        codes.view(rows, groups * 8)[:, :length] = symbols[first_symbol:first_symbol + rows * length].view(rows, length)
+        packed = torch.zeros(rows, groups, dtype=torch.int64)
         for j in range(8):
             packed |= codes[..., j].to(torch.int64) << (bits * j)
-        row_bytes = packed.view(torch.uint8).view(-1, groups, 8)[..., :bits].reshape(-1, groups * bits)
-        rows.put_bytes(pool, row_bytes[:, :rows.width])
+        row_bytes = packed.view(torch.uint8).view(rows, groups, 8)[..., :bits].reshape(rows, groups * bits)
+        pool[first_byte:first_byte + rows * width].view(rows, width).copy_(row_bytes[:, :width])
     return pool
 
 
@@ -322,16 +295,13 @@ def pool_symbols(codec: str, pool: torch.Tensor, runs: torch.Tensor) -> torch.Te
     if not CODEC[codec].packed:
         return pool.to(torch.int64) + (1 << (bits - 1))
     out = torch.zeros(run_sizes(codec, runs)[0], dtype=torch.int64)
-    for rows in _rows_by_length(bits, runs):
-        groups, count = -(-rows.length // 8), rows.sym_start.numel()
-        padded = torch.zeros(count, groups, 8, dtype=torch.uint8)
-        grouped = torch.zeros(count, groups * bits, dtype=torch.uint8)
-        grouped[:, :rows.width] = rows.bytes_of(pool)
-        padded[..., :bits] = grouped.view(-1, groups, bits)
-        values = padded.view(-1, 8).view(torch.int64).view(count, groups, 1)
-        codes = ((values >> (bits * torch.arange(8))) & ((1 << bits) - 1)).view(count, groups * 8)
-        if rows.consecutive:
-            rows.symbols(out).copy_(codes[:, :rows.length])
-        else:
-            out[rows.sym_start.unsqueeze(1) + torch.arange(rows.length)] = codes[:, :rows.length]
+    for length, rows, first_symbol, first_byte in _row_blocks(bits, runs):
+        groups, width = -(-length // 8), (length * bits + 7) // 8
+        grouped = torch.zeros(rows, groups * bits, dtype=torch.uint8)
+        grouped[:, :width] = pool[first_byte:first_byte + rows * width].view(rows, width)
+        padded = torch.zeros(rows, groups, 8, dtype=torch.uint8)
+        padded[..., :bits] = grouped.view(rows, groups, bits)
+        values = padded.view(-1, 8).view(torch.int64).view(rows, groups, 1)
+        codes = ((values >> (bits * torch.arange(8))) & ((1 << bits) - 1)).view(rows, groups * 8)
+        out[first_symbol:first_symbol + rows * length].view(rows, length).copy_(codes[:, :length])
     return out
