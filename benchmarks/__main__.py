@@ -13,8 +13,8 @@ import time
 
 import torch
 
-MODULES = ("compression", "entropy", "runtime", "training", "models", "scale", "checkpoints", "compare")
-QUICK = {"compression", "entropy", "runtime", "training"}  # modules with a --quick flag
+MODULES = ("compression", "entropy", "runtime", "training", "models", "scale", "checkpoints", "compare", "peers")
+QUICK = {"compression", "entropy", "runtime", "training", "peers"}  # modules with a --quick flag
 
 
 def main() -> None:
