@@ -1,10 +1,11 @@
 """The runtime: everything needed to read and run a compressed file, on torch and safetensors alone.
 
-Its modules, in dependency order: `errors` (`FormatError`), `format` (the vocabulary), `validate`,
-`matrix` (`HMatrix`), `read` (files), `product` (the tile product ``x @ Hᵀ``), `layers`
-(`HLinear`), `compact` (compact layers: what the file stores, kept in memory) and `patching`
-(`patch`). They import nothing else of hmcompress, so `bundle` can concatenate them into the
-single-file shim ``hmruntime.py`` that the writer puts beside every compressed file.
+Its modules, in dependency order: `errors` (`FormatError`), `format` (the vocabulary), `entropy`
+(coded pools: checked and decoded), `validate`, `matrix` (`HMatrix`), `read` (files), `product`
+(the tile product ``x @ Hᵀ``), `layers` (`HLinear`), `compact` (compact layers: what the file
+stores, kept in memory) and `patching` (`patch`). They import nothing else of hmcompress, so
+`bundle` can concatenate them into the single-file shim ``hmruntime.py`` that the writer puts
+beside every compressed file.
 
 Every public name of those modules can be imported from here (``from hmcompress.runtime import
 HMatrix``); the modules load on first use, so that importing `hmcompress.runtime.errors` alone
