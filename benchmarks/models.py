@@ -9,7 +9,8 @@ layer. For each:
   subprocess: the model built on the meta device (no weights), a first `patch` of another copy
   (torch's one-time set-up), then the measured `patch`, freed memory handed back before each
   reading; against the bytes of the file's compressed matrices plus its uncompressed tensors,
-  and against the dense model's bytes;
+  and against the same with the entropy-coded pools at fixed width (format version 1: the codes
+  as compact layers hold them, a byte a code up to 8 bits); the dense model's bytes beside;
 - *time*: the patched model against the original on the same inputs, interleaved medians in one
   process (with ``mode="auto"`` too: per layer, the fastest compact layout on a probe);
 - *agreement*: the largest difference between the patched model's outputs and those of the
@@ -126,6 +127,13 @@ def resident_after_patch(case: Case, compressed: pathlib.Path) -> int:
     return json.loads(run.stdout)["held"]
 
 
+def fixed_width_bytes(hm) -> int:
+    """What a matrix's tensors take with its integer pools at fixed width (format version 1, and
+    what compact layers hold): the file's bytes with its entropy-coded pools decoded."""
+    return hm.nbytes - sum(hm.pool_bytes(codec) - hm.pools[codec].numel() * hm.pools[codec].element_size()
+                           for codec in hm.coded)
+
+
 def largest_difference(model: nn.Module, reference: nn.Module, inputs: object) -> float:
     with torch.no_grad():
         got, want = model(inputs), reference(inputs)
@@ -137,8 +145,9 @@ def row(case: Case, directory: pathlib.Path) -> list[str]:
     compress_checkpoint(case.checkpoint, compressed, CompressionOptions(tol=1e-2), overwrite=True, workers=2)
     (directory / "hmruntime.py").write_text(shim_source("bench"))
     stored = read_file(compressed)
-    file_bytes = sum(hm.nbytes for hm in stored.matrices.values()) + sum(
-        t.numel() * t.element_size() for t in stored.passthrough.values())
+    passthrough = sum(t.numel() * t.element_size() for t in stored.passthrough.values())
+    file_bytes = sum(hm.nbytes for hm in stored.matrices.values()) + passthrough
+    fixed_width = sum(fixed_width_bytes(hm) for hm in stored.matrices.values()) + passthrough
     original = build(case.factory)
     original.load_state_dict(load_file(str(case.checkpoint)))
     dense_bytes = sum(t.numel() * t.element_size() for t in original.state_dict().values())
@@ -147,7 +156,7 @@ def row(case: Case, directory: pathlib.Path) -> list[str]:
     held = resident_after_patch(case, compressed)
     inputs = case.inputs()
     cells = [case.name, f"{dense_bytes / 2**20:.2f}", f"{file_bytes / 2**20:.2f}", f"{held / 2**20:.2f}",
-             f"{held / file_bytes:.2f}"]
+             f"{held / file_bytes:.2f}", f"{held / fixed_width:.2f}"]
     for mode in ("compact", "auto"):
         model = build(case.factory)
         patched = patch(model, compressed, mode=mode, probe_batch=BATCH)
@@ -166,7 +175,7 @@ def main() -> None:
     print_table(f"Deployment, {torch.get_num_threads()} threads: models compressed at tol 1e-2 and loaded with "
                 "hmruntime.patch (compact), against the originals",
                 ["model", "dense MiB", "file tensors MiB", "resident after patch MiB", "resident / file",
-                 "time / original (compact)", "time / original (auto)", "layers compact",
+                 "resident / file at fixed width", "time / original (compact)", "time / original (auto)", "layers compact",
                  "outputs vs load_state_dict"], rows)
 
 
