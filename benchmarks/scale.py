@@ -97,8 +97,11 @@ def run(*args: object, cluster: int | None = None) -> Run:
     """``hmcompress compress ARGS --json``, its process tree sampled; with ``cluster`` (the pid of
     a running Ray head) the head's processes, where its tasks run, are counted too."""
     start = time.perf_counter()
+    # Its JSON goes to a file, not a pipe: a report of many layers outgrows a pipe's buffer, and
+    # the process would wait for a reader while this loop waits for it to end.
+    report = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([sys.executable, "-m", "hmcompress", "compress", *map(str, args), "--json", "--quiet"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=RAY_ENV)
+                            cwd=ROOT, stdout=report, stderr=subprocess.DEVNULL, text=True, env=RAY_ENV)
     pss = rss = 0
     samples = 0
     while True:
@@ -112,7 +115,9 @@ def run(*args: object, cluster: int | None = None) -> Run:
         samples += 1
         time.sleep(SAMPLE_SECONDS)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    out = proc.stdout.read()
+    report.seek(0)
+    out = report.read()
+    report.close()
     wall = time.perf_counter() - start
     cpu = usage.ru_utime + usage.ru_stime  # the process and the descendants it waited for
     if proc.returncode != 0:
