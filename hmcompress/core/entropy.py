@@ -26,6 +26,7 @@ LANE_SYMBOLS = 2048  # symbols a lane decodes: its 6 bytes of state and word cou
 # Measured on Gaussian, narrow and very skewed codes: within 0.002 bit a symbol of the best of
 # 12..15 (finer tables fit the counts better; coarser ones leave the state more headroom).
 PRECISION = 14
+COUNT_SLICE = 1 << 20  # symbols counted at once
 
 assert LANE_SYMBOLS <= MAX_LANE_SYMBOLS and PRECISION in PRECISIONS
 
@@ -61,39 +62,54 @@ class Encoded:
 def encode_symbols(symbols: np.ndarray, alphabet: int, lane_symbols: int = LANE_SYMBOLS,
                    precision: int = PRECISION) -> Encoded:
     """Interleaved rANS: symbol i goes to lane i mod K (K = ceil(N / lane_symbols)) as its
-    (i div K)-th; every lane starts (as the decoder ends) in state 2**15."""
-    symbols = np.asarray(symbols, dtype=np.int64)
+    (i div K)-th; every lane starts (as the decoder ends) in state 2**15.
+
+    Step t holds symbols t·K to t·K + K - 1, so only the last step is short (its lanes a prefix)
+    and each step is a view of ``symbols``. The words go into one uint16 buffer and their lanes
+    into one int32 buffer, each sized for a word a symbol (the most a symbol emits): large
+    allocations that glibc maps and unmaps, where step-by-step pieces would stay in its heap."""
+    symbols = np.asarray(symbols)
     n = len(symbols)
     if n == 0:
         empty = np.zeros(0, dtype=np.int64)
         return Encoded(precision, 0, empty, empty, empty, empty)
-    counts = np.bincount(symbols, minlength=alphabet)
+    counts = symbol_counts(symbols, alphabet)
     freqs = quantise_frequencies(counts, precision)
     cum = np.cumsum(freqs) - freqs
     lanes = -(-n // lane_symbols)
     steps = -(-n // lanes)
-    grid = np.full(steps * lanes, -1, dtype=np.int64)
-    grid[:n] = symbols
-    grid = grid.reshape(steps, lanes)
     state = np.full(lanes, STATE_LOW, dtype=np.int64)
     limit = (STATE_LOW >> precision) << WORD_BITS
-    emitted_lanes, emitted_words = [], []
+    words = np.empty(n, dtype=np.uint16)  # in the encoder's order (last step first), reversed below
+    lane_of = np.empty(n, dtype=np.int32)
+    emitted = 0
     for t in range(steps - 1, -1, -1):
-        row = grid[t]
-        active = row >= 0
-        sym = np.where(active, row, row[0])
+        sym = symbols[t * lanes:(t + 1) * lanes]  # the last step's lanes are a prefix
+        active = len(sym)
+        x = state[:active]
         f = freqs[sym]
-        need = active & (state >= limit * f)
-        emitted_lanes.append(np.flatnonzero(need))
-        emitted_words.append(state[need] & 0xFFFF)
-        state = np.where(need, state >> WORD_BITS, state)
-        state = np.where(active, ((state // f) << precision) + state % f + cum[sym], state)
-    lane_of = np.concatenate(emitted_lanes[::-1])  # step order, as the decoder reads
-    order = np.argsort(lane_of, kind="stable")
+        need = x >= limit * f
+        reading = np.flatnonzero(need)
+        # Reversed within the step too: reversing the whole buffer then gives step order, lanes ascending.
+        lane_of[emitted:emitted + len(reading)] = reading[::-1]
+        words[emitted:emitted + len(reading)] = x[reading[::-1]] & 0xFFFF
+        emitted += len(reading)
+        x = np.where(need, x >> WORD_BITS, x)
+        state[:active] = ((x // f) << precision) + x % f + cum[sym]
+    lane_of, words = lane_of[:emitted][::-1], words[:emitted][::-1]  # step order, as the decoder reads
+    words = words[np.argsort(lane_of, kind="stable")]
     used = np.flatnonzero(counts)
     first, last = int(used[0]), int(used[-1])
-    return Encoded(precision, first, freqs[first:last + 1], state, np.bincount(lane_of, minlength=lanes),
-                   np.concatenate(emitted_words[::-1])[order])
+    return Encoded(precision, first, freqs[first:last + 1], state, np.bincount(lane_of, minlength=lanes), words)
+
+
+def symbol_counts(symbols: np.ndarray, alphabet: int) -> np.ndarray:
+    """How often each symbol occurs, counted a slice at a time (`np.bincount` makes an int64 copy
+    of what it counts)."""
+    counts = np.zeros(alphabet, dtype=np.int64)
+    for start in range(0, len(symbols), COUNT_SLICE):
+        counts += np.bincount(symbols[start:start + COUNT_SLICE], minlength=alphabet)
+    return counts
 
 
 def coded_blob(codec: str, symbols: np.ndarray, runs: np.ndarray, precision: int = PRECISION) -> torch.Tensor:

@@ -289,12 +289,12 @@ def pool_from_symbols(codec: str, symbols: torch.Tensor, runs: torch.Tensor) -> 
 
 
 def pool_symbols(codec: str, pool: torch.Tensor, runs: torch.Tensor) -> torch.Tensor:
-    """The symbols (offset codes, int64) of a fixed-width pool whose rows ``runs`` describe: the
-    inverse of `pool_from_symbols`."""
+    """The symbols (offset codes, int16: two bytes a code of a large pool, not eight) of a
+    fixed-width pool whose rows ``runs`` describe: the inverse of `pool_from_symbols`."""
     bits = symbol_bits(codec)
     if not CODEC[codec].packed:
-        return pool.to(torch.int64) + (1 << (bits - 1))
-    out = torch.zeros(run_sizes(codec, runs)[0], dtype=torch.int64)
+        return pool.to(torch.int16) + (1 << (bits - 1))
+    out = torch.zeros(run_sizes(codec, runs)[0], dtype=torch.int16)
     for length, rows, first_symbol, first_byte in _row_blocks(bits, runs):
         groups, width = -(-length // 8), (length * bits + 7) // 8
         grouped = torch.zeros(rows, groups * bits, dtype=torch.uint8)

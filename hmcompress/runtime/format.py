@@ -109,6 +109,8 @@ def dense_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
+UNPACK_CODES = 1 << 18  # codes of a bit stream unpacked at once (`unpack_codes`)
+
 # Bits: every bitmap and bit stream of the format is little-endian (bit j of byte i is bit
 # 8 i + j of the stream), so one pair of helpers packs and unpacks them all.
 
@@ -134,11 +136,19 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
-    """Signed codes from rows of a bit stream: (k, bytes) uint8 -> (k, length) int16."""
-    stream = unpack_bits(packed)
-    digits = stream[:, : length * bits].reshape(packed.shape[0], length, bits).to(torch.int16)
+    """Signed codes from rows of a bit stream: (k, bytes) uint8 -> (k, length) int16.
+
+    A slice of rows at a time (`UNPACK_CODES` codes): the bits of a code take ``bits`` bytes
+    and then ``2·bits`` while they are summed, so a whole large pool at once would cost some
+    thirty times its codes."""
+    out = torch.empty(packed.shape[0], length, dtype=torch.int16)
     weights = torch.tensor([1 << j for j in range(bits)], dtype=torch.int16)
-    return (digits * weights).sum(-1, dtype=torch.int16) - (1 << (bits - 1))
+    rows = max(1, UNPACK_CODES // max(1, length))
+    for start in range(0, packed.shape[0], rows):
+        part = packed[start:start + rows]
+        digits = unpack_bits(part)[:, : length * bits].reshape(part.shape[0], length, bits).to(torch.int16)
+        torch.sum(digits * weights, -1, dtype=torch.int16, out=out[start:start + rows])
+    return out.sub_(1 << (bits - 1))
 
 
 def mask_bytes(rows: int) -> int:
@@ -171,6 +181,6 @@ def decode_rows(codec: str, data: torch.Tensor, scales: torch.Tensor | None, len
                 dtype: torch.dtype) -> torch.Tensor:
     """Turn ``k`` stored rows (flat pool slice) into a ``(k, length)`` tensor of ``dtype``."""
     values = decode_codes(codec, data, length).to(dtype)
-    if CODEC[codec].integer:
-        values = values * scales.to(dtype).unsqueeze(1)
+    if CODEC[codec].integer:  # codes converted to a float dtype: a tensor of its own, scaled in place
+        values.mul_(scales.to(dtype).unsqueeze(1))
     return values

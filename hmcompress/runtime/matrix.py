@@ -108,8 +108,8 @@ class HMatrix:
                     term = torch.empty_like(part)
                     for a, b in zip(s.a[:, start:start + band], s.b):
                         part += torch.mul(a.unsqueeze(1), b, out=term)
-            elif isinstance(s, RowsSegment):
-                view[s.index] += s.values
+            elif isinstance(s, RowsSegment):  # each row once: the same sums as view[index] += values, no gathered copy
+                view.index_add_(0, s.index, s.values)
             else:
                 view += s.block
         return round_to_dtype(out, self.dtype if dtype is None else dtype)

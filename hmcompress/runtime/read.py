@@ -109,12 +109,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             raw = f.read(length)
     except OSError as err:
         raise FormatError(f"{path}: cannot read: {err.strerror or err}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
-    except _DuplicateKey as err:
-        fail(f"safetensors header names {brief(err.args[0])} twice")
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: also huge integers
-        fail(f"safetensors header is not valid UTF-8 JSON ({err.__class__.__name__})")
+    header = strict_json(raw, "safetensors header", fail)
     if not isinstance(header, dict):
         fail("safetensors header is not a JSON object")
     data_size = size - 8 - length
@@ -175,6 +170,17 @@ def unique_keys(pairs: list[tuple[str, object]]) -> dict:
             raise _DuplicateKey(key)
         result[key] = value
     return result
+
+
+def strict_json(raw: bytes, what: str, fail) -> object:
+    """``raw`` parsed as UTF-8 JSON whose objects name no key twice; else ``fail`` (which raises)
+    with one line naming ``what``."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+    except _DuplicateKey as err:
+        fail(f"{what} names {brief(err.args[0])} twice")
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: also huge integers
+        fail(f"{what} is not valid UTF-8 JSON ({err.__class__.__name__})")
 
 
 def is_unicode(text: str) -> bool:
@@ -410,12 +416,7 @@ def _read_sharded(index: pathlib.Path) -> CompressedFile:
             raw = f.read()
     except OSError as err:
         raise FormatError(f"{index}: cannot read: {err.strerror or err}") from None
-    try:
-        table = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
-    except _DuplicateKey as err:
-        fail(f"index names {brief(err.args[0])} twice")
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        fail(f"index is not valid UTF-8 JSON ({err.__class__.__name__})")
+    table = strict_json(raw, "index", fail)
     weight_map = table.get("weight_map") if isinstance(table, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         fail("index has no weight_map (an object from tensor names to shard files)")
