@@ -65,16 +65,19 @@ class HMatrix:
         pool = self.coded.get(codec, self.pools[codec])
         return pool.numel() * pool.element_size()
 
-    def segment_values(self, raw: bool = False) -> Iterator[Segment]:
+    def segment_values(self, raw: bool = False, numbers: int | None = None) -> Iterator[Segment]:
         """Every segment decoded, in table order: values in float64 (exact for every codec), or
         with ``raw`` as stored (`format.decode_codes`: integer codes, to be multiplied by their
-        row's scale, or the pool's floats)."""
+        row's scale, or the pool's floats). With ``numbers``, rows and dense segments come in
+        pieces of consecutive stored rows of about that many numbers (each a segment of the same
+        kind over its rows), so a large segment is never decoded whole."""
         blocks = self.blocks.tolist()
         mask_cursor = 0
         for block, kind, codec_id, rank, offset, scale_offset in self.segments.tolist():
             row0, col0, rows, cols, _level = blocks[block]
             codec = CODECS[codec_id]
             run = _RowRun(self, codec, offset, scale_offset, raw)
+            step = max(1, numbers // max(1, cols)) if numbers else None
             if kind == LOWRANK:
                 a, a_scales = run.take(rank, rows)
                 b, b_scales = run.take(rank, cols)
@@ -82,11 +85,13 @@ class HMatrix:
             elif kind == ROWS:
                 index = mask_rows(self.row_masks[mask_cursor:mask_cursor + mask_bytes(rows)], rows)
                 mask_cursor += mask_bytes(rows)
-                values, scales = run.take(rank, cols)
-                yield RowsSegment(row0, col0, rows, cols, codec, values, index, scales)
+                for start, count in _pieces(rank, step):
+                    values, scales = run.take(count, cols)
+                    yield RowsSegment(row0, col0, rows, cols, codec, values, index[start:start + count], scales)
             else:
-                values, scales = run.take(rows, cols)
-                yield DenseSegment(row0, col0, rows, cols, codec, values, scales)
+                for start, count in _pieces(rows, step):
+                    values, scales = run.take(count, cols)
+                    yield DenseSegment(row0 + start, col0, count, cols, codec, values, scales)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The stored matrix in float64, rounded once to ``dtype`` (default: the source dtype).
@@ -99,7 +104,7 @@ class HMatrix:
         from float64 (`round_to_dtype`).
         """
         out = torch.zeros(self.shape, dtype=torch.float64)
-        for s in self.segment_values():
+        for s in self.segment_values(numbers=_BAND_NUMBERS):  # rows in pieces: never a whole large segment in float64
             view = out[s.row0:s.row0 + s.rows, s.col0:s.col0 + s.cols]
             if isinstance(s, LowRankSegment):  # by row bands that stay in cache; same sums, same order
                 band = max(1, _BAND_NUMBERS // max(1, s.cols))
@@ -125,6 +130,14 @@ class HMatrix:
         return out.reshape(self.shape[0], *x.shape[1:])
 
     __matmul__ = matmul
+
+
+def _pieces(count: int, step: int | None) -> list[tuple[int, int]]:
+    """(start, length) of consecutive pieces of ``count`` rows, ``step`` at most each; one piece
+    (even of no rows) without a step, so every segment is yielded at least once."""
+    if step is None or count <= step:
+        return [(0, count)]
+    return [(start, min(step, count - start)) for start in range(0, count, step)]
 
 
 _BAND_NUMBERS = 1 << 17  # entries of a low-rank block updated term by term at once (`HMatrix.to_dense`)
