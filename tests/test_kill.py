@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -152,7 +151,7 @@ def test_only_temporaries_of_dead_writers_of_the_same_target_are_removed(tmp_pat
 
 @pytest.fixture(scope="module")
 def long_checkpoint(tmp_path_factory) -> pathlib.Path:
-    """Six 1024 x 1024 matrices (24 MiB): 32 s with two workers on a shared 2-core machine."""
+    """Six 1024 x 1024 matrices (24 MiB): a few seconds with two workers on a 2-core machine."""
     return random_checkpoint(tmp_path_factory.mktemp("long") / "model.safetensors", 6, 1024, seed=1)
 
 
@@ -236,15 +235,17 @@ def test_a_refused_job_stops_every_worker(tmp_path):
 @pytest.mark.workers
 @pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="finds processes in /proc")
 def test_ctrl_c_in_the_parent_stops_every_worker(long_checkpoint):
+    """Ctrl-C arrives when the first matrix is done, while the other worker still compresses
+    (the progress callback runs before the next job is handed out)."""
     before = children()
-    interrupt = threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGINT))  # while both compress
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            with pipeline.WorkerPool(2) as pool:
-                interrupt.start()
-                pool.run(_jobs(long_checkpoint, [f"layer{i}.weight" for i in range(6)]), None)
-    finally:
-        interrupt.cancel()
+
+    def interrupt(done: int, _total: int, _name: str | None) -> None:
+        if done == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        with pipeline.WorkerPool(2) as pool:
+            pool.run(_jobs(long_checkpoint, [f"layer{i}.weight" for i in range(6)]), interrupt)
     assert children() == before
 
 
@@ -252,15 +253,16 @@ def test_ctrl_c_in_the_parent_stops_every_worker(long_checkpoint):
 @pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="finds processes in /proc")
 def test_a_worker_killed_from_outside_stops_the_run_and_the_other_workers(long_checkpoint):
     """What the kernel's out-of-memory killer does: the run stops with a clear error, no worker
-    is left."""
+    is left. The worker still compressing when the first matrix is done is killed."""
     before = children()
+    jobs = _jobs(long_checkpoint, [f"layer{i}.weight" for i in range(6)])
     with pipeline.WorkerPool(2) as pool:
-        victim = pool.workers[0].process.pid
-        killer = threading.Timer(4.0, os.kill, (victim, signal.SIGKILL))
-        killer.start()
-        try:
-            with pytest.raises(pipeline.WorkerLost, match="ended without an answer .signal 9: out of memory"):
-                pool.run(_jobs(long_checkpoint, [f"layer{i}.weight" for i in range(6)]), None)
-        finally:
-            killer.cancel()
+
+        def kill_the_busy_one(done: int, _total: int, name: str | None) -> None:
+            if done == 1:
+                busy = next(w for w in pool.workers if w.job is not None and jobs[w.job].name != name)
+                os.kill(busy.process.pid, signal.SIGKILL)
+
+        with pytest.raises(pipeline.WorkerLost, match="ended without an answer .signal 9: out of memory"):
+            pool.run(jobs, kill_the_busy_one)
     assert children() == before
