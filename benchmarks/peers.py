@@ -30,14 +30,13 @@ import torch
 from torch import nn
 
 from benchmarks import print_table
+from benchmarks.checkpoints import checkpoint_files
+from benchmarks.compare import sample_model_files
 from hmcompress.core.build import CompressionOptions, as_matrix, compress_matrix
 from hmcompress.core.ratedistortion import rate_figures
 from hmcompress.io.checkpoint import Selection, classify, open_checkpoint
 from hmcompress.io.pipeline import one_thread
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "checkpoints"
-SUFFIXES = {".pt", ".pth", ".tar", ".safetensors", ".npz", ".jit"}
 TOL = 1e-2  # the tolerance of the rate-distortion table
 TARGET = 0.85  # the bar: hmcompress at most this share of every peer's bytes in total
 
@@ -133,8 +132,7 @@ PEERS = (
 
 
 def checkpoints(quick: bool) -> list[pathlib.Path]:
-    shared = [] if quick or not SHARED.is_dir() else sorted(p for p in SHARED.glob("*/*") if p.suffix in SUFFIXES)
-    return shared + sorted((ROOT / "sample_models").glob("*/*.safetensors"))
+    return ([] if quick else checkpoint_files()) + sample_model_files()
 
 
 def matrices(path: pathlib.Path) -> list[tuple[str, torch.Tensor]]:

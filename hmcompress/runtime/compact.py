@@ -150,14 +150,16 @@ class CompactMatrix(nn.Module):
     def __init__(self, hmatrix: HMatrix, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, layout: str | None = None) -> None:
         super().__init__()
-        layout = layout or compact_layouts(hmatrix)[0]
-        if layout not in LAYOUTS:
+        if layout is not None and layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        pieces, pairs, rest = ([], [], hmatrix) if layout == "tiles" else _split(hmatrix)
+        layout = layout or _layouts(pieces, hmatrix.shape)[0]
+        if layout == "tiles":
+            pieces, pairs, rest = [], [], hmatrix
         dtype = dtype or torch.float32
         self.out_features, self.in_features = hmatrix.shape
         self.layout = layout
         self.stored_bytes = hmatrix.nbytes
-        pieces, pairs, rest = ([], [], hmatrix) if layout == "tiles" else _split(hmatrix)
         if layout != "tiles" and not pieces:
             raise ValueError(f"layout {layout!r} needs integer-coded rows or blocks; this matrix has none")
         bands = [(col0, cols, rows, codes.T, scales) for col0, cols, rows, codes, scales
@@ -355,12 +357,16 @@ def compact_layouts(hmatrix: HMatrix) -> tuple[str, ...]:
     and dense blocks fall in at most MAX_BANDS column ranges (per dtype), "int" too where some of
     them are integer-coded (first, for matrices of over SMALL_MATRIX entries: below, the count of
     operations dominates), and always "tiles"."""
-    pieces, _pairs, _rest = _split(hmatrix)
+    return _layouts(_split(hmatrix)[0], hmatrix.shape)
+
+
+def _layouts(pieces: list[Piece], shape: tuple[int, int]) -> tuple[str, ...]:
+    """`compact_layouts` from a matrix's pieces (`_split`) and shape."""
     if not pieces or len({(p[0], p[1], p[3].dtype) for p in pieces}) > MAX_BANDS:
         return ("tiles",)
     if not any(p[3].dtype == torch.int8 for p in pieces):
         return ("float", "tiles")
-    small = hmatrix.shape[0] * hmatrix.shape[1] <= SMALL_MATRIX
+    small = shape[0] * shape[1] <= SMALL_MATRIX
     return ("float", "int", "tiles") if small else ("int", "float", "tiles")
 
 
@@ -376,9 +382,8 @@ def _split(hm: HMatrix) -> tuple[list[Piece], list[PairData], HMatrix | None]:
     pieces: list[Piece] = []
     pairs: list[PairData] = []
     keep: list[bool] = []
-    segments = list(hm.segment_values(raw=True))
-    lowrank = sum(s.kind == LOWRANK for s in segments)
-    for s in segments:
+    lowrank = int((hm.segments[:, 1] == LOWRANK).sum())
+    for s in hm.segment_values(raw=True):
         if s.kind == LOWRANK:
             pair = _pair(s) if lowrank <= MAX_FACTOR_PAIRS else None
             keep.append(pair is None)
