@@ -595,6 +595,52 @@ def recalibrate_cmd(
              f"loss {result.loss_before:.6g} -> {result.loss_after:.6g}")
 
 
+@app.command("calibrate", cls=_Command, epilog="Examples: hmcompress calibrate sample_models.classifier:build "
+                                 "sample_models/classifier/classifier.safetensors -o classifier.stats.safetensors | "
+                                 "hmcompress calibrate benchmarks.architectures:crepe_tiny tiny.pth -o crepe.stats."
+                                 "safetensors --data benchmarks.architectures:crepe_calibration_batches")
+def calibrate_cmd(
+    model_factory: str = typer.Argument(..., help="The model's factory, e.g. sample_models.classifier:build.",
+                                        metavar="FACTORY"),
+    checkpoint: pathlib.Path = typer.Argument(..., help="The checkpoint that fills the model (never unpickled)."),
+    output: pathlib.Path = typer.Option(..., "-o", "--output", help="The stats file to write (safetensors)."),
+    data: Optional[str] = typer.Option(None, "--data", metavar="MODULE:FUNCTION", help="A function returning the "
+                                       "input batches (default: the factory module's calibration_batches)."),
+    conv: bool = typer.Option(True, "--conv/--no-conv", help="Also conv kernels' inputs (as patches)."),
+    force: bool = flag("--force", help="Overwrite an existing output."),
+    json_out: bool = flag("--json", help="Print one JSON document on stdout."),
+    quiet: bool = flag("--quiet", "-q", help="No progress on stderr."),
+) -> None:
+    """Run the model on calibration batches and store, per linear (and conv) layer, the second
+    moment G = X Xᵀ / N of its inputs (float64) with N: what data-aware compression needs."""
+    from hmcompress import calibrate
+
+    _check_derived_output(output, checkpoint, force)
+    _import_from_cwd()
+    log = None if quiet else _log_lines("calibrate")
+
+    def progress(done: int) -> None:
+        if log is not None and (done & (done - 1) == 0 or done % 100 == 0):
+            log(f"{done} batch{'' if done == 1 else 'es'} done")
+
+    result = calibrate.calibrate_checkpoint(model_factory, checkpoint, output, data, conv, force, progress)
+    if log is not None:
+        log(f"wrote {result.output} ({len(result.stats)} layers, {result.batches} batches)")
+    if json_out:
+        _json({"ok": True, **result.to_json()})
+        return
+    from rich.table import Table
+
+    table = Table()
+    for col in ("name", "n", "samples", "batches"):
+        table.add_column(col, overflow="fold", no_wrap=col != "name")
+    for row in result.to_json()["layers"]:
+        table.add_row(row["name"], str(row["size"]), str(row["samples"]), str(row["batches"]))
+    console = _console()
+    print_line(console, f"{result.output}: input second moments of {len(result.stats)} layers")
+    console.print(table)
+
+
 def _check_derived_output(output: pathlib.Path, file: pathlib.Path, force: bool) -> None:
     """An output made from ``file`` never replaces it, and replaces another file only with --force."""
     from hmcompress import api

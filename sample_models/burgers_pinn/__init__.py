@@ -125,6 +125,14 @@ def _calibration_points() -> dict[str, torch.Tensor]:
     return training_points(torch.Generator().manual_seed(SEED))
 
 
+def calibration_batches() -> list[torch.Tensor]:
+    """The training set's points (x, t) for `hmcompress calibrate`: the interior collocation
+    points of the training script's first point set, then its initial and boundary points
+    (2600 in all), in batches of at most 1000, each fed through ``model(points)``."""
+    points = _calibration_points()
+    return [*points["interior"].split(1000), points["edge"]]
+
+
 def sample_inputs(n: int) -> torch.Tensor:
     """``n`` fixed points (x, t) drawn uniformly from the domain (seeded), shape (n, 2)."""
     generator = torch.Generator().manual_seed(SAMPLE_SEED)

@@ -144,6 +144,18 @@ def evaluate(model: nn.Module) -> dict[str, float]:
     return {"val_loss": loss, "perplexity": math.exp(loss), "bits_per_char": loss / math.log(2)}
 
 
+CALIBRATION_WINDOWS = 32  # x CONTEXT characters: 4096 input vectors per layer
+
+
+def calibration_batches() -> list[torch.Tensor]:
+    """CALIBRATION_WINDOWS windows of CONTEXT characters spread evenly over the training text
+    (never the validation text), in batches of 8: the inputs `hmcompress calibrate` feeds."""
+    train, _ = splits()
+    starts = torch.linspace(0, len(train) - CONTEXT, CALIBRATION_WINDOWS).long()
+    windows = torch.stack([train[start: start + CONTEXT] for start in starts.tolist()])
+    return list(windows.split(8))
+
+
 def sample_inputs(n: int) -> torch.Tensor:
     """The first ``n`` validation windows (token ids, (n, CONTEXT))."""
     return validation_windows(n)[0]

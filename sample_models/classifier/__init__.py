@@ -96,3 +96,9 @@ def evaluate(model: nn.Module) -> dict[str, float | int]:
 def sample_inputs(n: int) -> torch.Tensor:
     """The first ``n`` held-out images (raw pixels): fixed inputs for output and NTK comparisons."""
     return load_data()[2][:n]
+
+
+def calibration_batches() -> list[torch.Tensor]:
+    """The training images (raw pixels, 1437 of them) in batches of 256, in split order: the
+    inputs `hmcompress calibrate` feeds the model (never the held-out test images)."""
+    return list(load_data()[0].split(256))
