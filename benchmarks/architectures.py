@@ -52,6 +52,23 @@ def tone_frames(frequency: float = 440.0, count: int = 8) -> torch.Tensor:
     return (frames / frames.std(1, keepdim=True)).float()
 
 
+def crepe_tiny() -> CrepeTiny:
+    """The factory of `CrepeTiny` (``benchmarks.architectures:crepe_tiny``), e.g. for
+    ``hmcompress calibrate benchmarks.architectures:crepe_tiny tiny.pth --data
+    benchmarks.architectures:crepe_calibration_batches``."""
+    return CrepeTiny()
+
+
+CALIBRATION_TONES = (98.0, 164.81, 277.18, 349.23, 622.25, 1046.5)  # Hz: none is the 440 Hz evaluation tone
+
+
+def crepe_calibration_batches() -> list[torch.Tensor]:
+    """CREPE calibration data: 4 frames of each of CALIBRATION_TONES, one batch per tone (24
+    frames: 6144 input patches of conv1, 24 inputs of the classifier). Note that conv2's G is
+    8192 x 8192 (a 512 MiB stats entry)."""
+    return [tone_frames(frequency, count=4) for frequency in CALIBRATION_TONES]
+
+
 class SileroVAD(nn.Module):
     """Speech probability of each 512-sample chunk (with 64 samples of context), chunk after
     chunk through the LSTM cell's state."""
