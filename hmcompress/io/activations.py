@@ -1,0 +1,173 @@
+"""Reading a calibration stats file (`hmcompress calibrate`; docs/FORMAT.md, "Calibration statistics").
+
+`ActivationStats.open` checks the whole header at once (a safetensors file whose metadata
+``hmcompress_stats`` names exactly its tensors, each a square float64 matrix) and reads no tensor;
+`ActivationStats.gram` loads one layer's G and checks it (finite, exactly symmetric, positive
+semi-definite within rounding, not zero). Nothing is ever unpickled. Every problem is one line of
+`UserError` that starts with the file's path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+
+import torch
+
+from hmcompress.calibrate import STATS_FORMAT, STATS_KEY
+from hmcompress.errors import UserError
+
+PSD_SLACK = 8  # G's smallest eigenvalue may be as low as -n * eps * PSD_SLACK * its largest
+
+
+def _count(value: object) -> int | None:
+    """``value`` if it is a positive int (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+
+
+class ActivationStats:
+    """A checked stats file: per layer (the weight's name), G's size, the number of input
+    vectors N and batches; G itself is read on demand by `gram`."""
+
+    def __init__(self, path: pathlib.Path, sizes: dict[str, int], samples: dict[str, int],
+                 batches: dict[str, int], source: dict) -> None:
+        self.path = path
+        self._sizes, self._samples, self._batches = sizes, samples, batches
+        self.source = source
+        self.names: list[str] = sorted(sizes)
+
+    def _fail(self, problem: str) -> UserError:
+        return UserError(f"{self.path}: {problem}")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "ActivationStats":
+        """Open and check ``path``'s header (no tensor is read)."""
+        from safetensors import safe_open
+
+        path = pathlib.Path(path)
+
+        def fail(problem: str) -> UserError:
+            return UserError(f"{path}: {problem}")
+
+        if not path.is_file():
+            raise fail("no such file" if not path.exists() else "is not a file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                shapes = {name: (f.get_slice(name).get_shape(), f.get_slice(name).get_dtype()) for name in f.keys()}
+        except Exception as err:  # noqa: BLE001 - safetensors' errors have no common base worth naming
+            raise fail(f"not a readable safetensors file ({' '.join(str(err).split())})") from err
+        if STATS_KEY not in metadata:
+            raise fail(f"not a calibration stats file (no {STATS_KEY!r} metadata; make one with hmcompress calibrate)")
+        try:
+            header = json.loads(metadata[STATS_KEY])
+        except ValueError as err:
+            raise fail(f"{STATS_KEY!r} metadata is not valid JSON ({err})") from err
+        if not isinstance(header, dict):
+            raise fail(f"{STATS_KEY!r} metadata is not a JSON object")
+        if type(header.get("format")) is not int or header["format"] != STATS_FORMAT:
+            raise fail(f"stats format {header.get('format')!r} is not supported (this version reads format "
+                       f"{STATS_FORMAT})")
+        layers, source = header.get("layers"), header.get("source", {})
+        if not isinstance(layers, dict) or not layers:
+            raise fail(f"{STATS_KEY!r} metadata has no layers")
+        if not isinstance(source, dict):
+            raise fail(f"{STATS_KEY!r} metadata: 'source' is not a JSON object")
+        if missing := sorted(set(layers) - set(shapes)):
+            raise fail(f"layer {missing[0]!r} of the metadata has no tensor")
+        if extra := sorted(set(shapes) - set(layers)):
+            raise fail(f"tensor {extra[0]!r} is not a layer of the metadata")
+        sizes, samples, batches = {}, {}, {}
+        for name in sorted(layers):
+            shape, dtype = shapes[name]
+            if dtype != "F64" or len(shape) != 2 or shape[0] != shape[1] or shape[0] < 1:
+                raise fail(f"layer {name!r}: G must be a square float64 matrix, not {dtype} "
+                           f"{'x'.join(map(str, shape)) or 'scalar'}")
+            entry = layers[name]
+            if not isinstance(entry, dict) or _count(entry.get("samples")) is None:
+                raise fail(f"layer {name!r}: 'samples' must be a whole number of at least 1")
+            if _count(entry.get("batches")) is None:
+                raise fail(f"layer {name!r}: 'batches' must be a whole number of at least 1")
+            sizes[name], samples[name], batches[name] = shape[0], entry["samples"], entry["batches"]
+        return cls(path, sizes, samples, batches, source)
+
+    def _known(self, name: str) -> None:
+        if name not in self._sizes:
+            raise self._fail(f"has no layer {name!r}")
+
+    def size(self, name: str) -> int:
+        """n: the length of the layer's input vectors (G is n x n)."""
+        self._known(name)
+        return self._sizes[name]
+
+    def samples(self, name: str) -> int:
+        """N: the number of input vectors G averages over."""
+        self._known(name)
+        return self._samples[name]
+
+    def batches(self, name: str) -> int:
+        """The number of batches in which the layer was called."""
+        self._known(name)
+        return self._batches[name]
+
+    def _load(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        self._known(name)
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                tensor = f.get_tensor(name)
+        except Exception as err:  # noqa: BLE001
+            raise self._fail(f"layer {name!r}: cannot be read ({' '.join(str(err).split())})") from err
+        n = self._sizes[name]
+        if tensor.dtype != torch.float64 or tuple(tensor.shape) != (n, n):
+            raise self._fail(f"layer {name!r}: changed since it was opened")
+        return tensor
+
+    def gram(self, name: str) -> torch.Tensor:
+        """The layer's G = X Xᵀ / N (float64, n x n), checked: finite, exactly symmetric, with a
+        non-negative diagonal and a positive trace, positive semi-definite within rounding."""
+        g = self._load(name)
+        n = g.shape[0]
+
+        def fail(problem: str) -> UserError:
+            return self._fail(f"layer {name!r}: {problem}")
+
+        if not bool(torch.isfinite(g).all()):
+            raise fail("G has NaN or Inf")
+        if not torch.equal(g, g.T):
+            raise fail("G is not symmetric")
+        diagonal = g.diagonal()
+        if bool((diagonal < 0).any()):
+            raise fail(f"G has a negative diagonal entry ({float(diagonal.min()):.2e}), so it is no second moment")
+        if float(diagonal.sum()) <= 0:
+            if not bool(g.any()):
+                raise fail("G is zero: no input reached the layer")
+            raise fail("G has a zero diagonal but non-zero entries, so it is no second moment")
+        eigenvalues = torch.linalg.eigvalsh(g)
+        smallest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
+        if smallest < -n * 2.0**-52 * PSD_SLACK * largest:
+            raise fail(f"its input second moment G is not positive semi-definite (smallest eigenvalue "
+                       f"{smallest:.1e}, largest {largest:.1e})")
+        return g
+
+    def digest(self, name: str) -> str:
+        """SHA-256 (hex) of the layer's G as stored (its float64 bytes in C order): for cache keys."""
+        g = self._load(name).contiguous()
+        return hashlib.sha256(g.reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+    def check_against(self, matrices: dict[str, tuple[int, int]], checkpoint: object = "the checkpoint") -> None:
+        """Refuse stats that do not belong to a checkpoint whose matrices are ``matrices`` (name ->
+        (m, n), conv kernels as out x in*k*k): a layer that is not among them, or whose input
+        size is not n (so at least one layer is shared: a file has layers). ``matrices`` should hold every tensor that is a
+        matrix of the checkpoint, whatever the size filters, since a stats file covers every
+        layer the model ran. Matrices without stats are fine (the plain weight bound applies)."""
+        for name in self.names:
+            if name not in matrices:
+                raise self._fail(f"the stats file is for another model: {name!r} is not a compressible matrix "
+                                 f"of {checkpoint}")
+            columns = matrices[name][1]
+            if columns != self._sizes[name]:
+                raise self._fail(f"{name!r} has inputs of size {self._sizes[name]} in the stats file but the "
+                                 f"matrix has {columns} columns")
