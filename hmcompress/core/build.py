@@ -17,12 +17,17 @@ from hmcompress.core.candidates import Candidates, analyse, block_batches, build
 from hmcompress.core.codecs import auto_codecs, encode_rows, source_codec
 from hmcompress.core.entropy import with_coded_pools
 from hmcompress.core.plans import DROP, Plan, optimal_plan, paper_plan, svd_plan
+from hmcompress.core.weighted import InputWeights, Whitening, activation_error_bound, activation_norm_lower
+from hmcompress.core.weighted_analysis import analyse_weighted, whitened_factors
 from hmcompress.errors import OptionError
 from hmcompress.runtime import BLOCK_COLUMNS, CODEC, DENSE, LOWRANK, ROWS, SEGMENT_COLUMNS, HMatrix, row_mask
 
 STRATEGIES = ("optimal", "paper")
 PRECISIONS = ("auto", "keep")
 MAX_REBUILDS = 6
+# A data-aware build whose measured error is below this share of the budget is rebuilt looser:
+# its plan is priced with the damped G (`weighted.PLANNING_DAMPING`), which overstates errors.
+LOOSE_SHARE = 0.9
 # Share of the budget that items too small to be worth storing may hold together (candidates.analyse).
 NEGLIGIBLE_SHARE = 0.01
 
@@ -63,6 +68,16 @@ class CompressionOptions:
         return allowed * allowed
 
 
+@dataclasses.dataclass(frozen=True)
+class ActivationFigures:
+    """The data-aware figures of a matrix built for its inputs' second moment G (`core.weighted`)."""
+
+    error: float  # upper bound on sqrt(tr(E G Eᵀ)), E = W - H, for both forms of H
+    budget: float  # allowed sqrt(tr(E G Eᵀ)): tol, or tol times `norm`
+    norm: float  # lower bound on sqrt(tr(W G Wᵀ))
+    samples: int  # calibration input vectors G was computed from
+
+
 @dataclasses.dataclass
 class Compressed:
     """A built matrix with what it took to build it."""
@@ -70,23 +85,29 @@ class Compressed:
     hmatrix: HMatrix
     dense: torch.Tensor  # the stored matrix in float64 (exact)
     error: float  # upper bound on ||W - H||_F, H64 and its source-dtype rounding (`error_bound`)
-    budget: float  # allowed ||W - H||_F
+    budget: float  # allowed ||W - H||_F (inf where the budget is on the activations' norm)
     root_sigma: np.ndarray | None  # singular values of W (float64, descending); None: not computed
     strategy: str  # planner whose plan was stored ("optimal", "svd", "paper" or "exact")
     rebuilds: int
+    activation: ActivationFigures | None = None  # built for calibration inputs: the guaranteed figures
 
 
-def compress_matrix(matrix: torch.Tensor, options: CompressionOptions, full_analysis: bool = False) -> Compressed:
+def compress_matrix(matrix: torch.Tensor, options: CompressionOptions, full_analysis: bool = False,
+                    weights: InputWeights | None = None) -> Compressed:
     """Compress a 2-D floating tensor so that its measured error is within the budget.
 
     The optimal strategy decides before it decomposes (`candidates.analyse` with the budget);
     ``full_analysis`` analyses every option instead (the reference the tests and
     `benchmarks.scale` compare bytes with). The paper's strategy always analyses everything.
+    With ``weights`` (the second moment of the layer's calibration inputs) the budget is on the
+    error of what the layer computes, tr(E G Eᵀ) <= tol² tr(W G Wᵀ) (`compress_for_inputs`).
     """
     if matrix.ndim != 2 or not matrix.is_floating_point():
         raise OptionError("matrix", f"must be a 2-D floating-point tensor, got {tuple(matrix.shape)} {matrix.dtype}")
-    allowed = allowed_error(matrix, options)
     codecs = (source_codec(matrix.dtype),) if options.precision == "keep" else auto_codecs(matrix.dtype)
+    if weights is not None:
+        return compress_for_inputs(matrix, options, weights, codecs)
+    allowed = allowed_error(matrix, options)
     if matrix.numel() == 0:
         hm = _exact_hmatrix(matrix)
         return Compressed(hm, matrix.double(), 0.0, allowed, np.zeros(0), "exact", 0)
@@ -105,6 +126,50 @@ def compress_matrix(matrix: torch.Tensor, options: CompressionOptions, full_anal
         target *= 0.95 * (allowed / error) ** 2
     hm = _exact_hmatrix(matrix)
     return Compressed(hm, matrix.double(), 0.0, allowed, cands.root_sigma, "exact", MAX_REBUILDS)
+
+
+def compress_for_inputs(matrix: torch.Tensor, options: CompressionOptions, weights: InputWeights,
+                        codecs: tuple[str, ...]) -> Compressed:
+    """`compress_matrix` in the data-aware norm: every option priced in it (`analyse_weighted`),
+    the built matrix measured in it (`activation_error_bound`) and rebuilt until it fits; a
+    build well within the budget is also rebuilt looser (its estimates used the damped G), and
+    the smallest that fits is kept. Exact storage remains the last resort."""
+    m, n = matrix.shape
+    if tuple(weights.gram.shape) != (n, n):
+        raise OptionError("activations", f"G is {tuple(weights.gram.shape)}, the matrix has {n} columns")
+    norm = activation_norm_lower(matrix, weights.gram)
+    allowed = options.tol if options.absolute else options.tol * norm
+    plain_budget = math.inf
+
+    def figures(error: float) -> ActivationFigures:
+        return ActivationFigures(error, allowed, norm, weights.samples)
+
+    if matrix.numel() == 0:
+        return Compressed(_exact_hmatrix(matrix), matrix.double(), 0.0, plain_budget, None, "exact", 0, figures(0.0))
+    tree = build_tree(tuple(matrix.shape), options.leaf)
+    whitening = Whitening(weights)
+    target = allowed * allowed
+    cands = analyse_weighted(matrix, tree, codecs, whitening, NEGLIGIBLE_SHARE * target / matrix.numel(),
+                             options.device)
+    best: Compressed | None = None
+    for rebuild in range(MAX_REBUILDS):
+        plan = _best_plan(cands, target, options.strategy)
+        hm = assemble(matrix, cands, plan, options.device, whitening)
+        dense = hm.to_dense(torch.float64)
+        error = activation_error_bound(matrix, dense, weights.gram)
+        if error <= allowed:
+            if best is None or hm.nbytes < best.hmatrix.nbytes:
+                best = Compressed(hm, dense, error_bound(matrix, dense, matrix.dtype), plain_budget, None,
+                                  plan.strategy, rebuild, figures(error))
+            if error >= LOOSE_SHARE * allowed or error == 0:
+                break
+        elif best is not None:  # a looser build missed: the last that fitted stays
+            break
+        target *= 0.95 * (allowed / max(error, 1e-300)) ** 2
+    if best is not None:
+        return best
+    return Compressed(_exact_hmatrix(matrix), matrix.double(), 0.0, plain_budget, None, "exact", MAX_REBUILDS,
+                      figures(0.0))
 
 
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
@@ -178,11 +243,13 @@ class Packer:
         self.segments: list[list[int]] = []
         self.row_masks: list[torch.Tensor] = []
 
-    def add(self, block: int, kind: int, codec: str, rank: int, rows: list[torch.Tensor]) -> None:
+    def add(self, block: int, kind: int, codec: str, rank: int, rows: list[torch.Tensor],
+            feedback: torch.Tensor | None = None) -> None:
+        """Encode a segment's rows (``feedback``: round them with error feedback, `encode_rows`)."""
         offset = self.lengths.get(codec, 0)
         scale_offset = self.scale_lengths.get(codec, 0) if CODEC[codec].integer else -1
         for part in rows:
-            data, scales = encode_rows(codec, part)
+            data, scales = encode_rows(codec, part, feedback)
             self.pools.setdefault(codec, []).append(data)
             self.lengths[codec] = self.lengths.get(codec, 0) + data.numel()
             if scales is not None:
@@ -201,15 +268,21 @@ class Packer:
         )
 
 
-def assemble(matrix: torch.Tensor, c: Candidates, plan: Plan, device: str = "cpu") -> HMatrix:
+def assemble(matrix: torch.Tensor, c: Candidates, plan: Plan, device: str = "cpu",
+             whitening: Whitening | None = None) -> HMatrix:
     """Encode a plan's leaves into a packed HMatrix (leaves in row-major order of position), its
-    integer pools also entropy-coded where that is smaller (as the file will store them)."""
+    integer pools also entropy-coded where that is smaller (as the file will store them). With
+    ``whitening`` (data-aware candidates) factors come from whitened SVDs and rows are rounded
+    with error feedback, as `analyse_weighted` priced them."""
     tree = c.tree
-    work = matrix if matrix.dtype == torch.float64 else matrix.float()
+    work = matrix.double() if whitening is not None or matrix.dtype == torch.float64 else matrix.float()
     order = np.lexsort((tree.col0[plan.leaves], tree.row0[plan.leaves]))
     leaves, kinds, dense_codec = plan.leaves[order], plan.kind[order], plan.dense_codec[order]
     trip_starts, row_starts = c.triplets.starts(tree.size), c.rows.starts(tree.size)
-    factors = _factors(work, c, [int(n) for n, k in zip(leaves, kinds) if k == LOWRANK], device)
+    lowrank = [int(n) for n, k in zip(leaves, kinds) if k == LOWRANK]
+    factors = (_factors(work, c, lowrank, device) if whitening is None else
+               {n: whitened_factors(_block(work, tree, n), whitening.factors(int(tree.col0[n]), int(tree.cols[n]))[0],
+                                    device) for n in lowrank})
     packer = Packer()
     block_rows = []
     for index, (node, kind, codec_index) in enumerate(zip(leaves.tolist(), kinds.tolist(),
@@ -217,13 +290,14 @@ def assemble(matrix: torch.Tensor, c: Candidates, plan: Plan, device: str = "cpu
         r0, c0, h, w = (int(tree.row0[node]), int(tree.col0[node]), int(tree.rows[node]),
                         int(tree.cols[node]))
         block_rows.append([r0, c0, h, w, int(tree.level[node])])
-        block = work[r0:r0 + h, c0:c0 + w]
+        block = _block(work, tree, node)
+        feedback = None if whitening is None else whitening.factors(c0, w)[1]
         if kind == DENSE:
-            packer.add(index, DENSE, c.codecs[codec_index], 0, [block])
+            packer.add(index, DENSE, c.codecs[codec_index], 0, [block], feedback)
         elif kind == ROWS:
             choice = plan.row_choice[row_starts[node]:row_starts[node + 1]]
             for codec, keep in _by_codec(c, choice):
-                packer.add(index, ROWS, codec, len(keep), [block[keep]])
+                packer.add(index, ROWS, codec, len(keep), [block[keep]], feedback)
                 packer.row_masks.append(row_mask(keep, h))
         else:
             choice = plan.trip_choice[trip_starts[node]:trip_starts[node + 1]]
@@ -231,6 +305,11 @@ def assemble(matrix: torch.Tensor, c: Candidates, plan: Plan, device: str = "cpu
                 a, b = factors[node]
                 packer.add(index, LOWRANK, codec, len(keep), [a[keep], b[keep]])
     return with_coded_pools(packer.finish(tuple(matrix.shape), matrix.dtype, block_rows))
+
+
+def _block(work: torch.Tensor, tree, node: int) -> torch.Tensor:
+    r0, c0 = int(tree.row0[node]), int(tree.col0[node])
+    return work[r0:r0 + int(tree.rows[node]), c0:c0 + int(tree.cols[node])]
 
 
 def _by_codec(c: Candidates, choice: np.ndarray):

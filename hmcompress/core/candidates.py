@@ -188,13 +188,14 @@ def _grid(matrix: torch.Tensor, tree: Tree, ids: list[int], h: int, w: int) -> t
     return ordered, matrix.reshape(rows, h, cols, w).transpose(1, 2).reshape(rows * cols, h, w)
 
 
-def _finite_or_inf(err: torch.Tensor) -> torch.Tensor:
+def finite_or_inf(err: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(err), err.clamp_min(0), torch.full_like(err, np.inf))
 
 
 def triplet_errors(codecs: tuple[str, ...], u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
-                   wanted: torch.Tensor) -> torch.Tensor:
-    """Squared error ||a~ b~ᵀ - a bᵀ||_F² of storing each wanted triplet's factors in each codec.
+                   wanted: torch.Tensor, right: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error ||a~ b~ᵀ - a bᵀ||_F² of storing each wanted triplet's factors in each codec
+    (with ``right``, a w x w matrix R: the error in the norm ||X R||_F, the data-aware one).
 
     Factors are balanced, ``a = sqrt(s) u`` and ``b = sqrt(s) v``, as the builder stores them.
     With a~ = a + da, b~ = b + db the difference is da bᵀ + a~ dbᵀ, whose norm needs no
@@ -212,20 +213,23 @@ def triplet_errors(codecs: tuple[str, ...], u: torch.Tensor, s: torch.Tensor, vh
         block, rank = which[start:start + step].T
         scale = root[block, rank].unsqueeze(1)
         a, b = u[block, :, rank] * scale, vh[block, rank, :] * scale
-        b_norm2 = _norm2(b)
+        b_seen = b if right is None else b @ right
+        b_norm2 = _norm2(b_seen)
         for p, codec in enumerate(codecs):
             a_q, b_q = roundtrip_rows(codec, a), roundtrip_rows(codec, b)
             da, db = a_q - a, b_q - b
+            if right is not None:
+                db = db @ right
             err = (_norm2(da) * b_norm2 + _norm2(a_q) * _norm2(db)
-                   + 2 * (da * a_q).sum(1, dtype=torch.float64) * (b * db).sum(1, dtype=torch.float64))
-            out[p, block, rank] = _finite_or_inf(err)
+                   + 2 * (da * a_q).sum(1, dtype=torch.float64) * (b_seen * db).sum(1, dtype=torch.float64))
+            out[p, block, rank] = finite_or_inf(err)
     return out
 
 
 def row_errors(codec: str, blocks: torch.Tensor) -> torch.Tensor:
     """Squared error of storing each row of a (k, h, w) stack in ``codec``: (k, h), float64 sums."""
     flat = blocks.reshape(-1, blocks.shape[2])
-    return _finite_or_inf(_norm2(roundtrip_rows(codec, flat) - flat)).reshape(blocks.shape[:2])
+    return finite_or_inf(_norm2(roundtrip_rows(codec, flat) - flat)).reshape(blocks.shape[:2])
 
 
 SAFE_NORM32 = (2.0**-50, 2.0**50)  # float32 row norms in this range had no squares under- or overflow
@@ -339,9 +343,9 @@ def row_errors_all(codecs: tuple[str, ...], blocks: torch.Tensor, which: set[int
             if which is not None and p not in which:
                 continue
             if part.dtype == torch.float32:
-                out[p, start:start + step] = _finite_or_inf(row_error_norms(codec, part).double().square())
+                out[p, start:start + step] = finite_or_inf(row_error_norms(codec, part).double().square())
             else:
-                out[p, start:start + step] = _finite_or_inf(_norm2(roundtrip_rows(codec, part) - part))
+                out[p, start:start + step] = finite_or_inf(_norm2(roundtrip_rows(codec, part) - part))
     return out.reshape(len(codecs), *blocks.shape[:2])
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from hmcompress.core.feedback import feedback_round
 from hmcompress.runtime import CODEC, CODEC_TABLE, INTEGER_CODECS, SCALE_DTYPE, pack_codes
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6)
@@ -36,21 +37,28 @@ def row_bytes(codec: str, length):
     return spec.row_length(length) * element + (SCALE_BYTES if spec.integer else 0)
 
 
-def encode_rows(codec: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Encode a (k, L) float tensor; returns the flat pool slice and the per-row scales (or None)."""
+def encode_rows(codec: str, rows: torch.Tensor,
+                feedback: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encode a (k, L) float tensor; returns the flat pool slice and the per-row scales (or None).
+    With ``feedback`` (the upper factor U of G⁻¹ = Uᵀ U, L x L) the rows are rounded with error
+    feedback for the norm of G (`core.feedback`), else each number to its nearest code."""
     if codec not in INTEGER_CODECS:
+        if feedback is not None:
+            rows = _feedback_floats(codec, rows, feedback)
         return rows.to(CODEC[codec].pool_dtype).reshape(-1), None
-    codes, scales = quantize(codec, rows)
+    codes, scales = quantize(codec, rows, feedback)
     if not CODEC[codec].packed:
         return codes.to(CODEC[codec].pool_dtype).reshape(-1), scales
     return pack_codes(codes, CODEC[codec].bits).reshape(-1), scales
 
 
-def quantize(codec: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(codec: str, rows: torch.Tensor,
+             feedback: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes (as floats of ``rows``' dtype) and float32 per-row scales of an integer codec.
 
     Scales are symmetric per row (absmax, or a clipped absmax where that loses less) and stored as
     float32; codes are computed with that float32 scale so decoding reproduces what was measured.
+    With ``feedback`` (see `encode_rows`) the codes are rounded with error feedback at those scales.
     """
     bits = CODEC[codec].bits
     levels = (1 << (bits - 1)) - 1
@@ -59,6 +67,11 @@ def quantize(codec: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     scales = _best_scales(rows, peak, levels, ratios)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales)).to(rows.dtype)
     # A zero scale means an all-zero row (or one below float32's range): its codes round to 0.
+    if feedback is not None:
+        step = safe.double()
+        values = feedback_round(rows.double(), feedback,
+                                lambda column, _j: torch.round(column / step).clamp_(-levels, levels).mul_(step))
+        return torch.round(values / step.unsqueeze(1)).to(rows.dtype), scales
     return torch.round(rows / safe.unsqueeze(1)).clamp_(-levels, levels), scales
 
 
@@ -101,14 +114,23 @@ def row_error_norms(codec: str, rows: torch.Tensor) -> torch.Tensor:
     return _best_scales(rows, peak, levels, ratios, with_errors=True)[1]
 
 
-def roundtrip_rows(codec: str, rows: torch.Tensor) -> torch.Tensor:
+def roundtrip_rows(codec: str, rows: torch.Tensor, feedback: torch.Tensor | None = None) -> torch.Tensor:
     """What the rows become after encoding and decoding, in ``rows``' dtype (inf where out of range).
 
     Integer codes times their float32 scale, without packing the codes into bits and back; in
     float32 the product is rounded (relative 6e-8, far below any code's step), so errors measured
     with it are estimates that the final float64 measurement of the built matrix checks.
+    ``feedback``: as in `encode_rows`.
     """
     if codec not in INTEGER_CODECS:
+        if feedback is not None:
+            return _feedback_floats(codec, rows, feedback).to(rows.dtype)
         return rows.to(CODEC[codec].pool_dtype).to(rows.dtype)
-    codes, scales = quantize(codec, rows)
+    codes, scales = quantize(codec, rows, feedback)
     return codes.mul_(scales.to(rows.dtype).unsqueeze(1))
+
+
+def _feedback_floats(codec: str, rows: torch.Tensor, feedback: torch.Tensor) -> torch.Tensor:
+    """Rows rounded to a float codec's numbers with error feedback (float64, exactly representable)."""
+    dtype = CODEC[codec].pool_dtype
+    return feedback_round(rows.double(), feedback, lambda column, _j: column.to(dtype).double())
