@@ -76,6 +76,16 @@ def _weight_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
+def _fits(module: nn.Module, x: object) -> bool:
+    """Whether ``x`` is an input the module accepts (its features or channels where they belong)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
+        return False
+    if isinstance(module, nn.Linear):
+        return x.shape[-1] == module.in_features
+    spatial = 2 if isinstance(module, nn.Conv2d) else 1
+    return x.dim() in (spatial + 1, spatial + 2) and x.shape[-spatial - 1] == module.in_channels
+
+
 def _linear_rows(module: nn.Linear, x: torch.Tensor) -> Iterable[torch.Tensor]:
     yield x.detach().reshape(-1, module.in_features).double()
 
@@ -132,8 +142,8 @@ def collect(model: nn.Module, batches: Iterable, conv: bool = True,
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else kwargs.get("input")
-            if not isinstance(x, torch.Tensor):
-                return
+            if not _fits(mod, x):
+                return  # the module itself raises, with its own message
             for rows in rows_of(mod, x):
                 total.add(rows, current["batch"])
 
