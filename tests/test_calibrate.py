@@ -309,6 +309,9 @@ def test_a_tampered_header_is_refused(tmp_path):
     path.write_bytes(bytes(blob))
     with pytest.raises(UserError, match="'samples' must be a whole number"):
         ActivationStats.open(path)
+    path.write_bytes(bytes(blob[:-8]))  # a truncated file
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        ActivationStats.open(path)
     blob[8:10] = b"[]"  # the JSON header itself broken
     path.write_bytes(bytes(blob))
     with pytest.raises(UserError, match="not a readable safetensors file"):
