@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import pathlib
 import time
 import warnings
@@ -16,8 +17,10 @@ import torch
 from hmcompress.core.build import CompressionOptions, as_matrix
 from hmcompress.core.stats import LayerStats, totals
 from hmcompress.core.verdicts import Gates, recorded_fields, recorded_problems
+from hmcompress.core.weighted import activation_energy
 from hmcompress.errors import OutputExists, UserError
 from hmcompress.io import pipeline, training
+from hmcompress.io.activations import ActivationStats
 from hmcompress.io.checkpoint import Checkpoint, Selection, classify, open_checkpoint
 from hmcompress.io.writer import StreamedTensor, shard_paths, write_assembled, write_runtime_shim, write_streamed
 from hmcompress.runtime import FORMAT_VERSION, read_file
@@ -104,7 +107,8 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
                         write: bool = True, gates: Gates | None = None,
                         keep_failed: bool = False, workers: int | None = None, resume: bool = False,
                         engine: str = "local", address: str | None = None,
-                        max_shard_bytes: int | None = None) -> CompressionResult:
+                        max_shard_bytes: int | None = None, activations: str | pathlib.Path | None = None,
+                        tols: dict[str, float] | None = None) -> CompressionResult:
     """Compress every eligible matrix of a checkpoint and write the compressed file + shim.
 
     Tensors are compressed one at a time (in ``workers`` processes; by default as many as the
@@ -115,7 +119,10 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
     and its ``output`` is None. ``engine="ray"`` compresses the matrices as Ray tasks (on the
     cluster at ``address``, or a local one); the file is the same. With ``max_shard_bytes``, a
     larger output is written as shards and an index (`writer.write_sharded`), whose path
-    ``output`` then is.
+    ``output`` then is. With ``activations`` (a stats file of `hmcompress calibrate`), every
+    matrix it has G for is built for the error of what it computes on those inputs
+    (`core.weighted`); the others keep the plain bound. ``tols`` gives some matrices their own
+    tolerance (by output name; what `--model-tol` chose).
     """
     started = time.monotonic()
     if engine not in ENGINES:
@@ -134,13 +141,19 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
     reasons = {e.name: classify(e, selection) for e in ckpt.entries}
     eligible = [e.name for e in ckpt.entries if reasons[e.name] is None]
     slots = {name: slot for slot, name in enumerate(eligible)}
+    weighted = _weighted_names(activations, ckpt, eligible, source)
+    unknown = sorted(set(tols or {}) - set(eligible))
+    if unknown:
+        raise UserError(f"{source}: a tolerance was given for {unknown[0]!r}, which is no compressible matrix of it")
     workdir = pipeline.WorkDir.beside(output) if write else None  # a run that writes nothing keeps no results
     with contextlib.ExitStack() as stack:
         if workdir is not None:
             workdir.prepare(resume)
             stack.push(_discard_on_failure(workdir, output, keep=resume))
-        jobs = [pipeline.Job(str(source), name, source_names[name], slots[name], options,
-                             selection.passthrough_nonfinite, workdir and str(workdir.path), resume and write)
+        jobs = [pipeline.Job(str(source), name, source_names[name], slots[name],
+                             dataclasses.replace(options, tol=tols[name]) if name in (tols or {}) else options,
+                             selection.passthrough_nonfinite, workdir and str(workdir.path), resume and write,
+                             str(activations) if name in weighted else None)
                 for name in eligible]
         pipeline.use_checkpoint(str(source), opened)
         sizes = {e.name: e.nbytes for e in ckpt.entries if reasons[e.name] is None}
@@ -170,7 +183,10 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
                   "kind": ckpt.kind}
         if kept.dropped or kept.prefix:
             origin |= kept.summary()
-        header = {"options": options_json(options, selection), "source": origin, "extra": ckpt.extra}
+        recorded = options_json(options, selection)
+        if activations is not None:
+            recorded["activations"] = {"file": pathlib.Path(activations).name, "matrices": len(weighted)}
+        header = {"options": recorded, "source": origin, "extra": ckpt.extra}
         _warn_if_zeroed(layers, options)
         failures = gates.failures(layers, totals(layers)) if gates else []
         write = write and (keep_failed or not failures)
@@ -187,6 +203,23 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
                              kept, sorted(ckpt.extra), ckpt.dropped,
                              sum(e.nbytes for e in opened.entries if e.name in kept.dropped),
                              seconds=time.monotonic() - started, matrix_bytes=sum(sizes.values()))
+
+
+def _weighted_names(activations: str | pathlib.Path | None, ckpt: Checkpoint, eligible: list[str],
+                    source: pathlib.Path) -> set[str]:
+    """The matrices to compress that a stats file has G for, after checking that it is for this
+    checkpoint (every matrix of it counts there, compressed or not: the stats cover every layer
+    the model ran)."""
+    if activations is None:
+        return set()
+    stats = ActivationStats.open(activations)
+    shapes = {e.name: tuple(as_matrix(torch.empty(e.shape, device="meta")).shape) for e in ckpt.entries
+              if len(e.shape) >= 2}
+    stats.check_against(shapes, source)
+    weighted = set(stats.names) & set(eligible)
+    for name in sorted(weighted):  # every G is checked before any work starts
+        stats.gram(name)
+    return weighted
 
 
 def _warn_if_zeroed(layers: list[LayerStats], options: CompressionOptions) -> None:
@@ -320,11 +353,20 @@ class Verification:
     problems: list[str] = dataclasses.field(default_factory=list)  # recorded figures that do not hold
     norm: float = 0.0  # ||W||_F, which a relative tolerance multiplies
     absolute: bool = False  # the file's tolerance is absolute
+    # A matrix built for its calibration inputs (stats norm "activations"): its tolerance is on
+    # ||(W - H)X||_F / sqrt(N); measured again only where verify is given the stats file.
+    data_aware: bool = False
+    act_measured: float | None = None  # sqrt(tr(E G Eᵀ)) as measured now (the larger form)
+    act_norm: float | None = None  # sqrt(tr(W G Wᵀ))
+    act_budget: float | None = None
 
 
-def verify(path: str | pathlib.Path, original: str | pathlib.Path) -> list[Verification]:
+def verify(path: str | pathlib.Path, original: str | pathlib.Path,
+           activations: str | pathlib.Path | None = None) -> list[Verification]:
     """Re-measure every compressed matrix against the original checkpoint and re-check every
-    figure its stats record (errors, budget, bytes, spectral error, sigma and kappa(H) bounds)."""
+    figure its stats record (errors, budget, bytes, spectral error, sigma and kappa(H) bounds);
+    with ``activations`` (the stats file it was built with) also the data-aware ones."""
+    stats_file = ActivationStats.open(activations) if activations is not None else None
     compressed = read_file(path)
     options = compressed.metadata.get("options")
     absolute = isinstance(options, dict) and options.get("absolute") is True
@@ -339,9 +381,20 @@ def verify(path: str | pathlib.Path, original: str | pathlib.Path) -> list[Verif
         if tuple(w.shape) != tuple(hm.shape):
             raise UserError(f"{original}: tensor {name!r} has shape {tuple(w.shape)}, not {hm.shape}")
         stats = recorded_fields(LayerStats, info.get("stats"), f"{path}: {name}")
-        measured, problems = recorded_problems(w, hm, stats, absolute, f"{path}: {name}")
-        results.append(Verification(name, stats["fro_error"], measured, stats["budget"], not problems, problems,
-                                    float(torch.linalg.vector_norm(w)), absolute))
+        data_aware = stats.get("norm") == "activations"
+        gram = stats_file.gram(name) if data_aware and stats_file and name in stats_file.names else None
+        measured, problems = recorded_problems(w, hm, stats, absolute, f"{path}: {name}", gram)
+        check = Verification(name, stats["fro_error"], measured, stats["budget"], not problems, problems,
+                             float(torch.linalg.vector_norm(w)), absolute, data_aware)
+        if gram is not None:
+            dense = hm.to_dense(torch.float64)
+            check.act_measured = max(math.sqrt(max(activation_energy(w, gram, dense, rounded)[0], 0.0))
+                                     for rounded in (None, hm.dtype))
+            check.act_norm = math.sqrt(max(activation_energy(w, gram)[0], 0.0))
+            check.act_budget = stats["act_budget"]
+        results.append(check)
+    if stats_file is not None and not any(c.act_measured is not None for c in results):
+        raise UserError(f"{activations}: has G for none of the data-aware matrices of {path}")
     return results
 
 

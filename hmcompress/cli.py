@@ -203,6 +203,10 @@ def compress(
     model_factory: Optional[str] = typer.Option(None, "--model-factory", help="A model package's factory, e.g. "
                                                 "sample_models.classifier:build: also run the original and the "
                                                 "compressed model on its sample inputs and print the difference."),
+    activations: Optional[pathlib.Path] = typer.Option(None, "--activations", help="A stats file of hmcompress "
+                                                       "calibrate: --tol bounds each layer's output error on the "
+                                                       "calibration inputs, ||(W-H)X|| <= tol ||WX||, instead of "
+                                                       "its weight error."),
 ) -> None:
     """Compress every eligible weight matrix into an H-matrix within --tol; writes MODEL.hm.safetensors
     and hmruntime.py beside it, and prints the per-layer report."""
@@ -245,7 +249,8 @@ def compress(
                 result = api.compress_checkpoint(model, target, options, selection, overwrite=force,
                                                  progress=bar.compression(time.monotonic()), gates=gates,
                                                  keep_failed=keep_failed, workers=workers, resume=resume,
-                                                 engine=engine, address=address, max_shard_bytes=max_shard_bytes)
+                                                 engine=engine, address=address, max_shard_bytes=max_shard_bytes,
+                                                 activations=activations)
         except KeyboardInterrupt as interrupt:  # api.Interrupted says what was kept, and where
             message = f"interrupted: {interrupt or f'nothing written to {target}'}"
             _say(f"hmcompress: {message}")
@@ -344,12 +349,14 @@ def _write_report_page(file: pathlib.Path, meta: dict, layers: list, html_out: p
 def verify_cmd(
     file: pathlib.Path = typer.Argument(..., help="A compressed .hm.safetensors file (sharded: its directory or index)."),
     original: pathlib.Path = typer.Option(..., help="The checkpoint it was made from."),
+    activations: Optional[pathlib.Path] = typer.Option(None, "--activations", help="The stats file it was "
+                                                       "compressed with: also re-measure ||(W-H)X|| on its inputs."),
     json_out: bool = flag("--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Re-measure every matrix against the original; exit 1 if any recorded figure does not hold."""
     from hmcompress import api
 
-    checks = api.verify(file, original)
+    checks = api.verify(file, original, activations)
     if json_out:
         _json({"ok": all(c.ok for c in checks), "matrices": [c.__dict__ for c in checks]})
     else:
@@ -365,7 +372,16 @@ def verify_cmd(
 
 
 def _verify_figures(check) -> str:
-    """A check's error as the tolerance was given: relative to ||W||_F, or absolute."""
+    """A check's error as the tolerance was given: relative to ||W||_F (or to ||WX||_F where it
+    was built for its calibration inputs), or absolute."""
+    if check.data_aware:
+        if check.act_measured is None:
+            return (f"relative weight error {check.measured_error / check.norm if check.norm else 0.0:.6g}; "
+                    "its output error on the calibration inputs needs --activations")
+        if check.act_norm and not check.absolute:
+            return (f"relative output error {check.act_measured / check.act_norm:.6g} <= tol "
+                    f"{check.act_budget / check.act_norm:.6g} on the calibration inputs")
+        return f"output error {check.act_measured:.6g} <= budget {check.act_budget:.6g} on the calibration inputs"
     if check.norm and not check.absolute:
         return (f"relative error {check.measured_error / check.norm:.6g} <= tol "
                 f"{check.budget / check.norm:.6g} (recorded {check.recorded_error / check.norm:.6g})")

@@ -193,9 +193,10 @@ def finite_or_inf(err: torch.Tensor) -> torch.Tensor:
 
 
 def triplet_errors(codecs: tuple[str, ...], u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
-                   wanted: torch.Tensor, right: torch.Tensor | None = None) -> torch.Tensor:
+                   wanted: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
     """Squared error ||a~ b~ᵀ - a bᵀ||_F² of storing each wanted triplet's factors in each codec
-    (with ``right``, a w x w matrix R: the error in the norm ||X R||_F, the data-aware one).
+    (with ``gram``, a w x w positive semi-definite G: the error in the norm tr(X G Xᵀ), the
+    data-aware one).
 
     Factors are balanced, ``a = sqrt(s) u`` and ``b = sqrt(s) v``, as the builder stores them.
     With a~ = a + da, b~ = b + db the difference is da bᵀ + a~ dbᵀ, whose norm needs no
@@ -213,14 +214,13 @@ def triplet_errors(codecs: tuple[str, ...], u: torch.Tensor, s: torch.Tensor, vh
         block, rank = which[start:start + step].T
         scale = root[block, rank].unsqueeze(1)
         a, b = u[block, :, rank] * scale, vh[block, rank, :] * scale
-        b_seen = b if right is None else b @ right
-        b_norm2 = _norm2(b_seen)
+        b_seen = b if gram is None else b @ gram  # inner products <b, y>_G = (b G) · y
+        b_norm2 = _norm2(b) if gram is None else (b_seen * b).sum(1, dtype=torch.float64)
         for p, codec in enumerate(codecs):
             a_q, b_q = roundtrip_rows(codec, a), roundtrip_rows(codec, b)
             da, db = a_q - a, b_q - b
-            if right is not None:
-                db = db @ right
-            err = (_norm2(da) * b_norm2 + _norm2(a_q) * _norm2(db)
+            db_norm2 = _norm2(db) if gram is None else ((db @ gram) * db).sum(1, dtype=torch.float64)
+            err = (_norm2(da) * b_norm2 + _norm2(a_q) * db_norm2
                    + 2 * (da * a_q).sum(1, dtype=torch.float64) * (b_seen * db).sum(1, dtype=torch.float64))
             out[p, block, rank] = finite_or_inf(err)
     return out

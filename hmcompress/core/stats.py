@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from hmcompress.core.bounds import compute_bounds
-from hmcompress.core.build import CompressionOptions, as_matrix
+from hmcompress.core.bounds import UNIT64, compute_bounds
+from hmcompress.core.build import ActivationFigures, CompressionOptions, as_matrix
 from hmcompress.core.ratedistortion import rate_figures
 from hmcompress.runtime import DENSE, LOWRANK, ROWS, HMatrix, dense_nbytes
 
@@ -52,6 +52,15 @@ class LayerStats:
     # an entry (core.ratedistortion); None where D = 0, and in files written before these figures.
     rd_gaussian_bits: float | None = None  # a Gaussian of the entries' variance: an upper bound on R(D)
     rd_lower_bits: float | None = None  # Shannon's lower bound for the entries' histogram density
+    # The norm the budget was on (`compress --activations`, docs/FORMAT.md "Data-aware budget"):
+    # "weights", ||W - H||_F <= tol ||W||_F; "activations", ||(W - H) X||_F <= tol ||W X||_F on the
+    # calibration inputs X, i.e. tr(E G Eᵀ) <= tol² tr(W G Wᵀ) with G = X Xᵀ / N. Under
+    # "activations" `budget` is inf (the plain figures still hold for any input, unbudgeted).
+    norm: str = "weights"
+    act_error: float | None = None  # upper bound on sqrt(tr(E G Eᵀ)) = ||(W - H) X||_F / sqrt(N)
+    act_rel_error: float | None = None  # upper bound on ||(W - H) X||_F / ||W X||_F
+    act_budget: float | None = None  # allowed sqrt(tr(E G Eᵀ))
+    act_samples: int | None = None  # N: the calibration input vectors behind G
 
     @property
     def entries(self) -> int:
@@ -132,8 +141,10 @@ def rate_totals(comp: list[LayerStats]) -> dict:
 
 
 def layer_stats(name: str, original: torch.Tensor, hm: HMatrix, stored: torch.Tensor, error: float,
-                budget: float, sigma, options: CompressionOptions, strategy: str) -> LayerStats:
-    """Measure a compressed matrix: structure, bytes, errors and bounds."""
+                budget: float, sigma, options: CompressionOptions, strategy: str,
+                activation: ActivationFigures | None = None) -> LayerStats:
+    """Measure a compressed matrix: structure, bytes, errors and bounds (and, for a matrix built
+    for its calibration inputs, the data-aware figures its budget was on)."""
     matrix = as_matrix(original)
     bounds = compute_bounds(matrix, stored, error, sigma)
     distortion = bounds.fro_error ** 2 / max(1, matrix.numel())
@@ -162,5 +173,15 @@ def layer_stats(name: str, original: torch.Tensor, hm: HMatrix, stored: torch.Te
         spectral_error=bounds.spectral_error, spectral_method=bounds.spectral_method,
         sigma_max_upper=bounds.sigma_max_upper, sigma_min_lower=bounds.sigma_min_lower, kappa_w=bounds.kappa_w,
         kappa_h_bound=bounds.kappa_h_bound, kappa_h_paper=bounds.kappa_h_paper, strategy=strategy,
-        rd_gaussian_bits=rates[0], rd_lower_bits=rates[1],
+        rd_gaussian_bits=rates[0], rd_lower_bits=rates[1], **activation_fields(activation),
     )
+
+
+def activation_fields(activation: ActivationFigures | None) -> dict:
+    """The data-aware fields of `LayerStats` (none for a matrix built for the weights' norm)."""
+    if activation is None:
+        return {}
+    rel = (activation.error / activation.norm * (1 + 4 * UNIT64) if activation.norm > 0
+           else (0.0 if activation.error == 0 else math.inf))
+    return {"norm": "activations", "act_error": activation.error, "act_rel_error": rel,
+            "act_budget": activation.budget, "act_samples": activation.samples}

@@ -23,6 +23,7 @@ import torch
 
 from hmcompress.core.bounds import UNIT64, down, frobenius, frobenius_relative_error, rounding_margin, up
 from hmcompress.core.stats import NONFINITE_FIGURES
+from hmcompress.core.weighted import activation_energy
 from hmcompress.errors import OptionError
 from hmcompress.runtime import MATRIX_DTYPE_NAMES, FormatError, HMatrix, brief, dense_nbytes
 from hmcompress.runtime.matrix import round_to_dtype
@@ -107,7 +108,7 @@ def recorded_fields(cls: type, stats: object, where: str) -> dict:
             # a JSON number beyond float64 (1e400 parses as inf, a 400-digit integer as no float
             # at all) is no figure: hmcompress stores an overflowed one as a string (above)
             wrong = not (math.isfinite(value) if isinstance(value, float) else abs(value) < 2**1023)
-        if not wrong and annotation in ("int", "list[int]", "dict[str, int]"):  # counts: bytes, ranks, sides
+        if not wrong and annotation in ("int", "list[int]", "dict[str, int]") and value is not None:  # counts
             counts = [value] if annotation == "int" else value.values() if isinstance(value, dict) else value
             wrong = not all(type(v) is int and 0 <= v < 2**63 for v in counts)
         if wrong:
@@ -184,7 +185,7 @@ def _spectral_lower_bound(matrix: torch.Tensor) -> float:
 
 
 def recorded_problems(original: torch.Tensor, hm: HMatrix, stats: dict, absolute: bool,
-                      where: str) -> tuple[float, list[str]]:
+                      where: str, gram: torch.Tensor | None = None) -> tuple[float, list[str]]:
     """Re-measure one matrix; return ``(measured ‖W − H‖_F, problems)``, problems empty if every
     recorded figure holds.
 
@@ -192,7 +193,10 @@ def recorded_problems(original: torch.Tensor, hm: HMatrix, stats: dict, absolute
     `recorded_fields` type-checked them, ``absolute`` the file's ``--abs`` option (the tolerance
     is then not relative to ‖W‖_F). Every error figure is checked against both forms a user can
     get (`_forms`): H64 rounded once to the source dtype, as loaded, and H64 itself. The measured
-    error returned is the larger of the two, as computed in float64.
+    error returned is the larger of the two, as computed in float64. A matrix built for its
+    calibration inputs (stats ``norm`` "activations") has its tolerance on those: with ``gram``
+    (their G) the data-aware figures are re-measured (`_check_activations`); its plain figures
+    are checked in any case, but not against the tolerance.
     """
     for key in ("tol", "budget", "fro_error"):
         if stats.get(key) is None:
@@ -215,7 +219,16 @@ def recorded_problems(original: torch.Tensor, hm: HMatrix, stats: dict, absolute
             problems.append(f"{what} ({value:.6g} > {bound:.6g})")
 
     allowed = tol if absolute else up(tol * norm_high, 1)
-    check(low, allowed, "‖W − H‖_F above the tolerance")
+    if stats.get("norm", "weights") not in ("weights", "activations"):
+        raise FormatError(f"{where}: stats field 'norm' is {brief(stats.get('norm'))}, not weights or activations")
+    if stats.get("norm") == "activations":
+        for key in ("act_error", "act_rel_error", "act_budget"):
+            if stats.get(key) is None:
+                raise FormatError(f"{where}: stats lack {key!r}, which a matrix built for its inputs records")
+        if gram is not None:
+            _check_activations(w, forms, gram, stats, tol, absolute, check)
+    else:
+        check(low, allowed, "‖W − H‖_F above the tolerance")
     check(low, figures["budget"], "‖W − H‖_F above the recorded budget")
     check(low, figures["fro_error"], "‖W − H‖_F above the recorded error")
     if norm > 0:
@@ -228,6 +241,31 @@ def recorded_problems(original: torch.Tensor, hm: HMatrix, stats: dict, absolute
     else:
         check(_spectral_lower_bound(w), figures["sigma_max_upper"], "σ_max(W) above its recorded bound")
     return measured, problems
+
+
+def _check_activations(w: torch.Tensor, forms: list[tuple[str, torch.Tensor]], gram: torch.Tensor, stats: dict,
+                       tol: float, absolute: bool, check: Callable[[float, float | None, str], None]) -> None:
+    """Re-measure ||(W - H)X||_F / sqrt(N) = sqrt(tr(E G Eᵀ)) on both forms and check the
+    recorded data-aware figures and the tolerance against a lower bound on it."""
+    if tuple(gram.shape) != (w.shape[1], w.shape[1]):
+        check(math.inf, 0.0, f"G is {tuple(gram.shape)}, not for a matrix of {w.shape[1]} columns")
+        return
+    low = 0.0
+    for _label, form in forms:
+        value, slack = activation_energy(w, gram, form)
+        low = max(low, math.sqrt(max(value - slack, 0.0)))
+    value, slack = activation_energy(w, gram)
+    norm_high = math.sqrt(max(value + slack, 0.0))
+    allowed = tol if absolute else up(tol * norm_high, 1)
+    check(down(low, 1), allowed, "‖(W − H)X‖ above the tolerance on the calibration inputs")
+    check(down(low, 1), _figure(stats, "act_budget"), "‖(W − H)X‖ above the recorded budget")
+    check(down(low, 1), _figure(stats, "act_error"), "‖(W − H)X‖ above the recorded error")
+    if norm_high > 0:
+        check(down(low / norm_high, 1), _figure(stats, "act_rel_error"), "‖(W − H)X‖ / ‖WX‖ above the recorded one")
+
+
+def _figure(stats: dict, key: str) -> float | None:
+    return None if stats.get(key) is None else float(stats[key])
 
 
 def _check_spectral_error(w: torch.Tensor, forms: list[tuple[str, torch.Tensor]], recorded: float | None,

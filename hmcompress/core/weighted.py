@@ -100,26 +100,32 @@ def activation_norm_lower(original: torch.Tensor, gram: torch.Tensor) -> float:
 class Whitening:
     """Per column range C of a matrix, the factors its candidates are priced and rounded with:
     the Cholesky factor S of the damped G_CC (G_CC + damping = S Sᵀ), which whitens blocks for
-    their SVDs; the upper factor U of its inverse (= Uᵀ U), which error feedback rounds with; and
-    a square root R of G_CC itself (R Rᵀ = G_CC), in which errors are estimated: the guarantee is
-    measured on G, and the damping would overstate the errors that feedback moves into directions
-    the data hardly excites."""
+    their SVDs, and the upper factor U of its inverse (= Uᵀ U), which error feedback rounds with.
+    Errors are estimated in G_CC itself (`block`): the guarantee is measured on G, and the damping
+    would overstate the errors that feedback moves into directions the data hardly excites."""
 
     def __init__(self, weights: InputWeights) -> None:
         self.gram = weights.gram
         self.damped = weights.planning_gram()
-        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def factors(self, col0: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(S, U, R) of the columns ``col0 : col0 + cols``."""
+    def block(self, col0: int, cols: int) -> torch.Tensor:
+        """G_CC of the columns ``col0 : col0 + cols`` (a view)."""
+        return self.gram[col0:col0 + cols, col0:col0 + cols]
+
+    def factors(self, col0: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S, U) of the columns ``col0 : col0 + cols``."""
         key = (col0, cols)
         if key not in self._cache:
-            columns = slice(col0, col0 + cols)
-            lower = _cholesky(self.damped[columns, columns])
+            lower = _cholesky(self.damped[col0:col0 + cols, col0:col0 + cols])
             upper = torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
-            values, vectors = torch.linalg.eigh(self.gram[columns, columns])
-            self._cache[key] = (lower, upper, vectors * values.clamp_min(0).sqrt())
+            self._cache[key] = (lower, upper)
         return self._cache[key]
+
+
+def quadratic_rows(rows: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """r G rᵀ of each row (float64): its squared error in the norm of G."""
+    return ((rows @ gram) * rows).sum(1)
 
 
 def _cholesky(block: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from hmcompress.core.candidates import (
 )
 from hmcompress.core.codecs import roundtrip_rows
 from hmcompress.core.pricing import estimate_pricing
-from hmcompress.core.weighted import Whitening
+from hmcompress.core.weighted import Whitening, quadratic_rows
 
 
 def analyse_weighted(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...], whitening: Whitening,
@@ -44,13 +44,14 @@ def analyse_weighted(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...], 
     root_sigma = None
     for level in range(tree.depth):
         for (col0, cols), ids in _by_columns(tree, tree.nodes_of_level(level)).items():
-            lower, upper, root = whitening.factors(col0, cols)
+            lower, upper = whitening.factors(col0, cols)
+            gram = whitening.block(col0, cols)
             strip = work[:, col0:col0 + cols]
             seen = strip @ lower  # the whitened strip (damped G), whose blocks' SVDs give the factors
-            drop = (strip @ root).square().sum(1)  # ||row R||² = row G_CC rowᵀ
+            drop = quadratic_rows(strip, gram)
             errs = torch.zeros((len(codecs), strip.shape[0]), dtype=torch.float64)
             for p, codec in enumerate(codecs[1:], start=1):
-                errs[p] = finite_or_inf(((strip - roundtrip_rows(codec, strip, upper)) @ root).square().sum(1))
+                errs[p] = finite_or_inf(quadratic_rows(strip - roundtrip_rows(codec, strip, upper), gram))
             for node in ids:
                 rows = slice(int(tree.row0[node]), int(tree.row0[node] + tree.rows[node]))
                 row_norms[node], row_err[node] = drop[rows], errs[:, rows]
@@ -59,11 +60,11 @@ def analyse_weighted(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...], 
                 blocks = torch.stack([seen[int(tree.row0[n]):int(tree.row0[n] + tree.rows[n])] for n in group])
                 u, s, vh = svd(blocks, device)
                 stored = torch.linalg.solve_triangular(lower, vh, upper=False, left=False)  # vh S⁻¹
-                # Dropping a triplet loses σ² in the damped norm, σ²‖vᵀS⁻¹R‖² in G's own.
-                dropped = s.square() * (stored @ root).square().sum(-1)
+                # Dropping a triplet loses σ² in the damped norm, σ² vᵀS⁻¹ G S⁻ᵀv in G's own.
+                dropped = s.square() * ((stored @ gram) * stored).sum(-1)
                 tails = dropped.flip(-1).cumsum(-1).flip(-1)
                 wanted = tails > negligible * blocks.shape[1] * blocks.shape[2]
-                errs_f = triplet_errors(codecs, u, s, stored, wanted, right=root)
+                errs_f = triplet_errors(codecs, u, s, stored, wanted, gram=gram)
                 for j, node in enumerate(group):
                     spectra[node], factor_err[node] = dropped[j], errs_f[:, j]
                     if node == 0:

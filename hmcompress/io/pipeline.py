@@ -45,7 +45,9 @@ import torch
 from hmcompress.core.build import CompressionOptions, as_matrix, compress_matrix
 from hmcompress.core.stats import LayerStats, layer_stats
 from hmcompress.core.verdicts import recorded_fields
+from hmcompress.core.weighted import InputWeights
 from hmcompress.errors import USER_ERRORS, UserError
+from hmcompress.io.activations import ActivationStats
 from hmcompress.io.checkpoint import Checkpoint, TensorEntry, open_checkpoint
 from hmcompress.io.writer import StreamedTensor, matrix_entry, packed_tensors, write_streamed
 from hmcompress.runtime import (
@@ -83,6 +85,7 @@ class Job:
     passthrough_nonfinite: bool
     workdir: str | None  # where the result is kept (None: nowhere, only its stats are wanted)
     resume: bool
+    activations: str | None = None  # a calibration stats file: its G for this tensor sets the norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,11 +130,13 @@ class WorkDir:
         return sum(1 for p in self.path.iterdir() if p.suffix == ".safetensors" and not p.name.startswith("."))
 
 
-def result_key(tensor: torch.Tensor, options: CompressionOptions) -> str:
-    """Identifies a result: the tensor's exact contents and every option that shapes the output."""
+def result_key(tensor: torch.Tensor, options: CompressionOptions, weights: InputWeights | None = None) -> str:
+    """Identifies a result: the tensor's exact contents and every option that shapes the output
+    (its calibration inputs' G included)."""
     digest = hashlib.sha256()
     digest.update(json.dumps([RESULT_FORMAT, str(tensor.dtype), list(tensor.shape),
-                              dataclasses.asdict(options)], sort_keys=True).encode())
+                              dataclasses.asdict(options), weights and [weights.digest(), weights.samples]],
+                             sort_keys=True).encode())
     flat = tensor.detach().contiguous().reshape(-1)
     if flat.numel():
         digest.update(memoryview(flat.view(torch.uint8).numpy()))
@@ -150,11 +155,23 @@ def run_job(job: Job) -> JobResult:
 
 def _run(job: Job) -> JobResult:
     tensor = source_entry(job.source, job.tensor).load()
-    reused = reused_result(job, tensor) if job.resume else None
+    weights = job_weights(job)
+    reused = reused_result(job, tensor, weights) if job.resume else None
     if reused is not None:
         return reused
     return store_result(job, compress_tensor(job.name, job.source, job.tensor, tensor, job.options,
-                                             job.passthrough_nonfinite, keyed=job.workdir is not None))
+                                             job.passthrough_nonfinite, keyed=job.workdir is not None,
+                                             weights=weights))
+
+
+def job_weights(job: Job) -> InputWeights | None:
+    """The second moment of the tensor's calibration inputs, where the job's stats file has one."""
+    if job.activations is None:
+        return None
+    stats = ActivationStats.open(job.activations)
+    if job.name not in stats.names:
+        return None
+    return InputWeights(stats.gram(job.name, checked=False), stats.samples(job.name))  # checked as the run began
 
 
 @dataclasses.dataclass
@@ -170,10 +187,11 @@ class Packed:
 
 
 def compress_tensor(name: str, source: str, tensor_name: str, tensor: torch.Tensor, options: CompressionOptions,
-                    passthrough_nonfinite: bool, keyed: bool) -> Packed:
+                    passthrough_nonfinite: bool, keyed: bool, weights: InputWeights | None = None) -> Packed:
     """Compress one tensor on one thread (the same bytes wherever it runs); a tensor with NaN/Inf
     is refused (`UserError`) or, with ``passthrough_nonfinite``, passed through. ``keyed``: name
-    the result by its tensor and options (`result_key`), for --resume."""
+    the result by its tensor and options (`result_key`), for --resume. ``weights``: build for
+    these calibration inputs (the data-aware budget)."""
     if not bool(torch.isfinite(tensor).all()):
         if not passthrough_nonfinite:
             raise UserError(f"{source}: tensor {tensor_name!r} contains NaN or Inf values "
@@ -181,22 +199,22 @@ def compress_tensor(name: str, source: str, tensor_name: str, tensor: torch.Tens
         return Packed(name, reason=NONFINITE)
     try:
         with one_thread():  # the bounds too: the residual's SVD also depends on the thread count
-            result = compress_matrix(as_matrix(tensor), options)
+            result = compress_matrix(as_matrix(tensor), options, weights=weights)
             stats = layer_stats(name, tensor, result.hmatrix, result.dense, result.error, result.budget,
-                                result.root_sigma, options, result.strategy).to_json()
+                                result.root_sigma, options, result.strategy, result.activation).to_json()
     except OverflowError:  # a norm beyond float64: no bound can be stated, so it is kept as it is
         return Packed(name, reason=OVERFLOW)
     result.hmatrix.validate(name)
-    meta = {"key": result_key(tensor, options) if keyed else None, "orig_shape": list(tensor.shape),
+    meta = {"key": result_key(tensor, options, weights) if keyed else None, "orig_shape": list(tensor.shape),
             "shape": list(result.hmatrix.shape), "stats": stats, "dtype": MATRIX_DTYPE_NAMES[result.hmatrix.dtype]}
     return Packed(name, stats, packed_tensors(result.hmatrix, ""), meta)
 
 
-def reused_result(job: Job, tensor: torch.Tensor) -> JobResult | None:
+def reused_result(job: Job, tensor: torch.Tensor, weights: InputWeights | None = None) -> JobResult | None:
     """The result an earlier run kept for this job's tensor and options (--resume), or None."""
     if job.workdir is None:
         return None
-    stored = _stored_stats(WorkDir(pathlib.Path(job.workdir)).result(job.slot), result_key(tensor, job.options))
+    stored = _stored_stats(WorkDir(pathlib.Path(job.workdir)).result(job.slot), result_key(tensor, job.options, weights))
     return JobResult(job.name, stats=stored, reused=True) if stored is not None else None
 
 

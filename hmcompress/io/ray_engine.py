@@ -52,15 +52,17 @@ def _unshipped(array, dtype: str):
     return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
 
 
-def _task(job: pipeline.Job, array, dtype: str) -> tuple[str, object]:
+def _task(job: pipeline.Job, array, dtype: str, weights=None) -> tuple[str, object]:
     """What runs on a Ray worker: one tensor compressed (``("done", Packed)``) or refused
-    (``("refused", message)``); the worker gives large blocks back to the system between tasks."""
+    (``("refused", message)``); the worker gives large blocks back to the system between tasks.
+    ``weights``: the tensor's calibration G, shipped with it (the stats file may not be there)."""
     pipeline.release_large_blocks()
     tensor = _unshipped(array, dtype)
     del array
     try:
         return "done", pipeline.compress_tensor(job.name, job.source, job.tensor, tensor, job.options,
-                                                job.passthrough_nonfinite, keyed=job.workdir is not None)
+                                                job.passthrough_nonfinite, keyed=job.workdir is not None,
+                                                weights=weights)
     except USER_ERRORS as err:
         return "refused", str(err)
     finally:
@@ -118,11 +120,12 @@ def run_jobs(jobs: list[pipeline.Job], address: str | None,
                 while queued < total and len(pending) < capacity:
                     job = jobs[queued]
                     tensor = pipeline.source_entry(job.source, job.tensor).load()
-                    reused = pipeline.reused_result(job, tensor) if job.resume else None
+                    weights = pipeline.job_weights(job)
+                    reused = pipeline.reused_result(job, tensor, weights) if job.resume else None
                     if reused is not None:
                         finished(queued, reused)
                     else:
-                        pending[remote.remote(job, *_shipped(tensor))] = queued
+                        pending[remote.remote(job, *_shipped(tensor), weights)] = queued
                     queued += 1
                     del tensor
                 if not pending:
