@@ -108,7 +108,7 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
                         keep_failed: bool = False, workers: int | None = None, resume: bool = False,
                         engine: str = "local", address: str | None = None,
                         max_shard_bytes: int | None = None, activations: str | pathlib.Path | None = None,
-                        tols: dict[str, float] | None = None) -> CompressionResult:
+                        tols: dict[str, float] | None = None, recorded_extra: dict | None = None) -> CompressionResult:
     """Compress every eligible matrix of a checkpoint and write the compressed file + shim.
 
     Tensors are compressed one at a time (in ``workers`` processes; by default as many as the
@@ -122,7 +122,8 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
     ``output`` then is. With ``activations`` (a stats file of `hmcompress calibrate`), every
     matrix it has G for is built for the error of what it computes on those inputs
     (`core.weighted`); the others keep the plain bound. ``tols`` gives some matrices their own
-    tolerance (by output name; what `--model-tol` chose).
+    tolerance (by output name; what `--model-tol` chose), and ``recorded_extra`` goes into the
+    header's options beside them.
     """
     started = time.monotonic()
     if engine not in ENGINES:
@@ -134,11 +135,8 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
         _check_output(source, output, overwrite)
         if max_shard_bytes is not None:
             _check_output(source, shard_paths(output, 1)[1], overwrite)
-    kept = training.keep(opened.entries, selection.drop_optimizer, selection.model_only, source)
+    kept, ckpt, reasons = selected(opened, selection, source)
     source_names = {new: old for old, new in kept.names.items()}
-    ckpt = dataclasses.replace(opened, entries=[dataclasses.replace(e, name=kept.names[e.name])
-                                                for e in opened.entries if e.name in kept.names])
-    reasons = {e.name: classify(e, selection) for e in ckpt.entries}
     eligible = [e.name for e in ckpt.entries if reasons[e.name] is None]
     slots = {name: slot for slot, name in enumerate(eligible)}
     weighted = _weighted_names(activations, ckpt, eligible, source)
@@ -186,6 +184,7 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
         recorded = options_json(options, selection)
         if activations is not None:
             recorded["activations"] = {"file": pathlib.Path(activations).name, "matrices": len(weighted)}
+        recorded |= recorded_extra or {}
         header = {"options": recorded, "source": origin, "extra": ckpt.extra}
         _warn_if_zeroed(layers, options)
         failures = gates.failures(layers, totals(layers)) if gates else []
@@ -203,6 +202,16 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
                              kept, sorted(ckpt.extra), ckpt.dropped,
                              sum(e.nbytes for e in opened.entries if e.name in kept.dropped),
                              seconds=time.monotonic() - started, matrix_bytes=sum(sizes.values()))
+
+
+def selected(opened: Checkpoint, selection: Selection,
+             source: object) -> tuple[training.Keep, Checkpoint, dict[str, str | None]]:
+    """What a run keeps of a checkpoint: the kept tensors under their output names, and why each
+    is not compressed (None: it is)."""
+    kept = training.keep(opened.entries, selection.drop_optimizer, selection.model_only, source)
+    ckpt = dataclasses.replace(opened, entries=[dataclasses.replace(e, name=kept.names[e.name])
+                                                for e in opened.entries if e.name in kept.names])
+    return kept, ckpt, {e.name: classify(e, selection) for e in ckpt.entries}
 
 
 def _weighted_names(activations: str | pathlib.Path | None, ckpt: Checkpoint, eligible: list[str],

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import pathlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -178,37 +178,48 @@ def _run(model: nn.Module, batches: Iterable, current: dict, data: str,
          progress: Callable[[int], None] | None) -> int:
     """Feed every batch; the number fed."""
     done = 0
-    with torch.no_grad():
-        try:
-            iterator = iter(batches)
-        except TypeError as err:
-            raise UserError(f"{data}: is not an iterable of batches ({err})") from err
-        while True:
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                break
-            except UserError:
-                raise
-            except Exception as err:  # noqa: BLE001 - the user's code: any failure is one line
-                raise UserError(_one_line(f"{data}: batch {done + 1} raised {type(err).__name__}: {err}")) from err
-            current["batch"] = done
-            try:
-                if isinstance(batch, dict):
-                    model(**batch)
-                elif isinstance(batch, (tuple, list)):
-                    model(*batch)
-                else:
-                    model(batch)
-            except UserError as err:
-                raise UserError(_one_line(f"{data}: batch {done + 1}: {err}")) from err
-            except Exception as err:  # noqa: BLE001
-                raise UserError(_one_line(f"{data}: the model raised {type(err).__name__} on batch {done + 1}: "
-                                          f"{err}")) from err
-            done += 1
-            if progress is not None:
-                progress(done)
+    for _output in feed(model, batches, data, current):
+        done += 1
+        if progress is not None:
+            progress(done)
     return done
+
+
+def feed(model: nn.Module, batches: Iterable, data: str, current: dict | None = None) -> Iterator[object]:
+    """The model's output on each batch (a tensor: ``model(batch)``; a tuple or list: the
+    arguments; a dict: the keyword arguments), without gradients; ``current["batch"]`` says which
+    batch runs. Anything the data or the model raises is one line of `UserError` naming ``data``."""
+    current = {} if current is None else current
+    done = 0
+    try:
+        iterator = iter(batches)
+    except TypeError as err:
+        raise UserError(f"{data}: is not an iterable of batches ({err})") from err
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the user's code: any failure is one line
+            raise UserError(_one_line(f"{data}: batch {done + 1} raised {type(err).__name__}: {err}")) from err
+        current["batch"] = done
+        try:
+            with torch.no_grad():
+                if isinstance(batch, dict):
+                    output = model(**batch)
+                elif isinstance(batch, (tuple, list)):
+                    output = model(*batch)
+                else:
+                    output = model(batch)
+        except UserError as err:
+            raise UserError(_one_line(f"{data}: batch {done + 1}: {err}")) from err
+        except Exception as err:  # noqa: BLE001
+            raise UserError(_one_line(f"{data}: the model raised {type(err).__name__} on batch {done + 1}: "
+                                      f"{err}")) from err
+        done += 1
+        yield output
 
 
 def _one_line(text: str) -> str:
@@ -290,20 +301,8 @@ def calibrate_checkpoint(factory: str, checkpoint: str | os.PathLike, output: st
         raise OutputExists(output)
     if not output.parent.is_dir():
         raise UserError(f"{output.parent}: output directory does not exist")
-    _module, hooks = analysis.load_hooks(factory, ())
+    task = analysis.factory_task(factory)
     data_spec, hook = load_data_hook(factory, data)
-    build = hooks["factory"]
-
-    def built() -> nn.Module:
-        try:
-            model = build()
-        except Exception as err:  # noqa: BLE001 - the user's code
-            raise UserError(_one_line(f"{factory}: the factory raised {type(err).__name__}: {err}")) from err
-        if not isinstance(model, nn.Module):
-            raise UserError(f"{factory}: the factory returned {type(model).__name__}, not an nn.Module")
-        return model
-
-    task = analysis.ModelTask(factory, built, None, None, "", True, None)  # only build is used
     model = analysis.original_model(task, checkpoint)
     try:
         batches = hook()

@@ -12,7 +12,7 @@ from test_build import KINDS, structured
 
 from hmcompress.core.build import CompressionOptions, compress_matrix
 from hmcompress.core.codecs import roundtrip_rows
-from hmcompress.core.weighted import InputWeights, Whitening, activation_energy, activation_error_bound
+from hmcompress.core.weighted import InputWeights, Whitening, activation_energy, activation_error_bound, quadratic_rows
 
 
 def second_moment(kind: str, n: int, seed: int) -> torch.Tensor:
@@ -88,10 +88,10 @@ def test_error_feedback_beats_nearest_rounding_on_anisotropic_inputs():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(64, 48, generator=gen, dtype=torch.float64)
     gram = second_moment("anisotropic", 48, 1)
-    _, upper, root = Whitening(InputWeights(gram, 200)).factors(0, 48)
+    _, feedback = Whitening(InputWeights(gram, 200)).factors(0, 48)
     for codec in ("i8", "i6", "i4", "f16"):
-        nearest = ((w - roundtrip_rows(codec, w)) @ root).square().sum()
-        fed = ((w - roundtrip_rows(codec, w, upper)) @ root).square().sum()
+        nearest = quadratic_rows(w - roundtrip_rows(codec, w), gram).sum()
+        fed = quadratic_rows(w - roundtrip_rows(codec, w, feedback), gram).sum()
         assert fed < 0.7 * nearest, codec
 
 

@@ -16,6 +16,7 @@ from hmcompress.core.bounds import frobenius, frobenius_relative_error
 from hmcompress.core.candidates import Candidates, analyse, block_batches, build_tree, svd
 from hmcompress.core.codecs import auto_codecs, encode_rows, source_codec
 from hmcompress.core.entropy import with_coded_pools
+from hmcompress.core.feedback import Feedback
 from hmcompress.core.plans import DROP, Plan, optimal_plan, paper_plan, svd_plan
 from hmcompress.core.weighted import InputWeights, Whitening, activation_error_bound, activation_norm_lower
 from hmcompress.core.weighted_analysis import analyse_weighted, whitened_factors
@@ -130,46 +131,63 @@ def compress_matrix(matrix: torch.Tensor, options: CompressionOptions, full_anal
 
 def compress_for_inputs(matrix: torch.Tensor, options: CompressionOptions, weights: InputWeights,
                         codecs: tuple[str, ...]) -> Compressed:
-    """`compress_matrix` in the data-aware norm: every option priced in it (`analyse_weighted`),
-    the built matrix measured in it (`activation_error_bound`) and rebuilt until it fits; a
-    build well within the budget is also rebuilt looser (its estimates used the damped G), and
-    the smallest that fits is kept. Exact storage remains the last resort."""
-    m, n = matrix.shape
-    if tuple(weights.gram.shape) != (n, n):
-        raise OptionError("activations", f"G is {tuple(weights.gram.shape)}, the matrix has {n} columns")
-    norm = activation_norm_lower(matrix, weights.gram)
-    allowed = options.tol if options.absolute else options.tol * norm
-    plain_budget = math.inf
+    """`compress_matrix` in the data-aware norm (see `InputsBuilder`)."""
+    return InputsBuilder(matrix, options, weights, codecs).build(options.tol)
 
-    def figures(error: float) -> ActivationFigures:
-        return ActivationFigures(error, allowed, norm, weights.samples)
 
-    if matrix.numel() == 0:
-        return Compressed(_exact_hmatrix(matrix), matrix.double(), 0.0, plain_budget, None, "exact", 0, figures(0.0))
-    tree = build_tree(tuple(matrix.shape), options.leaf)
-    whitening = Whitening(weights)
-    target = allowed * allowed
-    cands = analyse_weighted(matrix, tree, codecs, whitening, NEGLIGIBLE_SHARE * target / matrix.numel(),
-                             options.device)
-    best: Compressed | None = None
-    for rebuild in range(MAX_REBUILDS):
-        plan = _best_plan(cands, target, options.strategy)
-        hm = assemble(matrix, cands, plan, options.device, whitening)
-        dense = hm.to_dense(torch.float64)
-        error = activation_error_bound(matrix, dense, weights.gram)
-        if error <= allowed:
-            if best is None or hm.nbytes < best.hmatrix.nbytes:
-                best = Compressed(hm, dense, error_bound(matrix, dense, matrix.dtype), plain_budget, None,
-                                  plan.strategy, rebuild, figures(error))
-            if error >= LOOSE_SHARE * allowed or error == 0:
+class InputsBuilder:
+    """Data-aware builds of one matrix at any tolerance from one analysis: every option priced in
+    G's norm (`analyse_weighted`), each built matrix measured in it (`activation_error_bound`)
+    and rebuilt until it fits; a build well within the budget is also rebuilt looser (its
+    estimates used the damped G) and the smallest that fits is kept. Exact storage remains the
+    last resort. ``smallest_tol``: the least tolerance `build` will be asked for (the analysis
+    leaves out what is negligible at it); by default ``options.tol``."""
+
+    def __init__(self, matrix: torch.Tensor, options: CompressionOptions, weights: InputWeights,
+                 codecs: tuple[str, ...], smallest_tol: float | None = None) -> None:
+        n = matrix.shape[1]
+        if tuple(weights.gram.shape) != (n, n):
+            raise OptionError("activations", f"G is {tuple(weights.gram.shape)}, the matrix has {n} columns")
+        self.matrix, self.options, self.weights = matrix, options, weights
+        self.norm = activation_norm_lower(matrix, weights.gram)
+        self.cands = self.whitening = None
+        if matrix.numel():
+            self.whitening = Whitening(weights)
+            least = self._allowed(options.tol if smallest_tol is None else smallest_tol)
+            self.cands = analyse_weighted(matrix, build_tree(tuple(matrix.shape), options.leaf), codecs,
+                                          self.whitening, NEGLIGIBLE_SHARE * least * least / matrix.numel(),
+                                          options.device)
+
+    def _allowed(self, tol: float) -> float:
+        return tol if self.options.absolute else tol * self.norm
+
+    def build(self, tol: float) -> Compressed:
+        """The smallest build found whose measured error is within ``tol``."""
+        matrix, allowed = self.matrix, self._allowed(tol)
+
+        def done(hm: HMatrix, dense: torch.Tensor, error: float, strategy: str, rebuilds: int) -> Compressed:
+            plain = error_bound(matrix, dense, matrix.dtype) if error else 0.0
+            return Compressed(hm, dense, plain, math.inf, None, strategy, rebuilds,
+                              ActivationFigures(error, allowed, self.norm, self.weights.samples))
+
+        if self.cands is None:
+            return done(_exact_hmatrix(matrix), matrix.double(), 0.0, "exact", 0)
+        target = allowed * allowed
+        best: Compressed | None = None
+        for rebuild in range(MAX_REBUILDS):
+            plan = _best_plan(self.cands, target, self.options.strategy)
+            hm = assemble(matrix, self.cands, plan, self.options.device, self.whitening)
+            dense = hm.to_dense(torch.float64)
+            error = activation_error_bound(matrix, dense, self.weights.gram)
+            if error <= allowed:
+                if best is None or hm.nbytes < best.hmatrix.nbytes:
+                    best = done(hm, dense, error, plan.strategy, rebuild)
+                if error >= LOOSE_SHARE * allowed or error == 0:
+                    break
+            elif best is not None:  # a looser build missed: the last that fitted stays
                 break
-        elif best is not None:  # a looser build missed: the last that fitted stays
-            break
-        target *= 0.95 * (allowed / max(error, 1e-300)) ** 2
-    if best is not None:
-        return best
-    return Compressed(_exact_hmatrix(matrix), matrix.double(), 0.0, plain_budget, None, "exact", MAX_REBUILDS,
-                      figures(0.0))
+            target *= 0.95 * (allowed / max(error, 1e-300)) ** 2
+        return best or done(_exact_hmatrix(matrix), matrix.double(), 0.0, "exact", MAX_REBUILDS)
 
 
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
@@ -244,7 +262,7 @@ class Packer:
         self.row_masks: list[torch.Tensor] = []
 
     def add(self, block: int, kind: int, codec: str, rank: int, rows: list[torch.Tensor],
-            feedback: torch.Tensor | None = None) -> None:
+            feedback: Feedback | None = None) -> None:
         """Encode a segment's rows (``feedback``: round them with error feedback, `encode_rows`)."""
         offset = self.lengths.get(codec, 0)
         scale_offset = self.scale_lengths.get(codec, 0) if CODEC[codec].integer else -1

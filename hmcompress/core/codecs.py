@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from hmcompress.core.feedback import feedback_round
+from hmcompress.core.feedback import Feedback, feedback_round
 from hmcompress.runtime import CODEC, CODEC_TABLE, INTEGER_CODECS, SCALE_DTYPE, pack_codes
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6)
@@ -38,10 +38,10 @@ def row_bytes(codec: str, length):
 
 
 def encode_rows(codec: str, rows: torch.Tensor,
-                feedback: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                feedback: Feedback | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Encode a (k, L) float tensor; returns the flat pool slice and the per-row scales (or None).
-    With ``feedback`` (the upper factor U of G⁻¹ = Uᵀ U, L x L) the rows are rounded with error
-    feedback for the norm of G (`core.feedback`), else each number to its nearest code."""
+    With ``feedback`` (`core.feedback.Feedback` for a norm G) the rows are rounded with error
+    feedback for that norm, else each number to its nearest code."""
     if codec not in INTEGER_CODECS:
         if feedback is not None:
             rows = _feedback_floats(codec, rows, feedback)
@@ -53,7 +53,7 @@ def encode_rows(codec: str, rows: torch.Tensor,
 
 
 def quantize(codec: str, rows: torch.Tensor,
-             feedback: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             feedback: Feedback | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes (as floats of ``rows``' dtype) and float32 per-row scales of an integer codec.
 
     Scales are symmetric per row (absmax, or a clipped absmax where that loses less) and stored as
@@ -70,7 +70,7 @@ def quantize(codec: str, rows: torch.Tensor,
     if feedback is not None:
         step = safe.double()
         values = feedback_round(rows.double(), feedback,
-                                lambda column, _j: torch.round(column / step).clamp_(-levels, levels).mul_(step))
+                                lambda column: torch.round(column / step).clamp_(-levels, levels).mul_(step))
         return torch.round(values / step.unsqueeze(1)).to(rows.dtype), scales
     return torch.round(rows / safe.unsqueeze(1)).clamp_(-levels, levels), scales
 
@@ -114,7 +114,7 @@ def row_error_norms(codec: str, rows: torch.Tensor) -> torch.Tensor:
     return _best_scales(rows, peak, levels, ratios, with_errors=True)[1]
 
 
-def roundtrip_rows(codec: str, rows: torch.Tensor, feedback: torch.Tensor | None = None) -> torch.Tensor:
+def roundtrip_rows(codec: str, rows: torch.Tensor, feedback: Feedback | None = None) -> torch.Tensor:
     """What the rows become after encoding and decoding, in ``rows``' dtype (inf where out of range).
 
     Integer codes times their float32 scale, without packing the codes into bits and back; in
@@ -130,7 +130,7 @@ def roundtrip_rows(codec: str, rows: torch.Tensor, feedback: torch.Tensor | None
     return codes.mul_(scales.to(rows.dtype).unsqueeze(1))
 
 
-def _feedback_floats(codec: str, rows: torch.Tensor, feedback: torch.Tensor) -> torch.Tensor:
+def _feedback_floats(codec: str, rows: torch.Tensor, feedback: Feedback) -> torch.Tensor:
     """Rows rounded to a float codec's numbers with error feedback (float64, exactly representable)."""
     dtype = CODEC[codec].pool_dtype
-    return feedback_round(rows.double(), feedback, lambda column, _j: column.to(dtype).double())
+    return feedback_round(rows.double(), feedback, lambda column: column.to(dtype).double())

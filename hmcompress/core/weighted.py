@@ -29,6 +29,7 @@ import math
 import torch
 
 from hmcompress.core.bounds import UNIT64, row_chunks
+from hmcompress.core.feedback import Feedback
 from hmcompress.runtime.matrix import round_to_dtype
 
 PLANNING_DAMPING = 0.01  # share of G's mean diagonal added to it for planning (GPTQ's default)
@@ -100,26 +101,25 @@ def activation_norm_lower(original: torch.Tensor, gram: torch.Tensor) -> float:
 class Whitening:
     """Per column range C of a matrix, the factors its candidates are priced and rounded with:
     the Cholesky factor S of the damped G_CC (G_CC + damping = S Sᵀ), which whitens blocks for
-    their SVDs, and the upper factor U of its inverse (= Uᵀ U), which error feedback rounds with.
+    their SVDs, and the `Feedback` (column order and factor of its inverse) rows are rounded with.
     Errors are estimated in G_CC itself (`block`): the guarantee is measured on G, and the damping
     would overstate the errors that feedback moves into directions the data hardly excites."""
 
     def __init__(self, weights: InputWeights) -> None:
         self.gram = weights.gram
         self.damped = weights.planning_gram()
-        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple[int, int], tuple[torch.Tensor, Feedback]] = {}
 
     def block(self, col0: int, cols: int) -> torch.Tensor:
         """G_CC of the columns ``col0 : col0 + cols`` (a view)."""
         return self.gram[col0:col0 + cols, col0:col0 + cols]
 
-    def factors(self, col0: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(S, U) of the columns ``col0 : col0 + cols``."""
+    def factors(self, col0: int, cols: int) -> tuple[torch.Tensor, Feedback]:
+        """(S, how to round with feedback) for the columns ``col0 : col0 + cols``."""
         key = (col0, cols)
         if key not in self._cache:
-            lower = _cholesky(self.damped[col0:col0 + cols, col0:col0 + cols])
-            upper = torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
-            self._cache[key] = (lower, upper)
+            block = self.damped[col0:col0 + cols, col0:col0 + cols]
+            self._cache[key] = (_cholesky(block), Feedback.for_gram(block, _cholesky))
         return self._cache[key]
 
 

@@ -44,14 +44,14 @@ def analyse_weighted(matrix: torch.Tensor, tree: Tree, codecs: tuple[str, ...], 
     root_sigma = None
     for level in range(tree.depth):
         for (col0, cols), ids in _by_columns(tree, tree.nodes_of_level(level)).items():
-            lower, upper = whitening.factors(col0, cols)
+            lower, feedback = whitening.factors(col0, cols)
             gram = whitening.block(col0, cols)
             strip = work[:, col0:col0 + cols]
             seen = strip @ lower  # the whitened strip (damped G), whose blocks' SVDs give the factors
             drop = quadratic_rows(strip, gram)
             errs = torch.zeros((len(codecs), strip.shape[0]), dtype=torch.float64)
             for p, codec in enumerate(codecs[1:], start=1):
-                errs[p] = finite_or_inf(quadratic_rows(strip - roundtrip_rows(codec, strip, upper), gram))
+                errs[p] = finite_or_inf(quadratic_rows(strip - roundtrip_rows(codec, strip, feedback), gram))
             for node in ids:
                 rows = slice(int(tree.row0[node]), int(tree.row0[node] + tree.rows[node]))
                 row_norms[node], row_err[node] = drop[rows], errs[:, rows]

@@ -64,6 +64,25 @@ def load_task(spec: str) -> ModelTask:
                      getattr(module, "ntk_output", None))
 
 
+def factory_task(spec: str) -> ModelTask:
+    """A task with only the factory of ``module:factory`` (for what builds and runs the model
+    without evaluating it: calibration, the model-level budget); the factory's failures and a
+    result that is no module are one line of `UserError`."""
+    _module, hooks = load_hooks(spec, ())
+    build = hooks["factory"]
+
+    def built() -> nn.Module:
+        try:
+            model = build()
+        except Exception as err:  # noqa: BLE001 - the user's code
+            raise UserError(" ".join(f"{spec}: the factory raised {type(err).__name__}: {err}".split())) from err
+        if not isinstance(model, nn.Module):
+            raise UserError(f"{spec}: the factory returned {type(model).__name__}, not an nn.Module")
+        return model
+
+    return ModelTask(spec, built, None, None, "", True, None)
+
+
 def load_hooks(spec: str, names: tuple[str, ...]) -> tuple[object, dict[str, Callable]]:
     """Import ``module:factory``; its module and the factory (as ``"factory"``) with the callables
     ``names`` of the module, each checked."""

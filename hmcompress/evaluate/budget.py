@@ -1,0 +1,258 @@
+"""A model-level budget: per-layer tolerances that keep the model's output within E, in the fewest bytes.
+
+`compress --model-tol E` (issue 13). Each compressible layer's bytes-versus-error curve is
+measured on a ladder of tolerances (`LADDER`, one analysis per layer: `InputsBuilder`), each
+layer's sensitivity s_l is measured by running the model with that layer alone compressed
+(output error ≈ sqrt(s_l)·r_l for a relative layer error r_l), and one Lagrangian allocation
+picks, per layer, the point minimising bytes + μ·s_l·r_l², with μ bisected so that
+Σ s_l r_l² <= target². The file is then built, loaded through the runtime shim as a user loads
+it, and the model's relative output error on the calibration batches is *measured*; while it
+exceeds E the target is tightened and the allocation redone (at worst every layer at the
+ladder's foot, then stored exactly). Only a file whose measured model error is within E is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+import tempfile
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from hmcompress.api import CompressionResult, compress_checkpoint, selected
+from hmcompress.calibrate import feed
+from hmcompress.core.build import CompressionOptions, InputsBuilder, as_matrix, compress_matrix
+from hmcompress.core.codecs import auto_codecs, source_codec
+from hmcompress.core.weighted import InputWeights
+from hmcompress.errors import OptionError, OutputExists, UserError
+from hmcompress.evaluate import analysis
+from hmcompress.io.activations import ActivationStats
+from hmcompress.io.checkpoint import Selection, open_checkpoint
+from hmcompress.io.writer import write_runtime_shim
+
+LADDER = tuple(float(t) for t in np.geomspace(1e-4, 0.5, 25))  # layer tolerances tried (factor ~1.43)
+PROBE_TOL = 0.05  # the layer tolerance whose output error measures a layer's sensitivity
+MAX_ROUNDS = 8  # builds of the whole file before every layer goes to the ladder's foot
+TIGHTEN = 0.9  # a missed round's target shrinks by this beyond the measured excess
+LOOSE_SHARE = 0.95  # a round whose model error is below this share of E is followed by a looser one
+
+
+@dataclasses.dataclass(frozen=True)
+class CurvePoint:
+    tol: float
+    nbytes: int
+    error: float  # the layer's measured relative error in its own norm (output error with G, else weights)
+
+
+@dataclasses.dataclass
+class LayerCurve:
+    """One compressible layer: its bytes-versus-error points and its measured sensitivity."""
+
+    name: str
+    points: list[CurvePoint]
+    sensitivity: float = 0.0  # s_l: (model output error / layer error)² when it alone is compressed
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBudget:
+    """What `--model-tol` chose and measured (the JSON's ``model_tol``)."""
+
+    target: float  # E: the allowed relative model output error
+    measured: float  # the model's relative output error on the calibration batches, as loaded
+    inputs: int  # calibration batches the error was measured on
+    rounds: int  # files built until one held
+    tols: dict[str, float]  # per layer (output name)
+    data: str  # the data hook
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def line(self) -> str:
+        return (f"model-level budget: output error {self.measured:.3g} <= {self.target:.3g} on {self.inputs} "
+                f"calibration batches ({self.data}), measured on the file as loaded; "
+                f"{self.rounds} build{'s' if self.rounds > 1 else ''}")
+
+
+def output_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """||y_H - y||_F / ||y||_F over all batches (float64)."""
+    diff = sum(float((a.double() - b.double()).square().sum()) for a, b in zip(outputs, reference))
+    norm = sum(float(b.double().square().sum()) for b in reference)
+    return math.sqrt(diff / norm) if norm > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def _flat(output: object) -> torch.Tensor:
+    """A model output (tensor, or tuple/list/dict of them) as one float64 vector."""
+    if isinstance(output, torch.Tensor):
+        return output.detach().double().reshape(-1)
+    if isinstance(output, dict):
+        output = [output[k] for k in sorted(output)]
+    if isinstance(output, (tuple, list)):
+        parts = [_flat(o) for o in output if isinstance(o, (torch.Tensor, tuple, list, dict))]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    raise UserError(f"the model returned {type(output).__name__}, not tensors")
+
+
+def model_outputs(model: nn.Module, batches: list, data: str) -> list[torch.Tensor]:
+    return [_flat(out) for out in feed(model.eval(), batches, data)]
+
+
+def allocate(curves: list[LayerCurve], target: float) -> dict[str, CurvePoint]:
+    """Per layer the curve point minimising Σ bytes subject to Σ s_l r_l² <= target²
+    (Lagrangian relaxation, bisection on μ; the most accurate points if even they exceed it)."""
+    def pick(mu: float) -> dict[str, CurvePoint]:
+        return {c.name: min(c.points, key=lambda p: (p.nbytes + mu * c.sensitivity * p.error ** 2, p.error))
+                for c in curves}
+
+    def spent(choice: dict[str, CurvePoint]) -> float:
+        return sum(c.sensitivity * choice[c.name].error ** 2 for c in curves)
+
+    allowed = target * target
+    lo, hi = 0.0, 1.0
+    while spent(pick(hi)) > allowed and hi < 1e300:
+        lo, hi = hi, hi * 1e3
+    best = pick(hi)
+    for _ in range(80):
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e3
+        choice = pick(mid)
+        if spent(choice) <= allowed:
+            hi, best = mid, choice
+        else:
+            lo = mid
+        if lo > 0 and hi / lo < 1 + 1e-6:
+            break
+    return best
+
+
+def layer_curves(source: pathlib.Path, options: CompressionOptions, selection: Selection,
+                 stats: ActivationStats | None, model: nn.Module, batches: list, data: str,
+                 reference: list[torch.Tensor], log: Callable[[str], None]) -> list[LayerCurve]:
+    """Every compressible layer's bytes-versus-error curve over `LADDER` and its sensitivity."""
+    opened = open_checkpoint(source)
+    kept, ckpt, reasons = selected(opened, selection, source)
+    state = model.state_dict()
+    curves = []
+    for entry in ckpt.entries:
+        if reasons[entry.name] is not None:
+            continue
+        if entry.name not in state:
+            raise UserError(f"{source}: {entry.name!r} is not a tensor of the model; --model-tol needs the "
+                            "checkpoint's names to be the model's")
+        tensor = entry.load()
+        matrix = as_matrix(tensor)
+        weights = (InputWeights(stats.gram(entry.name), stats.samples(entry.name))
+                   if stats is not None and entry.name in stats.names else None)
+        build = _builder(matrix, options, weights)
+        points, probe = [], None
+        for tol in LADDER:
+            result = build(tol)
+            error = (result.activation.error / result.activation.norm if result.activation and result.activation.norm
+                     else result.error / max(float(torch.linalg.vector_norm(matrix.double())), 1e-300))
+            points.append(CurvePoint(tol, result.hmatrix.nbytes, error))
+            if probe is None and tol >= PROBE_TOL:
+                probe = (result.dense, error)
+        curve = LayerCurve(entry.name, points)
+        curve.sensitivity = _sensitivity(model, state[entry.name], probe, batches, data, reference)
+        log(f"{entry.name}: {len(points)} tolerances, sensitivity {curve.sensitivity:.3g}")
+        curves.append(curve)
+    if not curves:
+        raise UserError(f"{source}: no matrix to compress")
+    del kept
+    return curves
+
+
+def _next_target(target: float, measured: float, model_tol: float, held: float | None,
+                 missed: float | None) -> float:
+    """The allocation target of the next round: between the largest that held and the smallest
+    that missed where both are known (geometric mean), else scaled by how far the model error
+    was from E (a missed round a little further)."""
+    if held is not None and missed is not None:
+        return math.sqrt(held * missed)
+    ratio = model_tol / measured if measured > 0 else 2.0
+    return target * ratio * (TIGHTEN if measured > model_tol else 1.0)
+
+
+def _builder(matrix: torch.Tensor, options: CompressionOptions,
+             weights: InputWeights | None) -> Callable[[float], object]:
+    """``build(tol)``: data-aware builds from one analysis where the layer has G, else plain ones."""
+    if weights is None:
+        return lambda tol: compress_matrix(matrix, dataclasses.replace(options, tol=tol))
+    codecs = (source_codec(matrix.dtype),) if options.precision == "keep" else auto_codecs(matrix.dtype)
+    builder = InputsBuilder(matrix, options, weights, codecs, smallest_tol=min(LADDER))
+    return builder.build
+
+
+def _sensitivity(model: nn.Module, parameter: torch.Tensor, probe: tuple[torch.Tensor, float] | None,
+                 batches: list, data: str, reference: list[torch.Tensor]) -> float:
+    """(output error / layer error)² with the probe build of one layer in the model, the rest original."""
+    if probe is None or probe[1] == 0:
+        return 0.0
+    dense, error = probe
+    original = parameter.detach().clone()
+    with torch.no_grad():
+        parameter.copy_(dense.reshape(parameter.shape).to(parameter.dtype))
+    try:
+        out = output_error(model_outputs(model, batches, data), reference)
+    finally:
+        with torch.no_grad():
+            parameter.copy_(original)
+    return (out / error) ** 2
+
+
+def compress_to_model_tol(source: str | pathlib.Path, output: str | pathlib.Path, model_tol: float,
+                          task: analysis.ModelTask, batches: Iterable, data: str,
+                          options: CompressionOptions = CompressionOptions(), selection: Selection = Selection(),
+                          activations: str | pathlib.Path | None = None, overwrite: bool = False,
+                          workers: int | None = None, log: Callable[[str], None] = lambda _m: None,
+                          ) -> tuple[CompressionResult, ModelBudget]:
+    """Compress ``source`` so that the model's relative output error on ``batches`` (measured
+    through the runtime shim) is at most ``model_tol``, in as few bytes as the allocation finds."""
+    if not (math.isfinite(model_tol) and model_tol >= 0):
+        raise OptionError("model_tol", f"must be a finite number >= 0, got {model_tol}")
+    source, output = pathlib.Path(source), pathlib.Path(output)
+    if output.exists() and not overwrite:
+        raise OutputExists(output)
+    stats = ActivationStats.open(activations) if activations is not None else None
+    batches = list(batches)
+    model = analysis.original_model(task, source)
+    reference = model_outputs(model, batches, data)
+    curves = layer_curves(source, options, selection, stats, model, batches, data, reference, log)
+    target, best, held, missed = model_tol, None, None, None
+    recorded = {"model_tol": {"target": model_tol, "data": data, "factory": task.spec}}
+    with tempfile.TemporaryDirectory(prefix=".hmcompress-budget-", dir=output.parent) as tmp:
+        kept = pathlib.Path(tmp) / "kept"
+        for round_ in range(1, MAX_ROUNDS + 3):
+            if round_ <= MAX_ROUNDS:
+                tols = {name: p.tol for name, p in allocate(curves, target).items()}
+            elif best is not None:
+                break
+            else:  # no allocation held: the ladder's foot, then exact storage
+                tols = {c.name: (min(LADDER) if round_ == MAX_ROUNDS + 1 else 0.0) for c in curves}
+            trial = pathlib.Path(tmp) / f"round{round_}.hm.safetensors"
+            result = compress_checkpoint(source, trial, options, selection, overwrite=True, workers=workers,
+                                         activations=activations, tols=tols, recorded_extra=recorded)
+            measured = output_error(model_outputs(analysis.compressed_model(task, trial), batches, data), reference)
+            nbytes = sum(s.bytes_after for s in result.layers)
+            log(f"round {round_}: target {target:.3g}, measured model error {measured:.3g}, {nbytes} bytes")
+            if measured <= model_tol:
+                if best is None or nbytes < best[0]:
+                    os.replace(trial, kept)
+                    best = (nbytes, result, ModelBudget(model_tol, measured, len(batches), round_, tols, data))
+                if measured >= LOOSE_SHARE * model_tol or measured == 0 or round_ >= MAX_ROUNDS:
+                    break
+                held = target
+            else:
+                missed = target
+            target = _next_target(target, measured, model_tol, held, missed)
+        if best is None:
+            raise UserError(f"{source}: no build kept the model's output error within {model_tol:g}")
+        if output.exists() and not overwrite:  # appeared while we worked
+            raise OutputExists(output)
+        os.replace(kept, output)
+    write_runtime_shim(output.parent)
+    _nbytes, result, chosen = best
+    result.output = output
+    return result, chosen
