@@ -156,7 +156,8 @@ class _Bar:
 def compress(
     models: list[pathlib.Path] = typer.Argument(..., help="Checkpoint files or sharded directories.",
                                                 metavar="CHECKPOINT..."),
-    tol: float = typer.Option(1e-2, "--tol", help="Relative Frobenius tolerance per matrix."),
+    tol: Optional[float] = typer.Option(None, "--tol", help="Relative Frobenius tolerance per matrix "
+                                        "(default 1e-2; with --activations, on each layer's output)."),
     absolute: bool = flag("--abs", help="Make --tol an absolute Frobenius error."),
     strategy: Literal["optimal", "paper"] = typer.Option("optimal", help="optimal: fewest bytes within --tol; "
                                                           "paper: the seed paper's algorithm."),
@@ -207,6 +208,12 @@ def compress(
                                                        "calibrate: --tol bounds each layer's output error on the "
                                                        "calibration inputs, ||(W-H)X|| <= tol ||WX||, instead of "
                                                        "its weight error."),
+    model_tol: Optional[float] = typer.Option(None, "--model-tol", help="Instead of --tol: per-layer tolerances "
+                                              "chosen for the fewest bytes while the whole model's relative output "
+                                              "error on the calibration data stays within this, measured on the "
+                                              "file as loaded (needs --model-factory; best with --activations)."),
+    data: Optional[str] = typer.Option(None, "--data", help="With --model-tol: the calibration data hook "
+                                       "(module:function; default: the factory module's calibration_batches)."),
 ) -> None:
     """Compress every eligible weight matrix into an H-matrix within --tol; writes MODEL.hm.safetensors
     and hmruntime.py beside it, and prints the per-layer report."""
@@ -229,13 +236,19 @@ def compress(
     from hmcompress.io.writer import parse_size
 
     max_shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
-    options = CompressionOptions(tol=tol, absolute=absolute, strategy=strategy, precision=precision, leaf=leaf,
-                                 device=device)
+    if model_tol is not None:
+        _refuse_with_model_tol(models, model_factory, tol=tol, absolute=absolute, max_error=max_error,
+                               min_ratio=min_ratio, resume=resume, engine=engine != "local",
+                               max_shard_size=max_shard_size)
+    elif data is not None:
+        raise UserError("--data needs --model-tol (calibrate takes its own --data)")
+    options = CompressionOptions(tol=1e-2 if tol is None else tol, absolute=absolute, strategy=strategy,
+                                 precision=precision, leaf=leaf, device=device)
     selection = Selection(min_size=min_size, include=tuple(include), exclude=tuple(exclude), conv=conv,
                           passthrough_nonfinite=passthrough_nonfinite, drop_optimizer=drop_optimizer,
                           model_only=model_only)
     gates = Gates(max_error, min_ratio) if max_error is not None or min_ratio is not None else None
-    task = _model_task(model_factory) if model_factory else None
+    task = _model_task(model_factory) if model_factory and model_tol is None else None
     if out_dir is not None and not output:
         if out_dir.exists() and not out_dir.is_dir():
             raise UserError(f"{out_dir}: --out-dir is not a directory")
@@ -244,13 +257,18 @@ def compress(
     _refuse_duplicate_outputs(models, targets)
     results = []
     for model, target in zip(models, targets):
+        budget = None
         try:
-            with _Bar(str(model), not quiet) as bar:
-                result = api.compress_checkpoint(model, target, options, selection, overwrite=force,
-                                                 progress=bar.compression(time.monotonic()), gates=gates,
-                                                 keep_failed=keep_failed, workers=workers, resume=resume,
-                                                 engine=engine, address=address, max_shard_bytes=max_shard_bytes,
-                                                 activations=activations)
+            if model_tol is not None:
+                result, budget = _compress_to_model_tol(model, target, model_tol, model_factory, data, options,
+                                                        selection, activations, force, workers, quiet)
+            else:
+                with _Bar(str(model), not quiet) as bar:
+                    result = api.compress_checkpoint(model, target, options, selection, overwrite=force,
+                                                     progress=bar.compression(time.monotonic()), gates=gates,
+                                                     keep_failed=keep_failed, workers=workers, resume=resume,
+                                                     engine=engine, address=address,
+                                                     max_shard_bytes=max_shard_bytes, activations=activations)
         except KeyboardInterrupt as interrupt:  # api.Interrupted says what was kept, and where
             message = f"interrupted: {interrupt or f'nothing written to {target}'}"
             _say(f"hmcompress: {message}")
@@ -262,22 +280,56 @@ def compress(
             from hmcompress.evaluate import analysis
 
             check = analysis.functional_check(task, model, result.output, result.kept.names if result.kept else None)
-        results.append((result, check))
+        results.append((result, check, budget))
         if resume and not quiet:
             compressed = sum(layer.compressed for layer in result.layers)
             _say(f"{model}: resumed {len(result.reused)} of {compressed} matrices")
         if not json_out:
             tables.print_table(result.layers, _console(), title=f"{model} -> {result.output or 'nothing written'}",
                                wide=wide)
-            for note in [*result.notes(), *([check.line()] if check else [])]:
+            for note in [*result.notes(), *([check.line()] if check else []), *([budget.line()] if budget else [])]:
                 _out(note)
         for failure in result.failures:
             _say(f"hmcompress: {model}: quality gate failed: {failure}{'' if result.output else '; nothing written'}")
     if json_out:
-        _json({"ok": not any(r.failures for r, _check in results),
-               "results": [{**r.to_json(), **({"model_check": c.to_json()} if c else {})} for r, c in results]})
-    if any(r.failures for r, _check in results):
+        _json({"ok": not any(r.failures for r, _check, _budget in results),
+               "results": [{**r.to_json(), **({"model_check": c.to_json()} if c else {}),
+                            **({"model_tol": b.to_json()} if b else {})} for r, c, b in results]})
+    if any(r.failures for r, _check, _budget in results):
         raise typer.Exit(1)
+
+
+def _refuse_with_model_tol(models: list[pathlib.Path], model_factory: Optional[str], **given: object) -> None:
+    """--model-tol chooses every layer's tolerance and measures the model: one input, a factory,
+    and none of the options that would contradict it."""
+    if model_factory is None:
+        raise UserError("--model-tol needs --model-factory (the model whose output it bounds)")
+    if len(models) > 1:
+        raise UserError("--model-tol takes one checkpoint")
+    flags = {"tol": "--tol", "absolute": "--abs", "max_error": "--max-error", "min_ratio": "--min-ratio",
+             "resume": "--resume", "engine": "--engine ray", "max_shard_size": "--max-shard-size"}
+    clash = [flags[key] for key, value in given.items() if value not in (None, False)]
+    if clash:
+        raise UserError(f"--model-tol and {clash[0]} exclude each other")
+
+
+def _compress_to_model_tol(model: pathlib.Path, target: pathlib.Path, model_tol: float, factory: str,
+                           data: Optional[str], options, selection, activations: Optional[pathlib.Path],
+                           force: bool, workers: Optional[int], quiet: bool):
+    """`evaluate.budget.compress_to_model_tol` for one checkpoint, its steps logged on stderr."""
+    from hmcompress.calibrate import load_data_hook
+    from hmcompress.evaluate import analysis, budget
+
+    _import_from_cwd()
+    task = analysis.factory_task(factory)
+    data_spec, hook = load_data_hook(factory, data)
+    try:
+        batches = hook()
+    except Exception as err:  # noqa: BLE001 - the user's code: one line
+        raise UserError(" ".join(f"{data_spec}: raised {type(err).__name__}: {err}".split())) from err
+    log = (lambda _message: None) if quiet else _log_lines(f"compress {model}")
+    return budget.compress_to_model_tol(model, target, model_tol, task, batches, data_spec, options, selection,
+                                        activations, overwrite=force, workers=workers, log=log)
 
 
 def _refuse_duplicate_outputs(models: list[pathlib.Path], targets: list[pathlib.Path]) -> None:

@@ -11,18 +11,18 @@ from hmcompress.core.stats import LayerStats, totals
 from hmcompress.report.text import print_line
 
 COLUMNS = ("layer", "shape", "blocks lr/rows/dense", "rank max/mean", "codecs", "bytes before",
-           "bytes after", "ratio", "rel err", "out err", "||W-H||_2 <=", "kappa(W)", "kappa(H) <=", "bits/entry",
+           "bytes after", "ratio", "tol", "rel err", "out err", "||W-H||_2 <=", "kappa(W)", "kappa(H) <=", "bits/entry",
            "R(D) gauss/lower")
 # On a narrow terminal the table keeps the columns that fit, in this order of importance (shown
 # in COLUMNS order); `--wide` keeps them all. A number is never split across lines.
-PRIORITY = ("layer", "ratio", "rel err", "out err", "bytes after", "shape", "kappa(H) <=", "||W-H||_2 <=", "bytes before",
+PRIORITY = ("layer", "ratio", "rel err", "out err", "tol", "bytes after", "shape", "kappa(H) <=", "||W-H||_2 <=", "bytes before",
             "codecs", "bits/entry", "R(D) gauss/lower", "blocks lr/rows/dense", "rank max/mean", "kappa(W)")
 NAME_MIN_WIDTH = 16  # the layer column folds its names at this width, at the least
 ESSENTIAL = 4  # layer, ratio, rel err, out err: shown at any width
 LEGEND = ("H is the matrix as loaded (rounded once to the source dtype); every figure also holds for its float64 "
           "form. rel err = ||W-H||_F / ||W||_F (measured in float64, widened by its rounding). out err = "
           "||(W-H)X||_F / ||WX||_F on the calibration inputs X (compress --activations: the figure --tol bounds "
-          "there; -: built for the weights' norm). ||W-H||_2 <=: SVD of "
+          "there; -: built for the weights' norm). tol: the layer's own tolerance (--model-tol chooses them). ||W-H||_2 <=: SVD of "
           "each residual, widened by its rounding margin; (F): the Frobenius bound, used above 1024 a side. "
           "kappa(W): a computed estimate. kappa(H) <= (s_max+e2)/(s_min-e2) (Weyl; s_max, s_min are bounds on "
           "sigma_max(W), sigma_min(W)). blocks: low-rank / rows / dense leaves. bits/entry: stored bits per matrix "
@@ -59,7 +59,7 @@ def rows(layers: list[LayerStats]) -> list[list[str]]:
         out.append([
             s.name, shape, f"{s.blocks_lowrank}/{s.blocks_rows}/{s.blocks_dense}", f"{s.max_rank}/{s.mean_rank:.1f}",
             ",".join(s.codecs) or "-", byte_size(s.bytes_before), byte_size(s.bytes_after),
-            _num(s.ratio), f"{s.rel_error:.2e}", "-" if s.act_rel_error is None else f"{s.act_rel_error:.2e}", spectral, _num(s.kappa_w), _num(s.kappa_h_bound),
+            _num(s.ratio), f"{s.tol:.3g}", f"{s.rel_error:.2e}", "-" if s.act_rel_error is None else f"{s.act_rel_error:.2e}", spectral, _num(s.kappa_w), _num(s.kappa_h_bound),
             f"{s.bits_per_weight:.2f}", rate_cell(s.rd_gaussian_bits, s.rd_lower_bits),
         ])
     return out
@@ -135,8 +135,8 @@ def print_table(layers: list[LayerStats], console: Console, title: str = "", wid
     """
     cells = rows(layers)
     shown = list(COLUMNS) if wide else _fitting_columns(cells, console.width)
-    if not any(s.act_rel_error is not None for s in layers):  # no layer was built for its inputs
-        shown.remove("out err")
+    for col in _unused_columns(layers):
+        shown.remove(col)
     table = Table(show_lines=False)  # the title goes on its own line: a table title folds long paths
     for col in shown:
         table.add_column(col, overflow="fold", no_wrap=col != "layer",
@@ -149,13 +149,21 @@ def print_table(layers: list[LayerStats], console: Console, title: str = "", wid
     if title:
         print_line(console, title)
     console.print(table)
-    left_out = [col for col in COLUMNS if col not in shown and col != "out err"]
+    left_out = [col for col in COLUMNS if col not in shown and col not in _unused_columns(layers)]
     if left_out:
         print_line(console, f"({len(left_out)} columns left out for the terminal's width: {', '.join(left_out)}; "
                             "--wide or --json show them)")
     for line in (passthrough_line(layers), total_line(layers), LEGEND, hint_line(layers)):
         if line:
             print_line(console, line)
+
+
+def _unused_columns(layers: list[LayerStats]) -> list[str]:
+    """Columns that would say nothing: "out err" where no layer was built for its inputs, "tol"
+    where every layer had the same tolerance (the totals line and options say it)."""
+    compressed = [s for s in layers if s.compressed]
+    unused = [] if any(s.act_rel_error is not None for s in compressed) else ["out err"]
+    return unused + ([] if len({s.tol for s in compressed}) > 1 else ["tol"])
 
 
 def _widest(cells: list[list[str]], column: int) -> int:
