@@ -469,6 +469,10 @@ def compare_cmd(
     model_factory: Optional[str] = typer.Option(None, "--model-factory", help="A model package's factory, "
                                                 "e.g. sample_models.classifier:build: also each method's "
                                                 "task metric at --tol."),
+    activations: Optional[pathlib.Path] = typer.Option(None, "--activations", help="A stats file of hmcompress "
+                                                       "calibrate: errors and --tol on each layer's output on "
+                                                       "its calibration inputs; adds hm-aware, svd-llm, "
+                                                       "gptq-int8 and gptq-int4."),
     quiet: bool = flag("--quiet", "-q", help="No progress on stderr."),
 ) -> None:
     """hmcompress beside truncated SVD, pruning, int8/int4 quantization and the paper's algorithm:
@@ -477,13 +481,13 @@ def compare_cmd(
     from hmcompress.io.checkpoint import Selection
 
     tols = comparison.tolerances(tol, sweep)
-    chosen = baselines.select(methods, leaf)
+    chosen = baselines.select(methods, leaf, data_aware=activations is not None)
     selection = Selection(min_size=min_size, include=tuple(include), exclude=tuple(exclude), conv=conv)
     if plot or html_out:
         _check_picture_outputs(plot, html_out, force)
     task = _model_task(model_factory) if model_factory else None
     with _Bar(f"compare {model}", not quiet) as bar:
-        result = comparison.compare_checkpoint(model, tols, chosen, selection, leaf, bar.update, task)
+        result = comparison.compare_checkpoint(model, tols, chosen, selection, leaf, bar.update, task, activations)
     _write_pictures(plot, html_out, force, lambda plots: plots.comparison_pictures(result),
                     lambda pages, pictures: pages.comparison_page(result, pictures))
     if json_out:

@@ -5,6 +5,10 @@ it, or a fixed bit width's own error), and at a matched size, the bytes hmcompre
 there, every method's smallest error. Every figure is measured (see `baselines`). The JSON form is
 documented in docs/COMPARE.md (schema: docs/compare.schema.json); `tables` gives the same figures as
 rows of text for the terminal and the HTML page, and says plainly where hmcompress is not smallest.
+
+With calibration statistics (``activations``, a stats file of `hmcompress calibrate`) every error
+of a matrix the file has G for is its output error on the calibration inputs (`InputsNorm`), and
+the tolerances are on it; the other matrices keep the plain Frobenius norm.
 """
 from __future__ import annotations
 
@@ -16,9 +20,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from hmcompress.compare.baselines import REFERENCE, Method, Outcome, tail_norms
+from hmcompress.compare.baselines import FROBENIUS, REFERENCE, InputsNorm, Method, Norm, Outcome, tail_norms
 from hmcompress.core.build import as_matrix
+from hmcompress.core.weighted import InputWeights
 from hmcompress.errors import OptionError, UserError
+from hmcompress.io.activations import ActivationStats
 from hmcompress.io.checkpoint import Selection, classify, open_checkpoint
 from hmcompress.io.pipeline import one_thread
 from hmcompress.runtime import dense_nbytes
@@ -36,9 +42,10 @@ class LayerComparison:
     dtype: str
     norm: float
     bytes_dense: int
-    sigma: np.ndarray  # singular values of W (float64, descending), for the spectrum picture
+    sigma: np.ndarray  # singular values of W (in G's norm: of W G^½; float64, descending), for the spectrum picture
     at_tol: dict[float, dict[str, Outcome]]
     matched: dict[float, dict[str, Outcome | None]]  # at the reference's bytes; None: does not fit
+    error_norm: str = FROBENIUS.name  # the norm of every error and of `norm` ("frobenius" or "activations")
 
     def svd_cut(self, tol: float) -> int:
         """The smallest rank whose exact truncation is within the tolerance."""
@@ -51,17 +58,22 @@ class LayerComparison:
 
 def _fewest(outcomes: dict, size: Callable, eligible: Callable) -> str:
     candidates = [(size(out), name != REFERENCE, name) for name, out in outcomes.items() if eligible(out)]
-    return min(candidates)[2]
+    # In G's norm the reference (built for the weights) may miss, and so may every method chosen.
+    return min(candidates)[2] if candidates else REFERENCE
 
 
 def compare_matrix(name: str, matrix: torch.Tensor, tols: list[float], methods: dict[str, Method],
-                   keep_stored: bool = False) -> LayerComparison:
+                   keep_stored: bool = False, norm: Norm | None = None) -> LayerComparison:
     """Run every method at every tolerance, then at the reference's bytes for each tolerance.
 
     Only the outcomes at the primary tolerance (``tols[0]``) keep their H-matrix (for pictures)
     and, with ``keep_stored``, their stored matrix Ŵ (for the task metric); the rest keep figures.
+    ``norm``: what errors are measured in (default: Frobenius).
     """
-    fits = {method_name: method(matrix) for method_name, method in methods.items()}
+    if norm is None:
+        fits = {method_name: method(matrix) for method_name, method in methods.items()}
+    else:
+        fits = {method_name: method(matrix, norm) for method_name, method in methods.items()}
     at_tol = {tol: {n: fit.at_tol(tol) for n, fit in fits.items()} for tol in tols}
     matched = {}
     for tol in tols:
@@ -71,10 +83,19 @@ def compare_matrix(name: str, matrix: torch.Tensor, tols: list[float], methods: 
     matched = {tol: {n: out and out.slim() for n, out in outs.items()} for tol, outs in matched.items()}
     at_tol = {tol: {n: _kept(out, tol == tols[0], keep_stored) for n, out in outs.items()}
               for tol, outs in at_tol.items()}
-    sigma = torch.linalg.svdvals(matrix.double()).numpy()
-    norm = at_tol[tols[0]][REFERENCE].norm
-    return LayerComparison(name, tuple(matrix.shape), str(matrix.dtype).removeprefix("torch."), norm,
-                           dense_nbytes(tuple(matrix.shape), matrix.dtype), sigma, at_tol, matched)
+    weights = norm.weights if norm is not None else None
+    sigma = (torch.linalg.svdvals(matrix.double()) if weights is None else weighted_spectrum(matrix, weights)).numpy()
+    size = at_tol[tols[0]][REFERENCE].norm
+    return LayerComparison(name, tuple(matrix.shape), str(matrix.dtype).removeprefix("torch."), size,
+                           dense_nbytes(tuple(matrix.shape), matrix.dtype), sigma, at_tol, matched,
+                           (norm or FROBENIUS).name)
+
+
+def weighted_spectrum(matrix: torch.Tensor, weights: InputWeights) -> torch.Tensor:
+    """The singular values of W G^½ (G = Q Λ Qᵀ: those of W Q Λ^½), whose tails are the errors of
+    the best truncations in G's norm (SVD-LLM's, without damping)."""
+    values, vectors = torch.linalg.eigh(weights.gram)
+    return torch.linalg.svdvals(matrix.double() @ (vectors * values.clamp(min=0).sqrt()))
 
 
 def _kept(out: Outcome, primary: bool, keep_stored: bool) -> Outcome:
@@ -143,6 +164,7 @@ class Comparison:
     layers: list[LayerComparison]
     leaf: int
     task: TaskMetrics | None = None
+    activations: str | None = None  # the stats file errors are measured on, where it has G
 
     @property
     def primary(self) -> float:
@@ -181,12 +203,17 @@ class Comparison:
 
     def to_json(self) -> dict:
         """The documented JSON (docs/COMPARE.md); deterministic for the same input and options."""
-        return {
+        extra = {} if self.activations is None else {"activations": {
+            "file": self.activations,
+            "error_norm": "relative output error on the calibration inputs, sqrt(tr(E G E^T)) / sqrt(tr(W G W^T)), "
+                          "E = W - Ŵ, on the layers the file has G for; relative Frobenius on the others",
+            "layers": [layer.name for layer in self.layers if layer.error_norm == InputsNorm.name]}}
+        return {**extra, 
             "format": JSON_FORMAT, "version": JSON_VERSION, "source": self.source,
             "tolerances": self.tolerances, "primary_tol": self.primary, "reference": REFERENCE,
             "leaf": self.leaf,
             "methods": [{"name": name, "label": m.label, "bounded": m.bounded} for name, m in self.methods.items()],
-            "layers": [_layer_json(layer, self.tolerances) for layer in self.layers],
+            "layers": [_layer_json(layer, self.tolerances, self.activations is not None) for layer in self.layers],
             "totals": [self._totals_json(tol) for tol in self.tolerances],
             "not_smallest": self.not_smallest(),
             "task": self.task.to_json() if self.task else None,
@@ -208,7 +235,7 @@ def _outcome_json(out: Outcome | None, bytes_dense: int, tol: float) -> dict | N
             "error": out.error, "rel_error": out.rel_error, "within": out.within(tol), "detail": out.detail}
 
 
-def _layer_json(layer: LayerComparison, tols: list[float]) -> dict:
+def _layer_json(layer: LayerComparison, tols: list[float], activations: bool = False) -> dict:
     entries = []
     for tol in tols:
         smallest = layer.smallest(tol)
@@ -220,8 +247,9 @@ def _layer_json(layer: LayerComparison, tols: list[float]) -> dict:
                         "methods": {n: _outcome_json(o, layer.bytes_dense, tol)
                                     for n, o in layer.matched[tol].items()}},
         })
+    extra = {"error_norm": layer.error_norm} if activations else {}
     return {"name": layer.name, "shape": list(layer.shape), "dtype": layer.dtype, "norm": layer.norm,
-            "bytes_dense": layer.bytes_dense, "tolerances": entries}
+            "bytes_dense": layer.bytes_dense, "tolerances": entries, **extra}
 
 
 def tolerances(tol: float, sweep: str | None) -> list[float]:
@@ -241,10 +269,13 @@ def tolerances(tol: float, sweep: str | None) -> list[float]:
 
 def compare_checkpoint(source: str | pathlib.Path, tols: list[float], methods: dict[str, Method],
                        selection: Selection = Selection(), leaf: int = 32,
-                       progress: Progress | None = None, task=None) -> Comparison:
+                       progress: Progress | None = None, task=None,
+                       activations: str | pathlib.Path | None = None) -> Comparison:
     """Compare every method on every matrix of a checkpoint that `compress` would compress.
 
     ``task`` (an `analysis.ModelTask`): also the task metric of each method at ``tols[0]``.
+    ``activations`` (a stats file of `hmcompress calibrate`): errors in G's norm where it has G
+    (checked against the checkpoint, and every G checked, before any work).
     """
     if REFERENCE not in methods:
         raise OptionError("methods", f"must include {REFERENCE}, the reference of the matched size")
@@ -253,6 +284,7 @@ def compare_checkpoint(source: str | pathlib.Path, tols: list[float], methods: d
     if not eligible:
         raise UserError(f"{source}: no matrix to compare (none is a floating matrix of at least "
                         f"{selection.min_size}x{selection.min_size} entries; see hmcompress inspect)")
+    stats = _checked_stats(activations, ckpt, [e.name for e in eligible], source)
     layers = []
     for index, entry in enumerate(eligible):
         if progress:
@@ -260,12 +292,33 @@ def compare_checkpoint(source: str | pathlib.Path, tols: list[float], methods: d
         matrix = as_matrix(entry.load())
         if not bool(torch.isfinite(matrix).all()):
             raise UserError(f"{source}: tensor {entry.name!r} contains NaN or Inf values")
+        norm = None
+        if stats is not None and entry.name in stats.names:  # checked by _checked_stats
+            norm = InputsNorm(InputWeights(stats.gram(entry.name, checked=False), stats.samples(entry.name)))
         with one_thread():  # as compress: the figures may not depend on the thread count
-            layers.append(compare_matrix(entry.name, matrix, tols, methods, keep_stored=task is not None))
+            layers.append(compare_matrix(entry.name, matrix, tols, methods, keep_stored=task is not None,
+                                         norm=norm))
     metrics = task_metrics(task, source, layers, list(methods), tols[0]) if task is not None else None
     for layer in layers:  # the stored matrices were kept for the task metric only
         layer.at_tol[tols[0]] = {n: dataclasses.replace(o, stored=None) for n, o in layer.at_tol[tols[0]].items()}
-    return Comparison(str(source), tols, methods, layers, leaf, metrics)
+    return Comparison(str(source), tols, methods, layers, leaf, metrics,
+                      None if activations is None else str(activations))
+
+
+def _checked_stats(activations: str | pathlib.Path | None, ckpt, eligible: list[str],
+                   source: str | pathlib.Path) -> ActivationStats | None:
+    """The stats file, checked as `compress --activations` checks it: it belongs to this
+    checkpoint (every matrix of it counts, compared or not), and each G of a compared matrix is
+    sound. Each problem is one line of `UserError`."""
+    if activations is None:
+        return None
+    stats = ActivationStats.open(activations)
+    shapes = {e.name: tuple(as_matrix(torch.empty(e.shape, device="meta")).shape) for e in ckpt.entries
+              if len(e.shape) >= 2}
+    stats.check_against(shapes, source)
+    for name in sorted(set(stats.names) & set(eligible)):
+        stats.gram(name)
+    return stats
 
 
 def task_metrics(task, source: str | pathlib.Path, layers: list[LayerComparison], methods: list[str],
@@ -342,8 +395,23 @@ def tol_table(c: Comparison, tol: float) -> TextTable:
              f"cells: bytes ratio (dense / stored) and measured relative Frobenius error; {MISS} = not within "
              f"tol (fixed bit widths are shown at their own error; in the total row {MISS}N counts the layers "
              "missed); total error = ||W - Ŵ||_F / ||W||_F over all the matrices together."]
+    if c.activations is not None:
+        notes[1:] = [error_norm_note(c)]
     return TextTable(f"{c.source} at tol {tol:g}", ["layer", "shape", *c.methods, f"{REFERENCE} smallest?"],
                      rows, notes)
+
+
+def error_norm_note(c: Comparison) -> str:
+    """The line that says which norm a comparison with calibration statistics measured in."""
+    weighted = sum(layer.error_norm == InputsNorm.name for layer in c.layers)
+    plain = [layer.name for layer in c.layers if layer.error_norm != InputsNorm.name]
+    return (f"errors are OUTPUT errors on the calibration inputs of {c.activations} (G = X Xᵀ / N): cells show "
+            f"the bytes ratio (dense / stored) and the measured sqrt(tr(E G Eᵀ)) / sqrt(tr(W G Wᵀ)), "
+            f"E = W - Ŵ, on {weighted} of {len(c.layers)} layers"
+            + (f"; relative Frobenius on the {len(plain)} without G ({', '.join(plain[:3])}"
+               f"{', ...' if len(plain) > 3 else ''})" if plain else "")
+            + f"; tol is on that error; {MISS} = not within tol (fixed bit widths at their own error; "
+            f"in the total row {MISS}N counts the layers missed); total error = sqrt(Σ errors² / Σ norms²).")
 
 
 def matched_table(c: Comparison, tol: float) -> TextTable:
@@ -361,6 +429,8 @@ def matched_table(c: Comparison, tol: float) -> TextTable:
     notes = [f"Each method's smallest measured relative error within the bytes {REFERENCE} needs at tol {tol:g} "
              "(SVD: the largest rank that fits; pruning: the most entries; H-matrix methods: bisection on "
              "their tolerance; quantizers: their one size, if it fits)."]
+    if c.activations is not None:
+        notes.append(f"errors in the norm of the calibration inputs of {c.activations} where it has G (see above).")
     return TextTable(f"{c.source}: matched size ({REFERENCE} bytes at tol {tol:g})",
                      ["layer", "budget", *c.methods, "smallest error"], rows, notes)
 
