@@ -163,3 +163,110 @@ def test_select_names_methods_and_always_keeps_the_reference():
     assert list(baselines.select(None)) == list(registry())
     with pytest.raises(OptionError, match="unknown nope"):
         baselines.select("svd,nope")
+
+
+# ------------------------------------------------------------------------------------------------
+# In the norm of a layer's calibration inputs (compare --activations)
+
+
+def anisotropic_gram(n: int = N, samples: int = 2000, seed: int = 1) -> torch.Tensor:
+    """G = X Xᵀ / N of inputs whose scales fall over three decades, correlated (as trained layers' inputs are)."""
+    gen = torch.Generator().manual_seed(seed)
+    mix, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    x = mix @ (torch.logspace(0, -3, n, dtype=torch.float64)[:, None]
+               * torch.randn(n, samples, generator=gen, dtype=torch.float64))
+    return x @ x.T / samples
+
+
+def output_error(w: torch.Tensor, stored: torch.Tensor, gram: torch.Tensor) -> float:
+    """sqrt(tr(E G Eᵀ)) in float64 for Ŵ as stored and rounded to W's dtype (the larger)."""
+    def one(s: torch.Tensor) -> float:
+        e = w.double() - s.double()
+        return math.sqrt(max(float(torch.trace(e @ gram @ e.T)), 0.0))
+    return max(one(stored), one(stored.to(w.dtype)))
+
+
+@pytest.fixture(scope="module")
+def inputs() -> baselines.InputsNorm:
+    return baselines.InputsNorm(baselines.InputWeights(anisotropic_gram(), 2000))
+
+
+def test_errors_in_the_inputs_norm_are_the_output_errors(inputs):
+    w = weights()
+    out = registry()["int8-row"](w, inputs).at_tol(1e-2)
+    plain = registry()["int8-row"](w).at_tol(1e-2)
+    assert out.nbytes == plain.nbytes and out.detail == plain.detail
+    assert out.error == pytest.approx(output_error(w, out.stored, inputs.weights.gram), rel=1e-6)  # an upper bound
+    assert out.norm == pytest.approx(math.sqrt(float(torch.trace(w.double() @ inputs.weights.gram @ w.double().T))),
+                                     rel=1e-9)
+
+
+@pytest.mark.parametrize("tol", TOLS)
+def test_svd_llm_error_is_its_whitened_tail_and_its_rank_the_smallest(inputs, tol):
+    w = weights().double()  # float64 factors: no rounding, so the tail is the error
+    gram = inputs.weights.gram
+    fit = registry(data_aware=True)["svd-llm"](w, inputs)
+    out = fit.at_tol(tol)
+    rank = int(out.detail.removeprefix("rank "))
+    assert out.nbytes == rank * (M + N) * 8 and out.within(tol)
+    assert out.error == pytest.approx(float(fit.tails[rank]), rel=1e-6, abs=1e-12 * out.norm)
+    assert output_error(w, fit.stored(rank), gram) == pytest.approx(out.error, rel=1e-6)
+    assert output_error(w, fit.stored(rank - 1), gram) > tol * out.norm
+    # whitening needs no more rank than the plain SVD measured in the same norm
+    plain = TruncatedSVD()(w, inputs).at_tol(tol)
+    assert rank <= int(plain.detail.removeprefix("rank ")) and plain.within(tol)
+
+
+def test_svd_llm_without_g_is_the_plain_svd():
+    w = weights()
+    assert baselines.WhitenedSVD()(w).at_tol(1e-2).detail == TruncatedSVD()(w).at_tol(1e-2).detail
+
+
+@pytest.mark.parametrize(("name", "bits", "plain"), [("gptq-int8", 8, None), ("gptq-int4", 4, "int4-g128")])
+def test_gptq_beats_round_to_nearest_in_the_inputs_norm(name, bits, plain):
+    w = weights(m=40, n=300)
+    gram = anisotropic_gram(300, 3000, 2)
+    norm = baselines.InputsNorm(baselines.InputWeights(gram, 3000))
+    rtn = registry()[plain] if plain else GroupQuantization("int8-g128", 8, 128, torch.float16)
+    gptq = registry(data_aware=True)[name](w, norm).at_tol(1e-2)
+    nearest = rtn(w, norm).at_tol(1e-2)
+    assert gptq.nbytes == nearest.nbytes == 40 * math.ceil(300 * bits / 8) + 40 * 3 * 2
+    assert gptq.error == pytest.approx(output_error(w, gptq.stored, gram), rel=1e-6)
+    assert gptq.error < 0.8 * nearest.error  # error feedback: well below round-to-nearest at the same codes
+    # every value is a code times its group's float16 scale
+    scale = (torch.nn.functional.pad(w.double(), (0, 84)).reshape(40, 3, 128).abs().amax(-1) / ((1 << bits - 1) - 1))
+    column_scale = scale.half().double()[:, torch.arange(300) // 128]
+    codes = gptq.stored.double() / column_scale
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.abs().max() <= (1 << bits - 1) - 1
+    # without G it is round-to-nearest
+    assert registry(data_aware=True)[name](w).at_tol(1e-2).error == rtn(w).at_tol(1e-2).error
+
+
+@pytest.mark.parametrize("tol", (1e-1, 1e-2))
+def test_hm_aware_is_within_the_output_tolerance(inputs, tol):
+    w = weights()
+    fit = registry(leaf=16, data_aware=True)["hm-aware"](w, inputs)
+    out = fit.at_tol(tol)
+    assert out.within(tol) and out.nbytes == out.hmatrix.nbytes
+    measured = output_error(w, out.hmatrix.to_dense(torch.float64), inputs.weights.gram)
+    assert measured <= out.error * (1 + 1e-9) and out.error <= tol * out.norm
+    budget = registry(leaf=16)["hm-auto"](w).at_tol(tol).nbytes
+    fits = fit.at_bytes(budget)
+    assert fits is not None and fits.nbytes <= budget
+
+
+def test_pruning_in_the_inputs_norm_is_within(inputs):
+    w = weights()
+    out = MagnitudePruning()(w, inputs).at_tol(1e-1)
+    assert out.within(1e-1)
+    assert output_error(w, out.stored, inputs.weights.gram) <= out.error * (1 + 1e-9)
+
+
+def test_data_aware_methods_need_activations():
+    assert not set(baselines.DATA_AWARE) & set(registry())
+    with pytest.raises(OptionError, match="svd-llm, gptq-int4 need --activations"):
+        baselines.select("svd,svd-llm,gptq-int4")
+    with pytest.raises(OptionError, match="hm-aware needs --activations"):
+        baselines.select("hm-aware")
+    assert list(baselines.select("svd", data_aware=True)) == ["hm-auto", "hm-aware", "svd"]
+    assert set(baselines.DATA_AWARE) <= set(baselines.select(None, data_aware=True))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import pathlib
 import re
@@ -375,3 +376,108 @@ def test_html_escapes_names():
     text = pages.table_html(table)
     assert "<img src=x>" not in text and "&lt;img src=x&gt;" in text and 'class="flag"' in text
 
+
+
+# ------------------------------------------------------------------------------------------------
+# compare --activations: errors in each layer's output norm on its calibration inputs
+
+
+def input_gram(n: int, seed: int) -> torch.Tensor:
+    """G = X Xᵀ / N of inputs with scales falling over two decades, correlated."""
+    gen = torch.Generator().manual_seed(seed)
+    mix, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    x = mix @ (torch.logspace(0, -2, n, dtype=torch.float64)[:, None]
+               * torch.randn(n, 1000, generator=gen, dtype=torch.float64))
+    g = x @ x.T / 1000
+    return (g + g.T) / 2  # exactly symmetric, as calibrate writes it
+
+
+def write_stats_file(path: pathlib.Path, grams: dict[str, torch.Tensor]) -> pathlib.Path:
+    from hmcompress.calibrate import LayerInputs, write_stats
+
+    write_stats(path, {name: LayerInputs(g, 1000, 1) for name, g in grams.items()}, {"model": "test"}, overwrite=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stats_file(tmp_path_factory) -> pathlib.Path:
+    """G for a.weight only: b.weight keeps the plain norm."""
+    return write_stats_file(tmp_path_factory.mktemp("stats") / "stats.safetensors", {"a.weight": input_gram(64, 5)})
+
+
+def test_activations_measure_every_method_in_the_output_norm(cli, model, stats_file):
+    import jsonschema
+
+    done = cli("compare", str(model), "--activations", str(stats_file), "--leaf", "16", "--json", "-q")
+    assert done.code == 0, done.stderr
+    payload = json.loads(done.stdout)
+    jsonschema.validate(payload, SCHEMA)
+    assert payload["activations"]["file"] == str(stats_file) and payload["activations"]["layers"] == ["a.weight"]
+    names = [m["name"] for m in payload["methods"]]
+    assert names == list(baselines.ACTIVATIONS_DEFAULT)
+    layers = {layer["name"]: layer for layer in payload["layers"]}
+    assert layers["a.weight"]["error_norm"] == "activations" and layers["b.weight"]["error_norm"] == "frobenius"
+    w = kernel(96, 64, 0).double()
+    gram = input_gram(64, 5)
+    assert layers["a.weight"]["norm"] == pytest.approx(math.sqrt(float(torch.trace(w @ gram @ w.T))), rel=1e-9)
+    assert layers["b.weight"]["norm"] == pytest.approx(float(kernel(64, 64, 1).double().norm()), rel=1e-12)
+    for layer in payload["layers"]:
+        entry = layer["tolerances"][0]
+        assert entry["methods"]["hm-aware"]["within"] and entry["methods"]["svd-llm"]["within"]
+    a = layers["a.weight"]["tolerances"][0]["methods"]
+    assert a["gptq-int4"]["bytes"] == a["int4-g128"]["bytes"] and a["gptq-int4"]["rel_error"] < a["int4-g128"]["rel_error"]
+    assert a["svd-llm"]["bytes"] <= a["svd"]["bytes"]
+    # plain layers: the data-aware methods fall back to G = I
+    b = layers["b.weight"]["tolerances"][0]["methods"]
+    assert b["gptq-int4"] == b["int4-g128"] | {"detail": b["gptq-int4"]["detail"]}
+    table = cli("compare", str(model), "--activations", str(stats_file), "--methods", "svd-llm", "--leaf", "16", "-q")
+    assert table.code == 0, table.stderr
+    assert "errors are OUTPUT errors on the calibration inputs" in table.stdout
+    assert "relative Frobenius on the 1 without G (b.weight)" in table.stdout
+
+
+@pytest.mark.slow
+def test_plain_json_has_no_activation_fields(compared):
+    payload = compared["payload"]
+    assert "activations" not in payload and all("error_norm" not in layer for layer in payload["layers"])
+
+
+def test_activation_refusals_are_one_line_and_exit_2(cli, model, tmp_path):
+    bad_g = input_gram(64, 6)
+    bad_g[0, 0] = -1.0
+    other = {"other.weight": input_gram(64, 7)}
+    wrong_size = {"a.weight": input_gram(32, 8)}
+    cases = [
+        ([], ["--methods", "svd-llm"], "--methods svd-llm needs --activations"),
+        ([], ["--methods", "gptq-int8,hm-aware"], "gptq-int8, hm-aware need --activations"),
+        (["--activations", str(write_stats_file(tmp_path / "other.safetensors", other))], [], "for another model"),
+        (["--activations", str(write_stats_file(tmp_path / "size.safetensors", wrong_size))], [],
+         "has inputs of size 32"),
+        (["--activations", str(write_stats_file(tmp_path / "bad.safetensors", {"a.weight": bad_g}))], [],
+         "negative diagonal"),
+        (["--activations", str(tmp_path / "missing.safetensors")], [], "no such file"),
+        (["--activations", str(model)], [], "not a calibration stats file"),
+    ]
+    for stats, args, message in cases:
+        done = cli("compare", str(model), *stats, *args, "-q")
+        assert done.code == 2 and message in done.stderr and done.stderr.count("\n") == 1, (message, done.stderr)
+
+
+@pytest.mark.slow
+def test_compare_activations_on_the_classifier(cli, tmp_path):
+    """End to end: hmcompress calibrate's stats of a sample model, then compare with them."""
+    from hmcompress.calibrate import calibrate_checkpoint
+
+    checkpoint = ROOT / "sample_models" / "classifier" / "classifier.safetensors"
+    stats = tmp_path / "stats.safetensors"
+    calibrate_checkpoint("sample_models.classifier:build", checkpoint, stats)
+    done = cli("compare", str(checkpoint), "--activations", str(stats), "--methods", "svd-llm,gptq-int4,int4-g128",
+               "--include", "net.0.weight", "--include", "net.4.weight", "--json", "-q")
+    assert done.code == 0, done.stderr
+    payload = json.loads(done.stdout)
+    assert payload["activations"]["layers"] == ["net.0.weight", "net.4.weight"]
+    total = next(t for t in payload["totals"] if t["tol"] == 0.01)["methods"]
+    assert total["hm-aware"]["layers_within"] == total["svd-llm"]["layers_within"] == 2
+    assert total["hm-aware"]["bytes"] < total["hm-auto"]["bytes"]  # built for the inputs: fewer bytes at the same output tol
+    assert total["gptq-int4"]["rel_error"] < total["int4-g128"]["rel_error"]
+    assert total["hm-aware"]["bytes"] < total["svd-llm"]["bytes"]
