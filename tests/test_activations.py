@@ -54,8 +54,10 @@ def test_compress_report_and_verify_with_activations(cli, model, tmp_path):
     assert "relative output error" in ok.stdout
     without = cli("verify", out, "--original", path)
     assert without.code == 0 and "needs --activations" in without.stdout
-    header = runtime.read_file(out).metadata["options"]
-    assert header["activations"] == {"file": "stats.safetensors", "matrices": 2}
+    stored = runtime.read_file(out)
+    assert stored.metadata["options"]["activations"] == {"file": "stats.safetensors", "matrices": 2}
+    for name, hm in stored.matrices.items():  # the bytes reported are the bytes stored
+        assert layers[name]["bytes_after"] == hm.nbytes
 
 
 def test_verify_with_activations_fails_a_tampered_file(cli, model, tmp_path):

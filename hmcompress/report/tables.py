@@ -135,8 +135,8 @@ def print_table(layers: list[LayerStats], console: Console, title: str = "", wid
     """
     cells = rows(layers)
     shown = list(COLUMNS) if wide else _fitting_columns(cells, console.width)
-    for col in _unused_columns(layers):
-        shown.remove(col)
+    unused = _unused_columns(layers)
+    shown = [col for col in shown if col not in unused]
     table = Table(show_lines=False)  # the title goes on its own line: a table title folds long paths
     for col in shown:
         table.add_column(col, overflow="fold", no_wrap=col != "layer",
