@@ -191,15 +191,7 @@ def _first_within(start: int, stop: int, outcome_of: Callable[[int], Outcome],
         missed, size, step = size, min(stop, size + step), step * 2
     if out.error > limit:
         return size, out
-    passed, best = size, out
-    while passed - missed > 1:
-        mid = (passed + missed) // 2
-        trial = outcome_of(mid)
-        if trial.error <= limit:
-            passed, best = mid, trial
-        else:
-            missed = mid
-    return passed, best
+    return _narrow(missed, size, out, outcome_of, limit)
 
 
 def _bisect_within(stop: int, outcome_of: Callable[[int], Outcome], limit: float) -> Outcome:
@@ -208,7 +200,12 @@ def _bisect_within(stop: int, outcome_of: Callable[[int], Outcome], limit: float
     best = outcome_of(stop)
     if best.error > limit:
         return best
-    missed, passed = -1, stop
+    return _narrow(-1, stop, best, outcome_of, limit)[1]
+
+
+def _narrow(missed: int, passed: int, best: Outcome, outcome_of: Callable[[int], Outcome],
+            limit: float) -> tuple[int, Outcome]:
+    """Bisect between a size that missed ``limit`` and one that passed (with its outcome)."""
     while passed - missed > 1:
         mid = (passed + missed) // 2
         trial = outcome_of(mid)
@@ -216,7 +213,7 @@ def _bisect_within(stop: int, outcome_of: Callable[[int], Outcome], limit: float
             passed, best = mid, trial
         else:
             missed = mid
-    return best
+    return passed, best
 
 
 def tail_norms(energy: np.ndarray) -> np.ndarray:
