@@ -21,9 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from hmcompress.errors import UserError
+from hmcompress.io.activations import STATS_FORMAT, STATS_KEY
 
-STATS_KEY = "hmcompress_stats"  # the safetensors metadata key of a stats file
-STATS_FORMAT = 1
 UNFOLD_NUMBERS = 2**24  # a conv's patches are formed this many numbers at a time
 
 

@@ -15,9 +15,10 @@ import pathlib
 
 import torch
 
-from hmcompress.calibrate import STATS_FORMAT, STATS_KEY
 from hmcompress.errors import UserError
 
+STATS_KEY = "hmcompress_stats"  # the metadata key of a stats file
+STATS_FORMAT = 1
 PSD_SLACK = 8  # G's smallest eigenvalue may be as low as -n * eps * PSD_SLACK * its largest
 
 
