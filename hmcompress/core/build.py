@@ -105,7 +105,7 @@ def compress_matrix(matrix: torch.Tensor, options: CompressionOptions, full_anal
     """
     if matrix.ndim != 2 or not matrix.is_floating_point():
         raise OptionError("matrix", f"must be a 2-D floating-point tensor, got {tuple(matrix.shape)} {matrix.dtype}")
-    codecs = (source_codec(matrix.dtype),) if options.precision == "keep" else auto_codecs(matrix.dtype)
+    codecs = storage_codecs(matrix, options)
     if weights is not None:
         return compress_for_inputs(matrix, options, weights, codecs)
     allowed = allowed_error(matrix, options)
@@ -127,6 +127,11 @@ def compress_matrix(matrix: torch.Tensor, options: CompressionOptions, full_anal
         target *= 0.95 * (allowed / error) ** 2
     hm = _exact_hmatrix(matrix)
     return Compressed(hm, matrix.double(), 0.0, allowed, cands.root_sigma, "exact", MAX_REBUILDS)
+
+
+def storage_codecs(matrix: torch.Tensor, options: CompressionOptions) -> tuple[str, ...]:
+    """The codecs a matrix may be stored in: its own dtype (`--precision keep`) or every cheaper one too."""
+    return (source_codec(matrix.dtype),) if options.precision == "keep" else auto_codecs(matrix.dtype)
 
 
 def compress_for_inputs(matrix: torch.Tensor, options: CompressionOptions, weights: InputWeights,

@@ -25,8 +25,7 @@ from torch import nn
 
 from hmcompress.api import CompressionResult, compress_checkpoint, selected
 from hmcompress.calibrate import feed
-from hmcompress.core.build import CompressionOptions, InputsBuilder, as_matrix, compress_matrix
-from hmcompress.core.codecs import auto_codecs, source_codec
+from hmcompress.core.build import CompressionOptions, InputsBuilder, as_matrix, compress_matrix, storage_codecs
 from hmcompress.core.weighted import InputWeights
 from hmcompress.errors import OptionError, OutputExists, UserError
 from hmcompress.evaluate import analysis
@@ -132,7 +131,7 @@ def layer_curves(source: pathlib.Path, options: CompressionOptions, selection: S
                  reference: list[torch.Tensor], log: Callable[[str], None]) -> list[LayerCurve]:
     """Every compressible layer's bytes-versus-error curve over `LADDER` and its sensitivity."""
     opened = open_checkpoint(source)
-    kept, ckpt, reasons = selected(opened, selection, source)
+    _kept, ckpt, reasons = selected(opened, selection, source)
     state = model.state_dict()
     curves = []
     for entry in ckpt.entries:
@@ -143,8 +142,7 @@ def layer_curves(source: pathlib.Path, options: CompressionOptions, selection: S
                             "checkpoint's names to be the model's")
         tensor = entry.load()
         matrix = as_matrix(tensor)
-        weights = (InputWeights(stats.gram(entry.name), stats.samples(entry.name))
-                   if stats is not None and entry.name in stats.names else None)
+        weights = stats.weights(entry.name) if stats is not None and entry.name in stats.names else None
         build = _builder(matrix, options, weights)
         points, probe = [], None
         for tol in LADDER:
@@ -160,7 +158,6 @@ def layer_curves(source: pathlib.Path, options: CompressionOptions, selection: S
         curves.append(curve)
     if not curves:
         raise UserError(f"{source}: no matrix to compress")
-    del kept
     return curves
 
 
@@ -180,8 +177,7 @@ def _builder(matrix: torch.Tensor, options: CompressionOptions,
     """``build(tol)``: data-aware builds from one analysis where the layer has G, else plain ones."""
     if weights is None:
         return lambda tol: compress_matrix(matrix, dataclasses.replace(options, tol=tol))
-    codecs = (source_codec(matrix.dtype),) if options.precision == "keep" else auto_codecs(matrix.dtype)
-    builder = InputsBuilder(matrix, options, weights, codecs, smallest_tol=min(LADDER))
+    builder = InputsBuilder(matrix, options, weights, storage_codecs(matrix, options), smallest_tol=min(LADDER))
     return builder.build
 
 

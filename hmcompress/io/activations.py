@@ -8,13 +8,13 @@ semi-definite within rounding, not zero). Nothing is ever unpickled. Every probl
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
 
 import torch
 
+from hmcompress.core.weighted import InputWeights
 from hmcompress.errors import UserError
 
 STATS_KEY = "hmcompress_stats"  # the metadata key of a stats file
@@ -162,10 +162,13 @@ class ActivationStats:
                        f"{smallest:.1e}, largest {largest:.1e})")
         return g
 
+    def weights(self, name: str, checked: bool = True) -> InputWeights:
+        """The layer's G and N as the builder takes them (``checked``: as for `gram`)."""
+        return InputWeights(self.gram(name, checked), self.samples(name))
+
     def digest(self, name: str) -> str:
-        """SHA-256 (hex) of the layer's G as stored (its float64 bytes in C order): for cache keys."""
-        g = self._load(name).contiguous()
-        return hashlib.sha256(g.reshape(-1).view(torch.uint8).numpy()).hexdigest()
+        """Identifies the layer's G as stored (`InputWeights.digest`: what result keys use)."""
+        return InputWeights(self._load(name), self.samples(name)).digest()
 
     def check_against(self, matrices: dict[str, tuple[int, int]], checkpoint: object = "the checkpoint") -> None:
         """Refuse stats that do not belong to a checkpoint whose matrices are ``matrices`` (name ->

@@ -171,7 +171,7 @@ def job_weights(job: Job) -> InputWeights | None:
     stats = ActivationStats.open(job.activations)
     if job.name not in stats.names:
         return None
-    return InputWeights(stats.gram(job.name, checked=False), stats.samples(job.name))  # checked as the run began
+    return stats.weights(job.name, checked=False)  # every G was checked as the run began
 
 
 @dataclasses.dataclass
