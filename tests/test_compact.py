@@ -410,3 +410,104 @@ def test_float_rows_of_every_band_run_as_one_product_in_the_int_layout():
     with torch.no_grad():
         assert_close_to(layer(x), x, hm.to_dense(torch.float64), layer.bias, room=magnitudes(hm).T)
     assert layer.held_bytes <= 1.3 * hm.nbytes
+
+
+def _small_layouts(m: int, n: int, seed: int = 0):
+    """Small matrices as the sample models store them: one int8 block (one column range), two
+    unequal and two equal column ranges, and integer rows beside float16 ones."""
+    w = trained_like(m, n, seed=seed).double()
+    left = n // 2
+    layouts = {
+        "one range": pack(w, [(0, 0, m, n, ("dense", "i8"))]),
+        "unequal ranges": pack(w, [(0, 0, m, left, ("dense", "i8")), (0, left, m, n - left, ("dense", "i7"))]),
+        "equal ranges": pack(w[:, :2 * left], [(0, 0, m, left, ("dense", "i8")), (0, left, m, left, ("dense", "i6"))]),
+    }
+    if m > 1:
+        layouts["float rows beside"] = pack(w, [(0, 0, m, n, ("rows", [("i8", list(range(1, m))), ("f16", [0])]))])
+    return layouts
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (37, 53), (1, 7), (96, 256)])
+@pytest.mark.parametrize("batch", [1, 16, 300])
+def test_small_layers_hold_codes_as_h_and_form_it_in_a_few_operations(shape, batch):
+    """The float layout holds integer codes as H's (one int8 matrix, a scale a row and column
+    range): fewer input rows than columns scale the product, more scale H; both agree with
+    the dense product within float32 rounding, for odd sizes and batches of 1 and 16."""
+    for name, hm in _small_layouts(*shape).items():
+        m, n = hm.shape
+        bias = torch.randn(m)
+        layer = CompactLinear(hm, bias, layout="float")
+        assert layer._widths and layer.codes.shape == (m, n) and layer.codes.dtype == torch.int8, name
+        assert sum(layer._widths) == n and layer.range_scales.shape == (len(layer._widths), m)
+        assert layer._lean == (name == "one range")
+        assert layer.held_bytes <= 1.3 * hm.nbytes + 64, (name, layer.held_bytes, hm.nbytes)
+        weight, room = hm.to_dense(torch.float64), magnitudes(hm).T
+        x = torch.randn(batch, n)
+        with torch.no_grad():
+            assert_close_to(layer(x), x, weight, bias, room=room)
+            assert_close_to(layer.dense(), torch.eye(m), weight.T, room=room.T)
+            if name != "one range" or batch >= n:  # H formed as load_state_dict forms it: the same product
+                assert torch.equal(layer(x), nn.functional.linear(x, hm.to_dense(torch.float32), bias))
+
+
+def test_sparse_integer_rows_are_not_held_as_a_padded_matrix():
+    """A hostile or just sparse matrix (a few integer rows in a wide one) is never padded to a
+    full int8 matrix: the codes stay as bands, at their stored size."""
+    w = trained_like(3000, 2000).double()
+    hm = pack(w, [(0, 0, 3000, 2000, ("rows", [("i8", [5, 17, 2999])]))])
+    assert compact._tile([(0, 2000, torch.tensor([5]), torch.ones(2000, 1, dtype=torch.int8), torch.ones(1))],
+                         3000, 2000) is None
+    layer = CompactLinear(hm, layout="float")
+    assert not layer._widths and "codes" not in dict(layer.named_buffers())
+    assert layer.held_bytes < 4 * 2000 * 3 + 1024
+    x = torch.randn(2, 2000)
+    with torch.no_grad():
+        assert_close_to(layer(x), x, hm.to_dense(torch.float64), room=magnitudes(hm).T)
+
+
+def test_embedding_and_lstm_cell_from_codes_held_as_h():
+    hm = _small_layouts(60, 24)["unequal ranges"]
+    embedding = CompactEmbedding(hm)
+    assert embedding._widths == (12, 12)
+    tokens = torch.tensor([[0, 59, 3], [3, 7, 58]])
+    with torch.no_grad():
+        assert torch.equal(embedding(tokens), hm.to_dense(torch.float32)[tokens])
+    w = trained_like(60, 24).double()
+    for float_columns, tiled in ((1, True), (4, False)):  # a float column range beside: a gap in H's codes, or bands
+        floats = pack(w, [(0, 0, 60, 24 - float_columns, ("dense", "i8")),
+                          (0, 24 - float_columns, 60, float_columns, ("dense", "f16"))])
+        embedding = CompactEmbedding(floats)
+        assert bool(embedding._widths) == tiled and len(embedding._bands) == (1 if tiled else 2)
+        with torch.no_grad():
+            assert torch.allclose(embedding(tokens), floats.to_dense(torch.float32)[tokens], atol=1e-6)
+    cell = nn.LSTMCell(24, 15)
+    weights = {"weight_ih": _small_layouts(60, 24, seed=1)["one range"], "weight_hh": _small_layouts(60, 15)["one range"]}
+    compact_cell = CompactLSTMCell(cell, weights)
+    with torch.no_grad():
+        cell.weight_ih.copy_(weights["weight_ih"].to_dense())
+        cell.weight_hh.copy_(weights["weight_hh"].to_dense())
+        for batch in (1, 16):
+            x, state = torch.randn(batch, 24), (torch.randn(batch, 15), torch.randn(batch, 15))
+            for got, want in zip(compact_cell(x, state), cell(x, state)):
+                assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("stride,padding,dilation,mode", [(128, 0, 1, "zeros"), (1, 2, 1, "zeros"), (3, 1, 2, "zeros"),
+                                                          (2, 3, 1, "reflect")])
+def test_conv1d_with_a_tile_product_multiplies_its_windows(stride, padding, dilation, mode):
+    """A Conv1d whose matrix runs partly through the tile product (more low-rank blocks than
+    MAX_FACTOR_PAIRS, as Silero's STFT) multiplies its input's windows instead of forming its
+    kernel through a product by an identity."""
+    conv = nn.Conv1d(3, 10, 7, stride=stride, padding=padding, dilation=dilation, padding_mode=mode)
+    w = torch.randn(10, 21, dtype=torch.float64)
+    hm = pack(w, [(0, 3 * i, 10, 3, ("lowrank", [("i8", 2)])) for i in range(7)])
+    layer = CompactConv(hm, conv, layout="tiles")
+    assert layer.windows and layer.rest is not None
+    reference = nn.Conv1d(3, 10, 7, stride=stride, padding=padding, dilation=dilation, padding_mode=mode)
+    with torch.no_grad():
+        reference.weight.copy_(hm.to_dense().reshape(10, 3, 7))
+        reference.bias.copy_(layer.bias)
+        for x in (torch.randn(4, 3, 300), torch.randn(3, 300)):
+            y, ref = layer(x), reference(x)
+            assert y.shape == ref.shape and y.is_contiguous()
+            assert torch.allclose(y, ref, atol=1e-5 * float(ref.abs().max()))

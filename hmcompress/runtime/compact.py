@@ -10,7 +10,17 @@ three balanced base-256 digits, ``x ≈ step · (d0 + 256·d1 + 65536·d2)`` wit
 of the sums). Integer products of the (3N, n) digits by the codes give every band's exact int32
 sums, recombined in float32 and scaled. Where `torch._int_mm` is missing (old torch, CUDA's shape
 rules), for float64 models, and for rows with inf, NaN or only subnormal numbers, the codes are
-converted to ``dtype`` for the call instead (layout "float" always does so: fewer operations).
+converted to ``dtype`` for the call instead.
+
+Layout "float" (the default below SMALL_MATRIX entries, where each call's count of operations
+costs as much as the product) holds the integer codes as H's own: one (m, n) int8 matrix, zero
+where no integer row is, with a table of scales, a row of it per column range (`_tile`; where
+that would pad the codes by more than TILE_PADDING they stay bands). A call then converts the
+codes to float32 and scales them in two operations (H as `load_state_dict` gives it, bit for
+bit), adds the few other bands and pairs, and takes one product; where H is a single column range
+and the input has fewer rows than columns, the product of the unscaled codes is scaled instead
+(one pass over the output, not over H). What stays is one conversion of the codes a call: about
+m·n float32 bytes written, 10-20% of a batch-16 product on this CPU.
 
 Rows and blocks stored in floating codecs form bands of their own, kept at their stored width and
 converted for each call. Low-rank blocks beside the bands, up to `MAX_FACTOR_PAIRS` of them, are
@@ -39,14 +49,15 @@ DIGIT_WEIGHTS = (1.0, 256.0, 65536.0)
 MAX_BAND_COLUMNS = 1 << 16  # int32 sums of code × digit products (each at most 128²) cannot overflow
 MAX_BANDS = 64  # beyond this many column ranges the tile product is the better layout
 # How a `CompactMatrix` runs: integer-coded rows as int8 bands multiplied in integers ("int") or
-# decoded to float for each call ("float": fewer operations, the better for small matrices), or
-# everything through the tile product ("tiles").
+# held as H's codes and H formed for each call ("float": fewer operations, the better for small
+# matrices), or everything through the tile product ("tiles").
 LAYOUTS = ("int", "float", "tiles")
 SMALLEST_NORMAL = torch.finfo(torch.float32).tiny  # a digits' step below it has lost precision
 SMALL_MATRIX = 1 << 18
 JOINED_BATCH = 4  # up to this many input rows the int layout joins its bands' sums (fewer operations)
 FLOAT_BAND_PADDING = 0.05  # of the stored bytes: what merging the float bands may add in zeros
 MAX_FACTOR_PAIRS = 16  # low-rank blocks beside bands taken two products each; more go to the tile product
+TILE_PADDING = 0.1  # of the integer codes: what holding them as H's codes may add in zeros
 
 
 @functools.lru_cache(maxsize=None)
@@ -139,8 +150,9 @@ def _flat_source(codes: torch.Tensor) -> str:
 class CompactMatrix(nn.Module):
     """``x @ Hᵀ`` for a packed H-matrix H, held compact (see the module's docstring).
 
-    ``layout`` "int" or "float": integer-coded rows and blocks as int8 bands (multiplied in
-    integers, or decoded for each call), the rest through the tile product; "tiles": everything
+    ``layout`` "int" or "float": integer-coded rows and blocks as int8 bands multiplied in
+    integers, or as H's int8 codes (``codes``, ``range_scales``) from which H is formed for each
+    call; the rest through the tile product; "tiles": everything
     through the tile product, compact. The bands' codes lie in one flat buffer per dtype (a
     tensor a band would cost more than small bands hold). All tensors are non-persistent
     buffers, so ``.to()`` moves them. `compact_layouts` says which layouts a matrix offers, the
@@ -166,6 +178,14 @@ class CompactMatrix(nn.Module):
                  in _bands(pieces, self.out_features)]
         if layout == "int":
             bands = _merge_float_bands(bands, self.in_features, hmatrix.nbytes)
+        tiled = _tile(bands, self.out_features, self.in_features) if layout == "float" else None
+        self._widths: tuple[int, ...] = ()  # with the integer codes held as H: each column range's width
+        if tiled is not None:
+            codes, table, self._widths, bands = tiled
+            self.register_buffer("codes", codes.to(device), persistent=False)
+            self.register_buffer("range_scales", table.to(device), persistent=False)
+            if len(set(self._widths)) > 1:
+                self.register_buffer("range_widths", torch.tensor(self._widths, device=device), persistent=False)
         self._bands: list[_Band] = []
         self.indexed = False
         flat: dict[str, list[torch.Tensor]] = {}
@@ -202,13 +222,9 @@ class CompactMatrix(nn.Module):
             self.register_buffer("pair_scales", torch.cat([p[6] for p in pairs]).to(device=device, dtype=torch.float32),
                                  persistent=False)
         self.rest = None if rest is None else HLinear(rest, dtype=dtype, device=device, keep_compact=True)
-        # Bands that each hold every row, in order, side by side over all columns: the float
-        # layout forms Hᵀ from them in one operation a band (see `_weight_t`).
-        starts = sorted((b.col0, b.cols) for b in self._bands)
-        self._whole_float = (layout == "float" and self.rest is None and bool(self._bands) and not self._pairs
-                             and all(b.full for b in self._bands)
-                             and [c0 for c0, _ in starts] == [0, *[c0 + w for c0, w in starts[:-1]]]
-                             and starts[-1][0] + starts[-1][1] == self.in_features)
+        # All of H one int8 code matrix over one column range, one scale a row: a product needs
+        # neither H nor more than two operations (see `matmul_t`).
+        self._lean = len(self._widths) == 1 and not self._bands and not self._pairs and self.rest is None
         self.register_buffer("anchor", torch.zeros(0, dtype=dtype, device=device), persistent=False)
 
     def _codes(self, band: _Band) -> torch.Tensor:
@@ -231,9 +247,14 @@ class CompactMatrix(nn.Module):
         """``x @ Hᵀ (+ bias)`` for x (N, in_features) in the layer's dtype: (N, out_features)."""
         buffers = self._buffers
         dtype = buffers["anchor"].dtype
-        if self._whole_float:  # the common case: the weight, a band at a time, then one product
-            weight_t = self._weight_t(dtype)
-            return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
+        if self._lean and dtype == torch.float32 and x.shape[0] < self.in_features:
+            # Fewer input rows than columns: scaling the product's rows costs less than scaling H.
+            y = nn.functional.linear(x, buffers["codes"].to(dtype))
+            return y.mul_(buffers["range_scales"]) if bias is None else torch.addcmul(bias, y, buffers["range_scales"])
+        if self.layout == "float":  # H formed for the call (its integer codes in a few operations), one product
+            if self.rest is None:
+                return nn.functional.linear(x, self._formed(dtype), bias)
+            return nn.functional.linear(x, self._formed(dtype)).add_(tile_product(self.rest._decoded_plan(), x, bias))
         rest = None if self.rest is None else tile_product(self.rest._decoded_plan(), x, bias)
         if not self._bands and not self._pairs:
             return rest
@@ -288,35 +309,25 @@ class CompactMatrix(nn.Module):
         else:
             out.index_add_(1, self._buffers["band_rows"][band.start:band.stop], part)
 
-    def _weight_t(self, dtype: torch.dtype) -> torch.Tensor:
-        """Hᵀ for one call, where the bands hold every row side by side: codes times scales, each
-        product rounded once into its rows of Hᵀ (the dense weight `load_state_dict` gives, bit
-        for bit, in float32)."""
+    def _formed(self, dtype: torch.dtype) -> torch.Tensor:
+        """H (m, n) in ``dtype`` for one call, but for the rest's tile product: the integer codes
+        held as H times their rows' scales (each product rounded once in float32: the dense weight
+        `load_state_dict` gives, bit for bit), then the other bands and the factor pairs added."""
         buffers = self._buffers
-        weight_t = torch.empty(self.in_features, self.out_features, dtype=dtype, device=buffers["anchor"].device)
-        scales = buffers["band_scales"]
-        for band in self._bands:
-            codes = self._codes(band)
-            band_scales = scales[band.start:band.stop]
-            view = weight_t[band.col0:band.col0 + band.cols]
-            if dtype == torch.float32:
-                torch.mul(codes, band_scales, out=view)
-            else:
-                view.copy_(codes.to(torch.promote_types(codes.dtype, torch.float32)) * band_scales)
-        return weight_t
-
-    def dense(self) -> torch.Tensor:
-        """H in the layer's dtype, formed for one call (convolutions that are not matrix products)."""
-        buffers = self._buffers
-        dtype = buffers["anchor"].dtype
-        device = buffers["anchor"].device
-        if self.rest is not None:
-            eye = torch.eye(self.in_features, dtype=dtype, device=device)
-            out = tile_product(self.rest._decoded_plan(), eye).T.contiguous()
+        if self._widths:
+            out = scaled_codes(buffers["codes"], buffers["range_scales"], self._widths, buffers.get("range_widths"))
+            out = out if dtype == torch.float32 else out.to(dtype)
         else:
-            out = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=device)
+            out = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=buffers["anchor"].device)
+        return self._add_bands(out)
+
+    def _add_bands(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (m, n) plus the bands' and the factor pairs' terms of H."""
+        buffers = self._buffers
+        dtype = out.dtype
+        wide = torch.promote_types(dtype, torch.float32)
         for band in self._bands:
-            values = (self._codes(band).to(dtype) * buffers["band_scales"][band.start:band.stop].to(dtype)).T
+            values = (self._codes(band).to(wide) * buffers["band_scales"][band.start:band.stop].to(wide)).T.to(dtype)
             if band.full:
                 out[:, band.col0:band.col0 + band.cols] += values
             else:
@@ -328,9 +339,69 @@ class CompactMatrix(nn.Module):
                 (a.to(dtype) * scales.unsqueeze(1)).T, b.to(dtype))
         return out
 
+    def dense(self) -> torch.Tensor:
+        """H in the layer's dtype, formed for one call (convolutions that are not matrix products)."""
+        buffers = self._buffers
+        dtype = buffers["anchor"].dtype
+        if self.rest is None:
+            return self._formed(dtype)
+        eye = torch.eye(self.in_features, dtype=dtype, device=buffers["anchor"].device)
+        return self._formed(dtype).add_(tile_product(self.rest._decoded_plan(), eye).T)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
                 f"bands={len(self._bands)}, pairs={len(self._pairs)}, bytes={self.stored_bytes}, held={self.held_bytes}")
+
+
+def scaled_codes(codes: torch.Tensor, table: torch.Tensor, widths: tuple[int, ...],
+                 repeats: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 (r, n): int8 ``codes`` (r, n) times their scales, ``table`` (len(widths), r) holding
+    a row of them for each column range, of these ``widths`` (in order, summing to n;
+    ``repeats`` the widths as a tensor where they are not all equal). Each product is rounded once."""
+    out = codes.to(torch.float32)
+    if len(widths) == 1:
+        return out.mul_(table.T)
+    if repeats is None:
+        out.view(codes.shape[0], len(widths), widths[0]).mul_(table.T.unsqueeze(2))
+        return out
+    return out.mul_(table.repeat_interleave(repeats, 0, output_size=codes.shape[1]).T)
+
+
+def _tile(bands: list[BandData], rows: int, cols: int
+          ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], list[BandData]] | None:
+    """The integer bands as H's codes would be: one (rows, cols) int8 matrix (zero where no band
+    has a row) with a (ranges, rows) table of float32 scales, a row of it for each column range
+    (a band's, or a gap between them: zeros); the ranges' widths; and the other (floating)
+    bands. None where bands overlap in part, a row is twice in a range, or that matrix would hold
+    more than TILE_PADDING beyond the bands' codes (rows no band has, columns only low-rank
+    blocks or floating bands cover)."""
+    integer = [b for b in bands if not b[3].is_floating_point()]
+    held = sum(b[1] * b[2].numel() for b in integer)
+    if not integer or rows * cols > (1 + TILE_PADDING) * held:
+        return None
+    spans = sorted({(b[0], b[1]) for b in integer})
+    widths, index, at = [], {}, 0
+    for col0, width in spans:
+        if col0 < at:  # overlapping ranges
+            return None
+        if col0 > at:
+            widths.append(col0 - at)
+        index[(col0, width)] = len(widths)
+        widths.append(width)
+        at = col0 + width
+    if at < cols:
+        widths.append(cols - at)
+    codes = torch.zeros(rows, cols, dtype=torch.int8)
+    table = torch.zeros(len(widths), rows, dtype=torch.float32)
+    taken = torch.zeros(len(widths), rows, dtype=torch.bool)
+    for col0, width, band_rows, band_codes, scales in integer:
+        k = index[(col0, width)]
+        if bool(taken[k, band_rows].any()):
+            return None
+        taken[k, band_rows] = True
+        codes[band_rows, col0:col0 + width] = band_codes.T
+        table[k, band_rows] = scales.to(torch.float32)
+    return codes, table, tuple(widths), [b for b in bands if b[3].is_floating_point()]
 
 
 def _merge_float_bands(bands: list[BandData], cols: int, stored_bytes: int) -> list[BandData]:
@@ -525,6 +596,10 @@ class CompactConv(CompactMatrix):
         self.reversed_padding = conv._reversed_padding_repeated_twice
         self.pointwise = (all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride)
                           and conv.groups == 1 and conv.padding in ("valid", tuple(0 for _ in conv.kernel_size)))
+        # A Conv1d whose matrix has a tile product part multiplies its input's windows: forming
+        # its kernel would take that product of an identity, as costly, and then the convolution.
+        self.windows = (type(conv) is nn.Conv1d and not self.pointwise and conv.groups == 1
+                        and not isinstance(conv.padding, str) and self.rest is not None)
         self.register_parameter("bias", _bias(conv.bias, dtype or torch.float32, device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -535,6 +610,8 @@ class CompactConv(CompactMatrix):
             channels_last = inputs.movedim(-len(self.kernel_shape) + 1, -1)
             y = self.matmul_t(channels_last.reshape(-1, channels_last.shape[-1]), bias)
             y = y.reshape(*channels_last.shape[:-1], -1).movedim(-1, -len(self.kernel_shape) + 1)
+        elif self.windows:
+            y = self._windows_product(inputs, bias)
         else:
             weight = self.dense().reshape(self.kernel_shape)
             if self.padding_mode != "zeros":
@@ -543,6 +620,23 @@ class CompactConv(CompactMatrix):
             else:
                 y = self.function(inputs, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _windows_product(self, inputs: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """A Conv1d as the product of its input's windows (batch · positions, channels · kernel)
+        by Hᵀ."""
+        batched = inputs.dim() == 3
+        seq = inputs if batched else inputs.unsqueeze(0)
+        if self.padding_mode != "zeros":
+            seq = nn.functional.pad(seq, self.reversed_padding, mode=self.padding_mode)
+        elif self.padding[0]:
+            seq = nn.functional.pad(seq, (self.padding[0], self.padding[0]))
+        size, dilation = self.kernel_shape[2], self.dilation[0]
+        windows = seq.unfold(2, (size - 1) * dilation + 1, self.stride[0])  # (batch, channels, positions, span)
+        if dilation > 1:
+            windows = windows[..., ::dilation]
+        y = self.matmul_t(windows.permute(0, 2, 1, 3).reshape(-1, self.in_features), bias)
+        y = y.view(seq.shape[0], windows.shape[2], -1).transpose(1, 2).contiguous()
+        return y if batched else y.squeeze(0)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel={self.kernel_shape}, stride={self.stride}, pointwise={self.pointwise}"
@@ -563,7 +657,12 @@ class CompactEmbedding(CompactMatrix):
         buffers = self._buffers
         dtype = buffers["anchor"].dtype
         flat = index.reshape(-1)
-        out = torch.zeros(flat.numel(), self.embedding_dim, dtype=dtype, device=buffers["anchor"].device)
+        if self._widths:  # the looked-up rows of the codes held as H, times their scales
+            out = scaled_codes(buffers["codes"].index_select(0, flat), buffers["range_scales"].index_select(1, flat),
+                               self._widths, buffers.get("range_widths"))
+            out = out if dtype == torch.float32 else out.to(dtype)
+        else:
+            out = torch.zeros(flat.numel(), self.embedding_dim, dtype=dtype, device=buffers["anchor"].device)
         for band in self._bands:
             codes = self._codes(band).index_select(1, flat).T
             scales = buffers["band_scales"][band.start:band.stop][flat]
@@ -605,12 +704,10 @@ class CompactLSTMCell(nn.Module):
             zeros = torch.zeros(x.shape[0], self.hidden_size, dtype=x.dtype, device=x.device)
             hx = (zeros, zeros)
         h, c = hx
-        modules = self._modules
-        gates = modules["weight_ih"].matmul_t(x) + modules["weight_hh"].matmul_t(h)
-        for bias in (self._parameters["bias_ih"], self._parameters["bias_hh"]):
-            if bias is not None:
-                gates = gates + bias
-        i, f, g, o = gates.chunk(4, 1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        modules, parameters = self._modules, self._parameters
+        gates = modules["weight_ih"].matmul_t(x, parameters["bias_ih"]).add_(
+            modules["weight_hh"].matmul_t(h, parameters["bias_hh"]))
+        i, f, _, o = gates.sigmoid().chunk(4, 1)  # one operation for the three sigmoid gates
+        c = torch.addcmul(f * c, i, gates[:, 2 * self.hidden_size:3 * self.hidden_size].tanh())
+        h = o * c.tanh()
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
