@@ -570,9 +570,10 @@ def _compressed_header_flipped(d: pathlib.Path) -> pathlib.Path:
     return bad
 
 
-def coded_in_place(tensors: dict[str, torch.Tensor], prefix: str, codec: str) -> torch.Tensor:
+def coded_in_place(tensors: dict[str, torch.Tensor], prefix: str, codec: str, layout: int = 1) -> torch.Tensor:
     """Replace a matrix's fixed-width pool ``codec`` by its entropy-coded form (FORMAT.md version 2,
-    written by the library's encoder whether or not that is smaller); returns the coded bytes."""
+    written by the library's encoder in ``layout`` whether or not that is smaller); returns the
+    coded bytes."""
     from hmcompress.core.entropy import coded_blob, pool_runs
     from hmcompress.runtime import pool_symbols
     from hmcompress.runtime.read import hmatrix_from_tensors
@@ -580,32 +581,34 @@ def coded_in_place(tensors: dict[str, torch.Tensor], prefix: str, codec: str) ->
     hm = hmatrix_from_tensors(tensors, prefix, (0, 0), torch.float32)
     runs = pool_runs(hm, codec)
     symbols = pool_symbols(codec, tensors.pop(prefix + "pool." + codec), torch.from_numpy(runs))
-    tensors[prefix + "coded." + codec] = coded_blob(codec, symbols.numpy(), runs)
+    tensors[prefix + "coded." + codec] = coded_blob(codec, symbols.numpy(), runs, layout=layout)
     return tensors[prefix + "coded." + codec]
 
 
 def coded_fields(blob: torch.Tensor) -> dict[str, int]:
     """Byte offsets of a coded pool's fields (FORMAT.md "Entropy-coded pools")."""
-    lanes, _precision, _first, table, runs = blob[:20].clone().view(torch.int32).tolist()
+    lanes, precision, _first, table, runs = blob[:20].clone().view(torch.int32).tolist()
     freq = 20 + 8 * runs
     state = freq
     for _ in range(table):  # varints: the last byte of each is below 0x80
         while int(blob[state]) >= 0x80:
             state += 1
         state += 1
+    counts = precision < 256  # layout 0: each lane's word count after the states
     return {"lanes": 0, "precision": 4, "runs": 20, "freq": freq, "state": state, "words": state + 4 * lanes,
-            "stream": state + 6 * lanes}
+            "stream": state + (6 if counts else 4) * lanes}
 
 
 def _coded(edit: Callable[[torch.Tensor, dict[str, int]], torch.Tensor], codec: str = "i8",
-           keep_pool: bool = False, version: int | None = None) -> Callable[[pathlib.Path], pathlib.Path]:
-    """The good file with one pool entropy-coded and the coded bytes edited (``edit(blob, fields)``
-    returns the new bytes), the fixed-width pool kept too or the version changed if asked."""
+           keep_pool: bool = False, version: int | None = None, layout: int = 1) -> Callable[[pathlib.Path], pathlib.Path]:
+    """The good file with one pool entropy-coded in ``layout`` and the coded bytes edited
+    (``edit(blob, fields)`` returns the new bytes), the fixed-width pool kept too or the version
+    changed if asked."""
     prefix = COMPRESSED_NAME + ".hm."
 
     def change(tensors: dict[str, torch.Tensor], meta: dict) -> None:
         pool = tensors[prefix + "pool." + codec]
-        blob = coded_in_place(tensors, prefix, codec)
+        blob = coded_in_place(tensors, prefix, codec, layout)
         tensors[prefix + "coded." + codec] = edit(blob.clone(), coded_fields(blob))
         if keep_pool:
             tensors[prefix + "pool." + codec] = pool
@@ -643,6 +646,16 @@ def _more_rows(blob: torch.Tensor, fields: dict[str, int]) -> torch.Tensor:
     return _put_u32(blob, fields["runs"], rows + 1)
 
 
+def _stream_from_its_last_words(blob: torch.Tensor, fields: dict[str, int]) -> torch.Tensor:
+    """Layout 1 with its stream cut to its last 4 words: the lanes read past the stream's start."""
+    return torch.cat([blob[:fields["stream"]], blob[-8:]])
+
+
+def _stream_too_long(blob: torch.Tensor, _fields: dict[str, int]) -> torch.Tensor:
+    """Layout 1 with more words in its stream than it has symbols."""
+    return torch.cat([blob, torch.zeros(2 * 10**5, dtype=torch.uint8)])
+
+
 def _stats(change: Callable[[dict], None]) -> Callable[[pathlib.Path], pathlib.Path]:
     return _meta(lambda meta: change(meta["matrices"][COMPRESSED_NAME]))
 
@@ -668,8 +681,15 @@ HOSTILE_COMPRESSED = [
     Case("coded_frequency_of_4_bytes", _coded(lambda b, f: _put_u32(b, f["freq"], 0xFFFFFFFF)),
          "past its 3 bytes"),
     Case("coded_precision_out_of_range", _coded(lambda b, f: _put_u32(b, f["precision"], 40)), "precision 40"),
-    Case("coded_truncated_words", _coded(lambda b, _f: b[:-2]), "words end at byte"),
-    Case("coded_lane_pointer_out_of_range", _coded(lambda b, f: _put_u32(b, f["words"], 0xFFFF)), "more words than"),
+    Case("coded_truncated_words", _coded(lambda b, _f: b[:-2], layout=0), "words end at byte"),
+    Case("coded_lane_pointer_out_of_range", _coded(lambda b, f: _put_u32(b, f["words"], 0xFFFF), layout=0),
+         "more words than"),
+    Case("coded_layout_0_stream_bit_flipped", _coded(_flip_stream, codec="i6", layout=0), "coded stream is corrupt"),
+    Case("coded_unknown_layout", _coded(lambda b, f: _put_u32(b, f["precision"], 14 + 2 * 256)), "layout 2"),
+    Case("coded_stream_of_odd_bytes", _coded(lambda b, _f: b[:-1]), "an odd number"),
+    Case("coded_stream_longer_than_symbols", _coded(_stream_too_long), "more words than"),
+    Case("coded_stream_truncated", _coded(lambda b, _f: b[:-2]), "coded stream is corrupt"),
+    Case("coded_stream_read_past_its_start", _coded(_stream_from_its_last_words), "coded stream is corrupt"),
     Case("coded_state_out_of_range", _coded(lambda b, f: _put_u32(b, f["state"], 7)), "state lies outside"),
     Case("coded_symbol_count_mismatch", _coded(_more_rows), "corrupt|more words than"),
     Case("coded_huge_declared_size", _coded(lambda b, f: _put_u32(_put_u32(b, f["runs"], 2**32 - 1), f["runs"] + 4,

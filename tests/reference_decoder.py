@@ -168,11 +168,12 @@ def decode_coded_pool(codec: str, blob: np.ndarray) -> np.ndarray:
     bits = next(b or 8 for name, _code, b, integer in CODECS.values() if name == codec and integer)
     data = blob.tobytes()
     lanes, precision, first, size, nruns = struct.unpack_from("<5I", data, 0)
+    layout, precision = divmod(precision, 256)
     at = 20
     runs = np.frombuffer(data, "<u4", 2 * nruns, at).astype(np.int64).reshape(-1, 2)
     at += 8 * nruns
     freq = np.zeros(1 << bits, dtype=np.int64)
-    if first + size > 1 << bits or not 12 <= precision <= 15 or (runs < 1).any():
+    if first + size > 1 << bits or not 12 <= precision <= 15 or layout not in (0, 1) or (runs < 1).any():
         raise Invalid("coded pool: table or runs")
     for symbol in range(first, first + size):  # varints: 7 bits a byte, low first, high bit = more
         shift = 0
@@ -184,9 +185,13 @@ def decode_coded_pool(codec: str, blob: np.ndarray) -> np.ndarray:
             if byte < 0x80:
                 break
     state = np.frombuffer(data, "<u4", lanes, at).astype(np.int64)
-    counts = np.frombuffer(data, "<u2", lanes, at + 4 * lanes).astype(np.int64)
-    at += 6 * lanes
-    stream = np.frombuffer(data, "<u2", int(counts.sum()), at).astype(np.int64)
+    at += 4 * lanes
+    if layout == 0:
+        counts = np.frombuffer(data, "<u2", lanes, at).astype(np.int64)
+        at += 2 * lanes
+        stream = np.frombuffer(data, "<u2", int(counts.sum()), at).astype(np.int64)
+    else:  # one stream, read from its last word back to its first
+        stream = np.frombuffer(data, "<u2", (len(data) - at) // 2, at).astype(np.int64)[::-1]
     if at + 2 * len(stream) != len(data):
         raise Invalid("coded pool: size")
     n = int((runs[:, 0] * runs[:, 1]).sum())
@@ -200,9 +205,11 @@ def decode_coded_pool(codec: str, blob: np.ndarray) -> np.ndarray:
             raise Invalid("coded pool: state")
         cum = np.cumsum(freq) - freq
         symbol_of_slot = np.repeat(np.arange(1 << bits), freq)
-        pointer = np.cumsum(counts) - counts
-        end = pointer + counts
+        if layout == 0:
+            pointer = np.cumsum(counts) - counts
+            end = pointer + counts
         stream = np.concatenate([stream, np.zeros(n + 1, dtype=np.int64)])  # overruns read zeros
+        read = 0
         for step in range(-(-n // lanes)):  # every lane's step-th symbol (symbol step*K + lane)
             active = min(lanes, n - step * lanes)
             x = state[:active]
@@ -211,10 +218,16 @@ def decode_coded_pool(codec: str, blob: np.ndarray) -> np.ndarray:
             symbols[step * lanes:step * lanes + active] = s
             x = freq[s] * (x >> precision) + slot - cum[s]
             need = x < 1 << 15
-            x = np.where(need, (x << 16) + stream[pointer[:active]], x)
-            pointer[:active] += need
+            if layout == 0:
+                word = stream[pointer[:active]]
+                pointer[:active] += need
+            else:  # the lanes that read take the stream's next words, in lane order
+                word = stream[read + np.cumsum(need) - 1]
+                read += int(need.sum())
+            x = np.where(need, (x << 16) + word, x)
             state[:active] = x
-        if (state != 1 << 15).any() or (pointer != end).any():
+        all_read = (pointer == end).all() if layout == 0 else read == len(stream) - n - 1
+        if (state != 1 << 15).any() or not all_read:
             raise Invalid("coded pool: a lane does not end in state 2**15 with its words read")
     if bits == 8:
         return (symbols - 128).astype(np.int8)

@@ -2,8 +2,10 @@
 
 The mirror of `hmcompress.runtime.entropy` (the decoder): the pool's codes become symbols, a
 frequency table is quantised to 2**14 (integer arithmetic only, so every machine writes the same
-bytes), and every lane is encoded backwards in lockstep with NumPy. A pool is stored coded only where that takes fewer
-bytes than its fixed-width form, so coding never costs bytes. Output depends on the codes alone.
+bytes), and every lane is encoded backwards in lockstep with NumPy; the lanes' words go into one
+stream they share (layout 1; layout 0, each lane's words apart, is still written on request). A
+pool is stored coded only where that takes fewer bytes than its fixed-width form, so coding never
+costs bytes. Output depends on the codes alone.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import torch
 from hmcompress.runtime import CODEC, DENSE, INTEGER_CODECS, LOWRANK, HMatrix
 from hmcompress.runtime.entropy import (
     HEADER_FIELDS,
+    LANE_BYTES,
+    LAYOUT_UNIT,
     MAX_LANE_SYMBOLS,
     PRECISIONS,
     STATE_LOW,
@@ -22,13 +26,18 @@ from hmcompress.runtime.entropy import (
     pool_symbols,
 )
 
-LANE_SYMBOLS = 2048  # symbols a lane decodes: its 6 bytes of state and word count cost 0.02 bit a symbol
+LAYOUT = 1  # one stream the lanes share (FORMAT.md layout 1): its reads are contiguous, no word counts
+# Symbols a lane decodes: its 4 bytes of state cost 0.023 bit a symbol, as layout 0's 6 bytes a lane
+# did at 2048. More lanes decode faster (fewer lockstep steps), fewer take fewer bytes.
+LANE_SYMBOLS = 1365
+LAYOUT0_LANE_SYMBOLS = 2048  # what layout 0 was written with: its lanes take 6 bytes
 # Measured on Gaussian, narrow and very skewed codes: within 0.002 bit a symbol of the best of
 # 12..15 (finer tables fit the counts better; coarser ones leave the state more headroom).
 PRECISION = 14
 COUNT_SLICE = 1 << 20  # symbols counted at once
 
 assert LANE_SYMBOLS <= MAX_LANE_SYMBOLS and PRECISION in PRECISIONS
+LANE_BITS = 8 * LANE_BYTES[LAYOUT] / LANE_SYMBOLS  # a lane's fixed bytes, per symbol
 
 
 def quantise_frequencies(counts: np.ndarray, precision: int) -> np.ndarray:
@@ -57,6 +66,7 @@ class Encoded:
     states: np.ndarray
     counts: np.ndarray
     words: np.ndarray  # lane 0's first, each lane's in the order the decoder reads them
+    stream: np.ndarray  # layout 1: all the words as emitted (the decoder reads the last first)
 
 
 def encode_symbols(symbols: np.ndarray, alphabet: int, lane_symbols: int = LANE_SYMBOLS,
@@ -72,7 +82,7 @@ def encode_symbols(symbols: np.ndarray, alphabet: int, lane_symbols: int = LANE_
     n = len(symbols)
     if n == 0:
         empty = np.zeros(0, dtype=np.int64)
-        return Encoded(precision, 0, empty, empty, empty, empty)
+        return Encoded(precision, 0, empty, empty, empty, empty, empty)
     counts = symbol_counts(symbols, alphabet)
     freqs = quantise_frequencies(counts, precision)
     cum = np.cumsum(freqs) - freqs
@@ -96,11 +106,13 @@ def encode_symbols(symbols: np.ndarray, alphabet: int, lane_symbols: int = LANE_
         emitted += len(reading)
         x = np.where(need, x >> WORD_BITS, x)
         state[:active] = ((x // f) << precision) + x % f + cum[sym]
-    lane_of, words = lane_of[:emitted][::-1], words[:emitted][::-1]  # step order, as the decoder reads
+    stream = words[:emitted]
+    lane_of, words = lane_of[:emitted][::-1], stream[::-1]  # step order, as the decoder reads
     words = words[np.argsort(lane_of, kind="stable")]
     used = np.flatnonzero(counts)
     first, last = int(used[0]), int(used[-1])
-    return Encoded(precision, first, freqs[first:last + 1], state, np.bincount(lane_of, minlength=lanes), words)
+    return Encoded(precision, first, freqs[first:last + 1], state, np.bincount(lane_of, minlength=lanes), words,
+                   stream)
 
 
 def symbol_counts(symbols: np.ndarray, alphabet: int) -> np.ndarray:
@@ -112,14 +124,21 @@ def symbol_counts(symbols: np.ndarray, alphabet: int) -> np.ndarray:
     return counts
 
 
-def coded_blob(codec: str, symbols: np.ndarray, runs: np.ndarray, precision: int = PRECISION) -> torch.Tensor:
-    """The bytes of a coded pool (FORMAT.md "Entropy-coded pools") as a uint8 tensor."""
-    coded = encode_symbols(symbols, 1 << CODEC[codec].bits, precision=precision)
-    header = [len(coded.states), coded.precision, coded.first, len(coded.freqs), len(runs)]
+def coded_blob(codec: str, symbols: np.ndarray, runs: np.ndarray, precision: int = PRECISION,
+               layout: int = LAYOUT, lane_symbols: int | None = None) -> torch.Tensor:
+    """The bytes of a coded pool (FORMAT.md "Entropy-coded pools") as a uint8 tensor; lanes of
+    ``lane_symbols`` (the layout's own length by default: the same bytes a lane per symbol)."""
+    lane_symbols = lane_symbols or (LANE_SYMBOLS if layout == 1 else LAYOUT0_LANE_SYMBOLS)
+    coded = encode_symbols(symbols, 1 << CODEC[codec].bits, lane_symbols, precision)
+    header = [len(coded.states), coded.precision + LAYOUT_UNIT * layout, coded.first, len(coded.freqs), len(runs)]
     assert len(header) == HEADER_FIELDS
+    lane_tables = [coded.states.astype("<u4").tobytes()]
+    if layout == 0:
+        lane_tables += [coded.counts.astype("<u2").tobytes(), coded.words.astype("<u2").tobytes()]
+    else:
+        lane_tables.append(coded.stream.astype("<u2").tobytes())
     parts = [np.asarray(header, dtype="<u4").tobytes(), np.asarray(runs, dtype="<u4").tobytes(),
-             varints(coded.freqs), coded.states.astype("<u4").tobytes(), coded.counts.astype("<u2").tobytes(),
-             coded.words.astype("<u2").tobytes()]
+             varints(coded.freqs), *lane_tables]
     return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
 
 

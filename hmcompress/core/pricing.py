@@ -17,11 +17,10 @@ import numpy as np
 import torch
 
 from hmcompress.core.codecs import SCALE_BYTES, quantize, row_bytes
-from hmcompress.core.entropy import LANE_SYMBOLS
+from hmcompress.core.entropy import LANE_BITS
 from hmcompress.runtime import CODEC, INTEGER_CODECS
 
 SAMPLE_NUMBERS = 1 << 16  # matrix entries the code entropies are estimated on
-LANE_BITS = 48 / LANE_SYMBOLS  # a lane's state and word count, per symbol
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,14 @@
 """Entropy-coded integer pools (docs/FORMAT.md version 2): checked, then decoded on load.
 
 A coded pool is interleaved rANS over the pool's codes: many independent lanes, each a 31-bit
-state (held in an int32) renormalised by 16-bit words, one static frequency table per pool. The
-decoder runs every lane of every pool handed to it in lockstep (one torch operation per step
-acts on all lanes), so its speed comes from the number of lanes, not from Python. Decoding gives
-exactly the fixed-width pool version 1 stores: everything downstream is unchanged. Every field
-is checked, and every size bounded by the coded bytes, before anything large is allocated.
+state (held in an int32) renormalised by 16-bit words, one static frequency table per pool. Its
+words are either each lane's apart (layout 0, with every lane's word count) or one stream that
+all lanes read in turn (layout 1: contiguous reads, no counts). The decoder runs every lane of
+every pool handed to it in lockstep (one torch operation per step acts on all lanes; constants
+are 0-dim tensors, which torch applies faster than Python numbers), so its speed comes from the
+number of lanes, not from Python. Decoding gives exactly the fixed-width pool version 1 stores:
+everything downstream is unchanged. Every field is checked, and every size bounded by the coded
+bytes, before anything large is allocated.
 """
 from __future__ import annotations
 
@@ -20,14 +23,18 @@ STATE_LOW = 1 << 15  # a lane's state lies in [STATE_LOW, 2**31) between symbols
 WORD_BITS = 16
 PRECISIONS = range(12, 16)  # frequency tables sum to 2**n for one of these n
 MAX_LANE_SYMBOLS = (1 << 16) - 1  # symbols (hence words) of one lane: its word count fits a u16
-HEADER_FIELDS = 5  # u32: lanes, precision, first symbol, table length, runs
+CODED_LAYOUTS = (0, 1)  # 0: each lane's words apart, with word counts; 1: one stream the lanes share
+LAYOUT_UNIT = 256  # the header's precision field holds precision + LAYOUT_UNIT * layout
+LANE_BYTES = {0: 6, 1: 4}  # a lane's fixed bytes: its state (and, in layout 0, its word count)
+HEADER_FIELDS = 5  # u32: lanes, precision (and layout), first symbol, table length, runs
 HEADER_BYTES = 4 * HEADER_FIELDS
 VARINT_BYTES = 3  # a frequency (at most 2**15) as a varint
 # A pool decodes to at most this many codes per coded byte: a stream of a single symbol costs no
 # bits, so without it a few kilobytes could ask for gigabytes (and a file's pools together stay
-# within 1024 codes per byte of the file). hmcompress writes at most 2048 codes per 6-byte lane.
+# within 1024 codes per byte of the file). hmcompress writes at most 1365 codes per 4-byte lane.
 MAX_CODES_PER_BYTE = 1024
 PACK_CODES = 1 << 18  # codes packed into (or unpacked from) bit streams at once
+STREAM_CHECK = 8  # layout 1: steps between checks that no pool read past its stream's start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +46,11 @@ class CodedPool:
     freqs: torch.Tensor  # int64 (2**bits,): the quantised frequency of every symbol
     runs: torch.Tensor  # int64 (R, 2): (rows, length) of the pool's stored rows, in order
     states: torch.Tensor  # int32 (K,): each lane's initial state
-    counts: torch.Tensor  # int64 (K,): words of each lane
-    words: torch.Tensor  # int32 (W,): every lane's words, lane 0's first, 0 .. 65535
+    counts: torch.Tensor  # int64 (K,): words of each lane (layout 0; empty in layout 1)
+    words: torch.Tensor  # int32 (W,), 0 .. 65535: layout 0 every lane's words, lane 0's first;
+    # layout 1 the shared stream as stored (its last word is read first)
     symbols: int  # N: codes in the pool
+    layout: int = 0
 
     @property
     def lanes(self) -> int:
@@ -78,16 +87,20 @@ def parse_coded(codec: str, blob: torch.Tensor, where: str) -> CodedPool:
     if size < HEADER_BYTES:
         fail(f"{size} bytes, shorter than its {HEADER_BYTES}-byte header")
     lanes, precision, first, table, nruns = _field(blob, 0, HEADER_FIELDS, 4).tolist()
+    layout, precision = divmod(precision, LAYOUT_UNIT)
     alphabet = 1 << symbol_bits(codec)
+    if layout not in CODED_LAYOUTS:
+        fail(f"layout {layout} is not one of {', '.join(map(str, CODED_LAYOUTS))}")
     if precision not in PRECISIONS:
         fail(f"precision {precision} is not one of {PRECISIONS.start}..{PRECISIONS.stop - 1}")
     if first + table > alphabet:
         fail(f"frequency table of symbols {first}..{first + table - 1} exceeds the alphabet of {alphabet}")
+    lane_bytes = LANE_BYTES[layout]
     start = HEADER_BYTES + 8 * nruns
-    if start + table + 6 * lanes > size:
-        fail(f"header declares at least {start + table + 6 * lanes} bytes of tables, the pool holds {size}")
+    if start + table + lane_bytes * lanes > size:
+        fail(f"header declares at least {start + table + lane_bytes * lanes} bytes of tables, the pool holds {size}")
     table_values, start = _varints(blob, start, table, fail)
-    fixed = start + 6 * lanes
+    fixed = start + lane_bytes * lanes
     if fixed > size:
         fail(f"header declares {fixed} bytes of tables, the pool holds {size}")
     runs = _field(blob, HEADER_BYTES, 2 * nruns, 4).reshape(-1, 2)
@@ -109,17 +122,24 @@ def parse_coded(codec: str, blob: torch.Tensor, where: str) -> CodedPool:
         if not 1 <= lanes <= symbols or -(-symbols // lanes) > MAX_LANE_SYMBOLS:
             fail(f"{lanes} lanes for {symbols} symbols (each lane decodes 1 to {MAX_LANE_SYMBOLS})")
     states = _field(blob, start, lanes, 4)
-    counts = _field(blob, start + 4 * lanes, lanes, 2)
     if bool(((states < STATE_LOW) | (states >= 1 << 31)).any()):
         fail("a lane's state lies outside [2**15, 2**31)")
-    lane_symbols = (symbols - torch.arange(lanes) + lanes - 1) // max(lanes, 1)
-    if bool((counts > lane_symbols).any()):
-        fail("a lane has more words than symbols")
-    total = fixed + 2 * int(counts.sum())
-    if total != size:
-        fail(f"its lanes' words end at byte {total}, the pool holds {size} bytes")
-    words = _field(blob, fixed, int(counts.sum()), 2).to(torch.int32)
-    return CodedPool(codec, precision, freqs, runs, states.to(torch.int32), counts, words, symbols)
+    if layout == 0:
+        counts = _field(blob, start + 4 * lanes, lanes, 2)
+        lane_symbols = (symbols - torch.arange(lanes) + lanes - 1) // max(lanes, 1)
+        if bool((counts > lane_symbols).any()):
+            fail("a lane has more words than symbols")
+        total = fixed + 2 * int(counts.sum())
+        if total != size:
+            fail(f"its lanes' words end at byte {total}, the pool holds {size} bytes")
+    else:
+        counts = torch.zeros(0, dtype=torch.int64)
+        if (size - fixed) % 2:
+            fail(f"its stream of 16-bit words takes {size - fixed} bytes, an odd number")
+        if (size - fixed) // 2 > symbols:
+            fail(f"its stream holds {(size - fixed) // 2} words, more words than its {symbols} symbols")
+    words = _field(blob, fixed, (size - fixed) // 2, 2).to(torch.int32)
+    return CodedPool(codec, precision, freqs, runs, states.to(torch.int32), counts, words, symbols, layout)
 
 
 def _varints(blob: torch.Tensor, start: int, count: int, fail) -> tuple[list[int], int]:
@@ -156,16 +176,24 @@ def decode_coded(tensors: dict[str, torch.Tensor], prefixes: list[str], where: s
 
 def decode_pools(pools: list[CodedPool], where: str = "") -> list[torch.Tensor]:
     """The fixed-width pools (FORMAT.md version 1) of checked coded pools, decoded together:
-    the lanes of every pool advance in lockstep."""
-    busy = [i for i, p in enumerate(pools) if p.symbols]
-    symbols = dict(zip(busy, _decode_lanes([pools[i] for i in busy], where))) if busy else {}
+    the lanes of every pool of a layout advance in lockstep."""
+    symbols = {}
+    for layout in CODED_LAYOUTS:
+        busy = [i for i, p in enumerate(pools) if p.symbols and p.layout == layout]
+        if busy:
+            symbols.update(zip(busy, _decode_lanes([pools[i] for i in busy], where)))
     return [pool_from_symbols(p.codec, symbols.get(i, torch.zeros(0, dtype=torch.uint8)), p.runs)
             for i, p in enumerate(pools)]
 
 
-def _decode_lanes(pools: list[CodedPool], where: str) -> list[torch.Tensor]:
-    """The symbols of non-empty pools (uint8 each), every lane decoded in lockstep; each lane
-    finds its pool's table at its own offset and uses its pool's precision."""
+def _steps(pool: CodedPool) -> int:
+    """Steps of the pool's longest lanes: its first N mod K lanes (all if K divides N)."""
+    return -(-pool.symbols // pool.lanes)
+
+
+def _tables(pools: list[CodedPool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """slot -> symbol (uint8), freq and slot - cum (int32) of every pool's table, one after the
+    other, and where each pool's starts."""
     sym_table, freq_table, bias_table = [], [], []
     for p in pools:
         symbol = torch.repeat_interleave(torch.arange(p.freqs.numel()), p.freqs)  # slot -> symbol
@@ -173,77 +201,170 @@ def _decode_lanes(pools: list[CodedPool], where: str) -> list[torch.Tensor]:
         sym_table.append(symbol)
         freq_table.append(p.freqs[symbol])
         bias_table.append(torch.arange(1 << p.precision) - cum[symbol])
-    symbol_of = torch.cat(sym_table).to(torch.uint8)
-    freq_of, bias_of = torch.cat(freq_table).to(torch.int32), torch.cat(bias_table).to(torch.int32)
-    # Lanes of all pools, longest first: the lanes still decoding at any step are a prefix.
-    lane_symbols = torch.cat([(p.symbols - torch.arange(p.lanes) + p.lanes - 1) // p.lanes for p in pools])
-    order = torch.sort(lane_symbols, descending=True, stable=True).indices
-    sorted_symbols = lane_symbols[order]
-    table_start = torch.tensor([0] + [1 << p.precision for p in pools]).cumsum(0)
+    starts = torch.tensor([0] + [1 << p.precision for p in pools]).cumsum(0).tolist()
+    return (torch.cat(sym_table).to(torch.uint8), torch.cat(freq_table).to(torch.int32),
+            torch.cat(bias_table).to(torch.int32), starts[:-1])
 
-    def per_lane(values: list[int]) -> torch.Tensor:
-        return torch.repeat_interleave(torch.tensor(values, dtype=torch.int32), torch.tensor([p.lanes for p in pools]))
-    base = per_lane(table_start[:-1].tolist())
-    shift = per_lane([p.precision for p in pools])[order]
-    mask = per_lane([(1 << p.precision) - 1 for p in pools])[order]
-    word_offsets = torch.tensor([0] + [p.words.numel() for p in pools]).cumsum(0)
-    starts = torch.cat([torch.cumsum(p.counts, 0) - p.counts + word_offsets[i] for i, p in enumerate(pools)])
-    ends = torch.cat([torch.cumsum(p.counts, 0) + word_offsets[i] for i, p in enumerate(pools)])
-    steps = int(sorted_symbols[0])
-    # Lanes overrunning their words read the next lane's (or zeros): caught by the end check.
-    words = torch.cat([*(p.words for p in pools), torch.zeros(steps + 1, dtype=torch.int32)])
-    state = torch.cat([p.states for p in pools])[order]
-    pointer, base, ends = starts[order].to(torch.int32), base[order], ends[order]
-    total = state.numel()
-    active = total - torch.cumsum(torch.bincount(sorted_symbols, minlength=steps + 1), 0)
-    slots = torch.zeros(steps, total, dtype=torch.int32)  # zeros: its pages are touched at once, not per step
-    rows = slots.unbind(0)
-    buffers = [torch.empty(total, dtype=torch.int32) for _ in range(4)]
-    need = torch.empty(total, dtype=torch.bool)
-    shared = len(pools) == 1  # one table: no per-lane table offset to add
-    precision = pools[0].precision if len({p.precision for p in pools}) == 1 else None  # else per lane
-    lanes = -1
-    for t, now in enumerate(active[:steps].tolist()):
-        if now != lanes:  # views of the lanes still decoding (a prefix), made when that changes
-            lanes = now
-            x, ptr, n, lane_base = state[:lanes], pointer[:lanes], need[:lanes], base[:lanes]
-            lane_mask, lane_shift = (mask[:lanes], shift[:lanes]) if precision is None else ((1 << precision) - 1,
-                                                                                            precision)
-            f, b, w, s = (buffer[:lanes] for buffer in buffers)
-        slot = rows[t] if lanes == total else rows[t][:lanes]
-        torch.bitwise_and(x, lane_mask, out=slot)
-        if not shared:
+
+def _int32(value: int) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.int32)
+
+
+def _decode_lanes(pools: list[CodedPool], where: str) -> list[torch.Tensor]:
+    """The symbols of non-empty pools of one layout (uint8 each), every lane decoded in lockstep.
+
+    The lanes lie pool after pool, the pools with the most steps first, so the lanes still
+    decoding are a prefix. At a pool's last step only its first N mod K lanes decode: the others,
+    done, are checked first and then masked off (no word read). Each lane finds its pool's table
+    at its own offset and uses its pool's precision. The symbols of a step fill the next bytes of
+    one buffer, as many as lanes decode: Σ K·steps bytes in all, however the lengths differ."""
+    order = sorted(range(len(pools)), key=lambda i: -_steps(pools[i]))
+    pools = [pools[i] for i in order]
+    interleaved = pools[0].layout == 1
+    symbol_of, freq_of, bias_of, table_start = _tables(pools)
+    lanes = [p.lanes for p in pools]
+    steps = [_steps(p) for p in pools]
+    last = [p.symbols - (s - 1) * k for p, s, k in zip(pools, steps, lanes)]  # lanes of the last step
+    first_lane = [0, *torch.tensor(lanes).cumsum(0).tolist()]
+    total, longest = first_lane[-1], steps[0]
+    per_lane = torch.tensor(lanes)
+    base = torch.repeat_interleave(torch.tensor(table_start, dtype=torch.int32), per_lane)
+    precisions = {p.precision for p in pools}
+    if len(precisions) == 1:
+        mask, shift = _int32((1 << pools[0].precision) - 1), _int32(pools[0].precision)
+    else:
+        shift = torch.repeat_interleave(torch.tensor([p.precision for p in pools], dtype=torch.int32), per_lane)
+        mask = (1 << shift) - 1
+    low, sign, word = _int32(STATE_LOW), _int32(31), _int32(1 << WORD_BITS)
+    x = torch.cat([p.states for p in pools])
+    final_x = torch.empty(total, dtype=torch.int32)
+    if interleaved:  # the streams after a front pad: a pool reads at most K words a step past its own
+        front = (STREAM_CHECK + 1) * total
+        region = torch.tensor([0] + [p.words.numel() for p in pools]).cumsum(0) + front
+        words = torch.cat([torch.zeros(front, dtype=torch.int32), *(p.words for p in pools),
+                           torch.zeros(1, dtype=torch.int32)])
+        top = region[1:].to(torch.int32)  # a pool's next word is the one below its top
+        stream_start = region[:-1].to(torch.int32)
+        final_top = torch.empty(len(pools), dtype=torch.int32)
+        pool_of_lane = torch.repeat_interleave(torch.arange(len(pools), dtype=torch.int32), per_lane)
+        firsts = torch.tensor(first_lane[:-1], dtype=torch.int32)
+        ends = torch.tensor(first_lane[1:], dtype=torch.int32)
+        counted = torch.zeros(total + 1, dtype=torch.int32)  # 0, then each lane's -1 if it reads
+        running = torch.empty(total + 1, dtype=torch.int32)  # its cumulative sum
+        before, after, offset = (torch.empty(len(pools), dtype=torch.int32) for _ in range(3))
+        spread = torch.empty(total, dtype=torch.int32)
+    else:  # each lane's words in turn; lanes overrunning theirs read the next lane's (or zeros)
+        word_offsets = torch.tensor([0] + [p.words.numel() for p in pools]).cumsum(0)
+        starts = torch.cat([torch.cumsum(p.counts, 0) - p.counts + word_offsets[i] for i, p in enumerate(pools)])
+        lane_ends = (starts + torch.cat([p.counts for p in pools])).to(torch.int32)
+        words = torch.cat([*(p.words for p in pools), torch.zeros(longest + 1, dtype=torch.int32)])
+        pointer = starts.to(torch.int32)
+        final_pointer = torch.empty(total, dtype=torch.int32)
+    ending: dict[int, list[int]] = {}
+    for j, s in enumerate(steps):
+        ending.setdefault(s - 1, []).append(j)
+    out = torch.empty(sum(k * s for k, s in zip(lanes, steps)), dtype=torch.uint8)
+    row_start, row_lanes = [], []
+    scratch = [torch.empty(total, dtype=torch.int32) for _ in range(6)]
+    busy, now, at = len(pools), total, 0
+
+    def views():  # of the lanes still decoding, made when they change
+        v = [buffer[:now] for buffer in (x, *scratch, base)]
+        v += [mask[:now], shift[:now]] if len(precisions) > 1 else [mask, shift]
+        if interleaved:
+            v += [counted[1:now + 1], counted[:now + 1], running[:now + 1], running[1:now + 1], running[now:now + 1],
+                  top[:busy], firsts[:busy], ends[:busy], before[:busy], after[:busy], offset[:busy],
+                  pool_of_lane[:now], spread[:now], stream_start[:busy]]
+        else:
+            v += [pointer[:now]] + [None] * 13
+        return v
+    (lane_x, slot, f, b, w, s, n, lane_base, lane_mask, lane_shift, reads, counts, sums, sums_after, sum_all,
+     tops, first_of, end_of, sum_before, sum_end, pool_offset, pool_of, lane_offset, bottoms) = views()
+    for t in range(longest):
+        done = [(first_lane[j] + last[j], first_lane[j + 1]) for j in ending.get(t, []) if last[j] < lanes[j]]
+        if interleaved and t % STREAM_CHECK == 0 and bool((tops < bottoms).any()):
+            _corrupt(pools, where)
+        for a, z in done:  # lanes already done at their pool's last step
+            final_x[a:z] = x[a:z]
+            if not interleaved:
+                final_pointer[a:z] = pointer[a:z]
+        row = out[at:at + now]
+        row_start.append(at)
+        row_lanes.append(now)
+        at += now
+        torch.bitwise_and(lane_x, lane_mask, out=slot)
+        if busy > 1:
             slot += lane_base
+        torch.index_select(symbol_of, 0, slot, out=row)
         torch.index_select(freq_of, 0, slot, out=f)
         torch.index_select(bias_of, 0, slot, out=b)
-        x >>= lane_shift
-        torch.addcmul(b, f, x, out=x)  # x = freq·(x div M) + slot - cum
-        torch.lt(x, STATE_LOW, out=n)
-        torch.index_select(words, 0, ptr, out=w)
-        torch.bitwise_left_shift(x, WORD_BITS, out=s)  # wraps where no word is read: zeroed next
-        s |= w
-        s *= n
-        torch.maximum(x, s, out=x)  # a lane that reads gets s >= 2**16 > x, the others keep x
-        ptr += n
-    bad = (state != STATE_LOW) | (pointer != ends)
-    if bool(bad.any()):
-        lane = int(order[torch.nonzero(bad)[0, 0]])
-        pool_of = torch.repeat_interleave(torch.arange(len(pools)), torch.tensor([p.lanes for p in pools]))
-        raise FormatError(f"{where}{': ' if where else ''}coded pool {pools[int(pool_of[lane])].codec}: the coded "
-                          "stream is corrupt (a lane does not end in its initial state with its words read)")
-    position = torch.empty(total, dtype=torch.int64)
-    position[order] = torch.arange(total)
-    out, first_lane = [], 0
-    for p in pools:  # symbol i of a pool: its lane i mod K's (i div K)-th, at row i div K of its columns
-        columns = position[first_lane:first_lane + p.lanes]
-        first_lane += p.lanes
-        start = int(columns[0])
-        if bool((columns == torch.arange(start, start + p.lanes)).all()):
-            mine = slots[:, start:start + p.lanes]
+        torch.bitwise_right_shift(lane_x, lane_shift, out=lane_x)
+        torch.addcmul(b, f, lane_x, out=lane_x)  # x = freq·(x div M) + slot - cum
+        n = reads if interleaved else n
+        torch.sub(lane_x, low, out=n)
+        n >>= sign  # -1 where the lane reads a word (x < 2**15), else 0
+        for a, z in done:
+            n[a:z] = 0
+        if interleaved:  # the readers of a pool take its next words in lane order, from its top down
+            torch.cumsum(counts, 0, out=sums)
+            if busy == 1:
+                torch.add(sums_after, tops, out=s)
+                tops += sum_all
+            else:
+                torch.index_select(running, 0, first_of, out=sum_before)
+                torch.sub(tops, sum_before, out=pool_offset)
+                torch.index_select(pool_offset, 0, pool_of, out=lane_offset)
+                torch.add(sums_after, lane_offset, out=s)
+                torch.index_select(running, 0, end_of, out=sum_end)
+                torch.add(pool_offset, sum_end, out=tops)
+            torch.index_select(words, 0, s, out=w)
         else:
-            mine = torch.index_select(slots, 1, columns)
-        out.append(torch.index_select(symbol_of, 0, mine.reshape(-1)[:p.symbols]))
-    return out
+            torch.index_select(words, 0, reads, out=w)
+            reads -= n
+        torch.addcmul(w, lane_x, word, out=s)  # x·2**16 + word; wraps where no word is read: masked
+        s &= n
+        torch.maximum(lane_x, s, out=lane_x)  # a lane that reads gets s >= 2**16 > x, the others keep x
+        if t in ending:  # these pools are done: their lanes leave the prefix
+            for j in ending[t]:
+                a, z = first_lane[j], first_lane[j] + last[j]
+                final_x[a:z] = x[a:z]
+                if interleaved:
+                    final_top[j] = top[j]
+                else:
+                    final_pointer[a:z] = pointer[a:z]
+            busy = min(ending[t])
+            now = first_lane[busy]
+            (lane_x, slot, f, b, w, s, n, lane_base, lane_mask, lane_shift, reads, counts, sums, sums_after, sum_all,
+             tops, first_of, end_of, sum_before, sum_end, pool_offset, pool_of, lane_offset, bottoms) = views()
+    bad = final_x != STATE_LOW
+    bad |= torch.repeat_interleave(final_top != stream_start, per_lane) if interleaved else final_pointer != lane_ends
+    if bool(bad.any()):
+        _corrupt(pools, where, int(torch.nonzero(bad)[0, 0]))
+    symbols = [_lane_symbols(out, row_start, row_lanes, first_lane[j], p) for j, p in enumerate(pools)]
+    return [symbols[order.index(i)] for i in range(len(pools))]
+
+
+def _corrupt(pools: list[CodedPool], where: str, lane: int = 0):
+    """Raise the error of a corrupt stream, naming the codec of the pool ``lane`` belongs to."""
+    pool = pools[int(torch.searchsorted(torch.tensor([p.lanes for p in pools]).cumsum(0), lane, right=True))]
+    raise FormatError(f"{where}{': ' if where else ''}coded pool {pool.codec}: the coded stream is corrupt (a "
+                      "lane does not end in its initial state with its words read)")
+
+
+def _lane_symbols(out: torch.Tensor, row_start: list[int], row_lanes: list[int], first: int,
+                  pool: CodedPool) -> torch.Tensor:
+    """A pool's symbols from the decoded rows (symbol i: its lane i mod K's (i div K)-th): one
+    strided view where every row of its steps has the same lanes, else gathered a slice at a time."""
+    steps, lanes = _steps(pool), pool.lanes
+    if row_lanes[0] == row_lanes[steps - 1]:
+        width = row_lanes[0]
+        grid = out[row_start[0]:row_start[0] + steps * width].view(steps, width)
+        return grid[:, first:first + lanes].reshape(-1)[:pool.symbols]
+    starts = torch.tensor(row_start[:steps]) + first
+    chunk = max(1, PACK_CODES // lanes)
+    parts = [torch.index_select(out, 0, (starts[r:r + chunk, None] + torch.arange(lanes)).reshape(-1))
+             for r in range(0, steps, chunk)]
+    return torch.cat(parts)[:pool.symbols]
 
 
 def _row_blocks(bits: int, runs: torch.Tensor):
