@@ -8,8 +8,8 @@ from torch import nn
 
 
 def build() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(16, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 96),
-                         nn.Tanh(), nn.Linear(96, 8))
+    return nn.Sequential(nn.Linear(16, 128), nn.Tanh(), nn.Linear(128, 256), nn.Tanh(), nn.Linear(256, 32),
+                         nn.Tanh(), nn.Linear(32, 8))
 
 
 def reference() -> nn.Sequential:

@@ -669,7 +669,7 @@ HOSTILE_COMPRESSED = [
     Case("segment_absurd_rank", _table("segments", _absurd_rank), "outside pool"),
     Case("segment_unknown_kind", _table("segments", _bad_kind), "unknown kind"),
     Case("matrix_absurd_size", _meta(_absurd_matrix), "does not fit"),
-    Case("wrong_version", _meta(lambda m: m.update(version=3)), "version 3 is not supported"),
+    Case("wrong_version", _meta(lambda m: m.update(version=4)), "version 4 is not supported"),
     Case("version_as_string", _meta(lambda m: m.update(version="1")), "version '1' is not supported"),
     Case("wrong_format_name", _meta(lambda m: m.update(format="ggml")), "format 'ggml'"),
     Case("options_not_an_object", _meta(lambda m: m.update(options=["tol", 0.01])), "'options' is not a JSON object"),
@@ -1075,6 +1075,18 @@ def _rows_bitmaps(valid: bool) -> Callable[[pathlib.Path], pathlib.Path]:
     return make
 
 
+def _one_scale_segment(version: int = 3, kind: int = 0, scale_offset: int = 0,
+                       scales: int = 1) -> Callable[[pathlib.Path], pathlib.Path]:
+    """An 8 x 8 matrix as one ``u8`` segment (dense, or low rank 2), ``scales`` elements of
+    ``scale.u8``, in a file of ``version``."""
+    def make(d: pathlib.Path) -> pathlib.Path:
+        blocks = torch.tensor([[0, 0, 8, 8, 0]], dtype=torch.int32)
+        segments = torch.tensor([[0, kind, 9, 2 if kind else 0, 0, scale_offset]], dtype=torch.int32)
+        pools = {"u8": torch.ones(64 if kind == 0 else 32, dtype=torch.int8)}
+        return packed_file(d, (8, 8), blocks, segments, pools, {"u8": torch.ones(scales)}, version=version)
+    return make
+
+
 HOSTILE_COMPRESSED += [
     Case("metadata_nested_900", _meta(_nest(900)), "nests containers deeper than 64 levels"),
     Case("metadata_nested_5000", _meta_text(lambda t: t.replace('"extra":{', '"extra":{"deep":' + _deep_json(5000)
@@ -1097,6 +1109,10 @@ HOSTILE_COMPRESSED += [
                                                                           + "9" * 5000 + ",", 1)),
          "not valid UTF-8 JSON"),
     Case("rows_bitmaps_wrong_count", _rows_bitmaps(valid=False), "bits set, not the rank"),
+    # codec u8 (version 3): one scale a segment
+    Case("u8_in_version_2", _one_scale_segment(version=2), "scale.u8' is not explained"),
+    Case("u8_scale_offset_past_its_scales", _one_scale_segment(scale_offset=1), r"scale range \[1, 2\) outside"),
+    Case("u8_low_rank_without_its_scale", _one_scale_segment(kind=1, scales=0), r"scale range \[0, 1\) outside"),
 ]
 
 
@@ -1130,7 +1146,7 @@ HOSTILE_STATS += [
 def packed_file(d: pathlib.Path, shape: tuple[int, int], blocks: torch.Tensor, segments: torch.Tensor,
                 pools: dict[str, torch.Tensor], scales: dict[str, torch.Tensor] | None = None,
                 rows: torch.Tensor | None = None, name: str = COMPRESSED_NAME,
-                dtype: str = "float32") -> pathlib.Path:
+                dtype: str = "float32", version: int = 1) -> pathlib.Path:
     """A compressed file holding one matrix with exactly these tables (written without validating
     them), with plausible stats, as ``packed.hm.safetensors``."""
     from hmcompress.core.stats import LayerStats
@@ -1143,7 +1159,7 @@ def packed_file(d: pathlib.Path, shape: tuple[int, int], blocks: torch.Tensor, s
         tensors[prefix + "rows"] = rows
     stored = sum(t.numel() * t.element_size() for t in tensors.values())
     stats = LayerStats(name, list(shape), dtype, min(shape[0] * shape[1] * 4, 2**62), stored, True, tol=0.01).to_json()
-    meta = {"format": "hmcompress", "version": 1, "options": {"tol": 0.01}, "source": {"file": "model.pt"},
+    meta = {"format": "hmcompress", "version": version, "options": {"tol": 0.01}, "source": {"file": "model.pt"},
             "extra": {}, "passthrough": {},
             "matrices": {name: {"shape": list(shape), "orig_shape": list(shape), "dtype": dtype, "prefix": prefix,
                                 "stats": stats}}}

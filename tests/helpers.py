@@ -9,7 +9,8 @@ import numpy as np
 import reference_decoder
 import torch
 
-from hmcompress.core.build import CompressionOptions, Packer, compress_matrix
+from hmcompress.core.build import CompressionOptions, compress_matrix
+from hmcompress.core.packer import Packer
 from hmcompress.io.writer import write_compressed
 from hmcompress.runtime import DENSE, LOWRANK, ROWS, HMatrix, row_mask
 
@@ -53,8 +54,8 @@ def mixed_matrix(m: int = 24, n: int = 20, dtype: torch.dtype = torch.float32, s
     w = torch.randn(m, n, generator=gen, dtype=torch.float64).to(dtype)
     return pack(w, [
         (0, 0, 8, 12, ("dense", "f32")),
-        (0, 12, 8, n - 12, ("lowrank", [("f16", 2), ("i8", 3)])),
-        (8, 0, 8, 6, ("rows", [("i4", [0, 3]), ("bf16", [5, 7])])),
+        (0, 12, 8, n - 12, ("lowrank", [("f16", 2), ("i8", 3), ("u8", 1)])),
+        (8, 0, 8, 6, ("rows", [("i4", [0, 3]), ("u8", [1, 2]), ("bf16", [5, 7])])),
         (8, 6, 8, 6, ("dense", "i7")),
         (8, 12, 8, n - 12, ("zero",)),
         (16, 0, m - 16, n, ("lowrank", [("i5", 4), ("i6", 1), ("f64", 2)])),

@@ -26,7 +26,9 @@ CONTAINER_DTYPES = {
 # FORMAT.md "Codecs": id -> (name, pool dtype string, bits of a packed code or None, integer?)
 CODECS = {0: ("f64", "F64", None, False), 1: ("f32", "F32", None, False), 2: ("f16", "F16", None, False),
           3: ("bf16", "BF16", None, False), 4: ("i8", "I8", None, True), 5: ("i4", "U8", 4, True),
-          6: ("i7", "U8", 7, True), 7: ("i6", "U8", 6, True), 8: ("i5", "U8", 5, True)}
+          6: ("i7", "U8", 7, True), 7: ("i6", "U8", 6, True), 8: ("i5", "U8", 5, True),
+          9: ("u8", "I8", None, True)}
+SEGMENT_SCALE = {"u8"}  # integer codecs with one scale per segment (version 3)
 # Source dtypes: (exponent bits, fraction bits) of the IEEE-style format H is rounded to.
 FORMATS = {"float64": (11, 52), "float32": (8, 23), "float16": (5, 10), "bfloat16": (8, 7)}
 DENSE, LOWRANK, ROWS = 0, 1, 2
@@ -89,8 +91,8 @@ def read_container(path: str | pathlib.Path) -> tuple[dict[str, tuple[str, np.nd
 def decode_file(path: str | pathlib.Path) -> File:
     tensors, strings = read_container(path)
     meta = json.loads(strings["hmcompress"])
-    if meta.get("format") != "hmcompress" or meta.get("version") not in (1, 2):
-        raise Invalid("not an hmcompress version 1 or 2 file")
+    if meta.get("format") != "hmcompress" or meta.get("version") not in (1, 2, 3):
+        raise Invalid("not an hmcompress version 1, 2 or 3 file")
     matrices = {}
     claimed = set()
     for name, entry in meta["matrices"].items():
@@ -99,6 +101,8 @@ def decode_file(path: str | pathlib.Path) -> File:
         claimed.update(prefix + part for part in parts)
         if meta["version"] == 1 and any(part.startswith("coded.") for part in parts):
             raise Invalid(f"{name}: a version 1 file has no coded pools")
+        if meta["version"] < 3 and any(part.endswith(".u8") for part in parts):
+            raise Invalid(f"{name}: codec u8 is new in version 3")
         matrices[name] = decode_matrix(name, entry, parts)
     passthrough = {name: tensors[name] for name in meta["passthrough"]}
     unexplained = set(tensors) - claimed - set(passthrough)
@@ -136,7 +140,7 @@ def decode_matrix(name: str, entry: dict, parts: dict[str, tuple[str, np.ndarray
     for block, kind, codec_id, rank, offset, scale_offset in segments.tolist():
         row0, col0, rows, cols, _level = blocks[block].tolist()
         codec, _pool_code, bits, integer = CODECS[codec_id]
-        reader = _Rows(pools[codec], scales.get(codec), bits, integer, offset, scale_offset)
+        reader = _Rows(pools[codec], scales.get(codec), bits, integer, offset, scale_offset, codec in SEGMENT_SCALE)
         view = h64[row0:row0 + rows, col0:col0 + cols]
         if kind == DENSE:
             view += reader.take(rows, cols)
@@ -261,9 +265,9 @@ class _Rows:
     """Consecutive stored rows of a segment from its pool (and scales), decoded to float64."""
 
     def __init__(self, pool: np.ndarray, scales: np.ndarray | None, bits: int | None, integer: bool,
-                 offset: int, scale_offset: int) -> None:
+                 offset: int, scale_offset: int, one_scale: bool = False) -> None:
         self.pool, self.scales, self.bits, self.integer = pool, scales, bits, integer
-        self.offset, self.scale_offset = offset, scale_offset
+        self.offset, self.scale_offset, self.one_scale = offset, scale_offset, one_scale
 
     def take(self, count: int, length: int) -> np.ndarray:
         row = (length * self.bits + 7) // 8 if self.bits else length
@@ -281,7 +285,11 @@ class _Rows:
             values = (data.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
         else:
             values = data.astype(np.float64)
-        if self.integer:
+        if self.integer and self.one_scale:  # every stored row of the segment: its one scale
+            if self.scale_offset < 0 or self.scale_offset >= len(self.scales):
+                raise Invalid("segment outside its scales")
+            values = values * self.scales[self.scale_offset]
+        elif self.integer:
             if self.scale_offset < 0 or self.scale_offset + count > len(self.scales):
                 raise Invalid("segment outside its scales")
             values = values * self.scales[self.scale_offset:self.scale_offset + count, None]

@@ -19,6 +19,7 @@ import hmcompress.runtime as runtime
 import hmcompress.runtime.compact as compact
 from hmcompress.core.build import CompressionOptions, compress_matrix
 from hmcompress.runtime import (
+    CODEC,
     CompactConv,
     CompactEmbedding,
     CompactLinear,
@@ -30,8 +31,8 @@ from hmcompress.runtime import (
 )
 from hmcompress.runtime.bundle import shim_source
 
-CODECS = ["f32", "f16", "bf16", "i8", "i7", "i6", "i5", "i4", "f64"]
-INTEGER = ["i8", "i7", "i6", "i5", "i4"]
+CODECS = ["f32", "f16", "bf16", "i8", "i7", "i6", "i5", "i4", "u8", "f64"]
+INTEGER = ["i8", "i7", "i6", "i5", "i4", "u8"]
 
 
 def trained_like(m: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -142,7 +143,7 @@ def test_layers_in_every_dtype_and_input_shape(dtype, make):
 
 def test_trained_weights_stay_int8_in_memory_and_take_the_integer_product():
     hm = compress_matrix(trained_like(256, 320), CompressionOptions(tol=1e-2)).hmatrix
-    integer = sum(pool.numel() for codec, pool in hm.pools.items() if codec.startswith("i"))
+    integer = sum(pool.numel() for codec, pool in hm.pools.items() if CODEC[codec].integer)
     assert integer > 0.9 * sum(pool.numel() for pool in hm.pools.values())  # the case compact layouts are for
     layer = CompactLinear(hm, layout="int")
     held = {name: b.dtype for name, b in layer.named_buffers()}
@@ -163,7 +164,7 @@ def test_low_rank_blocks_beside_bands_are_factor_pairs_held_as_stored():
     x = torch.randn(5, 36)
     for layout in ("float", "int"):
         layer = CompactLinear(hm, layout=layout)
-        assert layer.rest is None and len(layer._pairs) == 5  # one pair per low-rank segment of mixed_matrix
+        assert layer.rest is None and len(layer._pairs) == 6  # one pair per low-rank segment of mixed_matrix
         codes = {name: b.dtype for name, b in layer.named_buffers() if name.startswith("band") and name not in ("band_rows", "band_scales")}
         assert set(codes.values()) <= {torch.int8, torch.float16, torch.bfloat16, torch.float32, torch.float64}
         with torch.no_grad():
@@ -181,7 +182,7 @@ def test_low_rank_blocks_beside_bands_are_factor_pairs_held_as_stored():
     codec = "i5"  # a low-rank segment's: its scales times its partner's fall below float32's normal range
     tiny.scales[codec] = tiny.scales[codec] * 1e-25
     layer = CompactLinear(tiny, layout="float")
-    assert len(layer._pairs) == 4 and layer.rest is not None
+    assert len(layer._pairs) == 5 and layer.rest is not None
 
 
 def test_inf_and_nan_inputs_spread_as_in_a_dense_product():

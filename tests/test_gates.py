@@ -145,12 +145,14 @@ def test_verify_exits_1_on_every_recorded_figure_that_does_not_hold(cli, model, 
 
 
 def test_verify_exits_1_when_the_stored_matrix_was_altered(cli, model, compressed, tmp_path):
-    def zero_pools(tensors, _meta):
+    def alter(tensors, _meta):  # fixed-width pools zeroed, scales doubled (coded pools' values too)
         for name in tensors:
             if ".hm.pool." in name:
                 tensors[name] = torch.zeros_like(tensors[name])
+            elif ".hm.scale." in name:
+                tensors[name] = tensors[name] * 2
 
-    bad = corpus.rewrite_compressed(compressed, tmp_path / "bad.hm.safetensors", zero_pools)
+    bad = corpus.rewrite_compressed(compressed, tmp_path / "bad.hm.safetensors", alter)
     run = cli("verify", bad, "--original", model)
     assert run.code == 1
     assert "above the tolerance" in run.stdout and "FAILED" in run.stdout

@@ -14,10 +14,11 @@ import torch
 
 from hmcompress.core.bounds import frobenius, frobenius_relative_error
 from hmcompress.core.candidates import Candidates, analyse, block_batches, build_tree, svd
-from hmcompress.core.codecs import auto_codecs, encode_rows, source_codec
+from hmcompress.core.codecs import auto_codecs, source_codec
 from hmcompress.core.entropy import with_coded_pools
-from hmcompress.core.feedback import Feedback
+from hmcompress.core.packer import Packer
 from hmcompress.core.plans import DROP, Plan, optimal_plan, paper_plan, svd_plan
+from hmcompress.core.uniform import UNIFORM_CODEC, first_step, uniform_build
 from hmcompress.core.weighted import InputWeights, Whitening, activation_error_bound, activation_norm_lower
 from hmcompress.core.weighted_analysis import analyse_weighted, whitened_factors
 from hmcompress.errors import OptionError
@@ -94,12 +95,14 @@ class Compressed:
 
 
 def compress_matrix(matrix: torch.Tensor, options: CompressionOptions, full_analysis: bool = False,
-                    weights: InputWeights | None = None) -> Compressed:
+                    weights: InputWeights | None = None, planned_only: bool = False) -> Compressed:
     """Compress a 2-D floating tensor so that its measured error is within the budget.
 
     The optimal strategy decides before it decomposes (`candidates.analyse` with the budget);
     ``full_analysis`` analyses every option instead (the reference the tests and
     `benchmarks.scale` compare bytes with). The paper's strategy always analyses everything.
+    The optimal strategy also tries the uniform quantizer (`core.uniform`) and keeps the smaller,
+    unless ``planned_only`` (trainable layers want the plan's blocks and ranks, not bytes).
     With ``weights`` (the second moment of the layer's calibration inputs) the budget is on the
     error of what the layer computes, tr(E G Eᵀ) <= tol² tr(W G Wᵀ) (`compress_for_inputs`).
     """
@@ -117,16 +120,27 @@ def compress_matrix(matrix: torch.Tensor, options: CompressionOptions, full_anal
     decide = not full_analysis and options.strategy == "optimal"
     cands = analyse(matrix, tree, codecs, negligible=NEGLIGIBLE_SHARE * target / matrix.numel(),
                     device=options.device, budget=target if decide else None)
+    built = None
     for rebuild in range(MAX_REBUILDS):
         plan = _best_plan(cands, target, options.strategy)
         hm = assemble(matrix, cands, plan, options.device)
         dense = hm.to_dense(torch.float64)
         error = error_bound(matrix, dense, matrix.dtype)
         if error <= allowed:
-            return Compressed(hm, dense, error, allowed, cands.root_sigma, plan.strategy, rebuild)
+            built = Compressed(hm, dense, error, allowed, cands.root_sigma, plan.strategy, rebuild)
+            break
         target *= 0.95 * (allowed / error) ** 2
-    hm = _exact_hmatrix(matrix)
-    return Compressed(hm, matrix.double(), 0.0, allowed, cands.root_sigma, "exact", MAX_REBUILDS)
+    if built is None:
+        built = Compressed(_exact_hmatrix(matrix), matrix.double(), 0.0, allowed, cands.root_sigma, "exact",
+                           MAX_REBUILDS)
+    if planned_only or options.strategy != "optimal" or UNIFORM_CODEC not in codecs:
+        return built
+    uniform = uniform_build(matrix, allowed, first_step(allowed, matrix.numel()), codecs,
+                            lambda dense: error_bound(matrix, dense, matrix.dtype))
+    if uniform is None or uniform[0].nbytes >= built.hmatrix.nbytes:
+        return built
+    hm, dense, error = uniform
+    return Compressed(hm, dense, error, allowed, cands.root_sigma, "uniform", built.rebuilds)
 
 
 def storage_codecs(matrix: torch.Tensor, options: CompressionOptions) -> tuple[str, ...]:
@@ -153,7 +167,7 @@ class InputsBuilder:
         n = matrix.shape[1]
         if tuple(weights.gram.shape) != (n, n):
             raise OptionError("activations", f"G is {tuple(weights.gram.shape)}, the matrix has {n} columns")
-        self.matrix, self.options, self.weights = matrix, options, weights
+        self.matrix, self.options, self.weights, self.codecs = matrix, options, weights, codecs
         self.norm = activation_norm_lower(matrix, weights.gram)
         self.cands = self.whitening = None
         if matrix.numel():
@@ -192,7 +206,17 @@ class InputsBuilder:
             elif best is not None:  # a looser build missed: the last that fitted stays
                 break
             target *= 0.95 * (allowed / max(error, 1e-300)) ** 2
-        return best or done(_exact_hmatrix(matrix), matrix.double(), 0.0, "exact", MAX_REBUILDS)
+        best = best or done(_exact_hmatrix(matrix), matrix.double(), 0.0, "exact", MAX_REBUILDS)
+        if self.options.strategy != "optimal" or UNIFORM_CODEC not in self.codecs:
+            return best
+        m, n = matrix.shape
+        step = first_step(allowed, m * float(self.weights.gram.diagonal().sum()))
+        uniform = uniform_build(matrix, allowed, step, self.codecs,
+                                lambda dense: activation_error_bound(matrix, dense, self.weights.gram),
+                                self.whitening.factors(0, n)[1])
+        if uniform is None or uniform[0].nbytes >= best.hmatrix.nbytes:
+            return best
+        return done(*uniform, "uniform", best.rebuilds)
 
 
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
@@ -253,42 +277,6 @@ def _exact_hmatrix(matrix: torch.Tensor) -> HMatrix:
     segments = torch.tensor([[0, DENSE, CODEC[codec].id, 0, 0, -1]], dtype=torch.int32)
     return HMatrix((m, n), matrix.dtype, blocks, segments,
                    {codec: matrix.contiguous().reshape(-1).clone()}, {})
-
-
-class Packer:
-    """Appends encoded rows to per-codec pools and records segment table rows."""
-
-    def __init__(self) -> None:
-        self.pools: dict[str, list[torch.Tensor]] = {}
-        self.scales: dict[str, list[torch.Tensor]] = {}
-        self.lengths: dict[str, int] = {}
-        self.scale_lengths: dict[str, int] = {}
-        self.segments: list[list[int]] = []
-        self.row_masks: list[torch.Tensor] = []
-
-    def add(self, block: int, kind: int, codec: str, rank: int, rows: list[torch.Tensor],
-            feedback: Feedback | None = None) -> None:
-        """Encode a segment's rows (``feedback``: round them with error feedback, `encode_rows`)."""
-        offset = self.lengths.get(codec, 0)
-        scale_offset = self.scale_lengths.get(codec, 0) if CODEC[codec].integer else -1
-        for part in rows:
-            data, scales = encode_rows(codec, part, feedback)
-            self.pools.setdefault(codec, []).append(data)
-            self.lengths[codec] = self.lengths.get(codec, 0) + data.numel()
-            if scales is not None:
-                self.scales.setdefault(codec, []).append(scales)
-                self.scale_lengths[codec] = self.scale_lengths.get(codec, 0) + scales.numel()
-        self.segments.append([block, int(kind), CODEC[codec].id, rank, offset, scale_offset])
-
-    def finish(self, shape: tuple[int, int], dtype: torch.dtype, blocks: list[list[int]]) -> HMatrix:
-        return HMatrix(
-            shape, dtype,
-            torch.tensor(blocks, dtype=torch.int32).reshape(-1, BLOCK_COLUMNS),
-            torch.tensor(self.segments, dtype=torch.int32).reshape(-1, SEGMENT_COLUMNS),
-            {c: torch.cat(parts) for c, parts in sorted(self.pools.items())},
-            {c: torch.cat(parts) for c, parts in sorted(self.scales.items())},
-            torch.cat(self.row_masks) if self.row_masks else torch.zeros(0, dtype=torch.uint8),
-        )
 
 
 def assemble(matrix: torch.Tensor, c: Candidates, plan: Plan, device: str = "cpu",

@@ -12,8 +12,8 @@ import math
 import torch
 
 FORMAT_NAME = "hmcompress"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: no coded pools
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # version 1: no coded pools; version 3: codec u8
 BLOCK_COLUMNS = 5  # row0, col0, rows, cols, level
 SEGMENT_COLUMNS = 6  # block, kind, codec, rank, offset, scale_offset
 
@@ -33,9 +33,10 @@ DENSE, LOWRANK, ROWS = Kind.DENSE, Kind.LOWRANK, Kind.ROWS
 class Codec:
     """How a segment's numbers are stored: its pool's dtype, and for integer codes their width.
 
-    Integer codecs store per-row symmetric codes with one float32 scale per stored row; codes
-    narrower than 8 bits are packed as offset codes (code + 2**(bits-1)) into a little-endian bit
-    stream per row. Floating codecs store the numbers rounded to the pool's dtype.
+    Integer codecs store per-row symmetric codes with one float32 scale per stored row (one per
+    segment for ``segment_scale`` codecs: a uniform quantizer's single step); codes narrower than
+    8 bits are packed as offset codes (code + 2**(bits-1)) into a little-endian bit stream per row.
+    Floating codecs store the numbers rounded to the pool's dtype.
     """
 
     name: str  # the file's pool/scale tensor suffix (``pool.i8``)
@@ -43,6 +44,8 @@ class Codec:
     bits: int  # bits per stored number
     pool_dtype: torch.dtype
     unit_roundoff: float | None  # floating codecs: |fl(x) - x| <= u |x| in range; None for integers
+    segment_scale: bool = False  # one scale for all of a segment's stored rows
+    since: int = 1  # the format version that introduced it
 
     @property
     def integer(self) -> bool:
@@ -68,11 +71,17 @@ CODEC_TABLE: tuple[Codec, ...] = (
     Codec("i7", 6, 7, torch.uint8, None),
     Codec("i6", 7, 6, torch.uint8, None),
     Codec("i5", 8, 5, torch.uint8, None),
+    Codec("u8", 9, 8, torch.int8, None, segment_scale=True, since=3),
 )
 CODEC = {codec.name: codec for codec in CODEC_TABLE}
 CODECS: tuple[str, ...] = tuple(codec.name for codec in CODEC_TABLE)  # names in id order
 INTEGER_CODECS = frozenset(codec.name for codec in CODEC_TABLE if codec.integer)
-SCALE_DTYPE = torch.float32  # one scale per stored row of an integer codec
+SCALE_DTYPE = torch.float32  # one scale per stored row of an integer codec (per segment: segment_scale)
+
+
+def codecs_of_version(version: int) -> tuple[str, ...]:
+    """The codecs a file of this format version may use."""
+    return tuple(c.name for c in CODEC_TABLE if c.since <= version)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -184,7 +184,9 @@ class _RowRun:
         their scales."""
         size = count * CODEC[self.codec].row_length(length)
         scales = None
-        if self.scales is not None:
+        if self.scales is not None and CODEC[self.codec].segment_scale:  # every row: the segment's one
+            scales = self.scales[self.scale_offset:self.scale_offset + 1].expand(count)
+        elif self.scales is not None:
             scales = self.scales[self.scale_offset:self.scale_offset + count]
             self.scale_offset += count
         data = self.pool[self.offset:self.offset + size]

@@ -28,6 +28,7 @@ from hmcompress.runtime.format import (
     SCALE_DTYPE,
     SEGMENT_COLUMNS,
     DType,
+    codecs_of_version,
 )
 from hmcompress.runtime.matrix import HMatrix
 
@@ -289,9 +290,10 @@ def _checked_metadata(path: pathlib.Path) -> tuple[dict, SafetensorsHeader]:
             fail(f"{where}: unsupported dtype {brief(dtype)}")
         if not isinstance(prefix, str) or not prefix:
             fail(f"{where}: prefix must be a non-empty string")
-        parts = ["blocks", "segments", "rows", *(f"pool.{c}" for c in CODECS),
-                 *(f"scale.{c}" for c in sorted(INTEGER_CODECS)),
-                 *(f"coded.{c}" for c in sorted(INTEGER_CODECS) if version >= 2)]
+        codecs = codecs_of_version(version)
+        integer = sorted(INTEGER_CODECS.intersection(codecs))
+        parts = ["blocks", "segments", "rows", *(f"pool.{c}" for c in codecs), *(f"scale.{c}" for c in integer),
+                 *(f"coded.{c}" for c in integer if version >= 2)]
         for part in parts:
             other = claimed.setdefault(prefix + part, (name, part))
             if other != (name, part):

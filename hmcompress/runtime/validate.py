@@ -186,8 +186,10 @@ def _validate_segments(hm: Packed, blocks: torch.Tensor, fail) -> None:
     integer = torch.tensor([c in INTEGER_CODECS for c in CODECS])[cid]
     check(~integer & (scale_offset != -1), lambda _i: "scale offset must be -1 for a floating-point codec")
     scale_len = torch.tensor([hm.scales[c].numel() if c in hm.scales else 0 for c in CODECS])[cid]
-    check(integer & ((scale_offset < 0) | (scale_offset + stored_rows > scale_len)),
-          lambda i: f"scale range [{int(scale_offset[i])}, {int(scale_offset[i] + stored_rows[i])}) "
+    one_scale = torch.tensor([CODEC[c].segment_scale for c in CODECS])[cid]
+    scale_count = torch.where(one_scale, 1, stored_rows)
+    check(integer & ((scale_offset < 0) | (scale_offset + scale_count > scale_len)),
+          lambda i: f"scale range [{int(scale_offset[i])}, {int(scale_offset[i] + scale_count[i])}) "
                     f"outside scale.{CODECS[int(cid[i])]} of {int(scale_len[i])} elements")
 
     # Row bitmaps: consecutive, exactly `rank` bits among the block's rows, disjoint per block.

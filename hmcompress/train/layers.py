@@ -27,8 +27,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from hmcompress.core.build import CompressionOptions, Packer, compress_matrix
+from hmcompress.core.build import CompressionOptions, compress_matrix
 from hmcompress.core.codecs import source_codec
+from hmcompress.core.packer import Packer
 from hmcompress.runtime import DENSE, LOWRANK, ROWS, HMatrix, row_mask
 
 PENALTIES = ("nuclear", "factor")
@@ -378,7 +379,8 @@ def _fit(reference: torch.Tensor, dtype: torch.dtype, options: CompressionOption
     source = reference.detach().to(dtype).cpu()
     trial = options
     for _ in range(TIGHTENINGS):
-        layer = TrainableHLinear(compress_matrix(source, trial).hmatrix, bias, options, dtype, device)
+        layer = TrainableHLinear(compress_matrix(source, trial, planned_only=True).hmatrix, bias, options, dtype,
+                                 device)
         with torch.no_grad():
             error = float(torch.linalg.matrix_norm(reference - layer.to_dense(torch.float64)))
         if error <= allowed:

@@ -1,0 +1,126 @@
+"""One quantization step for every row: the entropy-coded quantizer near the rate-distortion limit.
+
+Integer pools are stored entropy-coded, so a code costs about what its value carries, not its
+width. For a total squared error D the fewest bits then go to a uniform quantizer with the same
+step everywhere (each row's error falls as its step squared, its bits as the step's log: equal
+steps balance them), which lands within about a quarter of a bit per weight of the rate-distortion
+limit at the rates used (issue 18). Absmax scales per row, which the planner's codecs use, give a
+row with larger values a coarser step and so spend more bits for the same error. The uniform
+build stores the whole matrix as one leaf of int8 codes at one step, stored once (codec `u8`);
+a row whose largest value needs more than 127 steps keeps a step of its own (codec `i8`, the
+smallest step that holds it). It is kept where it is smaller than the planned build; its error
+is measured like every other build's.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from hmcompress.core.codecs import roundtrip_rows
+from hmcompress.core.entropy import with_coded_pools
+from hmcompress.core.feedback import Feedback
+from hmcompress.core.packer import Packer
+from hmcompress.runtime import CODEC, DENSE, ROWS, HMatrix, row_mask
+
+SHARED_CODEC = "u8"  # int8 codes, one step for the segment
+ROW_CODEC = "i8"  # int8 codes, a step per row: rows whose largest value needs more than 127 steps
+WIDE_CODEC = "f16"  # rows whose largest value needs more than `WIDE_STEPS` steps
+UNIFORM_CODEC = ROW_CODEC  # the codec the planner's codecs must include for a uniform build
+LEVELS = (1 << (CODEC[SHARED_CODEC].bits - 1)) - 1
+# Beyond this many steps a row's int8 codes at its own step lose more than float16 costs more, at
+# the uniform quantizer's exchange rate (2·ln 2·step²/12 of squared error a bit): about 9 bits a
+# number more for float16 against an int8 error per number of (peak/127)²/12 above step²/12.
+WIDE_STEPS = 448
+SEARCH_STEPS = 8  # steps tried while searching for the largest that holds
+HEADROOM = 0.999  # each step tried aims this far below the budget (the error is nearly linear in it)
+# Steps a float32 scale holds, with room for a row's own scale (up to `WIDE_STEPS` steps) to stay finite.
+_STEPS = (float(torch.finfo(torch.float32).tiny), float(torch.finfo(torch.float32).max) / (2 * WIDE_STEPS))
+
+
+def row_groups(work: torch.Tensor, step: float, codecs: tuple[str, ...]) -> list[tuple[str, torch.Tensor]]:
+    """(codec, row indices) of the uniform build at ``step``, in codec-id order: rows whose largest
+    value fits 127 steps share the step (`SHARED_CODEC`); wider ones have their own (`ROW_CODEC`),
+    or are stored as float16 beyond `WIDE_STEPS` steps where ``codecs`` allow it."""
+    peak = work.abs().amax(dim=1) if work.shape[1] else work.new_zeros(work.shape[0])
+    step32 = torch.tensor(step, dtype=torch.float32)
+    fits = (peak / LEVELS).to(torch.float32) <= step32  # exactly where `quantize`'s clamp picks the step
+    wide = (peak > WIDE_STEPS * float(step32)) if WIDE_CODEC in codecs else torch.zeros_like(fits)
+    groups = ((SHARED_CODEC, fits), (ROW_CODEC, ~fits & ~wide), (WIDE_CODEC, wide))
+    chosen = [(codec, torch.nonzero(mask).reshape(-1)) for codec, mask in groups if bool(mask.any())]
+    return sorted(chosen, key=lambda group: CODEC[group[0]].id)
+
+
+def uniform_values(work: torch.Tensor, step: float, codecs: tuple[str, ...],
+                   feedback: Feedback | None = None) -> torch.Tensor:
+    """What the uniform build at ``step`` stores, in ``work``'s dtype, without encoding it."""
+    out = torch.empty_like(work)
+    for codec, rows in row_groups(work, step, codecs):
+        out[rows] = roundtrip_rows(codec, work[rows], feedback, step)
+    return out
+
+
+def uniform_hmatrix(matrix: torch.Tensor, step: float, codecs: tuple[str, ...],
+                    feedback: Feedback | None = None) -> HMatrix:
+    """``matrix`` as one leaf quantized at ``step`` (`row_groups`; with ``feedback``: rounded with
+    error feedback for its norm), its integer pools entropy-coded where that is smaller."""
+    m, n = matrix.shape
+    work = _work(matrix, feedback)
+    groups = row_groups(work, step, codecs)
+    packer = Packer()
+    for codec, rows in groups:
+        if len(groups) == 1:
+            packer.add(0, DENSE, codec, 0, [work], feedback, step)
+        else:
+            packer.add(0, ROWS, codec, rows.numel(), [work[rows]], feedback, step)
+            packer.row_masks.append(row_mask(rows, m))
+    return with_coded_pools(packer.finish((m, n), matrix.dtype, [[0, 0, m, n, 0]]))
+
+
+def first_step(allowed: float, entries: float) -> float:
+    """The step whose rounding error alone would spend the budget (each number's error uniform on
+    ±step/2: variance step²/12); none (inf) for no entries."""
+    return allowed * math.sqrt(12.0 / entries) if entries > 0 else math.inf
+
+
+def uniform_build(matrix: torch.Tensor, allowed: float, step: float, codecs: tuple[str, ...],
+                  measure: Callable[[torch.Tensor], float],
+                  feedback: Feedback | None = None) -> tuple[HMatrix, torch.Tensor, float] | None:
+    """The uniform build (`row_groups`, within ``codecs``) with the largest step found whose measured error is within ``allowed``:
+    (matrix, its float64 form, its error), or None if none of `SEARCH_STEPS` steps held.
+    ``step`` is the first step tried; each next one scales the last by budget / error (the error
+    of a uniform quantizer is nearly proportional to its step), between the largest that held and
+    the smallest that missed once both are known. ``measure`` bounds a float64 matrix's error;
+    the search measures the rounded values, the result is measured again as decoded."""
+    if not allowed > 0 or matrix.numel() == 0:
+        return None
+    work = _work(matrix, feedback)
+    held, missed = 0.0, math.inf
+    for _ in range(SEARCH_STEPS):
+        if not _STEPS[0] <= step <= _STEPS[1]:  # a step (or a row's scale) float32 cannot hold
+            break
+        error = measure(uniform_values(work, step, codecs, feedback).double())
+        if not math.isfinite(error):
+            break
+        if error <= allowed:
+            held = step
+            if error >= HEADROOM * HEADROOM * allowed:
+                break
+        else:
+            missed = step
+        step = step * HEADROOM * allowed / error if error > 0 else 2 * step
+        if missed < math.inf and not held < step < missed:
+            step = math.sqrt(held * missed) if held else missed / 2
+    if not held:
+        return None
+    hm = uniform_hmatrix(matrix, held, codecs, feedback)
+    dense = hm.to_dense(torch.float64)
+    error = measure(dense)
+    return (hm, dense, error) if error <= allowed else None
+
+
+def _work(matrix: torch.Tensor, feedback: Feedback | None) -> torch.Tensor:
+    """The precision rows are rounded in: float64 with feedback (as `codecs.quantize` does), else
+    the planner's (float32 unless the matrix is float64)."""
+    return matrix.double() if feedback is not None or matrix.dtype == torch.float64 else matrix.float()
