@@ -458,11 +458,12 @@ COMPRESSED_NAME = "enc.weight"
 
 
 def original_matrix() -> torch.Tensor:
-    """A smooth kernel plus noise: compresses into several blocks of every kind at leaf 8."""
+    """A smooth kernel plus noise: compresses into several low-rank blocks at leaf 8 (a planned
+    build: smaller than the uniform one)."""
     gen = torch.Generator().manual_seed(7)
     x = torch.sort(torch.rand(64, generator=gen, dtype=torch.float64))[0]
     y = torch.sort(torch.rand(48, generator=gen, dtype=torch.float64))[0]
-    w = 1 / (1 + 50 * (x[:, None] - y[None, :]).abs()) + 1e-3 * torch.randn(64, 48, generator=gen, dtype=torch.float64)
+    w = 1 / (1 + 10 * (x[:, None] - y[None, :]).abs()) + 1e-3 * torch.randn(64, 48, generator=gen, dtype=torch.float64)
     return w.float()
 
 

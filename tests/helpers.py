@@ -63,12 +63,12 @@ def mixed_matrix(m: int = 24, n: int = 20, dtype: torch.dtype = torch.float32, s
 
 
 def compressed(m: int, n: int, tol: float = 1e-2, dtype: torch.dtype = torch.float32, seed: int = 0) -> HMatrix:
-    """A matrix compressed by the library (smooth kernel plus noise: dense and low-rank leaves)."""
+    """A matrix compressed by the library's planner (smooth kernel plus noise: dense and low-rank leaves)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.sort(torch.rand(m, generator=gen, dtype=torch.float64))[0]
     y = torch.sort(torch.rand(n, generator=gen, dtype=torch.float64))[0]
     w = 1 / (1 + 100 * (x[:, None] - y[None, :]).abs()) + 1e-3 * torch.randn(m, n, generator=gen, dtype=torch.float64)
-    return compress_matrix(w.to(dtype), CompressionOptions(tol=tol, precision="auto", leaf=8)).hmatrix
+    return compress_matrix(w.to(dtype), CompressionOptions(tol=tol, precision="auto", leaf=8), planned_only=True).hmatrix
 
 
 HEADER = {"options": {"tol": 0.01}, "source": {"file": "model.pt"}, "extra": {"epoch": 3}}

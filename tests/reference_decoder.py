@@ -27,8 +27,8 @@ CONTAINER_DTYPES = {
 CODECS = {0: ("f64", "F64", None, False), 1: ("f32", "F32", None, False), 2: ("f16", "F16", None, False),
           3: ("bf16", "BF16", None, False), 4: ("i8", "I8", None, True), 5: ("i4", "U8", 4, True),
           6: ("i7", "U8", 7, True), 7: ("i6", "U8", 6, True), 8: ("i5", "U8", 5, True),
-          9: ("u8", "I8", None, True)}
-SEGMENT_SCALE = {"u8"}  # integer codecs with one scale per segment (version 3)
+          9: ("u8", "I8", None, True), 10: ("u8lo", "I8", None, True)}
+SEGMENT_SCALE = {"u8", "u8lo"}  # integer codecs with one scale per segment (version 3)
 # Source dtypes: (exponent bits, fraction bits) of the IEEE-style format H is rounded to.
 FORMATS = {"float64": (11, 52), "float32": (8, 23), "float16": (5, 10), "bfloat16": (8, 7)}
 DENSE, LOWRANK, ROWS = 0, 1, 2
@@ -101,8 +101,8 @@ def decode_file(path: str | pathlib.Path) -> File:
         claimed.update(prefix + part for part in parts)
         if meta["version"] == 1 and any(part.startswith("coded.") for part in parts):
             raise Invalid(f"{name}: a version 1 file has no coded pools")
-        if meta["version"] < 3 and any(part.endswith(".u8") for part in parts):
-            raise Invalid(f"{name}: codec u8 is new in version 3")
+        if meta["version"] < 3 and any(part.split(".", 1)[-1] in SEGMENT_SCALE for part in parts):
+            raise Invalid(f"{name}: codecs {sorted(SEGMENT_SCALE)} are new in version 3")
         matrices[name] = decode_matrix(name, entry, parts)
     passthrough = {name: tensors[name] for name in meta["passthrough"]}
     unexplained = set(tensors) - claimed - set(passthrough)

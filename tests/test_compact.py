@@ -31,7 +31,7 @@ from hmcompress.runtime import (
 )
 from hmcompress.runtime.bundle import shim_source
 
-CODECS = ["f32", "f16", "bf16", "i8", "i7", "i6", "i5", "i4", "u8", "f64"]
+CODECS = ["f32", "f16", "bf16", "i8", "i7", "i6", "i5", "i4", "u8", "u8lo", "f64"]
 INTEGER = ["i8", "i7", "i6", "i5", "i4", "u8"]
 
 

@@ -129,7 +129,7 @@ def test_rejects_bad_segments():
     integer = int((seg[:, 2] == CODEC["i8"].id).nonzero()[0])
     rejects(segment_with(hm, 0, 0, 99), "block out of range")
     rejects(segment_with(hm, 0, 1, 3), "unknown kind")
-    rejects(segment_with(hm, 0, 2, 10), "unknown codec id 10")
+    rejects(segment_with(hm, 0, 2, 11), "unknown codec id 11")
     rejects(segment_with(hm, 0, 2, -1), "unknown codec id")
     rejects(segment_with(hm, dense, 3, 1), "dense segment has rank 0")
     rejects(segment_with(hm, lowrank, 3, 0), "low-rank segment has rank >= 1")

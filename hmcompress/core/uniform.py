@@ -5,11 +5,20 @@ width. For a total squared error D the fewest bits then go to a uniform quantize
 step everywhere (each row's error falls as its step squared, its bits as the step's log: equal
 steps balance them), which lands within about a quarter of a bit per weight of the rate-distortion
 limit at the rates used (issue 18). Absmax scales per row, which the planner's codecs use, give a
-row with larger values a coarser step and so spend more bits for the same error. The uniform
-build stores the whole matrix as one leaf of int8 codes at one step, stored once (codec `u8`);
-a row whose largest value needs more than 127 steps keeps a step of its own (codec `i8`, the
-smallest step that holds it). It is kept where it is smaller than the planned build; its error
-is measured like every other build's.
+row with larger values a coarser step and so spend more bits for the same error.
+
+The uniform build stores the whole matrix as one leaf at one step, stored once, in one of two
+layouts, and keeps the smaller:
+
+- narrow: int8 codes (codec `u8`); a row whose largest value needs more than 127 steps keeps a
+  step of its own (codec `i8`, the smallest step that holds it; float16 beyond `WIDE_STEPS`);
+- two digits, for steps finer than 127 hold (tolerances below about 3e-3 on trained weights):
+  each code k = B·hi + lo, |hi| <= 127, -B/2 <= lo < B/2, B a power of two up to 128, stored as
+  two dense segments that add, `u8` at step B·s and `u8lo` at step s, each entropy-coded on its
+  own: the high digits carry the distribution's shape, the low ones are nearly uniform, so the
+  pair costs about what k's entropy is, with 8-bit symbols.
+
+It is kept where it is smaller than the planned build; its error is measured like every build's.
 """
 from __future__ import annotations
 
@@ -20,11 +29,13 @@ import torch
 
 from hmcompress.core.codecs import roundtrip_rows
 from hmcompress.core.entropy import with_coded_pools
-from hmcompress.core.feedback import Feedback
+from hmcompress.core.feedback import Feedback, feedback_round
 from hmcompress.core.packer import Packer
 from hmcompress.runtime import CODEC, DENSE, ROWS, HMatrix, row_mask
 
 SHARED_CODEC = "u8"  # int8 codes, one step for the segment
+LOW_CODEC = "u8lo"  # the low digits of two-digit codes, one step for the segment
+MAX_BASE = 128  # the largest B of two-digit codes (low digits in [-64, 64), within int8)
 ROW_CODEC = "i8"  # int8 codes, a step per row: rows whose largest value needs more than 127 steps
 WIDE_CODEC = "f16"  # rows whose largest value needs more than `WIDE_STEPS` steps
 UNIFORM_CODEC = ROW_CODEC  # the codec the planner's codecs must include for a uniform build
@@ -53,8 +64,16 @@ def row_groups(work: torch.Tensor, step: float, codecs: tuple[str, ...]) -> list
 
 
 def uniform_values(work: torch.Tensor, step: float, codecs: tuple[str, ...],
-                   feedback: Feedback | None = None) -> torch.Tensor:
-    """What the uniform build at ``step`` stores, in ``work``'s dtype, without encoding it."""
+                   feedback: Feedback | None = None, digits: bool = False) -> torch.Tensor:
+    """What the uniform build at ``step`` stores (``digits``: in two-digit codes), in ``work``'s
+    dtype, without encoding it."""
+    if digits:
+        step32, base = _digit_codes(work, step)
+        limit = LEVELS * base + base // 2 - 1  # high digit floor((k + B/2) / B) within ±127
+
+        def round_column(column: torch.Tensor) -> torch.Tensor:
+            return torch.round(column / step32).clamp_(-limit, limit).mul_(step32)
+        return round_column(work) if feedback is None else feedback_round(work, feedback, round_column)
     out = torch.empty_like(work)
     for codec, rows in row_groups(work, step, codecs):
         out[rows] = roundtrip_rows(codec, work[rows], feedback, step)
@@ -62,13 +81,21 @@ def uniform_values(work: torch.Tensor, step: float, codecs: tuple[str, ...],
 
 
 def uniform_hmatrix(matrix: torch.Tensor, step: float, codecs: tuple[str, ...],
-                    feedback: Feedback | None = None) -> HMatrix:
-    """``matrix`` as one leaf quantized at ``step`` (`row_groups`; with ``feedback``: rounded with
-    error feedback for its norm), its integer pools entropy-coded where that is smaller."""
+                    feedback: Feedback | None = None, digits: bool = False) -> HMatrix:
+    """``matrix`` as one leaf quantized at ``step`` (`row_groups`, or ``digits``: two-digit codes;
+    with ``feedback``: rounded with error feedback for its norm), its integer pools entropy-coded
+    where that is smaller."""
     m, n = matrix.shape
     work = _work(matrix, feedback)
-    groups = row_groups(work, step, codecs)
     packer = Packer()
+    if digits:
+        step32, base = _digit_codes(work, step)
+        codes = torch.round(uniform_values(work, step, codecs, feedback, digits=True).double() / step32)
+        high = torch.floor((codes + base // 2) / base)
+        packer.add(0, DENSE, SHARED_CODEC, 0, [high * (base * step32)], None, base * step32)
+        packer.add(0, DENSE, LOW_CODEC, 0, [(codes - base * high) * step32], None, step32)
+        return with_coded_pools(packer.finish((m, n), matrix.dtype, [[0, 0, m, n, 0]]))
+    groups = row_groups(work, step, codecs)
     for codec, rows in groups:
         if len(groups) == 1:
             packer.add(0, DENSE, codec, 0, [work], feedback, step)
@@ -87,20 +114,40 @@ def first_step(allowed: float, entries: float) -> float:
 def uniform_build(matrix: torch.Tensor, allowed: float, step: float, codecs: tuple[str, ...],
                   measure: Callable[[torch.Tensor], float],
                   feedback: Feedback | None = None) -> tuple[HMatrix, torch.Tensor, float] | None:
-    """The uniform build (`row_groups`, within ``codecs``) with the largest step found whose measured error is within ``allowed``:
-    (matrix, its float64 form, its error), or None if none of `SEARCH_STEPS` steps held.
-    ``step`` is the first step tried; each next one scales the last by budget / error (the error
-    of a uniform quantizer is nearly proportional to its step), between the largest that held and
-    the smallest that missed once both are known. ``measure`` bounds a float64 matrix's error;
-    the search measures the rounded values, the result is measured again as decoded."""
+    """The smaller of the narrow and (where ``step`` needs more than 127 steps in some row) the
+    two-digit uniform build, each at the largest step found whose measured error is within
+    ``allowed``: (matrix, its float64 form, its error), or None if neither held.
+    ``step`` is the first step tried (`search_step`); ``measure`` bounds a float64 matrix's
+    error; the result is measured again as decoded."""
     if not allowed > 0 or matrix.numel() == 0:
         return None
     work = _work(matrix, feedback)
+    modes = [False]
+    if _STEPS[0] <= step <= _STEPS[1] and float(work.abs().max()) > LEVELS * step:
+        modes.append(True)
+    best = None
+    for digits in modes:
+        held = search_step(step, allowed, lambda s: measure(uniform_values(work, s, codecs, feedback, digits).double()))
+        if held is None:
+            continue
+        hm = uniform_hmatrix(matrix, held, codecs, feedback, digits)
+        dense = hm.to_dense(torch.float64)
+        error = measure(dense)
+        if error <= allowed and (best is None or hm.nbytes < best[0].nbytes):
+            best = (hm, dense, error)
+    return best
+
+
+def search_step(step: float, allowed: float, error_at: Callable[[float], float]) -> float | None:
+    """The largest step found (of `SEARCH_STEPS` tried) whose ``error_at`` is within ``allowed``,
+    or None. Each next step scales the last by budget / error (the error of a uniform quantizer
+    is nearly proportional to its step), between the largest that held and the smallest that
+    missed once both are known."""
     held, missed = 0.0, math.inf
     for _ in range(SEARCH_STEPS):
         if not _STEPS[0] <= step <= _STEPS[1]:  # a step (or a row's scale) float32 cannot hold
             break
-        error = measure(uniform_values(work, step, codecs, feedback).double())
+        error = error_at(step)
         if not math.isfinite(error):
             break
         if error <= allowed:
@@ -112,12 +159,18 @@ def uniform_build(matrix: torch.Tensor, allowed: float, step: float, codecs: tup
         step = step * HEADROOM * allowed / error if error > 0 else 2 * step
         if missed < math.inf and not held < step < missed:
             step = math.sqrt(held * missed) if held else missed / 2
-    if not held:
-        return None
-    hm = uniform_hmatrix(matrix, held, codecs, feedback)
-    dense = hm.to_dense(torch.float64)
-    error = measure(dense)
-    return (hm, dense, error) if error <= allowed else None
+    return held or None
+
+
+def _digit_codes(work: torch.Tensor, step: float) -> tuple[float, int]:
+    """(the step as its float32 scale stores it, B: the smallest power of two from 2 to
+    `MAX_BASE` whose two-digit codes hold the matrix's largest value at it)."""
+    step32 = float(torch.tensor(step, dtype=torch.float32))
+    peak = float(work.abs().max()) / step32 if work.numel() else 0.0
+    base = 2
+    while base < MAX_BASE and LEVELS * base + base // 2 - 1 < peak:
+        base *= 2
+    return step32, base
 
 
 def _work(matrix: torch.Tensor, feedback: Feedback | None) -> torch.Tensor:

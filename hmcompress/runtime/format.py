@@ -13,7 +13,7 @@ import torch
 
 FORMAT_NAME = "hmcompress"
 FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # version 1: no coded pools; version 3: codec u8
+READABLE_VERSIONS = (1, 2, 3)  # version 1: no coded pools; version 3: codecs u8, u8lo
 BLOCK_COLUMNS = 5  # row0, col0, rows, cols, level
 SEGMENT_COLUMNS = 6  # block, kind, codec, rank, offset, scale_offset
 
@@ -72,6 +72,7 @@ CODEC_TABLE: tuple[Codec, ...] = (
     Codec("i6", 7, 6, torch.uint8, None),
     Codec("i5", 8, 5, torch.uint8, None),
     Codec("u8", 9, 8, torch.int8, None, segment_scale=True, since=3),
+    Codec("u8lo", 10, 8, torch.int8, None, segment_scale=True, since=3),
 )
 CODEC = {codec.name: codec for codec in CODEC_TABLE}
 CODECS: tuple[str, ...] = tuple(codec.name for codec in CODEC_TABLE)  # names in id order

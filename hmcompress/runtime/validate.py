@@ -152,12 +152,12 @@ def _validate_segments(hm: Packed, blocks: torch.Tensor, fail) -> None:
     check((kind == ROWS) & ((rank < 1) | (rank > rows)),
           lambda i: f"a rows segment stores between 1 and {int(rows[i])} rows")
 
-    # The segments of one block: one dense alone, or low-rank ones, or rows ones; one per codec.
+    # The segments of one block: dense ones, or low-rank ones, or rows ones; one per codec.
     total = torch.bincount(blk, minlength=nblocks)
     per_kind = {k: torch.bincount(blk[kind == k], minlength=nblocks) for k in Kind}
-    bad = (per_kind[DENSE] > 0) & (total != 1)
+    bad = (per_kind[DENSE] > 0) & (total != per_kind[DENSE])
     if bool(bad.any()):
-        fail(f"block {_first(bad)}: a dense segment must be the block's only segment")
+        fail(f"block {_first(bad)}: dense segments must be the block's only segments")
     bad = (per_kind[LOWRANK] > 0) & (per_kind[ROWS] > 0)
     if bool(bad.any()):
         fail(f"block {_first(bad)}: mixes low-rank and rows segments")
