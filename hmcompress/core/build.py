@@ -89,7 +89,7 @@ class Compressed:
     error: float  # upper bound on ||W - H||_F, H64 and its source-dtype rounding (`error_bound`)
     budget: float  # allowed ||W - H||_F (inf where the budget is on the activations' norm)
     root_sigma: np.ndarray | None  # singular values of W (float64, descending); None: not computed
-    strategy: str  # planner whose plan was stored ("optimal", "svd", "paper" or "exact")
+    strategy: str  # planner whose plan was stored ("optimal", "svd", "paper", "uniform" or "exact")
     rebuilds: int
     activation: ActivationFigures | None = None  # built for calibration inputs: the guaranteed figures
 
