@@ -15,7 +15,16 @@ from hypothesis import strategies as st
 from test_weighted import G_KINDS, second_moment
 
 from hmcompress.core.build import CompressionOptions, allowed_error, compress_matrix, error_bound, storage_codecs
-from hmcompress.core.uniform import LEVELS, LOW_CODEC, SHARED_CODEC, first_step, row_groups, uniform_build
+from hmcompress.core.uniform import (
+    LEVELS,
+    LOW_CODEC,
+    SHARED_CODEC,
+    first_step,
+    promised_bytes,
+    row_groups,
+    uniform_build,
+    uniform_values,
+)
 from hmcompress.core.weighted import InputWeights, Whitening, activation_error_bound
 from hmcompress.runtime import CODEC, CompactLinear, compact_layouts
 from hmcompress.runtime.matrix import round_to_dtype
@@ -177,3 +186,26 @@ def test_reference_decoder_refuses_u8_in_a_version_2_file(tmp_path):
     path = corpus.HOSTILE_COMPRESSED[[c.name for c in corpus.HOSTILE_COMPRESSED].index("u8_in_version_2")].make(tmp_path)
     with pytest.raises(reference_decoder.Invalid, match="are new in version 3"):
         reference_decoder.decode_file(path)
+
+
+def test_a_layout_that_promises_more_than_the_plan_is_not_searched():
+    """The codes' entropy at the first step prices a layout (within a few percent of what it
+    stores); one that cannot beat the planned build costs one measurement, not a search."""
+    w = torch.randn(256, 192, generator=torch.Generator().manual_seed(4))
+    allowed = allowed_error(w, CompressionOptions(tol=1e-2))
+    step = first_step(allowed, w.numel())
+    calls = []
+
+    def measure(dense: torch.Tensor) -> float:
+        calls.append(1)
+        return error_bound(w, dense, w.dtype)
+
+    assert uniform_build(w, allowed, step, ("f32", "f16", "i8"), measure, smaller_than=1000) is None
+    assert len(calls) <= 2  # one a layout
+    calls.clear()
+    hm, _dense, error = uniform_build(w, allowed, step, ("f32", "f16", "i8"), measure, smaller_than=10**9)
+    assert len(calls) > 2 and error <= allowed
+    promised = promised_bytes(uniform_values(w.float(), step, ("f32", "f16", "i8")), step,
+                              error_bound(w, uniform_values(w.float(), step, ("f32", "f16", "i8")).double(), w.dtype),
+                              allowed)
+    assert 0.9 * hm.nbytes < promised < 1.02 * hm.nbytes

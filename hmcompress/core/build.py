@@ -136,7 +136,7 @@ def compress_matrix(matrix: torch.Tensor, options: CompressionOptions, full_anal
     if planned_only or options.strategy != "optimal" or UNIFORM_CODEC not in codecs:
         return built
     uniform = uniform_build(matrix, allowed, first_step(allowed, matrix.numel()), codecs,
-                            lambda dense: error_bound(matrix, dense, matrix.dtype))
+                            lambda dense: error_bound(matrix, dense, matrix.dtype), smaller_than=built.hmatrix.nbytes)
     if uniform is None or uniform[0].nbytes >= built.hmatrix.nbytes:
         return built
     hm, dense, error = uniform
@@ -213,7 +213,7 @@ class InputsBuilder:
         step = first_step(allowed, m * float(self.weights.gram.diagonal().sum()))
         uniform = uniform_build(matrix, allowed, step, self.codecs,
                                 lambda dense: activation_error_bound(matrix, dense, self.weights.gram),
-                                self.whitening.factors(0, n)[1])
+                                self.whitening.factors(0, n)[1], best.hmatrix.nbytes)
         if uniform is None or uniform[0].nbytes >= best.hmatrix.nbytes:
             return best
         return done(*uniform, "uniform", best.rebuilds)

@@ -46,6 +46,8 @@ LEVELS = (1 << (CODEC[SHARED_CODEC].bits - 1)) - 1
 WIDE_STEPS = 448
 SEARCH_STEPS = 8  # steps tried while searching for the largest that holds
 HEADROOM = 0.999  # each step tried aims this far below the budget (the error is nearly linear in it)
+PRICE_SAMPLE = 1 << 18  # codes whose entropy prices a layout before its search
+PRICE_MARGIN = 1.05  # a layout promising more than this times the planned build's bytes is not searched
 # Steps a float32 scale holds, with room for a row's own scale (up to `WIDE_STEPS` steps) to stay finite.
 _STEPS = (float(torch.finfo(torch.float32).tiny), float(torch.finfo(torch.float32).max) / (2 * WIDE_STEPS))
 
@@ -112,13 +114,15 @@ def first_step(allowed: float, entries: float) -> float:
 
 
 def uniform_build(matrix: torch.Tensor, allowed: float, step: float, codecs: tuple[str, ...],
-                  measure: Callable[[torch.Tensor], float],
-                  feedback: Feedback | None = None) -> tuple[HMatrix, torch.Tensor, float] | None:
+                  measure: Callable[[torch.Tensor], float], feedback: Feedback | None = None,
+                  smaller_than: int | None = None) -> tuple[HMatrix, torch.Tensor, float] | None:
     """The smaller of the narrow and (where ``step`` needs more than 127 steps in some row) the
     two-digit uniform build, each at the largest step found whose measured error is within
     ``allowed``: (matrix, its float64 form, its error), or None if neither held.
     ``step`` is the first step tried (`search_step`); ``measure`` bounds a float64 matrix's
-    error; the result is measured again as decoded."""
+    error; the result is measured again as decoded. ``smaller_than``: bytes a layout must beat
+    (the planned build's); one whose codes at the first step promise more (`promised_bytes`) is
+    not searched."""
     if not allowed > 0 or matrix.numel() == 0:
         return None
     work = _work(matrix, feedback)
@@ -127,7 +131,15 @@ def uniform_build(matrix: torch.Tensor, allowed: float, step: float, codecs: tup
         modes.append(True)
     best = None
     for digits in modes:
-        held = search_step(step, allowed, lambda s: measure(uniform_values(work, s, codecs, feedback, digits).double()))
+        def error_at(s: float) -> float:
+            return measure(uniform_values(work, s, codecs, feedback, digits).double())
+        first = None
+        if smaller_than is not None and _STEPS[0] <= step <= _STEPS[1]:
+            values = uniform_values(work, step, codecs, feedback, digits)
+            first = measure(values.double())
+            if promised_bytes(values, step, first, allowed) > PRICE_MARGIN * smaller_than:
+                continue
+        held = search_step(step, allowed, error_at, first)
         if held is None:
             continue
         hm = uniform_hmatrix(matrix, held, codecs, feedback, digits)
@@ -138,16 +150,33 @@ def uniform_build(matrix: torch.Tensor, allowed: float, step: float, codecs: tup
     return best
 
 
-def search_step(step: float, allowed: float, error_at: Callable[[float], float]) -> float | None:
-    """The largest step found (of `SEARCH_STEPS` tried) whose ``error_at`` is within ``allowed``,
-    or None. Each next step scales the last by budget / error (the error of a uniform quantizer
-    is nearly proportional to its step), between the largest that held and the smallest that
-    missed once both are known."""
+def promised_bytes(values: torch.Tensor, step: float, error: float, allowed: float) -> float:
+    """About the bytes of a uniform build whose values at ``step`` measured ``error``: the
+    empirical entropy of their codes (on at most `PRICE_SAMPLE` of them) plus log2(error /
+    allowed) a number (the step that spends the budget; the error is nearly proportional to the
+    step), without the pools' tables, lanes and scales."""
+    flat = values.reshape(-1)
+    codes = torch.round(flat[::max(1, flat.numel() // PRICE_SAMPLE)].double() / step)
+    counts = torch.unique(codes, return_counts=True)[1].double()
+    share = counts / counts.sum()
+    bits = float(-(share * torch.log2(share)).sum())
+    if error > 0 and math.isfinite(error):
+        bits += math.log2(error / allowed)
+    return max(bits, 0.0) * flat.numel() / 8
+
+
+def search_step(step: float, allowed: float, error_at: Callable[[float], float],
+                first: float | None = None) -> float | None:
+    """The largest step found (of `SEARCH_STEPS` tried) whose ``error_at`` is within ``allowed``
+    (``first``: the error at ``step`` where it is known), or None. Each next step scales the last
+    by budget / error (the error of a uniform quantizer is nearly proportional to its step),
+    between the largest that held and the smallest that missed once both are known."""
     held, missed = 0.0, math.inf
     for _ in range(SEARCH_STEPS):
         if not _STEPS[0] <= step <= _STEPS[1]:  # a step (or a row's scale) float32 cannot hold
             break
-        error = error_at(step)
+        error = error_at(step) if first is None else first
+        first = None
         if not math.isfinite(error):
             break
         if error <= allowed:
