@@ -147,7 +147,7 @@ def test_version_1_files_still_load(tmp_path, monkeypatch):
     source = tmp_path / "m.safetensors"
     save_file({"w": torch.randn(128, 96, generator=gen) * torch.linspace(1, 0.1, 96)}, str(source))
     v2 = tmp_path / "m.hm.safetensors"
-    monkeypatch.setattr(build_module, "uniform_build", lambda *_args: None)  # version 2's codecs only
+    monkeypatch.setattr(build_module, "uniform_build", lambda *_args, **_kwargs: None)  # version 2's codecs only
     compress_checkpoint(source, v2, CompressionOptions(tol=1e-2), Selection(min_size=8))
 
     def as_version_1(tensors: dict, meta: dict) -> None:
@@ -199,7 +199,7 @@ def test_priced_bytes_track_the_file_and_beat_fixed_width_pricing(seed, monkeypa
     plan = optimal_plan(candidates, allowed_error(w, options) ** 2)
     stored = assemble(w, candidates, plan).nbytes
     assert abs(plan.nbytes(candidates) - stored) <= 0.05 * stored
-    monkeypatch.setattr(build_module, "uniform_build", lambda *_args: None)  # planned builds only
+    monkeypatch.setattr(build_module, "uniform_build", lambda *_args, **_kwargs: None)  # planned builds only
     coded = compress_matrix(w, options)
     monkeypatch.setattr(candidates_module, "estimate_pricing", lambda *_args: FIXED_WIDTH)
     fixed = compress_matrix(w, options)
