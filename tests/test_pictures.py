@@ -71,6 +71,15 @@ def test_rows_leaves_are_labelled_by_bits_not_by_rank():
         assert_readable(figure)
 
 
+def test_leaf_bits_count_coded_pools_at_their_coded_size():
+    """A uniform build (one block, entropy-coded int8 codes) is labelled with the bits the file
+    stores for it, not its codes' width."""
+    w = torch.randn(256, 192, generator=torch.Generator().manual_seed(5))
+    hm = compress_matrix(w, CompressionOptions(tol=1e-2)).hmatrix
+    (leaf,) = plots.leaves(hm)
+    assert leaf.bits < 7.5 and abs(leaf.bits - 8 * hm.nbytes / w.numel()) < 0.05
+
+
 def test_file_pictures_are_distinct_pngs():
     matrices, stats = compressed_layers(3)
     pictures = plots.file_pictures(matrices, stats, relative=True)

@@ -124,15 +124,17 @@ class Leaf:
     kind: str  # "lowrank", "rows", "dense" or "zero"
     rank: int  # low rank: the rank; rows: rows kept; dense: min(rows, cols); zero: 0
     codec: str  # the codec holding most of the leaf's bytes ("" for a zero block)
-    bits: float  # stored bits per entry of the block (scales included)
+    bits: float  # stored bits per entry of the block (scales included; coded pools at their coded share)
 
 
 def leaves(hm: HMatrix) -> list[Leaf]:
-    """Every leaf block of ``hm`` with its stored rank and main codec, from the packed tables."""
+    """Every leaf block of ``hm`` with its stored rank and main codec, from the packed tables; a
+    segment of an entropy-coded pool counts its fixed-width bytes times the pool's coded share."""
+    share = {codec: hm.pool_bytes(codec) / max(1, pool.numel() * pool.element_size()) for codec, pool in hm.pools.items()}
     blocks = hm.blocks.tolist()
     ranks = [0] * len(blocks)
     kinds = ["zero"] * len(blocks)
-    codec_bytes: list[dict[str, int]] = [{} for _ in blocks]
+    codec_bytes: list[dict[str, float]] = [{} for _ in blocks]
     for block, kind, codec_id, rank, _offset, _scale in hm.segments.tolist():
         _r0, _c0, rows, cols, _level = blocks[block]
         codec = CODECS[codec_id]
@@ -144,7 +146,7 @@ def leaves(hm: HMatrix) -> list[Leaf]:
         else:
             kinds[block], size = "rows", rank * row_bytes(codec, cols)
             ranks[block] += rank
-        codec_bytes[block][codec] = codec_bytes[block].get(codec, 0) + size
+        codec_bytes[block][codec] = codec_bytes[block].get(codec, 0) + size * share.get(codec, 1.0)
     return [Leaf(r0, c0, h, w, kinds[i], ranks[i],
                  max(codec_bytes[i], key=lambda c: (codec_bytes[i][c], -CODEC[c].id)) if codec_bytes[i] else "",
                  8 * sum(codec_bytes[i].values()) / (h * w))
