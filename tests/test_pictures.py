@@ -7,8 +7,10 @@ import torch
 
 pytest.importorskip("matplotlib")
 
+from benchmarks.weighted_picture import weighted_sigma  # noqa: E402
 from hmcompress.core.build import CompressionOptions, compress_matrix  # noqa: E402
 from hmcompress.core.stats import layer_stats  # noqa: E402
+from hmcompress.core.weighted import InputWeights  # noqa: E402
 from hmcompress.report import plots  # noqa: E402
 
 
@@ -78,6 +80,26 @@ def test_leaf_bits_count_coded_pools_at_their_coded_size():
     hm = compress_matrix(w, CompressionOptions(tol=1e-2)).hmatrix
     (leaf,) = plots.leaves(hm)
     assert leaf.bits < 7.5 and abs(leaf.bits - 8 * hm.nbytes / w.numel()) < 0.05
+
+
+def test_weighted_picture_shows_both_builds_and_both_spectra():
+    """`benchmarks.weighted_picture`'s figure: inputs of rank 6 make W·G^½ of rank 6, and the
+    data-aware build takes low-rank blocks where the plain one cannot."""
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(96, 64, generator=gen)
+    x = torch.randn(6, 64, generator=gen, dtype=torch.float64)
+    gram = x.T @ x / 6
+    options = CompressionOptions(tol=1e-2)
+    plain = compress_matrix(w, options).hmatrix
+    aware = compress_matrix(w, options, weights=InputWeights(gram, 6)).hmatrix
+    assert aware.nbytes < plain.nbytes / 4 and 1 in aware.segments[:, 1].tolist()
+    weighted = weighted_sigma(w, gram).numpy()
+    assert (weighted[6:] <= 1e-6 * weighted[0]).all()  # G^½ of a rank-6 G: its zero eigenvalues to rounding
+    with plots.weighted_png.drawn(plain, aware, torch.linalg.svdvals(w.double()).numpy(), weighted, "title",
+                                  size=(13.0, 4.2)) as figure:
+        titles = [ax.get_title() for ax in figure.axes]
+        assert any(t.startswith("weights' norm") for t in titles) and any(t.startswith("inputs' norm") for t in titles)
+        assert_readable(figure)
 
 
 def test_file_pictures_are_distinct_pngs():

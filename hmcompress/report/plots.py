@@ -250,6 +250,31 @@ def blocks_png(figure, hm: HMatrix, title: str) -> None:
 
 
 @_png(layout=None)
+def weighted_png(figure, plain: HMatrix, aware: HMatrix, sigma: np.ndarray, weighted: np.ndarray,
+                 title: str) -> None:
+    """One matrix built for its weights and for its inputs (``--activations``): both block
+    structures, and the singular values of W beside those of W·G^½ (each over its largest): the
+    faster the second decays, the more low rank pays in the data-aware norm."""
+    ax_plain, ax_aware, ax_sigma = figure.subplots(1, 3, gridspec_kw=dict(left=0.04, right=0.98, wspace=0.5,
+                                                                          top=0.82))
+    draw_ranks(figure, ax_plain, plain)
+    ax_plain.set_title(f"weights' norm: {ax_plain.get_title()}", fontsize=9)
+    draw_ranks(figure, ax_aware, aware)
+    ax_aware.set_title(f"inputs' norm: {ax_aware.get_title()}", fontsize=9)
+    for values, label, colour in ((sigma, "σ_i(W)", "black"), (weighted, "σ_i(W·G^½)", "C1")):
+        top = values.max() if values.size and values.max() > 0 else 1.0
+        ax_sigma.plot(np.arange(1, len(values) + 1), np.where(values > 0, values / top, np.nan), color=colour,
+                      linewidth=1.2, label=label)
+    _value_scale(ax_sigma, np.concatenate([sigma / max(sigma.max(initial=0), 1e-300),
+                                           weighted / max(weighted.max(initial=0), 1e-300)]))
+    ax_sigma.set_xlabel("i")
+    ax_sigma.set_ylabel("singular value / largest")
+    ax_sigma.set_title("spectrum, plain and weighted by G", fontsize=10)
+    ax_sigma.legend(fontsize=8)
+    figure.suptitle(title, fontsize=11)
+
+
+@_png(layout=None)
 def layer_png(figure, layer: LayerComparison, tol: float) -> None:
     """One layer of a comparison: hmcompress (auto) blocks at ``tol``, and the spectrum."""
     ax_rank, ax_codec, ax_sigma = figure.subplots(1, 3, gridspec_kw=dict(left=0.04, right=0.98, wspace=0.45,
