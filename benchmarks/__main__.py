@@ -13,7 +13,7 @@ import time
 
 import torch
 
-MODULES = ("compression", "entropy", "runtime", "training", "models", "scale", "checkpoints", "compare", "peers")
+MODULES = ("compression", "entropy", "uniform", "runtime", "training", "models", "scale", "checkpoints", "compare", "peers")
 QUICK = {"compression", "entropy", "runtime", "training", "peers"}  # modules with a --quick flag
 
 

@@ -205,7 +205,6 @@ def test_a_layout_that_promises_more_than_the_plan_is_not_searched():
     calls.clear()
     hm, _dense, error = uniform_build(w, allowed, step, ("f32", "f16", "i8"), measure, smaller_than=10**9)
     assert len(calls) > 2 and error <= allowed
-    promised = promised_bytes(uniform_values(w.float(), step, ("f32", "f16", "i8")), step,
-                              error_bound(w, uniform_values(w.float(), step, ("f32", "f16", "i8")).double(), w.dtype),
-                              allowed)
+    values = uniform_values(w.float(), step, ("f32", "f16", "i8"))
+    promised = promised_bytes(values, step, error_bound(w, values.double(), w.dtype), allowed)
     assert 0.9 * hm.nbytes < promised < 1.02 * hm.nbytes

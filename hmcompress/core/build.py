@@ -18,7 +18,7 @@ from hmcompress.core.codecs import auto_codecs, source_codec
 from hmcompress.core.entropy import with_coded_pools
 from hmcompress.core.packer import Packer
 from hmcompress.core.plans import DROP, Plan, optimal_plan, paper_plan, svd_plan
-from hmcompress.core.uniform import UNIFORM_CODEC, first_step, uniform_build
+from hmcompress.core.uniform import first_step, uniform_build
 from hmcompress.core.weighted import InputWeights, Whitening, activation_error_bound, activation_norm_lower
 from hmcompress.core.weighted_analysis import analyse_weighted, whitened_factors
 from hmcompress.errors import OptionError
@@ -133,11 +133,11 @@ def compress_matrix(matrix: torch.Tensor, options: CompressionOptions, full_anal
     if built is None:
         built = Compressed(_exact_hmatrix(matrix), matrix.double(), 0.0, allowed, cands.root_sigma, "exact",
                            MAX_REBUILDS)
-    if planned_only or options.strategy != "optimal" or UNIFORM_CODEC not in codecs:
+    if planned_only or options.strategy != "optimal":
         return built
     uniform = uniform_build(matrix, allowed, first_step(allowed, matrix.numel()), codecs,
                             lambda dense: error_bound(matrix, dense, matrix.dtype), smaller_than=built.hmatrix.nbytes)
-    if uniform is None or uniform[0].nbytes >= built.hmatrix.nbytes:
+    if uniform is None:
         return built
     hm, dense, error = uniform
     return Compressed(hm, dense, error, allowed, cands.root_sigma, "uniform", built.rebuilds)
@@ -207,16 +207,14 @@ class InputsBuilder:
                 break
             target *= 0.95 * (allowed / max(error, 1e-300)) ** 2
         best = best or done(_exact_hmatrix(matrix), matrix.double(), 0.0, "exact", MAX_REBUILDS)
-        if self.options.strategy != "optimal" or UNIFORM_CODEC not in self.codecs:
+        if self.options.strategy != "optimal":
             return best
         m, n = matrix.shape
         step = first_step(allowed, m * float(self.weights.gram.diagonal().sum()))
         uniform = uniform_build(matrix, allowed, step, self.codecs,
                                 lambda dense: activation_error_bound(matrix, dense, self.weights.gram),
                                 self.whitening.factors(0, n)[1], best.hmatrix.nbytes)
-        if uniform is None or uniform[0].nbytes >= best.hmatrix.nbytes:
-            return best
-        return done(*uniform, "uniform", best.rebuilds)
+        return best if uniform is None else done(*uniform, "uniform", best.rebuilds)
 
 
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:

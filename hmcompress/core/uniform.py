@@ -8,7 +8,7 @@ limit at the rates used (issue 18). Absmax scales per row, which the planner's c
 row with larger values a coarser step and so spend more bits for the same error.
 
 The uniform build stores the whole matrix as one leaf at one step, stored once, in one of two
-layouts, and keeps the smaller:
+layouts:
 
 - narrow: int8 codes (codec `u8`); a row whose largest value needs more than 127 steps keeps a
   step of its own (codec `i8`, the smallest step that holds it; float16 beyond `WIDE_STEPS`);
@@ -18,7 +18,9 @@ layouts, and keeps the smaller:
   own: the high digits carry the distribution's shape, the low ones are nearly uniform, so the
   pair costs about what k's entropy is, with 8-bit symbols.
 
-It is kept where it is smaller than the planned build; its error is measured like every build's.
+The two-digit layout is kept only where the narrow one misses or is clearly larger
+(`DIGITS_SHARE`); either is kept only where it is smaller than the planned build. Its error is
+measured like every build's.
 """
 from __future__ import annotations
 
@@ -38,7 +40,6 @@ LOW_CODEC = "u8lo"  # the low digits of two-digit codes, one step for the segmen
 MAX_BASE = 128  # the largest B of two-digit codes (low digits in [-64, 64), within int8)
 ROW_CODEC = "i8"  # int8 codes, a step per row: rows whose largest value needs more than 127 steps
 WIDE_CODEC = "f16"  # rows whose largest value needs more than `WIDE_STEPS` steps
-UNIFORM_CODEC = ROW_CODEC  # the codec the planner's codecs must include for a uniform build
 LEVELS = (1 << (CODEC[SHARED_CODEC].bits - 1)) - 1
 # Beyond this many steps a row's int8 codes at its own step lose more than float16 costs more, at
 # the uniform quantizer's exchange rate (2·ln 2·step²/12 of squared error a bit): about 9 bits a
@@ -48,8 +49,9 @@ SEARCH_STEPS = 8  # steps tried while searching for the largest that holds
 HEADROOM = 0.999  # each step tried aims this far below the budget (the error is nearly linear in it)
 # The two-digit layout is kept over the narrow one only at this share of its bytes or less: the
 # compact layers hold both digits (two int8 codes a weight, and a second product), so a file 1%
-# smaller would cost twice the memory; on the shared checkpoints and sample models it is 0.3% to
-# 1% smaller on Gaussian-like layers and 3% to 15% on heavy-tailed ones.
+# smaller would cost twice the memory. At tol 1e-2 it takes 0.993 to 1.002 of the narrow one's
+# bytes on the classifier's, transformer's and PINN's layers, 0.849 to 1.009 on silero-vad's
+# (`python -m benchmarks.uniform`).
 DIGITS_SHARE = 0.97
 PRICE_SAMPLE = 1 << 18  # codes whose entropy prices a layout before its search
 PRICE_MARGIN = 1.05  # a layout promising more than this times the planned build's bytes is not searched
@@ -87,21 +89,13 @@ def uniform_values(work: torch.Tensor, step: float, codecs: tuple[str, ...],
     return out
 
 
-def uniform_hmatrix(matrix: torch.Tensor, step: float, codecs: tuple[str, ...],
-                    feedback: Feedback | None = None, digits: bool = False) -> HMatrix:
-    """``matrix`` as one leaf quantized at ``step`` (`row_groups`, or ``digits``: two-digit codes;
-    with ``feedback``: rounded with error feedback for its norm), its integer pools entropy-coded
-    where that is smaller."""
+def narrow_hmatrix(matrix: torch.Tensor, step: float, codecs: tuple[str, ...],
+                   feedback: Feedback | None = None) -> HMatrix:
+    """``matrix`` as one leaf quantized at ``step`` in `row_groups` (with ``feedback``: rounded
+    with error feedback for its norm), its integer pools entropy-coded where that is smaller."""
     m, n = matrix.shape
     work = _work(matrix, feedback)
     packer = Packer()
-    if digits:
-        step32, base = _digit_codes(work, step)
-        codes = torch.round(uniform_values(work, step, codecs, feedback, digits=True).double() / step32)
-        high = torch.floor((codes + base // 2) / base)
-        packer.add(0, DENSE, SHARED_CODEC, 0, [high * (base * step32)], None, base * step32)
-        packer.add(0, DENSE, LOW_CODEC, 0, [(codes - base * high) * step32], None, step32)
-        return with_coded_pools(packer.finish((m, n), matrix.dtype, [[0, 0, m, n, 0]]))
     groups = row_groups(work, step, codecs)
     for codec, rows in groups:
         if len(groups) == 1:
@@ -110,6 +104,19 @@ def uniform_hmatrix(matrix: torch.Tensor, step: float, codecs: tuple[str, ...],
             packer.add(0, ROWS, codec, rows.numel(), [work[rows]], feedback, step)
             packer.row_masks.append(row_mask(rows, m))
     return with_coded_pools(packer.finish((m, n), matrix.dtype, [[0, 0, m, n, 0]]))
+
+
+def digits_hmatrix(values: torch.Tensor, step: float, dtype: torch.dtype) -> HMatrix:
+    """The two-digit build of ``values`` (`uniform_values` at ``step`` with ``digits``: already
+    on its grid) as one leaf of a matrix of ``dtype``, its pools entropy-coded where smaller."""
+    m, n = values.shape
+    step32, base = _digit_codes(values, step)
+    codes = torch.round(values.double() / step32)
+    high = torch.floor((codes + base // 2) / base)
+    packer = Packer()
+    packer.add(0, DENSE, SHARED_CODEC, 0, [high * (base * step32)], None, base * step32)
+    packer.add(0, DENSE, LOW_CODEC, 0, [(codes - base * high) * step32], None, step32)
+    return with_coded_pools(packer.finish((m, n), dtype, [[0, 0, m, n, 0]]))
 
 
 def first_step(allowed: float, entries: float) -> float:
@@ -124,12 +131,12 @@ def uniform_build(matrix: torch.Tensor, allowed: float, step: float, codecs: tup
     """The narrow or (where ``step`` needs more than 127 steps in some row, and it takes at most
     `DIGITS_SHARE` of the narrow build's bytes, or the narrow one misses) the two-digit uniform
     build, each at the largest step found whose measured error is within ``allowed``: (matrix,
-    its float64 form, its error), or None if neither held.
+    its float64 form, its error), or None if neither held, ``codecs`` lack `ROW_CODEC` (integer
+    codes are not allowed), or it takes ``smaller_than`` bytes or more.
     ``step`` is the first step tried (`search_step`); ``measure`` bounds a float64 matrix's
-    error; the result is measured again as decoded. ``smaller_than``: bytes a layout must beat
-    (the planned build's); one whose codes at the first step promise more (`promised_bytes`) is
-    not searched."""
-    if not allowed > 0 or matrix.numel() == 0:
+    error; the result is measured again as decoded. A layout whose codes at the first step
+    promise more than ``smaller_than`` (`promised_bytes`) is not searched."""
+    if not allowed > 0 or matrix.numel() == 0 or ROW_CODEC not in codecs:
         return None
     work = _work(matrix, feedback)
     modes = [False]
@@ -137,25 +144,34 @@ def uniform_build(matrix: torch.Tensor, allowed: float, step: float, codecs: tup
         modes.append(True)
     built = {}
     for digits in modes:
+        held_values: list[torch.Tensor] = []  # two digits: the values at the last step that held, the largest
+
         def error_at(s: float) -> float:
-            return measure(uniform_values(work, s, codecs, feedback, digits).double())
+            values = uniform_values(work, s, codecs, feedback, digits)
+            error = measure(values.double())
+            if digits and error <= allowed:
+                held_values[:] = [values]  # encoded as they are: rounding them again costs a feedback pass
+            return error
         first = None
         if smaller_than is not None and _STEPS[0] <= step <= _STEPS[1]:
             values = uniform_values(work, step, codecs, feedback, digits)
             first = measure(values.double())
             if promised_bytes(values, step, first, allowed) > PRICE_MARGIN * smaller_than:
                 continue
+            held_values[:] = [values] if digits and first <= allowed else []
         held = search_step(step, allowed, error_at, first)
         if held is None:
             continue
-        hm = uniform_hmatrix(matrix, held, codecs, feedback, digits)
+        hm = digits_hmatrix(held_values[0], held, matrix.dtype) if digits else \
+            narrow_hmatrix(matrix, held, codecs, feedback)
         dense = hm.to_dense(torch.float64)
         error = measure(dense)
         if error <= allowed:
             built[digits] = (hm, dense, error)
     if True in built and False in built and built[True][0].nbytes > DIGITS_SHARE * built[False][0].nbytes:
         del built[True]  # two codes a weight in memory: worth it only where the file is clearly smaller
-    return built.get(True, built.get(False))
+    chosen = built.get(True, built.get(False))
+    return chosen if chosen is not None and (smaller_than is None or chosen[0].nbytes < smaller_than) else None
 
 
 def promised_bytes(values: torch.Tensor, step: float, error: float, allowed: float) -> float:

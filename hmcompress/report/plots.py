@@ -261,12 +261,11 @@ def weighted_png(figure, plain: HMatrix, aware: HMatrix, sigma: np.ndarray, weig
     ax_plain.set_title(f"weights' norm: {ax_plain.get_title()}", fontsize=9)
     draw_ranks(figure, ax_aware, aware)
     ax_aware.set_title(f"inputs' norm: {ax_aware.get_title()}", fontsize=9)
-    for values, label, colour in ((sigma, "σ_i(W)", "black"), (weighted, "σ_i(W·G^½)", "C1")):
-        top = values.max() if values.size and values.max() > 0 else 1.0
-        ax_sigma.plot(np.arange(1, len(values) + 1), np.where(values > 0, values / top, np.nan), color=colour,
+    relative = [values / max(values.max(initial=0), 1e-300) for values in (sigma, weighted)]
+    for values, label, colour in zip(relative, ("σ_i(W)", "σ_i(W·G^½)"), ("black", "C1")):
+        ax_sigma.plot(np.arange(1, len(values) + 1), np.where(values > 0, values, np.nan), color=colour,
                       linewidth=1.2, label=label)
-    _value_scale(ax_sigma, np.concatenate([sigma / max(sigma.max(initial=0), 1e-300),
-                                           weighted / max(weighted.max(initial=0), 1e-300)]))
+    _value_scale(ax_sigma, np.concatenate(relative))
     ax_sigma.set_xlabel("i")
     ax_sigma.set_ylabel("singular value / largest")
     ax_sigma.set_title("spectrum, plain and weighted by G", fontsize=10)
