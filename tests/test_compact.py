@@ -18,6 +18,7 @@ from torch import nn
 import hmcompress.runtime as runtime
 import hmcompress.runtime.compact as compact
 from hmcompress.core.build import CompressionOptions, compress_matrix
+from hmcompress.core.packer import Packer
 from hmcompress.runtime import (
     CODEC,
     CompactConv,
@@ -512,3 +513,69 @@ def test_conv1d_with_a_tile_product_multiplies_its_windows(stride, padding, dila
             y, ref = layer(x), reference(x)
             assert y.shape == ref.shape and y.is_contiguous()
             assert torch.allclose(y, ref, atol=1e-5 * float(ref.abs().max()))
+
+
+@st.composite
+def two_digit_blocks(draw):
+    """One block stored as two int8 digits that add (codecs u8 and u8lo, as the uniform
+    quantizer's two-digit layout), the high one's step B times the low one's for B a power of
+    two (joinable) or not (3, 256), with no, few or many codes beyond int8."""
+    m, n = draw(st.integers(1, 30)), draw(st.integers(1, 30))
+    base = draw(st.sampled_from([1, 2, 8, 128, 3, 256]))
+    step = 10.0 ** draw(st.integers(-6, 3))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    low = torch.randint(-64, 64, (m, n), generator=gen)
+    high = torch.randint(-127, 128, (m, n), generator=gen)
+    high *= torch.rand(m, n, generator=gen) < draw(st.sampled_from([0.0, 0.005, 0.5]))
+    packer = Packer()
+    packer.add(0, runtime.DENSE, "u8", 0, [high.double() * (base * step)], None, base * step)
+    packer.add(0, runtime.DENSE, "u8lo", 0, [low.double() * step], None, step)
+    return packer.finish((m, n), torch.float32, [[0, 0, m, n, 0]]), base, base * high + low
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=two_digit_blocks(), batch=st.sampled_from([1, 5, 17]))
+def test_two_digit_codes_are_held_as_one_int8_code_and_sparse_corrections(case, batch):
+    """Where the digits' steps differ by a power of two up to 128 and few codes lie beyond int8,
+    a layer holds one int8 code a weight and those few as corrections; otherwise both digits.
+    Either way every layout computes H within float32 rounding."""
+    hm, base, codes = case
+    beyond = int(((codes < -128) | (codes > 127)).sum())
+    joinable = base in (1, 2, 8, 128) and 12 * beyond < codes.numel()
+    weight, room = hm.to_dense(torch.float64), magnitudes(hm).T
+    x = torch.randn(batch, hm.shape[1])
+    for layout in compact_layouts(hm):
+        layer = CompactLinear(hm, layout=layout)
+        assert layer.corrected == (joinable and layout != "tiles"), layout
+        if layer.corrected:
+            assert layer.correction_values.numel() == beyond
+            assert sum(b.numel() for b in layer.buffers() if b.dtype == torch.int8) == codes.numel()
+        with torch.no_grad():
+            assert_close_to(layer(x), x, weight, room=room)
+            assert_close_to(layer.dense(), torch.eye(hm.shape[0]), weight.T, room=room.T)
+
+
+def test_a_heavy_tailed_two_digit_layer_holds_about_a_byte_a_weight(tmp_path):
+    """The layout's real case: a heavy-tailed matrix at 1e-2 stored two-digit (cheaper than int8
+    rows with steps of their own) is held at a byte a weight and its few outliers, and `patch`
+    computes what `load_state_dict` gives."""
+    gen = torch.Generator().manual_seed(5)
+    chi = torch.randn(3, 384, 512, generator=gen).square().mean(0).sqrt()
+    weight = torch.randn(384, 512, generator=gen) / chi * 0.02  # Student-t, 3 degrees of freedom
+    model = nn.Sequential(nn.Linear(512, 384))
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+    path = tmp_path / "tail.hm.safetensors"
+    write_model_file(path, model, {"0.weight"})
+    hm = runtime.read_file(path).matrices["0.weight"]
+    assert set(hm.pools) == {"u8", "u8lo"}, set(hm.pools)
+    patched = nn.Sequential(nn.Linear(512, 384))
+    patch(patched, path)
+    layer = patched[0]
+    assert isinstance(layer, CompactLinear) and layer.corrected
+    assert layer.held_bytes < 1.1 * weight.numel(), layer.held_bytes
+    dense = nn.Sequential(nn.Linear(512, 384))
+    dense.load_state_dict(load_state_dict(path))
+    x = torch.randn(16, 512, generator=gen)
+    with torch.no_grad():
+        assert torch.allclose(patched(x), dense(x), rtol=0, atol=1e-5 * float(dense(x).abs().max()))

@@ -22,7 +22,10 @@ and the input has fewer rows than columns, the product of the unscaled codes is 
 (one pass over the output, not over H). What stays is one conversion of the codes a call: about
 m·n float32 bytes written, 10-20% of a batch-16 product on this CPU.
 
-Rows and blocks stored in floating codecs form bands of their own, kept at their stored width and
+Two-digit codes (the uniform quantizer's `u8` + `u8lo` blocks) are held as one int8 code a
+weight and sparse corrections for the few codes beyond int8 (`digits.join_digits`), which every
+layout but "tiles" adds (H then equals `load_state_dict`'s within float32 rounding, not bit for
+bit). Rows and blocks stored in floating codecs form bands of their own, kept at their stored width and
 converted for each call. Low-rank blocks beside the bands, up to `MAX_FACTOR_PAIRS` of them, are
 *factor pairs*: their two factors' codes as stored, one product by each for a call. Everything
 else (more low-rank blocks than that, rows and blocks whose scales or values are not finite) runs
@@ -38,6 +41,7 @@ import sys
 import torch
 from torch import nn
 
+from hmcompress.runtime.digits import Piece, join_digits
 from hmcompress.runtime.format import LOWRANK, ROWS, mask_bytes
 from hmcompress.runtime.layers import HLinear
 from hmcompress.runtime.matrix import HMatrix, LowRankSegment, RowsSegment
@@ -156,18 +160,20 @@ class CompactMatrix(nn.Module):
     through the tile product, compact. The bands' codes lie in one flat buffer per dtype (a
     tensor a band would cost more than small bands hold). All tensors are non-persistent
     buffers, so ``.to()`` moves them. `compact_layouts` says which layouts a matrix offers, the
-    default first.
+    default first. ``join``: two-digit codes held joined (see the module's docstring; embeddings,
+    whose looked-up rows would have to find their corrections, hold both digits).
     """
 
     def __init__(self, hmatrix: HMatrix, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, layout: str | None = None) -> None:
+                 device: torch.device | str | None = None, layout: str | None = None, join: bool = True) -> None:
         super().__init__()
         if layout is not None and layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         pieces, pairs, rest = ([], [], hmatrix) if layout == "tiles" else _split(hmatrix)
+        pieces, corrections = join_digits(pieces) if join else (pieces, None)
         layout = layout or _layouts(pieces, hmatrix.shape)[0]
         if layout == "tiles":
-            pieces, pairs, rest = [], [], hmatrix
+            pieces, pairs, rest, corrections = [], [], hmatrix, None
         dtype = dtype or torch.float32
         self.out_features, self.in_features = hmatrix.shape
         self.layout = layout
@@ -221,6 +227,11 @@ class CompactMatrix(nn.Module):
         if pairs:
             self.register_buffer("pair_scales", torch.cat([p[6] for p in pairs]).to(device=device, dtype=torch.float32),
                                  persistent=False)
+        self.corrected = corrections is not None
+        if corrections is not None:
+            self.register_buffer("correction_rows", corrections.rows.to(device), persistent=False)
+            self.register_buffer("correction_cols", corrections.cols.to(device), persistent=False)
+            self.register_buffer("correction_values", corrections.values.to(device), persistent=False)
         self.rest = None if rest is None else HLinear(rest, dtype=dtype, device=device, keep_compact=True)
         # All of H one int8 code matrix over one column range, one scale a row: a product needs
         # neither H nor more than two operations (see `matmul_t`).
@@ -250,7 +261,8 @@ class CompactMatrix(nn.Module):
         if self._lean and dtype == torch.float32 and x.shape[0] < self.in_features:
             # Fewer input rows than columns: scaling the product's rows costs less than scaling H.
             y = nn.functional.linear(x, buffers["codes"].to(dtype))
-            return y.mul_(buffers["range_scales"]) if bias is None else torch.addcmul(bias, y, buffers["range_scales"])
+            y = y.mul_(buffers["range_scales"]) if bias is None else torch.addcmul(bias, y, buffers["range_scales"])
+            return self._add_corrections(y, x) if self.corrected else y
         if self.layout == "float":  # H formed for the call (its integer codes in a few operations), one product
             if self.rest is None:
                 return nn.functional.linear(x, self._formed(dtype), bias)
@@ -288,6 +300,8 @@ class CompactMatrix(nn.Module):
             inner = (inputs[:, pair.col0:pair.col0 + pair.cols] @ b.to(work).T).mul_(
                 buffers["pair_scales"][pair.start:pair.start + pair.rank].to(work))
             out[:, pair.row0:pair.row0 + pair.rows].addmm_(inner, a.to(work))
+        if self.corrected:
+            self._add_corrections(out, inputs)
         if rest is not None:
             out.add_(rest)
         elif bias is not None:
@@ -302,6 +316,12 @@ class CompactMatrix(nn.Module):
         else:
             out.index_add_(1, self._buffers["band_rows"][:bands[-1].stop], part)
 
+    def _add_corrections(self, out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """``out`` (N, m) plus the corrections' terms of ``inputs @ Hᵀ`` (`digits.join_digits`)."""
+        buffers = self._buffers
+        terms = inputs.index_select(1, buffers["correction_cols"]).mul_(buffers["correction_values"].to(out.dtype))
+        return out.index_add_(1, buffers["correction_rows"], terms)
+
     def _add(self, out: torch.Tensor, band: _Band, part: torch.Tensor) -> None:
         """Add a band's (N, rows) part into the output's columns of its rows."""
         if band.full:
@@ -312,7 +332,8 @@ class CompactMatrix(nn.Module):
     def _formed(self, dtype: torch.dtype) -> torch.Tensor:
         """H (m, n) in ``dtype`` for one call, but for the rest's tile product: the integer codes
         held as H times their rows' scales (each product rounded once in float32: the dense weight
-        `load_state_dict` gives, bit for bit), then the other bands and the factor pairs added."""
+        `load_state_dict` gives, bit for bit), then the other bands, the factor pairs and the
+        corrections of joined digits added."""
         buffers = self._buffers
         if self._widths:
             out = scaled_codes(buffers["codes"], buffers["range_scales"], self._widths, buffers.get("range_widths"))
@@ -322,7 +343,7 @@ class CompactMatrix(nn.Module):
         return self._add_bands(out)
 
     def _add_bands(self, out: torch.Tensor) -> torch.Tensor:
-        """``out`` (m, n) plus the bands' and the factor pairs' terms of H."""
+        """``out`` (m, n) plus the bands', the factor pairs' and the corrections' terms of H."""
         buffers = self._buffers
         dtype = out.dtype
         wide = torch.promote_types(dtype, torch.float32)
@@ -337,6 +358,9 @@ class CompactMatrix(nn.Module):
             scales = buffers["pair_scales"][pair.start:pair.start + pair.rank].to(dtype)
             out[pair.row0:pair.row0 + pair.rows, pair.col0:pair.col0 + pair.cols].addmm_(
                 (a.to(dtype) * scales.unsqueeze(1)).T, b.to(dtype))
+        if self.corrected:
+            places = buffers["correction_rows"].long() * self.in_features + buffers["correction_cols"]
+            out.view(-1).index_add_(0, places, buffers["correction_values"].to(dtype))
         return out
 
     def dense(self) -> torch.Tensor:
@@ -428,7 +452,7 @@ def compact_layouts(hmatrix: HMatrix) -> tuple[str, ...]:
     and dense blocks fall in at most MAX_BANDS column ranges (per dtype), "int" too where some of
     them are integer-coded (first, for matrices of over SMALL_MATRIX entries: below, the count of
     operations dominates), and always "tiles"."""
-    return _layouts(_split(hmatrix)[0], hmatrix.shape)
+    return _layouts(join_digits(_split(hmatrix)[0])[0], hmatrix.shape)
 
 
 def _layouts(pieces: list[Piece], shape: tuple[int, int]) -> tuple[str, ...]:
@@ -439,9 +463,6 @@ def _layouts(pieces: list[Piece], shape: tuple[int, int]) -> tuple[str, ...]:
         return ("float", "tiles")
     small = shape[0] * shape[1] <= SMALL_MATRIX
     return ("float", "int", "tiles") if small else ("int", "float", "tiles")
-
-
-Piece = tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]  # col0, cols, rows, codes (k, cols), scales
 
 
 def _split(hm: HMatrix) -> tuple[list[Piece], list[PairData], HMatrix | None]:
@@ -650,7 +671,7 @@ class CompactEmbedding(CompactMatrix):
                  device: torch.device | str | None = None) -> None:
         if not embedding_ready(hmatrix):
             raise ValueError("a compact embedding needs rows and dense blocks alone, each band holding every row")
-        super().__init__(hmatrix, dtype, device, "float")
+        super().__init__(hmatrix, dtype, device, "float", join=False)  # looked-up rows hold no corrections
         self.num_embeddings, self.embedding_dim = hmatrix.shape
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
