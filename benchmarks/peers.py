@@ -11,7 +11,11 @@ matrix are counted. A peer that is not installed, or cannot run on the CPU, is s
 reason printed; a matrix a peer refuses is left out of that peer's totals (counted).
 
 Printed: per peer configuration, the bytes of both over the matrices it quantized, hmcompress /
-peer, bits per weight of both, the checkpoints where hmcompress stores more; then, at tol 1e-2,
+peer, bits per weight of both, the checkpoints where hmcompress stores more, and the limit of any
+memoryless coder at the peer's own errors as a share of the peer's bytes (the rate-distortion
+figures below, at each matrix's peer error: no code that treats the entries as independent draws
+stores less than the Shannon lower bound, so an hmcompress / peer ratio below it needs a code that
+exploits the matrices' structure); then, at tol 1e-2,
 hmcompress's bits per weight against the rate-distortion figures of the report (a Gaussian of
 the entries' variance, Shannon's lower bound) over the same matrices.
 
@@ -159,6 +163,8 @@ class Tally:
     entries: int = 0
     refused: int = 0
     worse: list[str] = dataclasses.field(default_factory=list)
+    gaussian_bits: float = 0.0  # the rate-distortion figures at the peer's errors, over its matrices
+    lower_bits: float = 0.0
 
 
 def compare(paths: list[pathlib.Path], quantizers: dict[str, Quantizer]) -> tuple[dict[str, Tally], list[list[str]]]:
@@ -183,6 +189,9 @@ def compare(paths: list[pathlib.Path], quantizers: dict[str, Quantizer]) -> tupl
                 error = relative_error(w, approx)
                 ours = compress_matrix(w, CompressionOptions(tol=error)).hmatrix.nbytes if error > 0 else w.numel() * 4
                 tally = tallies[name]
+                gaussian, lower = rate_figures(w, error ** 2 * float(w.double().square().sum()) / w.numel())
+                tally.gaussian_bits += (32.0 if gaussian is None else gaussian) * w.numel()  # None: lossless
+                tally.lower_bits += (32.0 if lower is None else lower) * w.numel()
                 tally.peer_bytes += kept
                 tally.ours += ours
                 tally.entries += w.numel()
@@ -223,10 +232,12 @@ def main() -> None:
         ratio = t.ours / t.peer_bytes
         rows.append([name, f"{t.peer_bytes}", f"{t.ours}", f"{ratio:.3f}", "yes" if ratio <= TARGET else "no",
                      f"{8 * t.peer_bytes / t.entries:.2f}", f"{8 * t.ours / t.entries:.2f}",
-                     ", ".join(t.worse) or "none", str(t.refused)])
+                     ", ".join(t.worse) or "none", str(t.refused), f"{t.gaussian_bits / (8 * t.peer_bytes):.3f}",
+                     f"{t.lower_bits / (8 * t.peer_bytes):.3f}"])
     print_table(f"hmcompress at each peer's own measured error, per matrix ({len(paths)} checkpoints)",
                 ["peer", "peer bytes", "hmcompress bytes", "hmcompress / peer", f"<= {TARGET}", "peer bits/weight",
-                 "hmcompress bits/weight", "checkpoints where hmcompress stores more", "matrices refused"], rows)
+                 "hmcompress bits/weight", "checkpoints where hmcompress stores more", "matrices refused",
+                 "R(D) Gaussian / peer", "R(D) lower bound / peer"], rows)
     print()
     print_table("hmcompress bits per weight against the rate-distortion limit (entry-weighted means)",
                 ["matrices", "stored bits/weight", "R(D) Gaussian", "R(D) lower bound", "stored - Gaussian"], rate_rows)

@@ -5,7 +5,7 @@ narrow against the two-digit layout on real layers.
    to 1e-4: bits per weight of `compress_matrix` (with the uniform build) and of the planned build
    alone (``planned_only``), against R(D) = ½·log2(σ²/D) at the measured error.
 2. At tol 1e-2, every matrix of the sample models and silero-vad: the bytes of the narrow and of
-   the two-digit uniform build, each searched to its largest step (what `DIGITS_SHARE` weighs).
+   the two-digit uniform build, each searched to its largest step (`uniform_build` keeps the smaller).
 
 Usage: python -m benchmarks.uniform
 """

@@ -18,9 +18,10 @@ layouts:
   own: the high digits carry the distribution's shape, the low ones are nearly uniform, so the
   pair costs about what k's entropy is, with 8-bit symbols.
 
-The two-digit layout is kept only where the narrow one misses or is clearly larger
-(`DIGITS_SHARE`); either is kept only where it is smaller than the planned build. Its error is
-measured like every build's.
+The smaller layout that holds the budget is kept (the narrow one on a tie), and only where it is
+smaller than the planned build. Its error is measured like every build's. The compact layers
+hold two-digit codes as one int8 code a weight plus sparse corrections for the few beyond int8
+(`hmcompress.runtime.digits`), so the layout costs no more memory than the narrow one.
 """
 from __future__ import annotations
 
@@ -47,12 +48,6 @@ LEVELS = (1 << (CODEC[SHARED_CODEC].bits - 1)) - 1
 WIDE_STEPS = 448
 SEARCH_STEPS = 8  # steps tried while searching for the largest that holds
 HEADROOM = 0.999  # each step tried aims this far below the budget (the error is nearly linear in it)
-# The two-digit layout is kept over the narrow one only at this share of its bytes or less: the
-# compact layers hold both digits (two int8 codes a weight, and a second product), so a file 1%
-# smaller would cost twice the memory. At tol 1e-2 it takes 0.993 to 1.002 of the narrow one's
-# bytes on the classifier's, transformer's and PINN's layers, 0.849 to 1.009 on silero-vad's
-# (`python -m benchmarks.uniform`).
-DIGITS_SHARE = 0.97
 PRICE_SAMPLE = 1 << 18  # codes whose entropy prices a layout before its search
 PRICE_MARGIN = 1.05  # a layout promising more than this times the planned build's bytes is not searched
 # Steps a float32 scale holds, with room for a row's own scale (up to `WIDE_STEPS` steps) to stay finite.
@@ -128,9 +123,8 @@ def first_step(allowed: float, entries: float) -> float:
 def uniform_build(matrix: torch.Tensor, allowed: float, step: float, codecs: tuple[str, ...],
                   measure: Callable[[torch.Tensor], float], feedback: Feedback | None = None,
                   smaller_than: int | None = None) -> tuple[HMatrix, torch.Tensor, float] | None:
-    """The narrow or (where ``step`` needs more than 127 steps in some row, and it takes at most
-    `DIGITS_SHARE` of the narrow build's bytes, or the narrow one misses) the two-digit uniform
-    build, each at the largest step found whose measured error is within ``allowed``: (matrix,
+    """The smaller of the narrow and (where ``step`` needs more than 127 steps in some row) the
+    two-digit uniform build, each at the largest step found whose measured error is within ``allowed``: (matrix,
     its float64 form, its error), or None if neither held, ``codecs`` lack `ROW_CODEC` (integer
     codes are not allowed), or it takes ``smaller_than`` bytes or more.
     ``step`` is the first step tried (`search_step`); ``measure`` bounds a float64 matrix's
@@ -168,9 +162,7 @@ def uniform_build(matrix: torch.Tensor, allowed: float, step: float, codecs: tup
         error = measure(dense)
         if error <= allowed:
             built[digits] = (hm, dense, error)
-    if True in built and False in built and built[True][0].nbytes > DIGITS_SHARE * built[False][0].nbytes:
-        del built[True]  # two codes a weight in memory: worth it only where the file is clearly smaller
-    chosen = built.get(True, built.get(False))
+    chosen = min(built.values(), key=lambda b: b[0].nbytes, default=None)  # narrow first: it wins ties
     return chosen if chosen is not None and (smaller_than is None or chosen[0].nbytes < smaller_than) else None
 
 
