@@ -586,6 +586,51 @@ def coded_in_place(tensors: dict[str, torch.Tensor], prefix: str, codec: str, la
     return tensors[prefix + "coded." + codec]
 
 
+def sectioned_in_place(tensors: dict[str, torch.Tensor], prefix: str, codec: str) -> torch.Tensor:
+    """Replace a matrix's fixed-width pool ``codec`` by a coded pool of layout 2 (format version 4):
+    its symbols cut into the fewest rows (2 or more) that divide them, odd and even rows in two
+    sections; returns the coded bytes."""
+    from hmcompress.core.coded_pools import sectioned_blob
+    from hmcompress.core.entropy import pool_runs
+    from hmcompress.runtime import pool_symbols
+    from hmcompress.runtime.read import hmatrix_from_tensors
+
+    hm = hmatrix_from_tensors(tensors, prefix, (0, 0), torch.float32)
+    runs = pool_runs(hm, codec)
+    symbols = pool_symbols(codec, tensors.pop(prefix + "pool." + codec), torch.from_numpy(runs)).numpy()
+    rows = next(q for q in range(2, len(symbols) + 1) if len(symbols) % q == 0)
+    tensors[prefix + "coded." + codec] = sectioned_blob(codec, symbols, runs, np.arange(rows, dtype=np.uint8) % 2)
+    return tensors[prefix + "coded." + codec]
+
+
+def sectioned_fields(blob: torch.Tensor) -> dict[str, int]:
+    """Byte offsets of a layout-2 coded pool's fields (FORMAT.md "Entropy-coded pools")."""
+    count, _layout, _length, rows, runs = blob[:20].clone().view(torch.int32).tolist()
+    classes = 20 + 8 * runs
+    sections = classes + rows + 4 * count
+    first = int(blob[classes + rows:classes + rows + 4].clone().view(torch.int32))
+    return {"count": 0, "rows": 12, "classes": classes, "sizes": classes + rows, "section0": sections,
+            "section1": sections + first}
+
+
+def _sectioned(edit: Callable[[torch.Tensor, dict[str, int]], torch.Tensor], codec: str = "i8",
+               version: int | None = None) -> Callable[[pathlib.Path], pathlib.Path]:
+    """The good file with one pool coded in layout 2 (two sections) and its bytes edited."""
+    prefix = COMPRESSED_NAME + ".hm."
+
+    def change(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        blob = sectioned_in_place(tensors, prefix, codec)
+        tensors[prefix + "coded." + codec] = edit(blob.clone(), sectioned_fields(blob))
+        if version is not None:
+            meta["version"] = version
+    return lambda d: _rewrite(d, change)
+
+
+def _nested_sections(blob: torch.Tensor, fields: dict[str, int]) -> torch.Tensor:
+    """Section 0's layout field set to 2: a section may not itself be sectioned."""
+    return _put_u32(blob, fields["section0"] + 4, 2 * 256)
+
+
 def coded_fields(blob: torch.Tensor) -> dict[str, int]:
     """Byte offsets of a coded pool's fields (FORMAT.md "Entropy-coded pools")."""
     lanes, precision, _first, table, runs = blob[:20].clone().view(torch.int32).tolist()
@@ -616,6 +661,16 @@ def _coded(edit: Callable[[torch.Tensor, dict[str, int]], torch.Tensor], codec: 
         if version is not None:
             meta["version"] = version
     return lambda d: _rewrite(d, change)
+
+
+def _put_u8(blob: torch.Tensor, at: int, value: int) -> torch.Tensor:
+    blob[at] = value
+    return blob
+
+
+def _flip_u8(blob: torch.Tensor, at: int) -> torch.Tensor:
+    blob[at] ^= 0x10
+    return blob
 
 
 def _put_u32(blob: torch.Tensor, at: int, value: int) -> torch.Tensor:
@@ -670,7 +725,7 @@ HOSTILE_COMPRESSED = [
     Case("segment_absurd_rank", _table("segments", _absurd_rank), "outside pool"),
     Case("segment_unknown_kind", _table("segments", _bad_kind), "unknown kind"),
     Case("matrix_absurd_size", _meta(_absurd_matrix), "does not fit"),
-    Case("wrong_version", _meta(lambda m: m.update(version=4)), "version 4 is not supported"),
+    Case("wrong_version", _meta(lambda m: m.update(version=5)), "version 5 is not supported"),
     Case("version_as_string", _meta(lambda m: m.update(version="1")), "version '1' is not supported"),
     Case("wrong_format_name", _meta(lambda m: m.update(format="ggml")), "format 'ggml'"),
     Case("options_not_an_object", _meta(lambda m: m.update(options=["tol", 0.01])), "'options' is not a JSON object"),
@@ -686,7 +741,7 @@ HOSTILE_COMPRESSED = [
     Case("coded_lane_pointer_out_of_range", _coded(lambda b, f: _put_u32(b, f["words"], 0xFFFF), layout=0),
          "more words than"),
     Case("coded_layout_0_stream_bit_flipped", _coded(_flip_stream, codec="i6", layout=0), "coded stream is corrupt"),
-    Case("coded_unknown_layout", _coded(lambda b, f: _put_u32(b, f["precision"], 14 + 2 * 256)), "layout 2"),
+    Case("coded_unknown_layout", _coded(lambda b, f: _put_u32(b, f["precision"], 14 + 3 * 256)), "layout 3"),
     Case("coded_stream_of_odd_bytes", _coded(lambda b, _f: b[:-1]), "an odd number"),
     Case("coded_stream_longer_than_symbols", _coded(_stream_too_long), "more words than"),
     Case("coded_stream_truncated", _coded(lambda b, _f: b[:-2]), "coded stream is corrupt"),
@@ -698,6 +753,18 @@ HOSTILE_COMPRESSED = [
     Case("coded_stream_bit_flipped", _coded(_flip_stream, codec="i6"), "coded stream is corrupt"),
     Case("coded_and_fixed_width", _coded(lambda b, _f: b, keep_pool=True), "both fixed-width and coded"),
     Case("coded_in_version_1", _coded(lambda b, _f: b, version=1), "not explained"),
+    # coded pools by row classes (layout 2, version 4)
+    Case("sectioned_in_version_3", _sectioned(lambda b, _f: b, version=3), "layout 2 is not one of 0, 1"),
+    Case("sectioned_class_out_of_range", _sectioned(lambda b, f: _put_u32(b, f["classes"], 7)), "class is not below"),
+    Case("sectioned_sizes_do_not_add_up", _sectioned(lambda b, f: _put_u32(b, f["sizes"], 3)), "sections end at byte"),
+    Case("sectioned_rows_do_not_hold_the_runs", _sectioned(lambda b, f: _put_u32(b, f["rows"], 1)),
+         "its runs hold .* codes, not its 1 rows"),
+    Case("sectioned_too_many_sections", _sectioned(lambda b, f: _put_u32(b, f["count"], 65)), "65 sections"),
+    Case("sectioned_within_a_section", _sectioned(_nested_sections), "section 0: .*layout 2 is not one of 0, 1"),
+    Case("sectioned_stream_bit_flipped", _sectioned(lambda b, f: _flip_u8(b, f["section1"] + 40)),
+         "coded stream is corrupt|state lies outside|frequencies sum to|more words than|past its"),
+    Case("sectioned_class_moves_a_row", _sectioned(lambda b, f: _put_u8(b, f["classes"], 1)),
+         "section 0 holds .* codes, its rows"),
 ]
 
 # Broken statistics: the weights still decompress, but `report` and `verify` must refuse.

@@ -91,8 +91,8 @@ def read_container(path: str | pathlib.Path) -> tuple[dict[str, tuple[str, np.nd
 def decode_file(path: str | pathlib.Path) -> File:
     tensors, strings = read_container(path)
     meta = json.loads(strings["hmcompress"])
-    if meta.get("format") != "hmcompress" or meta.get("version") not in (1, 2, 3):
-        raise Invalid("not an hmcompress version 1, 2 or 3 file")
+    if meta.get("format") != "hmcompress" or meta.get("version") not in (1, 2, 3, 4):
+        raise Invalid("not an hmcompress version 1, 2, 3 or 4 file")
     matrices = {}
     claimed = set()
     for name, entry in meta["matrices"].items():
@@ -103,7 +103,7 @@ def decode_file(path: str | pathlib.Path) -> File:
             raise Invalid(f"{name}: a version 1 file has no coded pools")
         if meta["version"] < 3 and any(part.split(".", 1)[-1] in SEGMENT_SCALE for part in parts):
             raise Invalid(f"{name}: codecs {sorted(SEGMENT_SCALE)} are new in version 3")
-        matrices[name] = decode_matrix(name, entry, parts)
+        matrices[name] = decode_matrix(name, entry, parts, meta["version"])
     passthrough = {name: tensors[name] for name in meta["passthrough"]}
     unexplained = set(tensors) - claimed - set(passthrough)
     if unexplained:
@@ -111,7 +111,7 @@ def decode_file(path: str | pathlib.Path) -> File:
     return File(meta, matrices, passthrough)
 
 
-def decode_matrix(name: str, entry: dict, parts: dict[str, tuple[str, np.ndarray]]) -> Matrix:
+def decode_matrix(name: str, entry: dict, parts: dict[str, tuple[str, np.ndarray]], version: int = 4) -> Matrix:
     m, n = entry["shape"]
     orig_shape = tuple(entry["orig_shape"])
     dtype = entry["dtype"]
@@ -126,7 +126,7 @@ def decode_matrix(name: str, entry: dict, parts: dict[str, tuple[str, np.ndarray
             codec = part[len("coded."):]
             if code != "U8" or codec in pools:
                 raise Invalid(f"{name}: {part} is {code}, or its codec also has a pool")
-            pools[codec] = decode_coded_pool(codec, array)
+            pools[codec] = decode_coded_pool(codec, array, version)
     for codec, (code, _array) in ((p[len("pool."):], v) for p, v in parts.items() if p.startswith("pool.")):
         expected = next(c[1] for c in CODECS.values() if c[0] == codec)
         if code != expected:
@@ -167,13 +167,45 @@ def decode_matrix(name: str, entry: dict, parts: dict[str, tuple[str, np.ndarray
 
 # ------------------------------------------------------------------------------------ coded pools
 
-def decode_coded_pool(codec: str, blob: np.ndarray) -> np.ndarray:
+def decode_coded_pool(codec: str, blob: np.ndarray, version: int = 4) -> np.ndarray:
     """FORMAT.md "Entropy-coded pools": the fixed-width pool a coded pool stands for."""
     bits = next(b or 8 for name, _code, b, integer in CODECS.values() if name == codec and integer)
-    data = blob.tobytes()
+    runs, symbols = coded_symbols(blob.tobytes(), bits, version >= 4)
+    if bits == 8:
+        return (symbols - 128).astype(np.int8)
+    rows = []
+    for count, length in runs.tolist():
+        for _ in range(count):
+            row, symbols = symbols[:length], symbols[length:]
+            stream_bits = ((row[:, None] >> np.arange(bits)) & 1).reshape(-1).astype(np.uint8)
+            rows.append(np.packbits(stream_bits, bitorder="little"))
+    return np.concatenate(rows) if rows else np.zeros(0, dtype=np.uint8)
+
+
+def coded_symbols(data: bytes, bits: int, sections: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The runs and the symbols of a coded pool's bytes (layout 2 where ``sections``: a version-4
+    file's pool, not a section of one)."""
     lanes, precision, first, size, nruns = struct.unpack_from("<5I", data, 0)
     layout, precision = divmod(precision, 256)
     at = 20
+    if layout == 2 and precision == 0 and sections:  # rows in classes, a layout-1 section a class
+        count, length, rows = lanes, first, size
+        runs = np.frombuffer(data, "<u4", 2 * nruns, at).astype(np.int64).reshape(-1, 2)
+        at += 8 * nruns
+        classes = np.frombuffer(data, np.uint8, rows, at).astype(np.int64)
+        sizes = np.frombuffer(data, "<u4", count, at + rows).astype(np.int64)
+        at += rows + 4 * count
+        if (not 2 <= count <= 64 or (runs < 1).any() or int((runs[:, 0] * runs[:, 1]).sum()) != rows * length
+                or (classes >= count).any() or at + int(sizes.sum()) != len(data)):
+            raise Invalid("coded pool: sections")
+        out = np.zeros((rows, length), dtype=np.int64)
+        for c, section_size in enumerate(sizes.tolist()):
+            _runs, symbols = coded_symbols(data[at:at + section_size], bits, False)
+            at += section_size
+            if len(symbols) != int((classes == c).sum()) * length:
+                raise Invalid(f"coded pool: section {c} holds {len(symbols)} codes")
+            out[classes == c] = symbols.reshape(-1, length)
+        return runs, out.reshape(-1)
     runs = np.frombuffer(data, "<u4", 2 * nruns, at).astype(np.int64).reshape(-1, 2)
     at += 8 * nruns
     freq = np.zeros(1 << bits, dtype=np.int64)
@@ -233,15 +265,7 @@ def decode_coded_pool(codec: str, blob: np.ndarray) -> np.ndarray:
         all_read = (pointer == end).all() if layout == 0 else read == len(stream) - n - 1
         if (state != 1 << 15).any() or not all_read:
             raise Invalid("coded pool: a lane does not end in state 2**15 with its words read")
-    if bits == 8:
-        return (symbols - 128).astype(np.int8)
-    rows = []
-    for count, length in runs.tolist():
-        for _ in range(count):
-            row, symbols = symbols[:length], symbols[length:]
-            stream_bits = ((row[:, None] >> np.arange(bits)) & 1).reshape(-1).astype(np.uint8)
-            rows.append(np.packbits(stream_bits, bitorder="little"))
-    return np.concatenate(rows) if rows else np.zeros(0, dtype=np.uint8)
+    return runs, symbols
 
 
 def _table(parts: dict, part: str, columns: int) -> np.ndarray:

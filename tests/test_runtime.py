@@ -184,7 +184,7 @@ def test_read_file_round_trip(model_file):
         assert torch.equal(cf.matrices[name].to_dense(), hm.to_dense())
         assert cf.matrices[name].dtype == torch.float32
         assert cf.metadata["matrices"][name]["prefix"] == name + ".hm."
-    assert cf.metadata["format"] == "hmcompress" and cf.metadata["version"] == 3
+    assert cf.metadata["format"] == "hmcompress" and cf.metadata["version"] == 4
     assert cf.metadata["extra"] == {"epoch": 3}
     assert set(cf.passthrough) == {"0.bias", "2.bias", "3.weight", "3.bias"}
     assert cf.metadata["passthrough"]["3.weight"] == "not selected"
@@ -250,7 +250,7 @@ def test_read_file_rejects_bad_headers(tmp_path, model_file):
             read_file(path)
         assert str(path) in str(info.value)
 
-    fails(rewrite_metadata(good, tmp_path / "v.st", lambda m: m.update(version=4)), "version 4")
+    fails(rewrite_metadata(good, tmp_path / "v.st", lambda m: m.update(version=5)), "version 5")
     fails(rewrite_metadata(good, tmp_path / "f.st", lambda m: m.update(format="other")), "format")
     save_file({"a": torch.ones(2)}, str(tmp_path / "plain.st"))
     fails(tmp_path / "plain.st", "no hmcompress metadata")

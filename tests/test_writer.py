@@ -40,7 +40,7 @@ def test_metadata_layout(tmp_path):
     text = meta["hmcompress"]
     parsed = json.loads(text)
     assert text == json.dumps(parsed, sort_keys=True, separators=(",", ":"))
-    assert parsed["format"] == "hmcompress" and parsed["version"] == 3
+    assert parsed["format"] == "hmcompress" and parsed["version"] == 4
     assert parsed["matrices"]["enc.w"] == {"shape": [24, 20], "orig_shape": [24, 20], "dtype": "float32",
                                            "prefix": "enc.w.hm.", "stats": {"fro_error": 0.5}}
     assert parsed["passthrough"] == {"enc.b": "1-D"}

@@ -15,7 +15,7 @@ import torch
 from hmcompress.core.bounds import frobenius, frobenius_relative_error
 from hmcompress.core.candidates import Candidates, analyse, block_batches, build_tree, svd
 from hmcompress.core.codecs import auto_codecs, source_codec
-from hmcompress.core.entropy import with_coded_pools
+from hmcompress.core.coded_pools import with_coded_pools
 from hmcompress.core.packer import Packer
 from hmcompress.core.plans import DROP, Plan, optimal_plan, paper_plan, svd_plan
 from hmcompress.core.uniform import first_step, uniform_build

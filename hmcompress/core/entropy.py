@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from hmcompress.runtime import CODEC, DENSE, INTEGER_CODECS, LOWRANK, HMatrix
+from hmcompress.runtime import CODEC, DENSE, LOWRANK, HMatrix
 from hmcompress.runtime.entropy import (
     HEADER_FIELDS,
     LANE_BYTES,
@@ -23,7 +23,6 @@ from hmcompress.runtime.entropy import (
     PRECISIONS,
     STATE_LOW,
     WORD_BITS,
-    pool_symbols,
 )
 
 LAYOUT = 1  # one stream the lanes share (FORMAT.md layout 1): its reads are contiguous, no word counts
@@ -181,18 +180,3 @@ def pool_runs(hm: HMatrix, codec: str) -> np.ndarray | None:
     if cursor != hm.pools[codec].numel() or any(value >= 1 << 32 for run in runs for value in run):
         return None
     return np.asarray(runs, dtype=np.int64).reshape(-1, 2)
-
-
-def with_coded_pools(hm: HMatrix) -> HMatrix:
-    """``hm`` with each integer pool also in coded form where that is smaller (what the file
-    stores; `HMatrix.nbytes` counts it)."""
-    coded = {}
-    for codec in sorted(INTEGER_CODECS & set(hm.pools)):
-        runs = pool_runs(hm, codec)
-        if runs is None:
-            continue
-        symbols = pool_symbols(codec, hm.pools[codec], torch.from_numpy(runs)).numpy()
-        blob = coded_blob(codec, symbols, runs)
-        if blob.numel() < hm.pools[codec].numel() * hm.pools[codec].element_size():
-            coded[codec] = blob
-    return dataclasses.replace(hm, coded=coded)

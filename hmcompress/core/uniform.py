@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 
 from hmcompress.core.codecs import roundtrip_rows
-from hmcompress.core.entropy import with_coded_pools
+from hmcompress.core.coded_pools import with_coded_pools
 from hmcompress.core.feedback import Feedback, feedback_round
 from hmcompress.core.packer import Packer
 from hmcompress.runtime import CODEC, DENSE, ROWS, HMatrix, row_mask

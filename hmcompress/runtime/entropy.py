@@ -6,7 +6,10 @@ words are either each lane's apart (layout 0, with every lane's word count) or o
 all lanes read in turn (layout 1: contiguous reads, no counts). The decoder runs every lane of
 every pool handed to it in lockstep (one torch operation per step acts on all lanes; constants
 are 0-dim tensors, which torch applies faster than Python numbers), so its speed comes from the
-number of lanes, not from Python. Decoding gives exactly the fixed-width pool version 1 stores:
+number of lanes, not from Python. A pool of layout 2 (format version 4) is sectioned: its rows in
+classes, each class's rows a layout-1 stream with a table of its own; its sections decode in the
+same pass as every other pool, and its rows are put back in order after. Decoding gives exactly the
+fixed-width pool version 1 stores:
 everything downstream is unchanged. Every field is checked, and every size bounded by the coded
 bytes, before anything large is allocated.
 """
@@ -24,6 +27,9 @@ WORD_BITS = 16
 PRECISIONS = range(12, 16)  # frequency tables sum to 2**n for one of these n
 MAX_LANE_SYMBOLS = (1 << 16) - 1  # symbols (hence words) of one lane: its word count fits a u16
 CODED_LAYOUTS = (0, 1)  # 0: each lane's words apart, with word counts; 1: one stream the lanes share
+SECTIONED = 2  # the layout of a pool coded a class of rows at a time, each class a layout-1 stream
+SECTIONED_SINCE = 4  # the format version that brought it
+MAX_SECTIONS = 64
 LAYOUT_UNIT = 256  # the header's precision field holds precision + LAYOUT_UNIT * layout
 LANE_BYTES = {0: 6, 1: 4}  # a lane's fixed bytes: its state (and, in layout 0, its word count)
 HEADER_FIELDS = 5  # u32: lanes, precision (and layout), first symbol, table length, runs
@@ -57,6 +63,19 @@ class CodedPool:
         return self.states.numel()
 
 
+@dataclasses.dataclass(frozen=True)
+class SectionedPool:
+    """A coded pool of layout 2, parsed and checked: its rows' classes and one layout-1 section
+    for each class, holding that class's rows in order."""
+
+    codec: str
+    runs: torch.Tensor  # int64 (R, 2): as `CodedPool.runs`, of the whole pool
+    length: int  # symbols of a row
+    classes: torch.Tensor  # int64 (rows,): each row's class
+    sections: list[CodedPool]
+    symbols: int
+
+
 def symbol_bits(codec: str) -> int:
     """Bits of one symbol (offset code) of an integer codec: its width."""
     return CODEC[codec].bits
@@ -77,9 +96,11 @@ def _field(blob: torch.Tensor, start: int, count: int, size: int) -> torch.Tenso
     return raw.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
 
 
-def parse_coded(codec: str, blob: torch.Tensor, where: str) -> CodedPool:
+def parse_coded(codec: str, blob: torch.Tensor, where: str, version: int = SECTIONED_SINCE,
+                sectioned: bool = True) -> CodedPool | SectionedPool:
     """Check a coded pool's bytes (FORMAT.md "Entropy-coded pools") and parse them; a
-    `FormatError` naming ``where`` otherwise. Nothing larger than the blob is allocated."""
+    `FormatError` naming ``where`` otherwise. Nothing larger than the blob is allocated. Layout 2
+    only in files of format ``version`` 4 or later, and not within a section (``sectioned``)."""
     def fail(problem: str):
         raise FormatError(f"{where}: coded pool {codec}: {problem}")
 
@@ -89,8 +110,12 @@ def parse_coded(codec: str, blob: torch.Tensor, where: str) -> CodedPool:
     lanes, precision, first, table, nruns = _field(blob, 0, HEADER_FIELDS, 4).tolist()
     layout, precision = divmod(precision, LAYOUT_UNIT)
     alphabet = 1 << symbol_bits(codec)
+    if layout == SECTIONED and sectioned and version >= SECTIONED_SINCE and precision == 0:
+        return _parse_sectioned(codec, blob, where, fail)
     if layout not in CODED_LAYOUTS:
-        fail(f"layout {layout} is not one of {', '.join(map(str, CODED_LAYOUTS))}")
+        fail(f"layout {layout} is not one of {', '.join(map(str, CODED_LAYOUTS))}"
+             + (f" (layout {SECTIONED}: format version {SECTIONED_SINCE} and later, not within a section)"
+                if layout == SECTIONED else ""))
     if precision not in PRECISIONS:
         fail(f"precision {precision} is not one of {PRECISIONS.start}..{PRECISIONS.stop - 1}")
     if first + table > alphabet:
@@ -142,6 +167,43 @@ def parse_coded(codec: str, blob: torch.Tensor, where: str) -> CodedPool:
     return CodedPool(codec, precision, freqs, runs, states.to(torch.int32), counts, words, symbols, layout)
 
 
+def _parse_sectioned(codec: str, blob: torch.Tensor, where: str, fail) -> SectionedPool:
+    """A layout-2 pool: header (classes C, the layout field, row length L, rows Q, runs R), the
+    pool's runs, a class byte for each row, C section sizes, then the C layout-1 sections."""
+    size = blob.numel()
+    count, _layout, length, rows, nruns = _field(blob, 0, HEADER_FIELDS, 4).tolist()
+    if not 2 <= count <= MAX_SECTIONS or length < 1 or rows < 1:
+        fail(f"{count} sections of rows of {length} codes, {rows} rows (2 to {MAX_SECTIONS} sections, "
+             "rows of at least one code)")
+    start = HEADER_BYTES + 8 * nruns
+    tables = start + rows + 4 * count
+    if tables > size:
+        fail(f"header declares {tables} bytes of runs, classes and section sizes, the pool holds {size}")
+    runs = _field(blob, HEADER_BYTES, 2 * nruns, 4).reshape(-1, 2)
+    if bool((runs < 1).any()):
+        fail("a run of stored rows has no rows or rows of length 0")
+    symbols = int((runs[:, 0] * runs[:, 1]).sum())
+    if symbols != rows * length:
+        fail(f"its runs hold {symbols} codes, not its {rows} rows of {length}")
+    if symbols > MAX_CODES_PER_BYTE * size:
+        fail(f"{symbols} codes from {size} bytes: more codes than {MAX_CODES_PER_BYTE} a byte")
+    classes = blob[start:start + rows].to(torch.int64)
+    if bool((classes >= count).any()):
+        fail(f"a row's class is not below its {count} sections")
+    sizes = _field(blob, start + rows, count, 4)
+    if tables + int(sizes.sum()) != size:
+        fail(f"its sections end at byte {tables + int(sizes.sum())}, the pool holds {size}")
+    held = torch.bincount(classes, minlength=count) * length
+    ends = (tables + sizes.cumsum(0)).tolist()
+    sections = []
+    for c, (begin, end) in enumerate(zip([tables, *ends[:-1]], ends)):
+        section = parse_coded(codec, blob[begin:end], f"{where}: section {c}", sectioned=False)
+        if section.symbols != int(held[c]):
+            fail(f"section {c} holds {section.symbols} codes, its rows {int(held[c])}")
+        sections.append(section)
+    return SectionedPool(codec, runs, length, classes, sections, symbols)
+
+
 def _varints(blob: torch.Tensor, start: int, count: int, fail) -> tuple[list[int], int]:
     """``count`` frequencies as varints from ``start`` (7 bits a byte, least significant first, the
     high bit set on every byte but a number's last; at most `VARINT_BYTES` bytes), and the end."""
@@ -162,28 +224,49 @@ def _varints(blob: torch.Tensor, start: int, count: int, fail) -> tuple[list[int
     return values, start + at
 
 
-def decode_coded(tensors: dict[str, torch.Tensor], prefixes: list[str], where: str) -> dict[str, torch.Tensor]:
+def decode_coded(tensors: dict[str, torch.Tensor], prefixes: list[str], where: str,
+                 version: int = SECTIONED_SINCE) -> dict[str, torch.Tensor]:
     """The pools of the coded parts (``prefix + "coded." + codec``) of these matrices, by their pool
-    tensor's name (``prefix + "pool." + codec``), every one checked, then decoded in one pass."""
+    tensor's name (``prefix + "pool." + codec``), every one checked, then decoded in one pass;
+    ``version``: the file's format version."""
     names, parsed = [], []
     for prefix in prefixes:
         for codec in sorted(INTEGER_CODECS):
             if prefix + "coded." + codec in tensors:
                 names.append(prefix + "pool." + codec)
-                parsed.append(parse_coded(codec, tensors[prefix + "coded." + codec], f"{where}: {prefix}coded.{codec}"))
+                parsed.append(parse_coded(codec, tensors[prefix + "coded." + codec], f"{where}: {prefix}coded.{codec}",
+                                          version))
     return dict(zip(names, decode_pools(parsed, where)))
 
 
-def decode_pools(pools: list[CodedPool], where: str = "") -> list[torch.Tensor]:
+def decode_pools(pools: list[CodedPool | SectionedPool], where: str = "") -> list[torch.Tensor]:
     """The fixed-width pools (FORMAT.md version 1) of checked coded pools, decoded together:
-    the lanes of every pool of a layout advance in lockstep."""
+    the lanes of every pool (and every section) of a layout advance in lockstep."""
+    streams = [s for p in pools for s in (p.sections if isinstance(p, SectionedPool) else [p])]
     symbols = {}
     for layout in CODED_LAYOUTS:
-        busy = [i for i, p in enumerate(pools) if p.symbols and p.layout == layout]
+        busy = [i for i, p in enumerate(streams) if p.symbols and p.layout == layout]
         if busy:
-            symbols.update(zip(busy, _decode_lanes([pools[i] for i in busy], where)))
-    return [pool_from_symbols(p.codec, symbols.get(i, torch.zeros(0, dtype=torch.uint8)), p.runs)
-            for i, p in enumerate(pools)]
+            symbols.update(zip(busy, _decode_lanes([streams[i] for i in busy], where)))
+    decoded = [symbols.get(i, torch.zeros(0, dtype=torch.uint8)) for i in range(len(streams))]
+    out, at = [], 0
+    for p in pools:
+        if isinstance(p, SectionedPool):
+            out.append(pool_from_symbols(p.codec, _rows_in_order(p, decoded[at:at + len(p.sections)]), p.runs))
+            at += len(p.sections)
+        else:
+            out.append(pool_from_symbols(p.codec, decoded[at], p.runs))
+            at += 1
+    return out
+
+
+def _rows_in_order(pool: SectionedPool, sections: list[torch.Tensor]) -> torch.Tensor:
+    """A sectioned pool's symbols, its rows back in order: row r is the next row of its class's
+    section."""
+    out = torch.empty(pool.symbols, dtype=torch.uint8)
+    order = torch.argsort(pool.classes, stable=True)  # the rows as the sections hold them, one after the other
+    out.view(-1, pool.length)[order] = torch.cat(sections).view(-1, pool.length)
+    return out
 
 
 def _steps(pool: CodedPool) -> int:

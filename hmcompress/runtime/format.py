@@ -12,8 +12,8 @@ import math
 import torch
 
 FORMAT_NAME = "hmcompress"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # version 1: no coded pools; version 3: codecs u8, u8lo
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)  # 1: no coded pools; 3: codecs u8, u8lo; 4: coded pools by row classes
 BLOCK_COLUMNS = 5  # row0, col0, rows, cols, level
 SEGMENT_COLUMNS = 6  # block, kind, codec, rank, offset, scale_offset
 

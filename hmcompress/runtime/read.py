@@ -468,7 +468,8 @@ def _read_single(path: pathlib.Path) -> tuple[CompressedFile, set[str]]:
     except FormatError as err:
         raise FormatError(f"{path}: cannot load tensors: {err}") from None
     # every coded pool of the file in one lockstep pass (many lanes: fast), added under its pool name
-    tensors.update(decode_coded(tensors, [info["prefix"] for info in meta["matrices"].values()], str(path)))
+    tensors.update(decode_coded(tensors, [info["prefix"] for info in meta["matrices"].values()], str(path),
+                                meta["version"]))
     matrices = {}
     for name, info in meta["matrices"].items():
         hm = hmatrix_from_tensors(tensors, info["prefix"], tuple(info["shape"]), MATRIX_DTYPES[info["dtype"]])
