@@ -6,7 +6,10 @@ thread, against two baselines timed in the same process: torch copying the same 
 turning the fixed-width pool into int16 codes (unpacking the bit streams; what a version-1 pool
 costs to read for compute).
 A whole file's pools decode in one lockstep pass, so a file of many pools decodes faster than
-one pool of the same size; both are timed. Usage: python -m benchmarks.entropy [--quick]
+one pool of the same size; both are timed. Then a pool coded by row classes (layout 2): the
+uniform quantizer's codes (one step, `u8`) of a matrix whose rows differ in spread (a log-normal
+factor per row, σ = 0.7, as trained layers' row norms spread), its sections' bytes and decoding
+speed against the same pool with one table. Usage: python -m benchmarks.entropy [--quick]
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 from benchmarks import print_table, quick_requested
 from benchmarks.compression import best_of, trained_like
 from hmcompress.core.codecs import encode_rows
+from hmcompress.core.coded_pools import row_classes, sectioned_blob
 from hmcompress.core.entropy import coded_blob
 from hmcompress.runtime import CODEC, decode_codes, decode_pools, parse_coded, pool_symbols
 
@@ -62,6 +66,28 @@ def bench_decoding(rows: list[list[str]], n: int) -> None:
                          "empirical entropy of the codes", f"{coded / entropy:.4f}x bytes"])
 
 
+def bench_row_classes(rows: list[list[str]], n: int) -> None:
+    gen = torch.Generator().manual_seed(2)
+    w = torch.exp(0.7 * torch.randn(n, 1, generator=gen)) * torch.randn(n, n, generator=gen)
+    step = 1e-2 * float(w.norm()) * (12 / w.numel()) ** 0.5  # rounding error alone: 1e-2 of ‖W‖_F
+    codes = torch.round(w / step).clamp(-127, 127).to(torch.int8).reshape(-1)
+    pool_runs = np.array([[1, codes.numel()]])
+    symbols = pool_symbols("u8", codes, torch.from_numpy(pool_runs)).numpy()
+    classes = row_classes(symbols, n, 8)
+    label = f"u8 {n}x{n} codes, rows of log-normal spread"
+    if classes is None:
+        rows.append([label, "one table", "the encoder keeps one table: nothing to time"])
+        return
+    one, sectioned = coded_blob("u8", symbols, pool_runs), sectioned_blob("u8", symbols, pool_runs, classes)
+    assert torch.equal(decode_pools([parse_coded("u8", sectioned, "benchmark")])[0], codes)
+    plain = best_of(lambda: decode_pools([parse_coded("u8", one, "benchmark")]), REPEATS)
+    by_class = best_of(lambda: decode_pools([parse_coded("u8", sectioned, "benchmark")]), REPEATS)
+    count = int(classes.max()) + 1
+    rows.append([f"coded bytes, {label}, {count} row classes", "one table", f"{sectioned.numel() / one.numel():.4f}x bytes"])
+    rows.append([f"decode {label}, {count} row classes", "one table",
+                 f"{plain / by_class:.3f}x speed ({codes.numel() / 1e6 / by_class:.0f} MB/s)"])
+
+
 def main() -> None:
     quick = quick_requested(__doc__, "a 1024 x 1024 matrix instead of 4096 x 4096")
     threads = torch.get_num_threads()
@@ -69,6 +95,7 @@ def main() -> None:
     try:
         rows: list[list[str]] = []
         bench_decoding(rows, 1024 if quick else 4096)
+        bench_row_classes(rows, 1024 if quick else 4096)
     finally:
         torch.set_num_threads(threads)
     print_table("Entropy-coded pools (1 thread)", ["measurement", "baseline", "ours / baseline"], rows)

@@ -30,6 +30,7 @@ from hmcompress.runtime.entropy import HEADER_BYTES, LAYOUT_UNIT, MAX_SECTIONS, 
 
 CLASS_COUNTS = (2, 4, 8)  # nested: each count's classes split the previous count's in two
 FINEST = CLASS_COUNTS[-1]
+SPREAD_SLICE = 1 << 20  # symbols whose squares are taken at once
 assert FINEST <= MAX_SECTIONS and all(FINEST % c == 0 for c in CLASS_COUNTS)
 
 
@@ -55,7 +56,9 @@ def row_classes(symbols: np.ndarray, length: int, bits: int) -> np.ndarray | Non
         return None
     grid = symbols.reshape(rows, length)
     centre = 1 << (bits - 1)
-    spread = np.sqrt(((grid.astype(np.float64) - centre) ** 2).mean(1))
+    step = max(1, SPREAD_SLICE // length)  # rows at a time: no float64 copy of a large pool
+    spread = np.concatenate([np.sqrt(((grid[r:r + step].astype(np.float64) - centre) ** 2).mean(1))
+                             for r in range(0, rows, step)])
     order = np.argsort(spread, kind="stable")
     finest = np.empty(rows, dtype=np.int64)
     finest[order] = np.arange(rows) * FINEST // rows
