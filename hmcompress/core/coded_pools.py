@@ -1,14 +1,16 @@
 """What the file stores for each integer pool: entropy-coded with one frequency table, or with a
 table per class of rows (docs/FORMAT.md, coded layout 2), where that is smaller.
 
-One table for a whole pool codes the mixture of its rows' distributions. Rows differ in spread
-(trained weights' rows by a factor of several), and a row whose codes are narrow pays for the wide
-ones' tails. Sorting a pool's rows into classes by the RMS of their codes, and coding each class
-with a table of its own, spends about the entropy of the codes given their class: 5.97 -> 5.72
-bits a weight over the shared checkpoints' and sample models' matrices at tol 1e-2 with 8 classes,
-before the tables' own bytes. Those bytes (a few hundred a table) decide whether it pays: the
-encoder estimates each choice of 1, 2, 4 or 8 classes from the symbol counts and writes the
-smallest. Pools whose rows are not all of one length keep one table.
+One table for a whole pool codes the mixture of its rows' distributions. Rows differ in spread,
+and a row whose codes are narrow pays for the wide ones' tails. Sorting a pool's rows into
+classes by the RMS of their codes, and coding each class with a table of its own, spends about the
+entropy of the codes given their class: 5.4% fewer bytes on a 4096² matrix whose rows' scales
+spread log-normally with σ = 0.7 (`python -m benchmarks.entropy`). The trained layers of the shared
+checkpoints differ less from row to row (RMS within a factor of about two in a layer), and save
+0.2% over them at tol 1e-2. The tables' own bytes (a few hundred each) and the
+slower decoding decide whether it pays: the encoder estimates each choice of 1, 2, 4 or 8 classes
+from the symbol counts and writes classes only where they save `CLASS_GAIN`. Pools whose rows
+are not all of one length keep one table.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ from hmcompress.runtime.entropy import HEADER_BYTES, LAYOUT_UNIT, MAX_SECTIONS, 
 CLASS_COUNTS = (2, 4, 8)  # nested: each count's classes split the previous count's in two
 FINEST = CLASS_COUNTS[-1]
 SPREAD_SLICE = 1 << 20  # symbols whose squares are taken at once
+# Sections decode at about 0.7 of one table's speed (`python -m benchmarks.entropy`: their lanes
+# gather from several tables): row classes are written only where they save at least this share.
+CLASS_GAIN = 0.01
 assert FINEST <= MAX_SECTIONS and all(FINEST % c == 0 for c in CLASS_COUNTS)
 
 
@@ -50,7 +55,7 @@ def row_length(hm: HMatrix, codec: str) -> int | None:
 def row_classes(symbols: np.ndarray, length: int, bits: int) -> np.ndarray | None:
     """The class (0 .. c - 1, uint8) of each row of ``length`` symbols for the number of classes c
     whose sectioned pool is estimated smallest, rows ranked by the RMS of their codes and cut into
-    c groups of equal row counts; None where one table is estimated smallest."""
+    c groups of equal row counts; None where none is estimated `CLASS_GAIN` smaller than one table."""
     rows = len(symbols) // length
     if rows < 2 or rows * length != len(symbols):
         return None
@@ -64,7 +69,7 @@ def row_classes(symbols: np.ndarray, length: int, bits: int) -> np.ndarray | Non
     finest[order] = np.arange(rows) * FINEST // rows
     alphabet = 1 << bits
     counts = np.stack([symbol_counts(grid[finest == g].reshape(-1), alphabet) for g in range(FINEST)])
-    best, best_bytes = None, _coded_bytes(counts.sum(0))
+    best, best_bytes = None, (1 - CLASS_GAIN) * _coded_bytes(counts.sum(0))
     for classes in (c for c in CLASS_COUNTS if 2 * c <= rows):
         merged = counts.reshape(classes, FINEST // classes, alphabet).sum(1)
         estimate = sum(_coded_bytes(c) for c in merged) + rows + 4 * classes + 8
