@@ -21,14 +21,13 @@ import torch
 
 from hmcompress.core.entropy import (
     LANE_SYMBOLS,
-    PRECISION,
     coded_blob,
     pool_runs,
     quantise_frequencies,
     symbol_counts,
 )
 from hmcompress.runtime import CODEC, DENSE, INTEGER_CODECS, LOWRANK, HMatrix, pool_symbols
-from hmcompress.runtime.entropy import HEADER_BYTES, LAYOUT_UNIT, MAX_SECTIONS, SECTIONED
+from hmcompress.runtime.entropy import HEADER_BYTES, LAYOUT_UNIT, MAX_SECTIONS, PRECISIONS, SECTIONED
 
 CLASS_COUNTS = (2, 4, 8)  # nested: each count's classes split the previous count's in two
 FINEST = CLASS_COUNTS[-1]
@@ -69,10 +68,10 @@ def row_classes(symbols: np.ndarray, length: int, bits: int) -> np.ndarray | Non
     finest[order] = np.arange(rows) * FINEST // rows
     alphabet = 1 << bits
     counts = np.stack([symbol_counts(grid[finest == g].reshape(-1), alphabet) for g in range(FINEST)])
-    best, best_bytes = None, (1 - CLASS_GAIN) * _coded_bytes(counts.sum(0))
+    best, best_bytes = None, (1 - CLASS_GAIN) * estimated_bytes(counts.sum(0))
     for classes in (c for c in CLASS_COUNTS if 2 * c <= rows):
         merged = counts.reshape(classes, FINEST // classes, alphabet).sum(1)
-        estimate = sum(_coded_bytes(c) for c in merged) + rows + 4 * classes + 8
+        estimate = sum(estimated_bytes(c) for c in merged) + rows + 4 * classes + 8
         if estimate < best_bytes:
             best, best_bytes = classes, estimate
     if best is None:
@@ -80,18 +79,34 @@ def row_classes(symbols: np.ndarray, length: int, bits: int) -> np.ndarray | Non
     return (finest // (FINEST // best)).astype(np.uint8)
 
 
-def _coded_bytes(counts: np.ndarray) -> float:
-    """About the bytes of a layout-1 coded stream of symbols with these counts: its empirical
-    entropy at the quantised table, the table's varints, the header and one run, the lanes."""
+def estimated_bytes(counts: np.ndarray, precision: int | None = None) -> float:
+    """About the bytes of a layout-1 coded stream of symbols with these counts at this table
+    precision (by default the best of `PRECISIONS`): its empirical entropy at the quantised table,
+    the table's varints, the header and one run, the lanes."""
     total = int(counts.sum())
     if total == 0:
         return HEADER_BYTES
-    freqs = quantise_frequencies(counts, PRECISION)
+    if precision is None:
+        return min(estimated_bytes(counts, p) for p in PRECISIONS)
+    freqs = quantise_frequencies(counts, precision)
     used = counts > 0
-    bits = float((counts[used] * (PRECISION - np.log2(freqs[used]))).sum())
+    bits = float((counts[used] * (precision - np.log2(freqs[used]))).sum())
     first, last = np.flatnonzero(used)[[0, -1]]
     table = int(np.where(freqs[first:last + 1] < 0x80, 1, np.where(freqs[first:last + 1] < 0x4000, 2, 3)).sum())
     return bits / 8 + table + HEADER_BYTES + 8 + 4 * -(-total // LANE_SYMBOLS)
+
+
+def best_precision(symbols: np.ndarray, bits: int) -> int:
+    """The table precision (one of `PRECISIONS`) whose coded stream of ``symbols`` is estimated
+    smallest: coarser tables cost fewer bytes (smaller varints), finer ones code closer to the
+    counts; a small pool's table weighs more."""
+    counts = symbol_counts(symbols, 1 << bits)
+    return min(PRECISIONS, key=lambda p: estimated_bytes(counts, p))
+
+
+def one_table_blob(codec: str, symbols: np.ndarray, runs: np.ndarray) -> torch.Tensor:
+    """A layout-1 coded pool of ``symbols`` at its `best_precision`."""
+    return coded_blob(codec, symbols, runs, best_precision(symbols, CODEC[codec].bits))
 
 
 def sectioned_blob(codec: str, symbols: np.ndarray, runs: np.ndarray, classes: np.ndarray) -> torch.Tensor:
@@ -104,8 +119,8 @@ def sectioned_blob(codec: str, symbols: np.ndarray, runs: np.ndarray, classes: n
     sections = []
     for c in range(count):
         part = grid[classes == c].reshape(-1)
-        sections.append(coded_blob(codec, part, np.array([[1, len(part)]] if len(part) else [], dtype=np.int64)
-                                   .reshape(-1, 2)).numpy().tobytes())
+        sections.append(one_table_blob(codec, part, np.array([[1, len(part)]] if len(part) else [], dtype=np.int64)
+                                       .reshape(-1, 2)).numpy().tobytes())
     header = np.asarray([count, SECTIONED * LAYOUT_UNIT, length, rows, len(runs)], dtype="<u4").tobytes()
     sizes = np.asarray([len(s) for s in sections], dtype="<u4").tobytes()
     blob = b"".join([header, np.asarray(runs, dtype="<u4").tobytes(), classes.astype(np.uint8).tobytes(), sizes,
@@ -124,7 +139,7 @@ def with_coded_pools(hm: HMatrix) -> HMatrix:
         symbols = pool_symbols(codec, hm.pools[codec], torch.from_numpy(runs)).numpy()
         length = row_length(hm, codec)
         classes = None if length is None else row_classes(symbols, length, CODEC[codec].bits)
-        blob = coded_blob(codec, symbols, runs) if classes is None else sectioned_blob(codec, symbols, runs, classes)
+        blob = one_table_blob(codec, symbols, runs) if classes is None else sectioned_blob(codec, symbols, runs, classes)
         if blob.numel() < hm.pools[codec].numel() * hm.pools[codec].element_size():
             coded[codec] = blob
     return dataclasses.replace(hm, coded=coded)

@@ -16,7 +16,9 @@ layouts:
   each code k = B·hi + lo, |hi| <= 127, -B/2 <= lo < B/2, B a power of two up to 128, stored as
   two dense segments that add, `u8` at step B·s and `u8lo` at step s, each entropy-coded on its
   own: the high digits carry the distribution's shape, the low ones are nearly uniform, so the
-  pair costs about what k's entropy is, with 8-bit symbols.
+  pair costs about what k's entropy is, with 8-bit symbols. B is the one whose pools are
+  estimated smallest (a larger B gives the high digits a smaller table); the narrow build's
+  values are stored so too where that is smaller (small matrices, whose tables weigh most).
 
 The smaller layout that holds the budget is kept (the narrow one on a tie), and only where it is
 smaller than the planned build. Its error is measured like every build's. The compact layers
@@ -28,10 +30,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from hmcompress.core.codecs import roundtrip_rows
-from hmcompress.core.coded_pools import with_coded_pools
+from hmcompress.core.coded_pools import estimated_bytes, with_coded_pools
 from hmcompress.core.feedback import Feedback, feedback_round
 from hmcompress.core.packer import Packer
 from hmcompress.runtime import CODEC, DENSE, ROWS, HMatrix, row_mask
@@ -105,13 +108,40 @@ def digits_hmatrix(values: torch.Tensor, step: float, dtype: torch.dtype) -> HMa
     """The two-digit build of ``values`` (`uniform_values` at ``step`` with ``digits``: already
     on its grid) as one leaf of a matrix of ``dtype``, its pools entropy-coded where smaller."""
     m, n = values.shape
-    step32, base = _digit_codes(values, step)
+    step32, smallest = _digit_codes(values, step)
     codes = torch.round(values.double() / step32)
+    base = _cheapest_digits(codes, smallest)[1]
     high = torch.floor((codes + base // 2) / base)
     packer = Packer()
     packer.add(0, DENSE, SHARED_CODEC, 0, [high * (base * step32)], None, base * step32)
     packer.add(0, DENSE, LOW_CODEC, 0, [(codes - base * high) * step32], None, step32)
     return with_coded_pools(packer.finish((m, n), dtype, [[0, 0, m, n, 0]]))
+
+
+def _cheapest_digits(codes: torch.Tensor, smallest: int) -> tuple[float, int]:
+    """(estimated coded bytes of the sample, B) for the B (a power of two from ``smallest``, the
+    least that holds the codes, to `MAX_BASE`) whose two digit pools are estimated to take the
+    fewest coded bytes, from up to `PRICE_SAMPLE` codes: a larger B leaves the high digits fewer
+    symbols (a smaller table) and costs what the low digits depend on the high ones. Any B at
+    least ``smallest`` stores the same values."""
+    sample = _sample(codes)
+    options = []
+    base = smallest
+    while base <= MAX_BASE:
+        high = torch.floor((sample + base // 2) / base)
+        options.append((sum(_estimate(d) for d in (high, sample - base * high)), base))
+        base *= 2
+    return min(options)
+
+
+def _sample(codes: torch.Tensor) -> torch.Tensor:
+    flat = codes.reshape(-1)
+    return flat[::max(1, flat.numel() // PRICE_SAMPLE)]
+
+
+def _estimate(codes: torch.Tensor) -> float:
+    """`estimated_bytes` of int8-range codes held as floats."""
+    return estimated_bytes(np.bincount((codes + 128).to(torch.int64).numpy(), minlength=256))
 
 
 def first_step(allowed: float, entries: float) -> float:
@@ -159,11 +189,23 @@ def uniform_build(matrix: torch.Tensor, allowed: float, step: float, codecs: tup
         hm = digits_hmatrix(held_values[0], held, matrix.dtype) if digits else \
             narrow_hmatrix(matrix, held, codecs, feedback)
         dense = hm.to_dense(torch.float64)
+        if not digits and set(hm.pools) == {SHARED_CODEC} and _digits_promise(dense, held):
+            split = digits_hmatrix(dense, held, matrix.dtype)  # the same values, which may code smaller
+            if split.nbytes < hm.nbytes and torch.equal(split.to_dense(torch.float64), dense):
+                hm = split
         error = measure(dense)
         if error <= allowed:
             built[digits] = (hm, dense, error)
     chosen = min(built.values(), key=lambda b: b[0].nbytes, default=None)  # narrow first: it wins ties
     return chosen if chosen is not None and (smaller_than is None or chosen[0].nbytes < smaller_than) else None
+
+
+def _digits_promise(values: torch.Tensor, step: float) -> bool:
+    """Whether the narrow build's ``values`` (codes within ±127 steps) are estimated to code
+    smaller as two digits (small matrices: the high digits' table is smaller)."""
+    step32, smallest = _digit_codes(values, step)
+    codes = torch.round(values.double() / step32)
+    return _cheapest_digits(codes, smallest)[0] < _estimate(_sample(codes))
 
 
 def promised_bytes(values: torch.Tensor, step: float, error: float, allowed: float) -> float:
