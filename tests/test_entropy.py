@@ -87,8 +87,13 @@ def test_one_lane_to_one_lane_per_symbol(lane_symbols):
     assert torch.equal(decoded, expected)
 
 
-def test_pools_of_every_precision_decode_together():
-    """Several pools (codecs, sizes, precisions) in one lockstep pass give each its own pool."""
+@pytest.mark.parametrize("by_symbol_slots", [0, 1 << 40])
+def test_pools_of_every_precision_decode_together(monkeypatch, by_symbol_slots):
+    """Several pools (codecs, sizes, precisions) in one lockstep pass give each its own pool,
+    whether each lane looks its symbol's frequency up by slot or by symbol (many pools' tables)."""
+    import hmcompress.runtime.entropy as entropy_module
+
+    monkeypatch.setattr(entropy_module, "BY_SYMBOL_SLOTS", by_symbol_slots)
     pools, expected = [], []
     for seed, (codec, kind, count, precision) in enumerate([
             ("i8", "gaussian", 9000, 12), ("i4", "skewed", 300, 15), ("i6", "uniform", 4097, 14),

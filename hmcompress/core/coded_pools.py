@@ -32,8 +32,8 @@ from hmcompress.runtime.entropy import HEADER_BYTES, LAYOUT_UNIT, MAX_SECTIONS, 
 CLASS_COUNTS = (2, 4, 8)  # nested: each count's classes split the previous count's in two
 FINEST = CLASS_COUNTS[-1]
 SPREAD_SLICE = 1 << 20  # symbols whose squares are taken at once
-# Sections decode at 0.56 to 0.70 of one table's speed (`python -m benchmarks.entropy`: their lanes
-# gather from several tables): row classes are written only where they save at least this share.
+# Sections decode at 0.84 of one table's speed (`python -m benchmarks.entropy`: their lanes look
+# up several tables): row classes are written only where they save at least this share.
 CLASS_GAIN = 0.01
 assert FINEST <= MAX_SECTIONS and all(FINEST % c == 0 for c in CLASS_COUNTS)
 
