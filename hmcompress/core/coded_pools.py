@@ -21,6 +21,7 @@ import torch
 
 from hmcompress.core.entropy import (
     LANE_SYMBOLS,
+    PRECISION,
     coded_blob,
     pool_runs,
     quantise_frequencies,
@@ -29,6 +30,10 @@ from hmcompress.core.entropy import (
 from hmcompress.runtime import CODEC, DENSE, INTEGER_CODECS, LOWRANK, HMatrix, pool_symbols
 from hmcompress.runtime.entropy import HEADER_BYTES, LAYOUT_UNIT, MAX_SECTIONS, PRECISIONS, SECTIONED
 
+# The estimate leaves out the state's headroom, which finer tables shrink: above `PRECISION` it
+# picked 15 where 14 coded smaller (a 2048² trained-like matrix: 0.02% more bytes), so only
+# coarser tables than the default are chosen (for small pools, where the table's bytes weigh).
+CHOSEN_PRECISIONS = tuple(p for p in PRECISIONS if p <= PRECISION)
 CLASS_COUNTS = (2, 4, 8)  # nested: each count's classes split the previous count's in two
 FINEST = CLASS_COUNTS[-1]
 SPREAD_SLICE = 1 << 20  # symbols whose squares are taken at once
@@ -87,7 +92,7 @@ def estimated_bytes(counts: np.ndarray, precision: int | None = None) -> float:
     if total == 0:
         return HEADER_BYTES
     if precision is None:
-        return min(estimated_bytes(counts, p) for p in PRECISIONS)
+        return min(estimated_bytes(counts, p) for p in CHOSEN_PRECISIONS)
     freqs = quantise_frequencies(counts, precision)
     used = counts > 0
     bits = float((counts[used] * (precision - np.log2(freqs[used]))).sum())
@@ -97,11 +102,11 @@ def estimated_bytes(counts: np.ndarray, precision: int | None = None) -> float:
 
 
 def best_precision(symbols: np.ndarray, bits: int) -> int:
-    """The table precision (one of `PRECISIONS`) whose coded stream of ``symbols`` is estimated
-    smallest: coarser tables cost fewer bytes (smaller varints), finer ones code closer to the
-    counts; a small pool's table weighs more."""
+    """The table precision (one of `CHOSEN_PRECISIONS`) whose coded stream of ``symbols`` is
+    estimated smallest: coarser tables cost fewer bytes (smaller varints), finer ones code closer
+    to the counts; a small pool's table weighs more."""
     counts = symbol_counts(symbols, 1 << bits)
-    return min(PRECISIONS, key=lambda p: estimated_bytes(counts, p))
+    return min(CHOSEN_PRECISIONS, key=lambda p: estimated_bytes(counts, p))
 
 
 def one_table_blob(codec: str, symbols: np.ndarray, runs: np.ndarray) -> torch.Tensor:
