@@ -534,21 +534,31 @@ def two_digit_blocks(draw):
 
 
 @settings(max_examples=80, deadline=None)
-@given(case=two_digit_blocks(), batch=st.sampled_from([1, 5, 17]))
-def test_two_digit_codes_are_held_as_one_int8_code_and_sparse_corrections(case, batch):
+@given(case=two_digit_blocks(), batch=st.sampled_from([1, 5, 17]), sparse_product=st.booleans())
+def test_two_digit_codes_are_held_as_one_int8_code_and_sparse_corrections(case, batch, sparse_product):
     """Where the digits' steps differ by a power of two up to 128 and few codes lie beyond int8,
-    a layer holds one int8 code a weight and those few as corrections; otherwise both digits.
-    Either way every layout computes H within float32 rounding."""
-    hm, base, codes = case
+    a layer holds one int8 code a weight and those few as corrections (added one by one or as a
+    sparse product); otherwise both digits. Either way every layout computes H within float32
+    rounding."""
+    gathered = compact.GATHERED_CORRECTIONS
+    compact.GATHERED_CORRECTIONS = 0 if sparse_product else 1 << 30
+    try:
+        check_two_digit_layers(*case, batch)
+    finally:
+        compact.GATHERED_CORRECTIONS = gathered
+
+
+def check_two_digit_layers(hm, base: int, codes: torch.Tensor, batch: int) -> None:
     beyond = int(((codes < -128) | (codes > 127)).sum())
-    joinable = base in (1, 2, 8, 128) and 8 * beyond < codes.numel()  # 8 bytes a correction
+    joined = base in (1, 2, 8, 128) and 8 * beyond < codes.numel()  # 8 bytes a correction
     weight, room = hm.to_dense(torch.float64), magnitudes(hm).T
     x = torch.randn(batch, hm.shape[1])
     for layout in compact_layouts(hm):
         layer = CompactLinear(hm, layout=layout)
-        assert layer.corrected == (joinable and layout != "tiles"), layout
+        assert layer.corrected == (joined and beyond > 0 and layout != "tiles"), layout
         if layer.corrected:
             assert layer.correction_values.numel() == beyond
+        if joined and layout != "tiles":
             assert sum(b.numel() for b in layer.buffers() if b.dtype == torch.int8) == codes.numel()
         with torch.no_grad():
             assert_close_to(layer(x), x, weight, room=room)

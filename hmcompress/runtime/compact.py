@@ -63,6 +63,9 @@ JOINED_BATCH = 4  # up to this many input rows the int layout joins its bands' s
 FLOAT_BAND_PADDING = 0.05  # of the stored bytes: what merging the float bands may add in zeros
 MAX_FACTOR_PAIRS = 16  # low-rank blocks beside bands taken two products each; more go to the tile product
 TILE_PADDING = 0.1  # of the integer codes: what holding them as H's codes may add in zeros
+# Up to this many corrections of joined digits, a gather and a scatter add them (4.5 us for 20 at
+# 128 x 128); beyond, a sparse CSR product (10 us for 20, 0.24 ms for 56,652 where the gather took 5).
+GATHERED_CORRECTIONS = 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -229,11 +232,16 @@ class CompactMatrix(nn.Module):
             self.register_buffer("pair_scales", torch.cat([p[6] for p in pairs]).to(device=device, dtype=torch.float32),
                                  persistent=False)
         self.corrected = corrections is not None
-        if corrections is not None:  # in compressed sparse rows: where each row's start, columns, values
+        self._sparse_product = self.corrected and corrections.values.numel() > GATHERED_CORRECTIONS
+        if corrections is not None:  # by rows (a sparse product: each row's start) or one by one
             order = torch.argsort(corrections.rows.to(torch.int64) * self.in_features + corrections.cols)
-            starts = torch.zeros(self.out_features + 1, dtype=torch.int32)
-            starts[1:] = torch.cumsum(torch.bincount(corrections.rows.to(torch.int64), minlength=self.out_features), 0)
-            self.register_buffer("correction_starts", starts.to(device), persistent=False)
+            if self._sparse_product:
+                starts = torch.zeros(self.out_features + 1, dtype=torch.int32)
+                starts[1:] = torch.cumsum(torch.bincount(corrections.rows.to(torch.int64),
+                                                         minlength=self.out_features), 0)
+                self.register_buffer("correction_starts", starts.to(device), persistent=False)
+            else:
+                self.register_buffer("correction_rows", corrections.rows[order].to(device), persistent=False)
             self.register_buffer("correction_cols", corrections.cols[order].to(device), persistent=False)
             self.register_buffer("correction_values", corrections.values[order].to(device), persistent=False)
         self.rest = None if rest is None else HLinear(rest, dtype=dtype, device=device, keep_compact=True)
@@ -321,9 +329,9 @@ class CompactMatrix(nn.Module):
             out.index_add_(1, self._buffers["band_rows"][:bands[-1].stop], part)
 
     def _corrections(self, dtype: torch.dtype) -> torch.Tensor:
-        """The corrections of joined digits (`digits.join_digits`) as a sparse (m, n) CSR matrix
-        over the held buffers (no copy; checked when built): its product by the inputs takes 0.3
-        ms where a gather and a scatter by column took 6 (56,652 corrections, 4096 x 4096, batch 16)."""
+        """The corrections of joined digits (`digits.join_digits`), more than
+        `GATHERED_CORRECTIONS` of them, as a sparse (m, n) CSR matrix over the held buffers (no
+        copy; checked when built)."""
         buffers = self._buffers
         _quiet_sparse_csr()
         return torch.sparse_csr_tensor(buffers["correction_starts"], buffers["correction_cols"],
@@ -331,8 +339,12 @@ class CompactMatrix(nn.Module):
                                        check_invariants=False)
 
     def _add_corrections(self, out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """``out`` (N, m) plus the corrections' terms of ``inputs @ Hᵀ``."""
-        return out.add_((self._corrections(out.dtype) @ inputs.T).T)
+        """``out`` (N, m) plus the corrections' terms of ``inputs @ Hᵀ`` (`GATHERED_CORRECTIONS`)."""
+        buffers = self._buffers
+        if self._sparse_product:
+            return out.add_((self._corrections(out.dtype) @ inputs.T).T)
+        terms = inputs.index_select(1, buffers["correction_cols"]).mul_(buffers["correction_values"].to(out.dtype))
+        return out.index_add_(1, buffers["correction_rows"], terms)
 
     def _add(self, out: torch.Tensor, band: _Band, part: torch.Tensor) -> None:
         """Add a band's (N, rows) part into the output's columns of its rows."""
@@ -371,8 +383,11 @@ class CompactMatrix(nn.Module):
             out[pair.row0:pair.row0 + pair.rows, pair.col0:pair.col0 + pair.cols].addmm_(
                 (a.to(dtype) * scales.unsqueeze(1)).T, b.to(dtype))
         if self.corrected:
-            starts = buffers["correction_starts"]
-            rows = torch.repeat_interleave(torch.arange(self.out_features, device=starts.device), starts.diff())
+            if self._sparse_product:
+                starts = buffers["correction_starts"]
+                rows = torch.repeat_interleave(torch.arange(self.out_features, device=starts.device), starts.diff())
+            else:
+                rows = buffers["correction_rows"].to(torch.int64)
             out.view(-1).index_add_(0, rows * self.in_features + buffers["correction_cols"],
                                     buffers["correction_values"].to(dtype))
         return out

@@ -52,7 +52,8 @@ def join_digits(pieces: list[Piece]) -> tuple[list[Piece], Corrections | None]:
         if join is not None:
             joined[members[0]] = join[0]
             dropped.add(members[1])
-            parts.append(join[1])
+            if join[1].values.numel():
+                parts.append(join[1])
     out = [joined.get(i, piece) for i, piece in enumerate(pieces) if i not in dropped]
     if not parts:
         return out, None
