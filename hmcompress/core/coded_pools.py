@@ -6,8 +6,8 @@ and a row whose codes are narrow pays for the wide ones' tails. Sorting a pool's
 classes by the RMS of their codes, and coding each class with a table of its own, spends about the
 entropy of the codes given their class: 5.4% fewer bytes on a 4096² matrix whose rows' scales
 spread log-normally with σ = 0.7 (`python -m benchmarks.entropy`). The trained layers of the shared
-checkpoints differ less from row to row (RMS within a factor of about two in a layer), and save
-0.2% over them at tol 1e-2. The tables' own bytes (a few hundred each) and the
+checkpoints differ less from row to row (g2p-en-gru's: the RMS of a layer's rows within a factor
+of 1.3 to 2.5, a one-off count), and save 0.2% over them at tol 1e-2. The tables' own bytes (a few hundred each) and the
 slower decoding decide whether it pays: the encoder estimates each choice of 1, 2, 4 or 8 classes
 from the symbol counts and writes classes only where they save `CLASS_GAIN`. Pools whose rows
 are not all of one length keep one table.
@@ -25,9 +25,10 @@ from hmcompress.core.entropy import (
     coded_blob,
     pool_runs,
     quantise_frequencies,
+    stored_rows,
     symbol_counts,
 )
-from hmcompress.runtime import CODEC, DENSE, INTEGER_CODECS, LOWRANK, HMatrix, pool_symbols
+from hmcompress.runtime import CODEC, INTEGER_CODECS, HMatrix, pool_symbols
 from hmcompress.runtime.entropy import HEADER_BYTES, LAYOUT_UNIT, MAX_SECTIONS, PRECISIONS, SECTIONED
 
 # The estimate leaves out the state's headroom, which finer tables shrink: above `PRECISION` it
@@ -46,13 +47,7 @@ assert FINEST <= MAX_SECTIONS and all(FINEST % c == 0 for c in CLASS_COUNTS)
 def row_length(hm: HMatrix, codec: str) -> int | None:
     """The length of every stored row of the codec's pool, if they all have one (and the pool holds
     whole rows of codes); else None."""
-    blocks = hm.blocks.tolist()
-    lengths = set()
-    for block, kind, codec_id, _rank, _offset, _scale in hm.segments.tolist():
-        if codec_id != CODEC[codec].id:
-            continue
-        _r0, _c0, rows, cols, _level = blocks[block]
-        lengths.update([cols] if kind == DENSE else [rows, cols] if kind == LOWRANK else [cols])
+    lengths = {length for _offset, parts in stored_rows(hm, codec) for _count, length in parts}
     return lengths.pop() if len(lengths) == 1 else None
 
 
@@ -101,17 +96,16 @@ def estimated_bytes(counts: np.ndarray, precision: int | None = None) -> float:
     return bits / 8 + table + HEADER_BYTES + 8 + 4 * -(-total // LANE_SYMBOLS)
 
 
-def best_precision(symbols: np.ndarray, bits: int) -> int:
-    """The table precision (one of `CHOSEN_PRECISIONS`) whose coded stream of ``symbols`` is
-    estimated smallest: coarser tables cost fewer bytes (smaller varints), finer ones code closer
-    to the counts; a small pool's table weighs more."""
-    counts = symbol_counts(symbols, 1 << bits)
+def best_precision(counts: np.ndarray) -> int:
+    """The table precision (one of `CHOSEN_PRECISIONS`) whose coded stream of symbols with these
+    counts is estimated smallest: coarser tables cost fewer bytes (smaller varints), finer ones
+    code closer to the counts; a small pool's table weighs more."""
     return min(CHOSEN_PRECISIONS, key=lambda p: estimated_bytes(counts, p))
 
 
 def one_table_blob(codec: str, symbols: np.ndarray, runs: np.ndarray) -> torch.Tensor:
     """A layout-1 coded pool of ``symbols`` at its `best_precision`."""
-    return coded_blob(codec, symbols, runs, best_precision(symbols, CODEC[codec].bits))
+    return coded_blob(codec, symbols, runs, best_precision(symbol_counts(symbols, 1 << CODEC[codec].bits)))
 
 
 def sectioned_blob(codec: str, symbols: np.ndarray, runs: np.ndarray, classes: np.ndarray) -> torch.Tensor:

@@ -153,17 +153,26 @@ def varints(values: np.ndarray) -> bytes:
     return bytes(out)
 
 
+def stored_rows(hm: HMatrix, codec: str) -> list[tuple[int, list[tuple[int, int]]]]:
+    """The codec's segments in pool order: each one's offset and its stored rows as (count,
+    length) parts (a dense block's rows; a low-rank block's factors; a rows segment's rows)."""
+    blocks = hm.blocks.tolist()
+    out = []
+    for block, kind, _codec, rank, offset, _scale in sorted(
+            (s for s in hm.segments.tolist() if s[2] == CODEC[codec].id), key=lambda s: s[4]):
+        _r0, _c0, rows, cols, _level = blocks[block]
+        out.append((offset, [(rows, cols)] if kind == DENSE else [(rank, rows), (rank, cols)] if kind == LOWRANK
+                    else [(rank, cols)]))
+    return out
+
+
 def pool_runs(hm: HMatrix, codec: str) -> np.ndarray | None:
     """The (rows, length) runs of a pool's stored rows in pool order, rows that start on a byte
     boundary merged; None unless the codec's segments fill the pool exactly, in offset order."""
     spec = CODEC[codec]
-    blocks = hm.blocks.tolist()
-    segments = sorted((s for s in hm.segments.tolist() if s[2] == spec.id), key=lambda s: s[4])
     runs: list[list[int]] = []
     cursor = 0
-    for block, kind, _codec, rank, offset, _scale in segments:
-        _r0, _c0, rows, cols, _level = blocks[block]
-        parts = [(rows, cols)] if kind == DENSE else [(rank, rows), (rank, cols)] if kind == LOWRANK else [(rank, cols)]
+    for offset, parts in stored_rows(hm, codec):
         if offset != cursor:
             return None
         for count, length in parts:

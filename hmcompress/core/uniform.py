@@ -104,13 +104,14 @@ def narrow_hmatrix(matrix: torch.Tensor, step: float, codecs: tuple[str, ...],
     return with_coded_pools(packer.finish((m, n), matrix.dtype, [[0, 0, m, n, 0]]))
 
 
-def digits_hmatrix(values: torch.Tensor, step: float, dtype: torch.dtype) -> HMatrix:
+def digits_hmatrix(values: torch.Tensor, step: float, dtype: torch.dtype, base: int | None = None) -> HMatrix:
     """The two-digit build of ``values`` (`uniform_values` at ``step`` with ``digits``: already
-    on its grid) as one leaf of a matrix of ``dtype``, its pools entropy-coded where smaller."""
+    on its grid) as one leaf of a matrix of ``dtype``, its pools entropy-coded where smaller;
+    ``base``: B, by default the one `_cheapest_digits` estimates smallest."""
     m, n = values.shape
     step32, smallest = _digit_codes(values, step)
     codes = torch.round(values.double() / step32)
-    base = _cheapest_digits(codes, smallest)[1]
+    base = base or _cheapest_digits(_sample(codes), smallest)[1]
     high = torch.floor((codes + base // 2) / base)
     packer = Packer()
     packer.add(0, DENSE, SHARED_CODEC, 0, [high * (base * step32)], None, base * step32)
@@ -118,13 +119,12 @@ def digits_hmatrix(values: torch.Tensor, step: float, dtype: torch.dtype) -> HMa
     return with_coded_pools(packer.finish((m, n), dtype, [[0, 0, m, n, 0]]))
 
 
-def _cheapest_digits(codes: torch.Tensor, smallest: int) -> tuple[float, int]:
-    """(estimated coded bytes of the sample, B) for the B (a power of two from ``smallest``, the
-    least that holds the codes, to `MAX_BASE`) whose two digit pools are estimated to take the
-    fewest coded bytes, from up to `PRICE_SAMPLE` codes: a larger B leaves the high digits fewer
-    symbols (a smaller table) and costs what the low digits depend on the high ones. Any B at
-    least ``smallest`` stores the same values."""
-    sample = _sample(codes)
+def _cheapest_digits(sample: torch.Tensor, smallest: int) -> tuple[float, int]:
+    """(estimated coded bytes of the ``sample`` of codes, B) for the B (a power of two from
+    ``smallest``, the least that holds the codes, to `MAX_BASE`) whose two digit pools are
+    estimated to take the fewest coded bytes: a larger B leaves the high digits fewer symbols (a
+    smaller table) and costs what the low digits depend on the high ones. Any B at least
+    ``smallest`` stores the same values."""
     options = []
     base = smallest
     while base <= MAX_BASE:
@@ -135,6 +135,7 @@ def _cheapest_digits(codes: torch.Tensor, smallest: int) -> tuple[float, int]:
 
 
 def _sample(codes: torch.Tensor) -> torch.Tensor:
+    """Up to `PRICE_SAMPLE` of ``codes``, evenly strided."""
     flat = codes.reshape(-1)
     return flat[::max(1, flat.numel() // PRICE_SAMPLE)]
 
@@ -189,8 +190,9 @@ def uniform_build(matrix: torch.Tensor, allowed: float, step: float, codecs: tup
         hm = digits_hmatrix(held_values[0], held, matrix.dtype) if digits else \
             narrow_hmatrix(matrix, held, codecs, feedback)
         dense = hm.to_dense(torch.float64)
-        if not digits and set(hm.pools) == {SHARED_CODEC} and _digits_promise(dense, held):
-            split = digits_hmatrix(dense, held, matrix.dtype)  # the same values, which may code smaller
+        base = _split_base(dense, held) if not digits and set(hm.pools) == {SHARED_CODEC} else None
+        if base is not None:
+            split = digits_hmatrix(dense, held, matrix.dtype, base)  # the same values, which may code smaller
             if split.nbytes < hm.nbytes and torch.equal(split.to_dense(torch.float64), dense):
                 hm = split
         error = measure(dense)
@@ -200,12 +202,14 @@ def uniform_build(matrix: torch.Tensor, allowed: float, step: float, codecs: tup
     return chosen if chosen is not None and (smaller_than is None or chosen[0].nbytes < smaller_than) else None
 
 
-def _digits_promise(values: torch.Tensor, step: float) -> bool:
-    """Whether the narrow build's ``values`` (codes within ±127 steps) are estimated to code
-    smaller as two digits (small matrices: the high digits' table is smaller)."""
+def _split_base(values: torch.Tensor, step: float) -> int | None:
+    """The B at which the narrow build's ``values`` (codes within ±127 steps) are estimated, from
+    a sample, to code smaller as two digits (small matrices: the high digits' table is smaller);
+    None where one pool is estimated smaller."""
     step32, smallest = _digit_codes(values, step)
-    codes = torch.round(values.double() / step32)
-    return _cheapest_digits(codes, smallest)[0] < _estimate(_sample(codes))
+    sample = torch.round(_sample(values).double() / step32)
+    size, base = _cheapest_digits(sample, smallest)
+    return base if size < _estimate(sample) else None
 
 
 def promised_bytes(values: torch.Tensor, step: float, error: float, allowed: float) -> float:

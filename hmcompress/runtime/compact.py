@@ -67,8 +67,9 @@ JOINED_BATCH = 4  # up to this many input rows the int layout joins its bands' s
 FLOAT_BAND_PADDING = 0.05  # of the stored bytes: what merging the float bands may add in zeros
 MAX_FACTOR_PAIRS = 16  # low-rank blocks beside bands taken two products each; more go to the tile product
 TILE_PADDING = 0.1  # of the integer codes: what holding them as H's codes may add in zeros
-# Up to this many corrections of joined digits, a gather and a scatter add them (4.5 us for 20 at
-# 128 x 128); beyond, a sparse CSR product (10 us for 20, 0.24 ms for 56,652 where the gather took 5).
+# Up to this many corrections of joined digits, a gather and a scatter add them; beyond, a sparse
+# CSR product (a one-off timing at random positions, batch 16: 20 corrections in 128 x 128 took
+# 5.4 us gathered and 12.8 us as a product; 56,652 in 4096 x 4096 took 5.2 ms and 0.24 ms).
 GATHERED_CORRECTIONS = 128
 
 
@@ -342,6 +343,14 @@ class CompactMatrix(nn.Module):
                                        buffers["correction_values"].to(dtype), (self.out_features, self.in_features),
                                        check_invariants=False)
 
+    def _correction_rows(self) -> torch.Tensor:
+        """Each correction's row (int64), held as it is or from the CSR row starts."""
+        buffers = self._buffers
+        if not self._sparse_product:
+            return buffers["correction_rows"].to(torch.int64)
+        starts = buffers["correction_starts"]
+        return torch.repeat_interleave(torch.arange(self.out_features, device=starts.device), starts.diff())
+
     def _add_corrections(self, out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """``out`` (N, m) plus the corrections' terms of ``inputs @ Hᵀ`` (`GATHERED_CORRECTIONS`)."""
         buffers = self._buffers
@@ -387,12 +396,7 @@ class CompactMatrix(nn.Module):
             out[pair.row0:pair.row0 + pair.rows, pair.col0:pair.col0 + pair.cols].addmm_(
                 (a.to(dtype) * scales.unsqueeze(1)).T, b.to(dtype))
         if self.corrected:
-            if self._sparse_product:
-                starts = buffers["correction_starts"]
-                rows = torch.repeat_interleave(torch.arange(self.out_features, device=starts.device), starts.diff())
-            else:
-                rows = buffers["correction_rows"].to(torch.int64)
-            out.view(-1).index_add_(0, rows * self.in_features + buffers["correction_cols"],
+            out.view(-1).index_add_(0, self._correction_rows() * self.in_features + buffers["correction_cols"],
                                     buffers["correction_values"].to(dtype))
         return out
 
@@ -509,7 +513,7 @@ def compact_layouts(hmatrix: HMatrix) -> tuple[str, ...]:
     and dense blocks fall in at most MAX_BANDS column ranges (per dtype), "int" too where some of
     them are integer-coded (first, for matrices of over SMALL_MATRIX entries: below, the count of
     operations dominates), and always "tiles"."""
-    return _layouts(join_digits(_split(hmatrix)[0])[0], hmatrix.shape)
+    return _layouts(_split(hmatrix)[0], hmatrix.shape)  # joining digits leaves the pieces' spans and dtypes
 
 
 def _layouts(pieces: list[Piece], shape: tuple[int, int]) -> tuple[str, ...]:

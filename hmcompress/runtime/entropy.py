@@ -100,11 +100,10 @@ def _field(blob: torch.Tensor, start: int, count: int, size: int) -> torch.Tenso
     return raw.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
 
 
-def parse_coded(codec: str, blob: torch.Tensor, where: str, version: int = SECTIONED_SINCE,
-                sectioned: bool = True) -> CodedPool | SectionedPool:
+def parse_coded(codec: str, blob: torch.Tensor, where: str, sections: bool = True) -> CodedPool | SectionedPool:
     """Check a coded pool's bytes (FORMAT.md "Entropy-coded pools") and parse them; a
     `FormatError` naming ``where`` otherwise. Nothing larger than the blob is allocated. Layout 2
-    only in files of format ``version`` 4 or later, and not within a section (``sectioned``)."""
+    only where ``sections`` (files of format version 4 or later, not within a section)."""
     def fail(problem: str):
         raise FormatError(f"{where}: coded pool {codec}: {problem}")
 
@@ -114,7 +113,7 @@ def parse_coded(codec: str, blob: torch.Tensor, where: str, version: int = SECTI
     lanes, precision, first, table, nruns = _field(blob, 0, HEADER_FIELDS, 4).tolist()
     layout, precision = divmod(precision, LAYOUT_UNIT)
     alphabet = 1 << symbol_bits(codec)
-    if layout == SECTIONED and sectioned and version >= SECTIONED_SINCE and precision == 0:
+    if layout == SECTIONED and sections and precision == 0:
         return _parse_sectioned(codec, blob, where, fail)
     if layout not in CODED_LAYOUTS:
         fail(f"layout {layout} is not one of {', '.join(map(str, CODED_LAYOUTS))}"
@@ -201,7 +200,7 @@ def _parse_sectioned(codec: str, blob: torch.Tensor, where: str, fail) -> Sectio
     ends = (tables + sizes.cumsum(0)).tolist()
     sections = []
     for c, (begin, end) in enumerate(zip([tables, *ends[:-1]], ends)):
-        section = parse_coded(codec, blob[begin:end], f"{where}: section {c}", sectioned=False)
+        section = parse_coded(codec, blob[begin:end], f"{where}: section {c}", sections=False)
         if section.symbols != int(held[c]):
             fail(f"section {c} holds {section.symbols} codes, its rows {int(held[c])}")
         sections.append(section)
@@ -239,7 +238,7 @@ def decode_coded(tensors: dict[str, torch.Tensor], prefixes: list[str], where: s
             if prefix + "coded." + codec in tensors:
                 names.append(prefix + "pool." + codec)
                 parsed.append(parse_coded(codec, tensors[prefix + "coded." + codec], f"{where}: {prefix}coded.{codec}",
-                                          version))
+                                          version >= SECTIONED_SINCE))
     return dict(zip(names, decode_pools(parsed, where)))
 
 
