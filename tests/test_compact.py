@@ -556,8 +556,10 @@ def check_two_digit_layers(hm, base: int, codes: torch.Tensor, batch: int) -> No
     for layout in compact_layouts(hm):
         layer = CompactLinear(hm, layout=layout)
         assert layer.corrected == (joined and beyond > 0 and layout != "tiles"), layout
-        if layer.corrected:
-            assert layer.correction_values.numel() == beyond
+        if layer.corrected:  # layout "float" holds H's codes: the excess joins them at each call
+            assert layer.corrections_in_codes == (layout == "float"), layout
+            held = layer.correction_excess if layer.corrections_in_codes else layer.correction_values
+            assert held.numel() == beyond
         if joined and layout != "tiles":
             assert sum(b.numel() for b in layer.buffers() if b.dtype == torch.int8) == codes.numel()
         with torch.no_grad():

