@@ -3,6 +3,7 @@ weight, and computes what the dense model computes within float rounding, for ev
 module kind, dtype and device the runtime offers."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -28,9 +29,12 @@ from hmcompress.runtime import (
     compact_layouts,
     int_digits,
     load_state_dict,
+    packed_digits,
+    packed_engine_works,
     patch,
 )
 from hmcompress.runtime.bundle import shim_source
+from hmcompress.runtime.packed import PACKED_DIGITS
 
 CODECS = ["f32", "f16", "bf16", "i8", "i7", "i6", "i5", "i4", "u8", "u8lo", "f64"]
 INTEGER = ["i8", "i7", "i6", "i5", "i4", "u8"]
@@ -143,17 +147,46 @@ def test_layers_in_every_dtype_and_input_shape(dtype, make):
 
 
 def test_trained_weights_stay_int8_in_memory_and_take_the_integer_product():
+    """On this CPU the int layout's integer bands are packed by torch's quantized engine (a byte a
+    code); moved where it does not pack (float64 here, another device), a layer unpacks them into
+    int8 codes for `torch._int_mm` or the float path. Every form computes H."""
     hm = compress_matrix(trained_like(256, 320), CompressionOptions(tol=1e-2)).hmatrix
     integer = sum(pool.numel() for codec, pool in hm.pools.items() if CODEC[codec].integer)
     assert integer > 0.9 * sum(pool.numel() for pool in hm.pools.values())  # the case compact layouts are for
+    assert runtime.int_mm_works("cpu") and packed_engine_works()
     layer = CompactLinear(hm, layout="int")
-    held = {name: b.dtype for name, b in layer.named_buffers()}
-    bands = {dtype for name, dtype in held.items() if name.startswith("band") and name.endswith("_codes")}
-    assert torch.int8 in bands and bands <= {torch.int8, torch.float16, torch.bfloat16}  # as stored
+    assert layer._packed and not any(b.dtype == torch.int8 for b in layer.buffers())
     assert layer.held_bytes <= 1.3 * hm.nbytes
-    assert runtime.int_mm_works("cpu")
     x = torch.randn(4, 320)
     assert_close_to(layer(x), x, hm.to_dense(torch.float32))
+    for unpacked in (copy.deepcopy(layer).double(), copy.deepcopy(layer).double().float()):
+        assert not unpacked._packed
+        held = {name: b.dtype for name, b in unpacked.named_buffers()}
+        bands = {dtype for name, dtype in held.items() if name.startswith("band") and name.endswith("_codes")}
+        assert torch.int8 in bands and bands <= {torch.int8, torch.float16, torch.bfloat16}  # as stored
+        with torch.no_grad():
+            got = unpacked(x.to(unpacked.anchor.dtype)).float()
+        assert_close_to(got, x, hm.to_dense(torch.float32))
+    twin = copy.deepcopy(layer)  # the engine's packed weights copy too
+    assert twin._packed and torch.equal(twin(x), layer(x))
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=50),
+       batch=st.integers(1, 3))
+def test_packed_digits_hold_each_row_to_float32_rounding(values, batch):
+    """Half a step (2⁻²⁸ of the row's largest entry) and the float32 rounding of x / step (2⁻²⁴ of
+    it): within 2⁻²³ of the row's largest entry, as the int layout's base-256 digits."""
+    x = torch.tensor([values], dtype=torch.float32).repeat(batch, 1) * torch.arange(1, batch + 1).unsqueeze(1)
+    digits, step = packed_digits(x)
+    assert digits.dtype == torch.float32 and digits.shape == (PACKED_DIGITS * batch, x.shape[1])
+    assert bool(((digits >= -64) & (digits <= 63) & (digits == digits.round())).all())
+    if float(step.min()) < torch.finfo(torch.float32).tiny:  # callers take the float path
+        assert float(x.abs().max()) < 2.0**-100 or not bool(torch.isfinite(step).all())
+        return
+    d = digits.double().view(PACKED_DIGITS, batch, -1)
+    back = sum(d[k] * 128.0**k for k in range(PACKED_DIGITS)) * step.double()
+    assert bool(((back - x.double()).abs() <= 2.0**-23 * x.double().abs().amax(1, keepdim=True)).all())
 
 
 def test_low_rank_blocks_beside_bands_are_factor_pairs_held_as_stored():
@@ -360,7 +393,7 @@ RSS_SCRIPT = textwrap.dedent("""
     ctypes.CDLL(None).malloc_trim(0)  # what the process held before, not what it had freed
     before = anon()
     hmruntime.patch(model, sys.argv[1])
-    print(json.dumps({"held": anon() - before}))
+    print(json.dumps({"held": anon() - before, "layer": model[0].held_bytes}))
 """)
 
 
@@ -382,8 +415,9 @@ def test_resident_memory_of_a_patched_layer_is_about_its_file(tmp_path):
     run = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, cwd=tmp_path,
                          env={"PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}, timeout=300)
     assert run.returncode == 0, run.stderr
-    held = json.loads(run.stdout)["held"]
+    held, layer = json.loads(run.stdout).values()
     assert held <= 1.3 * stored, (held, stored)
+    assert abs(held - layer) <= 0.1 * layer, (held, layer)  # the layer's own count (packed bands too) holds
     assert held < 0.4 * 4 * 2048 * 2048  # far from the dense float32 weight
 
 
@@ -394,9 +428,11 @@ def test_compact_layers_on_cuda():
     for layout in compact_layouts(hm):
         cpu = CompactLinear(hm, torch.randn(256), layout=layout)
         gpu = CompactLinear(hm, cpu.bias, device="cuda", layout=layout)
+        moved = copy.deepcopy(cpu).to("cuda")  # packed bands (layout int) unpacked on the way
         with torch.no_grad():
             assert torch.allclose(gpu(x.cuda()).cpu(), cpu(x), atol=1e-5)
-        assert all(b.is_cuda for b in gpu.buffers())
+            assert torch.allclose(moved(x.cuda()).cpu(), cpu(x), atol=1e-5)
+        assert all(b.is_cuda for b in [*gpu.buffers(), *moved.buffers()]) and not moved._packed
 
 
 
@@ -561,7 +597,8 @@ def check_two_digit_layers(hm, base: int, codes: torch.Tensor, batch: int) -> No
             held = layer.correction_excess if layer.corrections_in_codes else layer.correction_values
             assert held.numel() == beyond
         if joined and layout != "tiles":
-            assert sum(b.numel() for b in layer.buffers() if b.dtype == torch.int8) == codes.numel()
+            packed = sum(b.cols * (b.stop - b.start) for b in layer._bands if b.source == compact.PACKED_SOURCE)
+            assert sum(b.numel() for b in layer.buffers() if b.dtype == torch.int8) + packed == codes.numel()
         with torch.no_grad():
             assert_close_to(layer(x), x, weight, room=room)
             assert_close_to(layer.dense(), torch.eye(hm.shape[0]), weight.T, room=room.T)

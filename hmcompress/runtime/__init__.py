@@ -2,7 +2,8 @@
 
 Its modules, in dependency order: `errors` (`FormatError`), `format` (the vocabulary), `entropy`
 (coded pools: checked and decoded), `validate`, `matrix` (`HMatrix`), `read` (files), `product`
-(the tile product ``x @ Hᵀ``), `layers` (`HLinear`), `compact` (compact layers: what the file
+(the tile product ``x @ Hᵀ``), `layers` (`HLinear`), `digits` (two-digit codes joined), `packed` (integer
+bands packed by torch's quantized engine), `compact` (compact layers: what the file
 stores, kept in memory) and `patching` (`patch`). They import nothing else of hmcompress, so
 `bundle` can concatenate them into the single-file shim ``hmruntime.py`` that the writer puts
 beside every compressed file.

@@ -12,7 +12,7 @@ import dataclasses
 import pathlib
 import sys
 
-SHIM_MODULES = ("errors", "format", "entropy", "validate", "matrix", "read", "product", "layers", "digits", "compact", "patching")
+SHIM_MODULES = ("errors", "format", "entropy", "validate", "matrix", "read", "product", "layers", "digits", "packed", "compact", "patching")
 RUNTIME_PACKAGE = "hmcompress.runtime"
 
 

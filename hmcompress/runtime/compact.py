@@ -47,6 +47,16 @@ from hmcompress.runtime.digits import Piece, join_digits
 from hmcompress.runtime.format import LOWRANK, ROWS, mask_bytes
 from hmcompress.runtime.layers import HLinear
 from hmcompress.runtime.matrix import HMatrix, LowRankSegment, RowsSegment
+from hmcompress.runtime.packed import (
+    codes_from_engine,
+    combine_packed,
+    fixed_point,
+    pack_for_engine,
+    packed_bytes,
+    packed_digits,
+    packed_engine_works,
+    packed_product,
+)
 from hmcompress.runtime.product import tile_product
 
 DIGITS = 3  # balanced base-256 digits of a fixed-point number: 23 bits and a sign
@@ -72,6 +82,7 @@ TILE_PADDING = 0.1  # of the integer codes: what holding them as H's codes may a
 # CSR product (a one-off timing at random positions, batch 16: 20 corrections in 128 x 128 took
 # 5.4 us gathered and 12.8 us as a product; 56,652 in 4096 x 4096 took 5.2 ms and 0.24 ms).
 GATHERED_CORRECTIONS = 128
+PACKED_SOURCE = "packed"  # a band's source where the quantized engine holds its codes (`packed.py`)
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,12 +108,20 @@ def int_digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     bit of its two low bytes leaves, in its three low bytes read as int8, the balanced digits
     (each within -128..127, the top one within ±127) of the same number.
     """
-    x32 = x.float()
-    top = x32.abs().amax(1, keepdim=True)
-    step = torch.where(top > 0, top / FIXED_LIMIT, torch.ones_like(top))
-    fixed = torch.round(x32 / step).to(torch.int32)
-    balanced = ((fixed + 0x8080) ^ 0x8080).view(torch.int8).view(*x.shape, 4)
+    fixed, step = fixed_point(x, FIXED_LIMIT)
+    balanced = fixed.add_(0x8080).bitwise_xor_(0x8080).view(torch.int8).view(*x.shape, 4)
     return row_major(balanced.permute(2, 0, 1)[:DIGITS].reshape(DIGITS * x.shape[0], x.shape[1])), step
+
+
+def _usable_steps(step: torch.Tensor) -> bool:
+    """Whether every row's fixed-point ``step`` is a normal float32 (not inf, NaN or subnormal)."""
+    low, high = torch.aminmax(step)
+    return float(low) >= SMALLEST_NORMAL and float(high) < math.inf
+
+
+def _packs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a layer on ``device`` in ``dtype`` holds its int layout's integer bands packed."""
+    return device.type == "cpu" and dtype != torch.float64 and packed_engine_works()
 
 
 def row_major(matrix: torch.Tensor) -> torch.Tensor:
@@ -132,7 +151,7 @@ class _Band:
     def __init__(self, source: str, offset: int, col0: int, cols: int, start: int, stop: int, full: bool) -> None:
         self.source, self.offset = source, offset
         self.col0, self.cols, self.start, self.stop = col0, cols, start, stop
-        self.integer = source == "band_codes"
+        self.integer = source in ("band_codes", PACKED_SOURCE)
         self.full = full  # its rows are every output row, in order
 
 
@@ -192,8 +211,13 @@ class CompactMatrix(nn.Module):
             raise ValueError(f"layout {layout!r} needs integer-coded rows or blocks; this matrix has none")
         bands = [(col0, cols, rows, codes.T, scales) for col0, cols, rows, codes, scales
                  in _bands(pieces, self.out_features)]
+        # On the CPU, the int layout's integer bands are packed by the quantized engine (`packed.py`),
+        # whole; else they stay int8 codes for `torch._int_mm`, cut to its cache-sized bands.
+        self._packed: list[object] = []
+        packing = layout == "int" and _packs(torch.device(device or "cpu"), dtype or torch.float32)
         if layout == "int":
-            bands = _cache_sized(_merge_float_bands(bands, self.in_features, hmatrix.nbytes))
+            bands = _merge_float_bands(bands, self.in_features, hmatrix.nbytes)
+            bands = bands if packing else _cache_sized(bands)
         tiled = _tile(bands, self.out_features, self.in_features) if layout == "float" else None
         self._widths: tuple[int, ...] = ()  # with the integer codes held as H: each column range's width
         if tiled is not None:
@@ -217,7 +241,12 @@ class CompactMatrix(nn.Module):
 
         for col0, cols, rows, codes, _scales in bands:
             full = torch.equal(rows, torch.arange(self.out_features))
-            self._bands.append(_Band(*place(codes), col0, cols, start, start + rows.numel(), full))
+            if packing and codes.dtype == torch.int8:
+                self._packed.append(pack_for_engine(codes.T))
+                where = (PACKED_SOURCE, len(self._packed) - 1)
+            else:
+                where = place(codes)
+            self._bands.append(_Band(*where, col0, cols, start, start + rows.numel(), full))
             start += rows.numel()
         self._pairs: list[_Pair] = []
         ranks = 0
@@ -256,8 +285,9 @@ class CompactMatrix(nn.Module):
                 starts[1:] = torch.cumsum(torch.bincount(corrections.rows.to(torch.int64),
                                                          minlength=self.out_features), 0)
                 self.register_buffer("correction_starts", starts.to(device), persistent=False)
-            else:
-                self.register_buffer("correction_rows", corrections.rows[order].to(device), persistent=False)
+            else:  # int64 rows: torch's index_add_ along a row is many times slower with int32 ones
+                self.register_buffer("correction_rows", corrections.rows[order].to(device=device, dtype=torch.int64),
+                                     persistent=False)
             self.register_buffer("correction_cols", corrections.cols[order].to(device), persistent=False)
             self.register_buffer("correction_values", corrections.values[order].to(device), persistent=False)
         self.rest = None if rest is None else HLinear(rest, dtype=dtype, device=device, keep_compact=True)
@@ -267,9 +297,28 @@ class CompactMatrix(nn.Module):
         self.register_buffer("anchor", torch.zeros(0, dtype=dtype, device=device), persistent=False)
 
     def _codes(self, band: _Band) -> torch.Tensor:
-        """A band's codes, (cols, rows) row-major: a view of its dtype's flat buffer."""
+        """A band's codes, (cols, rows) row-major: a view of its dtype's flat buffer (a packed band's
+        unpacked, for the float path's rare calls: rows with inf or NaN)."""
         rows = band.stop - band.start
+        if band.source == PACKED_SOURCE:
+            return codes_from_engine(self._packed[band.offset]).T
         return self._buffers[band.source][band.offset:band.offset + band.cols * rows].view(band.cols, rows)
+
+    def _apply(self, fn, recurse: bool = True):
+        """`nn.Module._apply` (``.to()``, ``.cuda()``, ``.double()``), and packed bands unpacked into
+        int8 codes where the layer no longer packs (another device, float64)."""
+        super()._apply(fn, recurse)
+        anchor = self._buffers["anchor"]
+        if self._packed and not _packs(anchor.device, anchor.dtype):
+            codes = [self._codes(band).reshape(-1) for band in self._bands if band.source == PACKED_SOURCE]
+            self.register_buffer("band_codes", torch.cat(codes).to(anchor.device), persistent=False)
+            offset = 0
+            for band in self._bands:
+                if band.source == PACKED_SOURCE:
+                    band.source, band.offset = "band_codes", offset
+                    offset += band.cols * (band.stop - band.start)
+            self._packed = []
+        return self
 
     def _factors(self, pair: _Pair) -> tuple[torch.Tensor, torch.Tensor]:
         """A pair's factor codes a (rank, rows) and b (rank, cols): views of their flat buffer."""
@@ -279,8 +328,10 @@ class CompactMatrix(nn.Module):
 
     @property
     def held_bytes(self) -> int:
-        """Bytes of every tensor held (codes, scales, index tables, the rest's compact factors)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes of every tensor held (codes, scales, index tables, the rest's compact factors) and
+        of the packed bands (`packed.packed_bytes`)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers()) + sum(
+            packed_bytes(band.stop - band.start, band.cols) for band in self._bands if band.source == PACKED_SOURCE)
 
     def matmul_t(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ Hᵀ (+ bias)`` for x (N, in_features) in the layer's dtype: (N, out_features)."""
@@ -297,19 +348,25 @@ class CompactMatrix(nn.Module):
         rest = None if self.rest is None else tile_product(self.rest._decoded_plan(), x, bias)
         if not self._bands and not self._pairs:
             return rest
-        integer = self.layout == "int" and self._bands[0].integer and int_mm_works(x.device.type) and dtype != torch.float64
+        packed = bool(self._packed)
+        integer = (self.layout == "int" and self._bands[0].integer and dtype != torch.float64
+                   and (packed or int_mm_works(x.device.type)))
         work = torch.float32 if integer else dtype  # the integer sums are scaled in float32
         out = torch.zeros(x.shape[0], self.out_features, dtype=work, device=x.device)
         scales = buffers["band_scales"]
         floating = self._bands
         if integer:
-            digits, step = int_digits(x)
+            digits, step = packed_digits(x) if packed else int_digits(x)
             # Rows with inf or NaN (the float product spreads them) or so tiny that ``step`` is
             # subnormal (it would lose its precision) take the float path.
-            if bool(((step >= SMALLEST_NORMAL) & (step < math.inf)).all()):
+            if _usable_steps(step):
                 floating = [b for b in self._bands if not b.integer]
                 integer_bands = self._bands[:len(self._bands) - len(floating)]
-                if x.shape[0] <= JOINED_BATCH:  # few rows: all bands' sums combined and added at once
+                if packed:
+                    for b in integer_bands:
+                        sums = packed_product(digits[:, b.col0:b.col0 + b.cols], self._packed[b.offset])
+                        self._add(out, b, combine_packed(sums, x.shape[0]).mul_(scales[b.start:b.stop]))
+                elif x.shape[0] <= JOINED_BATCH:  # few rows: all bands' sums combined and added at once
                     sums = [torch._int_mm(digits[:, b.col0:b.col0 + b.cols], self._codes(b)) for b in integer_bands]
                     part = combine_digits(torch.cat(sums, 1) if len(sums) > 1 else sums[0], x.shape[0])
                     self._add_joined(out, integer_bands, part.mul_(scales[:integer_bands[-1].stop]))
