@@ -153,13 +153,15 @@ def test_trained_weights_stay_int8_in_memory_and_take_the_integer_product():
     hm = compress_matrix(trained_like(256, 320), CompressionOptions(tol=1e-2)).hmatrix
     integer = sum(pool.numel() for codec, pool in hm.pools.items() if CODEC[codec].integer)
     assert integer > 0.9 * sum(pool.numel() for pool in hm.pools.values())  # the case compact layouts are for
-    assert runtime.int_mm_works("cpu") and packed_engine_works()
+    assert runtime.int_mm_works("cpu")
     layer = CompactLinear(hm, layout="int")
-    assert layer._packed and not any(b.dtype == torch.int8 for b in layer.buffers())
+    assert bool(layer._packed) == packed_engine_works()  # x86 CPUs with fbgemm: packed
+    assert not layer._packed or not any(b.dtype == torch.int8 for b in layer.buffers())
     assert layer.held_bytes <= 1.3 * hm.nbytes
     x = torch.randn(4, 320)
     assert_close_to(layer(x), x, hm.to_dense(torch.float32))
-    for unpacked in (copy.deepcopy(layer).double(), copy.deepcopy(layer).double().float()):
+    for unpacked in (copy.deepcopy(layer).double(), copy.deepcopy(layer).double().float(),
+                     CompactLinear(hm, layout="int", pack=False)):
         assert not unpacked._packed
         held = {name: b.dtype for name, b in unpacked.named_buffers()}
         bands = {dtype for name, dtype in held.items() if name.startswith("band") and name.endswith("_codes")}
@@ -168,7 +170,7 @@ def test_trained_weights_stay_int8_in_memory_and_take_the_integer_product():
             got = unpacked(x.to(unpacked.anchor.dtype)).float()
         assert_close_to(got, x, hm.to_dense(torch.float32))
     twin = copy.deepcopy(layer)  # the engine's packed weights copy too
-    assert twin._packed and torch.equal(twin(x), layer(x))
+    assert bool(twin._packed) == bool(layer._packed) and torch.equal(twin(x), layer(x))
 
 
 @settings(max_examples=200, deadline=None)
@@ -181,8 +183,11 @@ def test_packed_digits_hold_each_row_to_float32_rounding(values, batch):
     digits, step = packed_digits(x)
     assert digits.dtype == torch.float32 and digits.shape == (PACKED_DIGITS * batch, x.shape[1])
     assert bool(((digits >= -64) & (digits <= 63) & (digits == digits.round())).all())
-    if float(step.min()) < torch.finfo(torch.float32).tiny:  # callers take the float path
-        assert float(x.abs().max()) < 2.0**-100 or not bool(torch.isfinite(step).all())
+    if not bool(torch.isfinite(x).all()):  # (rows scaled past float32's range) callers take the float path
+        assert not bool(torch.isfinite(step).all())
+        return
+    if float(step.min()) < torch.finfo(torch.float32).tiny:  # so do they for rows this small
+        assert float(x.abs().amax(1).min()) < 2.0**-100
         return
     d = digits.double().view(PACKED_DIGITS, batch, -1)
     back = sum(d[k] * 128.0**k for k in range(PACKED_DIGITS)) * step.double()

@@ -190,11 +190,14 @@ class CompactMatrix(nn.Module):
     tensor a band would cost more than small bands hold). All tensors are non-persistent
     buffers, so ``.to()`` moves them. `compact_layouts` says which layouts a matrix offers, the
     default first. ``join``: two-digit codes held joined (see the module's docstring; embeddings,
-    whose looked-up rows would have to find their corrections, hold both digits).
+    whose looked-up rows would have to find their corrections, hold both digits). ``pack``: on the
+    CPU, the int layout's integer bands packed by the quantized engine (`packed.py`; not for
+    layers that form H for each call from the codes).
     """
 
     def __init__(self, hmatrix: HMatrix, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, layout: str | None = None, join: bool = True) -> None:
+                 device: torch.device | str | None = None, layout: str | None = None, join: bool = True,
+                 pack: bool = True) -> None:
         super().__init__()
         if layout is not None and layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -214,7 +217,7 @@ class CompactMatrix(nn.Module):
         # On the CPU, the int layout's integer bands are packed by the quantized engine (`packed.py`),
         # whole; else they stay int8 codes for `torch._int_mm`, cut to its cache-sized bands.
         self._packed: list[object] = []
-        packing = layout == "int" and _packs(torch.device(device or "cpu"), dtype or torch.float32)
+        packing = pack and layout == "int" and _packs(torch.device(device or "cpu"), dtype or torch.float32)
         if layout == "int":
             bands = _merge_float_bands(bands, self.in_features, hmatrix.nbytes)
             bands = bands if packing else _cache_sized(bands)
@@ -717,8 +720,8 @@ class CompactLinear(CompactMatrix):
     module, not two, for a layer's few kilobytes of Python objects)."""
 
     def __init__(self, hmatrix: HMatrix, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, layout: str | None = None) -> None:
-        super().__init__(hmatrix, dtype, device, layout)
+                 device: torch.device | str | None = None, layout: str | None = None, pack: bool = True) -> None:
+        super().__init__(hmatrix, dtype, device, layout, pack=pack)
         self.register_parameter("bias", _bias(bias, dtype or torch.float32, device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -747,14 +750,16 @@ class CompactConv(CompactMatrix):
 
     def __init__(self, hmatrix: HMatrix, conv: nn.Module, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, layout: str | None = None) -> None:
-        super().__init__(hmatrix, dtype, device, layout)
+        pointwise = (all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride)
+                     and conv.groups == 1 and conv.padding in ("valid", tuple(0 for _ in conv.kernel_size)))
+        # A kernel formed for each call reads its bands' codes: packed, they would be unpacked each time.
+        super().__init__(hmatrix, dtype, device, layout, pack=pointwise)
+        self.pointwise = pointwise
         self.function = CONV_FUNCTIONS[type(conv)]
         self.kernel_shape = tuple(conv.weight.shape)
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.padding_mode = conv.padding_mode
         self.reversed_padding = conv._reversed_padding_repeated_twice
-        self.pointwise = (all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride)
-                          and conv.groups == 1 and conv.padding in ("valid", tuple(0 for _ in conv.kernel_size)))
         # A Conv1d whose matrix has a tile product part multiplies its input's windows: forming
         # its kernel would take that product of an identity, as costly, and then the convolution.
         self.windows = (type(conv) is nn.Conv1d and not self.pointwise and conv.groups == 1
