@@ -11,8 +11,9 @@ layer. For each:
   reading, the median of `MEMORY_RUNS` processes; against the bytes of the file's compressed
   matrices plus its uncompressed tensors, and against the same with the entropy-coded pools at
   fixed width (format version 1: a byte a code up to 8 bits, two for two-digit codes); the
-  bytes of the tensors the patched model holds (no heap or Python objects: the figure that does
-  not vary) against the file's; the dense model's bytes beside;
+  bytes the patched model holds (its tensors and the codes torch's quantized engine packed for
+  it; no heap or Python objects: the figure that does not vary) against the file's; the dense
+  model's bytes beside;
 - *time*: the patched model against the original on the same inputs, interleaved medians in one
   process (with ``mode="auto"`` too: per layer, the fastest compact layout on a probe);
 - *agreement*: the largest difference between the patched model's outputs and those of the
@@ -41,7 +42,7 @@ from benchmarks.architectures import CREPE_CHECKPOINT, SILERO_CHECKPOINT, speech
 from benchmarks.runtime import paired_times, trained_like
 from hmcompress.api import compress_checkpoint
 from hmcompress.core.build import CompressionOptions
-from hmcompress.runtime import load_state_dict, patch, read_file
+from hmcompress.runtime import CompactMatrix, load_state_dict, patch, read_file
 from hmcompress.runtime.bundle import shim_source
 
 SAMPLE_MODELS = ("classifier", "burgers_pinn", "char_transformer")
@@ -136,9 +137,11 @@ def resident_after_patch(case: Case, compressed: pathlib.Path) -> int:
     return sorted(held)[len(held) // 2]
 
 
-def tensor_bytes(model: nn.Module) -> int:
-    """Bytes of a model's parameters and buffers (a patched model: what its layers hold)."""
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers, and of the int8 codes its compact layers had
+    torch's quantized engine pack (a patched model: what its layers hold)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) + sum(
+        m.engine_bytes for m in model.modules() if isinstance(m, CompactMatrix))
 
 
 def fixed_width_bytes(hm) -> int:
@@ -175,7 +178,7 @@ def row(case: Case, directory: pathlib.Path) -> list[str]:
         model = build(case.factory)
         patched = patch(model, compressed, mode=mode, probe_batch=BATCH)
         if mode == "compact":
-            cells.append(f"{tensor_bytes(model) / file_bytes:.2f}")
+            cells.append(f"{held_bytes(model) / file_bytes:.2f}")
         with torch.no_grad():
             mine, theirs = paired_times(lambda: model(inputs), lambda: original(inputs))
         cells.append(f"{mine / theirs:.2f}")
@@ -191,7 +194,7 @@ def main() -> None:
     print_table(f"Deployment, {torch.get_num_threads()} threads: models compressed at tol 1e-2 and loaded with "
                 "hmruntime.patch (compact), against the originals",
                 ["model", "dense MiB", "file tensors MiB", "resident after patch MiB", "resident / file",
-                 "resident / file at fixed width", "tensors held / file", "time / original (compact)", "time / original (auto)", "layers compact",
+                 "resident / file at fixed width", "held / file", "time / original (compact)", "time / original (auto)", "layers compact",
                  "outputs vs load_state_dict"], rows)
 
 

@@ -332,9 +332,15 @@ class CompactMatrix(nn.Module):
     @property
     def held_bytes(self) -> int:
         """Bytes of every tensor held (codes, scales, index tables, the rest's compact factors) and
-        of the packed bands (`packed.packed_bytes`)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers()) + sum(
-            packed_bytes(band.stop - band.start, band.cols) for band in self._bands if band.source == PACKED_SOURCE)
+        of the packed bands (`engine_bytes`)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers()) + self.engine_bytes
+
+    @property
+    def engine_bytes(self) -> int:
+        """Bytes the quantized engine holds for the packed bands (`packed.packed_bytes`): not tensors,
+        so not among the module's buffers."""
+        return sum(packed_bytes(band.stop - band.start, band.cols) for band in self._bands
+                   if band.source == PACKED_SOURCE)
 
     def matmul_t(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ Hᵀ (+ bias)`` for x (N, in_features) in the layer's dtype: (N, out_features)."""
