@@ -822,6 +822,17 @@ class CompactEmbedding(CompactMatrix):
             raise ValueError("a compact embedding needs rows and dense blocks alone, each band holding every row")
         super().__init__(hmatrix, dtype, device, "float", join=False)  # looked-up rows hold no corrections
         self.num_embeddings, self.embedding_dim = hmatrix.shape
+        for band in self._bands:  # laid out (rows, cols): a looked-up row's codes are contiguous
+            size = band.cols * (band.stop - band.start)
+            self._buffers[band.source][band.offset:band.offset + size] = super()._codes(band).T.reshape(-1)
+
+    def _row_codes(self, band: _Band) -> torch.Tensor:
+        """A band's codes, (rows, cols) row-major: a view of its dtype's flat buffer."""
+        rows = band.stop - band.start
+        return self._buffers[band.source][band.offset:band.offset + band.cols * rows].view(rows, band.cols)
+
+    def _codes(self, band: _Band) -> torch.Tensor:
+        return self._row_codes(band).T
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         buffers = self._buffers
@@ -834,7 +845,7 @@ class CompactEmbedding(CompactMatrix):
         else:
             out = torch.zeros(flat.numel(), self.embedding_dim, dtype=dtype, device=buffers["anchor"].device)
         for band in self._bands:
-            codes = self._codes(band).index_select(1, flat).T
+            codes = self._row_codes(band).index_select(0, flat)
             scales = buffers["band_scales"][band.start:band.stop][flat]
             out[:, band.col0:band.col0 + band.cols] += codes.to(dtype) * scales.to(dtype).unsqueeze(1)
         return out.reshape(*index.shape, self.embedding_dim)
