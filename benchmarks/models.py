@@ -47,6 +47,7 @@ from hmcompress.runtime.bundle import shim_source
 
 SAMPLE_MODELS = ("classifier", "burgers_pinn", "char_transformer")
 BATCH = 16
+TIME_BUDGET = 3.0  # seconds of interleaved calls per model and mode: the transformer (80 ms a forward) gets ~20 pairs
 
 
 @dataclasses.dataclass
@@ -180,7 +181,7 @@ def row(case: Case, directory: pathlib.Path) -> list[str]:
         if mode == "compact":
             cells.append(f"{held_bytes(model) / file_bytes:.2f}")
         with torch.no_grad():
-            mine, theirs = paired_times(lambda: model(inputs), lambda: original(inputs))
+            mine, theirs = paired_times(lambda: model(inputs), lambda: original(inputs), budget=TIME_BUDGET)
         cells.append(f"{mine / theirs:.2f}")
     compact_layers = sum(c.mode == "compact" for c in patched.choices)
     cells += [f"{compact_layers} of {len(patched.choices)}", f"{largest_difference(model, reference, inputs):.1e}"]
