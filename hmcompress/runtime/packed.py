@@ -90,12 +90,13 @@ def packed_bytes(rows: int, cols: int) -> int:
 @functools.lru_cache(maxsize=None)
 def packed_engine_works() -> bool:
     """Whether the quantized engine packs int8 codes and multiplies 7-bit digits by them exactly
-    here (extreme codes and digits included: a kernel that saturated would show)."""
+    here (extreme codes and digits included: a kernel that saturated would show; shapes past the
+    engine's blocks in every dimension, and odd sizes, so that each of its code paths runs)."""
     try:
         gen = torch.Generator().manual_seed(0)
-        codes = torch.randint(-128, 128, (37, 300), generator=gen, dtype=torch.int8)
+        codes = torch.randint(-128, 128, (71, 1103), generator=gen, dtype=torch.int8)
         codes[0], codes[1] = -128, 127
-        digits = torch.randint(-64, 64, (9, 300), generator=gen).float()
+        digits = torch.randint(-64, 64, (131, 1103), generator=gen).float()
         digits[0], digits[1] = -64, 63
         packed = pack_for_engine(codes)
         exact = torch.equal(packed_product(digits, packed).double(), digits.double() @ codes.double().T)
