@@ -146,6 +146,25 @@ def test_layers_in_every_dtype_and_input_shape(dtype, make):
             assert_close_to(y.reshape(-1, m).float(), rows.float(), weight, bias.to(dtype).float(), rel=tol, room=room)
 
 
+@pytest.mark.parametrize("make", [mixed_matrix, lambda: compressed(45, 37, tol=1e-3),
+                                  lambda: compress_matrix(trained_like(600, 520), CompressionOptions(tol=1e-2)).hmatrix])
+def test_gradients_through_every_layout_are_the_dense_layers(make):
+    """Fine-tuning on top of a patched model needs gradients through its frozen layers: the int
+    layout's integer digits carry none, so an input that autograd follows takes the float path
+    (before, the gradient held only the corrections' part, silently)."""
+    hm = make()
+    m, n = hm.shape
+    weight = hm.to_dense(torch.float64)
+    for layout in compact_layouts(hm):
+        layer = CompactLinear(hm, torch.randn(m), layout=layout)
+        x = torch.randn(6, n, requires_grad=True)
+        upstream = torch.randn(6, m)
+        (layer(x) * upstream).sum().backward()
+        want = upstream.double() @ weight
+        assert torch.allclose(x.grad.double(), want, rtol=0, atol=1e-5 * float(want.abs().max())), layout
+        assert torch.equal(layer.bias.grad, upstream.sum(0)), layout
+
+
 def test_trained_weights_stay_int8_in_memory_and_take_the_integer_product():
     """On this CPU the int layout's integer bands are packed by torch's quantized engine (a byte a
     code); moved where it does not pack (float64 here, another device), a layer unpacks them into

@@ -358,8 +358,9 @@ class CompactMatrix(nn.Module):
         if not self._bands and not self._pairs:
             return rest
         packed = bool(self._packed)
+        # Integer digits carry no gradient: an input that autograd follows takes the float path.
         integer = (self.layout == "int" and self._bands[0].integer and dtype != torch.float64
-                   and (packed or int_mm_works(x.device.type)))
+                   and (packed or int_mm_works(x.device.type)) and not (x.requires_grad and torch.is_grad_enabled()))
         work = torch.float32 if integer else dtype  # the integer sums are scaled in float32
         out = torch.zeros(x.shape[0], self.out_features, dtype=work, device=x.device)
         scales = buffers["band_scales"]
