@@ -100,6 +100,12 @@ def compact_planes(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
     return planes
 
 
+def _decoded_as_held(planes: dict[str, torch.Tensor], dtype: torch.dtype) -> bool:
+    """Whether `decode_planes` would return ``planes``' one plane as it is: a float plane in
+    ``dtype`` (held so, the factor needs no decoding at each call)."""
+    return set(planes) == {"float"} and planes["float"].dtype == dtype
+
+
 def decode_planes(planes: dict[str, torch.Tensor], dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
     """The factors in ``dtype`` from `compact_planes` (codes times scales rounded once, in float32
     or float64, as decoding straight into ``dtype`` would). A single plane costs no extra pass:
@@ -145,12 +151,11 @@ class HLinear(nn.Module):
         for name, tensor in tensors.items():
             if name not in self._factor_shapes:
                 self.register_buffer(name, tensor.to(device), persistent=False)
-            elif keep_compact:
-                planes = compact_planes(tensor, scales[name], dtype)
+            elif keep_compact and not _decoded_as_held(planes := compact_planes(tensor, scales[name], dtype), dtype):
                 self._planes[name] = tuple(planes)
                 for part, plane in planes.items():
                     self.register_buffer(f"{name}_{part}", plane.to(device), persistent=False)
-            else:
+            else:  # float factors, or compact ones that are a single plane in ``dtype`` already (the same bytes)
                 self.register_buffer(name, tensor.to(device=device, dtype=dtype), persistent=False)
         if bias is not None:
             trainable = bias.requires_grad if isinstance(bias, nn.Parameter) else True
@@ -160,8 +165,11 @@ class HLinear(nn.Module):
         self.register_buffer("anchor", torch.zeros(0, dtype=dtype, device=device), persistent=False)
 
     def _decoded_plan(self) -> dict[str, torch.Tensor]:
-        """With keep_compact: the buffers plus ``u`` and ``v`` decoded from their planes."""
+        """With keep_compact: the buffers plus ``u`` and ``v`` decoded from their planes (the
+        buffers alone where neither factor needs decoding)."""
         buffers = self._buffers
+        if not self._planes:
+            return buffers
         anchor = buffers["anchor"]
         plan = dict(buffers)
         for name, parts in self._planes.items():
@@ -178,7 +186,7 @@ class HLinear(nn.Module):
         shape = x.shape
         if shape[-1] != self.in_features:
             raise ValueError(f"HLinear expects inputs with {self.in_features} features, got {tuple(shape)}")
-        plan = self._decoded_plan() if self.keep_compact else self._buffers  # not `Module.__getattr__`: ~1 us a name
+        plan = self._decoded_plan()  # not `Module.__getattr__`: ~1 us a name
         dtype = plan["anchor"].dtype
         rows = x if len(shape) == 2 else x.reshape(-1, self.in_features)
         y = tile_product(plan, rows if rows.dtype == dtype else rows.to(dtype), self._parameters["bias"])
