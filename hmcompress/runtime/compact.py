@@ -78,10 +78,12 @@ JOINED_BATCH = 4  # up to this many input rows the int layout joins its bands' s
 FLOAT_BAND_PADDING = 0.05  # of the stored bytes: what merging the float bands may add in zeros
 MAX_FACTOR_PAIRS = 16  # low-rank blocks beside bands taken two products each; more go to the tile product
 TILE_PADDING = 0.1  # of the integer codes: what holding them as H's codes may add in zeros
-# Up to this many corrections of joined digits, a gather and a scatter add them; beyond, a sparse
-# CSR product (a one-off timing at random positions, batch 16: 20 corrections in 128 x 128 took
-# 5.4 us gathered and 12.8 us as a product; 56,652 in 4096 x 4096 took 5.2 ms and 0.24 ms).
-GATHERED_CORRECTIONS = 128
+# Up to this many corrections of joined digits, a gather and a scatter add them (int64 rows, 16
+# bytes each); beyond, a sparse CSR product (8 bytes each). One-off timings at random positions,
+# one thread, batches 1 and 16: 300 in 512 x 512 took 4.1 and 8.6 us gathered, 9.0 and 18.8 us as
+# a product; 1045: 5.0 and 21.2 against 9.6 and 20.2; 4000 in 1024 x 1024: 9.5 and 72.7 against
+# 12.2 and 36.8; 15,000 in 2048 x 2048: 24.8 and 305 against 18.5 and 83.
+GATHERED_CORRECTIONS = 1024
 PACKED_SOURCE = "packed"  # a band's source where the quantized engine holds its codes (`packed.py`)
 
 
