@@ -169,7 +169,7 @@ def test_trained_weights_stay_int8_in_memory_and_take_the_integer_product():
     """On this CPU the int layout's integer bands are packed by torch's quantized engine (a byte a
     code); moved where it does not pack (float64 here, another device), a layer unpacks them into
     int8 codes for `torch._int_mm` or the float path. Every form computes H."""
-    hm = compress_matrix(trained_like(256, 320), CompressionOptions(tol=1e-2)).hmatrix
+    hm = compress_matrix(trained_like(1024, 1024), CompressionOptions(tol=1e-2)).hmatrix  # a band large enough to pack
     integer = sum(pool.numel() for codec, pool in hm.pools.items() if CODEC[codec].integer)
     assert integer > 0.9 * sum(pool.numel() for pool in hm.pools.values())  # the case compact layouts are for
     assert runtime.int_mm_works("cpu")
@@ -177,7 +177,7 @@ def test_trained_weights_stay_int8_in_memory_and_take_the_integer_product():
     assert bool(layer._packed) == packed_engine_works()  # x86 CPUs with fbgemm: packed
     assert not layer._packed or not any(b.dtype == torch.int8 for b in layer.buffers())
     assert layer.held_bytes <= 1.3 * hm.nbytes
-    x = torch.randn(4, 320)
+    x = torch.randn(4, 1024)
     assert_close_to(layer(x), x, hm.to_dense(torch.float32))
     for unpacked in (copy.deepcopy(layer).double(), copy.deepcopy(layer).double().float(),
                      CompactLinear(hm, layout="int", pack=False)):
@@ -241,6 +241,25 @@ def test_low_rank_blocks_beside_bands_are_factor_pairs_held_as_stored():
     tiny.scales[codec] = tiny.scales[codec] * 1e-25
     layer = CompactLinear(tiny, layout="float")
     assert len(layer._pairs) == 5 and layer.rest is not None
+
+
+def test_a_packed_layer_with_factor_pairs_moves_and_unpacks():
+    """Unpacking (``.double()`` here, ``.to("cuda")`` elsewhere) appends the bands' codes after the
+    factor pairs' int8 codes in the same flat buffer, leaving the pairs' where they were."""
+    gen = torch.Generator().manual_seed(3)
+    hm = pack(torch.randn(1040, 1024, generator=gen, dtype=torch.float64), [
+        (0, 0, 1024, 1024, ("rows", [("i8", list(range(1024)))])),  # one band of 2^20 codes: packed
+        (1024, 0, 16, 1024, ("lowrank", [("i8", 2)]))])  # a factor pair, int8 codes beside it
+    layer = CompactLinear(hm, layout="int")
+    assert bool(layer._packed) == packed_engine_works() and len(layer._pairs) == 1
+    x = torch.randn(5, 1024, dtype=torch.float64)
+    weight, room = hm.to_dense(torch.float64), magnitudes(hm).T
+    moved = copy.deepcopy(layer).double()
+    assert not moved._packed
+    with torch.no_grad():
+        assert_close_to(layer(x.float()), x.float(), weight, room=room)
+        assert_close_to(moved(x), x, weight, rel=1e-6, room=room)
+        assert_close_to(moved.float()(x.float()), x.float(), weight, room=room)
 
 
 def test_inf_and_nan_inputs_spread_as_in_a_dense_product():

@@ -85,6 +85,10 @@ TILE_PADDING = 0.1  # of the integer codes: what holding them as H's codes may a
 # 12.2 and 36.8; 15,000 in 2048 x 2048: 24.8 and 305 against 18.5 and 83.
 GATHERED_CORRECTIONS = 1024
 PACKED_SOURCE = "packed"  # a band's source where the quantized engine holds its codes (`packed.py`)
+# The engine pads what it packs to its blocks: resident memory measured 1.01x to 1.03x a byte a code
+# for bands of 2²⁰ codes and more (2048x512, 512x2048, 4096x4096), 1.12x to 1.36x below (512x512,
+# 1024x256, 320x256). Smaller bands stay int8 codes.
+MIN_PACKED_CODES = 1 << 20
 
 
 @functools.lru_cache(maxsize=None)
@@ -217,11 +221,14 @@ class CompactMatrix(nn.Module):
         bands = [(col0, cols, rows, codes.T, scales) for col0, cols, rows, codes, scales
                  in _bands(pieces, self.out_features)]
         # On the CPU, the int layout's integer bands are packed by the quantized engine (`packed.py`),
-        # whole; else they stay int8 codes for `torch._int_mm`, cut to its cache-sized bands.
+        # whole, where each is large enough; else they stay int8 codes for `torch._int_mm`, cut to
+        # its cache-sized bands.
         self._packed: list[object] = []
-        packing = pack and layout == "int" and _packs(torch.device(device or "cpu"), dtype or torch.float32)
+        packing = False
         if layout == "int":
             bands = _merge_float_bands(bands, self.in_features, hmatrix.nbytes)
+            packing = (pack and _packs(torch.device(device or "cpu"), dtype or torch.float32)
+                       and all(b[1] * b[2].numel() >= MIN_PACKED_CODES for b in bands if b[3].dtype == torch.int8))
             bands = bands if packing else _cache_sized(bands)
         tiled = _tile(bands, self.out_features, self.in_features) if layout == "float" else None
         self._widths: tuple[int, ...] = ()  # with the integer codes held as H: each column range's width
@@ -276,7 +283,7 @@ class CompactMatrix(nn.Module):
         # corrections' excess joins them there, one indexed add (`_code_matrix`).
         self.corrections_in_codes = self.corrected and tiled is not None
         self._sparse_product = (self.corrected and not self.corrections_in_codes
-                                and corrections.values.numel() > GATHERED_CORRECTIONS)
+                                and corrections.rows.numel() > GATHERED_CORRECTIONS)
         if self.corrections_in_codes:
             index = corrections.rows.to(torch.int64) * self.in_features + corrections.cols
             order = torch.argsort(index)
@@ -304,24 +311,30 @@ class CompactMatrix(nn.Module):
     def _codes(self, band: _Band) -> torch.Tensor:
         """A band's codes, (cols, rows) row-major: a view of its dtype's flat buffer (a packed band's
         unpacked, for the float path's rare calls: rows with inf or NaN)."""
-        rows = band.stop - band.start
         if band.source == PACKED_SOURCE:
             return codes_from_engine(self._packed[band.offset]).T
-        return self._buffers[band.source][band.offset:band.offset + band.cols * rows].view(band.cols, rows)
+        return self._band_slice(band).view(band.cols, band.stop - band.start)
+
+    def _band_slice(self, band: _Band) -> torch.Tensor:
+        """A band's codes as they lie in its dtype's flat buffer (1-D)."""
+        return self._buffers[band.source][band.offset:band.offset + band.cols * (band.stop - band.start)]
 
     def _apply(self, fn, recurse: bool = True):
         """`nn.Module._apply` (``.to()``, ``.cuda()``, ``.double()``), and packed bands unpacked into
-        int8 codes where the layer no longer packs (another device, float64)."""
+        int8 codes, after the factor pairs' in the int8 flat buffer, where the layer no longer
+        packs (another device, float64)."""
         super()._apply(fn, recurse)
         anchor = self._buffers["anchor"]
         if self._packed and not _packs(anchor.device, anchor.dtype):
-            codes = [self._codes(band).reshape(-1) for band in self._bands if band.source == PACKED_SOURCE]
-            self.register_buffer("band_codes", torch.cat(codes).to(anchor.device), persistent=False)
-            offset = 0
+            held = self._buffers.get("band_codes")
+            parts = [] if held is None else [held]
+            offset = 0 if held is None else held.numel()
             for band in self._bands:
                 if band.source == PACKED_SOURCE:
+                    parts.append(self._codes(band).reshape(-1).to(anchor.device))
                     band.source, band.offset = "band_codes", offset
-                    offset += band.cols * (band.stop - band.start)
+                    offset += parts[-1].numel()
+            self.register_buffer("band_codes", torch.cat(parts), persistent=False)
             self._packed = []
         return self
 
@@ -826,13 +839,11 @@ class CompactEmbedding(CompactMatrix):
         super().__init__(hmatrix, dtype, device, "float", join=False)  # looked-up rows hold no corrections
         self.num_embeddings, self.embedding_dim = hmatrix.shape
         for band in self._bands:  # laid out (rows, cols): a looked-up row's codes are contiguous
-            size = band.cols * (band.stop - band.start)
-            self._buffers[band.source][band.offset:band.offset + size] = super()._codes(band).T.reshape(-1)
+            self._band_slice(band).copy_(super()._codes(band).T.reshape(-1))
 
     def _row_codes(self, band: _Band) -> torch.Tensor:
         """A band's codes, (rows, cols) row-major: a view of its dtype's flat buffer."""
-        rows = band.stop - band.start
-        return self._buffers[band.source][band.offset:band.offset + band.cols * rows].view(rows, band.cols)
+        return self._band_slice(band).view(band.stop - band.start, band.cols)
 
     def _codes(self, band: _Band) -> torch.Tensor:
         return self._row_codes(band).T

@@ -82,9 +82,10 @@ def packed_product(digits: torch.Tensor, packed: object) -> torch.Tensor:
 
 
 def packed_bytes(rows: int, cols: int) -> int:
-    """What a packed band holds: a byte a code, rounded up to the engine's blocks (columns to 4,
-    rows to 16), and an int32 offset a row."""
-    return -(-cols // 4) * 4 * (-(-rows // 16) * 16) + 4 * rows
+    """What a packed band holds at least: a byte a code and three 4-byte numbers a row (its column
+    offset, scale and zero point). The engine's blocks pad it: resident memory measured 1.01x this
+    for 4096x4096 codes, 1.03x for 2048x3000, 1.12x for 1000x777, 1.65x for 4096 rows of 100."""
+    return rows * cols + 12 * rows
 
 
 @functools.lru_cache(maxsize=None)
