@@ -108,7 +108,8 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
                         keep_failed: bool = False, workers: int | None = None, resume: bool = False,
                         engine: str = "local", address: str | None = None,
                         max_shard_bytes: int | None = None, activations: str | pathlib.Path | None = None,
-                        tols: dict[str, float] | None = None, recorded_extra: dict | None = None) -> CompressionResult:
+                        tols: dict[str, float] | None = None, recorded_extra: dict | None = None,
+                        output_grams: str | pathlib.Path | None = None) -> CompressionResult:
     """Compress every eligible matrix of a checkpoint and write the compressed file + shim.
 
     Tensors are compressed one at a time (in ``workers`` processes; by default as many as the
@@ -123,7 +124,9 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
     matrix it has G for is built for the error of what it computes on those inputs
     (`core.weighted`); the others keep the plain bound. ``tols`` gives some matrices their own
     tolerance (by output name; what `--model-tol` chose), and ``recorded_extra`` goes into the
-    header's options beside them.
+    header's options beside them. ``output_grams``: a safetensors file of K by output name
+    (`evaluate.output_grams`; `--model-tol` writes it): those data-aware matrices have their rows
+    rounded for the model's output (`core.build.InputsBuilder`), their guarantee unchanged.
     """
     started = time.monotonic()
     if engine not in ENGINES:
@@ -151,7 +154,8 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
         jobs = [pipeline.Job(str(source), name, source_names[name], slots[name],
                              dataclasses.replace(options, tol=tols[name]) if name in (tols or {}) else options,
                              selection.passthrough_nonfinite, workdir and str(workdir.path), resume and write,
-                             str(activations) if name in weighted else None)
+                             str(activations) if name in weighted else None,
+                             str(output_grams) if output_grams is not None and name in weighted else None)
                 for name in eligible]
         pipeline.use_checkpoint(str(source), opened)
         sizes = {e.name: e.nbytes for e in ckpt.entries if reasons[e.name] is None}

@@ -184,10 +184,12 @@ def _run(model: nn.Module, batches: Iterable, current: dict, data: str,
     return done
 
 
-def feed(model: nn.Module, batches: Iterable, data: str, current: dict | None = None) -> Iterator[object]:
+def feed(model: nn.Module, batches: Iterable, data: str, current: dict | None = None,
+         grad: bool = False) -> Iterator[object]:
     """The model's output on each batch (a tensor: ``model(batch)``; a tuple or list: the
-    arguments; a dict: the keyword arguments), without gradients; ``current["batch"]`` says which
-    batch runs. Anything the data or the model raises is one line of `UserError` naming ``data``."""
+    arguments; a dict: the keyword arguments), without gradients unless ``grad``;
+    ``current["batch"]`` says which batch runs. Anything the data or the model raises is one line
+    of `UserError` naming ``data``."""
     current = {} if current is None else current
     done = 0
     try:
@@ -205,7 +207,7 @@ def feed(model: nn.Module, batches: Iterable, data: str, current: dict | None = 
             raise UserError(_one_line(f"{data}: batch {done + 1} raised {type(err).__name__}: {err}")) from err
         current["batch"] = done
         try:
-            with torch.no_grad():
+            with torch.set_grad_enabled(grad):
                 if isinstance(batch, dict):
                     output = model(**batch)
                 elif isinstance(batch, (tuple, list)):

@@ -16,6 +16,7 @@ from hmcompress.core.bounds import frobenius, frobenius_relative_error
 from hmcompress.core.candidates import Candidates, analyse, block_batches, build_tree, svd
 from hmcompress.core.codecs import auto_codecs, source_codec
 from hmcompress.core.coded_pools import with_coded_pools
+from hmcompress.core.feedback import Feedback
 from hmcompress.core.packer import Packer
 from hmcompress.core.plans import DROP, Plan, optimal_plan, paper_plan, svd_plan
 from hmcompress.core.uniform import first_step, uniform_build
@@ -160,7 +161,12 @@ class InputsBuilder:
     and rebuilt until it fits; a build well within the budget is also rebuilt looser (its
     estimates used the damped G) and the smallest that fits is kept. Exact storage remains the
     last resort. ``smallest_tol``: the least tolerance `build` will be asked for (the analysis
-    leaves out what is negligible at it); by default ``options.tol``."""
+    leaves out what is negligible at it); by default ``options.tol``.
+
+    Where the weights carry K (`InputWeights.output_gram`: a `--model-tol` layer whose chosen
+    point was rounded for the model's output), a build is the uniform quantizer rounded for the
+    two-sided norm tr(K E G Eᵀ) alone, at the largest step whose error in G's norm is within the
+    tolerance (the guarantee is unchanged); the planned build is the fallback."""
 
     def __init__(self, matrix: torch.Tensor, options: CompressionOptions, weights: InputWeights,
                  codecs: tuple[str, ...], smallest_tol: float | None = None) -> None:
@@ -168,8 +174,12 @@ class InputsBuilder:
         if tuple(weights.gram.shape) != (n, n):
             raise OptionError("activations", f"G is {tuple(weights.gram.shape)}, the matrix has {n} columns")
         self.matrix, self.options, self.weights, self.codecs = matrix, options, weights, codecs
+        if weights.output_gram is not None and tuple(weights.output_gram.shape) != (matrix.shape[0],) * 2:
+            raise OptionError("activations", f"K is {tuple(weights.output_gram.shape)}, the matrix has "
+                                             f"{matrix.shape[0]} rows")
         self.norm = activation_norm_lower(matrix, weights.gram)
         self.cands = self.whitening = None
+        self.row_feedback = weights.output_feedback() if matrix.numel() else None
         if matrix.numel():
             self.whitening = Whitening(weights)
             least = self._allowed(options.tol if smallest_tol is None else smallest_tol)
@@ -191,6 +201,10 @@ class InputsBuilder:
 
         if self.cands is None:
             return done(_exact_hmatrix(matrix), matrix.double(), 0.0, "exact", 0)
+        if self.row_feedback is not None and self.options.strategy == "optimal":
+            uniform = self._uniform(allowed, None, self.row_feedback)
+            if uniform is not None:
+                return done(*uniform, "uniform", 0)
         target = allowed * allowed
         best: Compressed | None = None
         for rebuild in range(MAX_REBUILDS):
@@ -209,12 +223,18 @@ class InputsBuilder:
         best = best or done(_exact_hmatrix(matrix), matrix.double(), 0.0, "exact", MAX_REBUILDS)
         if self.options.strategy != "optimal":
             return best
+        uniform = self._uniform(allowed, best.hmatrix.nbytes)
+        return best if uniform is None else done(*uniform, "uniform", best.rebuilds)
+
+    def _uniform(self, allowed: float, smaller_than: int | None,
+                 row_feedback: Feedback | None = None) -> tuple[HMatrix, torch.Tensor, float] | None:
+        """`uniform_build` with G's feedback along the rows (and ``row_feedback`` across them)."""
+        matrix = self.matrix
         m, n = matrix.shape
         step = first_step(allowed, m * float(self.weights.gram.diagonal().sum()))
-        uniform = uniform_build(matrix, allowed, step, self.codecs,
-                                lambda dense: activation_error_bound(matrix, dense, self.weights.gram),
-                                self.whitening.factors(0, n)[1], best.hmatrix.nbytes)
-        return best if uniform is None else done(*uniform, "uniform", best.rebuilds)
+        return uniform_build(matrix, allowed, step, self.codecs,
+                             lambda dense: activation_error_bound(matrix, dense, self.weights.gram),
+                             self.whitening.factors(0, n)[1], smaller_than, row_feedback)
 
 
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,11 @@ Rounding each number to its nearest code is optimal for the plain Frobenius norm
 a layer's inputs (`core.weighted`) the rounding errors of a row interact through G; rounding the
 columns in order and pushing each column's error onto the columns not yet rounded, through the
 Cholesky factor of G⁻¹, cancels much of it (Frantar et al., 2022: GPTQ).
+
+For the model's output rather than the layer's (`--model-tol`), errors across rows interact too,
+through K, the second moment of what the layer's outputs send back (`evaluate.output_grams`):
+`two_sided_round` rounds rows in blocks and compensates each block's errors on the rows after it
+through the factor of K⁻¹, GPTQ's step along the other side.
 """
 from __future__ import annotations
 
@@ -13,6 +18,10 @@ from collections.abc import Callable
 import torch
 
 FEEDBACK_BLOCK = 64  # columns rounded between two deferred updates of the rest (GPTQ's lazy batch)
+# Two-sided rounding rounds rows in blocks of at least this many (each block costs a pass over the
+# columns). On the char transformer's layers, blocks of 8 rows kept 0.81 of 0.84 bit that rows one
+# by one saved at the same entropy, 32 rows 0.72 (one-off measurement).
+MIN_ROW_BLOCK = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,4 +68,35 @@ def feedback_round(rows: torch.Tensor, feedback: Feedback,
             work[:, stop:].addmm_(errors, upper[start:stop, stop:], alpha=-1)
     result = torch.empty_like(out)
     result[:, feedback.order] = out
+    return result
+
+
+def two_sided_round(rows: torch.Tensor, feedback: Feedback | None, row_feedback: Feedback,
+                    round_column: Callable[[torch.Tensor], torch.Tensor], blocks: int) -> torch.Tensor:
+    """A matrix (m x n, float64) rounded for the two-sided norm tr(K E G Eᵀ): G weighs the errors
+    along a row (the layer's inputs, ``feedback``), K across rows (what the layer's outputs do
+    downstream, ``row_feedback``).
+
+    Rows go in ``row_feedback.order`` in at most ``blocks`` blocks (of at least `MIN_ROW_BLOCK`
+    rows); each block's rows are rounded together with error feedback along them
+    (`feedback_round`; without ``feedback``, to the nearest code), and the block's errors are
+    compensated on the rows not yet rounded through the factor U of K⁻¹: the optimal
+    compensation, in K's norm, of the rows already rounded. The errors U's rows need are those
+    the row-by-row scheme would have compensated: a triangular solve over the block.
+    """
+    upper = row_feedback.upper
+    targets = rows[row_feedback.order]
+    out = torch.empty_like(targets)
+    m = targets.shape[0]
+    size = max(MIN_ROW_BLOCK, -(-m // max(blocks, 1)))
+    for start in range(0, m, size):
+        stop = min(m, start + size)
+        block = targets[start:stop]
+        rounded = feedback_round(block, feedback, round_column) if feedback is not None else round_column(block)
+        out[start:stop] = rounded
+        if stop < m:
+            errors = torch.linalg.solve_triangular(upper[start:stop, start:stop].T, block - rounded, upper=False)
+            targets[stop:].addmm_(upper[start:stop, stop:].T, errors, alpha=-1)
+    result = torch.empty_like(out)
+    result[row_feedback.order] = out
     return result

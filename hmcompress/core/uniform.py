@@ -35,7 +35,7 @@ import torch
 
 from hmcompress.core.codecs import roundtrip_rows
 from hmcompress.core.coded_pools import estimated_bytes, with_coded_pools
-from hmcompress.core.feedback import Feedback, feedback_round
+from hmcompress.core.feedback import Feedback, feedback_round, two_sided_round
 from hmcompress.core.packer import Packer
 from hmcompress.runtime import CODEC, DENSE, ROWS, HMatrix, row_mask
 
@@ -53,6 +53,7 @@ SEARCH_STEPS = 8  # steps tried while searching for the largest that holds
 HEADROOM = 0.999  # each step tried aims this far below the budget (the error is nearly linear in it)
 PRICE_SAMPLE = 1 << 18  # codes whose entropy prices a layout before its search
 PRICE_MARGIN = 1.05  # a layout promising more than this times the planned build's bytes is not searched
+ROW_BLOCKS = 64  # two-sided rounding: rows in at most this many blocks (each a pass over the columns)
 # Steps a float32 scale holds, with room for a row's own scale (up to `WIDE_STEPS` steps) to stay finite.
 _STEPS = (float(torch.finfo(torch.float32).tiny), float(torch.finfo(torch.float32).max) / (2 * WIDE_STEPS))
 
@@ -71,15 +72,19 @@ def row_groups(work: torch.Tensor, step: float, codecs: tuple[str, ...]) -> list
 
 
 def uniform_values(work: torch.Tensor, step: float, codecs: tuple[str, ...],
-                   feedback: Feedback | None = None, digits: bool = False) -> torch.Tensor:
+                   feedback: Feedback | None = None, digits: bool = False,
+                   row_feedback: Feedback | None = None) -> torch.Tensor:
     """What the uniform build at ``step`` stores (``digits``: in two-digit codes), in ``work``'s
-    dtype, without encoding it."""
+    dtype, without encoding it; with ``row_feedback`` (two-digit codes only), rounded for the
+    two-sided norm (`feedback.two_sided_round`)."""
     if digits:
         step32, base = _digit_codes(work, step)
         limit = LEVELS * base + base // 2 - 1  # high digit floor((k + B/2) / B) within ±127
 
         def round_column(column: torch.Tensor) -> torch.Tensor:
             return torch.round(column / step32).clamp_(-limit, limit).mul_(step32)
+        if row_feedback is not None:
+            return two_sided_round(work, feedback, row_feedback, round_column, ROW_BLOCKS)
         return round_column(work) if feedback is None else feedback_round(work, feedback, round_column)
     out = torch.empty_like(work)
     for codec, rows in row_groups(work, step, codecs):
@@ -119,6 +124,18 @@ def digits_hmatrix(values: torch.Tensor, step: float, dtype: torch.dtype, base: 
     return with_coded_pools(packer.finish((m, n), dtype, [[0, 0, m, n, 0]]))
 
 
+def grid_hmatrix(values: torch.Tensor, step: float, dtype: torch.dtype) -> HMatrix:
+    """Values on ``step``'s grid (`uniform_values` with ``digits``) as one leaf: narrow int8
+    codes at the one step where every code fits them, else two-digit codes."""
+    step32 = float(torch.tensor(step, dtype=torch.float32))
+    if float(values.abs().max()) / step32 > LEVELS:
+        return digits_hmatrix(values, step, dtype)
+    m, n = values.shape
+    packer = Packer()
+    packer.add(0, DENSE, SHARED_CODEC, 0, [values], None, step32)
+    return with_coded_pools(packer.finish((m, n), dtype, [[0, 0, m, n, 0]]))
+
+
 def _cheapest_digits(sample: torch.Tensor, smallest: int) -> tuple[float, int]:
     """(estimated coded bytes of the ``sample`` of codes, B) for the B (a power of two from
     ``smallest``, the least that holds the codes, to `MAX_BASE`) whose two digit pools are
@@ -153,33 +170,38 @@ def first_step(allowed: float, entries: float) -> float:
 
 def uniform_build(matrix: torch.Tensor, allowed: float, step: float, codecs: tuple[str, ...],
                   measure: Callable[[torch.Tensor], float], feedback: Feedback | None = None,
-                  smaller_than: int | None = None) -> tuple[HMatrix, torch.Tensor, float] | None:
+                  smaller_than: int | None = None,
+                  row_feedback: Feedback | None = None) -> tuple[HMatrix, torch.Tensor, float] | None:
     """The smaller of the narrow and (where ``step`` needs more than 127 steps in some row) the
     two-digit uniform build, each at the largest step found whose measured error is within ``allowed``: (matrix,
     its float64 form, its error), or None if neither held, ``codecs`` lack `ROW_CODEC` (integer
     codes are not allowed), or it takes ``smaller_than`` bytes or more.
     ``step`` is the first step tried (`search_step`); ``measure`` bounds a float64 matrix's
     error; the result is measured again as decoded. A layout whose codes at the first step
-    promise more than ``smaller_than`` (`promised_bytes`) is not searched."""
+    promise more than ``smaller_than`` (`promised_bytes`) is not searched. With ``row_feedback``
+    the rows are rounded for the two-sided norm (`uniform_values`), on one step's grid, and
+    stored as two-digit codes or, where every code fits int8, narrow."""
     if not allowed > 0 or matrix.numel() == 0 or ROW_CODEC not in codecs:
         return None
-    work = _work(matrix, feedback)
+    work = _work(matrix, feedback or row_feedback)
     modes = [False]
-    if _STEPS[0] <= step <= _STEPS[1] and float(work.abs().max()) > LEVELS * step:
-        modes.append(True)
+    if _STEPS[0] <= step <= _STEPS[1] and (row_feedback is not None or float(work.abs().max()) > LEVELS * step):
+        modes = [True] if row_feedback is not None else [False, True]
+    elif row_feedback is not None:
+        return None
     built = {}
     for digits in modes:
         held_values: list[torch.Tensor] = []  # two digits: the values at the last step that held, the largest
 
         def error_at(s: float) -> float:
-            values = uniform_values(work, s, codecs, feedback, digits)
+            values = uniform_values(work, s, codecs, feedback, digits, row_feedback)
             error = measure(values.double())
             if digits and error <= allowed:
                 held_values[:] = [values]  # encoded as they are: rounding them again costs a feedback pass
             return error
         first = None
         if smaller_than is not None and _STEPS[0] <= step <= _STEPS[1]:
-            values = uniform_values(work, step, codecs, feedback, digits)
+            values = uniform_values(work, step, codecs, feedback, digits, row_feedback)
             first = measure(values.double())
             if promised_bytes(values, step, first, allowed) > PRICE_MARGIN * smaller_than:
                 continue
@@ -187,10 +209,14 @@ def uniform_build(matrix: torch.Tensor, allowed: float, step: float, codecs: tup
         held = search_step(step, allowed, error_at, first)
         if held is None:
             continue
-        hm = digits_hmatrix(held_values[0], held, matrix.dtype) if digits else \
-            narrow_hmatrix(matrix, held, codecs, feedback)
+        if row_feedback is not None:
+            hm = grid_hmatrix(held_values[0], held, matrix.dtype)
+        elif digits:
+            hm = digits_hmatrix(held_values[0], held, matrix.dtype)
+        else:
+            hm = narrow_hmatrix(matrix, held, codecs, feedback)
         dense = hm.to_dense(torch.float64)
-        base = _split_base(dense, held) if not digits and set(hm.pools) == {SHARED_CODEC} else None
+        base = _split_base(dense, held) if set(hm.pools) == {SHARED_CODEC} else None
         if base is not None:
             split = digits_hmatrix(dense, held, matrix.dtype, base)  # the same values, which may code smaller
             if split.nbytes < hm.nbytes and torch.equal(split.to_dense(torch.float64), dense):

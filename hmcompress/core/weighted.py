@@ -38,20 +38,40 @@ PLANNING_DAMPING = 0.01  # share of G's mean diagonal added to it for planning (
 @dataclasses.dataclass(frozen=True)
 class InputWeights:
     """The second moment G (n x n, float64, symmetric positive semi-definite) of a layer's
-    calibration inputs, and how many input vectors it was computed from."""
+    calibration inputs, and how many input vectors it was computed from. ``output_gram``: K (m x
+    m), how the layer's outputs weigh downstream (`evaluate.output_grams`), where rows are to be
+    rounded for the model's output rather than the layer's (`--model-tol`); it steers rounding
+    only: the guarantee stays on G."""
 
     gram: torch.Tensor
     samples: int
+    output_gram: torch.Tensor | None = None
 
     def digest(self) -> str:
-        """Identifies G exactly (result keys of --resume)."""
-        return hashlib.sha256(memoryview(self.gram.contiguous().reshape(-1).numpy()).cast("B")).hexdigest()
+        """Identifies G (and K) exactly (result keys of --resume)."""
+        digest = hashlib.sha256(memoryview(self.gram.contiguous().reshape(-1).numpy()).cast("B"))
+        if self.output_gram is not None:
+            digest.update(memoryview(self.output_gram.contiguous().reshape(-1).numpy()).cast("B"))
+        return digest.hexdigest()
 
     def planning_gram(self) -> torch.Tensor:
         """G damped by `PLANNING_DAMPING` of its mean diagonal (positive definite for any nonzero G)."""
-        n = self.gram.shape[0]
-        damp = PLANNING_DAMPING * float(self.gram.diagonal().mean()) if n else 0.0
-        return self.gram + damp * torch.eye(n, dtype=torch.float64)
+        return damped(self.gram)
+
+    def output_feedback(self) -> Feedback | None:
+        """How to round rows for K (K damped as G is), or None without K (or with a K of zeros:
+        no direction matters more than another)."""
+        if self.output_gram is None or not float(self.output_gram.diagonal().sum()) > 0:
+            return None
+        return Feedback.for_gram(damped(self.output_gram), _cholesky)
+
+
+def damped(gram: torch.Tensor) -> torch.Tensor:
+    """A second moment damped by `PLANNING_DAMPING` of its mean diagonal (positive definite for
+    any nonzero one)."""
+    n = gram.shape[0]
+    damp = PLANNING_DAMPING * float(gram.diagonal().mean()) if n else 0.0
+    return gram + damp * torch.eye(n, dtype=torch.float64)
 
 
 def activation_energy(matrix: torch.Tensor, gram: torch.Tensor, minus: torch.Tensor | None = None,

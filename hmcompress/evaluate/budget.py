@@ -9,6 +9,13 @@ picks, per layer, the point minimising bytes + μ·s_l·r_l², with μ bisected 
 it, and the model's relative output error on the calibration batches is *measured*; while it
 exceeds E the target is tightened and the allocation redone (at worst every layer at the
 ladder's foot, then stored exactly). Only a file whose measured model error is within E is written.
+
+With calibration statistics, each layer's K (`output_grams`: which directions of its outputs the
+model passes on) adds a second family of points to its curve, rows rounded for tr(K E G Eᵀ)
+(`feedback.two_sided_round`), and both families' errors are measured in that norm, so the
+allocation takes whichever is smaller for the model's output. Every layer keeps its guarantee on
+its own inputs at its tolerance; the chosen K travel to the build in a file of their own
+(`compress_checkpoint(output_grams=)`).
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from hmcompress.api import CompressionResult, compress_checkpoint, selected
@@ -29,6 +37,7 @@ from hmcompress.core.build import CompressionOptions, InputsBuilder, as_matrix, 
 from hmcompress.core.weighted import InputWeights
 from hmcompress.errors import OptionError, OutputExists, UserError
 from hmcompress.evaluate import analysis
+from hmcompress.evaluate.output_grams import collect_output_grams
 from hmcompress.io.activations import ActivationStats
 from hmcompress.io.checkpoint import Selection, open_checkpoint
 from hmcompress.io.writer import write_runtime_shim
@@ -44,7 +53,10 @@ LOOSE_SHARE = 0.95  # a round whose model error is below this share of E is foll
 class CurvePoint:
     tol: float
     nbytes: int
-    error: float  # the layer's measured relative error in its own norm (output error with G, else weights)
+    # The layer's measured relative error in its own norm: tr(K E G Eᵀ) with K (the model's output),
+    # else the layer's output error with G, else the weights'.
+    error: float
+    two_sided: bool = False  # rows rounded for K (`InputsBuilder` with K)
 
 
 @dataclasses.dataclass
@@ -66,14 +78,17 @@ class ModelBudget:
     rounds: int  # files built until one held
     tols: dict[str, float]  # per layer (output name)
     data: str  # the data hook
+    output_rounded: list[str] = dataclasses.field(default_factory=list)  # layers rounded for K
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     def line(self) -> str:
+        rounded = (f"; rows of {len(self.output_rounded)} layer{'s' if len(self.output_rounded) > 1 else ''} "
+                   "rounded for the model's output" if self.output_rounded else "")
         return (f"model-level budget: output error {self.measured:.3g} <= {self.target:.3g} on {self.inputs} "
                 f"calibration batches ({self.data}), measured on the file as loaded; "
-                f"{self.rounds} build{'s' if self.rounds > 1 else ''}")
+                f"{self.rounds} build{'s' if self.rounds > 1 else ''}{rounded}")
 
 
 def output_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
@@ -128,8 +143,11 @@ def allocate(curves: list[LayerCurve], target: float) -> dict[str, CurvePoint]:
 
 def layer_curves(source: pathlib.Path, options: CompressionOptions, selection: Selection,
                  stats: ActivationStats | None, model: nn.Module, batches: list, data: str,
-                 reference: list[torch.Tensor], log: Callable[[str], None]) -> list[LayerCurve]:
-    """Every compressible layer's bytes-versus-error curve over `LADDER` and its sensitivity."""
+                 reference: list[torch.Tensor], log: Callable[[str], None],
+                 output_grams: dict[str, torch.Tensor] | None = None) -> list[LayerCurve]:
+    """Every compressible layer's bytes-versus-error curve over `LADDER` and its sensitivity.
+    A layer with G and K (``output_grams``) has two families of points on one curve: rows rounded
+    for G alone and for both (`InputsBuilder`), their errors both measured in K's norm."""
     opened = open_checkpoint(source)
     _kept, ckpt, reasons = selected(opened, selection, source)
     state = model.state_dict()
@@ -143,15 +161,19 @@ def layer_curves(source: pathlib.Path, options: CompressionOptions, selection: S
         tensor = entry.load()
         matrix = as_matrix(tensor)
         weights = stats.weights(entry.name) if stats is not None and entry.name in stats.names else None
+        output_gram = (output_grams or {}).get(entry.name) if weights is not None else None
         build = _builder(matrix, options, weights)
+        relative = _relative_error(matrix, weights, output_gram)
         points, probe = [], None
         for tol in LADDER:
             result = build(tol)
-            error = (result.activation.error / result.activation.norm if result.activation and result.activation.norm
-                     else result.error / max(float(torch.linalg.vector_norm(matrix.double())), 1e-300))
-            points.append(CurvePoint(tol, result.hmatrix.nbytes, error))
+            points.append(CurvePoint(tol, result.hmatrix.nbytes, relative(result)))
             if probe is None and tol >= PROBE_TOL:
-                probe = (result.dense, error)
+                probe = (result.dense, points[-1].error)
+        if output_gram is not None:
+            build = _builder(matrix, options, dataclasses.replace(weights, output_gram=output_gram))
+            points += [CurvePoint(tol, (result := build(tol)).hmatrix.nbytes, relative(result), True)
+                       for tol in LADDER]
         curve = LayerCurve(entry.name, points)
         curve.sensitivity = _sensitivity(model, state[entry.name], probe, batches, data, reference)
         log(f"{entry.name}: {len(points)} tolerances, sensitivity {curve.sensitivity:.3g}")
@@ -170,6 +192,22 @@ def _next_target(target: float, measured: float, model_tol: float, held: float |
         return math.sqrt(held * missed)
     ratio = model_tol / measured if measured > 0 else 2.0
     return target * ratio * (TIGHTEN if measured > model_tol else 1.0)
+
+
+def _relative_error(matrix: torch.Tensor, weights: InputWeights | None,
+                    output_gram: torch.Tensor | None) -> Callable[[object], float]:
+    """``error(build)``: a build's relative error in the norm its curve is priced in (float64,
+    an estimate for planning: the model's error is measured on the file)."""
+    if output_gram is not None:
+        original = matrix.double()
+
+        def energy(a: torch.Tensor) -> float:  # tr(K A G Aᵀ)
+            return max(float(((output_gram @ a @ weights.gram) * a).sum()), 0.0)
+        total = max(energy(original), 1e-300)
+        return lambda result: math.sqrt(energy(original - result.dense) / total)
+    norm = max(float(torch.linalg.vector_norm(matrix.double())), 1e-300)
+    return lambda result: (result.activation.error / result.activation.norm
+                           if result.activation and result.activation.norm else result.error / norm)
 
 
 def _builder(matrix: torch.Tensor, options: CompressionOptions,
@@ -215,28 +253,36 @@ def compress_to_model_tol(source: str | pathlib.Path, output: str | pathlib.Path
     batches = list(batches)
     model = analysis.original_model(task, source)
     reference = model_outputs(model, batches, data)
-    curves = layer_curves(source, options, selection, stats, model, batches, data, reference, log)
+    grams = collect_output_grams(model, batches, data, set(stats.names)) if stats is not None else {}
+    curves = layer_curves(source, options, selection, stats, model, batches, data, reference, log, grams)
     target, best, held, missed = model_tol, None, None, None
     recorded = {"model_tol": {"target": model_tol, "data": data, "factory": task.spec}}
     with tempfile.TemporaryDirectory(prefix=".hmcompress-budget-", dir=output.parent) as tmp:
         kept = pathlib.Path(tmp) / "kept"
         for round_ in range(1, MAX_ROUNDS + 3):
+            rounded: list[str] = []
             if round_ <= MAX_ROUNDS:
-                tols = {name: p.tol for name, p in allocate(curves, target).items()}
+                chosen_points = allocate(curves, target)
+                tols = {name: p.tol for name, p in chosen_points.items()}
+                rounded = sorted(name for name, p in chosen_points.items() if p.two_sided)
             elif best is not None:
                 break
             else:  # no allocation held: the ladder's foot, then exact storage
                 tols = {c.name: (min(LADDER) if round_ == MAX_ROUNDS + 1 else 0.0) for c in curves}
             trial = pathlib.Path(tmp) / f"round{round_}.hm.safetensors"
+            grams_file = pathlib.Path(tmp) / f"round{round_}.output-grams.safetensors"
+            save_file({name: grams[name].contiguous() for name in rounded}, str(grams_file))
             result = compress_checkpoint(source, trial, options, selection, overwrite=True, workers=workers,
-                                         activations=activations, tols=tols, recorded_extra=recorded)
+                                         activations=activations, tols=tols, recorded_extra=recorded,
+                                         output_grams=grams_file if rounded else None)
             measured = output_error(model_outputs(analysis.compressed_model(task, trial), batches, data), reference)
             nbytes = sum(s.bytes_after for s in result.layers)
             log(f"round {round_}: target {target:.3g}, measured model error {measured:.3g}, {nbytes} bytes")
             if measured <= model_tol:
                 if best is None or nbytes < best[0]:
                     os.replace(trial, kept)
-                    best = (nbytes, result, ModelBudget(model_tol, measured, len(batches), round_, tols, data))
+                    best = (nbytes, result, ModelBudget(model_tol, measured, len(batches), round_, tols, data,
+                                                        rounded))
                 if measured >= LOOSE_SHARE * model_tol or measured == 0 or round_ >= MAX_ROUNDS:
                     break
                 held = target

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, wait
 
 import torch
+from safetensors import safe_open
 
 from hmcompress.core.build import CompressionOptions, as_matrix, compress_matrix
 from hmcompress.core.stats import LayerStats, layer_stats
@@ -86,6 +87,7 @@ class Job:
     workdir: str | None  # where the result is kept (None: nowhere, only its stats are wanted)
     resume: bool
     activations: str | None = None  # a calibration stats file: its G for this tensor sets the norm
+    output_grams: str | None = None  # a safetensors file of K by name: rows rounded for the model's output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,13 +167,20 @@ def _run(job: Job) -> JobResult:
 
 
 def job_weights(job: Job) -> InputWeights | None:
-    """The second moment of the tensor's calibration inputs, where the job's stats file has one."""
+    """The second moment of the tensor's calibration inputs, where the job's stats file has one,
+    with its K where the job's output Grams have one (`evaluate.output_grams`)."""
     if job.activations is None:
         return None
     stats = ActivationStats.open(job.activations)
     if job.name not in stats.names:
         return None
-    return stats.weights(job.name, checked=False)  # every G was checked as the run began
+    weights = stats.weights(job.name, checked=False)  # every G was checked as the run began
+    if job.output_grams is None:
+        return weights
+    with safe_open(job.output_grams, framework="pt") as f:
+        if job.name not in f.keys():
+            return weights
+        return dataclasses.replace(weights, output_gram=f.get_tensor(job.name))
 
 
 @dataclasses.dataclass

@@ -1,0 +1,115 @@
+"""Rounding for the model's output (`--model-tol`): K, the second moment of what a layer's
+outputs send back (`evaluate.output_grams`), and rows rounded for tr(K E G Eᵀ)
+(`feedback.two_sided_round`), with the layer's guarantee on G unchanged."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_build import KINDS, structured
+from test_weighted import G_KINDS, second_moment
+from torch import nn
+
+from hmcompress.core.build import CompressionOptions, compress_matrix
+from hmcompress.core.uniform import uniform_values
+from hmcompress.core.weighted import InputWeights, Whitening
+from hmcompress.evaluate.output_grams import collect_output_grams
+from hmcompress.io.pipeline import result_key
+from hmcompress.runtime.matrix import round_to_dtype
+
+K_KINDS = ["isotropic", "anisotropic", "rank_deficient", "ill_conditioned"]
+
+
+def output_moment(kind: str, m: int, seed: int) -> torch.Tensor:
+    """A K of a given character (float64, m x m): built like G (`second_moment`)."""
+    return second_moment(kind, m, seed + 7)
+
+
+def two_sided_energy(error: torch.Tensor, gram: torch.Tensor, output_gram: torch.Tensor) -> float:
+    return float(((output_gram @ error @ gram) * error).sum())
+
+
+def test_rows_rounded_for_the_output_lose_less_in_its_norm_on_the_same_grid():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=gen, dtype=torch.float64)
+    gram = second_moment("anisotropic", 64, 1)
+    mixing = torch.randn(12, 96, generator=gen, dtype=torch.float64)  # a downstream layer with few outputs
+    output_gram = mixing.T @ mixing + 1e-3 * torch.eye(96, dtype=torch.float64)
+    weights = InputWeights(gram, 400, output_gram)
+    feedback = Whitening(weights).factors(0, 64)[1]
+    step = float(w.abs().max()) / 40
+    one = uniform_values(w, step, ("i8",), feedback, digits=True)
+    two = uniform_values(w, step, ("i8",), feedback, digits=True, row_feedback=weights.output_feedback())
+    step32 = float(torch.tensor(step, dtype=torch.float32))
+    assert torch.equal(two, torch.round(two / step32) * step32)  # on the same grid
+    assert two_sided_energy(w - two, gram, output_gram) < 0.25 * two_sided_energy(w - one, gram, output_gram)
+
+
+@pytest.mark.slow
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from([k for k in KINDS if k != "scaled"]), g_kind=st.sampled_from(G_KINDS),
+       k_kind=st.sampled_from(K_KINDS), m=st.integers(1, 70), n=st.integers(1, 70),
+       tol=st.sampled_from([0.0, 1e-3, 1e-2, 0.1, 0.5]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.float64]), seed=st.integers(0, 2**16))
+def test_rounding_for_the_output_keeps_the_guarantee_on_the_inputs(kind, g_kind, k_kind, m, n, tol, dtype, seed):
+    matrix = structured(kind, m, n, 3, seed).to(dtype)
+    gram = second_moment(g_kind, n, seed)
+    weights = InputWeights(gram, 100, output_moment(k_kind, m, seed))
+    result = compress_matrix(matrix, CompressionOptions(tol=tol), weights=weights)
+    figures = result.activation
+    w = matrix.double()
+    for form in (result.dense, round_to_dtype(result.dense, dtype).double()):  # H64, and H as loaded
+        error = w - form
+        assert math.sqrt(max(float(((error @ gram) * error).sum()), 0.0)) <= figures.error * (1 + 1e-9) + 1e-300
+    assert figures.error <= figures.budget
+    assert figures.budget <= tol * math.sqrt(max(float(((w @ gram) * w).sum()), 0.0)) * (1 + 1e-9)
+    assert result.dense.equal(result.hmatrix.to_dense(torch.float64))
+
+
+def test_a_result_key_tells_the_output_gram():
+    w = torch.randn(8, 6)
+    gram = second_moment("isotropic", 6, 0)
+    plain = InputWeights(gram, 10)
+    keys = {result_key(w, CompressionOptions(), weights) for weights in
+            (plain, InputWeights(gram, 10, torch.eye(8, dtype=torch.float64)),
+             InputWeights(gram, 10, 2 * torch.eye(8, dtype=torch.float64)))}
+    assert len(keys) == 3
+
+
+class Downstream(nn.Module):
+    """A linear layer, then a fixed map A of it, and a conv beside: K of the layer is AᵀA."""
+
+    def __init__(self, mixing: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = nn.Linear(6, 5)
+        self.mix = nn.Linear(5, 3, bias=False)
+        self.conv = nn.Conv1d(2, 4, 3)
+        self.unused = nn.Linear(6, 6)
+        with torch.no_grad():
+            self.mix.weight.copy_(mixing)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        signal = x[:, :4].reshape(-1, 2, 2).repeat(1, 1, 2)
+        return self.mix(self.layer(x)), 3.0 * self.conv(signal)
+
+
+def test_output_grams_are_the_second_moment_of_what_the_output_sends_back():
+    gen = torch.Generator().manual_seed(0)
+    mixing = torch.randn(3, 5, generator=gen)
+    model = Downstream(mixing)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    batches = [torch.randn(2000, 6, generator=gen) for _ in range(3)]
+    names = {"layer.weight", "mix.weight", "conv.weight", "unused.weight"}
+    grams = collect_output_grams(model, batches, "test data", names)
+    assert set(grams) == {"layer.weight", "mix.weight", "conv.weight"}  # no gradient reaches `unused`
+    expected = (mixing.T @ mixing).double()
+    assert torch.allclose(grams["layer.weight"], expected, atol=0.05 * float(expected.abs().max()))
+    assert torch.allclose(grams["mix.weight"], torch.eye(3, dtype=torch.float64), atol=0.05)
+    assert torch.allclose(grams["conv.weight"], 9 * torch.eye(4, dtype=torch.float64), atol=0.5)  # by channel
+    assert not any(p.requires_grad for p in model.parameters())  # put back
+    again = collect_output_grams(model, batches, "test data", names)
+    assert all(torch.equal(grams[k], again[k]) for k in grams)  # the same probes: the same K
