@@ -50,6 +50,7 @@ def test_model_tol_holds_on_the_file_as_loaded_and_beats_one_tolerance(cli, mode
     layers = {layer["name"]: layer for layer in result["layers"] if layer["compressed"]}
     assert {name: layer["tol"] for name, layer in layers.items()} == chosen["tols"]
     assert len(set(chosen["tols"].values())) > 1  # the layers differ in what they may lose
+    assert chosen["output_rounded"] and set(chosen["output_rounded"]) <= set(chosen["tols"])  # K pays here
     nbytes = sum(layer["bytes_after"] for layer in layers.values())
     # One tolerance for every layer, the largest of a few whose model error is within the target:
     uniform = None

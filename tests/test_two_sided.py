@@ -3,20 +3,27 @@ outputs send back (`evaluate.output_grams`), and rows rounded for tr(K E G Eᵀ)
 (`feedback.two_sided_round`), with the layer's guarantee on G unchanged."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import budget_model
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 from test_build import KINDS, structured
 from test_weighted import G_KINDS, second_moment
 from torch import nn
 
-from hmcompress.core.build import CompressionOptions, compress_matrix
+from hmcompress import runtime
+from hmcompress.api import compress_checkpoint
+from hmcompress.calibrate import calibrate_checkpoint
+from hmcompress.core.build import CompressionOptions, InputsBuilder, compress_matrix, storage_codecs
 from hmcompress.core.uniform import uniform_values
 from hmcompress.core.weighted import InputWeights, Whitening
 from hmcompress.evaluate.output_grams import collect_output_grams
+from hmcompress.io.activations import ActivationStats
 from hmcompress.io.pipeline import result_key
 from hmcompress.runtime.matrix import round_to_dtype
 
@@ -113,3 +120,27 @@ def test_output_grams_are_the_second_moment_of_what_the_output_sends_back():
     assert not any(p.requires_grad for p in model.parameters())  # put back
     again = collect_output_grams(model, batches, "test data", names)
     assert all(torch.equal(grams[k], again[k]) for k in grams)  # the same probes: the same K
+
+
+@pytest.mark.slow
+def test_the_output_grams_file_reaches_the_builds_and_only_its_layers(tmp_path):
+    path, stats = tmp_path / "model.safetensors", tmp_path / "stats.safetensors"
+    save_file({k: v.contiguous() for k, v in budget_model.reference().state_dict().items()}, str(path))
+    calibrate_checkpoint("budget_model:build", path, stats)
+    model = budget_model.reference().eval()
+    grams = collect_output_grams(model, budget_model.calibration_batches(), "test data", {"2.weight", "4.weight"})
+    grams_file = tmp_path / "grams.safetensors"
+    save_file({"2.weight": grams["2.weight"]}, str(grams_file))
+    options = CompressionOptions(tol=0.02)
+    built = {}
+    for label, extra in (("plain", {}), ("rounded", {"output_grams": grams_file})):
+        out = tmp_path / f"{label}.hm.safetensors"
+        compress_checkpoint(path, out, options, activations=stats, workers=2, **extra)
+        built[label] = runtime.read_file(out).matrices
+    weights = ActivationStats.open(stats).weights("2.weight")
+    expected = InputsBuilder(model.state_dict()["2.weight"], options, dataclasses.replace(
+        weights, output_gram=grams["2.weight"]), storage_codecs(model.state_dict()["2.weight"], options)).build(0.02)
+    assert torch.equal(built["rounded"]["2.weight"].to_dense(torch.float64), expected.dense)
+    assert not torch.equal(built["plain"]["2.weight"].to_dense(torch.float64), expected.dense)
+    assert torch.equal(built["rounded"]["4.weight"].to_dense(torch.float64),
+                       built["plain"]["4.weight"].to_dense(torch.float64))  # no K for it in the file
