@@ -22,6 +22,7 @@ from hmcompress.calibrate import calibrate_checkpoint
 from hmcompress.core.build import CompressionOptions, InputsBuilder, compress_matrix, storage_codecs
 from hmcompress.core.uniform import two_sided_steps, uniform_values
 from hmcompress.core.weighted import InputWeights, Whitening
+from hmcompress.errors import UserError
 from hmcompress.evaluate.output_grams import collect_output_grams
 from hmcompress.io.activations import ActivationStats
 from hmcompress.io.pipeline import result_key
@@ -157,3 +158,33 @@ def test_the_output_grams_file_reaches_the_builds_and_only_its_layers(tmp_path):
     assert not torch.equal(built["plain"]["2.weight"].to_dense(torch.float64), expected.dense)
     assert torch.equal(built["rounded"]["4.weight"].to_dense(torch.float64),
                        built["plain"]["4.weight"].to_dense(torch.float64))  # no K for it in the file
+
+
+class _NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(_ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(_ctx, _grad):
+        raise RuntimeError("this op has no\nbackward")
+
+
+class Opaque(nn.Module):
+    """A model whose output cannot be differentiated, and one whose output carries no gradient."""
+
+    def __init__(self, detached: bool) -> None:
+        super().__init__()
+        self.layer, self.detached = nn.Linear(4, 4), detached
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer(x)
+        return out.detach() if self.detached else _NoBackward.apply(out)
+
+
+def test_a_model_without_gradients_gives_no_output_grams_or_one_line():
+    batches = [torch.randn(8, 4)]
+    assert collect_output_grams(Opaque(detached=True), batches, "data", {"layer.weight"}) == {}
+    with pytest.raises(UserError) as err:
+        collect_output_grams(Opaque(detached=False), batches, "data", {"layer.weight"})
+    assert "could not be differentiated" in str(err.value) and "\n" not in str(err.value)

@@ -201,6 +201,19 @@ def layer_curves(source: pathlib.Path, options: CompressionOptions, selection: S
     return curves
 
 
+def _output_grams(model: nn.Module, batches: list, data: str, stats: ActivationStats | None,
+                  log: Callable[[str], None]) -> dict[str, torch.Tensor]:
+    """The layers' K (`output_grams`) where there are statistics and the model runs with
+    gradients; else none, and every layer is rounded for its own inputs alone."""
+    if stats is None:
+        return {}
+    try:
+        return collect_output_grams(model, batches, data, set(stats.names))
+    except UserError as err:
+        log(f"rows rounded for each layer's inputs only: {err}")
+        return {}
+
+
 def _next_target(target: float, measured: float, model_tol: float, held: float | None,
                  missed: float | None) -> float:
     """The allocation target of the next round: between the largest that held and the smallest
@@ -271,7 +284,7 @@ def compress_to_model_tol(source: str | pathlib.Path, output: str | pathlib.Path
     batches = list(batches)
     model = analysis.original_model(task, source)
     reference = model_outputs(model, batches, data)
-    grams = collect_output_grams(model, batches, data, set(stats.names)) if stats is not None else {}
+    grams = _output_grams(model, batches, data, stats, log)
     curves = layer_curves(source, options, selection, stats, model, batches, data, reference, log, grams)
     target, best, held, missed = model_tol, None, None, None
     recorded = {"model_tol": {"target": model_tol, "data": data, "factory": task.spec}}

@@ -25,18 +25,21 @@ from hmcompress.errors import UserError
 
 PROBES = 2  # random output directions a batch
 SEED = 0  # the probes' generator: the same data give the same K, and the same file
+MAX_ROWS = 4096  # layers with more outputs get no K (it is m x m float64: 128 MiB at this size)
 
 
 def collect_output_grams(model: nn.Module, batches: Iterable, data: str, names: set[str],
                          probes: int = PROBES) -> dict[str, torch.Tensor]:
-    """K (m x m, float64) of each layer (nn.Linear, ungrouped Conv1d/Conv2d: output channels)
-    whose weight is named in ``names`` (its `model.state_dict()` name) and that reaches the
-    model's output, over ``batches`` as `calibrate.feed` passes them; layers no gradient reaches
-    are left out. The model's parameters are made to require gradients for the run (and put back)."""
+    """K (m x m, float64) of each layer (nn.Linear, ungrouped Conv1d/Conv2d: output channels,
+    at most `MAX_ROWS` of them) whose weight is named in ``names`` (its `model.state_dict()`
+    name) and that reaches the model's output, over ``batches`` as `calibrate.feed` passes them;
+    layers no gradient reaches are left out. The model's parameters are made to require
+    gradients for the run (and put back). A model that cannot run with gradients raises
+    `UserError` (one line)."""
     weight_names = _weight_names(model)
     modules = {m: weight_names[id(m.weight)] for m in model.modules()
                if _eligible(m, conv=True) and isinstance(getattr(m, "weight", None), torch.Tensor)
-               and weight_names.get(id(m.weight)) in names}
+               and weight_names.get(id(m.weight)) in names and m.weight.shape[0] <= MAX_ROWS}
     outputs: list[tuple[str, torch.Tensor, int]] = []  # weight name, output, its channels' dimension
 
     def hook(module: nn.Module, _args: tuple, output: object) -> None:
@@ -72,7 +75,10 @@ def _accumulate(outputs: list[tuple[str, torch.Tensor, int]], leaves: list[torch
     for _ in range(probes):
         probe = sum((leaf * torch.randn(leaf.shape, generator=generator, dtype=leaf.dtype).to(leaf.device)).sum()
                     for leaf in leaves)
-        grads = torch.autograd.grad(probe, captured, retain_graph=True, allow_unused=True)
+        try:
+            grads = torch.autograd.grad(probe, captured, retain_graph=True, allow_unused=True)
+        except RuntimeError as err:  # the model's own graph (in-place edits, detached outputs)
+            raise UserError(f"the model's outputs could not be differentiated ({' '.join(str(err).split())})") from err
         for (name, _output, channels), grad in zip(outputs, grads):
             if grad is None:
                 continue
