@@ -13,7 +13,8 @@ import time
 
 import torch
 
-MODULES = ("compression", "entropy", "uniform", "runtime", "training", "models", "scale", "checkpoints", "compare", "peers")
+MODULES = ("compression", "entropy", "uniform", "runtime", "training", "models", "scale", "checkpoints", "compare", "peers",
+           "budget")
 QUICK = {"compression", "entropy", "runtime", "training", "peers"}  # modules with a --quick flag
 
 
