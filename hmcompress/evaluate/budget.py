@@ -66,6 +66,13 @@ class LayerCurve:
     name: str
     points: list[CurvePoint]
     sensitivity: float = 0.0  # s_l: (model output error / layer error)² when it alone is compressed
+    two_sided_sensitivity: float | None = None  # the same for the points rounded for K (two_sided)
+
+    def cost(self, point: CurvePoint) -> float:
+        """The point's predicted share of the model's squared relative output error: s_l r_l², with
+        its own family's sensitivity (the two families' errors reach the output differently)."""
+        two_sided = point.two_sided and self.two_sided_sensitivity is not None
+        return (self.two_sided_sensitivity if two_sided else self.sensitivity) * point.error ** 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,11 +125,10 @@ def allocate(curves: list[LayerCurve], target: float) -> dict[str, CurvePoint]:
     """Per layer the curve point minimising Σ bytes subject to Σ s_l r_l² <= target²
     (Lagrangian relaxation, bisection on μ; the most accurate points if even they exceed it)."""
     def pick(mu: float) -> dict[str, CurvePoint]:
-        return {c.name: min(c.points, key=lambda p: (p.nbytes + mu * c.sensitivity * p.error ** 2, p.error))
-                for c in curves}
+        return {c.name: min(c.points, key=lambda p: (p.nbytes + mu * c.cost(p), p.error)) for c in curves}
 
     def spent(choice: dict[str, CurvePoint]) -> float:
-        return sum(c.sensitivity * choice[c.name].error ** 2 for c in curves)
+        return sum(c.cost(choice[c.name]) for c in curves)
 
     allowed = target * target
     lo, hi = 0.0, 1.0
@@ -151,7 +157,7 @@ def _fill(curves: list[LayerCurve], choice: dict[str, CurvePoint], slack: float)
         moves = [((current.nbytes - p.nbytes) / max(added, 1e-300), current.nbytes - p.nbytes, c.name, p, added)
                  for c in curves for current in [choice[c.name]] for p in c.points
                  if p.nbytes < current.nbytes
-                 and (added := c.sensitivity * (p.error ** 2 - current.error ** 2)) <= slack]
+                 and (added := c.cost(p) - c.cost(current)) <= slack]
         if not moves:
             return choice
         _rate, _saved, name, point, added = max(moves, key=lambda move: move[:3])
@@ -180,21 +186,25 @@ def layer_curves(source: pathlib.Path, options: CompressionOptions, selection: S
         matrix = as_matrix(tensor)
         weights = stats.weights(entry.name) if stats is not None and entry.name in stats.names else None
         output_gram = (output_grams or {}).get(entry.name) if weights is not None else None
-        build = _builder(matrix, options, weights)
         relative = _relative_error(matrix, weights, output_gram)
-        points, probe = [], None
-        for tol in LADDER:
-            result = build(tol)
-            points.append(CurvePoint(tol, result.hmatrix.nbytes, relative(result)))
-            if probe is None and tol >= PROBE_TOL:
-                probe = (result.dense, points[-1].error)
+        families = [(False, weights)]
         if output_gram is not None:
-            build = _builder(matrix, options, dataclasses.replace(weights, output_gram=output_gram))
-            points += [CurvePoint(tol, (result := build(tol)).hmatrix.nbytes, relative(result), True)
-                       for tol in LADDER]
-        curve = LayerCurve(entry.name, points)
-        curve.sensitivity = _sensitivity(model, state[entry.name], probe, batches, data, reference)
-        log(f"{entry.name}: {len(points)} tolerances, sensitivity {curve.sensitivity:.3g}")
+            families.append((True, dataclasses.replace(weights, output_gram=output_gram)))
+        curve = LayerCurve(entry.name, [])
+        for two_sided, family_weights in families:
+            build, probe = _builder(matrix, options, family_weights), None
+            for tol in LADDER:
+                result = build(tol)
+                curve.points.append(CurvePoint(tol, result.hmatrix.nbytes, relative(result), two_sided))
+                if probe is None and tol >= PROBE_TOL:
+                    probe = (result.dense, curve.points[-1].error)
+            sensitivity = _sensitivity(model, state[entry.name], probe, batches, data, reference)
+            if two_sided:
+                curve.two_sided_sensitivity = sensitivity
+            else:
+                curve.sensitivity = sensitivity
+        log(f"{entry.name}: {len(curve.points)} points, sensitivity {curve.sensitivity:.3g}"
+            + (f" ({curve.two_sided_sensitivity:.3g} rounded for the output)" if output_gram is not None else ""))
         curves.append(curve)
     if not curves:
         raise UserError(f"{source}: no matrix to compress")
