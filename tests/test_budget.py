@@ -92,3 +92,18 @@ def test_allocation_spends_the_budget_where_bytes_are_cheapest():
     assert chosen["a"].error > chosen["b"].error
     assert 1.0 * chosen["a"].error ** 2 + 10.0 * chosen["b"].error ** 2 <= 1e-4
     assert allocate([curve("a", 1.0)], 1e-9)["a"].error == pytest.approx(1e-3)  # nothing fits: the most accurate point
+
+
+def test_allocation_prices_each_family_with_its_own_sensitivity_and_fills_the_slack():
+    """Points rounded for K are half the bytes at each error, but reach the output 16 times as
+    strongly: at an error the one-sided family meets, they are the dearer choice."""
+    tols = torch.logspace(-3, -1, 41).tolist()
+    one = [CurvePoint(t, int(1000 / t ** 0.5), t) for t in tols]
+    two = [CurvePoint(t, int(500 / t ** 0.5), t, two_sided=True) for t in tols]
+    curve = LayerCurve("a", one + two, 1.0, two_sided_sensitivity=16.0)
+    chosen = allocate([curve], 1e-2)["a"]
+    assert curve.cost(chosen) <= 1e-4
+    assert not chosen.two_sided  # 500/sqrt(e/4) = 1000/sqrt(e): a tie at best, and it costs more of the error
+    assert chosen.error == pytest.approx(max(t for t in tols if t <= 1e-2))  # the slack filled to the target
+    cheap = LayerCurve("a", one + two, 1.0, two_sided_sensitivity=1.0)
+    assert allocate([cheap], 1e-2)["a"].two_sided
