@@ -5,15 +5,15 @@ measured on a ladder of tolerances (`LADDER`, one analysis per layer: `InputsBui
 layer's sensitivity s_l is measured by running the model with that layer alone compressed
 (output error ≈ sqrt(s_l)·r_l for a relative layer error r_l), and one Lagrangian allocation
 picks, per layer, the point minimising bytes + μ·s_l·r_l², with μ bisected so that
-Σ s_l r_l² <= target². The file is then built, loaded through the runtime shim as a user loads
+Σ s_l r_l² <= target², and cheaper points then spend what slack that leaves. The file is then built, loaded through the runtime shim as a user loads
 it, and the model's relative output error on the calibration batches is *measured*; while it
 exceeds E the target is tightened and the allocation redone (at worst every layer at the
 ladder's foot, then stored exactly). Only a file whose measured model error is within E is written.
 
 With calibration statistics, each layer's K (`output_grams`: which directions of its outputs the
 model passes on) adds a second family of points to its curve, rows rounded for tr(K E G Eᵀ)
-(`feedback.two_sided_round`), and both families' errors are measured in that norm, so the
-allocation takes whichever is smaller for the model's output. Every layer keeps its guarantee on
+(`feedback.two_sided_round`), and both families' errors are measured in that norm, each family
+with a sensitivity of its own, so the allocation takes whichever is smaller for the model's output. Every layer keeps its guarantee on
 its own inputs at its tolerance; the chosen K travel to the build in a file of their own
 (`compress_checkpoint(output_grams=)`).
 """
