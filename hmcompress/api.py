@@ -124,9 +124,10 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
     matrix it has G for is built for the error of what it computes on those inputs
     (`core.weighted`); the others keep the plain bound. ``tols`` gives some matrices their own
     tolerance (by output name; what `--model-tol` chose), and ``recorded_extra`` goes into the
-    header's options beside them. ``output_grams``: a safetensors file of K by output name
-    (`evaluate.output_grams`; `--model-tol` writes it): those data-aware matrices have their rows
-    rounded for the model's output (`core.build.InputsBuilder`), their guarantee unchanged.
+    header's options beside them. ``output_grams``: a safetensors file by output name
+    (`evaluate.output_grams`; `--model-tol` writes it) of K for data-aware matrices and of a metric
+    on the columns for the others: their rows are rounded for the model's output
+    (`core.build.InputsBuilder`, `compress_matrix`), their guarantees unchanged.
     """
     started = time.monotonic()
     if engine not in ENGINES:
@@ -155,7 +156,7 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
                              dataclasses.replace(options, tol=tols[name]) if name in (tols or {}) else options,
                              selection.passthrough_nonfinite, workdir and str(workdir.path), resume and write,
                              str(activations) if name in weighted else None,
-                             str(output_grams) if output_grams is not None and name in weighted else None)
+                             None if output_grams is None else str(output_grams))
                 for name in eligible]
         pipeline.use_checkpoint(str(source), opened)
         sizes = {e.name: e.nbytes for e in ckpt.entries if reasons[e.name] is None}

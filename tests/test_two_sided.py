@@ -21,7 +21,7 @@ from hmcompress.api import compress_checkpoint
 from hmcompress.calibrate import calibrate_checkpoint
 from hmcompress.core.build import CompressionOptions, InputsBuilder, compress_matrix, storage_codecs
 from hmcompress.core.uniform import two_sided_steps, uniform_values
-from hmcompress.core.weighted import InputWeights, Whitening
+from hmcompress.core.weighted import ColumnMetric, InputWeights, Whitening
 from hmcompress.errors import UserError
 from hmcompress.evaluate.output_grams import collect_output_grams
 from hmcompress.io.activations import ActivationStats
@@ -188,3 +188,60 @@ def test_a_model_without_gradients_gives_no_output_grams_or_one_line():
     with pytest.raises(UserError) as err:
         collect_output_grams(Opaque(detached=False), batches, "data", {"layer.weight"})
     assert "could not be differentiated" in str(err.value) and "\n" not in str(err.value)
+
+
+class Lookup(nn.Module):
+    """An embedding table, then a fixed map A: M of the table is proportional to AᵀA."""
+
+    def __init__(self, mixing: torch.Tensor) -> None:
+        super().__init__()
+        self.table = nn.Embedding(10, 5)
+        self.mix = nn.Linear(5, 3, bias=False)
+        with torch.no_grad():
+            self.mix.weight.copy_(mixing)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.table(tokens))
+
+
+def test_a_tables_column_metric_is_what_its_rows_errors_do_downstream():
+    gen = torch.Generator().manual_seed(1)
+    mixing = torch.randn(3, 5, generator=gen)
+    # A row's gradient sums its lookups in a batch: one sample of M a row, batch and probe.
+    batches = [torch.randint(0, 10, (4, 8), generator=gen) for _ in range(400)]
+    metric = collect_output_grams(Lookup(mixing), batches, "data", set(), {"table.weight"})["table.weight"]
+    expected = (mixing.T @ mixing).double()
+    assert torch.allclose(metric / metric.trace(), expected / expected.trace(), atol=0.03)
+
+
+@pytest.mark.slow
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from([k for k in KINDS if k != "scaled"]), m_kind=st.sampled_from(K_KINDS),
+       m=st.integers(1, 70), n=st.integers(1, 70), tol=st.sampled_from([0.0, 1e-3, 1e-2, 0.1, 0.5]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.float64]), seed=st.integers(0, 2**16))
+def test_rounding_rows_for_a_column_metric_keeps_the_plain_guarantee(kind, m_kind, m, n, tol, dtype, seed):
+    matrix = structured(kind, m, n, 3, seed).to(dtype)
+    result = compress_matrix(matrix, CompressionOptions(tol=tol), weights=ColumnMetric(output_moment(m_kind, n, seed)))
+    w = matrix.double()
+    for form in (result.dense, round_to_dtype(result.dense, dtype).double()):  # H64, and H as loaded
+        assert float(torch.linalg.vector_norm(w - form)) <= result.error * (1 + 1e-9) + 1e-300
+    assert result.error <= result.budget <= tol * float(torch.linalg.vector_norm(w)) * (1 + 1e-9) + 1e-300
+    assert result.dense.equal(result.hmatrix.to_dense(torch.float64))
+
+
+def test_rows_rounded_for_a_column_metric_lose_less_in_it_for_their_bytes():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(128, 64, generator=gen) * 0.02
+    metric = second_moment("anisotropic", 64, 3)
+    plain = compress_matrix(w, CompressionOptions(tol=1e-2))
+    rounded = compress_matrix(w, CompressionOptions(tol=1e-2), weights=ColumnMetric(metric))
+    assert rounded.strategy == "uniform"
+
+    def loss(result) -> float:
+        error = w.double() - result.dense
+        return float(((error @ metric) * error).sum())
+    def bits(result) -> float:
+        return 8 * result.hmatrix.nbytes / w.numel()
+    # A bit a number more buys a quarter of the loss (the uniform quantizer's exchange rate):
+    assert loss(rounded) * 4 ** bits(rounded) < 0.5 * loss(plain) * 4 ** bits(plain)
+    assert result_key(w, CompressionOptions(), ColumnMetric(metric)) != result_key(w, CompressionOptions())

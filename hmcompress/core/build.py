@@ -20,7 +20,13 @@ from hmcompress.core.feedback import Feedback
 from hmcompress.core.packer import Packer
 from hmcompress.core.plans import DROP, Plan, optimal_plan, paper_plan, svd_plan
 from hmcompress.core.uniform import first_step, uniform_build
-from hmcompress.core.weighted import InputWeights, Whitening, activation_error_bound, activation_norm_lower
+from hmcompress.core.weighted import (
+    ColumnMetric,
+    InputWeights,
+    Whitening,
+    activation_error_bound,
+    activation_norm_lower,
+)
 from hmcompress.core.weighted_analysis import analyse_weighted, whitened_factors
 from hmcompress.errors import OptionError
 from hmcompress.runtime import BLOCK_COLUMNS, CODEC, DENSE, LOWRANK, ROWS, SEGMENT_COLUMNS, HMatrix, row_mask
@@ -96,7 +102,7 @@ class Compressed:
 
 
 def compress_matrix(matrix: torch.Tensor, options: CompressionOptions, full_analysis: bool = False,
-                    weights: InputWeights | None = None, planned_only: bool = False) -> Compressed:
+                    weights: InputWeights | ColumnMetric | None = None, planned_only: bool = False) -> Compressed:
     """Compress a 2-D floating tensor so that its measured error is within the budget.
 
     The optimal strategy decides before it decomposes (`candidates.analyse` with the budget);
@@ -106,16 +112,27 @@ def compress_matrix(matrix: torch.Tensor, options: CompressionOptions, full_anal
     unless ``planned_only`` (trainable layers want the plan's blocks and ranks, not bytes).
     With ``weights`` (the second moment of the layer's calibration inputs) the budget is on the
     error of what the layer computes, tr(E G Eᵀ) <= tol² tr(W G Wᵀ) (`compress_for_inputs`).
+    With a `ColumnMetric` M instead, the budget stays plain and the matrix is the uniform
+    quantizer's with rows rounded for M (GPTQ's feedback for M), where that holds.
     """
     if matrix.ndim != 2 or not matrix.is_floating_point():
         raise OptionError("matrix", f"must be a 2-D floating-point tensor, got {tuple(matrix.shape)} {matrix.dtype}")
     codecs = storage_codecs(matrix, options)
-    if weights is not None:
+    if isinstance(weights, InputWeights):
         return compress_for_inputs(matrix, options, weights, codecs)
     allowed = allowed_error(matrix, options)
     if matrix.numel() == 0:
         hm = _exact_hmatrix(matrix)
         return Compressed(hm, matrix.double(), 0.0, allowed, np.zeros(0), "exact", 0)
+    feedback = weights.feedback() if isinstance(weights, ColumnMetric) else None
+    if feedback is not None and options.strategy == "optimal" and not planned_only:
+        if tuple(weights.metric.shape) != (matrix.shape[1],) * 2:
+            raise OptionError("columns", f"M is {tuple(weights.metric.shape)}, the matrix has {matrix.shape[1]} columns")
+        uniform = uniform_build(matrix, allowed, first_step(allowed, matrix.numel()), codecs,
+                                lambda dense: error_bound(matrix, dense, matrix.dtype), feedback)
+        if uniform is not None:
+            hm, dense, error = uniform
+            return Compressed(hm, dense, error, allowed, None, "uniform", 0)
     tree = build_tree(tuple(matrix.shape), options.leaf)
     target = allowed * allowed
     decide = not full_analysis and options.strategy == "optimal"

@@ -54,6 +54,10 @@ class InputWeights:
             digest.update(memoryview(self.output_gram.contiguous().reshape(-1).numpy()).cast("B"))
         return digest.hexdigest()
 
+    def key(self) -> list:
+        """What identifies G (and K) in result keys (--resume)."""
+        return [self.digest(), self.samples]
+
     def planning_gram(self) -> torch.Tensor:
         """G damped by `PLANNING_DAMPING` of its mean diagonal (positive definite for any nonzero G)."""
         return damped(self.gram)
@@ -64,6 +68,26 @@ class InputWeights:
         if self.output_gram is None or not float(self.output_gram.diagonal().sum()) > 0:
             return None
         return Feedback.for_gram(damped(self.output_gram), _cholesky)
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnMetric:
+    """For a matrix built in the plain norm (no calibration inputs: an embedding table, a position
+    table), a metric M (n x n, float64, PSD) on its columns that its rows are rounded for: what a
+    row's error does to the model's output (`--model-tol`: `evaluate.output_grams`). It steers
+    rounding only: the guarantee stays ||W - H||_F <= tol ||W||_F."""
+
+    metric: torch.Tensor
+
+    def key(self) -> list:
+        """What identifies it in result keys (--resume)."""
+        return ["columns", hashlib.sha256(memoryview(self.metric.contiguous().reshape(-1).numpy()).cast("B")).hexdigest()]
+
+    def feedback(self) -> Feedback | None:
+        """How to round rows for M (damped as G is), or None for an M of zeros."""
+        if not float(self.metric.diagonal().sum()) > 0:
+            return None
+        return Feedback.for_gram(damped(self.metric), _cholesky)
 
 
 def damped(gram: torch.Tensor) -> torch.Tensor:

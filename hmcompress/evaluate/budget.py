@@ -34,7 +34,7 @@ from torch import nn
 from hmcompress.api import CompressionResult, compress_checkpoint, selected
 from hmcompress.calibrate import feed
 from hmcompress.core.build import CompressionOptions, InputsBuilder, as_matrix, compress_matrix, storage_codecs
-from hmcompress.core.weighted import InputWeights
+from hmcompress.core.weighted import ColumnMetric, InputWeights
 from hmcompress.errors import OptionError, OutputExists, UserError
 from hmcompress.evaluate import analysis
 from hmcompress.evaluate.output_grams import collect_output_grams
@@ -165,13 +165,21 @@ def _fill(curves: list[LayerCurve], choice: dict[str, CurvePoint], slack: float)
         slack -= added
 
 
+def compressible_names(source: pathlib.Path, selection: Selection) -> list[str]:
+    """The names of the matrices a run compresses (output names)."""
+    _kept, ckpt, reasons = selected(open_checkpoint(source), selection, source)
+    return [entry.name for entry in ckpt.entries if reasons[entry.name] is None]
+
+
 def layer_curves(source: pathlib.Path, options: CompressionOptions, selection: Selection,
                  stats: ActivationStats | None, model: nn.Module, batches: list, data: str,
                  reference: list[torch.Tensor], log: Callable[[str], None],
                  output_grams: dict[str, torch.Tensor] | None = None) -> list[LayerCurve]:
     """Every compressible layer's bytes-versus-error curve over `LADDER` and its sensitivity.
     A layer with G and K (``output_grams``) has two families of points on one curve: rows rounded
-    for G alone and for both (`InputsBuilder`), their errors both measured in K's norm."""
+    for G alone and for both (`InputsBuilder`), their errors both measured in K's norm; a matrix
+    without G but with a metric M on its columns (``output_grams`` too), the plain builds and
+    those rounded for M, their errors measured in M's norm."""
     opened = open_checkpoint(source)
     _kept, ckpt, reasons = selected(opened, selection, source)
     state = model.state_dict()
@@ -185,11 +193,12 @@ def layer_curves(source: pathlib.Path, options: CompressionOptions, selection: S
         tensor = entry.load()
         matrix = as_matrix(tensor)
         weights = stats.weights(entry.name) if stats is not None and entry.name in stats.names else None
-        output_gram = (output_grams or {}).get(entry.name) if weights is not None else None
+        output_gram = (output_grams or {}).get(entry.name)
         relative = _relative_error(matrix, weights, output_gram)
         families = [(False, weights)]
         if output_gram is not None:
-            families.append((True, dataclasses.replace(weights, output_gram=output_gram)))
+            families.append((True, ColumnMetric(output_gram) if weights is None
+                             else dataclasses.replace(weights, output_gram=output_gram)))
         curve = LayerCurve(entry.name, [])
         for two_sided, family_weights in families:
             build, probe = _builder(matrix, options, family_weights), None
@@ -211,14 +220,12 @@ def layer_curves(source: pathlib.Path, options: CompressionOptions, selection: S
     return curves
 
 
-def _output_grams(model: nn.Module, batches: list, data: str, stats: ActivationStats | None,
+def _output_grams(model: nn.Module, batches: list, data: str, stats: ActivationStats | None, plain: list[str],
                   log: Callable[[str], None]) -> dict[str, torch.Tensor]:
-    """The layers' K (`output_grams`) where there are statistics and the model runs with
-    gradients; else none, and every layer is rounded for its own inputs alone."""
-    if stats is None:
-        return {}
+    """The K of the layers with statistics and the M of the ``plain`` matrices (`output_grams`)
+    where the model runs with gradients; else none, and every matrix is rounded for its own norm."""
     try:
-        return collect_output_grams(model, batches, data, set(stats.names))
+        return collect_output_grams(model, batches, data, set(stats.names) if stats is not None else set(), set(plain))
     except UserError as err:
         log(f"rows rounded for each layer's inputs only: {err}")
         return {}
@@ -238,12 +245,14 @@ def _next_target(target: float, measured: float, model_tol: float, held: float |
 def _relative_error(matrix: torch.Tensor, weights: InputWeights | None,
                     output_gram: torch.Tensor | None) -> Callable[[object], float]:
     """``error(build)``: a build's relative error in the norm its curve is priced in (float64,
-    an estimate for planning: the model's error is measured on the file)."""
+    an estimate for planning: the model's error is measured on the file): tr(K E G Eᵀ) with G and
+    K, tr(E M Eᵀ) with M alone, else the layer's own norm."""
     if output_gram is not None:
         original = matrix.double()
 
-        def energy(a: torch.Tensor) -> float:  # tr(K A G Aᵀ)
-            return max(float(((output_gram @ a @ weights.gram) * a).sum()), 0.0)
+        def energy(a: torch.Tensor) -> float:  # tr(K A G Aᵀ), or tr(A M Aᵀ)
+            weighted = a @ output_gram if weights is None else output_gram @ a @ weights.gram
+            return max(float((weighted * a).sum()), 0.0)
         total = max(energy(original), 1e-300)
         return lambda result: math.sqrt(energy(original - result.dense) / total)
     norm = max(float(torch.linalg.vector_norm(matrix.double())), 1e-300)
@@ -252,10 +261,11 @@ def _relative_error(matrix: torch.Tensor, weights: InputWeights | None,
 
 
 def _builder(matrix: torch.Tensor, options: CompressionOptions,
-             weights: InputWeights | None) -> Callable[[float], object]:
-    """``build(tol)``: data-aware builds from one analysis where the layer has G, else plain ones."""
-    if weights is None:
-        return lambda tol: compress_matrix(matrix, dataclasses.replace(options, tol=tol))
+             weights: InputWeights | ColumnMetric | None) -> Callable[[float], object]:
+    """``build(tol)``: data-aware builds from one analysis where the layer has G, else plain ones
+    (rounded for M where given)."""
+    if not isinstance(weights, InputWeights):
+        return lambda tol: compress_matrix(matrix, dataclasses.replace(options, tol=tol), weights=weights)
     builder = InputsBuilder(matrix, options, weights, storage_codecs(matrix, options), smallest_tol=min(LADDER))
     return builder.build
 
@@ -294,7 +304,8 @@ def compress_to_model_tol(source: str | pathlib.Path, output: str | pathlib.Path
     batches = list(batches)
     model = analysis.original_model(task, source)
     reference = model_outputs(model, batches, data)
-    grams = _output_grams(model, batches, data, stats, log)
+    names = compressible_names(source, selection)
+    grams = _output_grams(model, batches, data, stats, [n for n in names if stats is None or n not in stats.names], log)
     curves = layer_curves(source, options, selection, stats, model, batches, data, reference, log, grams)
     target, best, held, missed = model_tol, None, None, None
     recorded = {"model_tol": {"target": model_tol, "data": data, "factory": task.spec}}

@@ -46,7 +46,7 @@ from safetensors import safe_open
 from hmcompress.core.build import CompressionOptions, as_matrix, compress_matrix
 from hmcompress.core.stats import LayerStats, layer_stats
 from hmcompress.core.verdicts import recorded_fields
-from hmcompress.core.weighted import InputWeights
+from hmcompress.core.weighted import ColumnMetric, InputWeights
 from hmcompress.errors import USER_ERRORS, UserError
 from hmcompress.io.activations import ActivationStats
 from hmcompress.io.checkpoint import Checkpoint, TensorEntry, open_checkpoint
@@ -132,12 +132,13 @@ class WorkDir:
         return sum(1 for p in self.path.iterdir() if p.suffix == ".safetensors" and not p.name.startswith("."))
 
 
-def result_key(tensor: torch.Tensor, options: CompressionOptions, weights: InputWeights | None = None) -> str:
+def result_key(tensor: torch.Tensor, options: CompressionOptions,
+               weights: InputWeights | ColumnMetric | None = None) -> str:
     """Identifies a result: the tensor's exact contents and every option that shapes the output
-    (its calibration inputs' G included)."""
+    (its calibration inputs' G, and what its rows are rounded for, included)."""
     digest = hashlib.sha256()
     digest.update(json.dumps([RESULT_FORMAT, str(tensor.dtype), list(tensor.shape),
-                              dataclasses.asdict(options), weights and [weights.digest(), weights.samples]],
+                              dataclasses.asdict(options), weights and weights.key()],
                              sort_keys=True).encode())
     flat = tensor.detach().contiguous().reshape(-1)
     if flat.numel():
@@ -166,21 +167,22 @@ def _run(job: Job) -> JobResult:
                                              weights=weights))
 
 
-def job_weights(job: Job) -> InputWeights | None:
-    """The second moment of the tensor's calibration inputs, where the job's stats file has one,
-    with its K where the job's output Grams have one (`evaluate.output_grams`)."""
-    if job.activations is None:
-        return None
-    stats = ActivationStats.open(job.activations)
-    if job.name not in stats.names:
-        return None
-    weights = stats.weights(job.name, checked=False)  # every G was checked as the run began
+def job_weights(job: Job) -> InputWeights | ColumnMetric | None:
+    """What the tensor is built for: the second moment of its calibration inputs, where the job's
+    stats file has one, with its K where the job's output Grams have one; else the metric on its
+    columns that file may have for it (`evaluate.output_grams`); else nothing (the plain build)."""
+    weights = None
+    if job.activations is not None:
+        stats = ActivationStats.open(job.activations)
+        if job.name in stats.names:
+            weights = stats.weights(job.name, checked=False)  # every G was checked as the run began
     if job.output_grams is None:
         return weights
     with safe_open(job.output_grams, framework="pt") as f:
         if job.name not in f.keys():
             return weights
-        return dataclasses.replace(weights, output_gram=f.get_tensor(job.name))
+        gram = f.get_tensor(job.name)
+    return ColumnMetric(gram) if weights is None else dataclasses.replace(weights, output_gram=gram)
 
 
 @dataclasses.dataclass
@@ -196,11 +198,12 @@ class Packed:
 
 
 def compress_tensor(name: str, source: str, tensor_name: str, tensor: torch.Tensor, options: CompressionOptions,
-                    passthrough_nonfinite: bool, keyed: bool, weights: InputWeights | None = None) -> Packed:
+                    passthrough_nonfinite: bool, keyed: bool, weights: InputWeights | ColumnMetric | None = None
+                    ) -> Packed:
     """Compress one tensor on one thread (the same bytes wherever it runs); a tensor with NaN/Inf
     is refused (`UserError`) or, with ``passthrough_nonfinite``, passed through. ``keyed``: name
     the result by its tensor and options (`result_key`), for --resume. ``weights``: build for
-    these calibration inputs (the data-aware budget)."""
+    these calibration inputs (the data-aware budget), or round rows for this metric on columns."""
     if not bool(torch.isfinite(tensor).all()):
         if not passthrough_nonfinite:
             raise UserError(f"{source}: tensor {tensor_name!r} contains NaN or Inf values "
@@ -219,7 +222,8 @@ def compress_tensor(name: str, source: str, tensor_name: str, tensor: torch.Tens
     return Packed(name, stats, packed_tensors(result.hmatrix, ""), meta)
 
 
-def reused_result(job: Job, tensor: torch.Tensor, weights: InputWeights | None = None) -> JobResult | None:
+def reused_result(job: Job, tensor: torch.Tensor,
+                  weights: InputWeights | ColumnMetric | None = None) -> JobResult | None:
     """The result an earlier run kept for this job's tensor and options (--resume), or None."""
     if job.workdir is None:
         return None
