@@ -233,8 +233,8 @@ def uniform_build(matrix: torch.Tensor, allowed: float, step: float, codecs: tup
     ``step`` is the first step tried (`search_step`); ``measure`` bounds a float64 matrix's
     error; the result is measured again as decoded. A layout whose codes at the first step
     promise more than ``smaller_than`` (`promised_bytes`) is not searched. With ``row_feedback``
-    the rows are rounded for the two-sided norm (`uniform_values`), on one step's grid, and
-    stored as two-digit codes or, where every code fits int8, narrow."""
+    the rows are rounded for the two-sided norm (`uniform_values`) on their grids
+    (`two_sided_steps`) and stored as `grid_hmatrix` lays them out."""
     if not allowed > 0 or matrix.numel() == 0 or ROW_CODEC not in codecs:
         return None
     work = _work(matrix, feedback or row_feedback)
