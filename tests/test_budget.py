@@ -107,3 +107,20 @@ def test_allocation_prices_each_family_with_its_own_sensitivity_and_fills_the_sl
     assert chosen.error == pytest.approx(max(t for t in tols if t <= 1e-2))  # the slack filled to the target
     cheap = LayerCurve("a", one + two, 1.0, two_sided_sensitivity=1.0)
     assert allocate([cheap], 1e-2)["a"].two_sided
+
+
+@pytest.mark.slow
+def test_model_tol_without_statistics_rounds_rows_for_what_they_do_downstream(cli, model, tmp_path):
+    """No --activations: every matrix keeps the plain bound, and its rows are rounded for M, the
+    second moment of the gradients they receive; the model's error holds on the file as loaded."""
+    path, _stats = model
+    out = tmp_path / "plain-budget.hm.safetensors"
+    run = cli("compress", path, "--model-tol", 3e-3, "--model-factory", FACTORY, "-o", out, "--json", "-q")
+    assert run.code == 0, run.stderr
+    result = json.loads(run.stdout)["results"][0]
+    chosen = result["model_tol"]
+    assert measured_model_error(out) <= 3e-3
+    assert chosen["output_rounded"] and set(chosen["output_rounded"]) <= set(chosen["tols"])
+    for layer in result["layers"]:
+        if layer["compressed"]:
+            assert layer["rel_error"] <= layer["tol"]  # the plain guarantee at each chosen tolerance
