@@ -22,7 +22,7 @@ from hmcompress.calibrate import calibrate_checkpoint
 from hmcompress.core.build import CompressionOptions, InputsBuilder, compress_matrix, storage_codecs
 from hmcompress.core.uniform import two_sided_steps, uniform_values
 from hmcompress.core.weighted import ColumnMetric, InputWeights, Whitening
-from hmcompress.errors import UserError
+from hmcompress.errors import OptionError, UserError
 from hmcompress.evaluate.output_grams import collect_output_grams
 from hmcompress.io.activations import ActivationStats
 from hmcompress.io.pipeline import result_key
@@ -245,3 +245,21 @@ def test_rows_rounded_for_a_column_metric_lose_less_in_it_for_their_bytes():
     # A bit a number more buys a quarter of the loss (the uniform quantizer's exchange rate):
     assert loss(rounded) * 4 ** bits(rounded) < 0.5 * loss(plain) * 4 ** bits(plain)
     assert result_key(w, CompressionOptions(), ColumnMetric(metric)) != result_key(w, CompressionOptions())
+
+
+def test_a_builder_for_the_output_shares_the_analysis_and_builds_the_same():
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(48, 40, generator=gen) * 0.1
+    gram, output_gram = second_moment("anisotropic", 40, 5), output_moment("anisotropic", 48, 6)
+    options = CompressionOptions()
+    shared = InputsBuilder(w, options, InputWeights(gram, 100), storage_codecs(w, options), smallest_tol=1e-3)
+    twin = shared.for_output(output_gram)
+    fresh = InputsBuilder(w, options, InputWeights(gram, 100, output_gram), storage_codecs(w, options),
+                          smallest_tol=1e-3)
+    assert twin.cands is shared.cands
+    for tol in (1e-3, 1e-2, 0.1):
+        assert torch.equal(twin.build(tol).dense, fresh.build(tol).dense)
+        assert shared.build(tol).dense.equal(compress_matrix(w, dataclasses.replace(options, tol=tol),
+                                                             weights=InputWeights(gram, 100)).dense)
+    with pytest.raises(OptionError):
+        shared.for_output(torch.eye(3, dtype=torch.float64))

@@ -6,6 +6,7 @@ a tighter internal budget; as a last resort it is stored exactly, so the budget 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -203,6 +204,17 @@ class InputsBuilder:
             self.cands = analyse_weighted(matrix, build_tree(tuple(matrix.shape), options.leaf), codecs,
                                           self.whitening, NEGLIGIBLE_SHARE * least * least / matrix.numel(),
                                           options.device)
+
+    def for_output(self, output_gram: torch.Tensor) -> "InputsBuilder":
+        """The same analysis (what it costs is the analysis), rows rounded for K as well: the
+        second family of a `--model-tol` curve."""
+        m = self.matrix.shape[0]
+        if tuple(output_gram.shape) != (m, m):
+            raise OptionError("activations", f"K is {tuple(output_gram.shape)}, the matrix has {m} rows")
+        twin = copy.copy(self)
+        twin.weights = dataclasses.replace(self.weights, output_gram=output_gram)
+        twin.row_feedback = twin.weights.output_feedback() if self.matrix.numel() else None
+        return twin
 
     def _allowed(self, tol: float) -> float:
         return tol if self.options.absolute else tol * self.norm

@@ -20,6 +20,7 @@ its own inputs at its tolerance; the chosen K travel to the build in a file of t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import pathlib
@@ -195,13 +196,9 @@ def layer_curves(source: pathlib.Path, options: CompressionOptions, selection: S
         weights = stats.weights(entry.name) if stats is not None and entry.name in stats.names else None
         output_gram = (output_grams or {}).get(entry.name)
         relative = _relative_error(matrix, weights, output_gram)
-        families = [(False, weights)]
-        if output_gram is not None:
-            families.append((True, ColumnMetric(output_gram) if weights is None
-                             else dataclasses.replace(weights, output_gram=output_gram)))
         curve = LayerCurve(entry.name, [])
-        for two_sided, family_weights in families:
-            build, probe = _builder(matrix, options, family_weights), None
+        for two_sided, build in _families(matrix, options, weights, output_gram):
+            probe = None
             for tol in LADDER:
                 result = build(tol)
                 curve.points.append(CurvePoint(tol, result.hmatrix.nbytes, relative(result), two_sided))
@@ -260,14 +257,20 @@ def _relative_error(matrix: torch.Tensor, weights: InputWeights | None,
                            if result.activation and result.activation.norm else result.error / norm)
 
 
-def _builder(matrix: torch.Tensor, options: CompressionOptions,
-             weights: InputWeights | ColumnMetric | None) -> Callable[[float], object]:
-    """``build(tol)``: data-aware builds from one analysis where the layer has G, else plain ones
-    (rounded for M where given)."""
-    if not isinstance(weights, InputWeights):
-        return lambda tol: compress_matrix(matrix, dataclasses.replace(options, tol=tol), weights=weights)
+def _families(matrix: torch.Tensor, options: CompressionOptions, weights: InputWeights | None,
+              output_gram: torch.Tensor | None) -> list[tuple[bool, Callable[[float], object]]]:
+    """``(two_sided, build(tol))`` of each family of a layer's points: data-aware builds from one
+    analysis where the layer has G (with K: the same analysis, rows rounded for K too), else plain
+    ones (with M: rows rounded for M)."""
+    if weights is None:
+        metrics = [(False, None)] + ([(True, ColumnMetric(output_gram))] if output_gram is not None else [])
+        return [(two_sided, functools.partial(_plain_build, matrix, options, metric)) for two_sided, metric in metrics]
     builder = InputsBuilder(matrix, options, weights, storage_codecs(matrix, options), smallest_tol=min(LADDER))
-    return builder.build
+    return [(False, builder.build)] + ([(True, builder.for_output(output_gram).build)] if output_gram is not None else [])
+
+
+def _plain_build(matrix: torch.Tensor, options: CompressionOptions, metric: ColumnMetric | None, tol: float):
+    return compress_matrix(matrix, dataclasses.replace(options, tol=tol), weights=metric)
 
 
 def _sensitivity(model: nn.Module, parameter: torch.Tensor, probe: tuple[torch.Tensor, float] | None,
