@@ -208,3 +208,14 @@ def test_a_layout_that_promises_more_than_the_plan_is_not_searched():
     values = uniform_values(w.float(), step, ("f32", "f16", "i8"))
     promised = promised_bytes(values, step, error_bound(w, values.double(), w.dtype), allowed)
     assert 0.9 * hm.nbytes < promised < 1.02 * hm.nbytes
+
+
+def test_a_search_that_creeps_down_without_holding_still_finds_a_step():
+    """One row of 21 Gaussian numbers at tol 0.3 (a case hypothesis found): at a step of about
+    one level the error is far from proportional to the step, and the first eight tries crept
+    down by about a percent each, all missing; the further tries shrink by `MISS_SHRINK`."""
+    w = values("gaussian", 1, 21, 1215).to(torch.float32)
+    allowed = allowed_error(w, CompressionOptions(tol=0.3))
+    built = uniform_build(w, allowed, first_step(allowed, w.numel()), storage_codecs(w, CompressionOptions()),
+                          lambda dense: error_bound(w, dense, torch.float32))
+    assert built is not None and built[2] <= allowed

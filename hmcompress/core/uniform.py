@@ -50,6 +50,7 @@ LEVELS = (1 << (CODEC[SHARED_CODEC].bits - 1)) - 1
 # number more for float16 against an int8 error per number of (peak/127)²/12 above step²/12.
 WIDE_STEPS = 448
 SEARCH_STEPS = 8  # steps tried while searching for the largest that holds
+MISS_SHRINK = 0.9  # where none of those held: each further step this times the last that missed
 HEADROOM = 0.999  # each step tried aims this far below the budget (the error is nearly linear in it)
 PRICE_SAMPLE = 1 << 18  # codes whose entropy prices a layout before its search
 PRICE_MARGIN = 1.05  # a layout promising more than this times the planned build's bytes is not searched
@@ -312,7 +313,28 @@ def search_step(step: float, allowed: float, error_at: Callable[[float], float],
     """The largest step found (of `SEARCH_STEPS` tried) whose ``error_at`` is within ``allowed``
     (``first``: the error at ``step`` where it is known), or None. Each next step scales the last
     by budget / error (the error of a uniform quantizer is nearly proportional to its step),
-    between the largest that held and the smallest that missed once both are known."""
+    between the largest that held and the smallest that missed once both are known. Coarse steps
+    (a few levels a row) err far from proportionally to the step, and the search can creep down
+    by a percent a try without holding: where none held, up to `SEARCH_STEPS` more steps follow,
+    each `MISS_SHRINK` times the last that missed."""
+    held, missed = _search(step, allowed, error_at, first)
+    for _ in range(SEARCH_STEPS if not held and missed < math.inf else 0):
+        step = missed * MISS_SHRINK
+        if not _STEPS[0] <= step <= _STEPS[1]:
+            break
+        error = error_at(step)
+        if not math.isfinite(error):
+            break
+        if error <= allowed:
+            return step
+        missed = step
+    return held or None
+
+
+def _search(step: float, allowed: float, error_at: Callable[[float], float],
+            first: float | None) -> tuple[float, float]:
+    """`search_step`'s first `SEARCH_STEPS` tries: (the largest step that held or 0, the smallest
+    that missed or inf)."""
     held, missed = 0.0, math.inf
     for _ in range(SEARCH_STEPS):
         if not _STEPS[0] <= step <= _STEPS[1]:  # a step (or a row's scale) float32 cannot hold
@@ -330,7 +352,7 @@ def search_step(step: float, allowed: float, error_at: Callable[[float], float],
         step = step * HEADROOM * allowed / error if error > 0 else 2 * step
         if missed < math.inf and not held < step < missed:
             step = math.sqrt(held * missed) if held else missed / 2
-    return held or None
+    return held, missed
 
 
 def _digit_codes(work: torch.Tensor, step: float) -> tuple[float, int]:
