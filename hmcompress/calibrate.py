@@ -223,6 +223,18 @@ def feed(model: nn.Module, batches: Iterable, data: str, current: dict | None = 
         yield output
 
 
+def output_tensors(output: object) -> list[torch.Tensor]:
+    """The tensors of a model output (a tensor, or tuple/list/dict of them, dicts by sorted key;
+    other items are skipped), in order; anything else is one line of `UserError`."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = [output[k] for k in sorted(output)]
+    if isinstance(output, (tuple, list)):
+        return [t for o in output if isinstance(o, (torch.Tensor, tuple, list, dict)) for t in output_tensors(o)]
+    raise UserError(f"the model returned {type(output).__name__}, not tensors")
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 

@@ -192,12 +192,9 @@ class InputsBuilder:
         if tuple(weights.gram.shape) != (n, n):
             raise OptionError("activations", f"G is {tuple(weights.gram.shape)}, the matrix has {n} columns")
         self.matrix, self.options, self.weights, self.codecs = matrix, options, weights, codecs
-        if weights.output_gram is not None and tuple(weights.output_gram.shape) != (matrix.shape[0],) * 2:
-            raise OptionError("activations", f"K is {tuple(weights.output_gram.shape)}, the matrix has "
-                                             f"{matrix.shape[0]} rows")
         self.norm = activation_norm_lower(matrix, weights.gram)
         self.cands = self.whitening = None
-        self.row_feedback = weights.output_feedback() if matrix.numel() else None
+        self.row_feedback = self._output_feedback(weights)
         if matrix.numel():
             self.whitening = Whitening(weights)
             least = self._allowed(options.tol if smallest_tol is None else smallest_tol)
@@ -208,13 +205,17 @@ class InputsBuilder:
     def for_output(self, output_gram: torch.Tensor) -> "InputsBuilder":
         """The same analysis (what it costs is the analysis), rows rounded for K as well: the
         second family of a `--model-tol` curve."""
-        m = self.matrix.shape[0]
-        if tuple(output_gram.shape) != (m, m):
-            raise OptionError("activations", f"K is {tuple(output_gram.shape)}, the matrix has {m} rows")
         twin = copy.copy(self)
         twin.weights = dataclasses.replace(self.weights, output_gram=output_gram)
-        twin.row_feedback = twin.weights.output_feedback() if self.matrix.numel() else None
+        twin.row_feedback = twin._output_feedback(twin.weights)
         return twin
+
+    def _output_feedback(self, weights: InputWeights) -> Feedback | None:
+        """How rows are rounded for the weights' K (checked against the matrix), or None."""
+        m = self.matrix.shape[0]
+        if weights.output_gram is not None and tuple(weights.output_gram.shape) != (m, m):
+            raise OptionError("activations", f"K is {tuple(weights.output_gram.shape)}, the matrix has {m} rows")
+        return weights.output_feedback() if self.matrix.numel() else None
 
     def _allowed(self, tol: float) -> float:
         return tol if self.options.absolute else tol * self.norm

@@ -239,11 +239,13 @@ def uniform_build(matrix: torch.Tensor, allowed: float, step: float, codecs: tup
     if not allowed > 0 or matrix.numel() == 0 or ROW_CODEC not in codecs:
         return None
     work = _work(matrix, feedback or row_feedback)
-    modes = [False]
-    if _STEPS[0] <= step <= _STEPS[1] and (row_feedback is not None or float(work.abs().max()) > LEVELS * step):
-        modes = [True] if row_feedback is not None else [False, True]
-    elif row_feedback is not None:
-        return None
+    representable = _STEPS[0] <= step <= _STEPS[1]
+    if row_feedback is not None:  # values on their rows' grids, kept like two-digit ones (`held_values`)
+        if not representable:
+            return None
+        modes = [True]
+    else:
+        modes = [False, True] if representable and float(work.abs().max()) > LEVELS * step else [False]
     built = {}
     for digits in modes:
         held_values: list[torch.Tensor] = []  # two digits: the values at the last step that held, the largest

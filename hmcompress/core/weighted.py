@@ -49,10 +49,7 @@ class InputWeights:
 
     def digest(self) -> str:
         """Identifies G (and K) exactly (result keys of --resume)."""
-        digest = hashlib.sha256(memoryview(self.gram.contiguous().reshape(-1).numpy()).cast("B"))
-        if self.output_gram is not None:
-            digest.update(memoryview(self.output_gram.contiguous().reshape(-1).numpy()).cast("B"))
-        return digest.hexdigest()
+        return _digest(self.gram, *([] if self.output_gram is None else [self.output_gram]))
 
     def key(self) -> list:
         """What identifies G (and K) in result keys (--resume)."""
@@ -63,11 +60,8 @@ class InputWeights:
         return damped(self.gram)
 
     def output_feedback(self) -> Feedback | None:
-        """How to round rows for K (K damped as G is), or None without K (or with a K of zeros:
-        no direction matters more than another)."""
-        if self.output_gram is None or not float(self.output_gram.diagonal().sum()) > 0:
-            return None
-        return Feedback.for_gram(damped(self.output_gram), _cholesky)
+        """How to round rows for K, or None without K (`rounding_feedback`)."""
+        return None if self.output_gram is None else rounding_feedback(self.output_gram)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,13 +75,27 @@ class ColumnMetric:
 
     def key(self) -> list:
         """What identifies it in result keys (--resume)."""
-        return ["columns", hashlib.sha256(memoryview(self.metric.contiguous().reshape(-1).numpy()).cast("B")).hexdigest()]
+        return ["columns", _digest(self.metric)]
 
     def feedback(self) -> Feedback | None:
-        """How to round rows for M (damped as G is), or None for an M of zeros."""
-        if not float(self.metric.diagonal().sum()) > 0:
-            return None
-        return Feedback.for_gram(damped(self.metric), _cholesky)
+        """How to round rows for M (`rounding_feedback`)."""
+        return rounding_feedback(self.metric)
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    """SHA-256 of the tensors' bytes, in turn."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(memoryview(tensor.contiguous().reshape(-1).numpy()).cast("B"))
+    return digest.hexdigest()
+
+
+def rounding_feedback(gram: torch.Tensor) -> Feedback | None:
+    """How to round for a second moment (K or M), damped as G is for planning; None for one of
+    zeros (no direction matters more than another)."""
+    if not float(gram.diagonal().sum()) > 0:
+        return None
+    return Feedback.for_gram(damped(gram), _cholesky)
 
 
 def damped(gram: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hmcompress.api import CompressionResult, compress_checkpoint, selected
-from hmcompress.calibrate import feed
+from hmcompress.calibrate import feed, output_tensors
 from hmcompress.core.build import CompressionOptions, InputsBuilder, as_matrix, compress_matrix, storage_codecs
 from hmcompress.core.weighted import ColumnMetric, InputWeights
 from hmcompress.errors import OptionError, OutputExists, UserError
@@ -68,6 +68,7 @@ class LayerCurve:
     points: list[CurvePoint]
     sensitivity: float = 0.0  # s_l: (model output error / layer error)² when it alone is compressed
     two_sided_sensitivity: float | None = None  # the same for the points rounded for K (two_sided)
+    output_gram: torch.Tensor | None = None  # the K (or M) those points were rounded for
 
     def cost(self, point: CurvePoint) -> float:
         """The point's predicted share of the model's squared relative output error: s_l r_l², with
@@ -107,15 +108,9 @@ def output_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> 
 
 
 def _flat(output: object) -> torch.Tensor:
-    """A model output (tensor, or tuple/list/dict of them) as one float64 vector."""
-    if isinstance(output, torch.Tensor):
-        return output.detach().double().reshape(-1)
-    if isinstance(output, dict):
-        output = [output[k] for k in sorted(output)]
-    if isinstance(output, (tuple, list)):
-        parts = [_flat(o) for o in output if isinstance(o, (torch.Tensor, tuple, list, dict))]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-    raise UserError(f"the model returned {type(output).__name__}, not tensors")
+    """A model output (`calibrate.output_tensors`) as one float64 vector."""
+    parts = [t.detach().double().reshape(-1) for t in output_tensors(output)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
 def model_outputs(model: nn.Module, batches: list, data: str) -> list[torch.Tensor]:
@@ -152,7 +147,7 @@ def _fill(curves: list[LayerCurve], choice: dict[str, CurvePoint], slack: float)
     """The Lagrangian's choice, then cheaper points while what they add fits the ``slack`` it left
     (its points are its curves' lower hull, which rarely meets the target exactly): each time the
     move saving the most bytes per error added (on the char transformer's curves, 0.2% to 0.6%
-    fewer bytes)."""
+    fewer bytes at three targets: a one-off measurement)."""
     choice = dict(choice)
     while True:
         moves = [((current.nbytes - p.nbytes) / max(added, 1e-300), current.nbytes - p.nbytes, c.name, p, added)
@@ -166,37 +161,31 @@ def _fill(curves: list[LayerCurve], choice: dict[str, CurvePoint], slack: float)
         slack -= added
 
 
-def compressible_names(source: pathlib.Path, selection: Selection) -> list[str]:
-    """The names of the matrices a run compresses (output names)."""
-    _kept, ckpt, reasons = selected(open_checkpoint(source), selection, source)
-    return [entry.name for entry in ckpt.entries if reasons[entry.name] is None]
-
-
 def layer_curves(source: pathlib.Path, options: CompressionOptions, selection: Selection,
                  stats: ActivationStats | None, model: nn.Module, batches: list, data: str,
-                 reference: list[torch.Tensor], log: Callable[[str], None],
-                 output_grams: dict[str, torch.Tensor] | None = None) -> list[LayerCurve]:
+                 reference: list[torch.Tensor], log: Callable[[str], None]) -> list[LayerCurve]:
     """Every compressible layer's bytes-versus-error curve over `LADDER` and its sensitivity.
-    A layer with G and K (``output_grams``) has two families of points on one curve: rows rounded
+    A layer with G and K (`output_grams`) has two families of points on one curve: rows rounded
     for G alone and for both (`InputsBuilder`), their errors both measured in K's norm; a matrix
-    without G but with a metric M on its columns (``output_grams`` too), the plain builds and
-    those rounded for M, their errors measured in M's norm."""
+    without G but with a metric M on its columns, the plain builds and those rounded for M, their
+    errors measured in M's norm."""
     opened = open_checkpoint(source)
     _kept, ckpt, reasons = selected(opened, selection, source)
+    entries = [entry for entry in ckpt.entries if reasons[entry.name] is None]
+    aware = set(stats.names) if stats is not None else set()
+    output_grams = _output_grams(model, batches, data, aware, {e.name for e in entries} - aware, log)
     state = model.state_dict()
     curves = []
-    for entry in ckpt.entries:
-        if reasons[entry.name] is not None:
-            continue
+    for entry in entries:
         if entry.name not in state:
             raise UserError(f"{source}: {entry.name!r} is not a tensor of the model; --model-tol needs the "
                             "checkpoint's names to be the model's")
         tensor = entry.load()
         matrix = as_matrix(tensor)
         weights = stats.weights(entry.name) if stats is not None and entry.name in stats.names else None
-        output_gram = (output_grams or {}).get(entry.name)
+        output_gram = output_grams.get(entry.name)
         relative = _relative_error(matrix, weights, output_gram)
-        curve = LayerCurve(entry.name, [])
+        curve = LayerCurve(entry.name, [], output_gram=output_gram)
         for two_sided, build in _families(matrix, options, weights, output_gram):
             probe = None
             for tol in LADDER:
@@ -217,12 +206,13 @@ def layer_curves(source: pathlib.Path, options: CompressionOptions, selection: S
     return curves
 
 
-def _output_grams(model: nn.Module, batches: list, data: str, stats: ActivationStats | None, plain: list[str],
+def _output_grams(model: nn.Module, batches: list, data: str, aware: set[str], plain: set[str],
                   log: Callable[[str], None]) -> dict[str, torch.Tensor]:
-    """The K of the layers with statistics and the M of the ``plain`` matrices (`output_grams`)
-    where the model runs with gradients; else none, and every matrix is rounded for its own norm."""
+    """The K of the ``aware`` layers (with statistics) and the M of the ``plain`` matrices
+    (`output_grams`) where the model runs with gradients; else none, and every matrix is rounded
+    for its own norm."""
     try:
-        return collect_output_grams(model, batches, data, set(stats.names) if stats is not None else set(), set(plain))
+        return collect_output_grams(model, batches, data, aware, plain)
     except UserError as err:
         log(f"rows rounded for each layer's inputs only: {err}")
         return {}
@@ -307,9 +297,7 @@ def compress_to_model_tol(source: str | pathlib.Path, output: str | pathlib.Path
     batches = list(batches)
     model = analysis.original_model(task, source)
     reference = model_outputs(model, batches, data)
-    names = compressible_names(source, selection)
-    grams = _output_grams(model, batches, data, stats, [n for n in names if stats is None or n not in stats.names], log)
-    curves = layer_curves(source, options, selection, stats, model, batches, data, reference, log, grams)
+    curves = layer_curves(source, options, selection, stats, model, batches, data, reference, log)
     target, best, held, missed = model_tol, None, None, None
     recorded = {"model_tol": {"target": model_tol, "data": data, "factory": task.spec}}
     with tempfile.TemporaryDirectory(prefix=".hmcompress-budget-", dir=output.parent) as tmp:
@@ -325,11 +313,13 @@ def compress_to_model_tol(source: str | pathlib.Path, output: str | pathlib.Path
             else:  # no allocation held: the ladder's foot, then exact storage
                 tols = {c.name: (min(LADDER) if round_ == MAX_ROUNDS + 1 else 0.0) for c in curves}
             trial = pathlib.Path(tmp) / f"round{round_}.hm.safetensors"
-            grams_file = pathlib.Path(tmp) / f"round{round_}.output-grams.safetensors"
-            save_file({name: grams[name].contiguous() for name in rounded}, str(grams_file))
+            grams_file = None
+            if rounded:
+                grams_file = pathlib.Path(tmp) / f"round{round_}.output-grams.safetensors"
+                save_file({c.name: c.output_gram.contiguous() for c in curves if c.name in rounded}, str(grams_file))
             result = compress_checkpoint(source, trial, options, selection, overwrite=True, workers=workers,
                                          activations=activations, tols=tols, recorded_extra=recorded,
-                                         output_grams=grams_file if rounded else None)
+                                         output_grams=grams_file)
             measured = output_error(model_outputs(analysis.compressed_model(task, trial), batches, data), reference)
             nbytes = sum(s.bytes_after for s in result.layers)
             log(f"round {round_}: target {target:.3g}, measured model error {measured:.3g}, {nbytes} bytes")

@@ -5,8 +5,8 @@ f with respect to y at that input. Summed over the calibration inputs, ||J E x||
 tr(K E G Eᵀ), G = E[x xᵀ] the layer's inputs' second moment (`calibrate`) and K = E[Jᵀ J] the
 second moment of what the output sends back to y: the Kronecker-factored approximation of K-FAC
 (Martens & Grosse, 2015), which treats J and x as independent. On the char transformer, K is far
-from a multiple of the identity (its eigenvalues' arithmetic over geometric mean is 3 to 29 on
-the attention and second MLP layers): rounding a layer's rows for tr(K E G Eᵀ) rather than for
+from a multiple of the identity (its eigenvalues' arithmetic over geometric mean is 2.7 to 29
+on the attention and second MLP layers, a one-off measurement): rounding a layer's rows for tr(K E G Eᵀ) rather than for
 tr(E G Eᵀ) moves its error into directions that the rest of the model hardly passes on
 (`feedback.two_sided_round`), which `--model-tol` uses.
 
@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from hmcompress.calibrate import _eligible, _weight_names, feed
+from hmcompress.calibrate import _eligible, _weight_names, feed, output_tensors
 from hmcompress.errors import UserError
 
 PROBES = 2  # random output directions a batch
@@ -61,7 +61,7 @@ def collect_output_grams(model: nn.Module, batches: Iterable, data: str, names: 
         for p in wanted:
             p.requires_grad_(True)
         for output in feed(model, batches, data, grad=True):
-            leaves = _tensors(output)
+            leaves = [t for t in output_tensors(output) if t.is_floating_point() and t.requires_grad]
             if (outputs or parameters) and leaves:
                 _accumulate(outputs + parameters, leaves, probes, generator, sums, counts)
             outputs.clear()
@@ -94,14 +94,3 @@ def _accumulate(targets: list[tuple[str, torch.Tensor, int | None]], leaves: lis
                 rows = grad.movedim(channels, -1).reshape(-1, grad.shape[channels]).detach().double().cpu()
             sums[name] = sums.get(name, 0) + rows.T @ rows
             counts[name] = counts.get(name, 0) + rows.shape[0]
-
-
-def _tensors(output: object) -> list[torch.Tensor]:
-    """The floating tensors of a model output (tensor, or tuple/list/dict of them) that carry gradients."""
-    if isinstance(output, torch.Tensor):
-        return [output] if output.is_floating_point() and output.requires_grad else []
-    if isinstance(output, dict):
-        output = [output[k] for k in sorted(output)]
-    if isinstance(output, (tuple, list)):
-        return [t for o in output for t in _tensors(o)]
-    raise UserError(f"the model returned {type(output).__name__}, not tensors")

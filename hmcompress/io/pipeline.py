@@ -87,7 +87,7 @@ class Job:
     workdir: str | None  # where the result is kept (None: nowhere, only its stats are wanted)
     resume: bool
     activations: str | None = None  # a calibration stats file: its G for this tensor sets the norm
-    output_grams: str | None = None  # a safetensors file of K by name: rows rounded for the model's output
+    output_grams: str | None = None  # a safetensors file of K (or M) by name: rows rounded for the model's output
 
 
 @dataclasses.dataclass(frozen=True)

@@ -228,7 +228,7 @@ class CompactMatrix(nn.Module):
         if layout == "int":
             bands = _merge_float_bands(bands, self.in_features, hmatrix.nbytes)
             packing = (pack and _packs(torch.device(device or "cpu"), dtype or torch.float32)
-                       and all(b[1] * b[2].numel() >= MIN_PACKED_CODES for b in bands if b[3].dtype == torch.int8))
+                       and all(b[3].numel() >= MIN_PACKED_CODES for b in bands if b[3].dtype == torch.int8))
             bands = bands if packing else _cache_sized(bands)
         tiled = _tile(bands, self.out_features, self.in_features) if layout == "float" else None
         self._widths: tuple[int, ...] = ()  # with the integer codes held as H: each column range's width
