@@ -263,3 +263,20 @@ def test_a_builder_for_the_output_shares_the_analysis_and_builds_the_same():
                                                              weights=InputWeights(gram, 100)).dense)
     with pytest.raises(OptionError):
         shared.for_output(torch.eye(3, dtype=torch.float64))
+
+
+class WithExtras(nn.Module):
+    """A model whose output carries a None and an integer tensor beside its logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        out = self.layer(x)
+        return out, None, out.argmax(-1)
+
+
+def test_output_grams_skip_what_carries_no_gradient_in_an_output():
+    grams = collect_output_grams(WithExtras(), [torch.randn(500, 4)], "data", {"layer.weight"})
+    assert torch.allclose(grams["layer.weight"], torch.eye(3, dtype=torch.float64), atol=0.15)
