@@ -119,6 +119,10 @@ def test_an_interrupted_ray_run_resumes(head, tmp_path):
     _out, err = run.communicate(timeout=120)
     assert run.returncode == 130, err
     assert "--resume" in err and not ray.exists()
+    deadline = time.monotonic() + 30  # the cluster stops the interrupted driver's tasks
+    while any(command_line(p).startswith("ray::_task") for p in descendants(head_pid)):
+        assert time.monotonic() < deadline, "the interrupted run's tasks still run"
+        time.sleep(0.1)
     again = hmcompress("compress", source, "-o", ray, "--engine", "ray", "--address", address, "--resume")
     assert again.returncode == 0, again.stderr
     assert "resumed" in again.stderr

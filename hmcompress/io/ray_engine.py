@@ -7,8 +7,10 @@ checkpoint. A task compresses on one thread (`pipeline.compress_tensor`, as a lo
 and returns the packed result, which the driver keeps in the work directory exactly as the local
 engine does: assembly in the input's order, ``--resume`` and the output bytes are the same. At
 most `TASKS_PER_CPU` tasks per cluster CPU, plus one, are pending, so the driver and the object
-store hold a bounded number of matrices. Ray retries a task whose worker process dies (`MAX_RETRIES`); on Ctrl-C or any error
-the pending tasks are cancelled and a cluster started for this run is shut down.
+store hold a bounded number of matrices. Ray retries a task whose worker process dies
+(`MAX_RETRIES`). On Ctrl-C or any error, a connection made for this run is shut down, and the
+cluster then stops this driver's tasks itself; on a connection the caller made, the pending
+tasks are cancelled instead.
 """
 from __future__ import annotations
 
@@ -70,12 +72,13 @@ def _task(job: pipeline.Job, array, dtype: str, weights=None) -> tuple[str, obje
 
 
 @contextlib.contextmanager
-def connected(address: str | None) -> Iterator[object]:
+def connected(address: str | None) -> Iterator[tuple[object, bool]]:
     """Ray, connected to the cluster at ``address`` (``auto``: the one this machine runs), or to a
-    local cluster started for this run and shut down after it."""
+    local cluster started for this run and shut down after it; and whether this connection is
+    ours (made here, and closed on the way out) rather than the caller's."""
     ray = require_ray()
     if ray.is_initialized():
-        yield ray
+        yield ray, False
         return
     options = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR",
                "configure_logging": False}
@@ -90,7 +93,7 @@ def connected(address: str | None) -> Iterator[object]:
             raise UserError(f"--engine ray: cannot connect to a Ray cluster at {address or 'local'}: "
                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     try:
-        yield ray
+        yield ray, True
     finally:
         ray.shutdown()
 
@@ -102,7 +105,7 @@ def run_jobs(jobs: list[pipeline.Job], address: str | None,
     if progress:
         progress(0, total, None)
     outcomes: list[pipeline.JobResult | None] = [None] * total
-    with connected(address) as ray:
+    with connected(address) as (ray, ours):
         remote = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(_task)
         capacity = max(1, int(ray.cluster_resources().get("CPU", 1))) * TASKS_PER_CPU + 1
         pending: dict[object, int] = {}
@@ -138,10 +141,19 @@ def run_jobs(jobs: list[pipeline.Job], address: str | None,
                         raise UserError(payload)
                     finished(index, pipeline.store_result(jobs[index], payload))
         finally:
-            for ref in pending:  # stopped early: nothing more is computed for this run
-                with contextlib.suppress(Exception):
-                    ray.cancel(ref, force=True)
+            if pending and not ours:  # stopped early on the caller's connection: compute no more
+                _cancel(ray, pending)
     return outcomes
+
+
+def _cancel(ray, refs) -> None:
+    """Stop tasks still pending on a connection that stays open. Only where it must: cancelling a
+    task whose answer is arriving can abort the driver inside Ray (2.60: "Tried to complete task
+    that was not pending"), so a connection of our own is shut down instead, and the cluster then
+    stops the driver's tasks itself."""
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=True)
 
 
 def _result(ray, ref, job: pipeline.Job) -> tuple[str, object]:
