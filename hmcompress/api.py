@@ -394,6 +394,7 @@ def verify(path: str | pathlib.Path, original: str | pathlib.Path,
         hm = compressed.matrices[name]
         if tuple(w.shape) != tuple(hm.shape):
             raise UserError(f"{original}: tensor {name!r} has shape {tuple(w.shape)}, not {hm.shape}")
+        compressed.check_expansion(name)
         stats = recorded_fields(LayerStats, info.get("stats"), f"{path}: {name}")
         data_aware = stats.get("norm") == "activations"
         gram = stats_file.gram(name) if data_aware and stats_file and name in stats_file.names else None

@@ -626,6 +626,17 @@ def _sectioned(edit: Callable[[torch.Tensor, dict[str, int]], torch.Tensor], cod
     return lambda d: _rewrite(d, change)
 
 
+def _wrapping_runs(_blob: torch.Tensor, _fields: dict[str, int]) -> torch.Tensor:
+    """A layout-2 pool of one row of one code whose runs, (2**32 - 1) rows of 2**32 - 1 codes and
+    4 rows of 2**31, sum in int64 to 2**64 + 1: wrapped, 1, the pool's rows times their length."""
+    section = struct.pack("<5I", 1, 12 + 256, 3, 1, 1) + struct.pack("<2I", 1, 1) + bytes([0x80, 0x20])
+    section += struct.pack("<I", 1 << 15)
+    empty = struct.pack("<5I", 0, 12 + 256, 0, 0, 0)
+    runs = struct.pack("<4I", 2**32 - 1, 2**32 - 1, 4, 2**31)
+    blob = struct.pack("<5I", 2, 2 * 256, 1, 1, 2) + runs + bytes([0]) + struct.pack("<2I", len(section), len(empty))
+    return torch.frombuffer(bytearray(blob + section + empty), dtype=torch.uint8)
+
+
 def _nested_sections(blob: torch.Tensor, fields: dict[str, int]) -> torch.Tensor:
     """Section 0's layout field set to 2: a section may not itself be sectioned."""
     return _put_u32(blob, fields["section0"] + 4, 2 * 256)
@@ -722,7 +733,7 @@ HOSTILE_COMPRESSED = [
     Case("blocks_equal_area_no_tiling", _table("blocks", _equal_area_misplaced), "do not tile"),
     Case("segment_outside_pool", _table("segments", _outside_pool), "outside pool"),
     Case("segment_negative_offset", _table("segments", _negative_offset), "outside pool"),
-    Case("segment_absurd_rank", _table("segments", _absurd_rank), "outside pool"),
+    Case("segment_absurd_rank", _table("segments", _absurd_rank), "ranks sum to 214748"),
     Case("segment_unknown_kind", _table("segments", _bad_kind), "unknown kind"),
     Case("matrix_absurd_size", _meta(_absurd_matrix), "does not fit"),
     Case("wrong_version", _meta(lambda m: m.update(version=5)), "version 5 is not supported"),
@@ -765,6 +776,7 @@ HOSTILE_COMPRESSED = [
          "coded stream is corrupt|state lies outside|frequencies sum to|more words than|past its"),
     Case("sectioned_class_moves_a_row", _sectioned(lambda b, f: _put_u8(b, f["classes"], 1)),
          "section 0 holds .* codes, its rows"),
+    Case("sectioned_runs_wrap_int64", _sectioned(_wrapping_runs, codec="i4"), "more codes than 1024 a byte"),
 ]
 
 # Broken statistics: the weights still decompress, but `report` and `verify` must refuse.
@@ -1144,13 +1156,13 @@ def _rows_bitmaps(valid: bool) -> Callable[[pathlib.Path], pathlib.Path]:
 
 
 def _one_scale_segment(version: int = 3, kind: int = 0, scale_offset: int = 0,
-                       scales: int = 1) -> Callable[[pathlib.Path], pathlib.Path]:
-    """An 8 x 8 matrix as one ``u8`` segment (dense, or low rank 2), ``scales`` elements of
+                       scales: int = 1, rank: int = 2) -> Callable[[pathlib.Path], pathlib.Path]:
+    """An 8 x 8 matrix as one ``u8`` segment (dense, or low rank ``rank``), ``scales`` elements of
     ``scale.u8``, in a file of ``version``."""
     def make(d: pathlib.Path) -> pathlib.Path:
         blocks = torch.tensor([[0, 0, 8, 8, 0]], dtype=torch.int32)
-        segments = torch.tensor([[0, kind, 9, 2 if kind else 0, 0, scale_offset]], dtype=torch.int32)
-        pools = {"u8": torch.ones(64 if kind == 0 else 32, dtype=torch.int8)}
+        segments = torch.tensor([[0, kind, 9, rank if kind else 0, 0, scale_offset]], dtype=torch.int32)
+        pools = {"u8": torch.ones(64 if kind == 0 else 16 * rank, dtype=torch.int8)}
         return packed_file(d, (8, 8), blocks, segments, pools, {"u8": torch.ones(scales)}, version=version)
     return make
 
@@ -1181,6 +1193,8 @@ HOSTILE_COMPRESSED += [
     Case("u8_in_version_2", _one_scale_segment(version=2), "scale.u8' is not explained"),
     Case("u8_scale_offset_past_its_scales", _one_scale_segment(scale_offset=1), r"scale range \[1, 2\) outside"),
     Case("u8_low_rank_without_its_scale", _one_scale_segment(kind=1, scales=0), r"scale range \[0, 1\) outside"),
+    # ranks above the block's: a coded pool of one symbol (no stream bytes) could hold millions of terms
+    Case("low_rank_above_its_block", _one_scale_segment(kind=1, rank=9), r"ranks sum to 9, above min\(rows, cols\) = 8"),
 ]
 
 
@@ -1264,6 +1278,23 @@ def plan_grid(d: pathlib.Path) -> pathlib.Path:
                        {"f32": torch.ones(2 * n - 1)})
 
 
+def constant_coded_low_rank(d: pathlib.Path) -> pathlib.Path:
+    """One 2048 x 2048 block of rank 2048 (the most a block may have) whose `u8` factors are a
+    coded pool of one symbol: 8 KiB for 8.4 M codes and 8.6e9 products to expand (minutes)."""
+    n, per_lane = 2048, 4096
+    blocks = torch.tensor([[0, 0, n, n, 0]], dtype=torch.int32)
+    segments = torch.tensor([[0, 1, 9, n, 0, 0]], dtype=torch.int32)
+    packed = packed_file(d, (n, n), blocks, segments, {}, {"u8": torch.ones(1)}, version=3)
+    lanes = 2 * n * n // per_lane
+    blob = struct.pack("<5I", lanes, 12 + 256, 129, 1, 1) + struct.pack("<2I", 2 * n, n) + bytes([0x80, 0x20])
+    blob += struct.pack(f"<{lanes}I", *[1 << 15] * lanes)  # every state at its lowest: no stream words
+    coded = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    path = rewrite_compressed(packed, d / "bad.hm.safetensors",
+                              lambda tensors, _meta: tensors.update({f"{COMPRESSED_NAME}.hm.coded.u8": coded}))
+    packed.unlink()
+    return path
+
+
 @dataclasses.dataclass(frozen=True)
 class RuntimeCase(Case):
     """A compressed file the runtime reads (``loads``: `load_state_dict` gives its dense tensors)
@@ -1281,6 +1312,7 @@ HOSTILE_RUNTIME = [
     RuntimeCase("tall_dense_block", tall_dense_block, "as an HLinear would take", loads=True, linear=(1, 65536)),
     RuntimeCase("plan_grid", plan_grid, "as an HLinear would take", loads=True, linear=(4096, 4096)),
     RuntimeCase("rows_bitmaps", _rows_bitmaps(valid=True), "", loads=True),
+    RuntimeCase("constant_coded_low_rank", constant_coded_low_rank, "expanding its low-rank blocks would take"),
 ]
 
 

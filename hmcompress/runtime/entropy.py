@@ -185,11 +185,12 @@ def _parse_sectioned(codec: str, blob: torch.Tensor, where: str, fail) -> Sectio
     runs = _field(blob, HEADER_BYTES, 2 * nruns, 4).reshape(-1, 2)
     if bool((runs < 1).any()):
         fail("a run of stored rows has no rows or rows of length 0")
+    # Counted in float64 first: runs of 2**32 - 1 rows of 2**32 - 1 codes wrap int64's products.
+    if float((runs[:, 0].double() * runs[:, 1].double()).sum()) > MAX_CODES_PER_BYTE * size:
+        fail(f"its runs hold more codes than {MAX_CODES_PER_BYTE} a byte of its {size}")
     symbols = int((runs[:, 0] * runs[:, 1]).sum())
     if symbols != rows * length:
         fail(f"its runs hold {symbols} codes, not its {rows} rows of {length}")
-    if symbols > MAX_CODES_PER_BYTE * size:
-        fail(f"{symbols} codes from {size} bytes: more codes than {MAX_CODES_PER_BYTE} a byte")
     classes = blob[start:start + rows].to(torch.int64)
     if bool((classes >= count).any()):
         fail(f"a row's class is not below its {count} sections")

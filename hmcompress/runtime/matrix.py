@@ -60,6 +60,14 @@ class HMatrix:
         tensors = [self.blocks, self.segments, self.row_masks, *self.scales.values()]
         return sum(t.numel() * t.element_size() for t in tensors) + sum(map(self.pool_bytes, self.pools))
 
+    @property
+    def term_products(self) -> float:
+        """Products `to_dense` computes for the low-rank segments: rank · rows · cols each (float64:
+        a hostile table's would wrap int64)."""
+        low = self.segments[self.segments[:, 1] == LOWRANK].to(torch.int64)
+        sizes = self.blocks[low[:, 0]].double()
+        return float((low[:, 3].double() * sizes[:, 2] * sizes[:, 3]).sum())
+
     def pool_bytes(self, codec: str) -> int:
         """Bytes the file stores for a codec's pool: coded, or else fixed-width."""
         pool = self.coded.get(codec, self.pools[codec])
@@ -111,8 +119,9 @@ class HMatrix:
                 for start in range(0, s.rows, band):
                     part = view[start:start + band]
                     term = torch.empty_like(part)
-                    for a, b in zip(s.a[:, start:start + band], s.b):
-                        part += torch.mul(a.unsqueeze(1), b, out=term)
+                    a = s.a[:, start:start + band]
+                    for j in range(s.a.shape[0]):  # by index: iterating a tensor makes every row's view at once
+                        part += torch.mul(a[j].unsqueeze(1), s.b[j], out=term)
             elif isinstance(s, RowsSegment):  # each row once: the same sums as view[index] += values, no gathered copy
                 view.index_add_(0, s.index, s.values)
             else:

@@ -38,6 +38,13 @@ MAX_METADATA_DEPTH = 64  # JSON containers inside containers in the hmcompress m
 # MAX_EXPANSION, or MIN_DENSE_LIMIT): a tiny file cannot ask for gigabytes of zeros.
 MAX_EXPANSION = 4096
 MIN_DENSE_LIMIT = 256 << 20
+# Expanding a low-rank segment of rank k on an r x c block adds k terms of r·c products (the order
+# FORMAT.md prescribes); a file may ask for at most the larger of these many such products: a coded
+# pool of one symbol costs no stream bytes, so without it kilobytes could ask for minutes. The
+# writer's factors take far more than a byte per 2¹⁶ products (a 4096 x 4096 block of rank k:
+# k·8192 codes for k·2²⁴ products, 2048 a code).
+MIN_TERM_WORK = 1 << 32
+TERM_WORK_PER_BYTE = 1 << 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,13 +230,23 @@ class CompressedFile:
         """
         if name not in self.matrices:
             return self.passthrough[name]
+        self.check_expansion(name, max_bytes)
+        return self.matrices[name].to_dense().reshape(self.metadata["matrices"][name]["orig_shape"])
+
+    def check_expansion(self, name: str, max_bytes: int | None = None) -> None:
+        """`FormatError` unless matrix ``name`` may be expanded: its float64 work array within
+        ``max_bytes`` (see `dense`) and its low-rank terms' products within `MIN_TERM_WORK` or
+        `TERM_WORK_PER_BYTE` a byte stored."""
         hm = self.matrices[name]
         m, n = hm.shape
         limit = max(MIN_DENSE_LIMIT, MAX_EXPANSION * hm.nbytes) if max_bytes is None else max_bytes
         if 8 * m * n > limit:
             raise FormatError(f"{self.path}: {name}: expanding its {m}x{n} matrix, stored in {hm.nbytes} bytes, "
                               f"would take {8 * m * n} bytes, more than the {limit} allowed")
-        return hm.to_dense().reshape(self.metadata["matrices"][name]["orig_shape"])
+        work, allowed = hm.term_products, max(MIN_TERM_WORK, TERM_WORK_PER_BYTE * hm.nbytes)
+        if work > allowed:
+            raise FormatError(f"{self.path}: {name}: expanding its low-rank blocks would take {work:.3g} products "
+                              f"from {hm.nbytes} bytes, more than the {allowed:.3g} allowed")
 
 
 
