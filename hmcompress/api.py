@@ -22,7 +22,14 @@ from hmcompress.errors import OutputExists, UserError
 from hmcompress.io import pipeline, training
 from hmcompress.io.activations import ActivationStats
 from hmcompress.io.checkpoint import Checkpoint, Selection, classify, open_checkpoint
-from hmcompress.io.writer import StreamedTensor, shard_paths, write_assembled, write_runtime_shim, write_streamed
+from hmcompress.io.writer import (
+    SHIM_NAME,
+    StreamedTensor,
+    shard_paths,
+    write_assembled,
+    write_runtime_shim,
+    write_streamed,
+)
 from hmcompress.runtime import FORMAT_VERSION, read_file
 
 
@@ -136,9 +143,9 @@ def compress_checkpoint(source: str | pathlib.Path, output: str | pathlib.Path |
     opened = open_checkpoint(source)
     output = pathlib.Path(output) if output else default_output(source)
     if write:
-        _check_output(source, output, overwrite)
+        check_output(output, overwrite, source, activations, beside_shim=True)
         if max_shard_bytes is not None:
-            _check_output(source, shard_paths(output, 1)[1], overwrite)
+            check_output(shard_paths(output, 1)[1], overwrite, source, activations, beside_shim=True)
     kept, ckpt, reasons = selected(opened, selection, source)
     source_names = {new: old for old, new in kept.names.items()}
     eligible = [e.name for e in ckpt.entries if reasons[e.name] is None]
@@ -308,9 +315,18 @@ def options_from_json(recorded: dict) -> tuple[CompressionOptions, Selection]:
     return options, selection
 
 
-def _check_output(source: pathlib.Path, output: pathlib.Path, overwrite: bool) -> None:
-    if is_input(output, source):
-        raise UserError(f"{output}: refusing to overwrite the input checkpoint")
+def check_output(output: pathlib.Path, overwrite: bool, *inputs: str | pathlib.Path | None,
+                 beside_shim: bool = False) -> None:
+    """Before any work: ``output`` replaces none of the ``inputs`` (a checkpoint, a stats file, a
+    compressed file), is a file to write (not a directory; with ``beside_shim``, not the runtime
+    shim written beside it) in a directory that exists, and replaces a file only with ``overwrite``."""
+    for source in inputs:
+        if source is not None and is_input(output, pathlib.Path(source)):
+            raise UserError(f"{output}: refusing to overwrite the input file {source}")
+    if output.is_dir():
+        raise UserError(f"{output}: is a directory; name the file to write")
+    if beside_shim and output.name == SHIM_NAME:
+        raise UserError(f"{output}: {SHIM_NAME} is the runtime written beside the compressed file; name it otherwise")
     if output.exists() and not overwrite:
         raise OutputExists(output)
     if not output.parent.is_dir():
@@ -386,6 +402,12 @@ def verify(path: str | pathlib.Path, original: str | pathlib.Path,
     absolute = isinstance(options, dict) and options.get("absolute") is True
     ckpt = open_checkpoint(original)
     by_name = {e.name: e for e in ckpt.entries}
+    # A file written with --model-only names the matrices without the prefix it removed (its
+    # header says which): the original full checkpoint holds them under prefix + name.
+    source = compressed.metadata.get("source")
+    prefix = source.get("removed_prefix") if isinstance(source, dict) else None
+    if isinstance(prefix, str) and prefix:
+        by_name = {e.name[len(prefix):]: e for e in ckpt.entries if e.name.startswith(prefix)} | by_name
     results = []
     for name, info in sorted(compressed.metadata["matrices"].items()):
         if name not in by_name:

@@ -20,6 +20,11 @@ import typer.core
 from rich.console import Console
 
 from hmcompress import __version__
+
+try:  # typer 0.2x vendors its click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # older typer: click itself
+    from click import exceptions as click_exceptions
 from hmcompress.errors import OptionError, OutputExists, UserError
 from hmcompress.report.text import print_line
 
@@ -58,7 +63,8 @@ def _console(stderr: bool = False) -> Console:
     columns = os.environ.get("COLUMNS", "")
     tty = stream.isatty()
     width = int(columns) if columns.isdigit() else (None if tty else PIPE_WIDTH)
-    return Console(file=stream, width=width, force_terminal=None if tty else False, markup=False)  # names are data
+    # Names are data: no markup, no :emoji: codes.
+    return Console(file=stream, width=width, force_terminal=None if tty else False, markup=False, emoji=False)
 
 
 def _say(text: str) -> None:
@@ -255,6 +261,12 @@ def compress(
         out_dir.mkdir(parents=True, exist_ok=True)
     targets = [output or api.default_output(model, out_dir) for model in models]
     _refuse_duplicate_outputs(models, targets)
+    if len(models) > 1:  # a batch checks every input and output before it writes any
+        from hmcompress.io.checkpoint import open_checkpoint
+
+        for model, target in zip(models, targets):
+            open_checkpoint(model)
+            api.check_output(target, force, model, activations, beside_shim=True)
     results = []
     for model, target in zip(models, targets):
         budget = None
@@ -362,7 +374,7 @@ def report_cmd(
     from hmcompress.train import recalibrate as recalibration
 
     if html_out:
-        _check_picture_outputs(None, html_out, force)
+        _check_picture_outputs(None, html_out, force, file, original)
     meta, layers = api.stats_from_file(file)
     if html_out:
         _write_report_page(file, meta, layers, html_out, force)
@@ -484,7 +496,7 @@ def compare_cmd(
     chosen = baselines.select(methods, leaf, data_aware=activations is not None)
     selection = Selection(min_size=min_size, include=tuple(include), exclude=tuple(exclude), conv=conv)
     if plot or html_out:
-        _check_picture_outputs(plot, html_out, force)
+        _check_picture_outputs(plot, html_out, force, model, activations)
     task = _model_task(model_factory) if model_factory else None
     with _Bar(f"compare {model}", not quiet) as bar:
         result = comparison.compare_checkpoint(model, tols, chosen, selection, leaf, bar.update, task, activations)
@@ -497,13 +509,16 @@ def compare_cmd(
         _print_text_table(table)
 
 
-def _check_picture_outputs(plot: Optional[pathlib.Path], html_out: Optional[pathlib.Path], force: bool) -> None:
-    """Before any work: matplotlib is there, and the outputs can be written."""
+def _check_picture_outputs(plot: Optional[pathlib.Path], html_out: Optional[pathlib.Path], force: bool,
+                           *inputs: Optional[pathlib.Path]) -> None:
+    """Before any work: matplotlib is there, and the outputs can be written (the page replaces
+    none of the ``inputs``)."""
+    from hmcompress import api
     from hmcompress.report.plots import require_matplotlib
 
     require_matplotlib()
-    if html_out and html_out.exists() and not force:
-        raise OutputExists(html_out)
+    if html_out:
+        api.check_output(html_out, force, *inputs)
     if plot and plot.exists() and not plot.is_dir():
         raise UserError(f"{plot}: is not a directory")
 
@@ -745,7 +760,7 @@ def _import_from_cwd() -> None:
 # The library names options as its parameters do; the command line shows the flags.
 FLAGS = {"tol": "--tol", "strategy": "--strategy", "precision": "--precision", "leaf": "--leaf",
          "device": "--device", "max_error": "--max-error", "min_ratio": "--min-ratio", "sweep": "--sweep",
-         "methods": "--methods"}
+         "methods": "--methods", "model_tol": "--model-tol"}
 
 
 def _in_cli_terms(exc: Exception) -> str:
@@ -778,21 +793,30 @@ def main() -> None:
         sys.argv = [sys.argv[0], *(a for a in args if a != "--debug")]
     try:
         with _one_line_warnings():
-            app()
+            code = app(standalone_mode=False)  # usage errors come back here, not as typer's boxes
+    except getattr(click_exceptions, "NoArgsIsHelpError", ()):  # bare `hmcompress`: typer printed the help
+        sys.exit(2)
+    except click_exceptions.ClickException as exc:  # bad option, missing argument, unknown command
+        command = exc.ctx.command_path if getattr(exc, "ctx", None) else "hmcompress"
+        _fail(f"{exc.format_message()} (see {command} --help)", json_out, exc.exit_code)
+    except typer.Abort:
+        _fail("aborted", json_out, 1)
     except Exception as exc:
         from hmcompress.errors import USER_ERRORS
 
         if _debug["on"] or not isinstance(exc, USER_ERRORS):
             raise
-        message = " ".join(_in_cli_terms(exc).splitlines())
-        _say(f"hmcompress: error: {message}")
-        if json_out:
-            sys.stdout.write(json.dumps({"ok": False, "error": message}) + "\n")
-        sys.exit(2)
-    except SystemExit as exc:
-        if exc.code == 2 and json_out:  # a usage error, explained on stderr by typer
-            sys.stdout.write(json.dumps({"ok": False, "error": "invalid command line (see stderr)"}) + "\n")
-        raise
+        _fail(_in_cli_terms(exc), json_out, 2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, json_out: bool, code: int) -> None:
+    """One line on stderr (and with --json one document on stdout), then exit with ``code``."""
+    message = " ".join(message.split())
+    _say(f"hmcompress: error: {message}")
+    if json_out:
+        sys.stdout.write(json.dumps({"ok": False, "error": message}) + "\n")
+    sys.exit(code)
 
 
 def _warning_line(message, _category, _filename, _lineno, _file=None, _line=None) -> None:

@@ -71,6 +71,8 @@ def test_model_tol_holds_on_the_file_as_loaded_and_beats_one_tolerance(cli, mode
     (("--model-factory", FACTORY, "--tol", "0.01"), "exclude each other"),
     (("--model-factory", FACTORY, "--data", "budget_model:bad_batches"), "no data today"),
     (("--model-factory", "budget_model:nothing"), "no callable"),
+    (("--model-factory", FACTORY, "--model-tol", "0"), "--model-tol must be a finite number > 0"),  # the last one given
+    (("--model-factory", FACTORY, "--model-tol", "-1"), "--model-tol must be a finite number > 0"),
 ])
 def test_model_tol_refusals_are_one_line_and_write_nothing(cli, model, tmp_path, extra, message):
     path, stats = model

@@ -134,10 +134,62 @@ def test_never_overwrites_the_input(cli, tmp_path):
     assert {p: p.read_bytes() for p in before} == before
 
 
-def test_usage_error_under_json_is_still_json(cli, tmp_path):
+def test_usage_errors_are_one_line_and_json_is_still_json(cli, tmp_path):
     run = cli("compress", tmp_path / "x.pt", "--json", "--tol", "abc")
     assert run.code == 2
-    assert json.loads(run.stdout) == {"ok": False, "error": "invalid command line (see stderr)"}
+    line = run.error_line()
+    assert "'--tol'" in line and "compress --help" in line
+    assert json.loads(run.stdout) == {"ok": False, "error": line.removeprefix("hmcompress: error: ")}
+    for args, problem in [(("compress", tmp_path / "x.pt", "--frobnicate"), "No such option: --frobnicate"),
+                          (("verify", tmp_path / "x.hm.safetensors"), "Missing option '--original'"),
+                          (("report",), "Missing argument 'file'"), (("frob",), "No such command 'frob'"),
+                          (("compress", tmp_path / "x.pt", "--leaf", "0"), "'--leaf'")]:
+        run = cli(*args)
+        assert run.code == 2 and problem in run.error_line(), args
+
+
+def test_no_output_replaces_an_input_or_a_directory(cli, tmp_path):
+    """Pages over the file they describe, a compressed file over its stats file, a directory or
+    the runtime shim as the output: one line, exit 2, every file as it was."""
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.randn(80, 70, generator=torch.Generator().manual_seed(0))}, str(path))
+    out = tmp_path / "plain.hm.safetensors"
+    assert cli("compress", path, "-q").code == 0
+    stats = tmp_path / "stats.safetensors"
+    stats.write_bytes(b"not read: refused first")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    before = {p: p.read_bytes() for p in (path, out, stats, tmp_path / "hmruntime.py")}
+    for args, problem in [(("report", out, "--html", out), "refusing to overwrite the input"),
+                          (("compare", path, "--html", path, "-q"), "refusing to overwrite the input"),
+                          (("compress", path, "--activations", stats, "-o", stats), "refusing to overwrite the input"),
+                          (("compress", path, "-o", folder), "is a directory"),
+                          (("decompress", out, "-o", folder), "is a directory"),
+                          (("report", out, "--html", folder), "is a directory"),
+                          (("compress", path, "-o", tmp_path / "hmruntime.py"), "is the runtime written beside")]:
+        run = cli(*args, "--force")
+        assert run.code == 2 and problem in run.error_line(), args
+    assert {p: p.read_bytes() for p in before} == before
+    assert list(folder.iterdir()) == []
+
+
+def test_a_batch_checks_every_input_and_output_before_writing(cli, tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.randn(80, 70, generator=torch.Generator().manual_seed(0))}, str(good))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_text("not a checkpoint")
+    out = tmp_path / "out"
+    for batch in [(good, broken), (good, tmp_path / "missing.safetensors")]:
+        run = cli("compress", *batch, "--out-dir", out, "--json")
+        assert run.code == 2 and str(batch[1]) in run.error_line()
+        assert json.loads(run.stdout)["ok"] is False
+        assert not out.exists() or list(out.iterdir()) == []
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.ones(80, 70)}, str(other))
+    (tmp_path / "other.hm.safetensors").write_bytes(b"a file of the user's")
+    run = cli("compress", good, other)
+    assert run.code == 2 and "other.hm.safetensors: exists" in run.error_line()
+    assert not (tmp_path / "good.hm.safetensors").exists()
 
 
 def _subprocess(*args: str) -> subprocess.CompletedProcess:

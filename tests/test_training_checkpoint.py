@@ -86,6 +86,10 @@ def test_model_only_loads_into_the_bare_model_at_the_model_ratio(cli, training_c
     assert runtime.patch(model, out)  # no option: the names are the bare model's
     tokens = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(2))
     assert torch.allclose(model(tokens), reference(tokens), atol=1e-5)
+    # verify finds the matrices in the full training checkpoint under the prefix it removed, and in the bare one
+    for original in (path, bare):
+        run = cli("verify", out, "--original", original)
+        assert run.code == 0, run.stderr
 
 
 def test_the_report_says_what_was_kept_dropped_and_renamed(cli, training_checkpoint, tmp_path):

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from hmcompress.api import CompressionResult, compress_checkpoint, selected
+from hmcompress.api import CompressionResult, check_output, compress_checkpoint, selected
 from hmcompress.calibrate import feed, output_tensors
 from hmcompress.core.build import CompressionOptions, InputsBuilder, as_matrix, compress_matrix, storage_codecs
 from hmcompress.core.weighted import ColumnMetric, InputWeights
@@ -288,11 +288,10 @@ def compress_to_model_tol(source: str | pathlib.Path, output: str | pathlib.Path
                           ) -> tuple[CompressionResult, ModelBudget]:
     """Compress ``source`` so that the model's relative output error on ``batches`` (measured
     through the runtime shim) is at most ``model_tol``, in as few bytes as the allocation finds."""
-    if not (math.isfinite(model_tol) and model_tol >= 0):
-        raise OptionError("model_tol", f"must be a finite number >= 0, got {model_tol}")
+    if not (math.isfinite(model_tol) and model_tol > 0):
+        raise OptionError("model_tol", f"must be a finite number > 0 (for exact storage, --tol 0), got {model_tol}")
     source, output = pathlib.Path(source), pathlib.Path(output)
-    if output.exists() and not overwrite:
-        raise OutputExists(output)
+    check_output(output, overwrite, source, activations, beside_shim=True)
     stats = ActivationStats.open(activations) if activations is not None else None
     batches = list(batches)
     model = analysis.original_model(task, source)

@@ -105,6 +105,8 @@ def atomic_write(path: str | os.PathLike, produce: Callable[[pathlib.Path], None
     (also if it appears while writing). On any failure the temporary file is removed.
     """
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; name the file to write")
     if path.exists() and not overwrite:
         raise OutputExists(path)
     directory = path.parent
