@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hmcompress.errors import UserError
+from hmcompress.errors import USER_CODE_FAILURES, UserError
 from hmcompress.io.activations import STATS_FORMAT, STATS_KEY
 
 UNFOLD_NUMBERS = 2**24  # a conv's patches are formed this many numbers at a time
@@ -203,7 +203,7 @@ def feed(model: nn.Module, batches: Iterable, data: str, current: dict | None = 
             return
         except UserError:
             raise
-        except Exception as err:  # noqa: BLE001 - the user's code: any failure is one line
+        except USER_CODE_FAILURES as err:  # the user's code: any failure is one line
             raise UserError(_one_line(f"{data}: batch {done + 1} raised {type(err).__name__}: {err}")) from err
         current["batch"] = done
         try:
@@ -216,7 +216,7 @@ def feed(model: nn.Module, batches: Iterable, data: str, current: dict | None = 
                     output = model(batch)
         except UserError as err:
             raise UserError(_one_line(f"{data}: batch {done + 1}: {err}")) from err
-        except Exception as err:  # noqa: BLE001
+        except USER_CODE_FAILURES as err:
             raise UserError(_one_line(f"{data}: the model raised {type(err).__name__} on batch {done + 1}: "
                                       f"{err}")) from err
         done += 1
@@ -319,7 +319,7 @@ def calibrate_checkpoint(factory: str, checkpoint: str | os.PathLike, output: st
     model = analysis.original_model(task, checkpoint)
     try:
         batches = hook()
-    except Exception as err:  # noqa: BLE001 - the user's code
+    except USER_CODE_FAILURES as err:  # the user's code
         raise UserError(_one_line(f"{data_spec}: raised {type(err).__name__}: {err}")) from err
     fed = [0]
 

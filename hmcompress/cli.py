@@ -25,7 +25,7 @@ try:  # typer 0.2x vendors its click
     from typer._click import exceptions as click_exceptions
 except ImportError:  # older typer: click itself
     from click import exceptions as click_exceptions
-from hmcompress.errors import OptionError, OutputExists, UserError
+from hmcompress.errors import USER_CODE_FAILURES, OptionError, OutputExists, UserError
 from hmcompress.report.text import print_line
 
 
@@ -337,7 +337,7 @@ def _compress_to_model_tol(model: pathlib.Path, target: pathlib.Path, model_tol:
     data_spec, hook = load_data_hook(factory, data)
     try:
         batches = hook()
-    except Exception as err:  # noqa: BLE001 - the user's code: one line
+    except USER_CODE_FAILURES as err:  # the user's code: one line
         raise UserError(" ".join(f"{data_spec}: raised {type(err).__name__}: {err}".split())) from err
     log = (lambda _message: None) if quiet else _log_lines(f"compress {model}")
     return budget.compress_to_model_tol(model, target, model_tol, task, batches, data_spec, options, selection,

@@ -42,3 +42,7 @@ class OutputExists(UserError):
 
 
 USER_ERRORS: tuple[type[Exception], ...] = (UserError, FormatError)
+
+# What code of the user's (a factory, a data hook, the model itself) may raise that becomes one
+# line of `UserError`: sys.exit() inside it is a failure of that code too, not the command's exit.
+USER_CODE_FAILURES = (Exception, SystemExit)

@@ -530,6 +530,10 @@ def package(tmp_path, monkeypatch):
 
         def raising_factory():
             raise ValueError("cannot build")
+
+        def exiting():
+            import sys
+            sys.exit(0)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     import importlib
@@ -559,6 +563,8 @@ REFUSALS = {
     "hook raises later": (["{name}:build", "{ckpt}", "--data", "{name}:broken_later"],
                           "batch 2 raised OSError: lost it"),
     "model raises": (["{name}:build", "{ckpt}", "--data", "{name}:wrong_width"], "the model raised RuntimeError"),
+    "hook calls sys.exit(0)": (["{name}:build", "{ckpt}", "--data", "{name}:exiting"],
+                               "{name}:exiting: raised SystemExit: 0"),
     "checkpoint does not fit": (["{name}:build", str(CLASSIFIER), "--data", "{name}:two"], "does not fit"),
     "checkpoint missing": (["{name}:build", "{dir}/missing.safetensors", "--data", "{name}:two"],
                            "no such file or directory"),

@@ -186,3 +186,6 @@ def test_a_tolerance_that_zeroes_matrices_is_said(cli, checkpoint, tmp_path):
     assert "hmcompress: warning: 3 matrices" in run.stderr and "stored as zero: tol 2" in run.stderr
     quiet = cli("compress", checkpoint, "--tol", "1e-2", "-o", tmp_path / "n.hm.safetensors", "-q")
     assert "warning" not in quiet.stderr
+    huge = cli("compress", checkpoint, "--tol", "1e308", "-o", tmp_path / "h.hm.safetensors", "-q")  # its square overflows
+    assert huge.code == 0 and huge.stderr.splitlines() == [line.replace("tol 2", "tol 1e+308")
+                                                             for line in run.stderr.splitlines()]

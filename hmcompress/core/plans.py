@@ -16,6 +16,7 @@ the estimates here are checked by measuring the built matrix (see `build.py`).
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import numpy as np
 
@@ -153,7 +154,7 @@ def optimal_plan(c: Candidates, budget: float) -> Plan:
     """
     if budget <= 0:
         return _lagrangian(c, 1e300)
-    unit = _per_budget(c, budget)
+    unit = _per_budget(c, min(budget, sys.float_info.max))  # a tolerance whose square overflows: any plan fits
     lo, hi = np.log(1e-6), np.log(max(float(c.dense_bytes[0, 0]), 1.0) * 1e15)
     plan = _lagrangian(unit, np.exp(lo))
     if plan.error(unit) <= 1:

@@ -35,7 +35,7 @@ from hmcompress import runtime
 from hmcompress.api import compress_checkpoint, options_from_json
 from hmcompress.compare.baselines import TruncatedSVD
 from hmcompress.core.build import CompressionOptions, as_matrix
-from hmcompress.errors import UserError
+from hmcompress.errors import USER_CODE_FAILURES, UserError
 from hmcompress.io.checkpoint import Selection, open_checkpoint
 
 SWEEP_TOLS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3)
@@ -74,7 +74,7 @@ def factory_task(spec: str) -> ModelTask:
     def built() -> nn.Module:
         try:
             model = build()
-        except Exception as err:  # noqa: BLE001 - the user's code
+        except USER_CODE_FAILURES as err:  # the user's code
             raise UserError(" ".join(f"{spec}: the factory raised {type(err).__name__}: {err}".split())) from err
         if not isinstance(model, nn.Module):
             raise UserError(f"{spec}: the factory returned {type(model).__name__}, not an nn.Module")
