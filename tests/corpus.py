@@ -398,6 +398,27 @@ def shards_index_names_absent_tensor(d: pathlib.Path) -> pathlib.Path:
     return _sharded(d, {"a.weight": "model-1.safetensors", "z.weight": "model-2.safetensors"})
 
 
+def shards_nul_in_a_shard_name(d: pathlib.Path) -> pathlib.Path:
+    return _sharded(d, {"a.weight": "model-1.safetensors\u0000x"})
+
+
+def shards_lone_surrogate_in_a_shard_name(d: pathlib.Path) -> pathlib.Path:
+    return _sharded(d, {"a.weight": "model-1\ud800.safetensors"})
+
+
+def torch_zip_record_twice(d: pathlib.Path) -> pathlib.Path:
+    """A second data.pkl record of the same name: the scan and torch could read different ones
+    (zip readers keep the last of a name, or the first; a name cut at a NUL makes another)."""
+    path = d / "model.pt"
+    torch.save({"w": _weights(0)}, path)
+    members = _zip_members(path)
+    name = next(n for n in members if n.endswith("/data.pkl"))
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "a") as archive:
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name it writes
+        archive.writestr(name, members[name])
+    return path
+
+
 def shards_broken_shard(d: pathlib.Path) -> pathlib.Path:
     shards = _sharded(d, {"a.weight": "model-1.safetensors", "b.weight": "model-2.safetensors"})
     (shards / "model-2.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
@@ -449,6 +470,9 @@ HOSTILE_CHECKPOINTS = [
     Case("shards_path_escapes", shards_path_escapes, "is outside the directory"),
     Case("shards_index_names_absent_tensor", shards_index_names_absent_tensor, "has no tensor 'z.weight'"),
     Case("shards_broken_shard", shards_broken_shard, "model-2.safetensors"),
+    Case("shards_nul_in_a_shard_name", shards_nul_in_a_shard_name, "is not a file name"),
+    Case("shards_lone_surrogate_in_a_shard_name", shards_lone_surrogate_in_a_shard_name, "is not a file name"),
+    Case("torch_zip_record_twice", torch_zip_record_twice, "two records of one name"),
 ]
 
 

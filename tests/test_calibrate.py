@@ -277,6 +277,9 @@ OPEN_REFUSALS = {
     "samples 0": ({"w": GOOD}, layers_header(samples=0), None, "'samples' must be a whole number"),
     "samples 1.5": ({"w": GOOD}, layers_header(samples=1.5), None, "'samples' must be a whole number"),
     "batches missing": ({"w": GOOD}, {"format": 1, "layers": {"w": {"samples": 3}}}, None, "'batches'"),
+    "samples 2**63": ({"w": GOOD}, layers_header(samples=2**63), None, "'samples' must be a whole number from 1 to 2**53"),
+    "metadata nested 100,000 deep": ({"w": GOOD}, '{"format": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}", None,
+                                     "not valid JSON"),
 }
 
 
@@ -335,13 +338,19 @@ def bad_gram(name: str) -> torch.Tensor:
         g[0, 1] = g[1, 0] = 1.0
     elif name == "indefinite":
         g = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.5], [0.0, 1.5, 1.0]], dtype=torch.float64)
+    elif name == "subnormal":  # passes every other check; weighted errors would underflow to zero
+        g *= 5e-324
+    elif name == "vast":
+        g *= 1e200
     return g
 
 
 GRAM_REFUSALS = {"nan": "G has NaN or Inf", "inf": "G has NaN or Inf", "asymmetric": "G is not symmetric",
                  "negative diagonal": "G has a negative diagonal entry", "zero": "G is zero: no input reached the layer",
                  "zero diagonal": "G has a zero diagonal but non-zero entries",
-                 "indefinite": "its input second moment G is not positive semi-definite (smallest eigenvalue -5.0e-01"}
+                 "indefinite": "its input second moment G is not positive semi-definite (smallest eigenvalue -5.0e-01",
+                 "subnormal": "G's largest diagonal entry 4.9e-324 lies outside 1e-150 to 1e+150",
+                 "vast": "G's largest diagonal entry 1.0e+200 lies outside 1e-150 to 1e+150"}
 
 
 @pytest.mark.parametrize("case", sorted(GRAM_REFUSALS))

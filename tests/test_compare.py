@@ -436,6 +436,15 @@ def test_activations_measure_every_method_in_the_output_norm(cli, model, stats_f
     assert "relative Frobenius on the 1 without G (b.weight)" in table.stdout
 
 
+def test_weights_whose_output_energy_overflows_are_one_line(cli, stats_file, tmp_path):
+    """float64 weights of 1e200: tr(W G Wᵀ) leaves float64's range (compress keeps such a matrix
+    as it is); compare says which tensor, in one line."""
+    huge = tmp_path / "huge.safetensors"
+    save_file({"a.weight": kernel(96, 64, 0).double() * 1e200, "b.weight": kernel(64, 64, 1)}, huge)
+    run = cli("compare", huge, "--activations", stats_file, "--methods", "svd", "-q")
+    assert run.code == 2 and "tensor 'a.weight': the weighted error leaves float64's range" in run.error_line()
+
+
 @pytest.mark.slow
 def test_plain_json_has_no_activation_fields(compared):
     payload = compared["payload"]

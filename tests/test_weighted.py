@@ -126,3 +126,18 @@ def test_shape_mismatch_is_refused():
 
     with pytest.raises(OptionError, match="columns"):
         compress_matrix(torch.ones(4, 5), CompressionOptions(), weights=InputWeights(torch.eye(4, dtype=torch.float64), 1))
+
+
+def test_weighted_errors_below_float64s_normal_range_do_not_pass_as_zero():
+    """float64 weights of 1e-100 on inputs whose G is 1e-150: every weighted energy (1e-350)
+    underflows to 0. A zero H must not pass as exact in G's norm (its true relative error is 1),
+    and the plain error the file records is measured, not taken for 0: the guarantee holds in
+    exact arithmetic."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(12, 10, generator=gen, dtype=torch.float64) * 1e-100
+    gram = torch.eye(10, dtype=torch.float64) * 1e-150
+    built = compress_matrix(w, CompressionOptions(tol=1e-2), weights=InputWeights(gram, 10))
+    stored = built.hmatrix.to_dense(torch.float64)
+    residual = exact_energy(w - stored, gram)
+    assert residual <= Fraction(1e-2) ** 2 * exact_energy(w, gram)
+    assert built.error >= float(torch.linalg.matrix_norm(w - stored))

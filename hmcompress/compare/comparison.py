@@ -295,9 +295,13 @@ def compare_checkpoint(source: str | pathlib.Path, tols: list[float], methods: d
         norm = None
         if stats is not None and entry.name in stats.names:  # checked by _checked_stats
             norm = InputsNorm(InputWeights(stats.gram(entry.name, checked=False), stats.samples(entry.name)))
-        with one_thread():  # as compress: the figures may not depend on the thread count
-            layers.append(compare_matrix(entry.name, matrix, tols, methods, keep_stored=task is not None,
-                                         norm=norm))
+        try:
+            with one_thread():  # as compress: the figures may not depend on the thread count
+                layers.append(compare_matrix(entry.name, matrix, tols, methods, keep_stored=task is not None,
+                                             norm=norm))
+        except OverflowError as err:  # compress keeps such a matrix as it is; there is nothing to compare
+            raise UserError(f"{source}: tensor {entry.name!r}: {err} (its magnitudes are too large to "
+                            "measure; leave it out with --exclude)") from err
     metrics = task_metrics(task, source, layers, list(methods), tols[0]) if task is not None else None
     for layer in layers:  # the stored matrices were kept for the task metric only
         layer.at_tol[tols[0]] = {n: dataclasses.replace(o, stored=None) for n, o in layer.at_tol[tols[0]].items()}

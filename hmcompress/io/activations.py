@@ -20,11 +20,15 @@ from hmcompress.errors import UserError
 STATS_KEY = "hmcompress_stats"  # the metadata key of a stats file
 STATS_FORMAT = 1
 PSD_SLACK = 8  # G's smallest eigenvalue may be as low as -n * eps * PSD_SLACK * its largest
+MAX_COUNT = 2**53  # sample and batch counts: whole numbers float64 holds exactly
+# G's largest diagonal entry (the mean square of the most excited input) lies within these: a
+# float32 weight's square (1e-90 to 1e77) times it, summed, stays a normal float64.
+GRAM_SCALE = (1e-150, 1e150)
 
 
 def _count(value: object) -> int | None:
-    """``value`` if it is a positive int (not a bool), else None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+    """``value`` if it is a positive int (not a bool) that float64 holds exactly, else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_COUNT else None
 
 
 class ActivationStats:
@@ -63,8 +67,8 @@ class ActivationStats:
             raise fail(f"not a calibration stats file (no {STATS_KEY!r} metadata; make one with hmcompress calibrate)")
         try:
             header = json.loads(metadata[STATS_KEY])
-        except ValueError as err:
-            raise fail(f"{STATS_KEY!r} metadata is not valid JSON ({err})") from err
+        except (ValueError, RecursionError) as err:
+            raise fail(f"{STATS_KEY!r} metadata is not valid JSON ({' '.join(str(err).split())[:200]})") from err
         if not isinstance(header, dict):
             raise fail(f"{STATS_KEY!r} metadata is not a JSON object")
         if type(header.get("format")) is not int or header["format"] != STATS_FORMAT:
@@ -87,9 +91,9 @@ class ActivationStats:
                            f"{'x'.join(map(str, shape)) or 'scalar'}")
             entry = layers[name]
             if not isinstance(entry, dict) or _count(entry.get("samples")) is None:
-                raise fail(f"layer {name!r}: 'samples' must be a whole number of at least 1")
+                raise fail(f"layer {name!r}: 'samples' must be a whole number from 1 to 2**53")
             if _count(entry.get("batches")) is None:
-                raise fail(f"layer {name!r}: 'batches' must be a whole number of at least 1")
+                raise fail(f"layer {name!r}: 'batches' must be a whole number from 1 to 2**53")
             sizes[name], samples[name], batches[name] = shape[0], entry["samples"], entry["batches"]
         return cls(path, sizes, samples, batches, source)
 
@@ -149,6 +153,10 @@ class ActivationStats:
             if not bool(g.any()):
                 raise fail("G is zero: no input reached the layer")
             raise fail("G has a zero diagonal but non-zero entries, so it is no second moment")
+        largest = float(diagonal.max())
+        if not GRAM_SCALE[0] <= largest <= GRAM_SCALE[1]:  # weighted errors would under- or overflow
+            raise fail(f"G's largest diagonal entry {largest:.1e} lies outside {GRAM_SCALE[0]:g} to "
+                       f"{GRAM_SCALE[1]:g} (inputs of that size say nothing a float64 error can hold)")
         # G + δI positive definite (its Cholesky factor exists) with δ no larger than the slack
         # allowed below (the trace bounds the largest eigenvalue) settles it; eigenvalues only
         # for a G that fails, to say by how much.

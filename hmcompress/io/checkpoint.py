@@ -241,6 +241,9 @@ def _prescan_zip(path: pathlib.Path) -> None:
     size = path.stat().st_size
     with zipfile.ZipFile(path) as archive:
         infos = {info.filename: info for info in archive.infolist()}
+        if len(infos) != len(archive.infolist()):  # torch would read a record this scan did not see
+            raise CheckpointError(path, "cannot read as a PyTorch checkpoint (two records of one name, or names "
+                                        "that differ only after a NUL)")
         pickles = [name for name in infos if name == "data.pkl" or name.endswith("/data.pkl")]
         if len(pickles) != 1:
             raise CheckpointError(path, f"cannot read as a PyTorch checkpoint (the archive holds {len(pickles)} "
@@ -765,6 +768,12 @@ def _open_sharded(directory: pathlib.Path, index_path: pathlib.Path) -> Checkpoi
     shards: dict[tuple[int, int], dict[str, TensorEntry]] = {}
     inside = directory.resolve()
     for name, shard in sorted(weight_map.items()):
+        try:
+            os.fsencode(shard)  # a NUL or a lone surrogate names no file
+            if "\0" in shard:
+                raise ValueError
+        except (UnicodeError, ValueError):
+            raise CheckpointError(index_path, f"shard {brief(shard)} of tensor {brief(name)} is not a file name") from None
         shard_path = directory / shard
         if shard_path.parent != directory or shard_path.resolve().parent != inside:
             raise CheckpointError(index_path, f"shard {brief(shard)} of tensor {brief(name)} is outside the directory")
