@@ -20,13 +20,13 @@ import typer.core
 from rich.console import Console
 
 from hmcompress import __version__
+from hmcompress.errors import USER_CODE_FAILURES, OptionError, OutputExists, UserError
+from hmcompress.report.text import print_line
 
 try:  # typer 0.2x vendors its click
     from typer._click import exceptions as click_exceptions
 except ImportError:  # older typer: click itself
     from click import exceptions as click_exceptions
-from hmcompress.errors import USER_CODE_FAILURES, OptionError, OutputExists, UserError
-from hmcompress.report.text import print_line
 
 
 class _BareFlags:
@@ -577,7 +577,7 @@ def decompress(
     """Write the dense checkpoint (original names, shapes and dtypes) as safetensors."""
     from hmcompress import api
 
-    _check_derived_output(output, file, force)
+    api.check_output(output, force, file)
     count = api.decompress(file, output, overwrite=force)
     if json_out:
         _json({"ok": True, "file": str(file), "output": str(output), "tensors": count})
@@ -666,10 +666,11 @@ def recalibrate_cmd(
 ) -> None:
     """Retrain the tensors the file stores exactly (biases, uncompressed layers) on the model's
     calibration loss; the H-matrices, their errors and bounds stay as they are."""
+    from hmcompress import api
     from hmcompress.evaluate import analysis
     from hmcompress.train import recalibrate as recalibration
 
-    _check_derived_output(output, file, force)
+    api.check_output(output, force, file)
     _import_from_cwd()
     _module, hooks = analysis.load_hooks(model_factory, ("calibration_loss",))
     log = None if quiet else _log_lines("recalibrate")
@@ -700,9 +701,9 @@ def calibrate_cmd(
 ) -> None:
     """Run the model on calibration batches and store, per linear (and conv) layer, the second
     moment G = X Xᵀ / N of its inputs (float64) with N: what data-aware compression needs."""
-    from hmcompress import calibrate
+    from hmcompress import api, calibrate
 
-    _check_derived_output(output, checkpoint, force)
+    api.check_output(output, force, checkpoint)
     _import_from_cwd()
     log = None if quiet else _log_lines("calibrate")
 
@@ -726,16 +727,6 @@ def calibrate_cmd(
     console = _console()
     print_line(console, f"{result.output}: input second moments of {len(result.stats)} layers")
     console.print(table)
-
-
-def _check_derived_output(output: pathlib.Path, file: pathlib.Path, force: bool) -> None:
-    """An output made from ``file`` never replaces it, and replaces another file only with --force."""
-    from hmcompress import api
-
-    if api.is_input(output, file):
-        raise UserError(f"{output}: refusing to overwrite the input file")
-    if output.exists() and not force:
-        raise OutputExists(output)
 
 
 def _model_task(spec: str):

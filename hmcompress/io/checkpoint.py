@@ -752,6 +752,15 @@ def _open_directory(path: pathlib.Path) -> Checkpoint:
     raise CheckpointError(path, f"directory holds {len(files)} checkpoint files and no *.index.json; name one")
 
 
+def _file_name(text: str) -> bool:
+    """Whether ``text`` can name a file: no NUL, no lone surrogate (the system would refuse both)."""
+    try:
+        os.fsencode(text)
+    except UnicodeError:
+        return False
+    return "\0" not in text
+
+
 def _open_sharded(directory: pathlib.Path, index_path: pathlib.Path) -> Checkpoint:
     """Every shard is opened once, however the index spells its name (by device and inode)."""
     try:
@@ -768,12 +777,8 @@ def _open_sharded(directory: pathlib.Path, index_path: pathlib.Path) -> Checkpoi
     shards: dict[tuple[int, int], dict[str, TensorEntry]] = {}
     inside = directory.resolve()
     for name, shard in sorted(weight_map.items()):
-        try:
-            os.fsencode(shard)  # a NUL or a lone surrogate names no file
-            if "\0" in shard:
-                raise ValueError
-        except (UnicodeError, ValueError):
-            raise CheckpointError(index_path, f"shard {brief(shard)} of tensor {brief(name)} is not a file name") from None
+        if not _file_name(shard):
+            raise CheckpointError(index_path, f"shard {brief(shard)} of tensor {brief(name)} is not a file name")
         shard_path = directory / shard
         if shard_path.parent != directory or shard_path.resolve().parent != inside:
             raise CheckpointError(index_path, f"shard {brief(shard)} of tensor {brief(name)} is outside the directory")

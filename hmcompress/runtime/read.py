@@ -40,7 +40,8 @@ MAX_EXPANSION = 4096
 MIN_DENSE_LIMIT = 256 << 20
 # Expanding a low-rank segment of rank k on an r x c block adds k terms of r·c products (the order
 # FORMAT.md prescribes); a file may ask for at most the larger of these many such products: a coded
-# pool of one symbol costs no stream bytes, so without it kilobytes could ask for minutes. The
+# pool of one symbol costs no stream bytes, so without it 2 KiB could ask for a full-rank 5792²
+# block (1.9e11 products: about 2 minutes at the 1.5e9 a second one thread did, 2026-12-03). The
 # writer's factors take far more than a byte per 2¹⁶ products (a 4096 x 4096 block of rank k:
 # k·8192 codes for k·2²⁴ products, 2048 a code).
 MIN_TERM_WORK = 1 << 32

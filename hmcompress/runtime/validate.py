@@ -165,11 +165,11 @@ def _validate_segments(hm: Packed, blocks: torch.Tensor, fail) -> None:
     # symbol could otherwise ask for millions of them (each a pass over the block when expanded).
     lowrank = kind == LOWRANK
     ranks = torch.zeros(nblocks, dtype=torch.int64).index_add_(0, blk[lowrank], rank[lowrank])
-    bad = ranks > torch.minimum(blocks[:, 2], blocks[:, 3]).to(torch.int64)
+    caps = torch.minimum(blocks[:, 2], blocks[:, 3])
+    bad = ranks > caps
     if bool(bad.any()):
         b = _first(bad)
-        fail(f"block {b}: its low-rank segments' ranks sum to {int(ranks[b])}, above min(rows, cols) = "
-             f"{int(torch.minimum(blocks[b, 2], blocks[b, 3]))}")
+        fail(f"block {b}: its low-rank segments' ranks sum to {int(ranks[b])}, above min(rows, cols) = {int(caps[b])}")
     pairs, times = torch.unique(blk * len(CODECS) + cid, return_counts=True)
     if bool((times > 1).any()):
         pair = int(pairs[times > 1][0])
